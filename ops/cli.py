@@ -1,0 +1,123 @@
+"""Task plumbing shared by every Invoke task: errors → exit codes (the one place), environments, runs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ops.errors import Interrupted, OpsError
+from ops.secrets import redact
+
+if TYPE_CHECKING:
+    from ops.engine import RunResult, Runbook
+    from ops.inventory import Environment, Inventory
+    from ops.output import Output
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+COMMON_HELP = {
+    "env": "environment name from the inventory (default: the inventory's default_env)",
+    "dry_run": "run the read-only probes and print the plan; change nothing",
+    "confirm": "type the environment's name to confirm changes to a protected environment",
+    "json": "print one JSON object with the result on stdout",
+}
+
+
+def helps(*common: str, **extra: str) -> dict[str, str]:
+    """Help for a task's flags: the shared ones named in `common`, plus its own."""
+    return {**{name: COMMON_HELP[name] for name in common}, **extra}
+
+
+def opstask(body: F) -> F:
+    """Runs a task body and turns every outcome into the documented exit code."""
+    from invoke.exceptions import Exit
+
+    @functools.wraps(body)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return body(*args, **kwargs)
+        except OpsError as error:
+            _report(error, error.exit_code, kwargs.get("json", False))
+            raise Exit(code=error.exit_code) from None
+        except KeyboardInterrupt:
+            _report(Interrupted("interrupted"), 130, kwargs.get("json", False))
+            raise Exit(code=130) from None
+        except Exception as error:  # a traceback is a bug: say so plainly, show it only on request
+            if os.environ.get("OPS_DEBUG"):
+                print(redact(traceback.format_exc()), file=sys.stderr)
+            message = f"internal error: {type(error).__name__}: {error}"
+            _report(OpsError(message, hint="this is a bug in opsbook; re-run with OPS_DEBUG=1 for the traceback"),
+                    1, kwargs.get("json", False))
+            raise Exit(code=1) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _report(error: OpsError, code: int, json_mode: bool) -> None:
+    print(redact(f"error: {error}"), file=sys.stderr, flush=True)
+    if json_mode:
+        payload = {"ok": False, "exit_code": code, "error": redact(error.message), "hint": error.hint}
+        print(json.dumps(payload, indent=2), flush=True)
+
+
+def load_inventory() -> Inventory:
+    from ops import inventory
+
+    return inventory.load()
+
+
+def environment(name: str | None, *, output: Output | None = None, start_sandbox: bool = True) -> Environment:
+    """The named environment, merged; a sandbox environment is started when it is not running."""
+    inventory = load_inventory()
+    env = inventory.environment(name)
+    if env.decommissioned:
+        raise OpsError(f"environment {env.name} is decommissioned", where=env.inventory.location(f"envs.{env.name}"),
+                       hint="it keeps its archive and final backup; remove `decommissioned: true` only if it is "
+                            "really coming back")
+    if env.sandbox and start_sandbox:
+        from ops.sandbox import Sandbox
+
+        info = Sandbox(inventory.state_dir / "sandbox").ensure_running()
+        env = env.with_overrides(sandbox_overrides(info))
+    return env
+
+
+def sandbox_overrides(info: Any) -> dict[str, Any]:
+    storage = {"provider": "local", "path": str(info.storage_path)}
+    return {
+        "database": {"url": info.database_url, "direct_url": info.direct_url},
+        "storage": {**storage, "bucket": info.app_bucket},
+        "backups": {**storage, "bucket": info.backup_bucket, "prefix": "local/"},
+        "app": {"dir": str(info.app_dir), "migrations": {"engine": "native", "dir": "prisma/migrations"}},
+    }
+
+
+def make_output(json_mode: bool) -> Output:
+    from ops.output import Output
+
+    return Output(json_mode=json_mode)
+
+
+def execute(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool = False,
+            confirm: str | None = None, resume: Any = None, run_id: str | None = None) -> RunResult:
+    from ops.engine import RunContext, Runner
+
+    ctx = RunContext(env, output=output, run_id=run_id)
+    runner = Runner(runbook, ctx, confirm=confirm, prompt=input, resume=resume)
+    result = runner.run(dry_run=dry_run)
+    output.info(f"{result.status} (run {result.run_id}; `inv runs.show {result.run_id}` for the journal)")
+    output.result(result.to_json())
+    return result

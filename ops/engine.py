@@ -1,0 +1,382 @@
+"""Steps, the run context, and the Runner: plan → confirm → apply → verify → journal.
+
+Steps never know whether this is a dry run: they offer a read-only `check` and a
+mutating `apply`, and only the Runner decides which of them runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ops.errors import CheckFailed, ConfirmationRequired, Interrupted, OpsError, StepFailed
+from ops.journal import Journal, RunRecord, git_revision, host_name, iso, new_run_id, operator_name, utc_now
+from ops.output import Output
+from ops.secrets import redact
+
+if TYPE_CHECKING:
+    from ops.inventory import Environment
+    from ops.storage import Storage
+
+
+@dataclass
+class Change:
+    """What a step would change: a one-line summary, detail lines, and data for apply."""
+
+    summary: str
+    details: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Step:
+    """Base for steps. Subclasses set `name`/`title` and implement check and apply.
+
+    `verify` defaults to "check finds nothing left to do"; override it when the
+    post-condition is more than that. Define `undo(ctx, change)` to compensate.
+    """
+
+    name: str = "step"
+    title: str = "step"
+    changes_data: bool = True  # needs the operator's confirmation on protected environments
+
+    def check(self, ctx: RunContext) -> Change | None:
+        raise NotImplementedError
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def verify(self, ctx: RunContext) -> None:
+        remaining = self.check(ctx)
+        if remaining is not None:
+            raise StepFailed(f"still not done after applying: {remaining.summary}")
+
+    def checklist_line(self) -> str:
+        return self.title
+
+
+@dataclass
+class Runbook:
+    name: str
+    title: str
+    steps: list[Step]
+    arguments: dict[str, Any] = field(default_factory=dict)
+    locks: tuple[str, ...] = ("environment",)
+
+
+@dataclass
+class PlannedStep:
+    index: int
+    step: Step
+    change: Change | None
+
+
+class RunContext:
+    """What steps get: the environment, the run's identity, output, and shared connections."""
+
+    def __init__(self, env: Environment, *, output: Output | None = None, run_id: str | None = None):
+        self.env = env
+        self.output = output or Output()
+        self.run_id = run_id or new_run_id()
+        self.state: dict[str, Any] = {}
+        self.operator = operator_name()
+        self.journal = Journal(env.inventory.state_dir / "runs", self.run_id)
+        self._pending: set[str] = set()
+        self._closers: list[Callable[[], None]] = []
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def label(self) -> str:
+        """Names this run to other sessions (pg_stat_activity, lock holders)."""
+        return f"opsbook run {self.run_id} by {self.operator}@{host_name()}"
+
+    def pending(self, step_name: str) -> bool:
+        """During planning: whether an earlier step has a change planned (so this one may depend on it)."""
+        return step_name in self._pending
+
+    def log(self, text: str) -> None:
+        self.output.info(f"     {text}")
+
+    def database(self, dbname: str | None = None, *, admin: bool = False) -> Any:
+        """An autocommit connection over the direct (or admin) URL, shared by the run's steps."""
+        key = f"database:{dbname}:{admin}"
+        if key not in self._cache:
+            from ops import pg
+
+            url = self.env.admin_url() if admin else self.env.database_url(direct=True)
+            if dbname:
+                url = pg.with_database(url, dbname)
+            connection = pg.connect(url, application_name=self.label[:63], autocommit=True)
+            self._cache[key] = connection
+            self._closers.append(connection.close)
+        return self._cache[key]
+
+    def storage(self, section: str = "storage") -> Storage:
+        key = f"storage:{section}"
+        if key not in self._cache:
+            from ops.storage import open_storage
+
+            self._cache[key] = open_storage(self.env.storage_config(section))
+        return self._cache[key]
+
+    def forget(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+    def close(self) -> None:
+        for closer in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                closer()
+        self._closers.clear()
+        self._cache.clear()
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    runbook: str
+    env: str
+    status: str  # planned | nothing to do | succeeded
+    steps: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "runbook": self.runbook, "env": self.env, "status": self.status,
+                "steps": self.steps}
+
+
+class Runner:
+    def __init__(self, runbook: Runbook, ctx: RunContext, *, confirm: str | None = None,
+                 prompt: Callable[[str], str] | None = None, resume: RunRecord | None = None):
+        self.runbook = runbook
+        self.ctx = ctx
+        self.confirm = confirm
+        self.prompt = prompt
+        self.resume = resume
+        self.journal = ctx.journal
+        self.output = ctx.output
+        self._current: PlannedStep | None = None
+
+    def run(self, *, dry_run: bool = False) -> RunResult:
+        started = self._started = time.monotonic()
+        self._journal_header(dry_run)
+        try:
+            with self._locks(dry_run):
+                plan = self.plan(dry_run=dry_run)
+                self._show_plan(plan, dry_run)
+                changes = [p for p in plan if p.change is not None]
+                if dry_run:
+                    return self._finish("planned", plan, started)
+                if not changes and not self.resume:
+                    self.output.info("nothing to do: every step is already satisfied")
+                    return self._finish("nothing to do", plan, started)
+                self._confirm(changes)
+                self._apply(plan)
+                return self._finish("succeeded", plan, started)
+        except KeyboardInterrupt:
+            current = self._current
+            if current is not None:
+                self.journal.step(current.index, current.step.name, "failed", reason="interrupted")
+            self._finish_failed("interrupted", current.step.name if current else None,
+                                "interrupted by the operator", 130, started)
+            raise Interrupted(f"run {self.ctx.run_id} interrupted",
+                              hint=f"`inv runs.resume {self.ctx.run_id}` continues where it stopped") from None
+        except OpsError as error:
+            if not getattr(error, "journaled", False):
+                self._finish_failed("failed", None, str(error), error.exit_code, started)
+            raise
+        finally:
+            self.ctx.close()
+
+    def plan(self, *, dry_run: bool) -> list[PlannedStep]:
+        plan = []
+        for index, step in enumerate(self.runbook.steps, start=1):
+            try:
+                change = step.check(self.ctx)
+            except OpsError as error:
+                raise self._planning_failed(index, step, error, dry_run) from None
+            if change is not None:
+                self.ctx._pending.add(step.name)
+            self.journal.step(index, step.name, "planned", change=change.summary if change else None)
+            plan.append(PlannedStep(index, step, change))
+        return plan
+
+    def _planning_failed(self, index: int, step: Step, error: OpsError, dry_run: bool) -> OpsError:
+        self.journal.step(index, step.name, "failed", reason=str(error), phase="check")
+        if not dry_run or error.exit_code in (2, 75):
+            return error
+        failure = CheckFailed(f"the plan cannot be made: step {index} ({step.title}) could not check its state: "
+                              f"{error.message}", where=error.where, hint=error.hint)
+        return failure
+
+    def _show_plan(self, plan: list[PlannedStep], dry_run: bool) -> None:
+        verb = "dry run of" if dry_run else "plan for"
+        self.output.info(f"{verb} {self.runbook.name} on {self.ctx.env.name} (run {self.ctx.run_id}):")
+        for planned in plan:
+            change = planned.change
+            state = f"would {change.summary}" if change else "nothing to do"
+            self.output.info(f"  {planned.index}. {planned.step.title}: {state}")
+            for detail in change.details if change else []:
+                self.output.info(f"       {detail}")
+
+    def _confirm(self, changes: list[PlannedStep]) -> None:
+        env = self.ctx.env
+        if not env.protected or not any(p.step.changes_data for p in changes):
+            return
+        if self.confirm is not None:
+            if self.confirm == env.name:
+                self.journal.write("confirmed", how="--confirm")
+                return
+            raise ConfirmationRequired(f"--confirm {self.confirm!r} does not match the environment {env.name!r}",
+                                       hint=f"pass --confirm {env.name} to change {env.name}")
+        if self.prompt is not None and sys.stdin.isatty():
+            answer = self.prompt(f"{env.name} is protected. Type its name to apply this plan: ")
+            if answer.strip() == env.name:
+                self.journal.write("confirmed", how="prompt")
+                return
+            raise ConfirmationRequired("the name typed does not match; nothing was changed")
+        raise ConfirmationRequired(
+            f"{env.name} is protected and this run would change it, but there is no terminal to confirm at",
+            hint=f"re-run with --confirm {env.name} (or from a terminal and type the name), "
+                 "or use --dry-run to see the plan")
+
+    def _apply(self, plan: list[PlannedStep]) -> None:
+        verified_before = self.resume.step_states() if self.resume else {}
+        if self.resume:
+            self.ctx.state.update(self.resume.step_outputs())
+        applied: list[PlannedStep] = []
+        for planned in plan:
+            step, index = planned.step, planned.index
+            if verified_before.get(step.name) in {"verified", "skipped"} and self._still_verified(planned):
+                continue
+            try:
+                change = step.check(self.ctx)  # plans go stale: check again just before applying
+                if change is None:
+                    self.journal.step(index, step.name, "unchanged")
+                    continue
+                self._apply_one(planned, change)
+                applied.append(PlannedStep(index, step, change))
+            except (OpsError, Exception) as error:
+                raise self._step_failed(planned, error, applied) from None
+
+    def _still_verified(self, planned: PlannedStep) -> bool:
+        try:
+            planned.step.verify(self.ctx)
+        except OpsError:
+            return False
+        self.journal.step(planned.index, planned.step.name, "skipped", reason=f"verified in run {self.resume.run_id}")
+        self.output.info(f"  {planned.index}. {planned.step.title}: already verified in run {self.resume.run_id}")
+        return True
+
+    def _apply_one(self, planned: PlannedStep, change: Change) -> None:
+        step, index = planned.step, planned.index
+        self._current = planned
+        self.output.info(f"  {index}. {step.title}: {change.summary} …")
+        self.journal.step(index, step.name, "started", change=change.summary)
+        began = time.monotonic()
+        outputs = step.apply(self.ctx, change) or {}
+        self.ctx.state[step.name] = outputs
+        self.journal.step(index, step.name, "applied", seconds=round(time.monotonic() - began, 3), outputs=outputs)
+        step.verify(self.ctx)
+        self.journal.step(index, step.name, "verified", seconds=round(time.monotonic() - began, 3))
+        self.output.info(f"     done ({time.monotonic() - began:.1f}s)")
+        self._current = None
+
+    def _step_failed(self, planned: PlannedStep, error: BaseException, applied: list[PlannedStep]) -> OpsError:
+        reason = str(error) if isinstance(error, OpsError) else f"{type(error).__name__}: {error}"
+        reason = redact(reason)
+        self.journal.step(planned.index, planned.step.name, "failed", reason=reason)
+        self.output.info(f"     FAILED: {reason}")
+        undone = self._undo(applied)
+        message = f"step {planned.index} ({planned.step.title}) failed: {reason}"
+        hint = error.hint if isinstance(error, OpsError) and error.hint else None
+        if undone:
+            message += f"\n  undone: {', '.join(undone)}"
+        failure = StepFailed(message, where=f"{self.runbook.name} on {self.ctx.env.name}, run {self.ctx.run_id}",
+                             hint=hint or f"fix the cause, then run it again; `inv runs.show {self.ctx.run_id}` "
+                                          "has the details")
+        failure.exit_code = error.exit_code if isinstance(error, OpsError) else 1
+        self._finish_failed("failed", planned.step.name, reason, failure.exit_code, self._started)
+        failure.journaled = True
+        return failure
+
+    def _undo(self, applied: list[PlannedStep]) -> list[str]:
+        undone = []
+        for planned in reversed(applied):
+            undo = getattr(planned.step, "undo", None)
+            if undo is None:
+                continue
+            try:
+                undo(self.ctx, planned.change)
+            except Exception as error:  # keep undoing the rest; report what could not be
+                self.journal.step(planned.index, planned.step.name, "undo_failed", reason=redact(str(error)))
+                self.output.warn(f"could not undo {planned.step.title}: {redact(str(error))}")
+                continue
+            self.journal.step(planned.index, planned.step.name, "undone")
+            undone.append(planned.step.title)
+        return undone
+
+    def _journal_header(self, dry_run: bool) -> None:
+        env = self.ctx.env
+        self.journal.write(
+            "run", run_id=self.ctx.run_id, runbook=self.runbook.name, env=env.name, dry_run=dry_run,
+            operator=self.ctx.operator, host=host_name(), pid=os.getpid(),
+            git_revision=git_revision(env.inventory.file.parent), inventory=str(env.inventory.file),
+            inventory_hash=env.inventory.digest, arguments=self.runbook.arguments,
+            resumes=self.resume.run_id if self.resume else None,
+            steps=[step.name for step in self.runbook.steps])
+
+    def _finish(self, status: str, plan: list[PlannedStep], started: float) -> RunResult:
+        self.journal.write("finished", status=status, exit_code=0, seconds=round(time.monotonic() - started, 3))
+        self._upload_journal(dry_run=status == "planned")
+        steps = [{"index": p.index, "step": p.step.name, "title": p.step.title,
+                  "change": p.change.summary if p.change else None} for p in plan]
+        return RunResult(self.ctx.run_id, self.runbook.name, self.ctx.env.name, status, steps)
+
+    def _finish_failed(self, status: str, step: str | None, reason: str, exit_code: int, started: float) -> None:
+        self.journal.write("finished", status=status, exit_code=exit_code, stopped_at=step, reason=redact(reason),
+                           seconds=round(time.monotonic() - started, 3))
+
+    def _upload_journal(self, *, dry_run: bool) -> None:
+        """A copy of the journal goes to the environment's backup bucket (audit/); best effort."""
+        if dry_run or not self.ctx.env.has("backups"):
+            return
+        try:
+            self.ctx.storage("backups").put_bytes(f"audit/{self.ctx.run_id}.jsonl", self.journal.path.read_bytes(),
+                                                  content_type="application/x-ndjson")
+        except (OpsError, OSError) as error:
+            self.output.warn(f"the journal was not copied to the backup bucket: {redact(str(error))}")
+
+    @contextlib.contextmanager
+    def _locks(self, dry_run: bool) -> Iterator[None]:
+        if dry_run:  # a dry run changes nothing, so it does not keep others from working
+            yield
+            return
+        from ops.locks import file_lock
+
+        holder = {"run_id": self.ctx.run_id, "runbook": self.runbook.name, "operator": self.ctx.operator,
+                  "host": host_name(), "pid": os.getpid(), "since": iso(utc_now())}
+        with contextlib.ExitStack() as stack:
+            for resource in self.runbook.locks:
+                if resource == "database":
+                    stack.enter_context(self._database_lock())
+                    continue
+                path = self.ctx.env.inventory.state_dir / "locks" / f"{self.ctx.env.name}.{resource}.lock"
+                stack.enter_context(file_lock(path, holder, on_takeover=self._took_over))
+            yield
+
+    def _database_lock(self) -> contextlib.AbstractContextManager[None]:
+        from ops import pg
+
+        connection = pg.connect(self.ctx.env.database_url(direct=True), application_name=self.ctx.label[:63],
+                                autocommit=True)
+        self.ctx._closers.append(connection.close)
+        key = pg.lock_key("opsbook", self.ctx.env.inventory.project, self.ctx.env.name, "database")
+        return pg.advisory_lock(connection, key, holder_label=self.ctx.label)
+
+    def _took_over(self, previous: dict[str, Any]) -> None:
+        self.journal.write("lock_taken_over", previous=previous)
+        self.output.warn(f"took over the lock of run {previous.get('run_id')} (pid {previous.get('pid')} "
+                         f"on {previous.get('host')}), which ended without releasing it")

@@ -1,0 +1,423 @@
+"""SSH connections to app hosts (Fabric), with output redaction and honest errors.
+
+Host keys: by default an unknown host key is accepted (paramiko's AutoAddPolicy,
+the same as Fabric's default) and never written to disk, which suits ephemeral
+cloud hosts but does not protect against a man in the middle on first contact.
+Set `strict_host_keys: true` on a host to require its key in ~/.ssh/known_hosts.
+
+Secrets passed in `environment` travel on the command's stdin, never on its
+command line, so they do not show in `ps` on the host and need no `AcceptEnv`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import re
+import secrets
+import shlex
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from ops.errors import ConnectionFailed, OpsError, StepFailed, UsageError
+from ops.secrets import Secret, redact, reveal
+
+if TYPE_CHECKING:
+    from fabric import Connection
+    from paramiko import SFTPClient
+
+T = TypeVar("T")
+
+FETCH_BODY_LIMIT = 2048
+STDERR_TAIL_LINES = 10
+_ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Exit code of the environment wrapper when the variables could not be loaded.
+ENVIRONMENT_LOAD_FAILED = 125
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    address: str
+    user: str = "deploy"
+    port: int = 22
+    key_filename: str | None = None  # else the ssh agent and the default keys
+    connect_timeout: int = 10
+    strict_host_keys: bool = False  # True: reject host keys missing from ~/.ssh/known_hosts
+
+    @property
+    def target(self) -> str:
+        """user@address:port, for messages."""
+        return f"{self.user}@{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str  # as given by the caller, redacted
+    exit_code: int
+    stdout: str  # redacted
+    stderr: str  # redacted
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+# --- pure command builders -------------------------------------------------
+
+
+def build_environment_script(environment: Mapping[str, str | Secret]) -> str:
+    """`export NAME='value'` lines for the wrapper to evaluate from stdin."""
+    lines = []
+    for name, value in environment.items():
+        if not _ENVIRONMENT_NAME.fullmatch(name):
+            raise UsageError(f"invalid environment variable name {name!r}",
+                             hint="use letters, digits and underscores, not starting with a digit")
+        lines.append(f"export {name}={shlex.quote(reveal(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def wrap_with_environment(command: str) -> str:
+    """A command line that loads variables from stdin, then runs `command` in the login shell."""
+    loader = f'eval "$(cat)" || exit {ENVIRONMENT_LOAD_FAILED}; exec "${{SHELL:-/bin/sh}}" -c "$1"'
+    return f"sh -c {shlex.quote(loader)} opsbook-env {shlex.quote(command)}"
+
+
+_PYTHON_FETCH = """\
+import sys, urllib.error, urllib.request
+url, timeout, limit = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+try:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        status, body = response.status, response.read(limit)
+except urllib.error.HTTPError as error:
+    status, body = error.code, error.read(limit)
+except Exception:
+    status, body = 0, b""
+sys.stdout.write(f"{status}\\n")
+sys.stdout.flush()
+sys.stdout.buffer.write(body)
+"""
+
+
+def build_fetch_command(url: str, timeout: float, *, prefer_curl: bool = True) -> str:
+    """A POSIX sh command printing the HTTP status on line one, then the start of the body."""
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"not an http(s) URL: {redact(url)}", hint="health URLs look like http://127.0.0.1:3000/api/health")
+    quoted_url = shlex.quote(url)
+    seconds = f"{timeout:g}"
+    curl = (
+        'body=$(mktemp) || exit 1; '
+        f"code=$(curl -s -o \"$body\" -w '%{{http_code}}' --max-time {seconds} {quoted_url}); "
+        f'echo "${{code:-0}}"; head -c {FETCH_BODY_LIMIT} "$body"; rm -f "$body"'
+    )
+    python = f"python3 -c {shlex.quote(_PYTHON_FETCH)} {quoted_url} {seconds} {FETCH_BODY_LIMIT}"
+    missing = "echo 'neither curl nor python3 is installed on this host' >&2; exit 127"
+    if not prefer_curl:
+        return f"if command -v python3 >/dev/null 2>&1; then {python}; else {missing}; fi"
+    return (
+        f"if command -v curl >/dev/null 2>&1; then {curl}; "
+        f"elif command -v python3 >/dev/null 2>&1; then {python}; else {missing}; fi"
+    )
+
+
+def parse_fetch_output(stdout: str) -> tuple[int, str] | None:
+    """(status, body) from a fetch command's output; None when it is not that shape."""
+    first_line, _, body = stdout.partition("\n")
+    if not first_line.strip().isdigit():
+        return None
+    return int(first_line.strip()), body[:FETCH_BODY_LIMIT]
+
+
+def _stderr_tail(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return "\n".join(f"    {line}" for line in lines[-STDERR_TAIL_LINES:])
+
+
+def _short(command: str, limit: int = 200) -> str:
+    command = " ".join(command.split())
+    return command if len(command) <= limit else command[: limit - 1] + "…"
+
+
+def _sftp_path(path: str) -> str:
+    """SFTP paths are relative to the home directory and know nothing of '~'."""
+    if path == "~":
+        return "."
+    return path[2:] if path.startswith("~/") else path
+
+
+# --- connections -------------------------------------------------------------
+
+
+class _WholeInput(io.StringIO):
+    """Invoke reads a non-terminal stdin one byte per 10 ms; hand it everything at once."""
+
+    def read(self, size: int | None = -1) -> str:
+        return super().read(-1)
+
+
+class HostConnection:
+    """An open, authenticated SSH connection to one host."""
+
+    def __init__(self, host: HostConfig, connection: Connection):
+        self.host = host
+        self._connection = connection
+        self._sftp_client: SFTPClient | None = None
+
+    def __enter__(self) -> HostConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HostConnection({self.host.name}, {self.host.target})"
+
+    def close(self) -> None:
+        if self._sftp_client is not None:
+            self._sftp_client.close()
+            self._sftp_client = None
+        self._connection.close()
+
+    # --- commands ---
+
+    def run(self, command: str, *, check: bool = True, timeout: float | None = None,
+            environment: Mapping[str, str | Secret] | None = None) -> CommandResult:
+        """Run `command` on the host, output captured and redacted; StepFailed on non-zero if `check`."""
+        from invoke.exceptions import CommandTimedOut, ThreadException
+
+        stdin = ""
+        remote_command = command
+        if environment:
+            stdin = build_environment_script(environment)
+            remote_command = wrap_with_environment(command)
+        shown = redact(_short(command))
+        try:
+            result = self._connection.run(
+                remote_command, hide=True, warn=True, pty=False, timeout=timeout,
+                in_stream=_WholeInput(stdin), encoding="utf-8",
+            )
+        except CommandTimedOut as error:
+            raise StepFailed(f"`{shown}` did not finish within {timeout:g} s on {self._where()}",
+                             hint="the command may still be running on the host: check it there, "
+                                  "or raise the timeout", where=self.host.name) from error
+        except ThreadException as error:
+            raise self._lost(f"running `{shown}`", error) from None
+        except (OSError, EOFError) as error:
+            raise self._lost(f"running `{shown}`", error) from None
+        outcome = CommandResult(shown, result.exited, redact(result.stdout), redact(result.stderr))
+        if check and not outcome.ok:
+            raise self._command_failed(outcome)
+        return outcome
+
+    def _command_failed(self, result: CommandResult) -> StepFailed:
+        message = f"`{result.command}` exited with code {result.exit_code} on {self._where()}"
+        tail = _stderr_tail(result.stderr) or _stderr_tail(result.stdout)
+        if tail:
+            message += f"\n  last output:\n{tail}"
+        hint = "read the output above; run the command by hand on the host to investigate"
+        if result.exit_code == ENVIRONMENT_LOAD_FAILED:
+            hint = "the environment variables could not be loaded by sh on the host"
+        return StepFailed(message, hint=hint, where=self.host.name)
+
+    # --- files ---
+
+    def read_text(self, path: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        from paramiko import SSHException
+
+        try:
+            with self._sftp().open(_sftp_path(path), "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, EOFError, SSHException) as error:
+            raise self._file_error("read", path, error) from None
+        return data.decode("utf-8", errors="replace")
+
+    def write_text_atomic(self, path: str, text: str, *, mode: int = 0o600,
+                          keep_previous: str | None = None) -> None:
+        """Write a temporary file beside `path`, then rename it over `path` in one step."""
+        from paramiko import SSHException
+
+        sftp = self._sftp()
+        target = _sftp_path(path)
+        temporary = f"{target}.tmp-{secrets.token_hex(4)}"
+        try:
+            self._write_new_file(temporary, text.encode("utf-8"), mode)
+            if keep_previous:
+                self._keep_copy(target, _sftp_path(keep_previous))
+            sftp.posix_rename(temporary, target)
+        except (OSError, EOFError, SSHException) as error:
+            self._remove_quietly(temporary)
+            raise self._file_error("write", path, error) from None
+        except BaseException:
+            self._remove_quietly(temporary)
+            raise
+
+    def _write_new_file(self, path: str, data: bytes, mode: int) -> None:
+        # Exclusive create, and chmod before any byte is written: secrets never sit world-readable.
+        with self._sftp().open(path, "wx") as handle:
+            handle.chmod(mode)
+            handle.set_pipelined(True)
+            handle.write(data)
+
+    def _keep_copy(self, source: str, destination: str) -> None:
+        sftp = self._sftp()
+        try:
+            current_mode = sftp.stat(source).st_mode or 0o600
+        except FileNotFoundError:
+            return  # nothing to keep yet
+        with sftp.open(source, "rb") as handle:
+            data = handle.read()
+        temporary = f"{destination}.tmp-{secrets.token_hex(4)}"
+        try:
+            self._write_new_file(temporary, data, current_mode & 0o7777)
+            sftp.posix_rename(temporary, destination)
+        except BaseException:
+            self._remove_quietly(temporary)
+            raise
+
+    def _remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(OSError, EOFError, ConnectionFailed):
+            self._sftp().remove(path)
+
+    def _sftp(self) -> SFTPClient:
+        if self._sftp_client is None:
+            from paramiko import SSHException
+
+            try:
+                self._sftp_client = self._connection.sftp()
+            except (SSHException, OSError, EOFError) as error:
+                raise ConnectionFailed(
+                    f"cannot open SFTP on {self._where()}: {redact(error)}",
+                    hint="the host's sshd needs an sftp Subsystem (e.g. 'Subsystem sftp internal-sftp')",
+                    where=self.host.name) from None
+        return self._sftp_client
+
+    def _file_error(self, verb: str, path: str, error: Exception) -> OpsError:
+        if not isinstance(error, OSError) or isinstance(error, (ConnectionError, TimeoutError)):
+            return self._lost(f"trying to {verb} {path}", error)  # SSHException, EOFError, socket trouble
+        reason = os.strerror(error.errno) if error.errno else redact(error)
+        hint = "check the path and that its directory exists"
+        if error.errno in (errno.EACCES, errno.EPERM):
+            hint = f"check that {self.host.user} may {verb} {path} and write its directory"
+        return StepFailed(f"cannot {verb} {path} on {self._where()}: {reason}", hint=hint,
+                          where=self.host.name)
+
+    # --- HTTP from the host ---
+
+    def fetch_url(self, url: str, *, timeout: float = 10) -> tuple[int, str]:
+        """GET `url` from the host itself: (status, first 2 KB of the body); status 0 when unreachable."""
+        result = self.run(build_fetch_command(url, timeout), check=False, timeout=timeout + 15)
+        parsed = parse_fetch_output(result.stdout)
+        if parsed is None:
+            tail = _stderr_tail(result.stderr)
+            raise StepFailed(f"could not fetch {redact(url)} from {self._where()}"
+                             + (f"\n  last output:\n{tail}" if tail else ""),
+                             hint="install curl or python3 on the host", where=self.host.name)
+        return parsed
+
+    # --- helpers ---
+
+    def _where(self) -> str:
+        return f"host {self.host.name} ({self.host.target})"
+
+    def _lost(self, doing: str, error: BaseException) -> ConnectionFailed:
+        return ConnectionFailed(f"lost the SSH connection to {self._where()} while {doing}: "
+                                f"{redact(error) or type(error).__name__}",
+                                hint="check that the host is up and reachable, then run again",
+                                where=self.host.name)
+
+
+def connect(host: HostConfig) -> HostConnection:
+    """Open and authenticate an SSH connection now, so that problems surface here."""
+    from fabric import Connection
+    from paramiko import RejectPolicy
+
+    key_filename = os.path.expanduser(host.key_filename) if host.key_filename else None
+    if key_filename and not os.path.isfile(key_filename):
+        raise ConnectionFailed(f"SSH key file {key_filename} for host {host.name} does not exist",
+                               hint="fix key_filename in the inventory", where=host.name)
+    connect_kwargs: dict[str, object] = {"banner_timeout": host.connect_timeout,
+                                         "auth_timeout": host.connect_timeout * 2}
+    if key_filename:
+        # An explicit key is the only key: errors then name what was really tried.
+        connect_kwargs.update(key_filename=key_filename, look_for_keys=False, allow_agent=False)
+    connection = Connection(host.address, user=host.user, port=host.port,
+                            connect_timeout=host.connect_timeout, connect_kwargs=connect_kwargs)
+    if host.strict_host_keys:
+        connection.client.load_system_host_keys()
+        connection.client.set_missing_host_key_policy(RejectPolicy())
+    try:
+        connection.open()
+    except Exception as error:
+        connection.close()
+        failure = _connect_error(host, key_filename, error)
+        if failure is None:
+            raise
+        raise failure from None
+    if connection.transport is not None:
+        connection.transport.set_keepalive(30)  # long transfers through NAT and firewalls
+    return HostConnection(host, connection)
+
+
+def _connect_error(host: HostConfig, key_filename: str | None, error: Exception) -> ConnectionFailed | None:
+    """The operator-facing error for a failed connect, or None for an unexpected one (a bug)."""
+    from paramiko import AuthenticationException, BadHostKeyException, PasswordRequiredException, SSHException
+    from paramiko.ssh_exception import NoValidConnectionsError
+
+    where = f"host {host.name} ({host.target})"
+    network_hint = f"check the address and port of {host.name} and that a firewall lets SSH through"
+    keys = f"key file {key_filename}" if key_filename else "the ssh agent and default keys (~/.ssh/id_*)"
+    if isinstance(error, socket.gaierror):
+        return ConnectionFailed(f"cannot resolve the address of {where}: {error.strerror}",
+                                hint=network_hint, where=host.name)
+    if isinstance(error, NoValidConnectionsError):
+        refused = all(e.errno == errno.ECONNREFUSED for e in error.errors.values())
+        reason = "connection refused by" if refused else "no route to"
+        return ConnectionFailed(f"{reason} {where}", where=host.name,
+                                hint=f"{network_hint}, and that sshd runs there")
+    if isinstance(error, TimeoutError):
+        return ConnectionFailed(f"connection to {where} timed out after {host.connect_timeout} s",
+                                hint=network_hint, where=host.name)
+    if isinstance(error, PasswordRequiredException):
+        return ConnectionFailed(f"the {keys} for {where} is encrypted", where=host.name,
+                                hint="load the key into ssh-agent, or use a key without a passphrase")
+    if isinstance(error, AuthenticationException):
+        return ConnectionFailed(f"authentication failed for {host.user}@{host.address} (host {host.name}) "
+                                f"using {keys}", where=host.name,
+                                hint=f"add the public key to ~{host.user}/.ssh/authorized_keys on the host, "
+                                     "or fix user/key_filename in the inventory")
+    if isinstance(error, BadHostKeyException):
+        return ConnectionFailed(f"the host key of {where} does not match ~/.ssh/known_hosts", where=host.name,
+                                hint="if the host was rebuilt, verify its new key out of band and update "
+                                     "known_hosts; otherwise treat this as a possible attack")
+    if isinstance(error, SSHException) and "known_hosts" in str(error):
+        return ConnectionFailed(f"the host key of {where} is not in ~/.ssh/known_hosts (strict_host_keys)",
+                                where=host.name,
+                                hint=f"verify the key and add it: ssh-keyscan -p {host.port} {host.address}")
+    if isinstance(error, (SSHException, EOFError)):
+        return ConnectionFailed(f"SSH handshake with {where} failed: {redact(error) or type(error).__name__}",
+                                hint=f"check that port {host.port} on {host.address} is an SSH server",
+                                where=host.name)
+    if isinstance(error, OSError):
+        return ConnectionFailed(f"cannot connect to {where}: {redact(error.strerror or error)}",
+                                hint=network_hint, where=host.name)
+    return None
+
+
+def run_on_hosts(hosts: list[HostConfig],
+                 action: Callable[[HostConnection], T]) -> list[tuple[HostConfig, T | OpsError]]:
+    """Run `action` on each host in turn; each host's result or OpsError, connections closed after."""
+    results: list[tuple[HostConfig, T | OpsError]] = []
+    for host in hosts:
+        try:
+            with connect(host) as connection:
+                results.append((host, action(connection)))
+        except OpsError as error:
+            results.append((host, error))
+    return results

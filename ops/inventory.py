@@ -1,0 +1,403 @@
+"""Load, validate and merge inventory.yaml; resolve secret references when used.
+
+Merge order, fixed and documented (later wins, dicts merge key by key, lists replace):
+    1. `defaults`            merged under every environment
+    2. `envs.<name>`         the environment itself
+    3. `envs.<name>.hosts[]` per host: the environment's `ssh` and `app` under the host's own keys
+A sandbox environment (`sandbox: true`) gets its database and storage from the
+embedded sandbox (ops/sandbox.py) on top of all that.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ops.errors import InventoryError
+from ops.inventory_schema import INVENTORY, SECRET_KEYS
+from ops.secrets import MASK, Secret
+
+if TYPE_CHECKING:
+    from ops.hosts import HostConfig
+    from ops.storage import StorageConfig
+
+DEFAULT_FILE = "inventory.yaml"
+_REFERENCE = re.compile(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A string holding ${env:…}/${file:…} references; resolved only when used."""
+
+    template: str
+    path: str
+    location: str
+
+    def resolve(self, environ: dict[str, str] | None = None) -> Secret:
+        environ = os.environ if environ is None else environ
+        return Secret(_REFERENCE.sub(lambda match: self._substitute(match, environ), self.template))
+
+    def _substitute(self, match: re.Match[str], environ: dict[str, str]) -> str:
+        body = match["body"]
+        if match["kind"] == "file":
+            file = Path(os.path.expanduser(body))
+            try:
+                return file.read_text().strip()
+            except OSError as error:
+                raise self._error(f"${{file:{body}}} cannot be read ({error.strerror})",
+                                  f"create {body} or change {self.path}") from None
+        name, has_default, default = body.partition(":-")
+        value = environ.get(name)
+        if value:
+            return value
+        if has_default:
+            return default
+        raise self._error(f"${{env:{name}}} is not set", f"export {name}=… before running, or change {self.path}")
+
+    def _error(self, message: str, hint: str) -> InventoryError:
+        return InventoryError(f"{self.path}: {message}", where=self.location, hint=hint)
+
+    def __str__(self) -> str:
+        return self.template
+
+
+@dataclass
+class Inventory:
+    file: Path
+    data: dict[str, Any]
+    lines: dict[str, int]
+    digest: str
+
+    @property
+    def project(self) -> str:
+        return self.data["project"]
+
+    @property
+    def default_env(self) -> str:
+        return self.data.get("default_env") or next(iter(self.data["envs"]))
+
+    @property
+    def env_names(self) -> list[str]:
+        return list(self.data["envs"])
+
+    @property
+    def state_dir(self) -> Path:
+        configured = os.environ.get("OPS_HOME") or self.data.get("state_dir")
+        base = Path(configured) if configured else Path(".ops")
+        return base if base.is_absolute() else (self.file.parent / base).resolve()
+
+    def location(self, path: str) -> str:
+        line = self.lines.get(path)
+        return f"{self.file.name}, line {line}" if line else self.file.name
+
+    def environment(self, name: str | None) -> Environment:
+        name = name or self.default_env
+        if name not in self.data["envs"]:
+            hint = _did_you_mean(name, self.env_names) or f"known environments: {', '.join(self.env_names)}"
+            raise InventoryError(f"no environment named {name!r}", where=str(self.file), hint=hint)
+        merged = deep_merge(self.data.get("defaults") or {}, self.data["envs"][name])
+        return Environment(name=name, data=merged, inventory=self)
+
+
+@dataclass
+class Environment:
+    name: str
+    data: dict[str, Any]
+    inventory: Inventory
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.data.get("protected"))
+
+    @property
+    def sandbox(self) -> bool:
+        return bool(self.data.get("sandbox"))
+
+    @property
+    def decommissioned(self) -> bool:
+        return bool(self.data.get("decommissioned"))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Environment:
+        return Environment(self.name, deep_merge(self.data, overrides), self.inventory, overrides)
+
+    def has(self, path: str) -> bool:
+        return self.raw(path, None) is not None
+
+    def raw(self, path: str, default: Any = _MISSING) -> Any:
+        """The merged value at a dotted path, references left unresolved."""
+        node: Any = self.data
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if default is _MISSING:
+                    raise self.missing(path)
+                return default
+            node = node[part]
+        return node
+
+    def value(self, path: str, default: Any = _MISSING) -> Any:
+        """The value at a dotted path, references resolved (to Secrets) now."""
+        return resolve(self.raw(path, default))
+
+    def missing(self, path: str) -> InventoryError:
+        return InventoryError(f"envs.{self.name}.{path}: required for this task but not set",
+                              where=self.inventory.location(f"envs.{self.name}"),
+                              hint=f"add {path} to envs.{self.name} in {self.inventory.file.name}")
+
+    def database_url(self, *, direct: bool = True) -> Secret:
+        """Admin work goes through the direct URL (a pooler breaks advisory locks)."""
+        if direct and self.has("database.direct_url"):
+            return as_secret(self.value("database.direct_url"))
+        return as_secret(self.value("database.url"))
+
+    def admin_url(self) -> Secret:
+        """Provisioning needs a role that may create roles and databases; falls back to the direct URL."""
+        if self.has("database.admin_url"):
+            return as_secret(self.value("database.admin_url"))
+        return self.database_url(direct=True)
+
+    def storage_config(self, section: str = "storage") -> StorageConfig:
+        """`storage` (the app's assets) or `backups` (dumps, audit, drills), inheriting connection settings."""
+        from ops.storage import StorageConfig
+
+        if not self.has(section):
+            raise self.missing(section)
+        settings = resolve(self.raw(section))
+        if section == "backups":
+            inherited = {k: v for k, v in resolve(self.raw("storage", {})).items()
+                         if k in {"provider", "endpoint", "region", "access_key_id", "secret_access_key", "path"}}
+            settings = {**inherited, **settings}
+            if "bucket" not in settings:
+                raise self.missing("backups.bucket")
+        fields = {"provider", "bucket", "endpoint", "region", "access_key_id", "secret_access_key",
+                  "path", "prefix", "public_base"}
+        credentials = {"access_key_id", "secret_access_key"}
+        values = {k: (v if k in credentials else plain(v)) for k, v in settings.items() if k in fields}
+        values.setdefault("provider", "s3")
+        if values["provider"] == "local" and "path" in values:
+            values["path"] = str(self._relative_to_inventory(str(values["path"])))
+        return StorageConfig(**values)
+
+    def host_configs(self) -> list[HostConfig]:
+        from ops.hosts import HostConfig
+
+        ssh = plain(resolve(self.raw("ssh", {})))
+        configs = []
+        for host in plain(resolve(self.raw("hosts", []))):
+            key_file = host.get("key_file") or ssh.get("key_file")
+            configs.append(HostConfig(
+                name=host["name"], address=host["address"],
+                user=host.get("user") or ssh.get("user") or "deploy",
+                port=host.get("port") or ssh.get("port") or 22,
+                key_filename=str(self._relative_to_inventory(key_file)) if key_file else None,
+                connect_timeout=ssh.get("connect_timeout", 10),
+                strict_host_keys=ssh.get("strict_host_keys", False),
+            ))
+        return configs
+
+    def app_settings(self, host_name: str | None = None) -> dict[str, Any]:
+        """The app section, with one host's own `app` keys merged over it (step 3 of the order)."""
+        app = self.raw("app", {})
+        for host in self.raw("hosts", []):
+            if host["name"] == host_name:
+                app = deep_merge(app, host.get("app") or {})
+        return app
+
+    def masked(self) -> dict[str, Any]:
+        return mask_tree(self.data)
+
+    def _relative_to_inventory(self, path: str) -> Path:
+        candidate = Path(os.path.expanduser(path))
+        return candidate if candidate.is_absolute() else self.inventory.file.parent / candidate
+
+
+def inventory_path(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("OPS_INVENTORY") or DEFAULT_FILE)
+
+
+def load(path: str | Path | None = None) -> Inventory:
+    file = inventory_path(str(path) if path else None)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise InventoryError(f"inventory file {file} not found", where=str(file),
+                             hint="create inventory.yaml (see README) or set OPS_INVENTORY") from None
+    except OSError as error:
+        raise InventoryError(f"cannot read {file}: {error.strerror}", where=str(file)) from None
+    data, lines = _parse_yaml(text, file)
+    problems = validate(data, lines, file)
+    if problems:
+        raise InventoryError(f"{file} has {len(problems)} problem(s)", problems=problems,
+                             hint="fix each line above, then run `inv inventory.check`")
+    tree = _wrap_references(data, "", lines, file)
+    return Inventory(file=file.resolve(), data=tree, lines=lines,
+                     digest=hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[str, int]]:
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(file)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise InventoryError(f"YAML syntax error: {problem}", where=where,
+                             hint="fix the indentation or quoting at that line") from None
+    if not isinstance(data, dict):
+        raise InventoryError("the inventory must be a mapping with `project` and `envs`", where=str(file))
+    lines: dict[str, int] = {}
+    _record_lines(node, "", lines)
+    return data, lines
+
+
+def _record_lines(node: Any, path: str, lines: dict[str, int]) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            lines[child] = key_node.start_mark.line + 1
+            _record_lines(value_node, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = f"{path}.{index}"
+            lines[child] = item.start_mark.line + 1
+            _record_lines(item, child, lines)
+
+
+def validate(data: dict[str, Any], lines: dict[str, int], file: Path) -> list[str]:
+    """Every problem at once, each as `dotted.path: message (line N)`."""
+    from jsonschema import Draft202012Validator
+
+    problems = []
+    for error in Draft202012Validator(INVENTORY).iter_errors(data):
+        problems.extend(_describe(error, lines))
+    problems.extend(_check_references(data, lines))
+    default_env = data.get("default_env")
+    if default_env and isinstance(data.get("envs"), dict) and default_env not in data["envs"]:
+        problems.append(_at("default_env", f"names no environment ({default_env!r})", lines))
+    return sorted(set(problems), key=lambda p: (_line_of(p), p))
+
+
+def _describe(error: Any, lines: dict[str, int]) -> list[str]:
+    path = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extra = [key for key in error.instance if key not in allowed]
+        return [_at(f"{path}.{key}" if path else key,
+                    "unknown key" + (f"; {_did_you_mean(key, allowed)}" if _did_you_mean(key, allowed) else ""),
+                    lines) for key in extra]
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return [_at(f"{path}.{missing}" if path else missing, "required", lines, fallback=path)]
+    if error.validator == "propertyNames":
+        return [_at(f"{path}.{error.instance}", "environment names are lower-case letters, digits, - and _",
+                    lines)]
+    return [_at(path, error.message, lines)]
+
+
+def _check_references(node: Any, lines: dict[str, int], path: str = "") -> list[str]:
+    problems = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            problems += _check_references(value, lines, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            problems += _check_references(value, lines, f"{path}.{index}")
+    elif isinstance(node, str) and "${" in node:
+        leftover = _REFERENCE.sub("", node)
+        if "${" in leftover:
+            problems.append(_at(path, "malformed reference; use ${env:NAME}, ${env:NAME:-default} or ${file:PATH}",
+                                lines))
+    return problems
+
+
+def _at(path: str, message: str, lines: dict[str, int], fallback: str | None = None) -> str:
+    line = lines.get(path) or (lines.get(fallback) if fallback else None)
+    return f"{path}: {message}" + (f" (line {line})" if line else "")
+
+
+def _line_of(problem: str) -> int:
+    match = re.search(r"\(line (\d+)\)$", problem)
+    return int(match[1]) if match else 0
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str | None:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path) -> Any:
+    if isinstance(node, dict):
+        return {k: _wrap_references(v, f"{path}.{k}" if path else str(k), lines, file) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_wrap_references(v, f"{path}.{i}", lines, file) for i, v in enumerate(node)]
+    key = path.rsplit(".", 1)[-1]
+    if isinstance(node, str) and _REFERENCE.search(node):
+        line = lines.get(path)
+        return Reference(node, path, f"{file.name}, line {line}" if line else file.name)
+    if isinstance(node, str) and key in SECRET_KEYS and _looks_secret(key, node):
+        return Secret(node)
+    return node
+
+
+def _looks_secret(key: str, value: str) -> bool:
+    # A URL is only secret when it carries credentials or is a webhook (the URL is the credential).
+    if key in {"url", "direct_url", "admin_url"}:
+        return "@" in value or "hooks." in value or "/webhook" in value
+    return True
+
+
+def resolve(node: Any) -> Any:
+    if isinstance(node, Reference):
+        return node.resolve()
+    if isinstance(node, dict):
+        return {k: resolve(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolve(v) for v in node]
+    return node
+
+
+def plain(node: Any) -> Any:
+    """Resolved settings that are not credentials (bucket, endpoint, address) as plain values."""
+    if isinstance(node, dict):
+        return {k: plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [plain(v) for v in node]
+    return node.reveal() if isinstance(node, Secret) else node
+
+
+def as_secret(value: Any) -> Secret:
+    return value if isinstance(value, Secret) else Secret(str(value))
+
+
+def mask_tree(node: Any) -> Any:
+    """For display: Secrets and references masked, references named (`*** (${env:X})`)."""
+    if isinstance(node, dict):
+        return {k: mask_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [mask_tree(v) for v in node]
+    if isinstance(node, Reference):
+        return f"{MASK} (from {node.template})"
+    if isinstance(node, Secret):
+        return MASK
+    return node
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

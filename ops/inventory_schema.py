@@ -1,0 +1,115 @@
+"""JSON Schema of inventory.yaml. Unknown keys are errors (additionalProperties: false)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STRING = {"type": "string", "minLength": 1}
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_POSITIVE = {"type": "integer", "minimum": 0}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+RETENTION = _object({
+    "keep_last": _POSITIVE, "daily": _POSITIVE, "weekly": _POSITIVE,
+    "monthly": _POSITIVE, "min_keep": _POSITIVE, "max_age_hours": _POSITIVE,
+})
+
+STORAGE = _object({
+    "provider": {"enum": ["r2", "s3", "local"]},
+    "endpoint": _STRING, "region": _STRING, "bucket": _STRING, "path": _STRING,
+    "access_key_id": _STRING, "secret_access_key": _STRING, "public_base": _STRING,
+    "prefix": {"type": "string"},
+}, required=["bucket"])
+
+BACKUPS = _object({
+    # the backup bucket: same connection settings as storage, each may be given or inherited
+    "provider": {"enum": ["r2", "s3", "local"]},
+    "endpoint": _STRING, "region": _STRING, "bucket": _STRING, "path": _STRING,
+    "access_key_id": _STRING, "secret_access_key": _STRING,
+    "prefix": {"type": "string"},
+    "encrypt_to": {"type": "array", "items": _STRING},
+    "identity_file": _STRING,
+    "compression_level": {"type": "integer", "minimum": 1, "maximum": 22},
+    "retention": RETENTION,
+    "metrics_file": _STRING,
+    "schedule_hours": {"type": "number", "exclusiveMinimum": 0},
+})
+
+DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING, "name": _STRING, "role": _STRING},
+                   required=["url"])
+
+KEYS = _object({
+    "provider": {"enum": ["cloudflare", "aws-iam", "static"]},
+    "account_id": _STRING, "api_token": _STRING, "api_base": _STRING,
+    "iam_user": _STRING, "max_age_days": _POSITIVE,
+})
+
+MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING, "command": _STRING})
+
+APP = _object({
+    "dir": _STRING, "env_file": _STRING, "restart": _STRING, "log_command": _STRING,
+    "health_url": _STRING, "ready_url": _STRING, "public_url": _STRING, "repository": _STRING,
+    "migrations": MIGRATIONS,
+    "env": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+    "health_timeout": {"type": "number", "exclusiveMinimum": 0},
+})
+
+SSH = _object({"user": _STRING, "port": _PORT, "key_file": _STRING, "connect_timeout": _POSITIVE,
+               "strict_host_keys": {"type": "boolean"}})
+
+HOST = _object({
+    "name": _STRING, "address": _STRING, "user": _STRING, "port": _PORT, "key_file": _STRING,
+    "app": APP,
+}, required=["name", "address"])
+
+NOTIFY = _object({
+    "kind": {"enum": ["webhook", "smtp", "stdout", "file"]},
+    "url": _STRING, "path": _STRING, "host": _STRING, "port": _PORT, "from": _STRING,
+    "to": {"type": "array", "items": _STRING}, "username": _STRING, "password": _STRING,
+    "starttls": {"type": "boolean"}, "audience": {"enum": ["public", "internal"]},
+}, required=["kind"])
+
+TARGETS = _object({"rpo_hours": {"type": "number", "exclusiveMinimum": 0},
+                   "rto_minutes": {"type": "number", "exclusiveMinimum": 0}})
+
+ENVIRONMENT = _object({
+    "sandbox": {"type": "boolean"},
+    "protected": {"type": "boolean"},
+    "decommissioned": {"type": "boolean"},
+    "description": {"type": "string"},
+    "database": DATABASE,
+    "storage": STORAGE,
+    "backups": BACKUPS,
+    "keys": KEYS,
+    "ssh": SSH,
+    "hosts": {"type": "array", "items": HOST},
+    "app": APP,
+    "targets": TARGETS,
+    "notify": {"type": "array", "items": NOTIFY},
+    "drill": _object({"sample_images": _POSITIVE, "target": _STRING}),
+    "incidents": _object({"templates_dir": _STRING, "log_lines": _POSITIVE}),
+})
+
+# defaults: the same sections as an environment, none required
+DEFAULTS = {**ENVIRONMENT, "properties": dict(ENVIRONMENT["properties"])}
+DEFAULTS["properties"]["database"] = {**DATABASE, "required": []}
+DEFAULTS["properties"]["storage"] = {**STORAGE, "required": []}
+
+INVENTORY = _object({
+    "project": _STRING,
+    "default_env": _STRING,
+    "state_dir": _STRING,
+    "defaults": DEFAULTS,
+    "envs": {"type": "object", "minProperties": 1, "additionalProperties": ENVIRONMENT,
+             "propertyNames": {"pattern": "^[a-z][a-z0-9_-]*$"}},
+}, required=["project", "envs"])
+
+# Keys whose literal values are secrets even when written inline (not only ${…} refs).
+SECRET_KEYS = frozenset({"url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id"})

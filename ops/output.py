@@ -1,0 +1,47 @@
+"""Human lines on stderr, one JSON result on stdout with --json; all redacted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from ops.secrets import masked, redact
+
+SYMBOLS = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip", "info": "    "}
+
+
+class Output:
+    def __init__(self, *, json_mode: bool = False, stream: TextIO | None = None, result_stream: TextIO | None = None):
+        self.json_mode = json_mode
+        self._stream = stream
+        self._result_stream = result_stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
+
+    def line(self, text: str = "") -> None:
+        print(redact(text), file=self.stream, flush=True)
+
+    def info(self, text: str) -> None:
+        self.line(text)
+
+    def warn(self, text: str) -> None:
+        self.line(f"warning: {text}")
+
+    def check(self, status: str, name: str, detail: str = "") -> None:
+        self.line(f"{SYMBOLS.get(status, status):4} {name}" + (f" — {detail}" if detail else ""))
+
+    def result(self, payload: dict[str, Any]) -> None:
+        """The machine-readable result: printed on stdout only with --json."""
+        if self.json_mode:
+            stream = self._result_stream or sys.stdout
+            print(json.dumps(masked(payload), indent=2, default=str), file=stream, flush=True)
+
+    def table(self, headers: list[str], rows: list[list[Any]]) -> None:
+        cells = [[redact(str(cell)) for cell in row] for row in rows]
+        widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+        self.line("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        for row in cells:
+            self.line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,262 @@
+"""One interface over object storage: Cloudflare R2 / S3 (boto3) and a local folder.
+
+Every key a caller passes is relative to the configured prefix (`prod/` for
+example); every key handed back is relative to it as well. Backends:
+
+- `ops.storage_s3.S3Storage`     provider "r2" or "s3" (any S3-compatible endpoint)
+- `ops.storage_local.LocalStorage` provider "local": `<path>/<bucket>/<prefix><key>`
+
+Both write objects atomically (an object exists under its key only once it is
+complete), stream large objects with bounded memory, and raise errors from
+ops/errors.py that name the provider, endpoint, bucket and key, never a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO
+from urllib.parse import quote
+
+from ops.errors import CheckFailed, InventoryError, StepFailed, UsageError
+from ops.secrets import Secret, redact
+
+PROVIDERS = ("r2", "s3", "local")
+DEFAULT_PART_SIZE = 16 * 1024 * 1024
+# S3 (and moto) refuse parts under 5 MiB except the last one.
+MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    provider: str  # "r2" | "s3" | "local"
+    bucket: str
+    endpoint: str | None = None
+    region: str | None = None  # r2 -> "auto" when not given
+    access_key_id: Secret | str | None = None
+    secret_access_key: Secret | None = None
+    path: str | None = None  # local provider: the folder that holds buckets (<path>/<bucket>/<key>)
+    prefix: str = ""  # all keys are relative to this prefix (e.g. "prod/")
+    public_base: str | None = None
+
+    def __post_init__(self) -> None:
+        # A plain string secret would print itself; wrap it so it never does.
+        if self.secret_access_key is not None and not isinstance(self.secret_access_key, Secret):
+            object.__setattr__(self, "secret_access_key", Secret(self.secret_access_key))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the prefix
+    size: int
+    etag: str | None
+    last_modified: datetime  # timezone-aware UTC
+    metadata: dict[str, str] = field(default_factory=dict)  # head() fills it; list() leaves it empty
+    content_type: str | None = None  # head() only
+
+
+@dataclass(frozen=True)
+class IncompleteUpload:
+    key: str  # relative to the prefix
+    upload_id: str
+    initiated: datetime  # timezone-aware UTC
+
+
+class BucketNotFound(CheckFailed):
+    """The configured bucket does not exist (or is not visible with these keys)."""
+
+
+class ObjectNotFound(StepFailed):
+    """The object asked for does not exist."""
+
+
+def validate_key(key: str) -> str:
+    """`key` unchanged when it is safe as an object key; UsageError otherwise.
+
+    Refuses what could escape a folder or means different things on different
+    backends: empty keys, a leading "/", "." or ".." segments, NUL characters.
+    """
+    if not key:
+        raise UsageError("empty object key", hint="pass the key of an object, e.g. backups/ID/manifest.json")
+    if key.startswith("/") or "\x00" in key:
+        raise UsageError(f"object key {key!r} refused: keys are relative and contain no NUL",
+                         hint="drop the leading '/'")
+    if any(segment in (".", "..") for segment in key.split("/")):
+        raise UsageError(f"object key {key!r} refused: '.' and '..' segments are not allowed",
+                         hint="use a plain relative key such as backups/ID/dump.pgc.zst")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: empty is fine, otherwise the same rules as a key."""
+    return validate_key(prefix) if prefix else prefix
+
+
+def read_full(source: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes from `source`; fewer only at end of stream.
+
+    Pipes return short reads; R2 needs every part but the last the same size, so
+    a part is filled completely before it is sent.
+    """
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        chunk = source.read(remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+class EtagBuilder:
+    """The ETag S3 gives an object: md5 of the content, or for a multipart upload
+    md5 of the parts' binary md5s followed by "-<part count>"."""
+
+    def __init__(self) -> None:
+        self._part_digests: list[bytes] = []
+
+    def add_part(self, data: bytes) -> None:
+        self._part_digests.append(hashlib.md5(data, usedforsecurity=False).digest())
+
+    def etag(self) -> str:
+        if len(self._part_digests) <= 1:
+            digest = self._part_digests[0] if self._part_digests else hashlib.md5(b"").digest()
+            return digest.hex()
+        combined = hashlib.md5(b"".join(self._part_digests), usedforsecurity=False).hexdigest()
+        return f"{combined}-{len(self._part_digests)}"
+
+
+def check_part_size(part_size: int) -> None:
+    if part_size < MIN_PART_SIZE:
+        raise UsageError(f"part size {part_size} is below the 5 MiB minimum of S3 multipart uploads",
+                         hint="use part_size >= 5 MiB (16 MiB is the default)")
+
+
+class Storage(ABC):
+    """A bucket (and a prefix inside it) on some provider."""
+
+    config: StorageConfig
+
+    def __init__(self, config: StorageConfig):
+        self.config = config
+
+    # -- naming ---------------------------------------------------------
+    @abstractmethod
+    def describe(self) -> str:
+        """One line naming provider, bucket, prefix and location; no secrets."""
+
+    def full_key(self, key: str) -> str:
+        """The key inside the bucket: the configured prefix + `key`, validated."""
+        return self.config.prefix + validate_key(key)
+
+    def relative_key(self, full_key: str) -> str:
+        return full_key[len(self.config.prefix):]
+
+    def public_url(self, key: str) -> str | None:
+        """The URL the public (CDN) serves `key` at, when a public_base is set."""
+        if not self.config.public_base:
+            return None
+        return f"{self.config.public_base.rstrip('/')}/{quote(self.full_key(key))}"
+
+    # -- buckets --------------------------------------------------------
+    @abstractmethod
+    def bucket_exists(self) -> bool: ...
+
+    @abstractmethod
+    def create_bucket(self) -> None: ...
+
+    # -- objects --------------------------------------------------------
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's info with metadata, or None when there is no such object."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, all pages, in lexicographic key order."""
+
+    @abstractmethod
+    def list_prefixes(self, prefix: str = "", delimiter: str = "/") -> list[str]:
+        """The "directories" directly under `prefix` (each ends with the delimiter)."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
+                  content_type: str | None = None) -> ObjectInfo: ...
+
+    @abstractmethod
+    def open_read(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A streaming reader (`.read(n)`); ObjectNotFound when the key is missing."""
+
+    def get_bytes(self, key: str) -> bytes:
+        """The whole object in memory: for small objects such as manifests."""
+        with self.open_read(key) as reader:
+            return reader.read()
+
+    @abstractmethod
+    def upload_stream(self, key: str, source: BinaryIO, *, part_size: int = DEFAULT_PART_SIZE,
+                      metadata: dict[str, str] | None = None,
+                      on_progress: Callable[[int], None] | None = None,
+                      content_type: str | None = None) -> ObjectInfo:
+        """Upload `source` read `part_size` bytes at a time; memory stays around
+        one or two parts. The object exists only once complete: on any failure,
+        interrupts included, the partial upload is removed before re-raising.
+        `on_progress` gets the total number of bytes stored so far."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+
+    @abstractmethod
+    def delete_many(self, keys: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def list_incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]: ...
+
+    @abstractmethod
+    def abort_incomplete_upload(self, upload: IncompleteUpload) -> None:
+        """Drop a leftover partial upload; one already gone is not an error."""
+
+    def copy_object(self, source: Storage, key: str, dest_key: str) -> ObjectInfo:
+        """Copy `key` of `source` to `dest_key` here, streamed through this process.
+        Backends override this with a server-side copy where they can."""
+        info = source.head(key)
+        if info is None:
+            raise ObjectNotFound(f"{source.describe()}: no object {key!r} to copy",
+                                 hint="list the source bucket to find the right key")
+        with source.open_read(key) as reader:
+            return self.upload_stream(dest_key, reader, metadata=info.metadata,
+                                      content_type=info.content_type)
+
+
+def _check_config(config: StorageConfig) -> None:
+    problems = []
+    if config.provider not in PROVIDERS:
+        problems.append(f"storage.provider: {config.provider!r} is not one of {', '.join(PROVIDERS)}")
+    if not config.bucket:
+        problems.append("storage.bucket: required")
+    if config.provider == "r2" and not config.endpoint:
+        problems.append("storage.endpoint: required for r2 (https://ACCOUNT_ID.r2.cloudflarestorage.com)")
+    if config.provider == "local" and not config.path:
+        problems.append("storage.path: required for the local provider (the folder that holds buckets)")
+    if config.prefix and (config.prefix.startswith("/") or ".." in config.prefix.split("/")):
+        problems.append(f"storage.prefix: {config.prefix!r} must be relative without '..' segments")
+    if problems:
+        raise InventoryError("invalid storage settings", problems=[redact(p) for p in problems],
+                             hint="fix these storage settings in the inventory")
+
+
+def open_storage(config: StorageConfig) -> Storage:
+    """The backend for `config`. Cheap: no connection is made until first use."""
+    _check_config(config)
+    if config.provider == "local":
+        from ops.storage_local import LocalStorage
+
+        return LocalStorage(config)
+    from ops.storage_s3 import S3Storage
+
+    return S3Storage(config)

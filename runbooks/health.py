@@ -1,0 +1,120 @@
+"""inv health: can we reach the database, the buckets, the hosts and the app?"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from invoke import task
+
+from ops.cli import environment, helps, make_output, opstask
+from ops.errors import CheckFailed
+
+if TYPE_CHECKING:
+    from ops.checks import Probe
+    from ops.hosts import HostConfig
+    from ops.inventory import Environment
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def database_probe(env: Environment, direct: bool) -> Probe:
+    def probe() -> str:
+        from ops import pg
+
+        url = env.database_url(direct=direct)
+        with pg.connect(url, application_name="opsbook health", connect_timeout=5) as connection:
+            major, minor = pg.server_version(connection)
+        return f"{pg.parse_url(url).describe()}, PostgreSQL {major}.{minor}"
+
+    return probe
+
+
+def storage_probe(env: Environment, section: str) -> Probe:
+    def probe() -> str:
+        from ops.storage import open_storage
+
+        storage = open_storage(env.storage_config(section))
+        if not storage.bucket_exists():
+            raise CheckFailed(f"bucket {storage.config.bucket} does not exist ({storage.describe()})",
+                              hint=f"create it (`inv provision --env {env.name}`) or fix {section}.bucket")
+        listed = sum(1 for _ in zip(range(10), storage.list(), strict=False))
+        return f"{storage.describe()}, listing works ({listed}{'+' if listed == 10 else ''} objects seen)"
+
+    return probe
+
+
+def host_probe(host: HostConfig) -> Probe:
+    def probe() -> str:
+        from ops.hosts import connect
+
+        with connect(host) as connection:
+            result = connection.run("uname -n", check=True, timeout=10)
+        return f"{host.user}@{host.address}:{host.port} ({result.stdout.strip()})"
+
+    return probe
+
+
+def url_probe(env: Environment, host: HostConfig, url: str) -> Probe:
+    def probe() -> str:
+        status, body = fetch(host, url)
+        if status != 200:
+            reason = f"HTTP {status}" if status else "no answer"
+            raise CheckFailed(f"{url} on {host.name}: {reason} {body[:200].strip()}".strip(),
+                              hint=f"look at the app's logs on {host.name}; `inv deploy.restart --env {env.name}`"
+                                   " restarts it")
+        return f"{url} answered 200"
+
+    return probe
+
+
+def fetch(host: HostConfig, url: str) -> tuple[int, str]:
+    """URLs on the host's loopback are fetched on the host itself, others from here."""
+    if (urlparse(url).hostname or "") in LOCAL_HOSTS:
+        from ops.hosts import connect
+
+        with connect(host) as connection:
+            return connection.fetch_url(url)
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read(2048).decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(2048).decode(errors="replace")
+    except (urllib.error.URLError, OSError) as error:
+        return 0, str(getattr(error, "reason", error))
+
+
+def probes(env: Environment) -> list[tuple[str, Probe]]:
+    checks: list[tuple[str, Probe]] = [("database", database_probe(env, direct=False))]
+    if env.has("database.direct_url"):
+        checks.append(("database (direct)", database_probe(env, direct=True)))
+    for section in ("storage", "backups"):
+        if env.has(section):
+            checks.append((f"{section} bucket", storage_probe(env, section)))
+    for host in env.host_configs():
+        checks.append((f"host {host.name}", host_probe(host)))
+        app = env.app_settings(host.name)
+        for kind in ("health_url", "ready_url"):
+            if app.get(kind):
+                checks.append((f"app {kind.split('_')[0]} on {host.name}", url_probe(env, host, app[kind])))
+    return checks
+
+
+@task(help=helps("env", "json"))
+@opstask
+def health(c, env=None, json=False):
+    """Check the database, storage, hosts and app health/ready URLs; exit 3 if any fails."""
+    from ops.checks import raise_on_failure, run_checks
+    from ops.engine import RunContext
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    ctx = RunContext(environment_, output=output)
+    output.info(f"health of {environment_.name} (run {ctx.run_id}):")
+    results = run_checks(ctx, "health", probes(environment_))
+    output.result({"env": environment_.name, "run_id": ctx.run_id,
+                   "ok": all(r.status != "fail" for r in results), "checks": [r.to_json() for r in results]})
+    raise_on_failure(results, f"health of {environment_.name}")

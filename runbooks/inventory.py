@@ -1,0 +1,40 @@
+"""inv inventory.check / inventory.show."""
+
+from __future__ import annotations
+
+from invoke import Collection, task
+
+from ops.cli import helps, load_inventory, make_output, opstask
+
+
+@task(help=helps("json"))
+@opstask
+def check(c, json=False):
+    """Validate the inventory; list every problem with its dotted path and line; exit 2 on any."""
+    output = make_output(json)
+    inventory = load_inventory()  # raises InventoryError listing every problem
+    output.info(f"{inventory.file}: valid ({len(inventory.env_names)} environments: "
+                f"{', '.join(inventory.env_names)}; default {inventory.default_env})")
+    output.result({"ok": True, "file": str(inventory.file), "envs": inventory.env_names,
+                   "default_env": inventory.default_env})
+
+
+@task(help=helps("env", "json"))
+@opstask
+def show(c, env=None, json=False):
+    """Print the merged environment (defaults → env → host), secrets masked."""
+    import yaml
+
+    from ops.inventory import mask_tree
+
+    output = make_output(json)
+    environment = load_inventory().environment(env)
+    merged = mask_tree(environment.data)
+    if json:
+        output.result({"env": environment.name, "config": merged})
+    else:
+        print(f"# envs.{environment.name} merged (defaults → env → host), secrets masked")
+        print(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True).rstrip())
+
+
+collection = Collection("inventory", check, show)

@@ -1,0 +1,102 @@
+"""inv runs.list / runs.show / runs.resume, and inv runbook.show."""
+
+from __future__ import annotations
+
+from invoke import Collection, task
+
+from ops.cli import environment, execute, helps, load_inventory, make_output, opstask
+from ops.errors import UsageError
+
+
+def _runs_dir():
+    return load_inventory().state_dir / "runs"
+
+
+@task(help=helps("json", limit="how many runs to list, newest first (default 20)"))
+@opstask
+def list_(c, limit=20, json=False):
+    """The journaled runs, newest first: id, runbook, environment, operator, outcome."""
+    from ops.journal import list_runs
+
+    output = make_output(json)
+    records = list_runs(_runs_dir(), limit=int(limit))
+    rows = [[r.run_id, r.header.get("runbook", "?"), r.header.get("env", "?"), r.header.get("operator", "?"),
+             ("dry run" if r.header.get("dry_run") else r.status), r.stopped_at() or ""] for r in records]
+    output.table(["run", "runbook", "env", "operator", "status", "stopped at"], rows)
+    output.result({"runs": [{"run_id": r.run_id, **{k: r.header.get(k) for k in ("runbook", "env", "operator")},
+                             "status": r.status, "stopped_at": r.stopped_at()} for r in records]})
+
+
+@task(help=helps("json", run_id="the run's id (from `inv runs.list`)"))
+@opstask
+def show(c, run_id, json=False):
+    """One run's journal: header, each step's transitions with timings, the outcome."""
+    from ops.journal import read_run
+
+    output = make_output(json)
+    record = read_run(_runs_dir(), run_id)
+    header = record.header
+    output.info(f"run {record.run_id}: {header.get('runbook')} on {header.get('env')} by {header.get('operator')}"
+                f"@{header.get('host')} (git {header.get('git_revision') or 'n/a'}, inventory "
+                f"{header.get('inventory_hash')}){' — dry run' if header.get('dry_run') else ''}")
+    for entry in record.entries[1:]:
+        output.info(_describe(entry))
+    output.info(f"status: {record.status}")
+    output.result({"run_id": record.run_id, "status": record.status, "entries": record.entries})
+
+
+def _describe(entry: dict) -> str:
+    time = entry["time"][11:19]
+    if entry["event"] == "step":
+        extra = entry.get("reason") or entry.get("change") or ""
+        seconds = f" ({entry['seconds']}s)" if "seconds" in entry else ""
+        return f"  {time}  {entry['index']}. {entry['step']}: {entry['state']}{seconds}{' — ' + extra if extra else ''}"
+    if entry["event"] == "check":
+        return f"  {time}  {entry['status']:4} {entry['name']} — {entry.get('detail', '')}"
+    if entry["event"] == "finished":
+        return f"  {time}  finished: {entry['status']} (exit {entry.get('exit_code')})" + (
+            f" at {entry['stopped_at']}: {entry.get('reason', '')}" if entry.get("stopped_at") else "")
+    return f"  {time}  {entry['event']}"
+
+
+@task(help=helps("confirm", "json", run_id="the interrupted or failed run to resume"))
+@opstask
+def resume(c, run_id, confirm=None, json=False):
+    """Resume a run: re-check each step, skip those verified already, apply the rest."""
+    import runbooks
+    from ops.journal import read_run
+
+    output = make_output(json)
+    record = read_run(_runs_dir(), run_id)
+    header = record.header
+    if record.status in {"succeeded", "nothing to do"}:
+        raise UsageError(f"run {run_id} already {record.status}; there is nothing to resume")
+    if header.get("runbook") not in runbooks.RUNBOOKS:
+        raise UsageError(f"run {run_id} ({header.get('runbook')}) cannot be resumed: it is not a step runbook")
+    env = environment(header["env"], output=output)
+    runbook = runbooks.build(header["runbook"], env, **(header.get("arguments") or {}))
+    output.info(f"resuming run {run_id} ({runbook.name} on {env.name}, stopped at {record.stopped_at()})")
+    execute(runbook, env, output, confirm=confirm, resume=record)
+
+
+runs = Collection("runs")
+runs.add_task(list_, name="list")
+runs.add_task(show)
+runs.add_task(resume)
+
+
+@task(help=helps("env", name="the runbook's name, e.g. provision"))
+@opstask
+def show_runbook(c, name, env=None):
+    """Print the runbook as a numbered Markdown checklist, generated from the steps that run."""
+    import runbooks
+
+    environment_ = environment(env, start_sandbox=False)
+    runbook = runbooks.build(name, environment_)
+    print(f"# {runbook.title} — {environment_.name}\n")
+    for index, step in enumerate(runbook.steps, start=1):
+        print(f"{index}. [ ] {step.checklist_line()}")
+
+
+runbook_collection = Collection("runbook")
+runbook_collection.add_task(show_runbook, name="show")

@@ -1,0 +1,17 @@
+"""opsbook's Invoke entry point: builds the task collection. `inv --list` shows it.
+
+Everything else lives in runbooks/ (one module per procedure) and ops/ (the library);
+exit codes are mapped in one place, ops/cli.py.
+"""
+
+from invoke import Collection
+
+from runbooks import health, inventory, provision, runs, sandbox
+
+ns = Collection()
+ns.add_task(health.health)
+ns.add_task(provision.provision)
+ns.add_collection(inventory.collection)
+ns.add_collection(sandbox.collection)
+ns.add_collection(runs.runs)
+ns.add_collection(runs.runbook_collection)

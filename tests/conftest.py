@@ -1,0 +1,7 @@
+"""Session-wide real servers on loopback: PostgreSQL, S3 (moto), sshd with a test app."""
+
+pytest_plugins = [
+    "tests.fixtures.postgres",
+    "tests.fixtures.s3",
+    "tests.fixtures.ssh",
+]

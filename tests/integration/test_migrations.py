@@ -1,0 +1,194 @@
+"""The native migration engine against a real PostgreSQL: Prisma's bookkeeping, states, lock."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ops.errors import CheckFailed, LockHeld, StepFailed
+from ops.migrations import (
+    CREATE_MIGRATIONS_TABLE,
+    PRISMA_ADVISORY_LOCK_KEY,
+    apply_pending,
+    checksum_of,
+    migration_status,
+    read_applied,
+)
+
+DEMO_MIGRATIONS = Path(__file__).resolve().parents[2] / "ops" / "demo" / "prisma" / "migrations"
+
+
+@pytest.fixture
+def database(postgres_server):
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Path:
+    """A private copy of the demo migrations that a test may add to or edit."""
+    return Path(shutil.copytree(DEMO_MIGRATIONS, tmp_path / "migrations"))
+
+
+def connect(url):
+    return psycopg.connect(url.reveal(), autocommit=True)
+
+
+def add_migration(directory: Path, name: str, sql: str) -> None:
+    (directory / name).mkdir()
+    (directory / name / "migration.sql").write_text(sql)
+
+
+def insert_row(conn, name: str, checksum: str, *, finished: bool, rolled_back: bool = False) -> None:
+    conn.execute(
+        "INSERT INTO _prisma_migrations (id, checksum, migration_name, finished_at, rolled_back_at,"
+        " applied_steps_count) VALUES (%s, %s, %s, CASE WHEN %s THEN now() END,"
+        " CASE WHEN %s THEN now() END, %s)",
+        (str(uuid.uuid4()), checksum, name, finished, rolled_back, int(finished)),
+    )
+
+
+def test_apply_to_fresh_database_then_noop(database, migrations):
+    events: list[tuple[str, str]] = []
+    applied = apply_pending(database, migrations, on_event=lambda event, name: events.append((event, name)))
+    names = sorted(p.name for p in migrations.iterdir() if p.is_dir())
+    assert applied == names
+    assert [event for event, _ in events] == ["started", "applied"] * len(names)
+
+    with connect(database) as conn:
+        rows = read_applied(conn)
+        assert [row.migration_name for row in rows] == names
+        for row in rows:
+            script = (migrations / row.migration_name / "migration.sql").read_bytes()
+            assert row.checksum == checksum_of(script.decode())
+            assert row.finished_at is not None and row.rolled_back_at is None
+            assert row.applied_steps_count == 1 and len(row.id) == 36
+        # The demo schema is really there, FKs included.
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        assert {"Brand", "Image", "NavigationDraft", "User", "_prisma_migrations"} <= tables
+        # Prisma's exact column types.
+        columns = dict(conn.execute(
+            "SELECT column_name, format_type(atttypid, atttypmod) FROM information_schema.columns c"
+            " JOIN pg_attribute a ON a.attrelid = '_prisma_migrations'::regclass AND a.attname = c.column_name"
+            " WHERE c.table_name = '_prisma_migrations'").fetchall())
+        assert columns == {
+            "id": "character varying(36)", "checksum": "character varying(64)",
+            "finished_at": "timestamp with time zone", "migration_name": "character varying(255)",
+            "logs": "text", "rolled_back_at": "timestamp with time zone",
+            "started_at": "timestamp with time zone", "applied_steps_count": "integer",
+        }
+        state = migration_status(conn, migrations)
+    assert state.up_to_date and state.applied == names
+
+    assert apply_pending(database, migrations) == []
+    with connect(database) as conn:
+        assert len(read_applied(conn)) == len(names)
+
+
+def test_status_of_each_class(database, tmp_path: Path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    for name in ("001_applied", "002_crlf", "003_edited", "004_failed", "005_rolled_back", "006_pending"):
+        add_migration(directory, name, f"SELECT '{name}';\n")
+    (directory / "002_crlf" / "migration.sql").write_bytes(b"SELECT 1;\r\nSELECT 2;\r\n")
+    with connect(database) as conn:
+        assert read_applied(conn) == []  # no table yet
+        assert migration_status(conn, directory).pending[0] == "001_applied"
+        conn.execute(CREATE_MIGRATIONS_TABLE)
+        insert_row(conn, "001_applied", checksum_of("SELECT '001_applied';\n"), finished=True)
+        insert_row(conn, "002_crlf", checksum_of("SELECT 1;\nSELECT 2;\n"), finished=True)  # applied from LF
+        insert_row(conn, "003_edited", checksum_of("SELECT 'original';\n"), finished=True)
+        insert_row(conn, "004_failed", checksum_of("SELECT '004_failed';\n"), finished=False)
+        insert_row(conn, "005_rolled_back", checksum_of("SELECT '005_rolled_back';\n"), finished=False,
+                   rolled_back=True)
+        insert_row(conn, "000_database_only", checksum_of("x"), finished=True)
+        state = migration_status(conn, directory)
+    by_name = {entry.name: entry.status for entry in state.entries}
+    assert by_name == {
+        "001_applied": "applied", "002_crlf": "applied", "003_edited": "edited", "004_failed": "failed",
+        "005_rolled_back": "pending", "006_pending": "pending", "000_database_only": "database_only",
+    }
+    assert not state.up_to_date
+    assert state.verdict.startswith("1 failed migration")
+
+    with pytest.raises(CheckFailed) as refused:
+        apply_pending(database, directory)
+    assert "P3009" in str(refused.value) and "004_failed" in str(refused.value)
+    assert "prisma migrate resolve --rolled-back 004_failed" in refused.value.hint
+
+    with connect(database) as conn:  # resolve the failure as an operator would
+        conn.execute("UPDATE _prisma_migrations SET rolled_back_at = now() WHERE migration_name = '004_failed'")
+    with pytest.raises(CheckFailed, match="edited after being applied"):
+        apply_pending(database, directory)
+
+
+def test_failing_migration_leaves_failed_row_and_nothing_else(database, tmp_path: Path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    add_migration(directory, "001_ok", 'CREATE TABLE "Ok" ("id" INTEGER);\n')
+    add_migration(directory, "002_bad", 'CREATE TABLE "Half" ("id" INTEGER);\nSELECT * FROM "Missing";\n')
+    add_migration(directory, "003_never", 'CREATE TABLE "Never" ("id" INTEGER);\n')
+    events = []
+    with pytest.raises(StepFailed) as failed:
+        apply_pending(database, directory, on_event=lambda event, name: events.append((event, name)))
+    assert "002_bad" in str(failed.value) and "Missing" in str(failed.value)
+    assert ("failed", "002_bad") in events
+    with connect(database) as conn:
+        rows = {row.migration_name: row for row in read_applied(conn)}
+        assert set(rows) == {"001_ok", "002_bad"}
+        bad = rows["002_bad"]
+        assert bad.finished_at is None and bad.rolled_back_at is None and bad.applied_steps_count == 0
+        assert "42P01" in bad.logs and "Missing" in bad.logs
+        # The script ran as one transaction: its first statement was rolled back too.
+        assert conn.execute("SELECT to_regclass('\"Half\"')").fetchone()[0] is None
+        assert conn.execute("SELECT to_regclass('\"Never\"')").fetchone()[0] is None
+        state = migration_status(conn, directory)
+    assert state.failed == ["002_bad"] and state.pending == ["003_never"]
+    with pytest.raises(CheckFailed, match="P3009"):  # deploy refuses from now on
+        apply_pending(database, directory)
+
+
+def test_concurrent_applies_are_serialised(database, tmp_path: Path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    # Slow enough that the second applier must wait on the lock while the first runs.
+    add_migration(directory, "001_slow", 'SELECT pg_sleep(0.5);\nCREATE TABLE "T" ("id" INTEGER);\n')
+    add_migration(directory, "002_next", 'ALTER TABLE "T" ADD COLUMN "x" TEXT;\n')
+    results: list[object] = []
+    first_started = threading.Event()
+
+    def run(notify: bool) -> None:
+        def on_event(event: str, name: str) -> None:
+            if notify and event == "started":
+                first_started.set()
+        try:
+            results.append(apply_pending(database, directory, on_event=on_event))
+        except Exception as error:  # collected and asserted below
+            results.append(error)
+
+    first = threading.Thread(target=run, args=(True,))
+    first.start()
+    assert first_started.wait(10)
+    waits: list[str] = []
+    second_result = apply_pending(database, directory, on_event=lambda event, detail: waits.append(event))
+    first.join(10)
+    assert results == [["001_slow", "002_next"]]
+    assert second_result == []  # it waited, re-read the state, found nothing to do
+    assert waits == ["waiting"]
+    with connect(database) as conn:
+        assert len(read_applied(conn)) == 2
+
+
+def test_lock_timeout_names_the_holder(database, migrations):
+    with connect(database) as holder:
+        holder.execute("SET application_name = 'prisma-migrate-deploy'")
+        holder.execute("SELECT pg_advisory_lock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
+        with pytest.raises(LockHeld) as held:
+            apply_pending(database, migrations, lock_timeout=0.3)
+    assert "prisma-migrate-deploy" in str(held.value)
+    with connect(database) as conn:
+        assert read_applied(conn) == []  # nothing happened while the lock was held

@@ -1,0 +1,157 @@
+"""Migration state classification, table-driven, with Prisma's checksum rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ops.errors import CheckFailed
+from ops.migrations import (
+    LocalMigration,
+    MigrationRow,
+    checksum_of,
+    classify,
+    read_local_migrations,
+    read_lock_provider,
+    script_matches_checksum,
+)
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+T1 = datetime(2025, 1, 1, 12, 1, tzinfo=UTC)
+SQL = {
+    "001_init": 'CREATE TABLE "A" ("id" INTEGER);\n',
+    "002_more": 'CREATE TABLE "B" ("id" INTEGER);\n',
+    "003_last": 'ALTER TABLE "B" ADD COLUMN "x" TEXT;\n',
+}
+
+
+def local(*names: str) -> list[LocalMigration]:
+    return [LocalMigration(name, checksum_of(SQL[name]), SQL[name], Path(name)) for name in names]
+
+
+def row(name: str, *, finished: bool = True, rolled_back: bool = False, checksum: str | None = None):
+    return MigrationRow(
+        id=f"id-{name}-{finished}-{rolled_back}",
+        migration_name=name,
+        checksum=checksum if checksum is not None else checksum_of(SQL.get(name, name)),
+        started_at=T0,
+        finished_at=T1 if finished else None,
+        rolled_back_at=T1 if rolled_back else None,
+    )
+
+
+CASES = [
+    # (id, local names, rows, expected {name: status}, up_to_date)
+    ("fresh database", ["001_init", "002_more"], [], {"001_init": "pending", "002_more": "pending"}, False),
+    ("all applied", ["001_init", "002_more"], [row("001_init"), row("002_more")],
+     {"001_init": "applied", "002_more": "applied"}, True),
+    ("one pending", ["001_init", "002_more"], [row("001_init")],
+     {"001_init": "applied", "002_more": "pending"}, False),
+    ("failed blocks", ["001_init", "002_more"], [row("001_init"), row("002_more", finished=False)],
+     {"001_init": "applied", "002_more": "failed"}, False),
+    ("rolled back is pending again", ["001_init"], [row("001_init", finished=False, rolled_back=True)],
+     {"001_init": "pending"}, False),
+    ("rolled back then reapplied", ["001_init"],
+     [row("001_init", finished=False, rolled_back=True), row("001_init")], {"001_init": "applied"}, True),
+    ("rolled back then failed again", ["001_init"],
+     [row("001_init", finished=False, rolled_back=True), row("001_init", finished=False)],
+     {"001_init": "failed"}, False),
+    ("edited", ["001_init"], [row("001_init", checksum=checksum_of("something else"))],
+     {"001_init": "edited"}, False),
+    ("database only", ["001_init"], [row("001_init"), row("000_gone")],
+     {"001_init": "applied", "000_gone": "database_only"}, False),
+    ("database only rolled back is ignored", ["001_init"],
+     [row("001_init"), row("000_gone", finished=False, rolled_back=True)], {"001_init": "applied"}, True),
+    ("failed without folder is failed", [], [row("000_gone", finished=False)], {"000_gone": "failed"}, False),
+    ("nothing at all", [], [], {}, True),
+]
+
+
+@pytest.mark.parametrize(("local_names", "rows", "expected", "up_to_date"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_classify(local_names, rows, expected, up_to_date):
+    state = classify(local(*local_names), rows)
+    assert {entry.name: entry.status for entry in state.entries} == expected
+    assert state.up_to_date is up_to_date
+    for status in ("applied", "pending", "failed", "edited", "database_only"):
+        assert getattr(state, status) == [name for name, value in expected.items() if value == status]
+    json.dumps(state.to_json())  # serialisable
+
+
+def test_entries_keep_local_order_then_database_only():
+    state = classify(local("003_last", "001_init", "002_more")[::-1], [row("zzz"), row("000_old")])
+    assert [entry.name for entry in state.entries][-2:] == ["000_old", "zzz"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "verdict_contains"),
+    [
+        ([row("001_init"), row("002_more"), row("003_last")], "up to date (3 migrations applied)"),
+        ([row("001_init")], "2 pending migrations not yet applied: 002_more, 003_last"),
+        ([row("001_init", finished=False)], "1 failed migration deploy refuses until resolved (P3009): 001_init"),
+        ([row("001_init", checksum="0" * 64)], "edited after it was applied: 001_init"),
+    ],
+)
+def test_verdict_is_one_line(rows, verdict_contains):
+    verdict = classify(local("001_init", "002_more", "003_last"), rows).verdict
+    assert verdict_contains in verdict
+    assert "\n" not in verdict
+
+
+def test_verdict_puts_failed_before_pending():
+    verdict = classify(local("001_init", "002_more"), [row("001_init", finished=False)]).verdict
+    assert verdict.index("failed") < verdict.index("pending")
+
+
+@pytest.mark.parametrize(
+    ("script", "stored_for", "matches"),
+    [
+        ("ab\ncd\n", "ab\ncd\n", True),
+        ("ab\r\ncd\r\n", "ab\ncd\n", True),     # CRLF checkout of an LF-applied file
+        ("ab\ncd\n", "ab\r\ncd\r\n", True),     # LF checkout of a CRLF-applied file
+        ("ab\ncd\n", "ab\ncd", False),
+        ("abc", "abcd", False),
+    ],
+)
+def test_checksum_line_endings(script, stored_for, matches):
+    assert script_matches_checksum(script, checksum_of(stored_for)) is matches
+
+
+def test_checksum_is_prisma_format():
+    # The value Prisma's own test suite expects for "hello".
+    assert checksum_of("hello") == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+
+
+def test_unpadded_legacy_checksum_matches():
+    script = next(text for text in (f"x{i}" for i in range(100))
+                  if any(byte < 16 for byte in hashlib.sha256(text.encode()).digest()))
+    legacy = "".join(f"{byte:x}" for byte in hashlib.sha256(script.encode()).digest())
+    assert len(legacy) < 64
+    assert script_matches_checksum(script, legacy)
+    assert not script_matches_checksum(script + " ", legacy)
+
+
+def test_read_local_migrations(tmp_path: Path):
+    for name in ("20250102000000_second", "20250101000000_first"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "migration.sql").write_bytes(f"-- {name}\r\n".encode())
+    (tmp_path / "migration_lock.toml").write_text('provider = "postgresql"\n')
+    (tmp_path / "README.md").write_text("not a migration")
+    migrations = read_local_migrations(tmp_path)
+    assert [m.name for m in migrations] == ["20250101000000_first", "20250102000000_second"]
+    first = migrations[0]
+    assert first.checksum == hashlib.sha256(b"-- 20250101000000_first\r\n").hexdigest()
+    assert first.sql == "-- 20250101000000_first\r\n"  # bytes kept as is: no newline translation
+    assert read_lock_provider(tmp_path) == "postgresql"
+
+
+def test_read_local_migrations_errors(tmp_path: Path):
+    with pytest.raises(CheckFailed, match="does not exist"):
+        read_local_migrations(tmp_path / "missing")
+    (tmp_path / "20250101000000_empty").mkdir()
+    with pytest.raises(CheckFailed, match=r"has no migration\.sql"):
+        read_local_migrations(tmp_path)

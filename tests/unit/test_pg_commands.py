@@ -1,0 +1,161 @@
+"""Pure parts of ops.pg: URL parsing, child environments, lock keys, command builders."""
+
+from __future__ import annotations
+
+import pytest
+
+from ops import pg
+from ops.errors import InventoryError
+from ops.secrets import Secret
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://app:pw@db.example.com:6543/shop", ("db.example.com", 6543, "shop", "app")),
+        ("postgres://app:pw@db.example.com/shop", ("db.example.com", 5432, "shop", "app")),
+        ("postgresql://app@10.0.0.5", ("10.0.0.5", 5432, "app", "app")),
+        ("postgresql://app:pw@[::1]:5433/shop", ("::1", 5433, "shop", "app")),
+        ("postgresql://us%40er:p%40ss@h/my%20db", ("h", 5432, "my db", "us@er")),
+        ("postgresql://app:pw@h/shop?host=/var/run/postgresql&port=6000",
+         ("/var/run/postgresql", 6000, "shop", "app")),
+        ("postgresql://app:pw@h/shop?schema=public&connection_limit=5&pgbouncer=true",
+         ("h", 5432, "shop", "app")),
+    ],
+)
+def test_parse_url(url: str, expected: tuple[str, int, str, str]) -> None:
+    target = pg.parse_url(Secret(url))
+    assert (target.host, target.port, target.dbname, target.user) == expected
+    assert "pw" not in target.describe()
+
+
+@pytest.mark.parametrize(
+    ("target", "text"),
+    [
+        (pg.DatabaseTarget("127.0.0.1", 5432, "app", "postgres"), "postgres@127.0.0.1:5432/app"),
+        (pg.DatabaseTarget("::1", 5433, "app", "ops"), "ops@[::1]:5433/app"),
+    ],
+)
+def test_describe(target: pg.DatabaseTarget, text: str) -> None:
+    assert target.describe() == text
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://u:hunter2secret@h/db", "postgresql://u:hunter2secret@h:99999/db",
+     "postgresql://u:hunter2secret@h:port/db", "postgresql://u:hunter2secret@h1,h2/db"],
+)
+def test_parse_url_rejects_without_leaking_the_password(url: str) -> None:
+    with pytest.raises(InventoryError) as caught:
+        pg.parse_url(url)
+    assert "hunter2secret" not in str(caught.value)
+    assert caught.value.hint
+
+
+@pytest.mark.parametrize(
+    ("url", "dbname", "expected"),
+    [
+        ("postgresql://app:p%40ss@h:5433/shop?sslmode=require", "shop_restore",
+         "postgresql://app:p%40ss@h:5433/shop_restore?sslmode=require"),
+        ("postgresql://app:pw@h", "other", "postgresql://app:pw@h/other"),
+        ("postgresql://app:pw@h/a?dbname=a", "b c", "postgresql://app:pw@h/b%20c?dbname=b%20c"),
+    ],
+)
+def test_with_database(url: str, dbname: str, expected: str) -> None:
+    result = pg.with_database(Secret(url), dbname)
+    assert isinstance(result, Secret)
+    assert result.reveal() == expected
+    assert pg.parse_url(result).dbname == dbname
+    assert pg.connection_params(result)["password"] == pg.connection_params(url)["password"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://app:p%40ss@db:6543/shop?sslmode=verify-full&sslrootcert=/ca.pem&pgbouncer=true",
+         {"PGHOST": "db", "PGPORT": "6543", "PGDATABASE": "shop", "PGUSER": "app", "PGPASSWORD": "p@ss",
+          "PGSSLMODE": "verify-full", "PGSSLROOTCERT": "/ca.pem", "PGCONNECT_TIMEOUT": "10",
+          "PGAPPNAME": "opsbook"}),
+        ("postgresql://app@db/shop?connect_timeout=3&application_name=nightly&keepalives=1",
+         {"PGHOST": "db", "PGPORT": "5432", "PGDATABASE": "shop", "PGUSER": "app",
+          "PGCONNECT_TIMEOUT": "3", "PGAPPNAME": "nightly"}),
+    ],
+)
+def test_libpq_environment(url: str, expected: dict[str, str]) -> None:
+    assert pg.libpq_environment(Secret(url)) == expected
+
+
+def test_child_environment_drops_the_operators_pg_settings() -> None:
+    base = {"PATH": "/usr/bin", "PGHOST": "elsewhere", "PGSERVICE": "prod", "PGSSLMODE": "disable"}
+    environment = pg.child_environment("postgresql://app:pw@db/shop", base)
+    assert environment["PATH"] == "/usr/bin"
+    assert environment["PGHOST"] == "db"
+    assert "PGSERVICE" not in environment
+    assert "PGSSLMODE" not in environment
+
+
+def test_lock_key_is_stable_distinct_and_63_bit() -> None:
+    key = pg.lock_key("opsbook", "prod", "database")
+    assert key == pg.lock_key("opsbook", "prod", "database")
+    assert key == 7013800324360584012  # must never change between releases: runs would not exclude
+    others = {pg.lock_key("opsbook", "staging", "database"), pg.lock_key("opsbookprod", "database"),
+              pg.lock_key("opsbook", "prod", "data", "base"), pg.lock_key()}
+    assert key not in others and len(others) == 4
+    assert all(0 <= value < 2**63 for value in [*others, key])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pg_dump (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)\n", (15, "15.14")),
+        ("pg_restore (PostgreSQL) 18.6\n", (18, "18.6")),
+        ("psql (PostgreSQL) 19devel\n", (19, "19devel")),
+        ("pg_dump (PostgreSQL) 9.6.24\n", (9, "9.6.24")),
+        ("pg_dump: command not found", None),
+    ],
+)
+def test_parse_tool_version(text: str, expected: tuple[int, str] | None) -> None:
+    assert pg.parse_tool_version(text) == expected
+
+
+TOOL = pg.ClientTool(name="pg_dump", path="/usr/lib/postgresql/15/bin/pg_dump", major=15, version="15.14")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, [TOOL.path, "--no-password", "--compress=0", "--format=custom"]),
+        ({"snapshot": "00000003-0000001B-1", "compress": 6},
+         [TOOL.path, "--no-password", "--compress=6", "--format=custom", "--snapshot=00000003-0000001B-1"]),
+        ({"jobs": 2, "output": "/backups/dir"},
+         [TOOL.path, "--no-password", "--compress=0", "--format=directory", "--jobs=2", "--file=/backups/dir"]),
+        ({"output": "/backups/dump.pgc"},
+         [TOOL.path, "--no-password", "--compress=0", "--format=custom", "--file=/backups/dump.pgc"]),
+    ],
+)
+def test_dump_command(options: dict, expected: list[str]) -> None:
+    assert pg.dump_command(TOOL, **options) == expected
+
+
+@pytest.mark.parametrize("options", [{"jobs": 2}, {"compress": 10}, {"compress": -1}])
+def test_dump_command_refuses_impossible_options(options: dict) -> None:
+    with pytest.raises(ValueError):
+        pg.dump_command(TOOL, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"dbname": "shop_restore"}, ["pg_restore", "--no-password", "--exit-on-error", "--dbname=shop_restore"]),
+        ({"dbname": "x", "archive": "/tmp/d.pgc", "jobs": 2, "no_owner": True},
+         ["pg_restore", "--no-password", "--exit-on-error", "--dbname=x", "--jobs=2", "--no-owner",
+          "--no-acl", "/tmp/d.pgc"]),
+    ],
+)
+def test_restore_command(options: dict, expected: list[str]) -> None:
+    assert pg.restore_command("pg_restore", **options) == expected
+
+
+def test_restore_command_refuses_jobs_from_stdin() -> None:
+    with pytest.raises(ValueError):
+        pg.restore_command("pg_restore", dbname="x", jobs=2)
