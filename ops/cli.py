@@ -15,7 +15,7 @@ from ops.errors import Interrupted, OpsError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
-    from ops.engine import RunResult, Runbook
+    from ops.engine import Runbook, RunResult
     from ops.inventory import Environment, Inventory
     from ops.output import Output
 

@@ -285,13 +285,16 @@ class Runner:
         self._current = None
 
     def _step_failed(self, planned: PlannedStep, error: BaseException, applied: list[PlannedStep]) -> OpsError:
-        reason = str(error) if isinstance(error, OpsError) else f"{type(error).__name__}: {error}"
+        if isinstance(error, OpsError):
+            reason = f"{error.where}: {error.message}" if error.where else error.message
+        else:
+            reason = f"{type(error).__name__}: {error}"
         reason = redact(reason)
-        self.journal.step(planned.index, planned.step.name, "failed", reason=reason)
+        hint = error.hint if isinstance(error, OpsError) else None
+        self.journal.step(planned.index, planned.step.name, "failed", reason=reason, hint=hint)
         self.output.info(f"     FAILED: {reason}")
         undone = self._undo(applied)
         message = f"step {planned.index} ({planned.step.title}) failed: {reason}"
-        hint = error.hint if isinstance(error, OpsError) and error.hint else None
         if undone:
             message += f"\n  undone: {', '.join(undone)}"
         failure = StepFailed(message, where=f"{self.runbook.name} on {self.ctx.env.name}, run {self.ctx.run_id}",

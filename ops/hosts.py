@@ -188,6 +188,7 @@ class HostConnection:
             environment: Mapping[str, str | Secret] | None = None) -> CommandResult:
         """Run `command` on the host, output captured and redacted; StepFailed on non-zero if `check`."""
         from invoke.exceptions import CommandTimedOut, ThreadException
+        from paramiko import SSHException
 
         stdin = ""
         remote_command = command
@@ -200,13 +201,11 @@ class HostConnection:
                 remote_command, hide=True, warn=True, pty=False, timeout=timeout,
                 in_stream=_WholeInput(stdin), encoding="utf-8",
             )
-        except CommandTimedOut as error:
+        except CommandTimedOut:
             raise StepFailed(f"`{shown}` did not finish within {timeout:g} s on {self._where()}",
                              hint="the command may still be running on the host: check it there, "
-                                  "or raise the timeout", where=self.host.name) from error
-        except ThreadException as error:
-            raise self._lost(f"running `{shown}`", error) from None
-        except (OSError, EOFError) as error:
+                                  "or raise the timeout", where=self.host.name) from None
+        except (ThreadException, SSHException, OSError, EOFError) as error:
             raise self._lost(f"running `{shown}`", error) from None
         outcome = CommandResult(shown, result.exited, redact(result.stdout), redact(result.stderr))
         if check and not outcome.ok:
@@ -399,7 +398,8 @@ def _connect_error(host: HostConfig, key_filename: str | None, error: Exception)
     if isinstance(error, SSHException) and "known_hosts" in str(error):
         return ConnectionFailed(f"the host key of {where} is not in ~/.ssh/known_hosts (strict_host_keys)",
                                 where=host.name,
-                                hint=f"verify the key and add it: ssh-keyscan -p {host.port} {host.address}")
+                                hint=f"verify the key, then add it: ssh-keyscan -p {host.port} {host.address} "
+                                     ">> ~/.ssh/known_hosts")
     if isinstance(error, (SSHException, EOFError)):
         return ConnectionFailed(f"SSH handshake with {where} failed: {redact(error) or type(error).__name__}",
                                 hint=f"check that port {host.port} on {host.address} is an SSH server",

@@ -299,7 +299,7 @@ def _describe(error: Any, lines: dict[str, int]) -> list[str]:
     if error.validator == "required":
         missing = error.message.split("'")[1]
         return [_at(f"{path}.{missing}" if path else missing, "required", lines, fallback=path)]
-    if error.validator == "propertyNames":
+    if "propertyNames" in error.schema_path:
         return [_at(f"{path}.{error.instance}", "environment names are lower-case letters, digits, - and _",
                     lines)]
     return [_at(path, error.message, lines)]

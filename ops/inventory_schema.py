@@ -112,4 +112,6 @@ INVENTORY = _object({
 }, required=["project", "envs"])
 
 # Keys whose literal values are secrets even when written inline (not only ${…} refs).
-SECRET_KEYS = frozenset({"url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id"})
+SECRET_KEYS = frozenset({
+    "url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id",
+})

@@ -401,23 +401,33 @@ def advisory_lock(conn: psycopg.Connection, key: int, *, holder_label: str) -> I
     `holder_label` becomes this session's application_name, so a run refused by
     this lock learns who holds it. The server releases the lock if we die.
     """
-    _run(conn, "SELECT set_config('application_name', %s, false)", (holder_label,))
-    for _attempt in range(3):  # the holder may release between our try and our look-up
-        if _run(conn, "SELECT pg_try_advisory_lock(%s)", (key,))[0]:
-            break
-        holder = _run(conn, _HOLDER_QUERY, {"high": key >> 32, "low": key & 0xFFFFFFFF})
-        if holder is not None:
-            raise _lock_held(conn, key, holder_label, holder)
-    else:
-        raise LockHeld(f"advisory lock {key} on {_where(conn)} is busy", hint="retry in a moment")
+    import psycopg
+
+    try:
+        _acquire(conn, key, holder_label)
+    except psycopg.OperationalError as error:
+        raise ConnectionFailed(f"lost the connection while taking advisory lock {key}: {redact(error)}",
+                               where=_where(conn), hint="check the server and retry") from None
     try:
         yield
     finally:
         _release(conn, key)
 
 
+def _acquire(conn: psycopg.Connection, key: int, holder_label: str) -> None:
+    _run(conn, "SELECT set_config('application_name', %s, false)", (holder_label,))
+    for _attempt in range(3):  # the holder may release between our try and our look-up
+        if _run(conn, "SELECT pg_try_advisory_lock(%s)", (key,))[0]:
+            return
+        holder = _run(conn, _HOLDER_QUERY, {"high": key >> 32, "low": key & 0xFFFFFFFF})
+        if holder is not None:
+            raise _lock_held(conn, key, holder_label, holder)
+    raise LockHeld(f"advisory lock {key} is busy", where=_where(conn), hint="retry in a moment")
+
+
 def _run(conn: psycopg.Connection, query: str, params: object) -> tuple | None:
-    """One query outside any caller transaction, leaving the connection as it found it."""
+    """One query and its first row; a connection that was idle is left idle, not idle in
+    transaction (a caller's open transaction is left alone)."""
     from psycopg import pq
 
     was_idle = conn.info.transaction_status == pq.TransactionStatus.IDLE

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ APP_BUCKET = "sandbox-app"
 BACKUP_BUCKET = "sandbox-backups"
 HOST = "127.0.0.1"
 START_TIMEOUT_SECONDS = 30
+IMAGE_WRITERS = 8
 # Unix socket paths are limited to about 107 bytes; beyond that we listen on TCP only.
 MAX_SOCKET_DIR_LENGTH = 90
 # Throwaway data: durability settings off (fsync=off is fine here, never elsewhere).
@@ -135,6 +137,7 @@ class Sandbox:
         self._create_app_database(log)
         self._migrate(log)
         self._seed_rows(log)
+        self._create_buckets(log)
         self._seed_images(log)
         return self.info()
 
@@ -151,6 +154,7 @@ class Sandbox:
         """Stop the cluster (fast shutdown); the data stays for the next `up`."""
         if self.is_initialised() and self.is_running():
             self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(START_TIMEOUT_SECONDS))
+        self._active_port = None
 
     def destroy(self) -> None:
         """Stop it and delete everything under home."""
@@ -295,17 +299,22 @@ class Sandbox:
             counts = seed.insert_demo_data(conn)
         log("sandbox: inserted demo rows: " + ", ".join(f"{table} {count}" for table, count in counts.items()))
 
+    def _create_buckets(self, log: LogFunction) -> None:
+        created = [name for name in (APP_BUCKET, BACKUP_BUCKET) if self._ensure_bucket(name)]
+        if created:
+            log(f"sandbox: created buckets {', '.join(created)} in {self.storage_path}")
+        else:
+            log(f"sandbox: buckets {APP_BUCKET} and {BACKUP_BUCKET} already exist")
+
     def _seed_images(self, log: LogFunction) -> None:
         from ops.demo import seed
 
-        created_buckets = [name for name in (APP_BUCKET, BACKUP_BUCKET) if self._ensure_bucket(name)]
-        if created_buckets:
-            log(f"sandbox: created buckets {', '.join(created_buckets)} in {self.storage_path}")
         storage = self.storage(APP_BUCKET)
         present = {item.key for item in storage.list("images/")}
         missing = [(key, data) for key, data in seed.image_objects() if key not in present]
-        for key, data in missing:
-            storage.put_bytes(key, data, content_type="image/jpeg")
+        # The local backend fsyncs each object; a few threads overlap those waits.
+        with ThreadPoolExecutor(max_workers=IMAGE_WRITERS) as pool:
+            list(pool.map(lambda item: storage.put_bytes(item[0], item[1], content_type="image/jpeg"), missing))
         if missing:
             log(f"sandbox: wrote {len(missing)} demo images to bucket {APP_BUCKET}")
         else:

@@ -223,22 +223,28 @@ class LocalStorage(Storage):
 
     def _write_parts(self, target: Path, source: BinaryIO, part_size: int,
                      on_progress: Callable[[int], None] | None, full_key: str) -> str:
+        # Only file operations are wrapped: the source's own errors propagate untouched.
+        action = f"writing {full_key}"
         etag = EtagBuilder()
         total = 0
-        with self._errors(f"writing {full_key}"), open(target, "wb") as output:
+        with self._errors(action):
+            output = open(target, "wb")  # noqa: SIM115 - closed by the with below
+        with output:
             while True:
                 chunk = read_full(source, part_size)
                 if not chunk and total:
                     break
                 etag.add_part(chunk)
-                output.write(chunk)
+                with self._errors(action):
+                    output.write(chunk)
                 total += len(chunk)
-                if on_progress and chunk:
-                    on_progress(total)
                 if not chunk:
-                    break  # an empty object: one empty part, md5 of nothing
-            output.flush()
-            os.fsync(output.fileno())
+                    break  # an empty object: one empty part, the md5 of nothing
+                if on_progress:
+                    on_progress(total)
+            with self._errors(action):
+                output.flush()
+                os.fsync(output.fileno())
         return etag.etag()
 
     def _move_into_place(self, upload_dir: Path, full_key: str) -> None:

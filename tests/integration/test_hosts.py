@@ -8,6 +8,7 @@ import secrets
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -227,8 +228,6 @@ def test_non_ssh_port_raises_connection_failed(ssh_server: SshServer) -> None:
         listener.listen()
         port = listener.getsockname()[1]
         listener.settimeout(5)
-        # The kernel completes the handshake; closing the accepted socket ends it at once.
-        import threading
 
         def answer_and_close() -> None:
             conn, _ = listener.accept()
@@ -248,3 +247,18 @@ def test_run_on_hosts_returns_each_hosts_result_or_error(ssh_server: SshServer) 
     assert results[0] == (hosts[0], "up")
     assert results[1][0] == hosts[1] and isinstance(results[1][1], ConnectionFailed)
     assert "web2" in str(results[1][1])
+
+
+def test_ready_checks_storage(app_hosts: list[AppHost], postgres_server, s3_server) -> None:
+    bucket = s3_server.make_bucket()
+    app_host = app_hosts[0]
+    start_app(app_host, "\n".join([
+        f"DATABASE_URL={postgres_server.url().reveal()}", f"S3_ENDPOINT={s3_server.endpoint}",
+        f"S3_BUCKET={bucket.bucket}", f"S3_ACCESS_KEY_ID={s3_server.access_key_id}",
+        f"S3_SECRET_ACCESS_KEY={s3_server.secret_access_key.reveal()}", f"S3_REGION={s3_server.region}", ""]))
+    with connect(app_host.host) as connection:
+        assert connection.fetch_url(app_host.ready_url)[0] == 200
+        s3_server.client().delete_bucket(Bucket=bucket.bucket)
+        status, body = connection.fetch_url(app_host.ready_url)
+    assert status == 503 and json.loads(body)["check"] == "storage"
+    assert s3_server.secret_access_key.reveal() not in body + app_host.app_dir.joinpath("app.log").read_text()

@@ -1,0 +1,109 @@
+"""Drive the real CLI (`python -m invoke …`) in a subprocess and keep every byte it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    args: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def __str__(self) -> str:
+        return f"inv {' '.join(self.args)} -> {self.exit_code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+@dataclass
+class Opsbook:
+    """A workspace: an inventory file, a state dir, the environment variables its references need."""
+
+    root: Path
+    environ: dict[str, str] = field(default_factory=dict)
+    transcript: list[str] = field(default_factory=list)
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / "inventory.yaml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".ops"
+
+    def write_inventory(self, data: dict[str, Any] | str) -> Path:
+        text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False)
+        self.inventory.write_text(text)
+        return self.inventory
+
+    def process_environment(self) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "PG"))}
+        return {**base, "OPS_INVENTORY": str(self.inventory), "OPS_HOME": str(self.state_dir),
+                "OPS_OPERATOR": "tester", **self.environ}
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "invoke", "--search-root", str(REPOSITORY), *args]
+
+    def run(self, *args: str, timeout: float = 180, stdin: str | None = None) -> CliResult:
+        completed = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout,
+                                   env=self.process_environment(), cwd=self.root, input=stdin)
+        result = CliResult(args, completed.returncode, completed.stdout, completed.stderr)
+        self.transcript.append(result.output)
+        return result
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.process_environment(), cwd=self.root, stdin=subprocess.DEVNULL)
+
+    def collect(self, process: subprocess.Popen[str], timeout: float = 60) -> CliResult:
+        stdout, stderr = process.communicate(timeout=timeout)
+        result = CliResult(tuple(process.args[4:]), process.returncode, stdout, stderr)
+        self.transcript.append(result.output)
+        return result
+
+    def journals(self) -> list[Path]:
+        return sorted((self.state_dir / "runs").glob("*.jsonl"))
+
+    def journal(self, run_id: str) -> list[dict[str, Any]]:
+        path = self.state_dir / "runs" / f"{run_id}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def latest_run_id(self) -> str:
+        return self.journals()[-1].stem
+
+    def everything_produced(self) -> str:
+        """Every output and every file written under the state dir, except the secret store itself."""
+        parts = list(self.transcript)
+        for path in sorted(self.state_dir.rglob("*")):
+            if path.is_file() and "secrets" not in path.relative_to(self.state_dir).parts:
+                parts.append(path.read_bytes().decode(errors="replace"))
+        return "\n".join(parts)
+
+
+def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

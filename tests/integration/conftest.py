@@ -1,0 +1,49 @@
+"""Workspaces for driving the real CLI against the session's real servers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli import Opsbook
+
+
+@pytest.fixture
+def opsbook(tmp_path: Path) -> Iterator[Opsbook]:
+    workspace = Opsbook(tmp_path / "workspace")
+    workspace.root.mkdir()
+    yield workspace
+
+
+@pytest.fixture
+def staging(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> dict[str, Any]:
+    """An inventory with a `staging` (and a protected `prod`) environment on the real servers.
+
+    Credentials reach the inventory only as ${env:…} references, as in production.
+    Returns the names the test can check and the secret values it must never see.
+    """
+    suffix = uuid.uuid4().hex[:8]
+    names = {"role": f"app_{suffix}", "database": f"shop_{suffix}", "bucket": f"assets-{suffix}",
+             "backups": f"backups-{suffix}"}
+    opsbook.environ.update({
+        "ADMIN_DATABASE_URL": postgres_server.url().reveal(),
+        "S3_ACCESS_KEY_ID": s3_server.access_key_id,
+        "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal(),
+    })
+    environment = {
+        "database": {"url": f"postgresql://{names['role']}@127.0.0.1:{postgres_server.port}/{names['database']}",
+                     "admin_url": "${env:ADMIN_DATABASE_URL}"},
+        "storage": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                    "bucket": names["bucket"], "access_key_id": "${env:S3_ACCESS_KEY_ID}",
+                    "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}"},
+        "backups": {"bucket": names["backups"], "prefix": "staging/"},
+    }
+    opsbook.write_inventory({
+        "project": "enginetest", "default_env": "staging",
+        "envs": {"staging": environment, "prod": {**environment, "protected": True}},
+    })
+    return {**names, "secrets": [postgres_server.password.reveal(), s3_server.secret_access_key.reveal()]}

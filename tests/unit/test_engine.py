@@ -1,0 +1,112 @@
+"""The Runner on in-memory steps: plan rendering, confirmation, undo, journal transitions."""
+
+import io
+import json
+
+import pytest
+
+from ops import inventory
+from ops.engine import Change, Runbook, RunContext, Runner, Step
+from ops.errors import CheckFailed, ConfirmationRequired, StepFailed
+from ops.output import Output
+
+
+class SetKey(Step):
+    def __init__(self, store, key, value, fail=False):
+        self.store, self.key, self.value, self.fail = store, key, value, fail
+        self.name = f"set-{key}"
+        self.title = f"set {key}"
+
+    def check(self, ctx):
+        if self.store.get(self.key) == self.value:
+            return None
+        return Change(f"set {self.key} to {self.value}", details=[f"was {self.store.get(self.key)}"])
+
+    def apply(self, ctx, change):
+        if self.fail:
+            raise StepFailed(f"cannot set {self.key}", hint="fix the thing")
+        self.store[self.key] = self.value
+        return {"key": self.key}
+
+    def undo(self, ctx, change):
+        self.store.pop(self.key, None)
+
+
+@pytest.fixture
+def environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPS_HOME", str(tmp_path / "state"))
+    (tmp_path / "inventory.yaml").write_text("project: t\nenvs:\n  dev: {}\n  prod: {protected: true}\n")
+    loaded = inventory.load(tmp_path / "inventory.yaml")
+    return lambda name="dev": loaded.environment(name)
+
+
+def run(env, steps, **options):
+    stream = io.StringIO()
+    ctx = RunContext(env, output=Output(stream=stream))
+    result = Runner(Runbook("demo", "Demo", steps), ctx, **options).run()
+    return result, stream.getvalue(), ctx
+
+
+def journal(ctx):
+    return [json.loads(line) for line in ctx.journal.path.read_text().splitlines()]
+
+
+def test_dry_run_renders_the_plan_and_changes_nothing(environment):
+    store = {"b": 2}
+    stream = io.StringIO()
+    ctx = RunContext(environment(), output=Output(stream=stream))
+    result = Runner(Runbook("demo", "Demo", [SetKey(store, "a", 1), SetKey(store, "b", 2)]), ctx).run(dry_run=True)
+    assert store == {"b": 2}
+    assert result.status == "planned"
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == f"dry run of demo on dev (run {ctx.run_id}):"
+    assert lines[1:4] == ["  1. set a: would set a to 1", "       was None", "  2. set b: nothing to do"]
+    assert [e["state"] for e in journal(ctx) if e["event"] == "step"] == ["planned", "planned"]
+
+
+def test_apply_then_second_plan_is_empty(environment):
+    store = {}
+    result, _, ctx = run(environment(), [SetKey(store, "a", 1)])
+    assert result.status == "succeeded" and store == {"a": 1}
+    assert [e["state"] for e in journal(ctx) if e["event"] == "step"] == ["planned", "started", "applied", "verified"]
+    again, output, _ = run(environment(), [SetKey(store, "a", 1)])
+    assert again.status == "nothing to do" and "nothing to do" in output
+
+
+def test_failure_undoes_applied_steps_in_reverse_and_keeps_the_hint(environment):
+    store = {}
+    with pytest.raises(StepFailed) as raised:
+        run(environment(), [SetKey(store, "a", 1), SetKey(store, "b", 2), SetKey(store, "c", 3, fail=True)])
+    assert store == {}
+    message = str(raised.value)
+    assert "step 3 (set c) failed: cannot set c" in message
+    assert "undone: set b, set a" in message
+    assert message.count("what to do: fix the thing") == 1
+
+
+def test_protected_environment_without_a_terminal_refuses(environment):
+    store = {}
+    with pytest.raises(ConfirmationRequired, match="--confirm prod"):
+        run(environment("prod"), [SetKey(store, "a", 1)])
+    assert store == {}
+    result, _, _ = run(environment("prod"), [SetKey(store, "a", 1)], confirm="prod")
+    assert result.status == "succeeded"
+
+
+def test_check_that_cannot_run_makes_the_dry_run_exit_3(environment):
+    class Broken(SetKey):
+        def check(self, ctx):
+            raise StepFailed("server unreachable")
+
+    with pytest.raises(CheckFailed, match="the plan cannot be made: step 1"):
+        Runner(Runbook("demo", "Demo", [Broken({}, "a", 1)]), RunContext(environment(), output=Output(
+            stream=io.StringIO()))).run(dry_run=True)
+
+
+def test_verify_failure_is_a_step_failure(environment):
+    class Liar(SetKey):
+        def apply(self, ctx, change):
+            return None  # claims success, changes nothing
+
+    with pytest.raises(StepFailed, match="still not done after applying"):
+        run(environment(), [Liar({}, "a", 1)])
