@@ -47,6 +47,9 @@ def run_checks(ctx: RunContext, title: str, probes: list[tuple[str, Probe]]) -> 
         except Warn as warning:
             result = CheckResult(name, "warn", redact(str(warning)))
         except OpsError as error:
+            if error.exit_code == 2:  # the inventory itself is wrong: say so, not "a check failed"
+                ctx.journal.write("finished", status="failed", exit_code=2, stopped_at=name, reason=redact(str(error)))
+                raise
             result = CheckResult(name, "fail", redact(error.message), fix=error.hint)
         except Exception as error:  # a probe must never take the report down with it
             result = CheckResult(name, "fail", redact(f"{type(error).__name__}: {error}"))

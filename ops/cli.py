@@ -40,11 +40,14 @@ def opstask(body: F) -> F:
 
     @functools.wraps(body)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ops.output import results_printed
+
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        printed_before = results_printed()
         try:
             return body(*args, **kwargs)
         except OpsError as error:
-            _report(error, error.exit_code, kwargs.get("json", False))
+            _report(error, error.exit_code, kwargs.get("json", False) and results_printed() == printed_before)
             raise Exit(code=error.exit_code) from None
         except KeyboardInterrupt:
             _report(Interrupted("interrupted"), 130, kwargs.get("json", False))

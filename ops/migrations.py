@@ -5,16 +5,15 @@ one row per attempt in `_prisma_migrations`. This module reads both, classifies 
 migration exactly as `prisma migrate status` / `migrate deploy` would, and can apply
 pending ones with the same bookkeeping, so Prisma's own CLI agrees with us afterwards.
 
-Classification (per migration name):
-- failed: a row with neither `finished_at` nor `rolled_back_at` (Prisma's P3009).
-- rolled back rows are ignored: that migration is pending again.
-- applied / edited: a finished live row whose checksum matches / differs from the file
-  (matched as Prisma does: the file as is, with CRLF->LF and with LF->CRLF).
-- pending: a folder with no live row. database_only: a live row with no folder.
+Statuses: failed (a row with neither finished_at nor rolled_back_at: Prisma's P3009),
+applied / edited (a finished row whose checksum matches / differs from the file, with
+Prisma's line-ending tolerance), pending (no live row: rolled-back rows are ignored),
+database_only (a live row with no folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tomllib
 import uuid
@@ -23,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from ops.errors import CheckFailed, LockHeld, StepFailed
-from ops.secrets import redact
+from ops.secrets import redact, reveal
 
 if TYPE_CHECKING:
     import psycopg
@@ -107,12 +107,8 @@ class MigrationEntry:
     logs: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-        }
+        started, finished = (moment.isoformat() if moment else None for moment in (self.started_at, self.finished_at))
+        return {"name": self.name, "status": self.status, "started_at": started, "finished_at": finished}
 
 
 @dataclass(frozen=True)
@@ -163,16 +159,9 @@ class MigrationState:
         return f"database schema is up to date ({len(self.applied)} migrations applied)"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "up_to_date": self.up_to_date,
-            "verdict": self.verdict,
-            "applied": self.applied,
-            "pending": self.pending,
-            "failed": self.failed,
-            "edited": self.edited,
-            "database_only": self.database_only,
-            "migrations": [entry.to_json() for entry in self.entries],
-        }
+        lists = {status: self._named(status) for status in (APPLIED, PENDING, FAILED, EDITED, DATABASE_ONLY)}
+        return {"up_to_date": self.up_to_date, "verdict": self.verdict, **lists,
+                "migrations": [entry.to_json() for entry in self.entries]}
 
 
 def _count_line(names: list[str], noun: str, what: str) -> str:
@@ -300,7 +289,25 @@ def read_applied(conn: psycopg.Connection) -> list[MigrationRow]:
 
 
 def migration_status(conn: psycopg.Connection, directory: Path) -> MigrationState:
+    """State of `conn`'s current schema; call use_prisma_schema first when the URL names one."""
     return classify(read_local_migrations(directory), read_applied(conn))
+
+
+def prisma_schema(url: Secret | str) -> str:
+    """The schema Prisma works in: the URL's `?schema=` parameter (libpq ignores it), else public."""
+    return dict(parse_qsl(urlsplit(reveal(url)).query)).get("schema") or "public"
+
+
+def use_prisma_schema(conn: psycopg.Connection, url: Secret | str, *, create: bool = False) -> None:
+    """Point the session at the URL's Prisma schema, where its table and migrations live."""
+    from psycopg import sql
+
+    name = prisma_schema(url)
+    missing = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (name,))
+    # As `prisma migrate deploy` does; checked first since CREATE SCHEMA needs a privilege the app may lack.
+    if create and missing.fetchone()[0]:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
 
 
 # ---------------------------------------------------------------- the native engine
@@ -323,6 +330,8 @@ def apply_pending(
     way they would under Prisma). Unlike Prisma's deploy, an edited migration also
     refuses: the folder no longer describes the schema that was applied.
     """
+    import psycopg
+
     from ops.pg import connect
 
     emit = on_event or (lambda event, detail: None)
@@ -330,17 +339,43 @@ def apply_pending(
     with connect(conn_url, application_name="opsbook migrate", autocommit=True) as conn:
         where = _describe(conn)
         _check_provider(directory, where)
-        _acquire_prisma_lock(conn, lock_timeout, where, emit)
         try:
-            _ensure_migrations_table(conn)
-            state = classify(local, read_applied(conn))
-            _refuse_unsafe(state, where)
-            pending = [migration for migration in local if migration.name in set(state.pending)]
-            for migration in pending:
-                _apply_one(conn, migration, where, emit)
-            return [migration.name for migration in pending]
-        finally:
-            _release_prisma_lock(conn)
+            _acquire_prisma_lock(conn, lock_timeout, where, emit)
+            try:
+                return _apply_under_lock(conn, conn_url, local, where, emit)
+            finally:
+                _release_prisma_lock(conn)
+        except psycopg.Error as error:  # bookkeeping failed: lost connection, missing privilege...
+            raise StepFailed(
+                f"migrating {where} failed: {_error_line(error)}",
+                hint="check the connection and that the user may create tables; then run migrate.status",
+            ) from None
+
+
+def _apply_under_lock(conn: psycopg.Connection, url: Secret | str, local: list[LocalMigration], where: str,
+                      emit: EventCallback) -> list[str]:
+    use_prisma_schema(conn, url, create=True)
+    _ensure_migrations_table(conn)
+    state = classify(local, read_applied(conn))
+    _refuse_unsafe(state, where)
+    pending_names = set(state.pending)
+    pending = [migration for migration in local if migration.name in pending_names]
+    for migration in pending:
+        _apply_one(conn, migration, where, emit)
+    return [migration.name for migration in pending]
+
+
+def mark_rolled_back(conn: psycopg.Connection, name: str) -> int:
+    """`prisma migrate resolve --rolled-back NAME`: mark its failed attempt resolved; rows changed."""
+    cursor = conn.execute(
+        "UPDATE _prisma_migrations SET rolled_back_at = now()"
+        " WHERE migration_name = %s AND finished_at IS NULL AND rolled_back_at IS NULL",
+        (name,),
+    )
+    if cursor.rowcount == 0:
+        raise CheckFailed(f"migration {name} has no failed attempt to resolve in {_describe(conn)}",
+                          hint="run migrate.status to see which migration failed")
+    return cursor.rowcount
 
 
 def _describe(conn: psycopg.Connection) -> str:
@@ -398,7 +433,10 @@ def _lock_holder(conn: psycopg.Connection) -> str | None:
 
 
 def _release_prisma_lock(conn: psycopg.Connection) -> None:
-    if not conn.closed:
+    import psycopg
+
+    # A lost session has released it already.
+    with contextlib.suppress(psycopg.Error):
         conn.execute("SELECT pg_advisory_unlock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
 
 
@@ -445,7 +483,8 @@ def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, 
         conn.execute(migration.sql)
     except psycopg.Error as error:
         logs = _failure_logs(migration.name, error)
-        conn.execute("UPDATE _prisma_migrations SET logs = %s WHERE id = %s", (logs, row_id))
+        with contextlib.suppress(psycopg.Error):  # connection lost: the row stays failed, without logs
+            conn.execute("UPDATE _prisma_migrations SET logs = %s WHERE id = %s", (logs, row_id))
         emit("failed", migration.name)
         raise StepFailed(
             f"migration {migration.name} failed on {where}: {_error_line(error)}",
@@ -476,25 +515,3 @@ def _failure_logs(name: str, error: Exception) -> str:
         f"Migration name: {name}\n\nDatabase error code: {code}\n\nDatabase error:\n{str(error).strip()}\n"
     )
 
-
-__all__ = [
-    "APPLIED",
-    "CREATE_MIGRATIONS_TABLE",
-    "DATABASE_ONLY",
-    "EDITED",
-    "FAILED",
-    "PENDING",
-    "PRISMA_ADVISORY_LOCK_KEY",
-    "LocalMigration",
-    "MigrationEntry",
-    "MigrationRow",
-    "MigrationState",
-    "apply_pending",
-    "checksum_of",
-    "classify",
-    "migration_status",
-    "read_applied",
-    "read_local_migrations",
-    "read_lock_provider",
-    "script_matches_checksum",
-]

@@ -8,6 +8,8 @@ from typing import Any, TextIO
 
 from ops.secrets import masked, redact
 
+_printed_results = 0  # a task prints one JSON object: the error report is skipped after a result
+
 SYMBOLS = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip", "info": "    "}
 
 
@@ -35,7 +37,9 @@ class Output:
 
     def result(self, payload: dict[str, Any]) -> None:
         """The machine-readable result: printed on stdout only with --json."""
+        global _printed_results
         if self.json_mode:
+            _printed_results += 1
             stream = self._result_stream or sys.stdout
             print(json.dumps(masked(payload), indent=2, default=str), file=stream, flush=True)
 
@@ -45,3 +49,7 @@ class Output:
         self.line("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
         for row in cells:
             self.line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def results_printed() -> int:
+    return _printed_results

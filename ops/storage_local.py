@@ -42,7 +42,7 @@ INCOMPLETE_DIR = ".incomplete"
 META_DIR = ".meta"
 RESERVED = (INCOMPLETE_DIR, META_DIR)
 DATA_FILE = "data"
-UPLOAD_FILE = "upload.json"
+UPLOAD_FILE = "meta.json"  # names the key from the start; becomes the sidecar at the end
 
 
 def _mtime(stat: os.stat_result) -> datetime:
@@ -202,17 +202,19 @@ class LocalStorage(Storage):
         upload_dir = self._start_upload(full_key)
         try:
             etag = self._write_parts(upload_dir / DATA_FILE, source, part_size, on_progress, full_key)
-            sidecar = {"etag": etag, "metadata": dict(metadata or {}), "content_type": content_type}
+            sidecar = {"key": full_key, "etag": etag, "metadata": dict(metadata or {}),
+                       "content_type": content_type}
             with self._errors(f"writing {full_key}"):
-                (upload_dir / "meta.json").write_text(json.dumps(sidecar))
+                (upload_dir / UPLOAD_FILE).write_text(json.dumps(sidecar))
             self._move_into_place(upload_dir, full_key)
         except BaseException:
             shutil.rmtree(upload_dir, ignore_errors=True)
             raise
         shutil.rmtree(upload_dir, ignore_errors=True)
-        info = self.head(key)
-        assert info is not None  # we just moved it there
-        return info
+        with self._errors(f"writing {full_key}"):
+            stat = self._object_path(full_key).stat()
+        return ObjectInfo(key=key, size=stat.st_size, etag=sidecar["etag"], last_modified=_mtime(stat),
+                          metadata=sidecar["metadata"], content_type=content_type)
 
     def _start_upload(self, full_key: str) -> Path:
         upload_dir = self.root / INCOMPLETE_DIR / uuid.uuid4().hex
@@ -250,14 +252,17 @@ class LocalStorage(Storage):
     def _move_into_place(self, upload_dir: Path, full_key: str) -> None:
         target, meta = self._object_path(full_key), self._meta_path(full_key)
         with self._errors(f"writing {full_key}"):
+            # is_dir() first: a stat is much cheaper than a failing mkdir on some filesystems.
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.parent.is_dir():
+                    target.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
                 raise self._conflict(full_key) from None
-            meta.parent.mkdir(parents=True, exist_ok=True)
+            if not meta.parent.is_dir():
+                meta.parent.mkdir(parents=True, exist_ok=True)
             # Sidecar first: a crash in between leaves a sidecar without its object
             # (harmless) rather than an object described by a stale sidecar.
-            os.replace(upload_dir / "meta.json", meta)
+            os.replace(upload_dir / UPLOAD_FILE, meta)
             try:
                 os.replace(upload_dir / DATA_FILE, target)
             except IsADirectoryError:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.errors import ConnectionFailed, OpsError, StepFailed
@@ -46,6 +47,15 @@ def _utc(moment: datetime) -> datetime:
 
 def _etag(raw: str | None) -> str | None:
     return raw.strip('"') if raw else None
+
+
+def _server_time(response: dict[str, Any]) -> datetime:
+    """The server's Date header (what Last-Modified will say, to the second), else our clock."""
+    header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return _utc(parsedate_to_datetime(header)) if header else datetime.now(UTC)
+    except (TypeError, ValueError):
+        return datetime.now(UTC)
 
 
 class S3Storage(Storage):
@@ -232,12 +242,9 @@ class S3Storage(Storage):
                     raise ObjectNotFound(f"{self.describe()}: no object {full_key!r}",
                                          hint="list the bucket to find the right key") from None
                 raise
-        body = response["Body"]
-        reader = io.BufferedReader(_TranslatingReader(body, self, action), buffer_size=1024 * 1024)
-        try:
+        reader = io.BufferedReader(_TranslatingReader(response["Body"], self, action), buffer_size=1024 * 1024)
+        with reader:  # closing it closes the HTTP response
             yield reader
-        finally:
-            body.close()
 
     # -- writing ----------------------------------------------------------
     def _put_arguments(self, metadata: dict[str, str] | None, content_type: str | None) -> dict[str, Any]:
@@ -257,11 +264,14 @@ class S3Storage(Storage):
 
     def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
                   content_type: str | None = None) -> ObjectInfo:
+        """One PUT; the info comes from its response (no extra round trip)."""
         full_key = self.full_key(key)
         with self._errors(f"writing {full_key}"):
-            self.client.put_object(Bucket=self.config.bucket, Key=full_key, Body=data,
-                                   **self._put_arguments(metadata, content_type))
-        return self._stored(key)
+            response = self.client.put_object(Bucket=self.config.bucket, Key=full_key, Body=data,
+                                              **self._put_arguments(metadata, content_type))
+        return ObjectInfo(key=key, size=len(data), etag=_etag(response.get("ETag")),
+                          last_modified=_server_time(response), metadata=dict(metadata or {}),
+                          content_type=content_type)
 
     def upload_stream(self, key: str, source: BinaryIO, *, part_size: int = DEFAULT_PART_SIZE,
                       metadata: dict[str, str] | None = None,

@@ -249,16 +249,18 @@ def test_run_on_hosts_returns_each_hosts_result_or_error(ssh_server: SshServer) 
     assert "web2" in str(results[1][1])
 
 
-def test_ready_checks_storage(app_hosts: list[AppHost], postgres_server, s3_server) -> None:
+def test_ready_fails_on_storage_once_its_key_is_revoked(app_hosts: list[AppHost], postgres_server,
+                                                         s3_server) -> None:
     bucket = s3_server.make_bucket()
+    key_id, key_secret = s3_server.create_access_key()
     app_host = app_hosts[0]
     start_app(app_host, "\n".join([
         f"DATABASE_URL={postgres_server.url().reveal()}", f"S3_ENDPOINT={s3_server.endpoint}",
-        f"S3_BUCKET={bucket.bucket}", f"S3_ACCESS_KEY_ID={s3_server.access_key_id}",
-        f"S3_SECRET_ACCESS_KEY={s3_server.secret_access_key.reveal()}", f"S3_REGION={s3_server.region}", ""]))
-    with connect(app_host.host) as connection:
+        f"S3_BUCKET={bucket.bucket}", f"S3_ACCESS_KEY_ID={key_id}",
+        f"S3_SECRET_ACCESS_KEY={key_secret.reveal()}", f"S3_REGION={s3_server.region}", ""]))
+    with connect(app_host.host) as connection, s3_server.enforce_auth():
         assert connection.fetch_url(app_host.ready_url)[0] == 200
-        s3_server.client().delete_bucket(Bucket=bucket.bucket)
+        s3_server.delete_access_key(key_id, using=(key_id, key_secret))
         status, body = connection.fetch_url(app_host.ready_url)
     assert status == 503 and json.loads(body)["check"] == "storage"
-    assert s3_server.secret_access_key.reveal() not in body + app_host.app_dir.joinpath("app.log").read_text()
+    assert key_secret.reveal() not in body + app_host.app_dir.joinpath("app.log").read_text()

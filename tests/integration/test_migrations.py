@@ -16,8 +16,10 @@ from ops.migrations import (
     PRISMA_ADVISORY_LOCK_KEY,
     apply_pending,
     checksum_of,
+    mark_rolled_back,
     migration_status,
     read_applied,
+    use_prisma_schema,
 )
 
 DEMO_MIGRATIONS = Path(__file__).resolve().parents[2] / "ops" / "demo" / "prisma" / "migrations"
@@ -151,6 +153,16 @@ def test_failing_migration_leaves_failed_row_and_nothing_else(database, tmp_path
     with pytest.raises(CheckFailed, match="P3009"):  # deploy refuses from now on
         apply_pending(database, directory)
 
+    # The operator fixes the script and resolves the failure, as with `prisma migrate resolve`.
+    (directory / "002_bad" / "migration.sql").write_text('CREATE TABLE "Half" ("id" INTEGER);\n')
+    with connect(database) as conn:
+        assert mark_rolled_back(conn, "002_bad") == 1
+        with pytest.raises(CheckFailed, match="no failed attempt"):
+            mark_rolled_back(conn, "002_bad")
+    assert apply_pending(database, directory) == ["002_bad", "003_never"]
+    with connect(database) as conn:
+        assert migration_status(conn, directory).up_to_date
+
 
 def test_concurrent_applies_are_serialised(database, tmp_path: Path):
     directory = tmp_path / "m"
@@ -192,3 +204,14 @@ def test_lock_timeout_names_the_holder(database, migrations):
     assert "prisma-migrate-deploy" in str(held.value)
     with connect(database) as conn:
         assert read_applied(conn) == []  # nothing happened while the lock was held
+
+
+def test_prisma_schema_parameter_is_honoured(database, migrations):
+    url = database.reveal() + "?schema=tenant_a"
+    assert apply_pending(url, migrations)
+    with connect(database) as conn:
+        assert conn.execute("SELECT to_regclass('tenant_a._prisma_migrations')").fetchone()[0] is not None
+        assert conn.execute("SELECT to_regclass('tenant_a.\"Brand\"')").fetchone()[0] is not None
+        assert read_applied(conn) == []  # public holds nothing
+        use_prisma_schema(conn, url)
+        assert migration_status(conn, migrations).up_to_date

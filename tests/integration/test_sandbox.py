@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import stat
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 
 from ops.demo import seed
+from ops.errors import OpsError
 from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox
 
 
@@ -136,3 +138,14 @@ def test_taken_port_is_replaced_and_remembered(made: UpResult):
     assert json.loads((sandbox.home / "sandbox.json").read_text())["port"] == info.port
     with app_conn(sandbox) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to another user")
+def test_home_the_server_user_cannot_reach_is_refused_clearly():
+    base = Path(tempfile.mkdtemp(prefix="opsbook-sandbox-private-"))  # 0700: postgres cannot enter
+    try:
+        with pytest.raises(OpsError, match="cannot reach") as refused:
+            Sandbox(base / "sandbox").up(log=lambda line: None)
+        assert "chmod o+x" in refused.value.hint
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -62,6 +62,16 @@ class ChunkedSource:
         return data
 
 
+class ShortReads:
+    """Hands out at most `limit` bytes per read, like a pipe from pg_dump."""
+
+    def __init__(self, data: bytes, limit: int):
+        self.stream, self.limit = io.BytesIO(data), limit
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(min(size, self.limit) if size >= 0 else self.limit)
+
+
 def multipart_etag(data: bytes, part_size: int) -> str:
     digests = [hashlib.md5(data[i:i + part_size]).digest() for i in range(0, len(data), part_size)]
     return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
@@ -89,7 +99,9 @@ def test_put_head_get_roundtrip(storage: Storage) -> None:
 
 
 def test_list_pages_and_delete_many_batches(storage: Storage) -> None:
-    keys = [f"many/{number:05d}" for number in range(1100)]
+    # S3 pages (and DeleteObjects batches) at 1000 keys; the folder backend has no pages.
+    count = 1100 if storage.config.provider == "s3" else 150
+    keys = [f"many/{number:05d}" for number in range(count)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: storage.put_bytes(key, b"."), keys))
     listed = [info.key for info in storage.list("many/")]
@@ -117,7 +129,8 @@ def test_list_order_prefixes_and_isolation(storage: Storage) -> None:
 def test_upload_stream_multipart_roundtrip(storage: Storage) -> None:
     data = os.urandom(12 * MIB)
     progress: list[int] = []
-    info = storage.upload_stream("backups/3/dump.pgc.zst", io.BytesIO(data), part_size=PART,
+    # Short reads still make parts of exactly PART bytes (R2's rule): the ETag proves the boundaries.
+    info = storage.upload_stream("backups/3/dump.pgc.zst", ShortReads(data, 700_000), part_size=PART,
                                  metadata={"sha256": hashlib.sha256(data).hexdigest()},
                                  on_progress=progress.append)
     assert info.size == len(data) and info.etag == multipart_etag(data, PART)
