@@ -141,6 +141,7 @@ def test_killed_run_resumes_skipping_verified_steps_and_locks_out_a_second_run(o
     resumed = opsbook.run("runs.resume", run_id, "--json")
     assert resumed.exit_code == 0, resumed
     assert "already verified" in resumed.stderr
+    assert f"took over the lock of run {run_id}" in resumed.stderr  # its holder was killed
     journal = opsbook.journal(resumed.json()["run_id"])
     assert journal[0]["resumes"] == run_id
     assert states(journal, "storage-bucket")[-1] == "skipped"
