@@ -24,8 +24,8 @@ def test_every_task_has_a_docstring_and_help_for_every_flag():
 
 
 def test_listing_tasks_imports_no_heavy_library():
-    code = ("import sys; sys.path.insert(0, %r); import tasks; "
+    code = (f"import sys; sys.path.insert(0, {str(REPOSITORY)!r}); import tasks; "
             "heavy = [m for m in ('boto3', 'botocore', 'fabric', 'paramiko', 'psycopg', 'jsonschema', 'zstandard')"
-            " if m in sys.modules]; print(','.join(heavy))") % str(REPOSITORY)
+            " if m in sys.modules]; print(','.join(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
