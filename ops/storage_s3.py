@@ -183,8 +183,14 @@ class S3Storage(Storage):
         # us-east-1 and R2 take no location constraint; other AWS regions require one.
         if self.config.provider == "s3" and self.region != "us-east-1":
             arguments["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        from botocore.exceptions import ClientError
+
         with self._errors("creating the bucket"):
-            self.client.create_bucket(**arguments)
+            try:
+                self.client.create_bucket(**arguments)
+            except ClientError as error:
+                if self._code(error) != "BucketAlreadyOwnedByYou":  # already there: done, as locally
+                    raise
 
     def _require_bucket(self, action: str) -> None:
         if not self.bucket_exists():

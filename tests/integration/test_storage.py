@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from datetime import UTC
@@ -235,14 +236,16 @@ def test_copy_object_between_backends(storage: Storage, s3_server, tmp_path: Pat
 
 
 def test_missing_bucket_is_a_clear_error(storage: Storage) -> None:
-    missing = open_storage(replace(storage.config, bucket="no-such-bucket"))
+    name = f"no-such-{uuid.uuid4().hex[:8]}"
+    missing = open_storage(replace(storage.config, bucket=name))
     assert missing.bucket_exists() is False
     for attempt in (lambda: list(missing.list()), lambda: missing.head("x"), lambda: missing.get_bytes("x"),
                     lambda: missing.put_bytes("x", b"1")):
         with pytest.raises(BucketNotFound) as caught:
             attempt()
-        assert "no-such-bucket" in str(caught.value) and "fix storage.bucket" in str(caught.value)
+        assert name in str(caught.value) and "fix storage.bucket" in str(caught.value)
     missing.create_bucket()
+    missing.create_bucket()  # idempotent, as provisioning needs
     assert missing.bucket_exists() and list(missing.list()) == []
 
 
