@@ -47,3 +47,27 @@ def staging(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> dict[str,
         "envs": {"staging": environment, "prod": {**environment, "protected": True}},
     })
     return {**names, "secrets": [postgres_server.password.reveal(), s3_server.secret_access_key.reveal()]}
+
+
+@pytest.fixture(scope="module")
+def sandbox_workspace() -> Iterator[Opsbook]:
+    """A workspace whose default environment is the embedded sandbox, started by the first task.
+
+    Not under pytest's tmp_path: its parents are 0700, and as root the cluster runs as `postgres`.
+    """
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="opsbook-workspace-"))
+    base.chmod(0o755)
+    workspace = Opsbook(base / "workspace")
+    workspace.root.mkdir()
+    workspace.root.chmod(0o755)
+    workspace.write_inventory({"project": "sandboxtest", "default_env": "local", "envs": {"local": {"sandbox": True}}})
+    try:
+        yield workspace
+    finally:
+        from ops.sandbox import Sandbox
+
+        Sandbox(workspace.state_dir / "sandbox").destroy()
+        shutil.rmtree(base, ignore_errors=True)
