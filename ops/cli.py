@@ -82,7 +82,7 @@ def load_inventory() -> Inventory:
     return inventory.load()
 
 
-def environment(name: str | None, *, output: Output | None = None, start_sandbox: bool = True) -> Environment:
+def environment(name: str | None, *, output: Output | None = None) -> Environment:
     """The named environment, merged; a sandbox environment is started when it is not running."""
     inventory = load_inventory()
     env = inventory.environment(name)
@@ -90,10 +90,10 @@ def environment(name: str | None, *, output: Output | None = None, start_sandbox
         raise OpsError(f"environment {env.name} is decommissioned", where=env.inventory.location(f"envs.{env.name}"),
                        hint="it keeps its archive and final backup; remove `decommissioned: true` only if it is "
                             "really coming back")
-    if env.sandbox and start_sandbox:
+    if env.sandbox:
         from ops.sandbox import Sandbox
 
-        info = Sandbox(inventory.state_dir / "sandbox").ensure_running()
+        info = Sandbox(inventory.state_dir / "sandbox").ensure_running(log=(output or make_output(False)).info)
         env = env.with_overrides(sandbox_overrides(info))
     return env
 

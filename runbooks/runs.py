@@ -91,7 +91,7 @@ def show_runbook(c, name, env=None):
     """Print the runbook as a numbered Markdown checklist, generated from the steps that run."""
     import runbooks
 
-    environment_ = environment(env, start_sandbox=False)
+    environment_ = environment(env)
     runbook = runbooks.build(name, environment_)
     print(f"# {runbook.title} — {environment_.name}\n")
     for index, step in enumerate(runbook.steps, start=1):
