@@ -1,0 +1,327 @@
+"""opsbook against what users do today, on the same data, in one run: a table of median ratios.
+
+    .venv/bin/python bench/run.py                    # 200 MB database, 3 rounds
+    .venv/bin/python bench/run.py --sizes 200,400    # two sizes: peak RSS must not grow
+    .venv/bin/python bench/run.py --json             # every sample, as JSON on stdout
+
+Scenarios (each round runs every command once, the order alternating between rounds):
+    backup    inv backup            vs  pg_dump -Fc | aws s3 cp - s3://…   and   pg_dump -Fc -Z0 > /dev/null
+    restore   inv restore           vs  pg_restore -j 2 from a local file
+    assets    inv backup.assets     vs  aws s3 sync   (a full copy, then a run with nothing new)
+    startup   inv --list            vs  python -c "import invoke"
+See bench/README.md for how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` and the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+
+from bench import servers
+from bench.measure import Sample, Series, ratio, run_measured
+
+APP_BUCKET, BACKUP_BUCKET, USERS_BUCKET = "bench-app", "bench-backups", "bench-users"
+BACKUP_PREFIX = "bench/"
+TARGETS = {  # the issue's targets, as maximum ratios
+    ("backup", "pg_dump -Fc | aws s3 cp -"): 0.30,
+    ("backup", "pg_dump -Fc -Z0 > /dev/null (floor)"): 2.0,
+}
+RSS_TARGET_MB = 150
+
+
+@dataclass
+class Scenario:
+    name: str
+    opsbook: Series
+    baselines: list[Series]
+    notes: list[str] = field(default_factory=list)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, arguments: argparse.Namespace, work: Path, server: Any, endpoint: str):
+        self.arguments = arguments
+        self.work = work
+        self.server = server
+        self.endpoint = endpoint
+        self.s3 = servers.s3_client(endpoint)
+        self.aws = servers.find_aws(log)
+        self.bin_dir = Path(server.bin_dir)
+        self.tasks_root = Path(arguments.tasks_root).resolve()
+        self.environ = self._environment()
+        self.available = self._available_tasks()
+
+    # -- setup ------------------------------------------------------------
+    def _environment(self) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "PG", "AWS_"))}
+        return {**base, "OPS_INVENTORY": str(self.work / "inventory.yaml"), "OPS_HOME": str(self.work / ".ops"),
+                "OPS_OPERATOR": "bench", "BENCH_S3_KEY": "bench", "BENCH_S3_SECRET": "bench-secret",
+                "BENCH_DATABASE_URL": self.server.url("bench").reveal(),
+                "BENCH_RESTORE_URL": self.server.url("bench_restore").reveal(),
+                "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                "AWS_DEFAULT_REGION": "us-east-1", "PGPASSWORD": self.server.password.reveal(),
+                "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}"}
+
+    def write_inventory(self) -> None:
+        storage = {"provider": "s3", "endpoint": self.endpoint, "region": "us-east-1", "bucket": APP_BUCKET,
+                   "access_key_id": "${env:BENCH_S3_KEY}", "secret_access_key": "${env:BENCH_S3_SECRET}"}
+        backups = {"bucket": BACKUP_BUCKET, "prefix": BACKUP_PREFIX,
+                   "compression_level": self.arguments.compression_level}
+        inventory = {"project": "bench", "default_env": "bench", "envs": {
+            "bench": {"database": {"url": "${env:BENCH_DATABASE_URL}"}, "storage": storage, "backups": backups},
+            "restore": {"database": {"url": "${env:BENCH_RESTORE_URL}"}, "storage": storage, "backups": backups},
+        }}
+        (self.work / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+
+    def inv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "invoke", "--search-root", str(self.tasks_root), *args]
+
+    def _available_tasks(self) -> set[str]:
+        import subprocess
+
+        listed = subprocess.run(self.inv("--list"), capture_output=True, text=True, env=self.environ,
+                                cwd=self.work)
+        names: set[str] = set()
+        for line in listed.stdout.splitlines():
+            if line.startswith("  ") and line[2] != " ":  # deeper indents continue a docstring
+                words = line.split()
+                names.add(words[0])
+                if len(words) > 1 and words[1].startswith("("):  # "backup.run (backup)": the default task
+                    names.add(words[1].strip("()"))
+        return names
+
+    def task_help(self, name: str) -> str:
+        import subprocess
+
+        return subprocess.run(self.inv("-h", name), capture_output=True, text=True, env=self.environ,
+                              cwd=self.work).stdout
+
+    def pg_url(self, database: str) -> str:
+        # The password travels in PGPASSWORD, never on a command line.
+        return f"postgresql://{self.server.superuser}@{self.server.host}:{self.server.port}/{database}"
+
+    def psql(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.server.url().reveal(), autocommit=True) as connection:
+            connection.execute(statement)
+
+    # -- running ----------------------------------------------------------
+    def rounds(self, commands: list[tuple[Series, Any, Any]]) -> None:
+        """Each round runs every (series, command, before) once; odd rounds in reverse order."""
+        for index in range(self.arguments.rounds):
+            ordered = commands if index % 2 == 0 else list(reversed(commands))
+            for series, command, before in ordered:
+                if before:
+                    before()
+                sample = run_measured(command() if callable(command) else command, env=self.environ,
+                                      cwd=str(self.work))
+                series.samples.append(sample)
+                self._report(series, sample)
+
+    @staticmethod
+    def _report(series: Series, sample: Sample) -> None:
+        state = "ok" if sample.exit_code == 0 else f"FAILED (exit {sample.exit_code})"
+        log(f"    {series.label}: {sample.seconds:.2f}s, {sample.peak_rss_mb:.0f} MB peak RSS, {state}")
+        if sample.exit_code:
+            log("      " + sample.error.strip().replace("\n", "\n      ")[-1500:])
+
+
+def backup_scenario(bench: Bench, size_label: str) -> Scenario:
+    log(f"backup ({size_label})")
+    ours = Series("inv backup")
+    users = Series("pg_dump -Fc | aws s3 cp -")
+    floor = Series("pg_dump -Fc -Z0 > /dev/null (floor)")
+    scenario = Scenario(f"backup, {size_label}", ours, [users, floor])
+    dump = f"{bench.bin_dir / 'pg_dump'} -Fc"
+    url = bench.pg_url("bench")
+    users_command = (f"{dump} -d '{url}' | {bench.aws} --endpoint-url {bench.endpoint} --only-show-errors "
+                     f"s3 cp - s3://{USERS_BUCKET}/dump.pgc")
+    commands: list[tuple[Series, Any, Any]] = [
+        (users, users_command, lambda: servers.empty_prefix(bench.s3, USERS_BUCKET)),
+        (floor, f"{dump} -Z0 -d '{url}' > /dev/null", None),
+    ]
+    if "backup" in bench.available:
+        extra = ["--no-prune"] if "--no-prune" in bench.task_help("backup") else []
+        commands.insert(0, (ours, bench.inv("backup", "--env", "bench", *extra),
+                            lambda: servers.empty_prefix(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/")))
+    else:
+        scenario.notes.append("`inv backup` is not in this tree yet: its row is empty")
+    bench.rounds(commands)
+    users.stored_bytes = servers.prefix_size(bench.s3, USERS_BUCKET, "dump.pgc")
+    if ours.samples:
+        ours.stored_bytes = servers.prefix_size(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/") or None
+    return scenario
+
+
+def restore_scenario(bench: Bench, size_label: str) -> Scenario:
+    log(f"restore ({size_label})")
+    ours = Series("inv restore")
+    local = Series("pg_restore -j 2 (local file)")
+    scenario = Scenario(f"restore, {size_label}", ours, [local])
+    dump_file = bench.work / "bench.pgc"
+    import subprocess
+
+    subprocess.run([str(bench.bin_dir / "pg_dump"), "-Fc", "-f", str(dump_file), "-d", bench.pg_url("bench")],
+                   check=True, env=bench.environ)
+
+    def fresh(name: str) -> None:
+        bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        bench.psql(f'CREATE DATABASE "{name}"')
+
+    commands: list[tuple[Series, Any, Any]] = [
+        (local, [str(bench.bin_dir / "pg_restore"), "-j", "2", "-d", bench.pg_url("bench_local"), str(dump_file)],
+         lambda: fresh("bench_local"))]
+    if "restore" in bench.available and "backup" in bench.available:
+        if not servers.prefix_size(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/"):
+            subprocess.run(bench.inv("backup", "--env", "bench"), check=True, env=bench.environ, cwd=bench.work,
+                           capture_output=True)
+        commands.insert(0, (ours, bench.inv("restore", "--env", "restore", "--from", "bench", "--backup", "latest"),
+                            lambda: fresh("bench_restore")))
+    else:
+        scenario.notes.append("`inv restore` is not in this tree yet: its row is empty")
+    bench.rounds(commands)
+    dump_file.unlink()
+    for name in ("bench_local", "bench_restore"):
+        bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return scenario
+
+
+def assets_scenarios(bench: Bench) -> list[Scenario]:
+    count, mean_kb = bench.arguments.assets, bench.arguments.asset_kb
+    log(f"assets ({count} objects of ~{mean_kb} KB)")
+    total = servers.fill_bucket(bench.s3, APP_BUCKET, count, mean_kb)
+    label = f"{count} objects, {total / 1024 / 1024:.0f} MB"
+    full = Scenario(f"asset copy, full, {label}", Series("inv backup.assets"), [Series("aws s3 sync")])
+    again = Scenario(f"asset copy, nothing new, {label}", Series("inv backup.assets"), [Series("aws s3 sync")])
+    sync = [bench.aws, "--endpoint-url", bench.endpoint, "--only-show-errors", "s3", "sync",
+            f"s3://{APP_BUCKET}", f"s3://{BACKUP_BUCKET}/sync/"]
+    ours = bench.inv("backup.assets", "--env", "bench")
+    if "backup.assets" not in bench.available:
+        full.notes.append("`inv backup.assets` is not registered in this tree yet: its row is empty")
+        for scenario in (full, again):
+            bench.rounds([(scenario.baselines[0], sync, None)])
+        return [full, again]
+    for index in range(bench.arguments.rounds):
+        pairs = [(full.opsbook, again.opsbook, ours, BACKUP_PREFIX + "assets/"),
+                 (full.baselines[0], again.baselines[0], sync, "sync/")]
+        for first, second, command, prefix in pairs if index % 2 == 0 else reversed(pairs):
+            servers.empty_prefix(bench.s3, BACKUP_BUCKET, prefix)
+            for series in (first, second):
+                series.samples.append(run_measured(command, env=bench.environ, cwd=str(bench.work)))
+                bench._report(series, series.samples[-1])
+    return [full, again]
+
+
+def startup_scenario(bench: Bench) -> Scenario:
+    log("startup")
+    scenario = Scenario("start-up", Series("inv --list"), [Series('python -c "import invoke"')])
+    bench.rounds([(scenario.opsbook, bench.inv("--list"), None),
+                  (scenario.baselines[0], [sys.executable, "-c", "import invoke"], None)])
+    return scenario
+
+
+# -- report ---------------------------------------------------------------------
+
+def rows(scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    table = []
+    for scenario in scenarios:
+        for baseline in scenario.baselines:
+            value = ratio(scenario.opsbook, baseline)
+            target = TARGETS.get((scenario.name.split(",")[0], baseline.label))
+            stored = (scenario.opsbook.stored_bytes / baseline.stored_bytes
+                      if scenario.opsbook.stored_bytes and baseline.stored_bytes else None)
+            table.append({
+                "scenario": scenario.name, "baseline": baseline.label,
+                "opsbook_seconds": None if scenario.opsbook.failed else scenario.opsbook.median_seconds,
+                "baseline_seconds": None if baseline.failed else baseline.median_seconds,
+                "ratio": value, "target": target,
+                "meets_target": None if value is None or target is None else value <= target,
+                "opsbook_rss_mb": scenario.opsbook.peak_rss_mb if scenario.opsbook.samples else None,
+                "baseline_rss_mb": baseline.peak_rss_mb if baseline.samples else None,
+                "stored_ratio": stored, "notes": scenario.notes})
+    return table
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    def number(value: float | None, pattern: str) -> str:
+        return "—" if value is None else pattern.format(value)
+
+    lines = ["| scenario | baseline | opsbook median | baseline median | ratio | target | opsbook peak RSS "
+             "| baseline peak RSS | stored size ratio |", "|" + " --- |" * 9]
+    for row in table:
+        target = "" if row["target"] is None else (f"≤ {row['target']:.2f} "
+                                                   + {True: "ok", False: "MISSED", None: "?"}[row["meets_target"]])
+        baseline = row["baseline"].replace("|", "\\|")  # a shell pipe inside a Markdown cell
+        lines.append(
+            f"| {row['scenario']} | {baseline} | {number(row['opsbook_seconds'], '{:.2f} s')} | "
+            f"{number(row['baseline_seconds'], '{:.2f} s')} | {number(row['ratio'], '{:.2f}')} | {target} | "
+            f"{number(row['opsbook_rss_mb'], '{:.0f} MB')} | {number(row['baseline_rss_mb'], '{:.0f} MB')} | "
+            f"{number(row['stored_ratio'], '{:.2f}')} |")
+    notes = sorted({note for row in table for note in row["notes"]})
+    return "\n".join(lines + [""] + [f"- {note}" for note in notes])
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="200", help="database sizes in MB, comma separated (default 200)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each command; medians are reported")
+    parser.add_argument("--assets", type=int, default=1000, help="objects in the app bucket (default 1000)")
+    parser.add_argument("--asset-kb", type=int, default=100, help="their mean size in KB (default 100)")
+    parser.add_argument("--compression-level", type=int, default=3, help="backups.compression_level")
+    parser.add_argument("--only", default="backup,restore,assets,startup", help="scenarios to run")
+    parser.add_argument("--tasks-root", default=str(servers.REPOSITORY), help="where tasks.py is")
+    parser.add_argument("--json", action="store_true", help="print every sample as JSON on stdout")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    sizes = sorted(int(size) for size in arguments.sizes.split(","))
+    only = set(arguments.only.split(","))
+    scenarios: list[Scenario] = []
+    with tempfile.TemporaryDirectory(prefix="opsbook-bench-") as scratch, servers.postgres() as server, \
+            servers.moto_server(Path(scratch) / "moto.log") as endpoint:
+        work = Path(scratch)
+        bench = Bench(arguments, work, server, endpoint)
+        bench.write_inventory()
+        for bucket in (APP_BUCKET, BACKUP_BUCKET, USERS_BUCKET):
+            bench.s3.create_bucket(Bucket=bucket)
+        bench.psql('CREATE DATABASE "bench"')
+        for size in sizes if only & {"backup", "restore"} else []:
+            log(f"filling the database to {size} MB")
+            actual = servers.fill_database(server.url("bench").reveal(), size, log)
+            label = f"{actual / 1024 / 1024:.0f} MB database"
+            if "backup" in only:
+                scenarios.append(backup_scenario(bench, label))
+            if "restore" in only:
+                scenarios.append(restore_scenario(bench, label))
+        if "assets" in only:
+            scenarios += assets_scenarios(bench)
+        if "startup" in only:
+            scenarios.append(startup_scenario(bench))
+    table = rows(scenarios)
+    print(markdown(table), file=sys.stderr if arguments.json else sys.stdout)
+    if arguments.json:
+        print(json.dumps({"rows": table, "rss_target_mb": RSS_TARGET_MB, "series": [
+            {"scenario": s.name, "opsbook": s.opsbook.to_json(), "baselines": [b.to_json() for b in s.baselines]}
+            for s in scenarios]}, indent=2))
+    return 1 if any(s.opsbook.failed and s.opsbook.samples for s in scenarios) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

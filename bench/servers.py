@@ -1,0 +1,167 @@
+"""The bench's throwaway servers and data: a PostgreSQL cluster, moto's S3 server, the aws CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPOSITORY = BENCH_DIR.parent
+ROWS_PER_BATCH = 40_000
+ORDERS_PER_BATCH = 8_000
+
+# ~1 KB rows of base64 of random bytes (what zstd cannot shrink much, like user content
+# already compressed), beside a small, very compressible table of typical columns.
+TEXT_BATCH = """
+INSERT INTO post (author_id, title, body)
+SELECT (random() * 5000)::int,
+       'post ' || g,
+       encode(decode((SELECT string_agg(md5(random()::text || g::text || s::text), '')
+                      FROM generate_series(1, 24) s), 'hex'), 'base64')
+FROM generate_series(1, %(rows)s) g
+"""
+ORDERS_BATCH = """
+INSERT INTO orders (customer_id, status, amount_cents, created_at)
+SELECT (random() * 5000)::int, (ARRAY['paid', 'shipped', 'refunded'])[1 + (random() * 2)::int],
+       (random() * 100000)::int, now() - random() * interval '365 days'
+FROM generate_series(1, %(rows)s)
+"""
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS post (id bigserial PRIMARY KEY, author_id int NOT NULL, title text NOT NULL,
+                                 body text NOT NULL);
+CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,
+                                   amount_cents int NOT NULL, created_at timestamptz NOT NULL);
+CREATE INDEX IF NOT EXISTS orders_customer ON orders (customer_id);
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[Any]:
+    """A throwaway cluster of the newest installed PostgreSQL (the test suite's recipe)."""
+    sys.path.insert(0, str(REPOSITORY))
+    from tests.fixtures.postgres import running_cluster, system_bin_dir
+
+    with running_cluster(system_bin_dir()) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def moto_server(log: Path) -> Iterator[str]:
+    """moto's S3 server in its own process, so its CPU use is not charged to the bench driver."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as output:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=output, stderr=output)
+    try:
+        _wait_for_http(endpoint, process)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_for_http(endpoint: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer: it is up
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server at {endpoint} did not start") from None
+            time.sleep(0.05)  # readiness poll, bounded by the deadline
+
+
+def s3_client(endpoint: str) -> Any:
+    import boto3.session
+    from botocore.config import Config
+
+    session = boto3.session.Session(aws_access_key_id="bench", aws_secret_access_key="bench-secret",
+                                    region_name="us-east-1")
+    config = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required", max_pool_connections=16)
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def empty_prefix(client: Any, bucket: str, prefix: str = "") -> None:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def prefix_size(client: Any, bucket: str, prefix: str) -> int:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(item["Size"] for page in pages for item in page.get("Contents", []))
+
+
+def fill_database(url: str, size_mb: int, log: Any) -> int:
+    """Grow the bench database until it holds `size_mb` MB; its size in bytes."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(SCHEMA)
+        size = _database_size(connection)
+        while size < size_mb * 1024 * 1024:
+            connection.execute(TEXT_BATCH, {"rows": ROWS_PER_BATCH})
+            connection.execute(ORDERS_BATCH, {"rows": ORDERS_PER_BATCH})
+            size = _database_size(connection)
+            log(f"  database: {size / 1024 / 1024:.0f} MB of {size_mb} MB")
+        connection.execute("VACUUM ANALYZE")
+        return size
+
+
+def _database_size(connection: Any) -> int:
+    return connection.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+
+def fill_bucket(client: Any, bucket: str, count: int, mean_kb: int) -> int:
+    """`count` objects of random bytes (like images: incompressible), 0.2×–1.8× `mean_kb`; total bytes."""
+    import random
+
+    generator = random.Random(7)
+    sizes = [int(mean_kb * 1024 * generator.uniform(0.2, 1.8)) for _ in range(count)]
+
+    def put(index: int) -> None:
+        client.put_object(Bucket=bucket, Key=f"images/{index // 100:03d}/{index:06d}.jpg",
+                          Body=os.urandom(sizes[index]), ContentType="image/jpeg")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(put, range(count)))
+    return sum(sizes)
+
+
+def find_aws(log: Any) -> str:
+    """The aws CLI on PATH, else one installed into bench/.venv (its own botocore pin
+    would fight the project's, hence a separate venv)."""
+    found = shutil.which("aws")
+    if found:
+        return found
+    venv = BENCH_DIR / ".venv"
+    aws = venv / "bin" / "aws"
+    if not aws.exists():
+        log("  no aws CLI on PATH: installing awscli into bench/.venv (once)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "awscli"], check=True)
+    return str(aws)

@@ -1,0 +1,335 @@
+"""The backup manifest (format 1) and the storage layout every backup module shares.
+
+Under the environment's backup bucket and prefix:
+
+    backups/<id>/dump.pgc.zst[.age]   the stored dump (pg_dump -Fc -Z0 → zstd → optional age)
+    backups/<id>/manifest.json        written LAST: a backup without one is incomplete
+    backups/<id>/verification.json    appended by backup.verify; the manifest stays immutable
+
+A manifest is the only proof that a backup exists. Loading one validates it and
+names the backup when it is malformed, so no module ever works on half a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ops.errors import CheckFailed
+
+if TYPE_CHECKING:
+    from ops.storage import Storage
+
+FORMAT = 1
+BACKUPS_DIR = "backups/"
+MANIFEST_NAME = "manifest.json"
+VERIFICATION_NAME = "verification.json"
+DUMP_NAME = "dump.pgc.zst"
+ENCRYPTED_SUFFIX = ".age"
+MANIFEST_READERS = 8  # manifests are small: fetch several at once when listing many backups
+
+
+def backup_prefix(backup_id: str) -> str:
+    return f"{BACKUPS_DIR}{backup_id}/"
+
+
+def manifest_key(backup_id: str) -> str:
+    return backup_prefix(backup_id) + MANIFEST_NAME
+
+
+def verification_key(backup_id: str) -> str:
+    return backup_prefix(backup_id) + VERIFICATION_NAME
+
+
+def dump_key(backup_id: str, encrypted: bool) -> str:
+    return backup_prefix(backup_id) + DUMP_NAME + (ENCRYPTED_SUFFIX if encrypted else "")
+
+
+def iso_z(moment: datetime) -> str:
+    """ISO-8601 UTC with a Z, to the second (manifest times)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# --- the manifest ------------------------------------------------------------------------------
+
+
+@dataclass
+class DatabaseInfo:
+    name: str
+    target: str  # user@host:port/db, never a password
+    server_version: str
+    server_major: int
+
+
+@dataclass
+class ToolInfo:
+    version: str
+    major: int
+
+
+@dataclass
+class StoredObject:
+    key: str
+    size: int  # bytes stored (compressed, maybe encrypted)
+    sha256: str  # of the stored bytes
+    dump_size: int  # bytes pg_dump wrote (before compression)
+    compression: dict[str, Any] = field(default_factory=lambda: {"algorithm": "zstd", "level": 3})
+    encryption: dict[str, Any] | None = None  # {"algorithm": "age", "recipients": [...]}
+
+
+@dataclass
+class Manifest:
+    id: str
+    project: str
+    env: str
+    run_id: str
+    database: DatabaseInfo
+    pg_dump: ToolInfo
+    snapshot: str
+    started_at: str
+    finished_at: str
+    seconds: float
+    object: StoredObject
+    row_counts: dict[str, int] = field(default_factory=dict)
+    migrations: list[str] = field(default_factory=list)
+    extensions: list[dict[str, str]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    keep: bool = False
+    format: int = FORMAT
+
+    @property
+    def encrypted(self) -> bool:
+        return self.object.encryption is not None
+
+    @property
+    def recipients(self) -> list[str]:
+        return list((self.object.encryption or {}).get("recipients", []))
+
+    @property
+    def started(self) -> datetime:
+        return parse_time(self.started_at)
+
+    @property
+    def finished(self) -> datetime:
+        return parse_time(self.finished_at)
+
+    @property
+    def size(self) -> int:
+        return self.object.size
+
+    @property
+    def sha256(self) -> str:
+        return self.object.sha256
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"format": data.pop("format"), **data}
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str | bytes, *, backup_id: str | None = None) -> Manifest:
+        """A validated manifest; CheckFailed naming the backup when anything is missing or wrong."""
+        name = backup_id or "?"
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise _malformed(name, [f"not JSON ({error})"]) from None
+        if not isinstance(data, dict):
+            raise _malformed(name, ["not a JSON object"])
+        name = backup_id or str(data.get("id", "?"))
+        problems = validate(data)
+        if backup_id is not None and data.get("id") not in (None, backup_id):
+            problems.append(f"id is {data.get('id')!r} but it is stored under {backup_id!r}")
+        if problems:
+            raise _malformed(name, problems)
+        values = dict(data)
+        values["database"] = DatabaseInfo(**_known(DatabaseInfo, data["database"]))
+        values["pg_dump"] = ToolInfo(**_known(ToolInfo, data["pg_dump"]))
+        values["object"] = StoredObject(**_known(StoredObject, data["object"]))
+        return cls(**_known(cls, values))
+
+
+def _known(kind: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields this version knows: a newer writer's extra fields are ignored."""
+    names = set(kind.__dataclass_fields__)
+    return {key: value for key, value in data.items() if key in names}
+
+
+def _malformed(backup_id: str, problems: list[str]) -> CheckFailed:
+    return CheckFailed(f"backup {backup_id}: manifest.json is malformed: {'; '.join(problems)}",
+                       hint="this backup cannot be trusted as it is; inspect the manifest in the backup bucket, "
+                            "and take a fresh backup")
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": int, "id": str, "project": str, "env": str, "run_id": str, "database": dict, "pg_dump": dict,
+    "snapshot": str, "started_at": str, "finished_at": str, "seconds": (int, float), "object": dict,
+    "row_counts": dict, "migrations": list, "extensions": list, "tags": list, "keep": bool,
+}
+_NESTED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "database": {"name": str, "target": str, "server_version": str, "server_major": int},
+    "pg_dump": {"version": str, "major": int},
+    "object": {"key": str, "size": int, "sha256": str, "dump_size": int, "compression": dict},
+}
+
+
+def validate(data: dict[str, Any]) -> list[str]:
+    """Every problem of a manifest, as `path: problem` lines (empty when valid)."""
+    problems = _check_fields(data, _REQUIRED, "")
+    if isinstance(data.get("format"), int) and data["format"] != FORMAT:
+        problems.append(f"format {data['format']} is not supported (this opsbook reads format {FORMAT})")
+    for section, fields in _NESTED.items():
+        if isinstance(data.get(section), dict):
+            problems += _check_fields(data[section], fields, f"{section}.")
+    stored = data.get("object") if isinstance(data.get("object"), dict) else {}
+    if isinstance(stored.get("sha256"), str) and not _is_sha256(stored["sha256"]):
+        problems.append("object.sha256: not 64 lowercase hex digits")
+    encryption = stored.get("encryption")
+    if encryption is not None and not (isinstance(encryption, dict) and isinstance(encryption.get("recipients"), list)):
+        problems.append("object.encryption: must be null or {algorithm, recipients: [...]}")
+    counts = data.get("row_counts")
+    if isinstance(counts, dict) and not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+        problems.append("row_counts: every value must be an integer")
+    for key in ("started_at", "finished_at"):
+        if isinstance(data.get(key), str) and not _is_time(data[key]):
+            problems.append(f"{key}: not an ISO-8601 time")
+    return problems
+
+
+def _check_fields(data: dict[str, Any], fields: dict[str, type | tuple[type, ...]], path: str) -> list[str]:
+    problems = []
+    for name, kind in fields.items():
+        if name not in data:
+            problems.append(f"{path}{name}: missing")
+        elif not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool)):
+            problems.append(f"{path}{name}: wrong type ({type(data[name]).__name__})")
+    return problems
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(character in "0123456789abcdef" for character in text)
+
+
+def _is_time(text: str) -> bool:
+    try:
+        parse_time(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --- listing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class IncompleteBackup:
+    """A backup folder without a (readable) manifest: an upload that died, or a damaged backup."""
+
+    id: str
+    keys: list[str]
+    newest_modified: datetime
+    problem: str | None = None  # set when a manifest exists but cannot be read: do not delete blindly
+
+
+def list_backups(storage: Storage, *, strict: bool = True) -> tuple[list[Manifest], list[IncompleteBackup]]:
+    """(complete backups newest first, incomplete ones newest first) from one listing of backups/.
+
+    A malformed manifest raises CheckFailed naming the backup when `strict`; otherwise
+    that backup is returned among the incomplete ones with `problem` set.
+    """
+    folders: dict[str, list[Any]] = {}
+    for info in storage.list(BACKUPS_DIR):
+        backup_id, _, rest = info.key[len(BACKUPS_DIR):].partition("/")
+        if backup_id and rest:
+            folders.setdefault(backup_id, []).append(info)
+    with_manifest = [backup_id for backup_id, infos in folders.items()
+                     if any(info.key == manifest_key(backup_id) for info in infos)]
+    loaded = _load_many(storage, with_manifest)
+    complete: list[Manifest] = []
+    incomplete: list[IncompleteBackup] = []
+    for backup_id, infos in folders.items():
+        result = loaded.get(backup_id)
+        if isinstance(result, Manifest):
+            complete.append(result)
+            continue
+        if isinstance(result, CheckFailed) and strict:
+            raise result
+        incomplete.append(IncompleteBackup(backup_id, sorted(info.key for info in infos),
+                                           max(info.last_modified for info in infos),
+                                           problem=result.message if result else None))
+    complete.sort(key=lambda manifest: (manifest.started_at, manifest.id), reverse=True)
+    incomplete.sort(key=lambda backup: backup.id, reverse=True)
+    return complete, incomplete
+
+
+def _load_many(storage: Storage, backup_ids: list[str]) -> dict[str, Manifest | CheckFailed]:
+    def load(backup_id: str) -> Manifest | CheckFailed:
+        try:
+            return read_manifest(storage, backup_id)
+        except CheckFailed as error:
+            return error
+
+    if len(backup_ids) <= 1:
+        return {backup_id: load(backup_id) for backup_id in backup_ids}
+    with ThreadPoolExecutor(max_workers=MANIFEST_READERS) as pool:
+        return dict(zip(backup_ids, pool.map(load, backup_ids), strict=True))
+
+
+def read_manifest(storage: Storage, backup_id: str) -> Manifest:
+    """The manifest of one backup; ObjectNotFound when it has none, CheckFailed when malformed."""
+    return Manifest.from_json(storage.get_bytes(manifest_key(backup_id)), backup_id=backup_id)
+
+
+def write_manifest(storage: Storage, manifest: Manifest) -> None:
+    storage.put_bytes(manifest_key(manifest.id), manifest.dumps(), content_type="application/json")
+
+
+# --- verifications -----------------------------------------------------------------------------
+
+
+@dataclass
+class Verification:
+    at: str
+    kind: str  # "checksum" | "deep"
+    ok: bool
+    run_id: str
+    operator: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_verifications(storage: Storage, backup_id: str) -> list[dict[str, Any]]:
+    """The verification records of a backup, oldest first; [] when never verified."""
+    if storage.head(verification_key(backup_id)) is None:
+        return []
+    try:
+        records = json.loads(storage.get_bytes(verification_key(backup_id)))
+    except (ValueError, UnicodeDecodeError):
+        return []  # a damaged record of past checks is not worth failing over: the next check rewrites it
+    return [record for record in records if isinstance(record, dict)] if isinstance(records, list) else []
+
+
+def append_verification(storage: Storage, backup_id: str, record: Verification | dict[str, Any]) -> None:
+    entry = record.to_json() if isinstance(record, Verification) else dict(record)
+    records = [*read_verifications(storage, backup_id), entry]
+    storage.put_bytes(verification_key(backup_id), json.dumps(records, indent=2).encode(),
+                      content_type="application/json")
+
+
+def last_verification(records: list[dict[str, Any]], *, ok: bool | None = True) -> dict[str, Any] | None:
+    """The newest record (the newest successful one by default)."""
+    matching = [record for record in records if ok is None or record.get("ok") is ok]
+    return matching[-1] if matching else None

@@ -1,0 +1,533 @@
+"""Streaming a database dump to storage and back, with bounded memory.
+
+Backup:  pg_dump -Fc -Z0 (child process) → zstd (multi-threaded) → age (optional)
+         → sha256 + size → Storage.upload_stream (multipart)
+Fetch:   Storage.open_read → sha256 + size → age decrypt (optional) → zstd → a sink
+         (a file for pg_restore -j, or nothing when only verifying)
+
+Each direction runs its encoding side in one thread and the storage side in the
+caller's thread, joined by a queue bounded in bytes: compression keeps going while a
+part uploads, and memory stays bounded whatever the database size. pg_dump's exit
+status is checked before the last part is sent, so a failed dump never completes
+an upload. Only the stored bytes are hashed, so the manifest's sha256 is what
+anybody can recompute from the bucket with standard tools.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ops.errors import CheckFailed, InventoryError, OpsError, StepFailed, UsageError
+from ops.secrets import Secret, redact
+
+if TYPE_CHECKING:
+    from ops.backup_manifest import Manifest
+    from ops.storage import Storage
+
+CHUNK = 1024 * 1024
+QUEUE_BYTES = 8 * 1024 * 1024  # how far encoding may run ahead of the upload
+PIPE_BYTES = 1024 * 1024  # pg_dump's stdout pipe: fewer wake-ups than the default 64 KiB
+F_SETPIPE_SZ = 1031  # Linux fcntl; elsewhere the default pipe size stays
+STDERR_TAIL = 16 * 1024
+ZSTD_THREADS = os.cpu_count() or 1  # one zstd worker per logical CPU
+# zstd's default job (4 windows) costs ~40 MB more memory with two workers for the same speed and ratio
+ZSTD_JOB_BYTES = 2 * 1024 * 1024
+MIN_PART = 8 * 1024 * 1024
+MAX_PARTS_PLANNED = 9000  # of S3's 10,000, leaving room for a database that grew since it was measured
+
+Progress = Callable[[int], None]
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+
+class ReaderGone(Exception):
+    """The consuming side stopped reading (it failed or was interrupted)."""
+
+
+class ChunkQueue:
+    """A pipe between two threads holding at most `limit` bytes; file-like on both ends.
+
+    The writer ends it with close() or close(error): the reader then gets b"" or that
+    error. A reader that gives up calls abandon(): the writer's next write raises ReaderGone.
+    """
+
+    def __init__(self, limit: int = QUEUE_BYTES):
+        self._limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._condition = threading.Condition()
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)  # a copy: callers may reuse their buffer
+        if not chunk:
+            return 0
+        with self._condition:
+            while self._size >= self._limit and not self._abandoned:
+                self._condition.wait()
+            if self._abandoned:
+                raise ReaderGone("the reading side stopped")
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+            self._condition.notify_all()
+        return len(chunk)
+
+    def flush(self) -> None:
+        """File-like writers are flushed by the libraries that write to them."""
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._condition:
+            self._closed = True
+            self._error = error
+            self._condition.notify_all()
+
+    def abandon(self) -> None:
+        with self._condition:
+            self._abandoned = True
+            self._chunks.clear()
+            self._size = 0
+            self._condition.notify_all()
+
+    def read(self, size: int = -1) -> bytes:
+        with self._condition:
+            while not self._chunks and not self._closed:
+                self._condition.wait()
+            if self._error is not None:
+                raise self._error
+            if not self._chunks:
+                return b""
+            chunk = self._chunks.popleft()
+            if 0 <= size < len(chunk):
+                self._chunks.appendleft(chunk[size:])
+                chunk = chunk[:size]
+            self._size -= len(chunk)
+            self._condition.notify_all()
+            return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+
+class Digest:
+    """sha256 and byte count of what passes through."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class DigestingReader:
+    """Wraps a reader; hashes and counts every byte read through it."""
+
+    def __init__(self, source: Any, digest: Digest | None = None):
+        self.source = source
+        self.digest = digest or Digest()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class NullSink:
+    """Counts what is written and keeps nothing (verification without a copy)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class StderrTail:
+    """Collects the last bytes a child process writes on stderr (in a thread, so it never blocks)."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._tail = b""
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        for line in iter(lambda: self._stream.readline(), b""):
+            self._tail = (self._tail + line)[-STDERR_TAIL:]
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return redact(self._tail.decode(errors="replace").strip())
+
+
+class ProgressLines:
+    """Plain periodic lines ("uploaded 512 MiB, 95 MiB/s") at most every `every` seconds."""
+
+    def __init__(self, log: Callable[[str], None], verb: str, every: float = 10.0):
+        self._log, self._verb, self._every = log, verb, every
+        self._started = self._last = time.monotonic()
+
+    def __call__(self, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            rate = total / max(now - self._started, 1e-6)
+            self._log(f"{self._verb} {human_size(total)} ({human_size(int(rate))}/s)")
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def part_size_for(estimated_bytes: int) -> int:
+    """A multipart part size that keeps a dump of about this size under S3's part limit."""
+    needed = -(-max(estimated_bytes, 0) // MAX_PARTS_PLANNED)
+    mebibytes = -(-needed // (1024 * 1024))
+    return max(MIN_PART, mebibytes * 1024 * 1024)
+
+
+# --- age keys ---------------------------------------------------------------------------------
+
+
+def parse_recipients(texts: list[str], where: str = "backups.encrypt_to") -> list[Any]:
+    """age recipients from the inventory: native (age1…) or SSH public keys."""
+    import pyrage
+
+    recipients, problems = [], []
+    for index, text in enumerate(texts):
+        text = str(text).strip()
+        try:
+            if text.startswith("age1"):
+                recipients.append(pyrage.x25519.Recipient.from_str(text))
+            else:
+                recipients.append(pyrage.ssh.Recipient.from_str(text))
+        except Exception:  # pyrage's RecipientError says little more than "invalid"
+            problems.append(f"{where}.{index}: not an age recipient (age1…) or SSH public key: {text[:16]}…")
+    if problems:
+        raise InventoryError("invalid age recipients", problems=problems,
+                             hint="generate a key pair with `age-keygen -o key.txt`; put its public key (age1…) "
+                                  "in encrypt_to and keep key.txt safe, away from the backups")
+    return recipients
+
+
+def load_identities(path: str | Path) -> list[Any]:
+    """The age identities (AGE-SECRET-KEY-1…) of an identity file, as `age-keygen` writes it."""
+    import pyrage
+
+    file = Path(path).expanduser()
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as error:
+        raise UsageError(f"cannot read the age identity file {file}: {error.strerror}",
+                         hint="pass --identity FILE or set backups.identity_file to the key that decrypts "
+                              "these backups") from None
+    identities = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("AGE-SECRET-KEY-"):
+            Secret(line)  # registered for redaction: it never reaches an output
+            try:
+                identities.append(pyrage.x25519.Identity.from_str(line))
+            except Exception:
+                raise UsageError(f"{file} holds a malformed age identity",
+                                 hint="regenerate it with age-keygen, or pass the right file") from None
+    if not identities:
+        raise UsageError(f"{file} holds no age identity (AGE-SECRET-KEY-1… lines)",
+                         hint="pass the file age-keygen wrote (its private key, not the public age1… line)")
+    return identities
+
+
+# --- backup: pg_dump → zstd → age → storage ---------------------------------------------------
+
+
+@dataclass
+class Stored:
+    size: int  # bytes stored
+    sha256: str  # of the stored bytes
+    dump_size: int  # bytes pg_dump wrote
+    seconds: float
+
+
+def dump_to_storage(command: list[str], environment: dict[str, str], storage: Storage, key: str, *,
+                    level: int = 3, recipients: list[Any] | None = None, part_size: int = MIN_PART,
+                    on_progress: Progress | None = None, what: str = "pg_dump") -> Stored:
+    """Run `command` (pg_dump to stdout) and store its output, compressed (and encrypted), under `key`.
+
+    On any failure, of pg_dump, the encoder or the storage, the upload is aborted
+    (no object under `key`), pg_dump is stopped, and the error says which side failed.
+    """
+    began = time.monotonic()
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=environment)
+    except OSError as error:
+        raise StepFailed(f"cannot start {command[0]}: {error.strerror}",
+                         hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
+    with contextlib.suppress(OSError, ValueError):
+        import fcntl
+
+        fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+    stderr = StderrTail(process.stderr)
+    queue = ChunkQueue()
+    raw = DigestingReader(process.stdout)
+    encoder = threading.Thread(target=_encode, args=(raw, queue, process, stderr, level, recipients, what),
+                               name="opsbook-encode", daemon=True)
+    encoder.start()
+    stored = DigestingReader(queue)
+    try:
+        info = storage.upload_stream(key, stored, part_size=part_size, on_progress=on_progress,
+                                     content_type="application/octet-stream")
+    except BaseException:
+        queue.abandon()
+        _stop(process)
+        raise
+    finally:
+        encoder.join(timeout=30)
+    if info.size != stored.digest.size:
+        raise StepFailed(f"{storage.describe()}: {key} holds {info.size} bytes but {stored.digest.size} were sent",
+                         hint="the storage lost part of the upload; run the backup again")
+    return Stored(size=stored.digest.size, sha256=stored.digest.hexdigest, dump_size=raw.digest.size,
+                  seconds=round(time.monotonic() - began, 3))
+
+
+def _encode(source: DigestingReader, queue: ChunkQueue, process: subprocess.Popen[bytes], stderr: StderrTail,
+            level: int, recipients: list[Any] | None, what: str) -> None:
+    """The encoding thread: compress (and encrypt) into the queue; close it with pg_dump's verdict."""
+    import zstandard
+
+    try:
+        parameters = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=ZSTD_THREADS, job_size=ZSTD_JOB_BYTES, write_checksum=True)
+        compressor = zstandard.ZstdCompressor(compression_params=parameters)
+        compressed = compressor.stream_reader(source, read_size=CHUNK)
+        if recipients:
+            import pyrage
+
+            pyrage.encrypt_io(compressed, queue, recipients)
+        else:
+            for chunk in iter(lambda: compressed.read(CHUNK), b""):
+                queue.write(chunk)
+        status = process.wait()
+    except ReaderGone:
+        _stop(process)
+        return
+    except BaseException as error:
+        _stop(process)
+        if process.returncode not in (0, None) and stderr.text():
+            queue.close(_dump_failed(what, process.returncode, stderr.text()))  # pg_dump's reason is the real one
+        else:
+            queue.close(StepFailed(redact(f"compressing or encrypting the dump failed: {type(error).__name__}: "
+                                          f"{error}"), hint="see the message; run the backup again"))
+        return
+    queue.close(_dump_failed(what, status, stderr.text()) if status != 0 else None)
+
+
+def _dump_failed(what: str, status: int, stderr: str) -> StepFailed:
+    reason = " ".join(stderr.split())[-1500:] or f"exit status {status}"
+    return StepFailed(f"{what} failed (exit {status}): {reason}",
+                      hint="nothing was stored; fix the cause above (permissions, locks, disk) and run it again")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(OSError):
+            process.kill()
+    with contextlib.suppress(Exception):
+        process.wait(timeout=10)
+
+
+# --- fetch: storage → sha256 → age → zstd → sink ----------------------------------------------
+
+
+@dataclass
+class Fetched:
+    size: int  # bytes read from storage
+    sha256: str
+    decoded_size: int | None  # bytes of dump produced; None when decoding failed or was skipped
+    decode_error: str | None = None
+
+
+def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[Any] | None = None,
+                     encrypted: bool = False, decode: bool = True, on_progress: Progress | None = None) -> Fetched:
+    """Read the stored object whole, hashing it, and decode it into `sink` (unless not `decode`).
+
+    The object is always read to its end, even when decoding fails early, so the
+    caller can tell a damaged object (sha256 differs) from a wrong key.
+    """
+    queue = ChunkQueue()
+    outcome: dict[str, Any] = {}
+    decoder = threading.Thread(target=_decode, args=(queue, sink, identities if encrypted else None, outcome),
+                               name="opsbook-decode", daemon=True)
+    if decode:
+        decoder.start()
+    else:
+        outcome["error"] = None
+    digest = Digest()
+    feeding = decode
+    try:
+        with storage.open_read(key) as reader:
+            for chunk in iter(lambda: reader.read(CHUNK), b""):
+                digest.update(chunk)
+                if on_progress:
+                    on_progress(digest.size)
+                if feeding:
+                    try:
+                        queue.write(chunk)
+                    except ReaderGone:
+                        feeding = False  # decoding failed: keep hashing to tell damage from a wrong key
+        queue.close()
+    except BaseException:
+        queue.close(ReaderGone("the download stopped"))
+        if decode:
+            decoder.join(timeout=30)
+        raise
+    if decode:
+        decoder.join()
+    error = outcome.get("error")
+    return Fetched(size=digest.size, sha256=digest.hexdigest, decoded_size=None if error else outcome.get("size"),
+                   decode_error=error)
+
+
+def _decode(queue: ChunkQueue, sink: Any, identities: list[Any] | None, outcome: dict[str, Any]) -> None:
+    import zstandard
+
+    counter = _CountingWriter(sink)
+    try:
+        decompressor = zstandard.ZstdDecompressor().stream_writer(counter, closefd=False)
+        if identities:
+            import pyrage
+
+            pyrage.decrypt_io(queue, decompressor, identities)
+        else:
+            for chunk in iter(lambda: queue.read(CHUNK), b""):
+                decompressor.write(chunk)
+        decompressor.flush()
+        outcome["size"] = counter.size
+    except ReaderGone:
+        outcome["error"] = "the download stopped"
+    except Exception as error:
+        outcome["error"] = describe_decode_error(error, encrypted=identities is not None)
+        queue.abandon()
+
+
+def describe_decode_error(error: Exception, *, encrypted: bool) -> str:
+    text = redact(str(error)) or type(error).__name__
+    if "no matching keys" in text.lower():
+        return "none of the given age identities can decrypt it (it was encrypted to other recipients)"
+    if encrypted and "decrypt" in text.lower():
+        return f"age decryption failed ({text}): the object is damaged or not an age file"
+    return f"decompression failed ({text}): the object is damaged or not a zstd stream"
+
+
+class _CountingWriter:
+    def __init__(self, sink: Any):
+        self.sink = sink
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.sink.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.sink.flush()
+
+
+def differences(expected_size: int, expected_sha256: str, fetched: Fetched,
+                expected_dump_size: int | None = None) -> list[str]:
+    """What differs between the manifest and what was read back (empty when they agree)."""
+    found = []
+    if fetched.size != expected_size:
+        found.append(f"size: stored object has {fetched.size} bytes, the manifest says {expected_size}")
+    if fetched.sha256 != expected_sha256:
+        found.append(f"sha256: stored object hashes to {fetched.sha256}, the manifest says {expected_sha256}")
+    if (not found and expected_dump_size is not None and fetched.decoded_size is not None
+            and fetched.decoded_size != expected_dump_size):
+        found.append(f"dump size: decoded to {fetched.decoded_size} bytes, the manifest says {expected_dump_size}")
+    return found
+
+
+def check_fetched(backup_id: str, key: str, expected_size: int, expected_sha256: str, fetched: Fetched,
+                  expected_dump_size: int | None = None) -> None:
+    """CheckFailed naming the backup and what differs; StepFailed when it cannot be decoded."""
+    found = differences(expected_size, expected_sha256, fetched, expected_dump_size)
+    if found:
+        raise CheckFailed(f"backup {backup_id} is damaged: {key}: {'; '.join(found)}",
+                          hint="do not restore it; use another backup (`inv backup.list`) and take a fresh one")
+    if fetched.decode_error:
+        no_key = "identities" in fetched.decode_error
+        error_type: type[OpsError] = UsageError if no_key else CheckFailed
+        raise error_type(f"backup {backup_id}: {key} matches its checksum but {fetched.decode_error}",
+                         hint="pass --identity FILE (or set backups.identity_file) with the age key matching "
+                              "backups.encrypt_to" if no_key else "the backup was written damaged; take a fresh one")
+
+
+def fetch_verified(storage: Storage, manifest: Manifest, *, path: Path | None = None,
+                   identities: list[Any] | None = None, on_progress: Progress | None = None) -> Fetched:
+    """Read a backup's stored object and check it against its manifest.
+
+    With `path`, the decoded dump (pg_dump custom format) is written there (mode 0600:
+    it holds all the data) for pg_restore; the file is removed again on any failure.
+    Without identities an encrypted object is only hashed, not decrypted.
+    """
+    decode = identities is not None or not manifest.encrypted
+    try:
+        with _sink(path) as sink:
+            fetched = fetch_and_decode(storage, manifest.object.key, sink, identities=identities,
+                                       encrypted=manifest.encrypted, decode=decode, on_progress=on_progress)
+        check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched,
+                      manifest.object.dump_size if decode else None)
+    except BaseException:
+        if path is not None:
+            path.unlink(missing_ok=True)
+        raise
+    return fetched
+
+
+@contextlib.contextmanager
+def _sink(path: Path | None) -> Iterator[Any]:
+    if path is None:
+        yield NullSink()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb", buffering=CHUNK) as handle:
+        yield handle

@@ -1,0 +1,226 @@
+"""The database side of restores and deep verification: scratch databases, pg_restore,
+row-count comparison and the name swap.
+
+A restore never writes into the live database: it restores into a new database
+named `<db>__restore_<stamp>`, compares its row counts with the manifest, and only
+then swaps names. DDL on databases runs on a maintenance connection (the `postgres`
+database) because a session cannot rename or drop the database it is connected to.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from ops.errors import CheckFailed, ConnectionFailed, StepFailed
+from ops.secrets import Secret, redact
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from ops.backup_manifest import Manifest
+    from ops.pg import ClientTool
+
+MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
+MAINTENANCE_DATABASES = ("postgres", "template1")
+RENAME_ATTEMPTS = 5
+
+
+def side_name(database: str, kind: str, moment: datetime) -> str:
+    """`<db>__<kind>_<stamp>` (kind: restore, old, verify), shortened to fit PostgreSQL's 63 bytes."""
+    suffix = f"__{kind}_{moment.strftime('%Y%m%d%H%M%S')}"
+    room = MAX_IDENTIFIER - len(suffix.encode())
+    head = database.encode()[:room].decode(errors="ignore")
+    return head + suffix
+
+
+def side_pattern(database: str, kind: str) -> str:
+    """A LIKE pattern matching the side databases of one kind left by earlier runs."""
+    room = MAX_IDENTIFIER - len(f"__{kind}_00000000000000")
+    head = database.encode()[:room].decode(errors="ignore")
+    escaped = head.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"{escaped}\\_\\_{kind}\\_%"
+
+
+@contextmanager
+def maintenance_connection(url: Secret | str, label: str) -> Iterator[psycopg.Connection]:
+    """An autocommit session on the server's maintenance database (not on the one we rename)."""
+    from ops import pg
+
+    last: ConnectionFailed | None = None
+    for name in MAINTENANCE_DATABASES:
+        try:
+            connection = pg.connect(pg.with_database(url, name), application_name=label[:63], autocommit=True)
+        except ConnectionFailed as error:
+            last = error
+            continue
+        with connection:
+            yield connection
+        return
+    assert last is not None
+    raise last
+
+
+def leftovers(conn: psycopg.Connection, database: str, kind: str) -> list[str]:
+    rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY datname",
+                        (side_pattern(database, kind),)).fetchall()
+    return [row[0] for row in rows]
+
+
+def database_owner(conn: psycopg.Connection, database: str) -> str | None:
+    row = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (database,)).fetchone()
+    return row[0] if row else None
+
+
+def restore_options(*, cross_environment: bool) -> list[str]:
+    """Objects are owned by the role that restores (the target's own database role).
+
+    Ownership from the source would name roles the target may not have. ACLs (GRANTs)
+    are kept when restoring an environment's own backup (its roles exist) and
+    dropped across environments, where the grantees usually do not exist.
+    """
+    return ["--no-owner", "--no-acl"] if cross_environment else ["--no-owner"]
+
+
+def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive: str, *, jobs: int = 2,
+                    cross_environment: bool = False) -> None:
+    """pg_restore `archive` into `database` (on the server of `url`, as its user)."""
+    from ops import pg
+
+    command = pg.restore_command(tool, dbname=database, archive=archive, jobs=jobs)
+    command = [*command[:-1], *restore_options(cross_environment=cross_environment), command[-1]]
+    environment = pg.child_environment(pg.with_database(url, database))
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=environment, check=False)
+    except OSError as error:
+        raise StepFailed(f"cannot start {tool.path}: {error.strerror}",
+                         hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
+    if result.returncode != 0:
+        reason = " ".join(redact(result.stderr.decode(errors="replace")).split())[-1500:]
+        raise StepFailed(f"pg_restore into {database} on {pg.parse_url(url).describe()} failed "
+                         f"(exit {result.returncode}): {reason}",
+                         hint="the live database is untouched; fix the cause (missing extension, role, "
+                              "disk space) and run it again")
+
+
+def compare_row_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
+    """Each table whose rows differ from the manifest, as a readable line (empty when all match)."""
+    problems = []
+    for table in sorted(set(expected) | set(actual)):
+        if table not in actual:
+            problems.append(f"{table}: missing (manifest: {expected[table]} rows)")
+        elif table not in expected:
+            problems.append(f"{table}: not in the manifest ({actual[table]} rows)")
+        elif expected[table] != actual[table]:
+            problems.append(f"{table}: {actual[table]} rows, manifest: {expected[table]}")
+    return problems
+
+
+def check_row_counts(manifest: Manifest, url: Secret | str, database: str, label: str) -> dict[str, int]:
+    """Row counts of the restored `database`; CheckFailed naming each table that differs."""
+    from ops import pg
+
+    with pg.connect(pg.with_database(url, database), application_name=label[:63]) as connection:
+        counts = pg.table_row_counts(connection)
+    problems = compare_row_counts(manifest.row_counts, counts)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise CheckFailed(f"backup {manifest.id} restored into {database} does not match its manifest: {shown}",
+                          hint="the live database was not touched; try another backup (`inv backup.list`)")
+    return counts
+
+
+def readable_by(manifest: Manifest, server_major: int, where: str) -> int:
+    """The pg_restore major version needed; CheckFailed when the target server is too old for this dump."""
+    source_major = manifest.database.server_major
+    if server_major < source_major:
+        raise CheckFailed(f"backup {manifest.id} comes from PostgreSQL {source_major} (pg_dump "
+                          f"{manifest.pg_dump.version}); the target {where} runs PostgreSQL {server_major}, "
+                          "which cannot load it", hint=f"restore into a server running PostgreSQL {source_major} "
+                                                       "or newer (upgrade the target first)")
+    return max(manifest.pg_dump.major, server_major)
+
+
+# --- the swap ---------------------------------------------------------------------------------
+
+
+def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bool:
+    """Make `restored` the database called `database`; the previous one becomes `old`.
+
+    Returns whether there was a previous database. Connections to the old database are
+    ended and refused while the names move; on failure the names are put back.
+    """
+    from ops import pg
+
+    if not pg.database_exists(conn, database):
+        _rename(conn, restored, database)
+        return False
+    _allow_connections(conn, database, False)
+    try:
+        _rename_when_free(conn, database, old)
+    except BaseException:
+        _allow_connections(conn, database, True)
+        raise
+    try:
+        _rename(conn, restored, database)
+    except BaseException:
+        _rename(conn, old, database)  # put the live one back under its name
+        _allow_connections(conn, database, True)
+        raise
+    _allow_connections(conn, old, True)
+    return True
+
+
+def _rename_when_free(conn: psycopg.Connection, database: str, new_name: str) -> None:
+    """End the sessions on `database` and rename it; new sessions are already refused, but one may
+    have slipped in between: retry a few times."""
+    import psycopg
+
+    for attempt in range(RENAME_ATTEMPTS):
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
+        try:
+            _rename(conn, database, new_name, translate=False)
+            return
+        except psycopg.errors.ObjectInUse:
+            if attempt == RENAME_ATTEMPTS - 1:
+                raise StepFailed(f"could not rename {database}: sessions keep connecting to it",
+                                 hint="stop the app (or its pooler) for a moment and run the restore again; the "
+                                      "live database is unchanged") from None
+            time.sleep(0.2 * (attempt + 1))  # terminated backends take a moment to exit
+
+
+def _rename(conn: psycopg.Connection, old: str, new: str, *, translate: bool = True) -> None:
+    import psycopg
+    from psycopg import sql
+
+    statement = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+    try:
+        conn.execute(statement)
+    except psycopg.errors.ObjectInUse:
+        if not translate:
+            raise
+        raise StepFailed(f"could not rename database {old} to {new}: it is in use",
+                         hint="run it again in a moment") from None
+    except psycopg.Error as error:
+        raise StepFailed(f"could not rename database {old} to {new}: {redact(str(error).strip())}",
+                         hint="the restoring user must own the databases (or be a superuser) and have "
+                              "CREATEDB") from None
+
+
+def _allow_connections(conn: psycopg.Connection, database: str, allowed: bool) -> None:
+    import psycopg
+    from psycopg import sql
+
+    statement = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+        sql.Identifier(database), sql.SQL("true" if allowed else "false"))
+    try:
+        conn.execute(statement)
+    except psycopg.Error as error:
+        raise StepFailed(f"could not {'allow' if allowed else 'refuse'} connections to {database}: "
+                         f"{redact(str(error).strip())}",
+                         hint="the restoring user must own the database or be a superuser") from None

@@ -1,0 +1,232 @@
+"""backup.list and backup.verify: what backups exist, and whether they are still what their manifest says.
+
+Verification re-reads the stored object (size, sha256; decrypted and decompressed
+when the age identity is at hand); --deep also restores it into a scratch database
+`<db>__verify_<stamp>`, compares row counts with the manifest and drops it. Each
+outcome is appended to the backup's verification.json (the manifest stays immutable).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import CheckFailed, UsageError
+
+if TYPE_CHECKING:
+    from ops.backup_manifest import IncompleteBackup, Manifest
+    from ops.inventory import Environment
+    from ops.output import Output
+    from ops.storage import Storage
+
+READERS = 8
+
+
+# --- selection --------------------------------------------------------------------------------
+
+
+def select(storage: Storage, backup: str) -> list[Manifest]:
+    """"latest", "all" or one backup id → manifests (newest first); errors say what exists."""
+    from ops.backup_manifest import list_backups
+
+    complete, incomplete = list_backups(storage)
+    if not complete and backup in ("latest", "all"):
+        raise CheckFailed(f"there is no complete backup in {storage.describe()}",
+                          hint="take one with `inv backup`" + (f" ({len(incomplete)} incomplete uploads are "
+                                                              "there: see `inv backup.list`)" if incomplete else ""))
+    if backup == "latest":
+        return complete[:1]
+    if backup == "all":
+        return complete
+    found = [manifest for manifest in complete if manifest.id == backup]
+    if found:
+        return found
+    if any(item.id == backup for item in incomplete):
+        raise CheckFailed(f"backup {backup} is incomplete (it has no manifest): it cannot be used",
+                          hint="choose a complete backup from `inv backup.list`")
+    newest = ", ".join(manifest.id for manifest in complete[:3])
+    raise UsageError(f"no backup {backup!r} in {storage.describe()}",
+                     hint=f"`inv backup.list` shows them; newest: {newest}" if newest else "take one with `inv backup`")
+
+
+def identities_for(env: Environment, identity: str | None, manifests: list[Manifest], *,
+                   required: bool) -> list[Any] | None:
+    """The age identities to decrypt with; None when none is configured (UsageError when `required`)."""
+    from ops import dump
+    from ops.inventory import plain
+
+    if not any(manifest.encrypted for manifest in manifests):
+        return None
+    path = identity or plain(env.value("backups.identity_file", None))
+    if not path:
+        if required:
+            recipients = ", ".join(sorted({r for m in manifests for r in m.recipients}))
+            raise UsageError(f"backup {manifests[0].id} is encrypted (to {recipients}) and no age identity was given",
+                             hint="pass --identity FILE or set backups.identity_file to the matching age key")
+        return None
+    file = Path(str(path)).expanduser()
+    if not file.is_absolute() and not identity:
+        file = env.inventory.file.parent / file
+    return dump.load_identities(file)
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+class VerifyStep(Step):
+    name = "verify"
+    changes_data = False  # reads backups; a deep check restores into a scratch database it drops again
+
+    def __init__(self, backup: str, deep: bool, identity: str | None):
+        self.backup, self.deep, self.identity = backup, deep, identity
+        kind = "restore into a scratch database and compare row counts" if deep else "check size and sha256"
+        self.title = f"re-read {'every backup' if backup == 'all' else 'backup ' + backup} and {kind}"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        manifests = select(ctx.storage("backups"), self.backup)
+        identities_for(ctx.env, self.identity, manifests, required=self.deep)
+        kind = "deep (restore + row counts)" if self.deep else "checksum"
+        return Change(f"verify {len(manifests)} backup(s), {kind}",
+                      [f"{m.id}: {m.object.key}, {m.size} bytes" for m in manifests])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops.backup_manifest import Verification, append_verification, iso_z
+        from ops.journal import utc_now
+
+        storage = ctx.storage("backups")
+        manifests = select(storage, self.backup)
+        identities = identities_for(ctx.env, self.identity, manifests, required=self.deep)
+        results, failures = [], []
+        for manifest in manifests:
+            try:
+                detail, ok = verify_one(ctx, manifest, self.deep, identities), True
+            except CheckFailed as error:  # a damaged backup; an unreachable bucket is not recorded against it
+                detail, ok = error.message, False
+                failures.append(error.message)
+            record = Verification(at=iso_z(utc_now()), kind="deep" if self.deep else "checksum", ok=ok,
+                                  run_id=ctx.run_id, operator=ctx.operator, detail=detail)
+            append_verification(storage, manifest.id, record)
+            ctx.log(f"{manifest.id}: {'ok' if ok else 'FAILED'} — {detail}")
+            results.append({"id": manifest.id, **record.to_json()})
+        ctx.state["verify"] = {"results": results}
+        if failures:
+            raise CheckFailed(f"{len(failures)} of {len(manifests)} backup(s) failed verification: "
+                              + "; ".join(failures),
+                              hint="do not rely on these backups: take a fresh one and restore from another")
+        return {"results": results}
+
+    def verify(self, ctx: RunContext) -> None:
+        """apply raised on any mismatch; the outcome is recorded in verification.json."""
+
+
+def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
+    from ops import dump
+
+    storage = ctx.storage("backups")
+    progress = dump.ProgressLines(ctx.log, f"{manifest.id}: read")
+    if not deep:
+        fetched = dump.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
+        decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
+        return f"size {fetched.size} and sha256 match the manifest; {decoded}"
+    path = ctx.env.inventory.state_dir / "restore" / f"{ctx.run_id}-{manifest.id}.pgc"
+    try:
+        dump.fetch_verified(storage, manifest, path=path, identities=identities, on_progress=progress)
+        counts = restore_into_scratch(ctx, manifest, path)
+    finally:
+        path.unlink(missing_ok=True)
+    return (f"sha256 matches; restored into a scratch database: {len(counts)} tables, "
+            f"{sum(counts.values())} rows, as in the manifest")
+
+
+def restore_into_scratch(ctx: RunContext, manifest: Manifest, archive: Path) -> dict[str, int]:
+    """pg_restore into `<db>__verify_<stamp>` on the environment's server, count rows, drop it."""
+    from ops import pg, restore_db
+    from ops.journal import utc_now
+
+    url = ctx.env.admin_url()
+    with restore_db.maintenance_connection(url, ctx.label) as connection:
+        where = pg.parse_url(url).describe()
+        tool = pg.find_client_tool("pg_restore", restore_db.readable_by(manifest, pg.server_version(connection)[0],
+                                                                         where))
+        for leftover in restore_db.leftovers(connection, manifest.database.name, "verify"):
+            pg.drop_database(connection, leftover)  # left by a verification that was killed
+        scratch = restore_db.side_name(manifest.database.name, "verify", utc_now())
+        pg.create_database(connection, scratch)
+        try:
+            restore_db.restore_archive(tool, url, scratch, str(archive), cross_environment=True)
+            return restore_db.check_row_counts(manifest, url, scratch, ctx.label)
+        finally:
+            pg.drop_database(connection, scratch)
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    step = VerifyStep(str(arguments.get("backup") or "latest"), bool(arguments.get("deep")), arguments.get("identity"))
+    return Runbook("backup.verify", f"Verify backups of {env.name}", [step], arguments=arguments,
+                   locks=("backup-verify",))
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def age_of(moment: datetime, now: datetime) -> str:
+    seconds = max(int((now - moment).total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def verified_text(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "never"
+    last = records[-1]
+    when = str(last.get("at", "?"))[:16].replace("T", " ")
+    return f"{when} {last.get('kind', '?')}" + ("" if last.get("ok") else " FAILED")
+
+
+def show_backups(env: Environment, output: Output) -> None:
+    from ops import dump
+    from ops.backup_manifest import BACKUPS_DIR, list_backups, read_verifications
+    from ops.journal import utc_now
+    from ops.storage import open_storage
+
+    storage = open_storage(env.storage_config("backups"))
+    complete, incomplete = list_backups(storage, strict=False)
+    uploads = storage.list_incomplete_uploads(BACKUPS_DIR)
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        records = list(pool.map(lambda m: read_verifications(storage, m.id), complete))
+    now = utc_now()
+    output.info(f"backups of {env.name} in {storage.describe()}:")
+    output.table(["id", "time", "age", "size", "tags", "keep", "verified"], [
+        [m.id, m.started_at, age_of(m.started, now), dump.human_size(m.size), ",".join(m.tags) or "-",
+         "keep" if m.keep else "-", verified_text(r)] for m, r in zip(complete, records, strict=True)])
+    if not complete:
+        output.info("  (no complete backup)")
+    _show_incomplete(output, incomplete, uploads, now)
+    listed = [_backup_json(m, r, now) for m, r in zip(complete, records, strict=True)]
+    output.result({"env": env.name, "backups": listed,
+                   "incomplete": [{"id": i.id, "keys": i.keys, "newest_modified": i.newest_modified.isoformat(),
+                                   "problem": i.problem} for i in incomplete],
+                   "uploads": [{"key": u.key, "initiated": u.initiated.isoformat()} for u in uploads]})
+
+
+def _show_incomplete(output: Output, incomplete: list[IncompleteBackup], uploads: list[Any], now: datetime) -> None:
+    if incomplete:
+        output.info("incomplete (no usable manifest: not backups; backup.prune removes them after a day):")
+        for item in incomplete:
+            output.info(f"  {item.id}  {age_of(item.newest_modified, now)} old, {len(item.keys)} object(s)"
+                        + (f" — {item.problem}" if item.problem else ""))
+    if uploads:
+        output.info("unfinished multipart uploads (a backup that died mid-upload):")
+        for upload in uploads:
+            output.info(f"  {upload.key}  started {age_of(upload.initiated, now)} ago")
+
+
+def _backup_json(manifest: Manifest, records: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    return {"id": manifest.id, "started_at": manifest.started_at, "finished_at": manifest.finished_at,
+            "age_seconds": int((now - manifest.started).total_seconds()), "size": manifest.size,
+            "sha256": manifest.sha256, "tags": manifest.tags, "keep": manifest.keep, "encrypted": manifest.encrypted,
+            "verified": records[-1] if records else None, "verifications": len(records)}

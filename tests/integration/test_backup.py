@@ -1,0 +1,330 @@
+"""inv backup / backup.list / backup.verify through the real CLI, on real PostgreSQL and moto S3."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from ops.secrets import Secret
+from tests.cli import Opsbook, wait_for
+
+SCHEMA = """
+CREATE TABLE "Brand" (id serial PRIMARY KEY, name text NOT NULL, slug text UNIQUE);
+CREATE TABLE "Image" (id serial PRIMARY KEY, "brandId" int REFERENCES "Brand"(id), caption text, bytes int);
+CREATE TABLE "User" (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text UNIQUE, created timestamptz);
+CREATE TABLE _prisma_migrations (
+    id varchar(36) PRIMARY KEY, checksum varchar(64) NOT NULL, finished_at timestamptz,
+    migration_name varchar(255) NOT NULL, logs text, rolled_back_at timestamptz,
+    started_at timestamptz NOT NULL DEFAULT now(), applied_steps_count int NOT NULL DEFAULT 0);
+INSERT INTO _prisma_migrations (id, checksum, finished_at, migration_name, rolled_back_at, applied_steps_count)
+VALUES ('a', repeat('0', 64), now(), '20250101120000_init', NULL, 1),
+       ('b', repeat('1', 64), now(), '20250102120000_rolled_back', now(), 1);
+INSERT INTO "Brand" (name, slug) SELECT 'Marque ' || g || ' — été ✓', 'brand-' || g FROM generate_series(1, 20) g;
+INSERT INTO "Image" ("brandId", caption, bytes)
+SELECT 1 + g % 20, md5(random()::text) || ' légende', g * 7 FROM generate_series(1, 500) g;
+INSERT INTO "User" (email, created) SELECT 'user' || g || '@example.com', now() - g * interval '1 day'
+FROM generate_series(1, 50) g;
+"""
+# ~1 KB of random hex per row: compresses about 2:1, like real text, unlike pgbench's filler
+BIG_TABLE = """
+CREATE TABLE big (id int PRIMARY KEY, body text);
+INSERT INTO big SELECT g, (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 32) i)
+FROM generate_series(1, {rows}) g;
+"""
+
+
+def make_database(server: Any, *, big_rows: int = 0) -> tuple[str, Secret]:
+    name = f"shop_{uuid.uuid4().hex[:8]}"
+    url = server.create_database(name)
+    with psycopg.connect(url.reveal(), autocommit=True) as connection:
+        connection.execute(SCHEMA)
+        if big_rows:
+            connection.execute(BIG_TABLE.format(rows=big_rows))
+    return name, url
+
+
+def row_counts(url: Secret) -> dict[str, int]:
+    with psycopg.connect(url.reveal()) as connection:
+        tables = connection.execute("SELECT schemaname, tablename FROM pg_tables "
+                                    "WHERE schemaname = 'public' ORDER BY 1, 2").fetchall()
+        return {f"{schema}.{table}": connection.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()[0]
+            for schema, table in tables}
+
+
+def databases_like(server: Any, pattern: str) -> list[str]:
+    with psycopg.connect(server.url().reveal()) as connection:
+        return [row[0] for row in connection.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (pattern,)).fetchall()]
+
+
+def backups_section(endpoint: str, bucket: str, prefix: str, **extra: Any) -> dict[str, Any]:
+    return {"provider": "s3", "endpoint": endpoint, "region": "us-east-1", "bucket": bucket, "prefix": prefix,
+            "access_key_id": "${env:S3_ACCESS_KEY_ID}", "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}", **extra}
+
+
+def write_inventory(opsbook: Opsbook, s3_server: Any, envs: dict[str, dict[str, Any]],
+                    urls: dict[str, Secret]) -> None:
+    """`envs` are inventory sections; database URLs reach it only as ${env:…} references."""
+    opsbook.environ.update({"S3_ACCESS_KEY_ID": s3_server.access_key_id,
+                            "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal()})
+    opsbook.environ.update({f"DB_URL_{name.upper()}": url.reveal() for name, url in urls.items()})
+    for name, env in envs.items():
+        env.setdefault("database", {"url": f"${{env:DB_URL_{name.upper()}}}"})
+    opsbook.write_inventory({"project": "backuptest", "default_env": next(iter(envs)), "envs": envs})
+
+
+def stored_keys(s3_server: Any, bucket: str) -> list[str]:
+    return [item["Key"] for item in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def dangling_uploads(client: Any, bucket: str) -> list[str]:
+    return [upload["Key"] for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def assert_no_secret(opsbook: Opsbook, *secrets: str) -> None:
+    produced = opsbook.everything_produced()
+    for secret in secrets:
+        assert secret not in produced, "a secret value appeared in an output or a journal"
+
+
+def step_states(opsbook: Opsbook, run_id: str, step: str) -> list[str]:
+    return [e["state"] for e in opsbook.journal(run_id) if e["event"] == "step" and e["step"] == step]
+
+
+@pytest.fixture(scope="module")
+def big_database(postgres_server: Any) -> tuple[str, Secret]:
+    """~80 MB of poorly compressible text: a backup of it is still uploading when a test strikes."""
+    return make_database(postgres_server, big_rows=80_000)
+
+
+@pytest.fixture
+def staging(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> dict[str, Any]:
+    name, url = make_database(postgres_server)
+    bucket = s3_server.make_bucket().bucket
+    write_inventory(opsbook, s3_server, {"staging": {
+        "backups": backups_section(s3_server.endpoint, bucket, "staging/", metrics_file="metrics/backup.prom")}},
+        {"staging": url})
+    return {"database": name, "url": url, "bucket": bucket,
+            "secrets": [postgres_server.password.reveal(), s3_server.secret_access_key.reveal()]}
+
+
+def test_backup_then_list_verify_and_deep_verify(opsbook, staging, postgres_server, s3_server):
+    dry = opsbook.run("backup", "--env", "staging", "--dry-run")
+    assert dry.exit_code == 0, dry
+    assert "would dump" in dry.stderr and "pg_dump 15" in dry.stderr
+    assert stored_keys(s3_server, staging["bucket"]) == []
+
+    made = opsbook.run("backup", "--env", "staging", "--tag", "nightly", "--keep", "--json")
+    assert made.exit_code == 0, made
+    backup_id = made.json()["backup"]["backup_id"]
+    keys = stored_keys(s3_server, staging["bucket"])
+    assert f"staging/backups/{backup_id}/manifest.json" in keys
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=staging["bucket"], Key=f"staging/backups/{backup_id}/manifest.json")["Body"].read())
+    stored = s3_server.client().get_object(Bucket=staging["bucket"], Key=f"staging/{manifest['object']['key']}")
+    assert manifest["object"]["sha256"] == hashlib.sha256(stored["Body"].read()).hexdigest()
+    assert manifest["row_counts"] == row_counts(staging["url"])
+    assert manifest["row_counts"]["public.Image"] == 500
+    assert manifest["migrations"] == ["20250101120000_init"]
+    assert {"name": "plpgsql", "version": "1.0"} in manifest["extensions"]
+    assert (manifest["tags"], manifest["keep"], manifest["env"]) == (["nightly"], True, "staging")
+    assert manifest["database"]["server_major"] == 15 and manifest["pg_dump"]["major"] >= 15
+    assert manifest["snapshot"] and manifest["object"]["encryption"] is None
+    assert step_states(opsbook, made.json()["run_id"], "manifest")[-1] == "verified"
+
+    metrics = (opsbook.root / "metrics" / "backup.prom").read_text()
+    assert f'opsbook_backup_size_bytes{{env="staging"}} {manifest["object"]["size"]}' in metrics
+    assert 'opsbook_backup_last_success_timestamp_seconds{env="staging"}' in metrics
+
+    listed = opsbook.run("backup.list", "--env", "staging", "--json")
+    assert listed.exit_code == 0, listed
+    assert [(b["id"], b["tags"], b["keep"], b["verified"]) for b in listed.json()["backups"]] == [
+        (backup_id, ["nightly"], True, None)]
+    assert listed.json()["incomplete"] == [] and listed.json()["uploads"] == []
+
+    checked = opsbook.run("backup.verify", "--env", "staging", "--json")
+    assert checked.exit_code == 0, checked
+    deep = opsbook.run("backup.verify", "--env", "staging", "--id", backup_id, "--deep")
+    assert deep.exit_code == 0, deep
+    assert "restored into a scratch database: 4 tables" in deep.stderr
+    assert databases_like(postgres_server, f"{staging['database']}\\_\\_verify%") == []
+    listed = opsbook.run("backup.list", "--env", "staging")
+    assert "deep" in listed.stderr.splitlines()[2]  # title, header, the backup
+    records = json.loads(s3_server.client().get_object(
+        Bucket=staging["bucket"], Key=f"staging/backups/{backup_id}/verification.json")["Body"].read())
+    assert [(r["kind"], r["ok"]) for r in records] == [("checksum", True), ("deep", True)]
+    assert_no_secret(opsbook, *staging["secrets"])
+
+
+def test_a_failing_dump_leaves_no_backup(opsbook, staging, postgres_server, s3_server):
+    role, password = f"nopriv_{uuid.uuid4().hex[:6]}", f"pw-{uuid.uuid4().hex}"
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
+                                                                              sql.Literal(password)))
+    opsbook.environ["DB_URL_STAGING"] = (f"postgresql://{role}:{password}@127.0.0.1:{postgres_server.port}/"
+                                         f"{staging['database']}")
+    failed = opsbook.run("backup", "--env", "staging")
+    assert failed.exit_code == 1, failed
+    assert "permission denied" in failed.stderr and "Traceback" not in failed.output
+    assert not any(key.endswith("manifest.json") or "/dump" in key for key in stored_keys(s3_server,
+                                                                                        staging["bucket"]))
+    assert dangling_uploads(s3_server.client(), staging["bucket"]) == []
+    assert opsbook.run("backup.list", "--env", "staging", "--json").json()["backups"] == []
+    assert_no_secret(opsbook, password, *staging["secrets"])
+
+
+def test_killed_mid_upload_leaves_nothing_listed_and_the_next_backup_succeeds(
+        opsbook, postgres_server, s3_server, big_database):
+    _name, url = big_database
+    bucket = s3_server.make_bucket().bucket
+    write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(s3_server.endpoint, bucket, "s/")}},
+                    {"staging": url})
+    client = s3_server.client()
+    first = opsbook.start("backup", "--env", "staging", "--no-prune")
+    try:
+        wait_for(lambda: dangling_uploads(client, bucket) or first.poll() is not None, timeout=60,
+                 what="the backup's multipart upload")
+        assert first.poll() is None, "the backup ended before the test could interrupt it"
+        os.kill(first.pid, signal.SIGSTOP)  # frozen mid-upload, still holding its locks
+        second = opsbook.run("backup", "--env", "staging")
+        assert second.exit_code == 75, second
+        assert "locked by run" in second.stderr and "(backup)" in second.stderr
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.communicate(timeout=30)
+    listed = opsbook.run("backup.list", "--env", "staging", "--json")
+    assert listed.json()["backups"] == [] and listed.json()["uploads"], listed
+
+    # The next backup succeeds while the app keeps writing: its row counts come from the dump's own
+    # snapshot, so the deep verification (restored rows against the manifest) agrees exactly.
+    with concurrent_writes(url):
+        after = opsbook.run("backup", "--env", "staging", "--no-prune", "--json")
+    assert after.exit_code == 0, after
+    assert [b["id"] for b in opsbook.run("backup.list", "--env", "staging", "--json").json()["backups"]] == [
+        after.json()["backup"]["backup_id"]]
+    deep = opsbook.run("backup.verify", "--env", "staging", "--deep")
+    assert deep.exit_code == 0, deep
+
+
+@contextlib.contextmanager
+def concurrent_writes(url: Secret) -> Iterator[None]:
+    """Inserts rows, one transaction each, until the block ends."""
+    stop = threading.Event()
+    inserted = []
+
+    def write() -> None:
+        with psycopg.connect(url.reveal(), autocommit=True) as connection:
+            while not stop.is_set():
+                connection.execute("INSERT INTO \"Image\" (caption, bytes) VALUES ('during the backup', 1)")
+                inserted.append(1)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert len(inserted) > 10, "the writer did not overlap the backup"
+
+
+@contextlib.contextmanager
+def separate_moto_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A moto server in its own process, so a test can kill it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def answering() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+            return False
+
+        wait_for(answering, timeout=30, what="the separate moto server")
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_storage_dying_mid_upload_fails_clearly_with_nothing_kept(opsbook, s3_server, big_database):
+    _name, url = big_database
+    with separate_moto_server() as (endpoint, moto_process):
+        import boto3.session
+        from botocore.config import Config
+
+        session = boto3.session.Session(aws_access_key_id=s3_server.access_key_id, region_name="us-east-1",
+                                        aws_secret_access_key=s3_server.secret_access_key.reveal())
+        other = session.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+        other.create_bucket(Bucket="doomed")
+        write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(endpoint, "doomed", "s/")}},
+                        {"staging": url})
+        running = opsbook.start("backup", "--env", "staging", "--no-prune")
+        wait_for(lambda: dangling_uploads(other, "doomed") or running.poll() is not None, timeout=60,
+                 what="the backup's multipart upload")
+        assert running.poll() is None, "the backup ended before the storage could be stopped"
+        moto_process.kill()
+        result = opsbook.collect(running, timeout=120)
+    assert result.exit_code == 1, result
+    assert endpoint in result.stderr and "cannot reach" in result.stderr and "Traceback" not in result.output
+    run_id = opsbook.latest_run_id()
+    assert step_states(opsbook, run_id, "dump")[-1] == "failed"
+    assert "manifest" not in {e.get("step") for e in opsbook.journal(run_id) if e.get("state") == "started"}
+
+
+def test_pg_dump_older_than_the_server_is_refused_naming_both(opsbook, s3_server, postgres18_server):
+    url = postgres18_server.create_database("shop18")
+    bucket = s3_server.make_bucket().bucket
+    write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(s3_server.endpoint, bucket, "s/")}},
+                    {"staging": url})
+    for arguments in (["--dry-run"], []):
+        refused = opsbook.run("backup", "--env", "staging", *arguments)
+        assert refused.exit_code == 3, refused
+        assert "PostgreSQL 18" in refused.stderr and "pg_dump 15" in refused.stderr
+        assert "postgresql-client-18" in refused.stderr  # says what to do
+    assert stored_keys(s3_server, bucket) == []
+    assert_no_secret(opsbook, postgres18_server.password.reveal())
+
+
+def test_backup_of_the_sandbox():
+    from ops.sandbox import Sandbox
+
+    base = Path(tempfile.mkdtemp(prefix="opsbook-backup-sandbox-"))
+    base.chmod(0o755)  # the sandbox's cluster runs as `postgres` when we are root
+    workspace = Opsbook(base / "workspace")
+    workspace.root.mkdir()
+    workspace.root.chmod(0o755)
+    workspace.write_inventory({"project": "sandboxtest", "default_env": "local", "envs": {"local": {"sandbox": True}}})
+    try:
+        made = workspace.run("backup", "--env", "local", "--json", timeout=300)
+        assert made.exit_code == 0, made
+        listed = workspace.run("backup.list", "--json")
+        assert [b["id"] for b in listed.json()["backups"]] == [made.json()["backup"]["backup_id"]]
+        started = time.monotonic()
+        checked = workspace.run("backup.verify", "--deep")
+        assert checked.exit_code == 0, checked
+        assert time.monotonic() - started < 60
+    finally:
+        Sandbox(workspace.state_dir / "sandbox").destroy()
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""inv restore through the real CLI: verified before the target is touched, swapped only when row counts match."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyrage
+import pytest
+
+from ops.secrets import Secret
+from tests.cli import Opsbook, wait_for
+from tests.integration.test_backup import (
+    assert_no_secret,
+    backups_section,
+    databases_like,
+    make_database,
+    row_counts,
+    write_inventory,
+)
+
+SAMPLES = {"Brand": 'SELECT id, name, slug FROM "Brand" ORDER BY id',
+           "Image": 'SELECT id, "brandId", caption, bytes FROM "Image" ORDER BY id',
+           "User": 'SELECT id, email, created FROM "User" ORDER BY email'}
+
+
+def rows(url: Secret, query: str) -> list[tuple]:
+    with psycopg.connect(url.reveal()) as connection:
+        return connection.execute(query).fetchall()
+
+
+def marker(url: Secret) -> list[tuple]:
+    return rows(url, "SELECT note FROM marker")
+
+
+def make_target(server: Any) -> tuple[str, Secret]:
+    """The environment to be replaced: a database with a `marker` table the backup does not have."""
+    name, url = make_database(server)
+    with psycopg.connect(url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE marker (note text); INSERT INTO marker VALUES ('before the restore')")
+    return name, url
+
+
+@pytest.fixture
+def envs(opsbook: Opsbook, postgres_server: Any, s3_server: Any, tmp_path: Path) -> dict[str, Any]:
+    """staging (the source, with its backup bucket) and prod (protected, the target)."""
+    identity = pyrage.x25519.Identity.generate()
+    key_file = opsbook.root / "backup-key.txt"
+    key_file.write_text(f"# public key: {identity.to_public()}\n{identity}\n")
+    source_name, source_url = make_database(postgres_server)
+    target_name, target_url = make_target(postgres_server)
+    buckets = {name: s3_server.make_bucket().bucket for name in ("staging", "prod")}
+    return {"source": (source_name, source_url), "target": (target_name, target_url), "buckets": buckets,
+            "identity": identity, "key_file": key_file,
+            "secrets": [postgres_server.password.reveal(), s3_server.secret_access_key.reveal(), str(identity)]}
+
+
+def configure(opsbook: Opsbook, s3_server: Any, envs: dict[str, Any], **staging_backups: Any) -> None:
+    write_inventory(opsbook, s3_server, {
+        "staging": {"backups": backups_section(s3_server.endpoint, envs["buckets"]["staging"], "staging/",
+                                               **staging_backups)},
+        "prod": {"protected": True, "backups": backups_section(s3_server.endpoint, envs["buckets"]["prod"], "prod/")},
+    }, {"staging": envs["source"][1], "prod": envs["target"][1]})
+
+
+def test_restore_into_another_environment_swaps_only_a_matching_copy(opsbook, envs, postgres_server, s3_server):
+    configure(opsbook, s3_server, envs)
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    (_source_name, source_url), (target_name, target_url) = envs["source"], envs["target"]
+
+    refused = opsbook.run("restore", "--env", "prod", "--from", "staging")
+    assert refused.exit_code == 2 and "--confirm prod" in refused.stderr, refused
+    assert marker(target_url) == [("before the restore",)]
+
+    planned = opsbook.run("restore", "--env", "prod", "--from", "staging", "--dry-run")
+    assert planned.exit_code == 0 and "would download" in planned.stderr, planned
+    assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []
+
+    app = psycopg.connect(target_url.reveal(), autocommit=True)  # the app, connected to the old database
+    restored = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod", "--json")
+    assert restored.exit_code == 0, restored
+    assert restored.json()["restored"]["backup_id"] == made.json()["backup"]["backup_id"]
+    with pytest.raises(psycopg.OperationalError):
+        app.execute("SELECT 1")  # its session was ended by the swap
+    app.close()
+
+    manifest_counts = json.loads(s3_server.client().get_object(
+        Bucket=envs["buckets"]["staging"],
+        Key=f"staging/backups/{made.json()['backup']['backup_id']}/manifest.json")["Body"].read())["row_counts"]
+    assert row_counts(target_url) == manifest_counts == row_counts(source_url)
+    for query in SAMPLES.values():
+        assert rows(target_url, query) == rows(source_url, query)
+    assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []  # old one dropped, no scratch left
+    assert not list((opsbook.state_dir / "restore").glob("*.pgc"))  # the decoded dump is gone
+
+    with psycopg.connect(target_url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE marker (note text); INSERT INTO marker VALUES ('second')")
+    kept = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod", "--keep-old")
+    assert kept.exit_code == 0, kept
+    [old] = databases_like(postgres_server, f"{target_name}\\_\\_old\\_%")
+    assert marker(Secret(postgres_server.url(old).reveal())) == [("second",)]
+    assert_no_secret(opsbook, *envs["secrets"])
+
+
+def test_a_damaged_backup_is_refused_before_the_target_is_touched(opsbook, envs, postgres_server, s3_server):
+    configure(opsbook, s3_server, envs)
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    backup_id, bucket = made.json()["backup"]["backup_id"], envs["buckets"]["staging"]
+    key = f"staging/{made.json()['backup']['key']}"
+    client = s3_server.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01  # one bit, in the middle
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+    checked = opsbook.run("backup.verify", "--env", "staging", "--id", backup_id)
+    assert checked.exit_code == 3, checked
+    assert f"backup {backup_id} is damaged" in checked.stderr and "sha256" in checked.stderr
+    records = json.loads(client.get_object(Bucket=bucket, Key=f"staging/backups/{backup_id}/verification.json")
+                         ["Body"].read())
+    assert [(r["kind"], r["ok"]) for r in records] == [("checksum", False)]
+    assert "FAILED" in opsbook.run("backup.list", "--env", "staging").stderr
+
+    refused = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    assert refused.exit_code == 3, refused
+    assert f"backup {backup_id} is damaged" in refused.stderr
+    target_name, target_url = envs["target"]
+    assert marker(target_url) == [("before the restore",)]
+    assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []
+    assert not list((opsbook.state_dir / "restore").glob("*.pgc"))
+
+
+def test_an_encrypted_backup_needs_its_identity(opsbook, envs, postgres_server, s3_server):
+    configure(opsbook, s3_server, envs, encrypt_to=[str(envs["identity"].to_public())])
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    key = made.json()["backup"]["key"]
+    assert key.endswith(".pgc.zst.age")
+    stored = s3_server.client().get_object(Bucket=envs["buckets"]["staging"], Key=f"staging/{key}")["Body"].read()
+    assert stored.startswith(b"age-encryption.org/v1") and b"PGDMP" not in stored
+    assert not stored[100:].startswith(b"\x28\xb5\x2f\xfd")
+
+    hashed = opsbook.run("backup.verify", "--env", "staging")  # no key on this host: checksum only
+    assert hashed.exit_code == 0 and "not decrypted" in hashed.stderr, hashed
+    refused = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    assert refused.exit_code == 2, refused
+    assert "is encrypted" in refused.stderr and "--identity" in refused.stderr
+    _target_name, target_url = envs["target"]
+    assert marker(target_url) == [("before the restore",)]
+
+    restored = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod",
+                           "--identity", str(envs["key_file"]))
+    assert restored.exit_code == 0, restored
+    assert row_counts(target_url) == row_counts(envs["source"][1])
+    assert_no_secret(opsbook, *envs["secrets"])
+
+
+def test_an_interrupted_restore_leaves_the_target_untouched(opsbook, envs, postgres_server, s3_server):
+    configure(opsbook, s3_server, envs)
+    source_url = envs["source"][1]
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:  # enough for pg_restore to take a while
+        connection.execute("CREATE TABLE filler AS SELECT g AS id, repeat(md5(g::text), 30) AS body "
+                           "FROM generate_series(1, 60000) g")
+    made = opsbook.run("backup", "--env", "staging")
+    assert made.exit_code == 0, made
+    target_name, target_url = envs["target"]
+    running = opsbook.start("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    wait_for(lambda: databases_like(postgres_server, f"{target_name}\\_\\_restore%") or running.poll() is not None,
+             timeout=60, interval=0.01, what="the scratch database")
+    assert running.poll() is None, "the restore ended before it could be interrupted"
+    running.send_signal(signal.SIGTERM)
+    result = opsbook.collect(running, timeout=60)
+    assert result.exit_code == 130, result
+    assert marker(target_url) == [("before the restore",)]
+    assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []
+    assert not list((opsbook.state_dir / "restore").glob("*.pgc"))
+    journal = opsbook.journal(opsbook.latest_run_id())
+    assert journal[-1]["status"] == "interrupted" and journal[-1]["stopped_at"] == "load"

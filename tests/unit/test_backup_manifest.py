@@ -1,0 +1,126 @@
+"""The manifest contract, listing on a real (local) bucket, and the pure helpers of restores and metrics."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ops import backup_manifest as bm
+from ops import restore_db
+from ops.errors import CheckFailed
+from ops.storage import StorageConfig, open_storage
+from runbooks.backup import render_metrics
+
+
+def manifest(backup_id: str = "20261123T020000Z-7f3a", **changes) -> bm.Manifest:
+    values = dict(
+        id=backup_id, project="acme", env="prod", run_id="20261123T020000Z-0001",
+        database=bm.DatabaseInfo("app", "postgres@db:5432/app", "15.4", 15), pg_dump=bm.ToolInfo("15.4", 15),
+        snapshot="00000003-0000001B-1", started_at="2026-11-23T02:00:00Z",
+        finished_at="2026-11-23T02:00:12Z", seconds=12.3,
+        object=bm.StoredObject(bm.dump_key(backup_id, False), 123, "a" * 64, 456),
+        row_counts={"public.Brand": 20}, migrations=["20250101120000_init_brands"],
+        extensions=[{"name": "plpgsql", "version": "1.0"}], tags=["nightly"])
+    values.update(changes)
+    return bm.Manifest(**values)
+
+
+def test_layout():
+    assert bm.dump_key("X", encrypted=True) == "backups/X/dump.pgc.zst.age"
+    assert bm.dump_key("X", encrypted=False) == "backups/X/dump.pgc.zst"
+    assert bm.manifest_key("X") == "backups/X/manifest.json" and bm.backup_prefix("X") == "backups/X/"
+
+
+def test_round_trip_keeps_every_field_in_the_documented_shape():
+    original = manifest()
+    data = json.loads(original.dumps())
+    assert list(data)[:2] == ["format", "id"] and data["format"] == 1
+    assert data["object"]["compression"] == {"algorithm": "zstd", "level": 3} and data["object"]["encryption"] is None
+    assert bm.Manifest.from_json(original.dumps(), backup_id=original.id) == original
+    assert original.started == datetime(2026, 11, 23, 2, tzinfo=UTC) and not original.encrypted
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda d: d.pop("row_counts"), "row_counts: missing"),
+    (lambda d: d["object"].update(sha256="XYZ"), "object.sha256: not 64 lowercase hex"),
+    (lambda d: d.update(format=2), "format 2 is not supported"),
+    (lambda d: d["database"].update(server_major="15"), "database.server_major: wrong type"),
+    (lambda d: d.update(keep="yes"), "keep: wrong type"),
+    (lambda d: d.update(started_at="yesterday"), "started_at: not an ISO-8601 time"),
+    (lambda d: d["row_counts"].update(x=True), "row_counts: every value must be an integer"),
+])
+def test_a_malformed_manifest_is_refused_naming_the_backup(change, problem):
+    data = manifest().to_json()
+    change(data)
+    with pytest.raises(CheckFailed) as failure:
+        bm.Manifest.from_json(data, backup_id="20261123T020000Z-7f3a")
+    assert "backup 20261123T020000Z-7f3a: manifest.json is malformed" in str(failure.value)
+    assert problem in str(failure.value)
+
+
+def test_not_json_and_wrong_folder_are_refused():
+    with pytest.raises(CheckFailed, match="not JSON"):
+        bm.Manifest.from_json(b"{oops", backup_id="B")
+    with pytest.raises(CheckFailed, match="stored under 'B'"):
+        bm.Manifest.from_json(manifest("A").to_json(), backup_id="B")
+
+
+def test_listing_sorts_and_separates_incomplete_backups(tmp_path: Path):
+    storage = open_storage(StorageConfig(provider="local", bucket="b", path=str(tmp_path), prefix="prod/"))
+    storage.create_bucket()
+    for backup_id in ("20261121T020000Z-aaaa", "20261123T020000Z-bbbb"):
+        started = f"{backup_id[:4]}-{backup_id[4:6]}-{backup_id[6:8]}T02:00:00Z"
+        storage.put_bytes(bm.dump_key(backup_id, False), b"dump")
+        bm.write_manifest(storage, manifest(backup_id, started_at=started))
+    storage.put_bytes(bm.dump_key("20261124T020000Z-dead", False), b"half")  # died before its manifest
+    storage.put_bytes(bm.manifest_key("20261120T020000Z-bad0"), b"{}")  # unreadable manifest
+    with pytest.raises(CheckFailed, match="backup 20261120T020000Z-bad0"):
+        bm.list_backups(storage)
+    complete, incomplete = bm.list_backups(storage, strict=False)
+    assert [m.id for m in complete] == ["20261123T020000Z-bbbb", "20261121T020000Z-aaaa"]
+    assert [(i.id, i.problem is not None) for i in incomplete] == [
+        ("20261124T020000Z-dead", False), ("20261120T020000Z-bad0", True)]
+    assert incomplete[0].keys == ["backups/20261124T020000Z-dead/dump.pgc.zst"]
+
+    assert bm.read_verifications(storage, complete[0].id) == []
+    bm.append_verification(storage, complete[0].id, bm.Verification("2026-11-23T03:00:00Z", "checksum", True, "r",
+                                                                     "me", "ok"))
+    bm.append_verification(storage, complete[0].id, {"at": "2026-11-23T04:00:00Z", "kind": "deep", "ok": False})
+    records = bm.read_verifications(storage, complete[0].id)
+    assert [r["kind"] for r in records] == ["checksum", "deep"]
+    assert bm.last_verification(records)["kind"] == "checksum"
+    assert bm.read_manifest(storage, complete[0].id) == complete[0]  # the manifest itself never changes
+
+
+def test_side_database_names_fit_postgres_limit():
+    moment = datetime(2026, 11, 23, 2, 0, 0, tzinfo=UTC)
+    assert restore_db.side_name("app", "restore", moment) == "app__restore_20261123020000"
+    long_name = restore_db.side_name("x" * 80, "restore", moment)
+    assert len(long_name.encode()) <= 63 and long_name.endswith("__restore_20261123020000")
+    assert restore_db.side_pattern("my_app", "old") == "my\\_app\\_\\_old\\_%"
+
+
+def test_row_count_comparison_names_each_difference():
+    assert restore_db.compare_row_counts({"a": 1}, {"a": 1}) == []
+    assert restore_db.compare_row_counts({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "d": 0}) == [
+        "b: 5 rows, manifest: 2", "c: missing (manifest: 3 rows)", "d: not in the manifest (0 rows)"]
+
+
+def test_restore_options_drop_acls_only_across_environments():
+    assert restore_db.restore_options(cross_environment=False) == ["--no-owner"]
+    assert restore_db.restore_options(cross_environment=True) == ["--no-owner", "--no-acl"]
+
+
+def test_metrics_replace_this_environment_and_keep_the_others():
+    first = render_metrics("", "prod", {"opsbook_backup_size_bytes": 10, "opsbook_backup_duration_seconds": 1.5,
+                                        "opsbook_backup_last_success_timestamp_seconds": 1000})
+    second = render_metrics(first, "staging", {"opsbook_backup_size_bytes": 20})
+    third = render_metrics(second, "prod", {"opsbook_backup_size_bytes": 30})
+    assert 'opsbook_backup_size_bytes{env="prod"} 30' in third
+    assert 'opsbook_backup_size_bytes{env="prod"} 10' not in third
+    assert 'opsbook_backup_duration_seconds{env="prod"} 1.5' in third
+    assert 'opsbook_backup_size_bytes{env="staging"} 20' in third
+    assert "# TYPE opsbook_backup_size_bytes gauge" in third and third.count("# HELP opsbook_backup_size_bytes") == 1
