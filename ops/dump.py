@@ -145,6 +145,22 @@ class Digest:
         return self._hash.hexdigest()
 
 
+class CountingReader:
+    """Wraps a reader; counts the bytes read through it (hashing pg_dump's output would only cost CPU)."""
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.size += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
 class DigestingReader:
     """Wraps a reader; hashes and counts every byte read through it."""
 
@@ -306,7 +322,7 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
         fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
     stderr = StderrTail(process.stderr)
     queue = ChunkQueue()
-    raw = DigestingReader(process.stdout)
+    raw = CountingReader(process.stdout)
     encoder = threading.Thread(target=_encode, args=(raw, queue, process, stderr, level, recipients, what),
                                name="opsbook-encode", daemon=True)
     encoder.start()
@@ -323,11 +339,11 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
     if info.size != stored.digest.size:
         raise StepFailed(f"{storage.describe()}: {key} holds {info.size} bytes but {stored.digest.size} were sent",
                          hint="the storage lost part of the upload; run the backup again")
-    return Stored(size=stored.digest.size, sha256=stored.digest.hexdigest, dump_size=raw.digest.size,
+    return Stored(size=stored.digest.size, sha256=stored.digest.hexdigest, dump_size=raw.size,
                   seconds=round(time.monotonic() - began, 3))
 
 
-def _encode(source: DigestingReader, queue: ChunkQueue, process: subprocess.Popen[bytes], stderr: StderrTail,
+def _encode(source: CountingReader, queue: ChunkQueue, process: subprocess.Popen[bytes], stderr: StderrTail,
             level: int, recipients: list[Any] | None, what: str) -> None:
     """The encoding thread: compress (and encrypt) into the queue; close it with pg_dump's verdict."""
     import zstandard

@@ -27,7 +27,6 @@ from ops.storage import (
     Storage,
     StorageConfig,
     check_part_size,
-    read_full,
     validate_prefix,
 )
 
@@ -36,6 +35,9 @@ if TYPE_CHECKING:
 
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 MAX_COPY_OBJECT_SIZE = 5 * 1024**3  # CopyObject's limit; larger objects are streamed
+# Two parts travel at once: one waits on the server while the other is sent, and
+# memory holds at most two parts (one more would buy nothing on 2 cores).
+PARTS_IN_FLIGHT = 2
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                "ExpiredToken", "Unauthorized", "Forbidden", "403", "401", "AllAccessDisabled"}
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -285,10 +287,10 @@ class S3Storage(Storage):
                       content_type: str | None = None) -> ObjectInfo:
         check_part_size(part_size)
         full_key = self.full_key(key)
-        first = read_full(source, part_size)
-        second = read_full(source, part_size) if len(first) == part_size else b""
+        first = _read_part(source, part_size)
+        second = _read_part(source, part_size) if len(first) == part_size else bytearray()
         if not second:  # fits in one part: a plain PUT, no multipart bookkeeping
-            info = self.put_bytes(key, first, metadata=metadata, content_type=content_type)
+            info = self.put_bytes(key, bytes(first), metadata=metadata, content_type=content_type)
             if on_progress:
                 on_progress(len(first))
             return info
@@ -305,31 +307,60 @@ class S3Storage(Storage):
             raise
         return self._stored(key)
 
-    def _upload_parts(self, full_key: str, upload_id: str, pending: list[bytes], source: BinaryIO,
+    def _upload_parts(self, full_key: str, upload_id: str, pending: list[bytearray], source: BinaryIO,
                       part_size: int, on_progress: Callable[[int], None] | None) -> None:
-        """Send the parts one at a time (reading the next only after sending), then complete."""
-        parts: list[dict[str, Any]] = []
+        """Send the parts, PARTS_IN_FLIGHT at a time, then complete.
+
+        A part is read only once fewer than PARTS_IN_FLIGHT are being sent, so at most
+        that many parts are in memory; the next part fills while the others travel.
+        """
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+        etags: dict[int, str] = {}
+        sending: dict[Future[str], tuple[int, int]] = {}  # future -> (part number, bytes)
         total = 0
-        action = f"uploading {full_key}"
-        while True:
-            chunk = pending.pop(0) if pending else read_full(source, part_size)
-            if not chunk:
-                break
-            number = len(parts) + 1
-            if number > MAX_PARTS:
-                raise StepFailed(f"{self.describe()}: {action} failed: more than {MAX_PARTS} parts",
-                                 hint=f"use a part size above {part_size} bytes")
-            with self._errors(f"{action} (part {number})"):
-                response = self.client.upload_part(Bucket=self.config.bucket, Key=full_key,
-                                                   UploadId=upload_id, PartNumber=number, Body=chunk)
-            parts.append({"PartNumber": number, "ETag": response["ETag"]})
-            total += len(chunk)
-            del chunk  # let the part go before the next one is read
-            if on_progress:
-                on_progress(total)
+        pool = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="opsbook-upload")
+        try:
+            while True:
+                while len(sending) >= PARTS_IN_FLIGHT:
+                    total = self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags,
+                                          total, on_progress)
+                chunk = pending.pop(0) if pending else _read_part(source, part_size)
+                if not chunk:
+                    break
+                number = len(etags) + len(sending) + 1
+                if number > MAX_PARTS:
+                    raise StepFailed(f"{self.describe()}: uploading {full_key} failed: more than {MAX_PARTS} parts",
+                                     hint=f"use a part size above {part_size} bytes")
+                sending[pool.submit(self._upload_part, full_key, upload_id, number, chunk)] = (number, len(chunk))
+                del chunk  # only the future holds the part now: freed once sent
+            while sending:
+                total = self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, total,
+                                      on_progress)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        parts = [{"PartNumber": number, "ETag": etags[number]} for number in sorted(etags)]
         with self._errors(f"completing the upload of {full_key}"):
             self.client.complete_multipart_upload(Bucket=self.config.bucket, Key=full_key,
                                                   UploadId=upload_id, MultipartUpload={"Parts": parts})
+
+    def _upload_part(self, full_key: str, upload_id: str, number: int, body: bytes | bytearray) -> str:
+        with self._errors(f"uploading {full_key} (part {number})"):
+            response = self.client.upload_part(Bucket=self.config.bucket, Key=full_key, UploadId=upload_id,
+                                               PartNumber=number, Body=body)
+        return str(response["ETag"])
+
+    @staticmethod
+    def _collect(sending: dict[Any, tuple[int, int]], done: set[Any], etags: dict[int, str], total: int,
+                 on_progress: Callable[[int], None] | None) -> int:
+        """Record the finished parts (raising the first failure); the bytes sent so far."""
+        for future in done:
+            number, size = sending.pop(future)
+            etags[number] = future.result()
+            total += size
+        if on_progress:
+            on_progress(total)
+        return total
 
     def _abort_quietly(self, full_key: str, upload_id: str) -> None:
         """Best effort while another error propagates; a leftover shows in list_incomplete_uploads."""
@@ -432,6 +463,24 @@ class _TranslatingReader(io.RawIOBase):
     def close(self) -> None:
         self._body.close()
         super().close()
+
+
+def _read_part(source: BinaryIO, size: int) -> bytearray:
+    """Up to `size` bytes (fewer only at the end), read straight into one buffer: no join copy.
+
+    R2 needs every part but the last the same size, so a part is filled completely."""
+    part = bytearray(size)
+    view = memoryview(part)
+    filled = 0
+    with view:
+        while filled < size:
+            chunk = source.read(size - filled)
+            if not chunk:
+                break
+            view[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+    del part[filled:]  # the last part: shrink in place
+    return part
 
 
 def _as_connection_error(error: Exception) -> Exception:
