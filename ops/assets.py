@@ -24,10 +24,13 @@ import json
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ops.backup_manifest import iso_z
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.journal import utc_now
+from ops.output import human_size
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -38,13 +41,12 @@ MANIFESTS = "assets/manifests/"
 SOURCE_ETAG = "opsbook-source-etag"  # S3 lowercases metadata names: keep it lower case
 FORMAT = 1
 DEFAULT_WORKERS = 10  # botocore keeps 10 connections per client: more threads would wait or reconnect
-MAX_SERVER_SIDE_COPY = 5 * 1024**3  # CopyObject's limit; larger objects are streamed
 
 Progress = Callable[[int, int], None]  # (objects done, objects to do)
 
 
 def timestamp(moment: datetime | None = None) -> str:
-    return (moment or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_z(moment or utc_now())
 
 
 def stored_key(run_id: str, key: str) -> str:
@@ -208,26 +210,18 @@ def _adoptable(info: ObjectInfo, backups: Storage, candidates: list[ObjectInfo])
 
 
 def describe_plan(plan: CopyPlan, *, sample: int = 10) -> list[str]:
-    lines = [f"copy {len(plan.to_copy)} objects ({human_bytes(plan.bytes_to_copy)}); skip "
-             f"{len(plan.kept)} unchanged ({human_bytes(plan.bytes_kept)})"]
+    lines = [f"copy {len(plan.to_copy)} objects ({human_size(plan.bytes_to_copy)}); skip "
+             f"{len(plan.kept)} unchanged ({human_size(plan.bytes_kept)})"]
     if plan.adopted:
         lines.append(f"{len(plan.adopted)} copies left by an interrupted run are adopted, not copied again")
     if plan.newly_deleted:
         lines.append(f"{len(plan.newly_deleted)} deleted at the source since the last run: kept in cold storage, "
                      f"marked deleted ({', '.join(plan.newly_deleted[:sample])}"
                      f"{', …' if len(plan.newly_deleted) > sample else ''})")
-    lines += [f"copy {info.key} ({human_bytes(info.size)})" for info in plan.to_copy[:sample]]
+    lines += [f"copy {info.key} ({human_size(info.size)})" for info in plan.to_copy[:sample]]
     if len(plan.to_copy) > sample:
         lines.append(f"… and {len(plan.to_copy) - sample} more")
     return lines
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
 
 
 # ------------------------------------------------------------------ copying
@@ -295,14 +289,14 @@ def copy_one(source: Storage, backups: Storage, info: ObjectInfo, dest_key: str)
     data, so a recorded ETag is never newer than the data: at worst the next run
     copies it once more."""
     pinned = bool(info.etag) and _server_side_possible(source, backups, info.size)
-    if pinned and _server_side_copy(source, backups, info, dest_key):
+    if pinned and backups.server_side_copy(source, info, dest_key):
         return AssetEntry(info.key, info.size, info.etag, dest_key, timestamp())
     current = source.head(info.key)
     if current is None:
         return None
     metadata = {**current.metadata, SOURCE_ETAG: current.etag or ""}
     if _server_side_possible(source, backups, current.size):
-        _server_side_copy(source, backups, current, dest_key, metadata=metadata)
+        backups.server_side_copy(source, current, dest_key, metadata=metadata)
     else:
         from ops.storage import ObjectNotFound
 
@@ -315,34 +309,9 @@ def copy_one(source: Storage, backups: Storage, info: ObjectInfo, dest_key: str)
 
 
 def _server_side_possible(source: Storage, backups: Storage, size: int) -> bool:
-    same_account = getattr(backups, "same_account", None)
-    return bool(same_account and same_account(source)) and size <= MAX_SERVER_SIDE_COPY
+    from ops.storage_s3 import MAX_COPY_OBJECT_SIZE
 
-
-def _server_side_copy(source: Storage, backups: Storage, info: ObjectInfo, dest_key: str, *,
-                      metadata: dict[str, str] | None = None) -> bool:
-    """CopyObject: pinned to `info.etag` and keeping the source's metadata, or with
-    `metadata` replacing it. False when the source no longer has that ETag."""
-    from botocore.exceptions import ClientError
-
-    arguments: dict[str, Any] = {}
-    if metadata is None:
-        arguments["CopySourceIfMatch"] = f'"{info.etag}"'
-    else:
-        arguments.update(Metadata=metadata, MetadataDirective="REPLACE")
-        if info.content_type:
-            arguments["ContentType"] = info.content_type
-    copy_source = {"Bucket": source.config.bucket, "Key": source.full_key(info.key)}
-    action = f"copying {copy_source['Key']} to {backups.full_key(dest_key)}"
-    with backups._errors(action):  # type: ignore[attr-defined]
-        try:
-            backups.client.copy_object(Bucket=backups.config.bucket,  # type: ignore[attr-defined]
-                                       Key=backups.full_key(dest_key), CopySource=copy_source, **arguments)
-        except ClientError as error:
-            if metadata is None and backups._code(error) in ("PreconditionFailed", "412", "NoSuchKey"):  # type: ignore[attr-defined]
-                return False  # changed or deleted since the listing: the careful path decides
-            raise
-    return True
+    return backups.same_account(source) and size <= MAX_COPY_OBJECT_SIZE
 
 
 def restore_pairs(manifest: AssetManifest, *, include_deleted: bool = False) -> list[tuple[str, str]]:
@@ -389,20 +358,6 @@ def _normal(rule: dict[str, Any]) -> tuple[Any, ...]:
     return rule.get("ID"), rule.get("Status"), prefix, abort, transitions
 
 
-def read_rules(storage: Storage) -> list[dict[str, Any]]:
-    from botocore.exceptions import ClientError
-
-    with storage._errors("reading the lifecycle rules"):  # type: ignore[attr-defined]
-        try:
-            response = storage.client.get_bucket_lifecycle_configuration(  # type: ignore[attr-defined]
-                Bucket=storage.config.bucket)
-        except ClientError as error:
-            if storage._code(error) == "NoSuchLifecycleConfiguration":  # type: ignore[attr-defined]
-                return []
-            raise
-    return list(response.get("Rules") or [])
-
-
 def rules_to_set(existing: list[dict[str, Any]], desired: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The desired rules that are missing or differ from what the bucket has."""
     have = {_normal(rule) for rule in existing}
@@ -413,13 +368,6 @@ def merged_rules(existing: list[dict[str, Any]], desired: list[dict[str, Any]]) 
     """The bucket's whole configuration: its other rules untouched, ours replaced by ID."""
     ours = {rule["ID"] for rule in desired}
     return [rule for rule in existing if rule.get("ID") not in ours] + desired
-
-
-def put_rules(storage: Storage, rules: list[dict[str, Any]]) -> None:
-    # One configuration per bucket: PUT replaces it whole, hence the merge with what is there.
-    with storage._errors("setting the lifecycle rules"):  # type: ignore[attr-defined]
-        storage.client.put_bucket_lifecycle_configuration(  # type: ignore[attr-defined]
-            Bucket=storage.config.bucket, LifecycleConfiguration={"Rules": rules})
 
 
 def describe_rule(rule: dict[str, Any]) -> str:

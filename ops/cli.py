@@ -15,7 +15,7 @@ from ops.errors import Interrupted, OpsError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
-    from ops.engine import Runbook, RunResult
+    from ops.engine import Runbook, RunContext, RunResult
     from ops.inventory import Environment, Inventory
     from ops.output import Output
 
@@ -115,12 +115,20 @@ def make_output(json_mode: bool) -> Output:
 
 
 def execute(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool = False,
-            confirm: str | None = None, resume: Any = None, run_id: str | None = None) -> RunResult:
+            confirm: str | None = None, resume: Any = None, run_id: str | None = None,
+            result: Callable[[RunContext], dict[str, Any]] | None = None,
+            on_failure: Callable[[RunContext, OpsError], None] | None = None) -> RunResult:
+    """Runs a runbook and reports it; `result(ctx)` adds to the JSON result of a real run."""
     from ops.engine import RunContext, Runner
 
     ctx = RunContext(env, output=output, run_id=run_id)
     runner = Runner(runbook, ctx, confirm=confirm, prompt=input, resume=resume)
-    result = runner.run(dry_run=dry_run)
-    output.info(f"{result.status} (run {result.run_id}; `inv runs.show {result.run_id}` for the journal)")
-    output.result(result.to_json())
-    return result
+    try:
+        outcome = runner.run(dry_run=dry_run)
+    except OpsError as error:
+        if on_failure:
+            on_failure(ctx, error)
+        raise
+    output.info(f"{outcome.status} (run {outcome.run_id}; `inv runs.show {outcome.run_id}` for the journal)")
+    output.result({**outcome.to_json(), **(result(ctx) if result and not dry_run else {})})
+    return outcome

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.errors import CheckFailed, InventoryError, OpsError, StepFailed, UsageError
+from ops.output import human_size
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
@@ -222,14 +223,6 @@ class ProgressLines:
             self._last = now
             rate = total / max(now - self._started, 1e-6)
             self._log(f"{self._verb} {human_size(total)} ({human_size(int(rate))}/s)")
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def part_size_for(estimated_bytes: int) -> int:

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops.backup_manifest import iso_z
 from ops.errors import OpsError
+from ops.journal import utc_now
+from ops.output import human_size
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -82,9 +85,9 @@ class Decision:
                 f"{'; '.join(self.reasons)}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.backup.id, "finished_at": iso(self.backup.finished_at), "size": self.backup.size,
+        return {"id": self.backup.id, "finished_at": iso_z(self.backup.finished_at), "size": self.backup.size,
                 "keep": self.backup.keep, "tags": list(self.backup.tags),
-                "verified_at": iso(self.backup.verified_at) if self.backup.verified_at else None,
+                "verified_at": iso_z(self.backup.verified_at) if self.backup.verified_at else None,
                 "decision": self.action, "reasons": list(self.reasons)}
 
 
@@ -324,7 +327,7 @@ def apply_survey(storage: Storage, found: Survey, log: Callable[[str], None]) ->
             removed.append(incomplete.id)
         for upload in found.stale_uploads:
             storage.abort_incomplete_upload(upload)
-            log(f"aborted the dangling multipart upload of {upload.key} (started {iso(upload.initiated)})")
+            log(f"aborted the dangling multipart upload of {upload.key} (started {iso_z(upload.initiated)})")
             aborted.append(upload.key)
     return {"deleted": deleted, "incomplete_removed": removed, "uploads_aborted": aborted}
 
@@ -351,21 +354,3 @@ def prune_after_backup(ctx: RunContext) -> dict[str, Any]:
         return {"error": redact(error.message)}
     return {**outcome, "kept": [d.backup.id for d in found.plan.kept]}
 
-
-# -- small helpers --------------------------------------------------------------------------------
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"

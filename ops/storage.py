@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from ops.errors import CheckFailed, InventoryError, StepFailed, UsageError
@@ -220,6 +220,23 @@ class Storage(ABC):
     @abstractmethod
     def abort_incomplete_upload(self, upload: IncompleteUpload) -> None:
         """Drop a leftover partial upload; one already gone is not an error."""
+
+    def same_account(self, other: Storage) -> bool:
+        """Whether `server_side_copy` from `other` into this storage can work."""
+        return False
+
+    def server_side_copy(self, source: Storage, info: ObjectInfo, dest_key: str, *,
+                         metadata: dict[str, str] | None = None) -> bool:
+        """Copy `info` of `source` without it passing through this process (see S3Storage)."""
+        raise UsageError(f"{self.describe()}: no server-side copy here", hint="use copy_object")
+
+    def lifecycle_rules(self) -> list[dict[str, Any]]:
+        """The bucket's lifecycle rules, in the S3 API's shape."""
+        raise UsageError(f"{self.describe()}: this provider has no lifecycle rules")
+
+    def set_lifecycle_rules(self, rules: list[dict[str, Any]]) -> None:
+        """Replace the bucket's whole lifecycle configuration with `rules`."""
+        raise UsageError(f"{self.describe()}: this provider has no lifecycle rules")
 
     def copy_object(self, source: Storage, key: str, dest_key: str) -> ObjectInfo:
         """Copy `key` of `source` to `dest_key` here, streamed through this process.

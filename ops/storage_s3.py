@@ -353,13 +353,14 @@ class S3Storage(Storage):
     @staticmethod
     def _collect(sending: dict[Any, tuple[int, int]], done: set[Any], etags: dict[int, str], total: int,
                  on_progress: Callable[[int], None] | None) -> int:
-        """Record the finished parts (raising the first failure); the bytes sent so far."""
+        """Record the finished parts (raising the first failure); the bytes sent so far.
+        Progress is reported after each part, so the running total never jumps by several."""
         for future in done:
             number, size = sending.pop(future)
             etags[number] = future.result()
             total += size
-        if on_progress:
-            on_progress(total)
+            if on_progress:
+                on_progress(total)
         return total
 
     def _abort_quietly(self, full_key: str, upload_id: str) -> None:
@@ -386,6 +387,49 @@ class S3Storage(Storage):
         return ObjectInfo(key=dest_key, size=info.size, etag=_etag(result.get("ETag")) or info.etag,
                           last_modified=_utc(result.get("LastModified") or datetime.now(UTC)),
                           metadata=info.metadata, content_type=info.content_type)
+
+    def server_side_copy(self, source: Storage, info: ObjectInfo, dest_key: str, *,
+                         metadata: dict[str, str] | None = None) -> bool:
+        """CopyObject of `info` from `source` (same account, up to MAX_COPY_OBJECT_SIZE): pinned to
+        its ETag and keeping its metadata, or with `metadata` replacing it. False when the
+        source changed or went since `info` was read."""
+        from botocore.exceptions import ClientError
+
+        arguments: dict[str, Any] = {}
+        if metadata is None:
+            arguments["CopySourceIfMatch"] = f'"{info.etag}"'
+        else:
+            arguments.update(Metadata=metadata, MetadataDirective="REPLACE")
+            if info.content_type:
+                arguments["ContentType"] = info.content_type
+        copy_source = {"Bucket": source.config.bucket, "Key": source.full_key(info.key)}
+        full_key = self.full_key(dest_key)
+        with self._errors(f"copying {copy_source['Key']} to {full_key}"):
+            try:
+                self.client.copy_object(Bucket=self.config.bucket, Key=full_key, CopySource=copy_source,
+                                        **arguments)
+            except ClientError as error:
+                if metadata is None and self._code(error) in ("PreconditionFailed", "412", "NoSuchKey"):
+                    return False
+                raise
+        return True
+
+    def lifecycle_rules(self) -> list[dict[str, Any]]:
+        from botocore.exceptions import ClientError
+
+        with self._errors("reading the lifecycle rules"):
+            try:
+                response = self.client.get_bucket_lifecycle_configuration(Bucket=self.config.bucket)
+            except ClientError as error:
+                if self._code(error) == "NoSuchLifecycleConfiguration":
+                    return []
+                raise
+        return list(response.get("Rules") or [])
+
+    def set_lifecycle_rules(self, rules: list[dict[str, Any]]) -> None:
+        with self._errors("setting the lifecycle rules"):
+            self.client.put_bucket_lifecycle_configuration(Bucket=self.config.bucket,
+                                                           LifecycleConfiguration={"Rules": rules})
 
     # -- deleting ---------------------------------------------------------
     def delete(self, key: str) -> None:

@@ -118,20 +118,20 @@ class LifecycleStep(Step):
         return desired_rules(ctx.storage(self.section), abort_days=self.abort_days, archive_days=self.archive_days)
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.assets import describe_rule, read_rules, rules_to_set
+        from ops.assets import describe_rule, rules_to_set
 
-        missing = rules_to_set(read_rules(ctx.storage(self.section)), self._desired(ctx))
+        missing = rules_to_set(ctx.storage(self.section).lifecycle_rules(), self._desired(ctx))
         if not missing:
             return None
         return Change(f"set {len(missing)} lifecycle rule(s) on {ctx.storage(self.section).config.bucket}",
                       [describe_rule(rule) for rule in missing])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.assets import merged_rules, put_rules, read_rules
+        from ops.assets import merged_rules
 
         storage = ctx.storage(self.section)
         desired = self._desired(ctx)
-        put_rules(storage, merged_rules(read_rules(storage), desired))
+        storage.set_lifecycle_rules(merged_rules(storage.lifecycle_rules(), desired))
         return {"bucket": storage.config.bucket, "rules": [rule["ID"] for rule in desired]}
 
 

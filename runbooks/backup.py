@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import environment, execute, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import OpsError, StepFailed, UsageError
+from ops.output import human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -77,7 +78,7 @@ class DumpStep(Step):
         key = self._key(ctx)
         target = pg.parse_url(ctx.env.database_url(direct=True)).describe()
         encryption = f"age to {len(recipients)} recipient(s)" if recipients else "not encrypted"
-        return Change(f"dump {connection.info.dbname} (about {dump.human_size(size)} on disk) to {key}",
+        return Change(f"dump {connection.info.dbname} (about {human_size(size)} on disk) to {key}",
                       [f"from {target} (PostgreSQL {version}) with pg_dump {tool.version} ({tool.path})",
                        f"to {storage.describe()}", f"zstd level {options['level']}, {encryption}"],
                       {"size": size})
@@ -114,7 +115,7 @@ class DumpStep(Step):
             storage.delete(key)
             raise facts["error"]
         finished = utc_now()
-        ctx.log(f"stored {dump.human_size(stored.size)} (dump {dump.human_size(stored.dump_size)}) "
+        ctx.log(f"stored {human_size(stored.size)} (dump {human_size(stored.dump_size)}) "
                 f"in {stored.seconds:.1f}s; sha256 {stored.sha256}")
         version = ctx.database().execute("SHOW server_version").fetchone()[0].split()[0]
         return {"backup_id": self.backup_id, "key": key, "size": stored.size, "sha256": stored.sha256,
@@ -274,11 +275,9 @@ class PruneStep(Step):
         return Change("delete the backups the retention policy no longer keeps")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        prune = getattr(importlib.import_module("ops.retention"), "prune_after_backup", None)
-        if prune is None:
-            ctx.log("retention is not available in this opsbook; nothing pruned")
-            return {"skipped": "no retention module"}
-        return prune(ctx) or {}
+        from ops.retention import prune_after_backup
+
+        return prune_after_backup(ctx)
 
     def verify(self, ctx: RunContext) -> None:
         """Retention reports its own outcome; a refusal does not undo the backup."""
@@ -305,19 +304,12 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 
 def run(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool = False, confirm: str | None = None,
         result: Any = None) -> RunResult:
-    """Like ops.cli.execute, with `result(ctx)` merged into the JSON result and channels told of failures."""
-    from ops.engine import RunContext, Runner
-
-    ctx = RunContext(env, output=output)
-    try:
-        outcome = Runner(runbook, ctx, confirm=confirm, prompt=input).run(dry_run=dry_run)
-    except OpsError as error:
+    """ops.cli.execute, with the environment's channels told of failures."""
+    def on_failure(ctx: RunContext, error: OpsError) -> None:
         if not dry_run and error.exit_code not in NOT_NOTIFIED:
             notify_failure(env, runbook, ctx.run_id, error, output)
-        raise
-    output.info(f"{outcome.status} (run {outcome.run_id}; `inv runs.show {outcome.run_id}` for the journal)")
-    output.result({**outcome.to_json(), **(result(ctx) if result and not dry_run else {})})
-    return outcome
+
+    return execute(runbook, env, output, dry_run=dry_run, confirm=confirm, result=result, on_failure=on_failure)
 
 
 def notify_failure(env: Environment, runbook: Runbook, run_id: str, error: OpsError, output: Output) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, UsageError
+from ops.output import human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import IncompleteBackup, Manifest
@@ -188,7 +189,6 @@ def verified_text(records: list[dict[str, Any]]) -> str:
 
 
 def show_backups(env: Environment, output: Output) -> None:
-    from ops import dump
     from ops.backup_manifest import BACKUPS_DIR, list_backups, read_verifications
     from ops.journal import utc_now
     from ops.storage import open_storage
@@ -201,7 +201,7 @@ def show_backups(env: Environment, output: Output) -> None:
     now = utc_now()
     output.info(f"backups of {env.name} in {storage.describe()}:")
     output.table(["id", "time", "age", "size", "tags", "keep", "verified"], [
-        [m.id, m.started_at, age_of(m.started, now), dump.human_size(m.size), ",".join(m.tags) or "-",
+        [m.id, m.started_at, age_of(m.started, now), human_size(m.size), ",".join(m.tags) or "-",
          "keep" if m.keep else "-", verified_text(r)] for m, r in zip(complete, records, strict=True)])
     if not complete:
         output.info("  (no complete backup)")

@@ -15,6 +15,7 @@ from invoke import task
 from ops.cli import environment, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed
+from ops.journal import utc_now
 
 if TYPE_CHECKING:
     from ops.engine import RunResult
@@ -28,7 +29,7 @@ SURVEY_STATE = "retention"  # ctx.state key: the survey the last check before ap
 def take_survey(ctx: RunContext, policy: RetentionPolicy, force: bool) -> Survey:
     from ops import retention
 
-    found = retention.survey(ctx.storage("backups"), policy, retention.utc_now(), force=force)
+    found = retention.survey(ctx.storage("backups"), policy, utc_now(), force=force)
     ctx.state[SURVEY_STATE] = found
     if found.refused:
         for decision in found.plan.decisions:

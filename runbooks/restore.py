@@ -26,6 +26,7 @@ from invoke import task
 from ops.cli import environment, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed
+from ops.output import human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -104,18 +105,17 @@ class FetchStep(Step):
         self.title = f"download backup {plan.backup} of {plan.source.name} and check its sha256 before anything else"
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops import dump
 
         manifest = self.plan.manifest(ctx)
         tool = self.plan.tool(ctx)
         self.plan.identities()  # an encrypted backup without its key is refused before the download
-        return Change(f"download {manifest.id} ({dump.human_size(manifest.size)}) from {self.plan.source.name} "
+        return Change(f"download {manifest.id} ({human_size(manifest.size)}) from {self.plan.source.name} "
                       "and verify it", [f"{self.plan.storage(ctx).describe()}: {manifest.object.key}",
                                         f"taken {manifest.started_at} from {manifest.database.target} "
                                         f"(PostgreSQL {manifest.database.server_version}); restored with "
                                         f"pg_restore {tool.version}",
                                         f"decoded into {self.plan.archive(ctx)} "
-                                        f"({dump.human_size(manifest.object.dump_size)})"])
+                                        f"({human_size(manifest.object.dump_size)})"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         from ops import dump
