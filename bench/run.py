@@ -282,7 +282,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each command; medians are reported")
     parser.add_argument("--assets", type=int, default=1000, help="objects in the app bucket (default 1000)")
     parser.add_argument("--asset-kb", type=int, default=100, help="their mean size in KB (default 100)")
-    parser.add_argument("--compression-level", type=int, default=3, help="backups.compression_level")
+    parser.add_argument("--compression-level", type=int, default=1, help="backups.compression_level")
     parser.add_argument("--only", default="backup,restore,assets,startup", help="scenarios to run")
     parser.add_argument("--tasks-root", default=str(servers.REPOSITORY), help="where tasks.py is")
     parser.add_argument("--json", action="store_true", help="print every sample as JSON on stdout")

@@ -81,7 +81,7 @@ class StoredObject:
     size: int  # bytes stored (compressed, maybe encrypted)
     sha256: str  # of the stored bytes
     dump_size: int  # bytes pg_dump wrote (before compression)
-    compression: dict[str, Any] = field(default_factory=lambda: {"algorithm": "zstd", "level": 3})
+    compression: dict[str, Any] = field(default_factory=lambda: {"algorithm": "zstd", "level": 1})
     encryption: dict[str, Any] | None = None  # {"algorithm": "age", "recipients": [...]}
 
 

@@ -391,14 +391,18 @@ class Fetched:
     sha256: str
     decoded_size: int | None  # bytes of dump produced; None when decoding failed or was skipped
     decode_error: str | None = None
+    sink_closed: bool = False  # the consumer (pg_restore) stopped reading: its own exit status says why
 
 
 def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[Any] | None = None,
-                     encrypted: bool = False, decode: bool = True, on_progress: Progress | None = None) -> Fetched:
+                     encrypted: bool = False, decode: bool = True, on_progress: Progress | None = None,
+                     abort_sink: Callable[[], None] | None = None) -> Fetched:
     """Read the stored object whole, hashing it, and decode it into `sink` (unless not `decode`).
 
     The object is always read to its end, even when decoding fails early, so the
-    caller can tell a damaged object (sha256 differs) from a wrong key.
+    caller can tell a damaged object (sha256 differs) from a wrong key. On an
+    interruption `abort_sink` is called first, to unblock a decoder stuck writing
+    into a process that has stopped reading.
     """
     queue = ChunkQueue()
     outcome: dict[str, Any] = {}
@@ -424,6 +428,8 @@ def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[
         queue.close()
     except BaseException:
         queue.close(ReaderGone("the download stopped"))
+        if abort_sink:
+            abort_sink()
         if decode:
             decoder.join(timeout=30)
         raise
@@ -431,7 +437,7 @@ def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[
         decoder.join()
     error = outcome.get("error")
     return Fetched(size=digest.size, sha256=digest.hexdigest, decoded_size=None if error else outcome.get("size"),
-                   decode_error=error)
+                   decode_error=error, sink_closed=outcome.get("sink_closed", False))
 
 
 def _decode(queue: ChunkQueue, sink: Any, identities: list[Any] | None, outcome: dict[str, Any]) -> None:
@@ -452,6 +458,10 @@ def _decode(queue: ChunkQueue, sink: Any, identities: list[Any] | None, outcome:
     except ReaderGone:
         outcome["error"] = "the download stopped"
     except Exception as error:
+        if counter.closed:  # (age may wrap the exception raised inside its writes)
+            outcome["error"], outcome["sink_closed"] = "the restoring process stopped reading", True
+            queue.abandon()
+            return
         outcome["error"] = describe_decode_error(error, encrypted=identities is not None)
         queue.abandon()
 
@@ -465,13 +475,22 @@ def describe_decode_error(error: Exception, *, encrypted: bool) -> str:
     return f"decompression failed ({text}): the object is damaged or not a zstd stream"
 
 
+class SinkClosed(Exception):
+    """The process reading the decoded dump exited (its pipe is closed)."""
+
+
 class _CountingWriter:
     def __init__(self, sink: Any):
         self.sink = sink
         self.size = 0
+        self.closed = False
 
     def write(self, data: Any) -> int:
-        self.sink.write(data)
+        try:
+            self.sink.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed = True
+            raise SinkClosed() from None
         self.size += len(data)
         return len(data)
 

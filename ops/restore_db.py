@@ -9,12 +9,13 @@ database) because a session cannot rename or drop the database it is connected t
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
 from ops.secrets import Secret, redact
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
     import psycopg
 
     from ops.backup_manifest import Manifest
+    from ops.dump import Fetched
     from ops.pg import ClientTool
+    from ops.storage import Storage
 
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 MAINTENANCE_DATABASES = ("postgres", "template1")
@@ -100,11 +103,58 @@ def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive:
         raise StepFailed(f"cannot start {tool.path}: {error.strerror}",
                          hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
     if result.returncode != 0:
-        reason = " ".join(redact(result.stderr.decode(errors="replace")).split())[-1500:]
-        raise StepFailed(f"pg_restore into {database} on {pg.parse_url(url).describe()} failed "
-                         f"(exit {result.returncode}): {reason}",
-                         hint="the live database is untouched; fix the cause (missing extension, role, "
-                              "disk space) and run it again")
+        raise _restore_failed(database, url, result.returncode, redact(result.stderr.decode(errors="replace")))
+
+
+def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage: Storage, manifest: Manifest, *,
+                     identities: list[Any] | None, cross_environment: bool = False,
+                     on_progress: Callable[[int], None] | None = None) -> Fetched:
+    """Download the backup and pg_restore it into `database` as it arrives, checking size and sha256.
+
+    The download, decoding and restore overlap, so a restore costs little more than
+    pg_restore itself. Only `database` (a scratch database) is written; the caller drops
+    it when this raises. A damaged object is reported as such (CheckFailed), whatever
+    pg_restore made of it.
+    """
+    from ops import dump, pg
+
+    command = [*pg.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
+    environment = pg.child_environment(pg.with_database(url, database))
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, env=environment, bufsize=0)
+    except OSError as error:
+        raise StepFailed(f"cannot start {tool.path}: {error.strerror}",
+                         hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
+    stderr = dump.StderrTail(process.stderr)
+    try:
+        fetched = dump.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
+                                        encrypted=manifest.encrypted, on_progress=on_progress,
+                                        abort_sink=process.kill)
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+        status = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    found = dump.differences(manifest.size, manifest.sha256, fetched)
+    if found or (fetched.decode_error and not fetched.sink_closed):
+        dump.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched)
+    if status != 0:
+        raise _restore_failed(database, url, status, stderr.text())
+    dump.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched,
+                       manifest.object.dump_size)
+    return fetched
+
+
+def _restore_failed(database: str, url: Secret | str, status: int, stderr: str) -> StepFailed:
+    from ops import pg
+
+    reason = " ".join(stderr.split())[-1500:]
+    return StepFailed(f"pg_restore into {database} on {pg.parse_url(url).describe()} failed (exit {status}): "
+                      f"{reason}", hint="the live database is untouched; fix the cause (missing extension, role, "
+                                        "disk space) and run it again")
 
 
 def compare_row_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:

@@ -1,18 +1,23 @@
 """inv restore: a verified restore with an atomic swap.
 
-1. download the backup and check its size and sha256 (decrypting and decompressing
-   it into a private file in the state dir) before anything touches the target;
-2. restore into a new database `<db>__restore_<stamp>` (pg_restore -j 2), compare
-   its row counts with the manifest;
-3. only then swap names: `<db>` → `<db>__old_<stamp>`, the restored copy → `<db>`,
+1. download the backup, check its size and sha256, and restore it into a new database
+   `<db>__restore_<stamp>`; compare that database's row counts with the manifest;
+2. only then swap names: `<db>` → `<db>__old_<stamp>`, the restored copy → `<db>`,
    dropping the old one unless --keep-old.
 
 Ownership: objects are restored with --no-owner, owned by the target's own database
 role (the user of its direct URL), so the app that connects as that role owns its
 tables whichever environment the dump came from. Across environments ACLs are
 dropped too (--no-acl): the source's grantees rarely exist on the target.
-An interruption before step 3 leaves the target untouched; the scratch database is
+An interruption before the swap leaves the target untouched; the scratch database is
 dropped on the way out, or by the next restore if the process was killed.
+
+Two ways to fill the scratch database (`--jobs`):
+- streamed (jobs 1, the default on machines with up to 2 CPUs): the download is decoded
+  straight into pg_restore, so downloading and restoring overlap; the checksum is
+  complete when the download ends, and a mismatch drops the scratch database;
+- parallel (jobs N > 1, the default with more CPUs): the dump is decoded into a private
+  file in the state dir and verified first, then `pg_restore -j N` loads it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from invoke import task
 
 from ops.cli import environment, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import StepFailed
+from ops.errors import StepFailed, UsageError
 from ops.output import human_size
 
 if TYPE_CHECKING:
@@ -38,11 +43,11 @@ class Plan:
     """What the steps share: the source, the chosen backup, the target's names."""
 
     def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
-                 keep_old: bool, identity: str | None):
+                 keep_old: bool, identity: str | None, jobs: int = 1):
         from ops.restore_db import side_name
 
         self.target, self.source, self.backup, self.database = target, source, backup, database
-        self.keep_old, self.identity = keep_old, identity
+        self.keep_old, self.identity, self.jobs = keep_old, identity, jobs
         self.scratch = side_name(database, "restore", stamp)
         self.old = side_name(database, "old", stamp)
         self._manifest: Manifest | None = None
@@ -96,6 +101,90 @@ class Plan:
         return pg.find_client_tool("pg_restore", restore_db.readable_by(manifest, major, where))
 
 
+    def create_scratch(self, ctx: RunContext) -> str:
+        """Drop scratch databases left by killed restores, create this run's; returns its owner."""
+        from ops import pg, restore_db
+
+        with self.maintenance(ctx) as connection:
+            for leftover in restore_db.leftovers(connection, self.database, "restore"):
+                ctx.log(f"dropping {leftover}, left by an interrupted restore")
+                pg.drop_database(connection, leftover)
+            owner = restore_db.database_owner(connection, self.database) or pg.parse_url(self.url(ctx)).user
+            pg.create_database(connection, self.scratch, owner=owner)
+        return owner
+
+    def drop_scratch(self, ctx: RunContext) -> None:
+        from ops import pg
+
+        with self.maintenance(ctx) as connection:
+            pg.drop_database(connection, self.scratch)
+
+    def check_counts(self, ctx: RunContext) -> dict[str, int]:
+        from ops import restore_db
+
+        counts = restore_db.check_row_counts(self.manifest(ctx), self.url(ctx), self.scratch, ctx.label)
+        ctx.log(f"{len(counts)} tables, {sum(counts.values())} rows: as in the manifest")
+        return counts
+
+    def scratch_exists(self, ctx: RunContext) -> None:
+        from ops import pg
+
+        with self.maintenance(ctx) as connection:
+            if not pg.database_exists(connection, self.scratch):
+                raise StepFailed(f"{self.scratch} is missing after the restore")
+
+    def describe_source(self, ctx: RunContext) -> list[str]:
+        manifest = self.manifest(ctx)
+        tool = self.tool(ctx)
+        self.identities()  # an encrypted backup without its key is refused before the download
+        return [f"{self.storage(ctx).describe()}: {manifest.object.key}",
+                f"taken {manifest.started_at} from {manifest.database.target} "
+                f"(PostgreSQL {manifest.database.server_version}); restored with pg_restore {tool.version}"]
+
+
+class StreamStep(Step):
+    """Download, verify and restore in one pass (see the module's docstring)."""
+
+    name = "load"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.title = (f"download backup {plan.backup} of {plan.source.name}, restore it into a new database "
+                      f"{plan.scratch} as it arrives, check its sha256 and row counts")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        manifest = self.plan.manifest(ctx)
+        return Change(f"download {manifest.id} ({human_size(manifest.size)}) from {self.plan.source.name}, "
+                      f"restoring it into {self.plan.scratch} as it arrives", [*self.plan.describe_source(ctx),
+                                               f"on {ctx.env.name}; the live database {self.plan.database} is "
+                                               "not touched (a checksum or row-count mismatch drops the copy)"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops import dump, restore_db
+
+        plan = self.plan
+        manifest = plan.manifest(ctx)
+        owner = plan.create_scratch(ctx)
+        try:
+            fetched = restore_db.restore_streamed(
+                plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
+                identities=plan.identities(), cross_environment=plan.cross_environment,
+                on_progress=dump.ProgressLines(ctx.log, "downloaded and restored"))
+            ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
+            counts = plan.check_counts(ctx)
+        except BaseException:  # interrupted, damaged or failed: the target keeps no trace of this run
+            self.undo(ctx, change)
+            raise
+        return {"backup_id": manifest.id, "sha256": fetched.sha256, "database": plan.scratch, "owner": owner,
+                "tables": len(counts), "rows": sum(counts.values())}
+
+    def verify(self, ctx: RunContext) -> None:
+        self.plan.scratch_exists(ctx)
+
+    def undo(self, ctx: RunContext, change: Change) -> None:
+        self.plan.drop_scratch(ctx)
+
+
 class FetchStep(Step):
     name = "fetch"
     changes_data = False
@@ -105,15 +194,9 @@ class FetchStep(Step):
         self.title = f"download backup {plan.backup} of {plan.source.name} and check its sha256 before anything else"
 
     def check(self, ctx: RunContext) -> Change | None:
-
         manifest = self.plan.manifest(ctx)
-        tool = self.plan.tool(ctx)
-        self.plan.identities()  # an encrypted backup without its key is refused before the download
         return Change(f"download {manifest.id} ({human_size(manifest.size)}) from {self.plan.source.name} "
-                      "and verify it", [f"{self.plan.storage(ctx).describe()}: {manifest.object.key}",
-                                        f"taken {manifest.started_at} from {manifest.database.target} "
-                                        f"(PostgreSQL {manifest.database.server_version}); restored with "
-                                        f"pg_restore {tool.version}",
+                      "and verify it", [*self.plan.describe_source(ctx),
                                         f"decoded into {self.plan.archive(ctx)} "
                                         f"({human_size(manifest.object.dump_size)})"])
 
@@ -152,45 +235,31 @@ class LoadStep(Step):
         self.title = f"restore into a new database {plan.scratch} and compare row counts with the manifest"
 
     def check(self, ctx: RunContext) -> Change | None:
-        return Change(f"create {self.plan.scratch} and pg_restore -j 2 into it",
+        return Change(f"create {self.plan.scratch} and pg_restore -j {self.plan.jobs} into it",
                       [f"on {ctx.env.name}; the live database {self.plan.database} is not touched"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import pg, restore_db
+        from ops import restore_db
 
-        archive = Path((ctx.state.get("fetch") or {}).get("archive") or self.plan.archive(ctx))
-        manifest = self.plan.manifest(ctx)
-        url = self.plan.url(ctx)
-        with self.plan.maintenance(ctx) as connection:
-            for leftover in restore_db.leftovers(connection, self.plan.database, "restore"):
-                ctx.log(f"dropping {leftover}, left by an interrupted restore")
-                pg.drop_database(connection, leftover)
-            owner = restore_db.database_owner(connection, self.plan.database) or pg.parse_url(url).user
-            pg.create_database(connection, self.plan.scratch, owner=owner)
+        plan = self.plan
+        archive = Path((ctx.state.get("fetch") or {}).get("archive") or plan.archive(ctx))
+        owner = plan.create_scratch(ctx)
         try:
-            restore_db.restore_archive(self.plan.tool(ctx), url, self.plan.scratch, str(archive),
-                                       cross_environment=self.plan.cross_environment)
-            counts = restore_db.check_row_counts(manifest, url, self.plan.scratch, ctx.label)
+            restore_db.restore_archive(plan.tool(ctx), plan.url(ctx), plan.scratch, str(archive), jobs=plan.jobs,
+                                       cross_environment=plan.cross_environment)
+            counts = plan.check_counts(ctx)
         except BaseException:  # interrupted or failed: the target keeps no trace of this run
             self.undo(ctx, change)
             raise
         finally:
             archive.unlink(missing_ok=True)
-        ctx.log(f"{len(counts)} tables, {sum(counts.values())} rows: as in the manifest")
-        return {"database": self.plan.scratch, "owner": owner, "tables": len(counts), "rows": sum(counts.values())}
+        return {"database": plan.scratch, "owner": owner, "tables": len(counts), "rows": sum(counts.values())}
 
     def verify(self, ctx: RunContext) -> None:
-        from ops import pg
-
-        with self.plan.maintenance(ctx) as connection:
-            if not pg.database_exists(connection, self.plan.scratch):
-                raise StepFailed(f"{self.plan.scratch} is missing after the restore")
+        self.plan.scratch_exists(ctx)
 
     def undo(self, ctx: RunContext, change: Change) -> None:
-        from ops import pg
-
-        with self.plan.maintenance(ctx) as connection:
-            pg.drop_database(connection, self.plan.scratch)
+        self.plan.drop_scratch(ctx)
 
 
 class SwapStep(Step):
@@ -237,11 +306,25 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     source_name = arguments.get("source") or env.name
     source = env if source_name == env.name else _environment(source_name)
     database = arguments.get("database") or database_name(env)
+    jobs = restore_jobs(arguments.get("jobs"))
     plan = Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
-                bool(arguments.get("keep_old")), arguments.get("identity"))
+                bool(arguments.get("keep_old")), arguments.get("identity"), jobs)
     title = f"Restore {env.name} ({database}) from a backup of {source.name}"
-    return Runbook("restore", title, [FetchStep(plan), LoadStep(plan), SwapStep(plan)], arguments=arguments,
-                   locks=("environment",))
+    loading: list[Step] = [StreamStep(plan)] if jobs == 1 else [FetchStep(plan), LoadStep(plan)]
+    return Runbook("restore", title, [*loading, SwapStep(plan)], arguments=arguments, locks=("environment",))
+
+
+def restore_jobs(requested: int | str | None) -> int:
+    """pg_restore jobs: 1 streams (best with up to 2 CPUs, where download and restore share them)."""
+    import os
+
+    if requested not in (None, "", 0, "0", "auto"):
+        jobs = int(requested)
+        if jobs < 1:
+            raise UsageError(f"--jobs {requested}: give 1 (streamed) or more (parallel)")
+        return jobs
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 2 else min(4, cpus // 2)
 
 
 def _environment(name: str) -> Environment:
@@ -254,18 +337,22 @@ def _environment(name: str) -> Environment:
                  "(default: the target itself)", backup="backup id, or latest (default)",
                  database="the database to replace (default: the target's)",
                  keep_old="keep the replaced database as <db>__old_<stamp>",
-                 identity="age identity file to decrypt with (default: the source's backups.identity_file)"))
+                 identity="age identity file to decrypt with (default: the source's backups.identity_file)",
+                 jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
+                      "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
 @opstask
-def restore(c, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
+def restore(c, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None, jobs=0,
             dry_run=False, confirm=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     from runbooks.backup import run
 
     output = make_output(json)
     target = environment(env, output=output)
-    runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity)
+    runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
+                    jobs=jobs)
 
     def result(ctx: RunContext) -> dict[str, Any]:
-        return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("swap") or {})}}
+        return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
+                             **(ctx.state.get("swap") or {})}}
 
     run(runbook, target, output, dry_run=dry_run, confirm=confirm, result=result)

@@ -99,7 +99,9 @@ def test_restore_into_another_environment_swaps_only_a_matching_copy(opsbook, en
 
     with psycopg.connect(target_url.reveal(), autocommit=True) as connection:
         connection.execute("CREATE TABLE marker (note text); INSERT INTO marker VALUES ('second')")
-    kept = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod", "--keep-old")
+    # parallel mode: download and verify into a private file first, then pg_restore -j 2
+    kept = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod", "--keep-old",
+                       "--jobs", "2")
     assert kept.exit_code == 0, kept
     [old] = databases_like(postgres_server, f"{target_name}\\_\\_old\\_%")
     assert marker(Secret(postgres_server.url(old).reveal())) == [("second",)]
@@ -125,10 +127,11 @@ def test_a_damaged_backup_is_refused_before_the_target_is_touched(opsbook, envs,
     assert [(r["kind"], r["ok"]) for r in records] == [("checksum", False)]
     assert "FAILED" in opsbook.run("backup.list", "--env", "staging").stderr
 
-    refused = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
-    assert refused.exit_code == 3, refused
-    assert f"backup {backup_id} is damaged" in refused.stderr
     target_name, target_url = envs["target"]
+    for jobs in ("1", "2"):  # streamed into pg_restore, and downloaded whole before pg_restore -j 2
+        refused = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod", "--jobs", jobs)
+        assert refused.exit_code == 3, refused
+        assert f"backup {backup_id} is damaged" in refused.stderr
     assert marker(target_url) == [("before the restore",)]
     assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []
     assert not list((opsbook.state_dir / "restore").glob("*.pgc"))

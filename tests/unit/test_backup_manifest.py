@@ -38,7 +38,7 @@ def test_round_trip_keeps_every_field_in_the_documented_shape():
     original = manifest()
     data = json.loads(original.dumps())
     assert list(data)[:2] == ["format", "id"] and data["format"] == 1
-    assert data["object"]["compression"] == {"algorithm": "zstd", "level": 3} and data["object"]["encryption"] is None
+    assert data["object"]["compression"] == {"algorithm": "zstd", "level": 1} and data["object"]["encryption"] is None
     assert bm.Manifest.from_json(original.dumps(), backup_id=original.id) == original
     assert original.started == datetime(2026, 11, 23, 2, tzinfo=UTC) and not original.encrypted
 
