@@ -132,18 +132,14 @@ def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list
         fetched = dump.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
         return f"size {fetched.size} and sha256 match the manifest; {decoded}"
-    path = ctx.env.inventory.state_dir / "restore" / f"{ctx.run_id}-{manifest.id}.pgc"
-    try:
-        dump.fetch_verified(storage, manifest, path=path, identities=identities, on_progress=progress)
-        counts = restore_into_scratch(ctx, manifest, path)
-    finally:
-        path.unlink(missing_ok=True)
+    counts = restore_into_scratch(ctx, manifest, storage, identities, progress)
     return (f"sha256 matches; restored into a scratch database: {len(counts)} tables, "
             f"{sum(counts.values())} rows, as in the manifest")
 
 
-def restore_into_scratch(ctx: RunContext, manifest: Manifest, archive: Path) -> dict[str, int]:
-    """pg_restore into `<db>__verify_<stamp>` on the environment's server, count rows, drop it."""
+def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, identities: list[Any] | None,
+                         progress: Any) -> dict[str, int]:
+    """Stream the backup into `<db>__verify_<stamp>` on the environment's server, count rows, drop it."""
     from ops import pg, restore_db
     from ops.journal import utc_now
 
@@ -157,7 +153,8 @@ def restore_into_scratch(ctx: RunContext, manifest: Manifest, archive: Path) -> 
         scratch = restore_db.side_name(manifest.database.name, "verify", utc_now())
         pg.create_database(connection, scratch)
         try:
-            restore_db.restore_archive(tool, url, scratch, str(archive), cross_environment=True)
+            restore_db.restore_streamed(tool, url, scratch, storage, manifest, identities=identities,
+                                        cross_environment=True, on_progress=progress)
             return restore_db.check_row_counts(manifest, url, scratch, ctx.label)
         finally:
             pg.drop_database(connection, scratch)
