@@ -1,7 +1,7 @@
 """opsbook against what users do today, on the same data, in one run: a table of median ratios.
 
-    .venv/bin/python bench/run.py                    # 200 MB database, 3 rounds
-    .venv/bin/python bench/run.py --sizes 200,400    # two sizes: peak RSS must not grow
+    .venv/bin/python bench/run.py                    # 750 MB database (the reference size), 3 rounds
+    .venv/bin/python bench/run.py --sizes 200,750    # two sizes: peak RSS must not grow
     .venv/bin/python bench/run.py --json             # every sample, as JSON on stdout
 
 Scenarios (each round runs every command once, the order alternating between rounds):
@@ -278,7 +278,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="200", help="database sizes in MB, comma separated (default 200)")
+    parser.add_argument("--sizes", default="750", help="database sizes in MB, comma separated (default 750)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each command; medians are reported")
     parser.add_argument("--assets", type=int, default=1000, help="objects in the app bucket (default 1000)")
     parser.add_argument("--asset-kb", type=int, default=100, help="their mean size in KB (default 100)")
