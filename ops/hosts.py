@@ -257,6 +257,41 @@ class HostConnection:
             self._remove_quietly(temporary)
             raise
 
+    def file_mode(self, path: str) -> int | None:
+        """Permission bits of `path` (e.g. 0o600), or None when it does not exist."""
+        from paramiko import SSHException
+
+        try:
+            attributes = self._sftp().stat(_sftp_path(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, EOFError, SSHException) as error:
+            raise self._file_error("stat", path, error) from None
+        return (attributes.st_mode or 0) & 0o7777
+
+    def chmod(self, path: str, mode: int) -> None:
+        from paramiko import SSHException
+
+        try:
+            self._sftp().chmod(_sftp_path(path), mode)
+        except (OSError, EOFError, SSHException) as error:
+            raise self._file_error("chmod", path, error) from None
+
+    def readlink(self, path: str) -> str | None:
+        """Where the symlink `path` points (as written in the link), or None when it is missing or not a link."""
+        from paramiko import SSHException
+
+        try:
+            return self._sftp().readlink(_sftp_path(path))
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if error.errno in (errno.EINVAL, None):  # exists but is not a symlink (SFTP gives no errno)
+                return None
+            raise self._file_error("read the link", path, error) from None
+        except (EOFError, SSHException) as error:
+            raise self._file_error("read the link", path, error) from None
+
     def _write_new_file(self, path: str, data: bytes, mode: int) -> None:
         # Exclusive create, and chmod before any byte is written: secrets never sit world-readable.
         with self._sftp().open(path, "wx") as handle:
@@ -421,3 +456,27 @@ def run_on_hosts(hosts: list[HostConfig],
         except OpsError as error:
             results.append((host, error))
     return results
+
+
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def is_on_host(url: str) -> bool:
+    """A URL on the host's loopback is only reachable from the host itself."""
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in LOOPBACK_NAMES
+
+
+def fetch_from_here(url: str, timeout: float = 10) -> tuple[int, str]:
+    """(HTTP status, the start of the body) from this machine; status 0 and the reason when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read(2048).decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(2048).decode(errors="replace")
+    except (urllib.error.URLError, OSError) as error:
+        return 0, str(getattr(error, "reason", error))

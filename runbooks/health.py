@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from invoke import task
 
@@ -15,7 +14,6 @@ if TYPE_CHECKING:
     from ops.hosts import HostConfig
     from ops.inventory import Environment
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 def database_probe(env: Environment, direct: bool) -> Probe:
@@ -70,21 +68,12 @@ def url_probe(env: Environment, host: HostConfig, url: str) -> Probe:
 
 def fetch(host: HostConfig, url: str) -> tuple[int, str]:
     """URLs on the host's loopback are fetched on the host itself, others from here."""
-    if (urlparse(url).hostname or "") in LOCAL_HOSTS:
-        from ops.hosts import connect
+    from ops.hosts import connect, fetch_from_here, is_on_host
 
-        with connect(host) as connection:
-            return connection.fetch_url(url)
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read(2048).decode(errors="replace")
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(2048).decode(errors="replace")
-    except (urllib.error.URLError, OSError) as error:
-        return 0, str(getattr(error, "reason", error))
+    if not is_on_host(url):
+        return fetch_from_here(url)
+    with connect(host) as connection:
+        return connection.fetch_url(url)
 
 
 def probes(env: Environment) -> list[tuple[str, Probe]]:
