@@ -1,9 +1,10 @@
-"""Prisma-compatible migration state, and the `native` engine that applies migrations.
+"""Prisma-compatible migration state.
 
 Prisma keeps one folder per migration (`prisma/migrations/<name>/migration.sql`) and
-one row per attempt in `_prisma_migrations`. This module reads both, classifies each
-migration exactly as `prisma migrate status` / `migrate deploy` would, and can apply
-pending ones with the same bookkeeping, so Prisma's own CLI agrees with us afterwards.
+one row per attempt in `_prisma_migrations`. This module reads both and classifies each
+migration exactly as `prisma migrate status` / `migrate deploy` would; `load_migrations(env)`
+and `environment_status(env)` do it for an inventory environment (checkout or app host).
+The `native` engine that applies pending ones with Prisma's bookkeeping is ops/migration_apply.py.
 
 Statuses: failed (a row with neither finished_at nor rolled_back_at: Prisma's P3009),
 applied / edited (a finished row whose checksum matches / differs from the file, with
@@ -13,26 +14,28 @@ database_only (a live row with no folder).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import shlex
 import tomllib
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ops.errors import CheckFailed, LockHeld, StepFailed
+from ops.errors import CheckFailed, ConnectionFailed, InventoryError
 from ops.secrets import redact, reveal
 
 if TYPE_CHECKING:
     import psycopg
 
+    from ops.hosts import HostConfig
+    from ops.inventory import Environment
     from ops.secrets import Secret
 
 MIGRATIONS_TABLE = "_prisma_migrations"
+DEFAULT_DIR = "prisma/migrations"
 MIGRATION_FILE = "migration.sql"
 LOCK_FILE = "migration_lock.toml"
 # The key Prisma's schema engine passes to pg_advisory_lock: sharing it means our
@@ -73,7 +76,7 @@ class LocalMigration:
     name: str
     checksum: str
     sql: str
-    path: Path
+    path: PurePath  # a local Path, or the PurePosixPath of the file on an app host
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ class MigrationEntry:
 
     def to_json(self) -> dict[str, Any]:
         started, finished = (moment.isoformat() if moment else None for moment in (self.started_at, self.finished_at))
-        return {"name": self.name, "status": self.status, "started_at": started, "finished_at": finished}
+        logs = {"logs": self.logs} if self.logs and self.status == FAILED else {}
+        return {"name": self.name, "status": self.status, "started_at": started, "finished_at": finished, **logs}
 
 
 @dataclass(frozen=True)
@@ -310,208 +314,150 @@ def use_prisma_schema(conn: psycopg.Connection, url: Secret | str, *, create: bo
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
 
 
-# ---------------------------------------------------------------- the native engine
-
-def apply_pending(
-    conn_url: Secret | str,
-    directory: Path,
-    *,
-    on_event: EventCallback | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
-) -> list[str]:
-    """Apply pending migrations in order, as `prisma migrate deploy` does; return their names.
-
-    Uses the direct URL (a transaction-mode pooler breaks the session advisory lock).
-    `on_event(event, detail)` is called with ("waiting", holder), ("started", name),
-    ("applied", name) and ("failed", name). Each script is sent as one simple-protocol
-    query in autocommit mode, which PostgreSQL runs as one implicit transaction, as
-    Prisma does: a failing script leaves none of its statements behind (scripts that
-    need to run outside a transaction, e.g. CREATE INDEX CONCURRENTLY, fail the same
-    way they would under Prisma). Unlike Prisma's deploy, an edited migration also
-    refuses: the folder no longer describes the schema that was applied.
-    """
-    import psycopg
-
-    from ops.pg import connect
-
-    emit = on_event or (lambda event, detail: None)
-    local = read_local_migrations(directory)
-    with connect(conn_url, application_name="opsbook migrate", autocommit=True) as conn:
-        where = _describe(conn)
-        _check_provider(directory, where)
-        try:
-            _acquire_prisma_lock(conn, lock_timeout, where, emit)
-            try:
-                return _apply_under_lock(conn, conn_url, local, where, emit)
-            finally:
-                _release_prisma_lock(conn)
-        except psycopg.Error as error:  # bookkeeping failed: lost connection, missing privilege...
-            raise StepFailed(
-                f"migrating {where} failed: {_error_line(error)}",
-                hint="check the connection and that the user may create tables; then run migrate.status",
-            ) from None
+def resolve_hint(name: str) -> str:
+    """What to do about a failed migration, as Prisma's P3009 says, with our own command first."""
+    return (f"read its logs (migrate.status shows them), undo what it did, then mark it: "
+            f"`inv migrate.resolve --name {name} --rolled-back` (or `prisma migrate resolve --rolled-back {name}`); "
+            f"if you finished it by hand instead, use --applied; {RESOLVE_DOCS}")
 
 
-def _apply_under_lock(conn: psycopg.Connection, url: Secret | str, local: list[LocalMigration], where: str,
-                      emit: EventCallback) -> list[str]:
-    use_prisma_schema(conn, url, create=True)
-    _ensure_migrations_table(conn)
-    state = classify(local, read_applied(conn))
-    _refuse_unsafe(state, where)
-    pending_names = set(state.pending)
-    pending = [migration for migration in local if migration.name in pending_names]
-    for migration in pending:
-        _apply_one(conn, migration, where, emit)
-    return [migration.name for migration in pending]
+def apply_pending(*args: Any, **kwargs: Any) -> list[str]:
+    """The native applier (ops.migration_apply.apply_pending), for callers of this module."""
+    from ops.migration_apply import apply_pending as apply
+
+    return apply(*args, **kwargs)
 
 
-def mark_rolled_back(conn: psycopg.Connection, name: str) -> int:
-    """`prisma migrate resolve --rolled-back NAME`: mark its failed attempt resolved; rows changed."""
-    cursor = conn.execute(
-        "UPDATE _prisma_migrations SET rolled_back_at = now()"
-        " WHERE migration_name = %s AND finished_at IS NULL AND rolled_back_at IS NULL",
-        (name,),
+# ---------------------------------------------------------------- an inventory environment
+
+
+@dataclass(frozen=True)
+class MigrationSource:
+    """Migrations read for an environment, and where from (for messages)."""
+
+    where: str
+    migrations: list[LocalMigration]
+
+
+def load_migrations(env: Environment) -> list[LocalMigration]:
+    """The environment's migrations: the local checkout, else the first app host over SSH."""
+    return load_migration_source(env).migrations
+
+
+def load_migration_source(env: Environment) -> MigrationSource:
+    """From `app.repository` + `app.migrations.dir` when set; else from the first host's `app.dir`;
+    else (no hosts, e.g. the sandbox) from `app.dir` on this machine."""
+    from ops.inventory import plain
+
+    app = plain(env.value("app", {})) or {}
+    subdir = str((app.get("migrations") or {}).get("dir") or DEFAULT_DIR)
+    if app.get("repository"):
+        directory = _local_path(env, str(app["repository"])) / subdir
+        return _read_local_source(directory, f"checkout {directory}")
+    hosts = env.host_configs()
+    if hosts:
+        host = hosts[0]
+        host_app = plain(_resolved(env.app_settings(host.name))) or {}
+        if not host_app.get("dir"):
+            raise env.missing("app.dir")
+        host_subdir = str((host_app.get("migrations") or {}).get("dir") or subdir)
+        return read_host_migrations(host, _join_posix(str(host_app["dir"]), host_subdir))
+    if app.get("dir"):
+        directory = _local_path(env, str(app["dir"])) / subdir
+        return _read_local_source(directory, f"app directory {directory}")
+    raise InventoryError(
+        f"envs.{env.name}: nowhere to read migrations from",
+        where=env.inventory.location(f"envs.{env.name}"),
+        hint="set app.repository (a local checkout of the app) or hosts with app.dir",
     )
-    if cursor.rowcount == 0:
-        raise CheckFailed(f"migration {name} has no failed attempt to resolve in {_describe(conn)}",
-                          hint="run migrate.status to see which migration failed")
-    return cursor.rowcount
 
 
-def _describe(conn: psycopg.Connection) -> str:
-    info = conn.info
-    return f"database {info.dbname} on {info.host}:{info.port}"
+def _resolved(node: Any) -> Any:
+    from ops.inventory import resolve
+
+    return resolve(node)
 
 
-def _check_provider(directory: Path, where: str) -> None:
-    provider = read_lock_provider(directory)
+def _local_path(env: Environment, path: str) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else env.inventory.file.parent / candidate
+
+
+def _join_posix(base: str, relative: str) -> str:
+    return relative if relative.startswith(("/", "~")) else f"{base.rstrip('/')}/{relative}"
+
+
+def _read_local_source(directory: Path, where: str) -> MigrationSource:
+    migrations = read_local_migrations(directory)
+    _check_provider_name(read_lock_provider(directory), f"{directory / LOCK_FILE}")
+    return MigrationSource(where, migrations)
+
+
+def _check_provider_name(provider: str | None, lock_file: str) -> None:
     if provider is not None and provider != "postgresql":
-        raise CheckFailed(
-            f"{Path(directory) / LOCK_FILE} says provider = {provider!r}, but {where} is PostgreSQL",
-            hint="these migrations were generated for another database; regenerate them for postgresql",
-        )
+        raise CheckFailed(f"{lock_file} says provider = {provider!r}, but opsbook migrates PostgreSQL",
+                          hint="these migrations were generated for another database; regenerate them for postgresql")
 
 
-def _acquire_prisma_lock(conn: psycopg.Connection, timeout: float, where: str, emit: EventCallback) -> None:
+def shell_path(path: str) -> str:
+    # `~/x` must stay unquoted at the front for the remote shell to expand it.
+    return "~/" + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
+def read_host_migrations(host: HostConfig, directory: str) -> MigrationSource:
+    """Read `<directory>/<name>/migration.sql` on an app host (listing over SSH, files over SFTP)."""
+    from ops.hosts import connect
+
+    where = f"host {host.name} ({host.target}) {directory}"
+    with connect(host) as connection:
+        listing = connection.run(f"cd {shell_path(directory)} && ls -1p", check=False)
+        if not listing.ok:
+            raise CheckFailed(f"migrations folder {directory} cannot be read on host {host.name}: "
+                              f"{listing.stderr.strip() or f'exit code {listing.exit_code}'}",
+                              hint="check app.dir and app.migrations.dir, and that the release is deployed there")
+        folders = sorted(line[:-1] for line in listing.stdout.splitlines() if line.endswith("/"))
+        migrations = []
+        for folder in folders:
+            path = f"{directory.rstrip('/')}/{folder}/{MIGRATION_FILE}"
+            sql = connection.read_text(path)
+            if sql is None:
+                raise CheckFailed(f"migration {folder} has no {MIGRATION_FILE} on host {host.name} ({path})",
+                                  hint="deploy the release again, or remove the empty folder")
+            migrations.append(LocalMigration(folder, checksum_of(sql), sql, PurePosixPath(path)))
+        lock_text = connection.read_text(f"{directory.rstrip('/')}/{LOCK_FILE}")
+    if lock_text is not None:
+        try:
+            provider = tomllib.loads(lock_text).get("provider")
+        except tomllib.TOMLDecodeError as error:
+            raise CheckFailed(f"{LOCK_FILE} on host {host.name} cannot be parsed: {error}",
+                              hint="fix or regenerate it") from None
+        _check_provider_name(provider, f"{directory}/{LOCK_FILE} on host {host.name}")
+    return MigrationSource(where, migrations)
+
+
+def environment_status(env: Environment, dbname: str | None = None,
+                       migrations: list[LocalMigration] | None = None) -> MigrationState:
+    """The environment's migration state through the direct URL (`dbname`: another database there)."""
+    from ops import pg
+
+    local = load_migrations(env) if migrations is None else migrations
+    url = env.database_url(direct=True)
+    if dbname:
+        url = pg.with_database(url, dbname)
+    with pg.connect(url, application_name="opsbook migrate.status", autocommit=True) as conn:
+        return read_state(conn, url, local)
+
+
+def read_state(conn: psycopg.Connection, url: Secret | str, local: list[LocalMigration]) -> MigrationState:
+    """classify() on conn's `_prisma_migrations` in the URL's Prisma schema; errors named, not raw."""
     import psycopg
 
-    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (PRISMA_ADVISORY_LOCK_KEY,)).fetchone()
-    if got and got[0]:
-        return
-    emit("waiting", _lock_holder(conn) or "another session")
     try:
-        conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
-        conn.execute("SELECT pg_advisory_lock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
-    except psycopg.errors.LockNotAvailable:
-        holder = _lock_holder(conn) or "a session that has since gone"
-        raise LockHeld(
-            f"another migration holds the Prisma migration lock on {where}: {holder}",
-            hint=f"wait for it to finish (gave up after {timeout:g} s), then run the migration again",
-        ) from None
-    finally:
-        conn.execute("RESET lock_timeout")
-
-
-def _lock_holder(conn: psycopg.Connection) -> str | None:
-    # A bigint advisory key is stored as classid = high 32 bits, objid = low, objsubid = 1;
-    # advisory locks are per database, like Prisma's.
-    record = conn.execute(
-        "SELECT a.pid, a.application_name, a.usename, a.client_addr::text, a.backend_start"
-        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = %s"
-        " AND l.objsubid = 1 AND a.pid <> pg_backend_pid()"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        (PRISMA_ADVISORY_LOCK_KEY,),
-    ).fetchone()
-    if record is None:
-        return None
-    pid, application, user, address, since = record
-    return (
-        f"pid {pid} ({application or 'no application name'}, user {user}, from {address or 'local socket'},"
-        f" connected since {since:%Y-%m-%d %H:%M:%S %Z})"
-    )
-
-
-def _release_prisma_lock(conn: psycopg.Connection) -> None:
-    import psycopg
-
-    # A lost session has released it already.
-    with contextlib.suppress(psycopg.Error):
-        conn.execute("SELECT pg_advisory_unlock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
-
-
-def _ensure_migrations_table(conn: psycopg.Connection) -> None:
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (MIGRATIONS_TABLE,)).fetchone()
-    if not exists or not exists[0]:
-        conn.execute(CREATE_MIGRATIONS_TABLE)
-
-
-def _refuse_unsafe(state: MigrationState, where: str) -> None:
-    failed = [entry for entry in state.entries if entry.status == FAILED]
-    if failed:
-        details = "; ".join(
-            f"the `{entry.name}` migration started at {entry.started_at} failed" for entry in failed
-        )
-        raise CheckFailed(
-            f"migrate found failed migrations in {where}, new migrations will not be applied (P3009): {details}",
-            hint=(
-                "see the failure in _prisma_migrations.logs, undo what the migration did, then mark it with "
-                f"`prisma migrate resolve --rolled-back {failed[0].name}` (or --applied if you finished it "
-                f"by hand); {RESOLVE_DOCS}"
-            ),
-        )
-    if state.edited:
-        raise CheckFailed(
-            f"{len(state.edited)} applied migration(s) were edited after being applied to {where}: "
-            f"{', '.join(state.edited)}",
-            hint="restore the original migration.sql from version control; put changes in a new migration",
-        )
-
-
-def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback) -> None:
-    import psycopg
-
-    row_id = str(uuid.uuid4())
-    # Recorded before running, exactly like Prisma: a crash midway leaves a failed row.
-    conn.execute(
-        "INSERT INTO _prisma_migrations (id, checksum, migration_name, started_at, applied_steps_count)"
-        " VALUES (%s, %s, %s, now(), 0)",
-        (row_id, migration.checksum, migration.name),
-    )
-    emit("started", migration.name)
-    try:
-        conn.execute(migration.sql)
+        use_prisma_schema(conn, url)
+        return classify(local, read_applied(conn))
     except psycopg.Error as error:
-        logs = _failure_logs(migration.name, error)
-        with contextlib.suppress(psycopg.Error):  # connection lost: the row stays failed, without logs
-            conn.execute("UPDATE _prisma_migrations SET logs = %s WHERE id = %s", (logs, row_id))
-        emit("failed", migration.name)
-        raise StepFailed(
-            f"migration {migration.name} failed on {where}: {_error_line(error)}",
-            hint=(
-                "nothing of this migration was kept (it ran in one transaction); fix the SQL or the data, "
-                f"then `prisma migrate resolve --rolled-back {migration.name}` and migrate again"
-            ),
-        ) from None
-    conn.execute(
-        "UPDATE _prisma_migrations SET finished_at = now(), applied_steps_count = applied_steps_count + 1"
-        " WHERE id = %s",
-        (row_id,),
-    )
-    emit("applied", migration.name)
-
-
-def _error_line(error: Exception) -> str:
-    diag = getattr(error, "diag", None)
-    primary = getattr(diag, "message_primary", None) or str(error).strip().splitlines()[0]
-    code = getattr(error, "sqlstate", None)
-    return redact(f"{primary} (SQLSTATE {code})" if code else primary)
-
-
-def _failure_logs(name: str, error: Exception) -> str:
-    # Same shape as the logs Prisma writes, so people reading the table find what they expect.
-    code = getattr(error, "sqlstate", None) or "unknown"
-    return redact(
-        f"Migration name: {name}\n\nDatabase error code: {code}\n\nDatabase error:\n{str(error).strip()}\n"
-    )
-
+        info = conn.info
+        reason = redact(" ".join(str(error).split()))
+        raise ConnectionFailed(f"cannot read {MIGRATIONS_TABLE} in database {info.dbname} on "
+                               f"{info.host}:{info.port}: {reason}",
+                               hint="check that the database user may read the app's schema") from None

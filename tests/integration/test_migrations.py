@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -11,14 +13,14 @@ import psycopg
 import pytest
 
 from ops.errors import CheckFailed, LockHeld, StepFailed
+from ops.migration_apply import apply_pending, mark_applied, mark_rolled_back
 from ops.migrations import (
     CREATE_MIGRATIONS_TABLE,
     PRISMA_ADVISORY_LOCK_KEY,
-    apply_pending,
     checksum_of,
-    mark_rolled_back,
     migration_status,
     read_applied,
+    read_local_migrations,
     use_prisma_schema,
 )
 
@@ -215,3 +217,100 @@ def test_prisma_schema_parameter_is_honoured(database, migrations):
         assert read_applied(conn) == []  # public holds nothing
         use_prisma_schema(conn, url)
         assert migration_status(conn, migrations).up_to_date
+
+
+def test_resolve_applied_records_a_migration_finished_by_hand(database, tmp_path: Path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    add_migration(directory, "001_bad", 'CREATE TABLE "T" ("id" INTEGER);\nSELECT * FROM "Missing";\n')
+    with pytest.raises(StepFailed):
+        apply_pending(database, directory)
+    with connect(database) as conn:  # the operator finishes it by hand, then records it, as Prisma's --applied
+        conn.execute('CREATE TABLE "T" ("id" INTEGER)')
+        (migration,) = read_local_migrations(directory)
+        mark_applied(conn, migration)
+        rows = read_applied(conn)
+        assert [(r.finished_at is None, r.rolled_back_at is None) for r in rows] == [(True, False), (False, True)]
+        assert rows[1].checksum == migration.checksum and rows[1].applied_steps_count == 0
+        assert migration_status(conn, directory).up_to_date
+        with pytest.raises(CheckFailed, match="P3008"):
+            mark_applied(conn, migration)
+    assert apply_pending(database, directory) == []
+
+
+# --- Prisma's own CLI agrees ---------------------------------------------------------------------
+# Prisma's CLI downloads native engines from binaries.prisma.sh at start-up, which is unreachable
+# here. Prisma 6 can run without them: `engineType = "client"` (no query engine) and a driver adapter
+# in prisma.config.ts (the schema engine then runs as WebAssembly, shipped in the npm package).
+# Prisma 7 dropped that path for migrate and needs the native schema engine again.
+
+PRISMA_VERSION = "6.19.3"
+PRISMA_CACHE = Path(__file__).resolve().parents[2] / ".ops" / "cache" / f"prisma-{PRISMA_VERSION}"
+PRISMA_SCHEMA = """\
+generator client {
+  provider        = "prisma-client-js"
+  engineType      = "client"
+  previewFeatures = ["queryCompiler", "driverAdapters"]
+}
+
+datasource db {
+  provider = "postgresql"
+  url      = env("DATABASE_URL")
+}
+"""
+PRISMA_CONFIG = """\
+import { defineConfig } from "prisma/config";
+import { PrismaPg } from "@prisma/adapter-pg";
+
+export default defineConfig({
+  experimental: { adapter: true },
+  engine: "js",
+  adapter: async () => new PrismaPg({ connectionString: process.env.DATABASE_URL }),
+  schema: "prisma/schema.prisma",
+  migrations: { path: "prisma/migrations" },
+});
+"""
+
+
+@pytest.fixture(scope="session")
+def prisma_cli() -> Path:
+    """node_modules with Prisma's CLI, installed once into a cache under .ops (not the repository)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    binary = PRISMA_CACHE / "node_modules" / ".bin" / "prisma"
+    if not binary.exists():
+        PRISMA_CACHE.mkdir(parents=True, exist_ok=True)
+        (PRISMA_CACHE / "package.json").write_text('{"name": "opsbook-prisma-check", "private": true}\n')
+        installed = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts",
+             f"prisma@{PRISMA_VERSION}", f"@prisma/adapter-pg@{PRISMA_VERSION}"],
+            cwd=PRISMA_CACHE, capture_output=True, text=True, timeout=600)
+        assert installed.returncode == 0, installed.stderr
+    return PRISMA_CACHE / "node_modules"
+
+
+def prisma_status(project: Path, url: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "DATABASE_URL": url, "CHECKPOINT_DISABLE": "1", "PRISMA_HIDE_UPDATE_MESSAGE": "1"}
+    return subprocess.run([str(project / "node_modules" / ".bin" / "prisma"), "migrate", "status"], cwd=project,
+                          env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_prisma_migrate_status_agrees_after_a_native_deploy(database, prisma_cli, tmp_path: Path):
+    project = tmp_path / "app"
+    shutil.copytree(DEMO_MIGRATIONS, project / "prisma" / "migrations")
+    (project / "prisma" / "schema.prisma").write_text(PRISMA_SCHEMA)
+    (project / "prisma.config.ts").write_text(PRISMA_CONFIG)
+    (project / "node_modules").symlink_to(prisma_cli)
+    migrations = project / "prisma" / "migrations"
+
+    assert apply_pending(database, migrations)
+    agreed = prisma_status(project, database.reveal())
+    assert agreed.returncode == 0, agreed.stdout + agreed.stderr
+    assert "Database schema is up to date!" in agreed.stdout
+
+    add_migration(migrations, "20250201000000_more", 'ALTER TABLE "Brand" ADD COLUMN "motto" TEXT;\n')
+    with connect(database) as conn:
+        assert migration_status(conn, migrations).pending == ["20250201000000_more"]
+    pending = prisma_status(project, database.reveal())
+    assert pending.returncode == 1 and "20250201000000_more" in pending.stdout, pending
+    assert "20250122110000_users" not in pending.stdout  # the applied ones are not listed as pending

@@ -68,6 +68,17 @@ CASES = [
      [row("001_init"), row("000_gone", finished=False, rolled_back=True)], {"001_init": "applied"}, True),
     ("failed without folder is failed", [], [row("000_gone", finished=False)], {"000_gone": "failed"}, False),
     ("nothing at all", [], [], {}, True),
+    ("failed next to a finished attempt is failed", ["001_init"], [row("001_init"), row("001_init", finished=False)],
+     {"001_init": "failed"}, False),
+    ("one of two finished attempts matches", ["001_init"],
+     [row("001_init", checksum=checksum_of("old")), row("001_init")], {"001_init": "applied"}, True),
+    ("edited and rolled back is just pending", ["001_init"],
+     [row("001_init", checksum=checksum_of("old"), rolled_back=True)], {"001_init": "pending"}, False),
+    ("pending after applied keeps folder order", ["001_init", "002_more", "003_last"],
+     [row("001_init"), row("003_last")], {"001_init": "applied", "002_more": "pending", "003_last": "applied"},
+     False),
+    ("database only next to failed", ["001_init"], [row("001_init", finished=False), row("000_gone")],
+     {"001_init": "failed", "000_gone": "database_only"}, False),
 ]
 
 
@@ -155,3 +166,87 @@ def test_read_local_migrations_errors(tmp_path: Path):
     (tmp_path / "20250101000000_empty").mkdir()
     with pytest.raises(CheckFailed, match=r"has no migration\.sql"):
         read_local_migrations(tmp_path)
+
+
+def test_crlf_checkout_of_lf_applied_migration_is_applied():
+    crlf = SQL["001_init"].replace("\n", "\r\n")
+    migration = LocalMigration("001_init", checksum_of(crlf), crlf, Path("001_init"))
+    assert classify([migration], [row("001_init")]).applied == ["001_init"]
+
+
+# --- where an environment's migrations come from -----------------------------------------------
+
+
+def environment(tmp_path: Path, app: dict, **extra):
+    import yaml
+
+    from ops.inventory import load
+
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(
+        {"project": "p", "envs": {"e": {"database": {"url": "postgresql://u@127.0.0.1/db"}, "app": app, **extra}}}))
+    return load(tmp_path / "inventory.yaml").environment("e")
+
+
+def make_migrations(directory: Path, *names: str) -> None:
+    for name in names:
+        (directory / name).mkdir(parents=True)
+        (directory / name / "migration.sql").write_text(f"-- {name}\n")
+
+
+def test_load_from_checkout_relative_to_inventory(tmp_path: Path):
+    from ops.migrations import load_migration_source
+
+    make_migrations(tmp_path / "checkout" / "db" / "migrations", "002_b", "001_a")
+    env = environment(tmp_path, {"repository": "checkout", "migrations": {"dir": "db/migrations"},
+                                 "dir": "/srv/app"}, hosts=[{"name": "web1", "address": "10.0.0.9"}])
+    source = load_migration_source(env)  # the checkout wins over the hosts: no SSH needed
+    assert [m.name for m in source.migrations] == ["001_a", "002_b"]
+    assert source.where.startswith("checkout ") and str(tmp_path / "checkout") in source.where
+
+
+def test_load_from_app_dir_without_hosts(tmp_path: Path):
+    from ops.migrations import load_migrations
+
+    make_migrations(tmp_path / "app" / "prisma" / "migrations", "001_a")
+    assert [m.name for m in load_migrations(environment(tmp_path, {"dir": str(tmp_path / "app")}))] == ["001_a"]
+
+
+def test_load_refuses_other_provider_and_nowhere(tmp_path: Path):
+    from ops.errors import InventoryError
+    from ops.migrations import load_migrations
+
+    make_migrations(tmp_path / "app" / "prisma" / "migrations", "001_a")
+    (tmp_path / "app" / "prisma" / "migrations" / "migration_lock.toml").write_text('provider = "mysql"\n')
+    with pytest.raises(CheckFailed, match="mysql"):
+        load_migrations(environment(tmp_path, {"repository": "app"}))
+    with pytest.raises(InventoryError, match="nowhere to read migrations") as nowhere:
+        load_migrations(environment(tmp_path, {"health_url": "http://127.0.0.1/"}))
+    assert "app.repository" in nowhere.value.hint
+
+
+@pytest.mark.parametrize(
+    ("protected", "arguments", "expected"),
+    [
+        (False, {}, ["gate", "lint", "deploy"]),
+        (True, {}, ["gate", "lint", "dump", "manifest", "deploy"]),
+        (False, {"backup": True}, ["gate", "lint", "dump", "manifest", "deploy"]),
+        (True, {"dbname": "restored"}, ["gate", "lint", "deploy"]),  # the drill's copy: nothing to back up
+        (True, {"backup": False}, "UsageError"),
+    ],
+)
+def test_migrate_steps_compose_the_backup_on_protected_envs(tmp_path: Path, protected, arguments, expected):
+    from ops.errors import UsageError
+    from runbooks.migrate import build, migrate_steps
+
+    env = environment(tmp_path, {"repository": "."}, protected=protected,
+                      backups={"provider": "local", "path": "b", "bucket": "backups"})
+    if expected == "UsageError":
+        with pytest.raises(UsageError, match="always takes a backup"):
+            migrate_steps(env, **arguments)
+        return
+    assert [step.name for step in migrate_steps(env, **arguments)] == expected
+    runbook = build(env, **arguments)
+    assert [step.name for step in runbook.steps] == expected
+    if "dump" in expected and "dbname" not in arguments:
+        assert runbook.arguments["backup_id"]  # journaled, so a resumed run finishes the same backup
+        assert "pre-migration backup" in runbook.steps[2].title

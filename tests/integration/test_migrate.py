@@ -1,0 +1,209 @@
+"""inv migrate.status / migrate / migrate.resolve through the real CLI, on real PostgreSQL, moto S3 and sshd."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from ops.migrations import PRISMA_ADVISORY_LOCK_KEY
+from tests.cli import Opsbook, wait_for
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+DEMO_MIGRATIONS = REPOSITORY / "ops" / "demo" / "prisma" / "migrations"
+DEMO_NAMES = sorted(path.name for path in DEMO_MIGRATIONS.iterdir() if path.is_dir())
+
+
+def add_migration(migrations: Path, name: str, sql: str) -> None:
+    (migrations / name).mkdir()
+    (migrations / name / "migration.sql").write_text(sql)
+
+
+def applied_rows(url: str) -> list[tuple[str, bool, bool]]:
+    with psycopg.connect(url) as connection:
+        return connection.execute(
+            "SELECT migration_name, finished_at IS NOT NULL, rolled_back_at IS NOT NULL"
+            " FROM _prisma_migrations ORDER BY started_at, migration_name").fetchall()
+
+
+def table_exists(url: str, name: str) -> bool:
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{name}"',)).fetchone()[0]
+
+
+def assert_no_secret(opsbook: Opsbook, secrets: list[str]) -> None:
+    produced = opsbook.everything_produced()
+    for secret in secrets:
+        assert secret not in produced, "a secret value appeared in an output or a journal"
+
+
+@pytest.fixture
+def shop(opsbook: Opsbook, postgres_server: Any, s3_server: Any, tmp_path: Path) -> dict[str, Any]:
+    """`staging` and protected `prod` on two fresh databases; migrations from a local checkout."""
+    checkout = tmp_path / "app"
+    migrations = Path(shutil.copytree(DEMO_MIGRATIONS, checkout / "prisma" / "migrations"))
+    urls = {name: postgres_server.create_database() for name in ("staging", "prod")}
+    bucket = s3_server.make_bucket().bucket
+    opsbook.environ.update({"S3_ACCESS_KEY_ID": s3_server.access_key_id,
+                            "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal(),
+                            **{f"DB_URL_{name.upper()}": url.reveal() for name, url in urls.items()}})
+    backups = {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": bucket,
+               "access_key_id": "${env:S3_ACCESS_KEY_ID}", "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}"}
+    envs = {name: {"database": {"url": f"${{env:DB_URL_{name.upper()}}}"},
+                   "app": {"repository": str(checkout)},
+                   "backups": {**backups, "prefix": f"{name}/"}} for name in urls}
+    envs["prod"]["protected"] = True
+    opsbook.write_inventory({"project": "migratetest", "default_env": "staging", "envs": envs})
+    return {"migrations": migrations, "urls": {name: url.reveal() for name, url in urls.items()},
+            "bucket": bucket, "secrets": [postgres_server.password.reveal(), s3_server.secret_access_key.reveal()]}
+
+
+def test_status_then_native_deploy_then_nothing_to_do(opsbook, shop):
+    url = shop["urls"]["staging"]
+    status = opsbook.run("migrate.status", "--json")
+    assert status.exit_code == 3, status
+    assert status.json()["pending"] == DEMO_NAMES and status.json()["up_to_date"] is False
+    assert "4 pending migrations not yet applied" in status.stderr
+
+    dry = opsbook.run("migrate", "--dry-run")
+    assert dry.exit_code == 0, dry
+    assert "would apply 4 pending migration(s)" in dry.stderr
+    assert not table_exists(url, "_prisma_migrations")  # a dry run changes nothing
+
+    deployed = opsbook.run("migrate", "--json")
+    assert deployed.exit_code == 0, deployed
+    assert deployed.json()["applied"] == DEMO_NAMES and deployed.json()["backup_id"] is None
+    assert [row[0] for row in applied_rows(url)] == DEMO_NAMES
+
+    status = opsbook.run("migrate.status")
+    assert status.exit_code == 0, status
+    assert "up to date (4 migrations applied)" in status.stderr
+    again = opsbook.run("migrate")
+    assert again.exit_code == 0 and "nothing to do" in again.stderr, again
+    assert_no_secret(opsbook, shop["secrets"])
+
+
+def test_failed_migration_blocks_deploys_until_resolved(opsbook, shop):
+    url = shop["urls"]["staging"]
+    add_migration(shop["migrations"], "20250201000000_bad", 'CREATE TABLE "Half" (id int);\nSELECT * FROM "Nope";\n')
+    add_migration(shop["migrations"], "20250202000000_after", 'CREATE TABLE "After" (id int);\n')
+    failed = opsbook.run("migrate")
+    assert failed.exit_code == 1, failed
+    assert "logs of 20250201000000_bad" in failed.stderr and "42P01" in failed.stderr  # the table's logs
+    assert "migrate.resolve --name 20250201000000_bad --rolled-back" in failed.stderr
+    assert ("20250201000000_bad", False, False) in applied_rows(url)
+    assert not table_exists(url, "Half") and not table_exists(url, "After")
+
+    status = opsbook.run("migrate.status", "--json")
+    assert status.exit_code == 3 and status.json()["failed"] == ["20250201000000_bad"], status
+    failed_entry = next(m for m in status.json()["migrations"] if m["status"] == "failed")
+    assert "42P01" in failed_entry["logs"] and "logs of 20250201000000_bad" in status.stderr
+    blocked = opsbook.run("migrate")
+    assert blocked.exit_code == 3 and "P3009" in blocked.stderr, blocked
+    assert len(applied_rows(url)) == len(DEMO_NAMES) + 1  # nothing was attempted
+
+    (shop["migrations"] / "20250201000000_bad" / "migration.sql").write_text('CREATE TABLE "Half" (id int);\n')
+    resolved = opsbook.run("migrate.resolve", "--name", "20250201000000_bad", "--rolled-back")
+    assert resolved.exit_code == 0, resolved
+    deployed = opsbook.run("migrate", "--json")
+    assert deployed.exit_code == 0, deployed
+    assert deployed.json()["applied"] == ["20250201000000_bad", "20250202000000_after"]
+    assert [row for row in applied_rows(url) if row[0] == "20250201000000_bad"] == [
+        ("20250201000000_bad", False, True), ("20250201000000_bad", True, False)]  # the resolved attempt is kept
+
+
+def test_protected_env_backs_up_first_and_refuses_breaking_changes(opsbook, shop, s3_server):
+    url = shop["urls"]["prod"]
+    no_backup = opsbook.run("migrate", "--env", "prod", "--no-backup", "--confirm", "prod")
+    assert no_backup.exit_code == 2 and "always takes a backup" in no_backup.stderr, no_backup
+    add_migration(shop["migrations"], "20250301000000_drop", '-- users go\nALTER TABLE "User"\n'
+                  '  ADD COLUMN "nickname" TEXT,\n  DROP COLUMN "email";\n')
+    refused = opsbook.run("migrate", "--env", "prod", "--confirm", "prod")
+    assert refused.exit_code == 3, refused
+    assert "20250301000000_drop/migration.sql:4: drop-column" in refused.stderr
+    assert "--allow-destructive" in refused.stderr
+    unconfirmed = opsbook.run("migrate", "--env", "prod", "--allow-destructive")
+    assert unconfirmed.exit_code == 2 and "--confirm prod" in unconfirmed.stderr, unconfirmed
+
+    done = opsbook.run("migrate", "--env", "prod", "--allow-destructive", "--confirm", "prod", "--json")
+    assert done.exit_code == 0, done
+    backup_id = done.json()["backup_id"]
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=shop["bucket"], Key=f"prod/backups/{backup_id}/manifest.json")["Body"].read())
+    assert manifest["tags"] == ["pre-migrate"]
+    assert manifest["migrations"] == []  # taken before the migrations ran
+    assert [row[0] for row in applied_rows(url)] == [*DEMO_NAMES, "20250301000000_drop"]
+    # The same change on an unprotected environment is a warning only.
+    staging = opsbook.run("migrate", "--env", "staging", "--json")
+    assert staging.exit_code == 0 and "breaking change allowed here" in staging.stderr, staging
+    assert staging.json()["backup_id"] is None
+    assert_no_secret(opsbook, shop["secrets"])
+
+
+def test_concurrent_deploys_wait_on_prismas_advisory_lock(opsbook, shop, tmp_path):
+    url = shop["urls"]["staging"]
+    second = Opsbook(tmp_path / "second-operator", environ=dict(opsbook.environ))  # own state dir
+    second.root.mkdir()
+    second.write_inventory(opsbook.inventory.read_text())
+
+    def waiters(connection: psycopg.Connection) -> int:
+        return connection.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.objid = %s AND NOT l.granted"
+            " AND a.application_name LIKE 'opsbook run%%'", (PRISMA_ADVISORY_LOCK_KEY,)).fetchone()[0]
+
+    with psycopg.connect(url, autocommit=True) as holder:  # a deploy by another tool is running
+        holder.execute("SELECT pg_advisory_lock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
+        processes = [workspace.start("migrate") for workspace in (opsbook, second)]
+        # Within Prisma's 10 s lock timeout, which each deploy started counting when it began to wait.
+        wait_for(lambda: waiters(holder) == 2, timeout=9, what="both deploys waiting in pg_locks")
+        assert table_exists(url, "_prisma_migrations") is False
+        holder.execute("SELECT pg_advisory_unlock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
+        results = [workspace.collect(process) for workspace, process in zip((opsbook, second), processes,
+                                                                               strict=True)]
+    assert [result.exit_code for result in results] == [0, 0], results
+    assert all("waiting for the Prisma migration lock" in result.stderr for result in results)
+    assert [row[0] for row in applied_rows(url)] == DEMO_NAMES  # each applied exactly once
+
+
+def test_command_engine_runs_on_the_first_host_with_the_direct_url(opsbook, shop, app_host_factory):
+    (web1,) = app_host_factory(["web1"])
+    shutil.copytree(shop["migrations"], web1.app_dir / "prisma" / "migrations")
+    # Stands in for `npx prisma migrate deploy`: reads DATABASE_URL and the folder relative to app.dir.
+    script = (f"import os, sys; sys.path.insert(0, {str(REPOSITORY)!r}); from pathlib import Path; "
+              "from ops.migration_apply import apply_pending; "
+              "print('applied', apply_pending(os.environ['DATABASE_URL'], Path('prisma/migrations')))")
+    inventory = json.loads(json.dumps(_yaml(opsbook.inventory)))
+    staging = inventory["envs"]["staging"]
+    del staging["app"]["repository"]  # migrations are read from the host over SSH
+    staging["hosts"] = [{"name": "web1", "address": "127.0.0.1", "port": web1.host.port, "user": web1.host.user,
+                         "key_file": web1.host.key_filename}]
+    staging["app"].update({"dir": str(web1.app_dir), "migrations": {
+        "engine": "command", "command": f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"}})
+    opsbook.write_inventory(inventory)
+
+    status = opsbook.run("migrate.status", "--json")
+    assert status.exit_code == 3 and status.json()["pending"] == DEMO_NAMES, status
+    assert "host web1" in status.json()["source"]
+    deployed = opsbook.run("migrate", "--json")
+    assert deployed.exit_code == 0, deployed
+    assert deployed.json()["applied"] == DEMO_NAMES and deployed.json()["engine"] == "command"
+    assert "applied [" in deployed.stderr  # the command's own output is shown
+
+    add_migration(web1.app_dir / "prisma" / "migrations", "20250401000000_bad", "SELECT * FROM nowhere;\n")
+    failed = opsbook.run("migrate")
+    assert failed.exit_code == 1, failed
+    assert "exited with code 1 on host web1" in failed.stderr and "logs of 20250401000000_bad" in failed.stderr
+    assert_no_secret(opsbook, shop["secrets"])
+
+
+def _yaml(path: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
