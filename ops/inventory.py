@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ops.errors import InventoryError
 from ops.inventory_schema import INVENTORY, SECRET_KEYS
@@ -151,16 +152,31 @@ class Environment:
                               hint=f"add {path} to envs.{self.name} in {self.inventory.file.name}")
 
     def database_url(self, *, direct: bool = True) -> Secret:
-        """Admin work goes through the direct URL (a pooler breaks advisory locks)."""
+        """The app role's URL; admin work goes through the direct one (a pooler breaks advisory locks).
+
+        A URL written without a password (`postgresql://app@host/db`) gets the one `inv provision`
+        generated for the role, from the secret store, read at call time.
+        """
+        written = self._written_database_url(direct)
+        from ops.secret_store import SecretStore
+
+        password = SecretStore(self.inventory.state_dir, self.name).get("DATABASE_PASSWORD")
+        if not password or urlsplit(written.reveal()).password is not None:
+            return written
+        from ops.envfile import with_credentials
+
+        return Secret(with_credentials(written.reveal(), password.reveal(), user=self.raw("database.role", None)))
+
+    def admin_url(self) -> Secret:
+        """A role that may create roles and databases: `database.admin_url`, else the direct URL as written."""
+        if self.has("database.admin_url"):
+            return as_secret(self.value("database.admin_url"))
+        return self._written_database_url(direct=True)
+
+    def _written_database_url(self, direct: bool) -> Secret:
         if direct and self.has("database.direct_url"):
             return as_secret(self.value("database.direct_url"))
         return as_secret(self.value("database.url"))
-
-    def admin_url(self) -> Secret:
-        """Provisioning needs a role that may create roles and databases; falls back to the direct URL."""
-        if self.has("database.admin_url"):
-            return as_secret(self.value("database.admin_url"))
-        return self.database_url(direct=True)
 
     def storage_config(self, section: str = "storage") -> StorageConfig:
         """`storage` (the app's assets) or `backups` (dumps, audit, drills), inheriting connection settings."""
@@ -168,10 +184,15 @@ class Environment:
 
         if not self.has(section):
             raise self.missing(section)
-        settings = resolve(self.raw(section))
+        stored = self.stored_storage_keys()
+        settings = self._section_settings(section, drop_keys=bool(stored) and section == "storage")
+        if section == "storage":
+            settings.update(stored)
         if section == "backups":
-            inherited = {k: v for k, v in resolve(self.raw("storage", {})).items()
+            inherited = {k: v for k, v in self._section_settings("storage", drop_keys=bool(stored)).items()
                          if k in {"provider", "endpoint", "region", "access_key_id", "secret_access_key", "path"}}
+            if "access_key_id" not in self.raw("backups"):  # backups inherits the storage key: the rotated one
+                inherited.update(stored)
             settings = {**inherited, **settings}
             if "bucket" not in settings:
                 raise self.missing("backups.bucket")
@@ -183,6 +204,21 @@ class Environment:
         if values["provider"] == "local" and "path" in values:
             values["path"] = str(self._relative_to_inventory(str(values["path"])))
         return StorageConfig(**values)
+
+    def stored_storage_keys(self) -> dict[str, Secret]:
+        """After a key rotation the secret store holds the storage key pair; it wins over the inventory's."""
+        from ops.secret_store import SecretStore
+
+        stored = SecretStore(self.inventory.state_dir, self.name).read()
+        key_id, secret = stored.get("STORAGE_ACCESS_KEY_ID"), stored.get("STORAGE_SECRET_ACCESS_KEY")
+        return {"access_key_id": key_id, "secret_access_key": secret} if key_id and secret else {}
+
+    def _section_settings(self, section: str, *, drop_keys: bool) -> dict[str, Any]:
+        # Keys replaced by the secret store are not resolved: their ${env:…} may be gone after a rotation.
+        raw = self.raw(section, {})
+        if drop_keys:
+            raw = {k: v for k, v in raw.items() if k not in {"access_key_id", "secret_access_key"}}
+        return resolve(raw)
 
     def host_configs(self) -> list[HostConfig]:
         from ops.hosts import HostConfig

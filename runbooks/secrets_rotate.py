@@ -1,0 +1,111 @@
+"""inv secrets.rotate --name NAME: a new app secret, pushed to the hosts' env files, rolling restart.
+
+ADMIN_PASSWORD (on staff changes): a generated password, shown once on stderr and kept
+only as a salted scrypt hash (ADMIN_PASSWORD_HASH). AUTH_SECRET (NEXTAUTH_SECRET /
+BETTER_AUTH_SECRET, written under all three names): a new random value, never shown.
+Signing a new AUTH_SECRET ends every session: users log in again.
+"""
+
+from __future__ import annotations
+
+import secrets as random_tokens
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from invoke import Collection, task
+
+from ops import keys
+from ops.cli import environment, execute, helps, make_output, opstask
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import UsageError
+from ops.secrets import Secret
+from runbooks.keys import AfterSwitch
+
+if TYPE_CHECKING:
+    from ops.inventory import Environment
+
+ALIASES = {"ADMIN_PASSWORD": "ADMIN_PASSWORD", "ADMIN_PASSWORD_HASH": "ADMIN_PASSWORD",
+           "AUTH_SECRET": "AUTH_SECRET", "NEXTAUTH_SECRET": "AUTH_SECRET", "BETTER_AUTH_SECRET": "AUTH_SECRET"}
+AUTH_SECRET_BYTES = 48  # 64 characters once encoded; the libraries ask for at least 32
+ADMIN_PASSWORD_BYTES = 18  # 24 characters
+
+
+def canonical(name: str) -> str:
+    try:
+        return ALIASES[name.strip().upper()]
+    except KeyError:
+        raise UsageError(f"no rotatable secret named {name!r}",
+                         hint=f"--name is one of {', '.join(sorted(ALIASES))}") from None
+
+
+class GenerateSecret(Step):
+    name = "generate-secret"
+
+    def __init__(self, secret: str, rotation: str | None):
+        self.secret = secret
+        self.rotation = rotation
+        self.title = ("generate a new admin password (shown once) and store only its scrypt hash"
+                      if secret == "ADMIN_PASSWORD" else "generate a new AUTH_SECRET (64 random characters)")
+
+    def _done(self, env: Environment) -> bool:
+        return bool(self.rotation) and any(
+            e.get("kind") == "secret" and e.get("name") == self.secret and e.get("rotation_id") == self.rotation
+            for e in keys.read_history(env))
+
+    def check(self, ctx: RunContext) -> Change | None:
+        if self._done(ctx.env):
+            return None
+        stored_as = "ADMIN_PASSWORD_HASH" if self.secret == "ADMIN_PASSWORD" else "AUTH_SECRET"
+        return Change(f"generate a new {self.secret} into the secret store as {stored_as}",
+                      [f"{keys.secret_store(ctx.env).path.name}: {stored_as} replaced; the env files get it next"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        store = keys.secret_store(ctx.env)
+        if self.secret == "ADMIN_PASSWORD":
+            password = random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES)
+            hashed = keys.store_admin_password_hash(Secret(password))
+            # Shown before it is stored: a password that takes effect has always been seen.
+            print(f"\nNew admin password for {ctx.env.name} (shown once; put it in the team's password manager):"
+                  f"\n\n    {password}\n", file=sys.stderr, flush=True)
+            store.set("ADMIN_PASSWORD_HASH", Secret(hashed))
+        else:
+            store.set("AUTH_SECRET", Secret(random_tokens.token_urlsafe(AUTH_SECRET_BYTES)))
+        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        keys.record_rotation(ctx.env, {"kind": "secret", "name": self.secret, "rotation_id": self.rotation or
+                                       ctx.run_id, "at": at, "operator": ctx.operator})
+        return {"secret": self.secret, "at": at}
+
+    def verify(self, ctx: RunContext) -> None:
+        """apply stored and recorded it; the env files and restarts that follow carry it to the apps."""
+
+
+def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None = None,
+          **arguments: Any) -> Runbook:
+    from runbooks.deploy import push_env_steps, restart_step
+
+    secret = canonical(name)
+    after = ("generate-secret",)
+    steps: list[Step] = [GenerateSecret(secret, rotation)]
+    steps += [AfterSwitch(step, f"{step.title} with the new {secret}", after) for step in push_env_steps(env)]
+    if env.host_configs():
+        steps.append(AfterSwitch(restart_step(env), "restart the hosts whose env file changes", after))
+    return Runbook("secrets.rotate", f"Rotate {secret} on {env.name}", steps,
+                   arguments={"name": secret, "rotation": rotation, **arguments})
+
+
+@task(help=helps("env", "dry_run", "confirm", "json",
+                 name="ADMIN_PASSWORD, or AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET)"))
+@opstask
+def rotate(c, name, env=None, dry_run=False, confirm=None, json=False):
+    """Rotate an app secret: generate it, push the env files, rolling restart (the admin password shown once)."""
+    from ops.journal import new_run_id
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    execute(build(environment_, name=name, rotation=new_run_id()), environment_, output, dry_run=dry_run,
+            confirm=confirm)
+
+
+collection = Collection("secrets")
+collection.add_task(rotate)
