@@ -1,6 +1,19 @@
-"""inv provision: bring an environment's database and buckets into existence, idempotently.
+"""inv provision: the provisioning checklist as idempotent steps, from nothing to a running app.
 
-Storage comes first: it is where the run's audit journal and later the backups go.
+    1. buckets (app, backups), the database role (generated password) and the database
+    2. each bucket's lifecycle rule (abort incomplete multipart uploads) where the provider
+       has them, set by its bucket step; the app's storage key through the key provider
+       (`keys`), probed, kept in the secret store
+    3. app secrets: AUTH_SECRET, and the admin password (shown once, kept only as a scrypt
+       hash); then the rendered env file pushed to every host
+    4. migrate (the migrate runbook's steps; a database without tables has nothing to back up)
+    5. the seed command (`app.seed`), once, on the first host
+    6. a rolling restart gated on health and ready
+
+Storage comes first: it is where the run's audit journal goes. The admin password is made
+with the other secrets, before the env file is pushed, so one push carries them all.
+Parts an environment does not configure (no hosts, no `keys`, no migrations, no seed) are
+left out and named as such; they never fail the run.
 """
 
 from __future__ import annotations
@@ -10,118 +23,149 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 from ops.cli import environment, execute, helps, make_output, opstask
-from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import StepFailed
+from ops.engine import Runbook
 
 if TYPE_CHECKING:
+    from ops.engine import Step
     from ops.inventory import Environment
+    from ops.output import Output
 
-PASSWORD_KEY = "DATABASE_PASSWORD"
-
-
-class BucketStep(Step):
-    def __init__(self, section: str, bucket: str):
-        self.section = section
-        self.name = f"{section}-bucket"
-        self.title = f"create the {'app' if section == 'storage' else 'backup'} bucket {bucket}"
-
-    def check(self, ctx: RunContext) -> Change | None:
-        storage = ctx.storage(self.section)
-        if storage.bucket_exists():
-            return None
-        return Change(f"create bucket {storage.config.bucket}", [storage.describe()])
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        ctx.storage(self.section).create_bucket()
-        return {"bucket": ctx.storage(self.section).config.bucket}
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-class RoleStep(Step):
-    def __init__(self, role: str):
-        self.role = role
-        self.name = "database-role"
-        self.title = f"create the database role {role} with a generated password"
-
-    def check(self, ctx: RunContext) -> Change | None:
-        row = ctx.database(admin=True).execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.role,)).fetchone()
-        if row:
-            return None
-        return Change(f"create role {self.role} (LOGIN; password generated into {store(ctx).path.name})")
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from psycopg import sql
-
-        # The password is stored before the role exists: an interrupted run never loses it.
-        password = store(ctx).get_or_generate(PASSWORD_KEY)
-        statement = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(self.role), sql.Literal(password.reveal()))
-        ctx.database(admin=True).execute(statement)
-        return {"role": self.role}
-
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        from psycopg import sql
-
-        ctx.database(admin=True).execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.role)))
-
-
-class DatabaseStep(Step):
-    def __init__(self, database: str, owner: str):
-        self.database_name = database
-        self.owner = owner
-        self.name = "database"
-        self.title = f"create the database {database} owned by {owner}"
-
-    def check(self, ctx: RunContext) -> Change | None:
-        from ops import pg
-
-        if pg.database_exists(ctx.database(admin=True), self.database_name):
-            return None
-        return Change(f"create database {self.database_name} (owner {self.owner})")
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import pg
-
-        pg.create_database(ctx.database(admin=True), self.database_name, owner=self.owner)
-        return {"database": self.database_name}
-
-    def verify(self, ctx: RunContext) -> None:
-        from ops import pg
-
-        connection = ctx.database(admin=True)
-        owner = connection.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
-                                   (self.database_name,)).fetchone()
-        if not owner or owner[0] != self.owner:
-            raise StepFailed(f"database {self.database_name} is not owned by {self.owner} "
-                             f"({owner[0] if owner else 'missing'}) on {pg.parse_url(ctx.env.admin_url()).describe()}")
-
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        from ops import pg
-
-        pg.drop_database(ctx.database(admin=True), self.database_name)
-
-
-def store(ctx: RunContext):
-    from ops.secret_store import SecretStore
-
-    return SecretStore(ctx.env.inventory.state_dir, ctx.env.name)
-
-
-def build(env: Environment, **arguments: Any) -> Runbook:
+def database_names(env: Environment) -> tuple[str, str]:
+    """(role, database) the app uses: `database.role`/`database.name`, else the URL's user and database."""
     from ops import pg
 
     target = pg.parse_url(env.database_url(direct=True))
-    role = env.raw("database.role", None) or target.user
-    database = env.raw("database.name", None) or target.dbname
-    steps: list[Step] = [BucketStep(section, env.storage_config(section).bucket)
-                         for section in ("storage", "backups") if env.has(section)]
+    return env.raw("database.role", None) or target.user, env.raw("database.name", None) or target.dbname
+
+
+def _first_host_app(env: Environment) -> tuple[str | None, dict[str, Any]]:
+    hosts = env.host_configs()
+    name = hosts[0].name if hosts else None
+    return name, env.app_settings(name)
+
+
+def _all_hosts_have(env: Environment, key: str) -> bool:
+    hosts = env.host_configs()
+    return bool(hosts) and all(env.app_settings(host.name).get(key) for host in hosts)
+
+
+def has_migrations(env: Environment) -> bool:
+    """Whether there is somewhere to read migrations from (as ops.migrations.load_migration_source reads)."""
+    _host, app = _first_host_app(env)
+    return bool(env.raw("app.repository", None) or app.get("dir"))
+
+
+def uses_key_provider(env: Environment) -> bool:
+    return (env.has("storage") and env.storage_config("storage").provider != "local"
+            and str(env.raw("keys.provider", "static")) != "static")
+
+
+def bucket_steps(env: Environment) -> list[Step]:
+    """Each bucket, with its lifecycle rule where the provider has lifecycle rules."""
+    from ops.provision_steps import BucketStep, lifecycle_unsupported
+
+    return [BucketStep(section, env.storage_config(section).bucket,
+                       lifecycle=lifecycle_unsupported(env, section) is None)
+            for section in ("storage", "backups") if env.has(section)]
+
+
+def app_steps(env: Environment, database: str, *, backup_id: str | None) -> list[Step]:
+    """Secrets and env files (hosts), migrations, seed, restart: what this environment configures."""
+    from ops.provision_steps import AdminPasswordStep, AuthSecretStep, MigrationOnNewDatabase, SeedStep
+    from runbooks.deploy import push_env_steps, restart_step
+    from runbooks.migrate import migrate_steps
+
+    steps: list[Step] = []
+    pushes = _all_hosts_have(env, "env_file")
+    if pushes:
+        steps += [AuthSecretStep(), AdminPasswordStep(), *push_env_steps(env)]
+    if has_migrations(env):
+        steps += [MigrationOnNewDatabase(step, database)
+                  for step in migrate_steps(env, backup=None, backup_id=backup_id)]
+    host, app = _first_host_app(env)
+    if host and app.get("seed") and app.get("dir"):
+        steps.append(SeedStep(host, str(app["seed"]), str(app["dir"])))
+    if pushes and _all_hosts_have(env, "restart"):
+        steps.append(restart_step(env))
+    return steps
+
+
+def not_configured(env: Environment) -> list[str]:
+    """What this environment leaves out of the checklist, and why (said, never failed)."""
+    from ops.provision_steps import lifecycle_unsupported
+
+    notes = [reason for section in ("storage", "backups") if env.has(section)
+             if (reason := lifecycle_unsupported(env, section))]
+    if env.has("storage") and env.storage_config("storage").provider != "local" and not uses_key_provider(env):
+        notes.append("storage keys: no key provider (`keys.provider` cloudflare or aws-iam); the inventory's "
+                     "storage key is the one the app gets")
+    if not env.host_configs():
+        notes.append("app hosts: none, so no env file, AUTH_SECRET, admin password, seed or restart")
+    elif not _all_hosts_have(env, "env_file"):
+        notes.append("env file: not every host has app.env_file, so no env file, AUTH_SECRET or admin password")
+    elif not _all_hosts_have(env, "restart"):
+        notes.append("restart: not every host has app.restart; restart the apps yourself after provisioning")
+    if not has_migrations(env):
+        notes.append("migrations: no app.repository or app.dir to read them from")
+    return notes
+
+
+def database_url_advice(env: Environment) -> list[str]:
+    """Warnings about the app's database URLs: TLS off the sandbox, pgbouncer=true behind a pooler."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from ops.errors import OpsError
+    from ops.inventory import as_secret
+
+    if env.sandbox or not env.has("database.url"):
+        return []
+    try:
+        urls = {path: urlsplit(as_secret(env.value(f"database.{path}")).reveal())
+                for path in ("url", "direct_url") if env.has(f"database.{path}")}
+    except OpsError:
+        return []  # an unset ${env:…}: the run itself says so, with its hint
+    advice = [f"database.{path} has no sslmode: add ?sslmode=require (the app's connection is not encrypted)"
+              for path, parts in urls.items()
+              if "sslmode" not in parse_qs(parts.query) and (parts.hostname or "") not in LOOPBACK]
+    pooled = "direct_url" in urls and urls["direct_url"].geturl() != urls["url"].geturl()
+    if pooled and parse_qs(urls["url"].query).get("pgbouncer") != ["true"]:
+        advice.append("database.url is the pooled URL (database.direct_url is set) but has no pgbouncer=true: "
+                      "Prisma needs it behind PgBouncer in transaction mode")
+    return advice
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    from ops.provision_steps import DatabaseStep, RoleStep, StorageKeyStep
+
+    role, database = database_names(env)
+    steps = bucket_steps(env)
     steps += [RoleStep(role), DatabaseStep(database, role)]
+    if uses_key_provider(env):  # after the buckets: the new key is probed on the app bucket
+        steps.append(StorageKeyStep(str(env.raw("keys.provider"))))
+    steps += app_steps(env, database, backup_id=arguments.get("backup_id"))
     return Runbook("provision", f"Provision {env.name}", steps, arguments=arguments)
+
+
+def _say_left_out(env: Environment, output: Output) -> None:
+    for note in not_configured(env):
+        output.info(f"left out here: {note}")
+    for advice in database_url_advice(env):
+        output.warn(advice)
 
 
 @task(help=helps("env", "dry_run", "confirm", "json"))
 @opstask
 def provision(c, env=None, dry_run=False, confirm=None, json=False):
-    """Create the environment's buckets, database role (generated password) and database; idempotent."""
+    """Provision an environment: buckets, role, database, keys, app secrets and env files, migrate, seed, restart."""
+    from ops.journal import new_run_id
+
     output = make_output(json)
     environment_ = environment(env, output=output)
-    execute(build(environment_), environment_, output, dry_run=dry_run, confirm=confirm)
+    arguments: dict[str, Any] = {}
+    if environment_.protected:  # a pre-migration backup (of a database that has tables) keeps its id on resume
+        arguments["backup_id"] = new_run_id()
+    _say_left_out(environment_, output)
+    execute(build(environment_, **arguments), environment_, output, dry_run=dry_run, confirm=confirm)

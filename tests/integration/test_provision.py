@@ -1,0 +1,204 @@
+"""inv provision end to end through the real CLI: real PostgreSQL, moto (S3 + IAM with credentials
+enforced, the aws-iam key provider), sshd with the test app on a host."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import urllib.request
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from ops.envfile import parse_env_file
+from ops.keys import verify_admin_password
+from ops.secret_store import SecretStore
+from ops.secrets import Secret
+from tests.cli import CliResult, Opsbook
+
+MIGRATION = "20260101000000_items"
+SEED_CODE = ("import os, psycopg; psycopg.connect(os.environ['DATABASE_URL'], autocommit=True)"
+             ".execute(\"INSERT INTO items (name) VALUES ('seeded')\")")
+
+
+def host_entry(host: Any) -> dict[str, Any]:
+    migrations = host.app_dir / "prisma" / "migrations"
+    return {"name": host.name, "address": "127.0.0.1", "user": host.host.user, "port": host.host.port,
+            "key_file": host.host.key_filename,
+            "app": {"dir": str(host.app_dir), "env_file": str(host.env_file), "restart": host.restart_command,
+                    "health_url": host.health_url, "ready_url": host.ready_url, "health_timeout": 15,
+                    "migrations": {"engine": "native", "dir": "prisma/migrations"},
+                    "seed": f"{shlex.quote(sys.executable)} -c {shlex.quote(SEED_CODE)}",
+                    "env": {"APP_MIGRATIONS_DIR": str(migrations)}}}
+
+
+@pytest.fixture
+def fresh(opsbook: Opsbook, postgres_server: Any, s3_server: Any, app_host_factory: Any) -> Any:
+    """A staging environment that exists only in the inventory: no role, database, bucket, key or env file."""
+    suffix = uuid.uuid4().hex[:8]
+    user = f"app-{suffix}"
+    admin_key = s3_server.create_access_key(user)  # IAM user allowed everything: creates the app's key
+    (host,) = app_host_factory(("web1",))
+    migration = host.app_dir / "prisma" / "migrations" / MIGRATION
+    migration.mkdir(parents=True)
+    (migration / "migration.sql").write_text("CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n")
+    names = {"role": f"app_{suffix}", "database": f"shop_{suffix}", "bucket": f"assets-{suffix}",
+             "backups": f"backups-{suffix}", "user": user}
+    opsbook.environ.update({"ADMIN_DATABASE_URL": postgres_server.url().reveal(), "S3_KEY_ID": admin_key[0],
+                            "S3_SECRET": admin_key[1].reveal()})
+    opsbook.write_inventory({"project": "provtest", "default_env": "staging", "envs": {"staging": {
+        "database": {"url": f"postgresql://{names['role']}@127.0.0.1:{postgres_server.port}/{names['database']}",
+                     "admin_url": "${env:ADMIN_DATABASE_URL}"},
+        "storage": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                    "bucket": names["bucket"], "access_key_id": "${env:S3_KEY_ID}",
+                    "secret_access_key": "${env:S3_SECRET}"},
+        "backups": {"bucket": names["backups"], "prefix": "staging/"},
+        "keys": {"provider": "aws-iam", "iam_user": user, "probe_timeout": 10},
+        "hosts": [host_entry(host)],
+    }}})
+    with s3_server.enforce_auth():
+        yield {**names, "host": host, "admin_key": admin_key,
+               "secrets": [postgres_server.password.reveal(), admin_key[1].reveal()]}
+
+
+def answers(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError as error:
+        return getattr(error, "code", 0)
+
+
+def stored(opsbook: Opsbook) -> dict[str, str]:
+    return {k: v.reveal() for k, v in SecretStore(opsbook.state_dir, "staging").read().items() if v}
+
+
+def admin_password(result: CliResult) -> str:
+    lines = result.stderr.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith("Admin password for staging"))
+    return lines[index + 2].strip()
+
+
+def iam_keys(s3: Any, fresh: Any) -> list[str]:
+    iam = s3.client("iam", access_key_id=fresh["admin_key"][0], secret_access_key=fresh["admin_key"][1])
+    return [key["AccessKeyId"] for key in iam.list_access_keys(UserName=fresh["user"])["AccessKeyMetadata"]]
+
+
+def buckets(s3: Any, fresh: Any) -> set[str]:
+    client = s3.client(access_key_id=fresh["admin_key"][0], secret_access_key=fresh["admin_key"][1])
+    return {bucket["Name"] for bucket in client.list_buckets()["Buckets"]}
+
+
+def server_facts(server: Any, fresh: Any) -> tuple[bool, bool]:
+    with psycopg.connect(server.url().reveal()) as connection:
+        role = connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (fresh["role"],)).fetchone()
+        database = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                      (fresh["database"],)).fetchone()
+    return role is not None, database is not None
+
+
+def seeded_rows(server: Any, fresh: Any) -> int:
+    with psycopg.connect(server.url(fresh["database"]).reveal()) as connection:
+        return connection.execute("SELECT count(*) FROM items WHERE name = 'seeded'").fetchone()[0]
+
+
+def test_provision_fresh_environment_end_to_end(opsbook, fresh, postgres_server, s3_server):
+    host = fresh["host"]
+
+    # A dry run on the fresh environment plans the whole checklist and changes nothing anywhere.
+    dry = opsbook.run("provision", "--dry-run")
+    assert dry.exit_code == 0, dry
+    for planned in (f"would create bucket {fresh['bucket']} and set 1 lifecycle rule(s)",
+                    f"would create role {fresh['role']}", f"would create database {fresh['database']}",
+                    "would create a new aws-iam key", "would generate AUTH_SECRET", "would generate the admin password",
+                    f"would create {host.env_file} on web1", "would apply 1 migration(s) to the new database",
+                    "would run the seed command on web1", "would restart web1"):
+        assert planned in dry.stderr, (planned, dry)
+    assert server_facts(postgres_server, fresh) == (False, False)
+    assert not {fresh["bucket"], fresh["backups"]} & buckets(s3_server, fresh)
+    assert iam_keys(s3_server, fresh) == [fresh["admin_key"][0]]
+    assert not host.env_file.exists() and host.pid() is None
+    assert not SecretStore(opsbook.state_dir, "staging").path.exists()
+
+    first = opsbook.run("provision", "--json")
+    assert first.exit_code == 0, first
+    assert first.json()["status"] == "succeeded"
+    password = admin_password(first)
+
+    # The app runs on the provisioned database (migrated, seeded) with the key made for it.
+    assert answers(host.health_url) == 200 and answers(host.ready_url) == 200
+    secrets = stored(opsbook)
+    values = parse_env_file(host.env_file.read_text())
+    assert oct(host.env_file.stat().st_mode & 0o777) == "0o600"
+    assert values["DATABASE_URL"].startswith(f"postgresql://{fresh['role']}:")
+    assert values["S3_ACCESS_KEY_ID"] == secrets["STORAGE_ACCESS_KEY_ID"] != fresh["admin_key"][0]
+    assert sorted(iam_keys(s3_server, fresh)) == sorted([fresh["admin_key"][0], values["S3_ACCESS_KEY_ID"]])
+    assert len(values["AUTH_SECRET"]) >= 32 and values["NEXTAUTH_SECRET"] == values["AUTH_SECRET"]
+    assert values["ADMIN_PASSWORD_HASH"] == secrets["ADMIN_PASSWORD_HASH"]
+    assert verify_admin_password(Secret(password), values["ADMIN_PASSWORD_HASH"])
+    assert not verify_admin_password(Secret(password + "x"), values["ADMIN_PASSWORD_HASH"])
+    assert seeded_rows(postgres_server, fresh) == 1
+    client = s3_server.client(access_key_id=fresh["admin_key"][0], secret_access_key=fresh["admin_key"][1])
+    rules = client.get_bucket_lifecycle_configuration(Bucket=fresh["bucket"])["Rules"]
+    assert [rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] for rule in rules] == [7]
+
+    # A second run finds everything in place: an empty plan, nothing shown, the seed not run again.
+    started = host.pid()
+    second = opsbook.run("provision", "--json")
+    assert second.exit_code == 0, second
+    assert second.json()["status"] == "nothing to do"
+    assert all(step["change"] is None for step in second.json()["steps"]), second.json()["steps"]
+    assert "Admin password" not in second.stderr
+    assert seeded_rows(postgres_server, fresh) == 1 and host.pid() == started
+
+    # No secret anywhere (outputs, journals, --json), except the admin password's one line.
+    produced = opsbook.everything_produced()
+    assert produced.count(password) == 1
+    for secret in [*fresh["secrets"], *secrets.values()]:
+        assert secret not in produced
+    journal = (opsbook.state_dir / "runs" / f"{first.json()['run_id']}.jsonl").read_text()
+    assert password not in journal and password not in first.stdout
+
+
+def test_failed_seed_stops_the_run_and_undoes_what_it_made(opsbook, fresh, postgres_server, s3_server):
+    import yaml
+
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["staging"]["hosts"][0]["app"]["seed"] = "echo 'no seed data here' >&2; exit 3"
+    opsbook.write_inventory(inventory)
+
+    failed = opsbook.run("provision")
+    assert failed.exit_code == 1, failed
+    assert "step 12 (seed the database once" in failed.stderr and "exited with code 3" in failed.stderr
+    assert "no seed data here" in failed.stderr
+    journal = opsbook.journal(opsbook.latest_run_id())
+    assert journal[-1]["status"] == "failed" and journal[-1]["stopped_at"] == "seed"
+    undone = {entry["step"] for entry in journal if entry.get("state") == "undone"}
+    assert undone == {"database-role", "database", "storage-key"}
+    # Nothing half-made is left: no role, database or app key, no app started; the generated secrets stay
+    # in the store, so the admin password already shown still matches the hash the next run pushes.
+    assert server_facts(postgres_server, fresh) == (False, False)
+    assert iam_keys(s3_server, fresh) == [fresh["admin_key"][0]]
+    assert fresh["host"].pid() is None
+    assert "STORAGE_ACCESS_KEY_ID" not in stored(opsbook) and "ADMIN_PASSWORD_HASH" in stored(opsbook)
+
+
+@pytest.mark.parametrize(("database", "expected"), [
+    ({"url": "postgresql://app@db.example.com/shop?sslmode=require"}, []),
+    ({"url": "postgresql://app@db.example.com/shop"}, ["database.url has no sslmode"]),
+    ({"url": "postgresql://app@127.0.0.1:5432/shop"}, []),  # loopback: nothing on the wire to encrypt
+    ({"url": "postgresql://app@pool.example.com:6543/shop?sslmode=require",
+      "direct_url": "postgresql://app@db.example.com/shop?sslmode=require"}, ["has no pgbouncer=true"]),
+    ({"url": "postgresql://app@pool.example.com:6543/shop?sslmode=require&pgbouncer=true",
+      "direct_url": "postgresql://app@db.example.com/shop?sslmode=require"}, []),
+])
+def test_database_url_advice(tmp_path, database, expected):
+    from ops import inventory
+    from runbooks.provision import database_url_advice
+
+    opsbook = Opsbook(tmp_path)
+    opsbook.write_inventory({"project": "advice", "envs": {"staging": {"database": database}}})
+    advice = database_url_advice(inventory.load(opsbook.inventory).environment("staging"))
+    assert len(advice) == len(expected) and all(part in line for part, line in zip(expected, advice, strict=True))
