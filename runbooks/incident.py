@@ -1,0 +1,444 @@
+"""inv incident.open / .update / .resolve / .show / .list / .rollback — the incident playbook.
+
+Outline steps: 1 identify scope and 2 check logs (triage, ops.triage), 3 roll back
+(deploy.rollback, and a restore only when it is safe), 4 communicate status (notices
+rendered from templates/incident/, sent to the inventory's `notify` channels).
+
+Exit codes, beyond the shared ones:
+- 1  the update was recorded (timeline, incident.json, bucket copy) but a channel failed to
+     deliver its notice; the failed channels are named. Nothing is lost: fix the channel and
+     post the next update.
+- 3  the incident is resolved: updating or resolving it again is refused (the request is
+     well-formed, the incident's state refuses it); a restore asked for but not safe.
+- 2  unknown incident, bad --status/--impact/--components/--next-update, a template error.
+Every change is recorded before anything is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from invoke import Collection, task
+
+from ops.cli import environment, helps, make_output, opstask
+from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+
+if TYPE_CHECKING:
+    from ops.engine import Runbook
+    from ops.incidents import Incident, IncidentStore
+    from ops.inventory import Environment
+    from ops.notify import Delivery
+    from ops.output import Output
+
+DEFAULT_LOG_LINES = 50
+NOTICE_TRIAGE_LINES = 12  # the internal notice carries the failing parts, not the logs
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+
+
+def register_known_secrets(env: Environment) -> None:
+    """Load every credential of the environment (inventory and secret store) so redaction knows them all,
+    even those this task never uses: logs and messages can carry any of them."""
+    from ops.inventory import Reference
+    from ops.secret_store import SecretStore
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, Reference):
+            with contextlib.suppress(OpsError):  # an unset variable: nothing to redact
+                node.resolve()  # a Secret registers its value with the redactor
+
+    walk(env.data)
+    SecretStore(env.inventory.state_dir, env.name).read()
+
+
+def templates_dir(env: Environment) -> str | None:
+    configured = env.raw("incidents.templates_dir", None)
+    if not configured:
+        return None
+    from pathlib import Path
+
+    path = Path(str(configured)).expanduser()
+    return str(path if path.is_absolute() else env.inventory.file.parent / path)
+
+
+def run_triage(env: Environment, log_lines: int, output: Output) -> Any:
+    """ops.triage's report, or None when this opsbook has no triage (or it broke: the incident goes on)."""
+    try:
+        from ops.triage import run_triage as triage
+    except ImportError:
+        output.warn("triage is not available in this opsbook: check the app, database and storage by hand")
+        return None
+    try:
+        return triage(env, log_lines=log_lines)
+    except Exception as error:  # triage helps; it must never keep an incident from being opened
+        from ops.secrets import redact
+
+        output.warn(f"triage failed: {redact(error)}")
+        return None
+
+
+def triage_for_notice(report: Any) -> str:
+    failing = [f"- {finding.part}: {(finding.detail or 'failed').splitlines()[0]}" for finding in report.failing]
+    return "\n".join([report.summary(), *failing[:NOTICE_TRIAGE_LINES]])
+
+
+def publish(env: Environment, store: IncidentStore, incident: Incident, output: Output, *, dry_run: bool,
+            triage: str | None = None) -> list[Delivery]:
+    """Render the notices of the incident's state, send them, record the deliveries, copy to the bucket."""
+    from ops.incidents import add_entry
+    from ops.notify import failed, preview_text, send
+    from ops.render import incident_notices
+
+    operator = incident.timeline[-1].operator
+    try:
+        notices = incident_notices(incident, triage=triage, override_dir=templates_dir(env))
+    except OpsError as error:
+        if not dry_run:
+            add_entry(incident, "notice", operator, message="no notice sent: a template failed",
+                      detail={"error": error.message})
+            _save(store, incident, output)
+        raise
+    deliveries = send(env, notices, dry_run=dry_run, stream=sys.stderr if output.json_mode else None)
+    if dry_run:
+        _show_previews(output, deliveries, notices, preview_text)
+        return deliveries
+    add_entry(incident, "notice", operator, detail={"deliveries": [d.to_json() for d in deliveries]})
+    _save(store, incident, output)
+    for delivery in deliveries:
+        (output.info if delivery.ok else output.warn)(f"{delivery.channel}: {delivery.detail}")
+    if not deliveries:
+        output.warn(f"{env.name} has no notify channels: nobody was told (add `notify:` to the inventory)")
+    return failed(deliveries)
+
+
+def _show_previews(output: Output, deliveries: list[Delivery], notices: list[Any], preview_text: Any) -> None:
+    output.info("dry run: nothing recorded, nothing sent. The notices would be:")
+    shown = deliveries or []
+    for delivery in shown:
+        output.info(f"--- {delivery.channel}, {delivery.audience} audience" + ("" if delivery.ok else
+                                                                             f" (would fail: {delivery.detail})"))
+        if delivery.preview:
+            output.info(delivery.preview)
+    if not shown:
+        for notice in notices:
+            output.info(f"--- {notice.format}, {notice.audience} (no channel configured)")
+            output.info(preview_text(notice))
+
+
+def _save(store: IncidentStore, incident: Incident, output: Output) -> None:
+    store.save(incident)
+    problem = store.upload(incident)
+    if problem:
+        output.warn(f"{problem}; the local record in {store.folder(incident.id)} is complete")
+
+
+def finish(incident: Incident, failures: list[Delivery], output: Output, verb: str) -> None:
+    output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline],
+                   "failed_channels": [d.channel for d in failures]})
+    if failures:
+        names = ", ".join(d.channel for d in failures)
+        raise StepFailed(f"incident {incident.id} {verb} and recorded, but {len(failures)} channel(s) did not get "
+                         f"the notice: {names}",
+                         hint="the timeline has each delivery's reason; fix the channel, the next update re-sends")
+
+
+def _operator() -> str:
+    from ops.journal import operator_name
+
+    return operator_name()
+
+
+def _log_lines(env: Environment, log_lines: Any) -> int:
+    value = log_lines or env.raw("incidents.log_lines", None) or DEFAULT_LOG_LINES
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        raise UsageError(f"--log-lines {log_lines!r} is not a number") from None
+
+
+def _no_next_update(text: str | None) -> str | None:
+    return None if (text or "").strip().lower() in {"", "none", "no", "off"} else text
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+@task(name="open", help=helps(
+    "env", "dry_run", "json", title="the whole problem in a few words, e.g. \"Uploads failing\"",
+    impact="none, minor, major or critical", components="affected parts: api,uploads or api=major_outage,…",
+    message="what is known so far (goes into the notices)", next_update="when the next update is due "
+    "(default 30m; none to leave it out)", log_lines="log lines per host for triage (default 50)",
+    no_triage="skip triage (when you already know the scope)"))
+@opstask
+def open_(c, env=None, title=None, impact=None, components=None, message=None, next_update="30m", log_lines=None,
+          no_triage=False, dry_run=False, json=False):
+    """Open an incident: record it, run triage (scope and logs), publish the first notice (investigating)."""
+    from ops.incidents import IncidentStore, add_entry, new_incident
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    register_known_secrets(environment_)
+    operator = _operator()
+    incident = new_incident(environment_, title=title or "", impact=impact or "", components=components,
+                            message=message, operator=operator, next_update=_no_next_update(next_update))
+    store = IncidentStore(environment_)
+    if not dry_run:
+        store.save(incident)  # recorded before anything slow or fallible
+    output.info(f"incident {incident.id} on {environment_.name}: {incident.title} (impact {incident.impact})")
+    triage = None
+    report = None if no_triage else run_triage(environment_, _log_lines(environment_, log_lines), output)
+    if report is not None:
+        output.info(report.markdown())
+        triage = triage_for_notice(report)
+        if not dry_run:
+            incident.triage_failing = report.failing_parts()
+            store.save_triage(incident, report.markdown(), report.to_json())
+            add_entry(incident, "triage", operator, message=report.summary(),
+                      detail={"failing": report.failing_parts()})
+    failures = publish(environment_, store, incident, output, dry_run=dry_run, triage=triage)
+    if not dry_run:
+        output.info(f"next: `inv incident.update {incident.id} --env {environment_.name} --status identified "
+                    "--message …`")
+        finish(incident, failures, output, "opened")
+
+
+@task(help=helps("env", "dry_run", "json", id="the incident's id (from `inv incident.list`)",
+                 status="identified, monitoring or investigating (default: unchanged)",
+                 message="what is known now", next_update="when the next update is due (default 30m; none)",
+                 components="components and their status: api=partial_outage,uploads=operational"))
+@opstask
+def update(c, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
+           json=False):
+    """Post an update: new state, what is known, components, next update time; notices to every channel."""
+    from ops.incidents import IncidentStore, apply_update
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    register_known_secrets(environment_)
+    store = IncidentStore(environment_)
+    with store.lock(id):
+        incident = store.load(id)
+        apply_update(incident, state=status or incident.state, message=message, components=components,
+                     next_update=_no_next_update(next_update), operator=_operator())
+        if not dry_run:
+            store.save(incident)
+        failures = publish(environment_, store, incident, output, dry_run=dry_run)
+    if not dry_run:
+        output.info(f"incident {incident.id} is now {incident.state}")
+        finish(incident, failures, output, "updated")
+
+
+@task(help=helps("env", "dry_run", "json", id="the incident's id", message="summary: what happened, what fixed it",
+                 cause="the cause, when known", postmortem="link to the postmortem"))
+@opstask
+def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
+    """Resolve an incident (all components operational); refused, exit 3, when it is already resolved."""
+    from ops.incidents import IncidentStore, apply_resolve
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    register_known_secrets(environment_)
+    store = IncidentStore(environment_)
+    with store.lock(id):
+        incident = store.load(id)
+        apply_resolve(incident, message=message or "", cause=cause, postmortem=postmortem, operator=_operator())
+        if not dry_run:
+            store.save(incident)
+        failures = publish(environment_, store, incident, output, dry_run=dry_run)
+    if not dry_run:
+        output.info(f"incident {incident.id} resolved at {incident.resolved_at}")
+        finish(incident, failures, output, "resolved")
+
+
+@task(help=helps("env", "json", id="the incident's id"))
+@opstask
+def show(c, id, env=None, json=False):
+    """The incident and its timeline: every update, triage, notice delivery and rollback, in order."""
+    from ops.incidents import IncidentStore
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    store = IncidentStore(environment_)
+    incident = store.load(id)
+    output.info(f"incident {incident.id} on {incident.env}: {incident.title}")
+    output.info(f"  state {incident.state}, impact {incident.impact}, opened {incident.opened_at} by "
+                f"{incident.operator}" + (f", resolved {incident.resolved_at}" if incident.resolved_at else ""))
+    output.info("  components: " + ", ".join(f"{k} {v}" for k, v in incident.components.items()))
+    for entry in incident.timeline:
+        output.info(f"  {entry.at}  {entry.kind:9} {entry.operator:12} {describe_entry(entry)}")
+    if store.triage_markdown(incident.id):
+        output.info(f"  triage: {store.folder(incident.id) / 'triage.md'}")
+    output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline]})
+
+
+def describe_entry(entry: Any) -> str:
+    parts = [entry.state or ""]
+    if entry.message:
+        parts.append(f"— {entry.message}")
+    if entry.components:
+        parts.append("[" + ", ".join(f"{k}: {v}" for k, v in entry.components.items()) + "]")
+    if entry.next_update:
+        parts.append(f"(next update by {entry.next_update})")
+    deliveries = entry.detail.get("deliveries")
+    if deliveries is not None:
+        parts.append("; ".join(f"{d['channel']}: {'ok' if d['ok'] else 'FAILED ' + d['detail']}"
+                               for d in deliveries) or "no channels")
+    for key in ("failing", "error", "cause", "postmortem", "run_id", "status", "restored_backup"):
+        if entry.detail.get(key):
+            parts.append(f"{key}: {entry.detail[key]}")
+    return " ".join(part for part in parts if part)
+
+
+@task(name="list", help=helps("env", "json", open="only the incidents not resolved yet"))
+@opstask
+def list_(c, env=None, open=False, json=False):
+    """The environment's incidents, newest first: id, state, impact, title, opened, resolved."""
+    from ops.incidents import IncidentStore
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    incidents = IncidentStore(environment_).list(open_only=open)
+    output.table(["incident", "state", "impact", "title", "opened", "resolved"],
+                 [[i.id, i.state, i.impact, i.title, i.opened_at, i.resolved_at or ""] for i in incidents])
+    output.result({"incidents": [i.record() for i in incidents]})
+
+
+# --- rollback (outline step 3) ----------------------------------------------------------------
+
+
+@dataclass
+class RestoreSafety:
+    safe: bool
+    reason: str
+    backup_id: str | None = None
+    run_id: str | None = None
+
+
+def restore_safety(env: Environment) -> RestoreSafety:
+    """Restoring is safe only to undo a failed migration: the last migrate run of `env` in this machine's
+    journal failed after its pre-migration backup completed, and no backup is newer than that one
+    (a newer backup means data written since that a restore would throw away)."""
+    from ops.journal import list_runs
+
+    for record in list_runs(env.inventory.state_dir / "runs"):
+        header = record.header
+        if header.get("runbook") == "migrate" and header.get("env") == env.name and not header.get("dry_run"):
+            return _judge_migrate_run(env, record)
+    return RestoreSafety(False, f"no migrate run of {env.name} in the journal: no failed migration to undo")
+
+
+def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
+    if record.status != "failed":
+        return RestoreSafety(False, f"the last migrate run ({record.run_id}) {record.status}: "
+                                    "no failed migration to undo", run_id=record.run_id)
+    backup_id = (record.step_outputs().get("manifest") or {}).get("backup_id")
+    if not backup_id or record.step_states().get("manifest") != "verified":
+        return RestoreSafety(False, f"the failed migrate run {record.run_id} has no complete pre-migration backup",
+                             run_id=record.run_id)
+    from ops.backup_manifest import list_backups
+    from ops.storage import open_storage
+
+    try:
+        complete, _ = list_backups(open_storage(env.storage_config("backups")), strict=False)
+    except OpsError as error:
+        return RestoreSafety(False, f"the backups cannot be listed: {error.message}", run_id=record.run_id)
+    if backup_id not in {manifest.id for manifest in complete}:
+        return RestoreSafety(False, f"the pre-migration backup {backup_id} is not in the backups bucket",
+                             run_id=record.run_id)
+    if complete[0].id != backup_id:
+        return RestoreSafety(False, f"backup {complete[0].id} is newer than the pre-migration backup {backup_id}: "
+                                    "restoring would lose what was written since", run_id=record.run_id)
+    return RestoreSafety(True, f"migrate run {record.run_id} failed after its pre-migration backup {backup_id}, "
+                               "and no backup is newer", backup_id=backup_id, run_id=record.run_id)
+
+
+def deploy_rollback_steps(env: Environment, output: Output | None = None) -> list[Any]:
+    try:
+        from runbooks.deploy import rollback_steps
+    except ImportError:
+        if output:
+            output.warn("deploy.rollback is not available in this opsbook: roll the release back by hand")
+        return []
+    return rollback_steps(env)
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup."""
+    from ops.engine import Runbook
+
+    steps = deploy_rollback_steps(env)
+    if arguments.get("restore"):
+        backup_id = arguments.get("backup")
+        if not backup_id:
+            safety = restore_safety(env)
+            if not safety.safe:
+                raise CheckFailed(f"a restore is not safe on {env.name}: {safety.reason}",
+                                  hint="roll back without --restore; restore by hand (`inv restore`) only if you "
+                                       "accept losing what was written since the backup")
+            backup_id = arguments["backup"] = safety.backup_id
+        from runbooks.restore import build as restore_runbook
+
+        steps += restore_runbook(env, backup=backup_id).steps
+    incident = arguments.get("incident") or "an incident"
+    return Runbook("incident.rollback", f"Roll back {env.name} for {incident}", steps, arguments=arguments)
+
+
+@task(help=helps("env", "dry_run", "confirm", "json", id="the incident's id",
+                 restore="also restore the pre-migration backup (only offered when safe)"))
+@opstask
+def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
+    """Roll back the release (deploy.rollback) and, only when safe and asked, restore the pre-migration backup."""
+    from ops.cli import execute
+    from ops.incidents import IncidentStore, add_entry, refuse_if_resolved
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    register_known_secrets(environment_)
+    store = IncidentStore(environment_)
+    with store.lock(id):
+        incident = store.load(id)
+        refuse_if_resolved(incident, "rolled back")
+        safety = restore_safety(environment_)
+        output.info(f"restore of a backup: {'offered' if safety.safe else 'not offered'} — {safety.reason}")
+        if restore and not safety.safe:
+            raise CheckFailed(f"a restore is not safe on {environment_.name}: {safety.reason}",
+                              hint="run without --restore to roll back the release only")
+        if safety.safe and not restore:
+            output.info(f"  add --restore to also restore backup {safety.backup_id} in this rollback")
+        runbook = build(environment_, incident=id, restore=restore, backup=safety.backup_id if restore else None)
+        if not runbook.steps:
+            raise UsageError("nothing to roll back with: deploy.rollback is not available and no restore was asked")
+
+        def record(status: str, run_id: str, error: str | None = None) -> None:
+            add_entry(incident, "rollback", _operator(), message=f"rollback {status}",
+                      detail={"run_id": run_id, "status": status, "error": error,
+                              "steps": [step.name for step in runbook.steps],
+                              "restored_backup": runbook.arguments.get("backup") if status == "succeeded" else None})
+            _save(store, incident, output)
+
+        def on_failure(ctx: Any, error: OpsError) -> None:
+            if not dry_run:
+                record("failed", ctx.run_id, error.message)
+
+        outcome = execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm, on_failure=on_failure)
+        if not dry_run:
+            record(outcome.status, outcome.run_id)
+
+
+collection = Collection("incident")
+collection.add_task(open_, name="open")
+collection.add_task(update)
+collection.add_task(resolve)
+collection.add_task(show)
+collection.add_task(list_, name="list")
+collection.add_task(rollback)
