@@ -242,28 +242,17 @@ METRIC_HELP = {
 
 def render_metrics(existing: str, env: str, values: dict[str, float]) -> str:
     """The textfile with this environment's samples replaced and other environments' kept."""
-    label = f'{{env="{env}"}}'
-    samples: dict[str, list[str]] = {name: [] for name in METRIC_HELP}
-    for line in existing.splitlines():
-        name = line.split("{", 1)[0]
-        if name in samples and not (label in line and name in values):
-            samples[name].append(line)
-    for name, value in values.items():
-        samples[name].append(f"{name}{label} {float(value):.15g}")
-    lines = []
-    for name, help_text in METRIC_HELP.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", *sorted(samples[name])]
-    return "\n".join(lines) + "\n"
+    from ops import metrics
+
+    new = metrics.gauges(values, METRIC_HELP, env=env)
+    return metrics.render(metrics.merge(metrics.parse(existing), new, {"env": env}))
 
 
 def write_metrics(path: Path, env: str, values: dict[str, float]) -> None:
     """Atomically (temp file + rename): node_exporter never reads half a file."""
-    existing = path.read_text() if path.exists() else ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(render_metrics(existing, env, values))
-    temporary.chmod(0o644)
-    os.replace(temporary, path)
+    from ops.metrics import gauges, write_textfile
+
+    write_textfile(path, gauges(values, METRIC_HELP, env=env), replace={"env": env})
 
 
 class PruneStep(Step):
@@ -362,7 +351,7 @@ def list_(c, env=None, json=False):
     from runbooks.backup_verify import show_backups
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, allow_decommissioned=True)
     show_backups(environment_, output)
 
 
@@ -378,7 +367,7 @@ def verify(c, env=None, id=None, latest=False, all=False, deep=False, identity=N
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} cannot be combined", hint="choose one of --id, --latest, --all")
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, allow_decommissioned=True)
     runbook = verify_runbook(environment_, backup=id or ("all" if all else "latest"), deep=deep, identity=identity)
     run(runbook, environment_, output, result=lambda ctx: {"verified": (ctx.state.get("verify") or {}).get("results")})
 
