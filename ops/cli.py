@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ops.errors import Interrupted, OpsError
+from ops.errors import Interrupted, OpsError, UsageError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -82,14 +82,28 @@ def load_inventory() -> Inventory:
     return inventory.load()
 
 
-def environment(name: str | None, *, output: Output | None = None) -> Environment:
-    """The named environment, merged; a sandbox environment is started when it is not running."""
+def environment(name: str | None, *, output: Output | None = None,
+                allow_decommissioned: bool = False) -> Environment:
+    """The named environment, merged; a sandbox environment is started when it is not running.
+
+    A decommissioned environment (inventory flag, or the marker `inv decommission` leaves in the state
+    dir) is refused, exit 2, unless the task is a read-only listing (`allow_decommissioned`)."""
+    from ops.archive import decommission_marker
+
     inventory = load_inventory()
     env = inventory.environment(name)
-    if env.decommissioned:
-        raise OpsError(f"environment {env.name} is decommissioned", where=env.inventory.location(f"envs.{env.name}"),
-                       hint="it keeps its archive and final backup; remove `decommissioned: true` only if it is "
-                            "really coming back")
+    if env.decommissioned and not allow_decommissioned:
+        raise UsageError(f"environment {env.name} is decommissioned", where=env.inventory.location(f"envs.{env.name}"),
+                         hint="it keeps its archive and final backup; remove `decommissioned: true` only if it is "
+                              "really coming back")
+    marker = decommission_marker(inventory.state_dir, env.name)
+    if marker is not None and not allow_decommissioned:
+        raise UsageError(f"environment {env.name} was decommissioned on {marker.get('at', '?')} by "
+                         f"{marker.get('operator', '?')} (run {marker.get('run_id', '?')})",
+                         where=str(inventory.state_dir / "decommissioned"),
+                         hint=f"its final backup is {marker.get('final_backup', '?')} and its archive "
+                              f"{marker.get('archive', '?')}; set `decommissioned: true` on envs.{env.name} in the "
+                              "inventory; if `inv decommission` did not finish, run it again to finish it")
     if env.sandbox:
         from ops.sandbox import Sandbox
 

@@ -67,6 +67,12 @@ class Runbook:
     arguments: dict[str, Any] = field(default_factory=dict)
     locks: tuple[str, ...] = ("environment",)
 
+    def checklist(self, env_name: str) -> str:
+        """The runbook as a numbered Markdown checklist of the steps that run (`inv runbook.show`)."""
+        lines = [f"# {self.title} — {env_name}", ""]
+        lines += [f"{index}. [ ] {step.checklist_line()}" for index, step in enumerate(self.steps, start=1)]
+        return "\n".join(lines) + "\n"
+
 
 @dataclass
 class PlannedStep:

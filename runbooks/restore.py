@@ -328,9 +328,10 @@ def restore_jobs(requested: int | str | None) -> int:
 
 
 def _environment(name: str) -> Environment:
+    """The source may be decommissioned: its final backup is what one restores from."""
     from ops.cli import environment as load
 
-    return load(name)
+    return load(name, allow_decommissioned=True)
 
 
 @task(help=helps("env", "dry_run", "confirm", "json", from_="the environment whose backup to restore "

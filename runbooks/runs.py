@@ -92,10 +92,7 @@ def show_runbook(c, name, env=None):
     import runbooks
 
     environment_ = environment(env)
-    runbook = runbooks.build(name, environment_)
-    print(f"# {runbook.title} — {environment_.name}\n")
-    for index, step in enumerate(runbook.steps, start=1):
-        print(f"{index}. [ ] {step.checklist_line()}")
+    print(runbooks.build(name, environment_).checklist(environment_.name), end="")
 
 
 runbook_collection = Collection("runbook")

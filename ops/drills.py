@@ -1,0 +1,232 @@
+"""DR drill records: the evidence a drill leaves, where it is kept, and whether this quarter's is done.
+
+A drill's evidence is two files, `report.md` (from templates/drill_report.md.j2) and
+`report.json`, kept under `<state>/drills/<id>/` and uploaded to the SOURCE
+environment's backups storage at `drills/<id>/`. report.json:
+
+    {id, source_env, target_env, operator, started_at, finished_at (ISO UTC "…Z"), backup_id,
+     passed, rto_seconds, rpo_seconds, targets: {rto_minutes, rpo_hours},
+     steps: [{name, passed, seconds, detail, status}], failures: [...]}
+
+The bucket is the record other machines see; the local folder is the fallback when the
+bucket cannot be read (and the copy kept when an upload failed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ops.backup_manifest import iso_z, parse_time
+from ops.errors import OpsError
+
+if TYPE_CHECKING:
+    from ops.inventory import Environment
+    from ops.storage import Storage
+
+DRILLS_DIR = "drills/"
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
+TEMPLATE = "drill_report.md.j2"
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+# --- one drill's report -------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """One check of the drill. `status` is passed, failed, or skipped (an earlier check it needs failed)."""
+
+    name: str
+    status: str
+    seconds: float
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "seconds": round(self.seconds, 3),
+                "detail": self.detail, "status": self.status}
+
+
+@dataclass
+class DrillReport:
+    id: str
+    source_env: str
+    target_env: str
+    operator: str
+    started_at: str
+    finished_at: str
+    backup_id: str | None
+    rto_seconds: float | None
+    rpo_seconds: float | None
+    targets: dict[str, float | None]
+    steps: list[StepResult] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{step.name}: {step.detail}" for step in self.steps if step.status == FAILED]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.steps) and all(step.passed for step in self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "source_env": self.source_env, "target_env": self.target_env,
+                "operator": self.operator, "started_at": self.started_at, "finished_at": self.finished_at,
+                "backup_id": self.backup_id, "passed": self.passed,
+                "rto_seconds": _rounded(self.rto_seconds), "rpo_seconds": _rounded(self.rpo_seconds),
+                "targets": dict(self.targets), "steps": [step.to_json() for step in self.steps],
+                "failures": self.failures}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def duration_text(seconds: float | None) -> str:
+    """45s, 12m 5s, 3h 20m, 2d 4h: how the report and the history show RTO and RPO."""
+    if seconds is None:
+        return "not measured"
+    whole = round(seconds)
+    for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            rest = (whole % size) // small_size
+            return f"{whole // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"{whole}s"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human evidence, from templates/drill_report.md.j2 (StrictUndefined: a missing field is a bug)."""
+    from jinja2 import Environment as Jinja
+    from jinja2 import FileSystemLoader, StrictUndefined
+
+    jinja = Jinja(loader=FileSystemLoader(str(TEMPLATES_DIR)), undefined=StrictUndefined,
+                  keep_trailing_newline=True, autoescape=False)
+    jinja.filters["duration"] = duration_text
+    statuses = {step["name"]: step["status"] for step in report["steps"]}
+    objectives = {name: statuses.get(name, "not checked") for name in ("rto", "rpo")}
+    return jinja.get_template(TEMPLATE).render(report={**report, "objectives": objectives})
+
+
+def save_report(state_dir: Path, report: dict[str, Any], markdown: str) -> Path:
+    """`<state>/drills/<id>/report.json|md`; returns the folder."""
+    folder = state_dir / "drills" / report["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / REPORT_MARKDOWN).write_text(markdown)
+    return folder
+
+
+def upload_report(storage: Storage, report: dict[str, Any], markdown: str) -> list[str]:
+    """Markdown first, JSON last: a listing only shows drills whose report.json (the record) is complete."""
+    prefix = f"{DRILLS_DIR}{report['id']}/"
+    storage.put_bytes(prefix + REPORT_MARKDOWN, markdown.encode(), content_type="text/markdown; charset=utf-8")
+    storage.put_bytes(prefix + REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode(),
+                      content_type="application/json")
+    return [prefix + REPORT_MARKDOWN, prefix + REPORT_JSON]
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+def list_drills(env: Environment) -> list[dict[str, Any]]:
+    """The drills whose source is `env`, newest first: from its backups storage, else the local folder."""
+    try:
+        drills = _drills_in_storage(env)
+    except OpsError:
+        drills = None
+    if drills is None:
+        drills = _drills_in_folder(env.inventory.state_dir / "drills")
+    mine = [drill for drill in drills if drill.get("source_env") == env.name]
+    return sorted(mine, key=lambda drill: (drill.get("started_at") or "", drill.get("id") or ""), reverse=True)
+
+
+def _drills_in_storage(env: Environment) -> list[dict[str, Any]] | None:
+    if not env.has("backups"):
+        return None
+    from ops.storage import open_storage
+
+    storage = open_storage(env.storage_config("backups"))
+    drills = []
+    for info in storage.list(DRILLS_DIR):
+        if info.key.endswith("/" + REPORT_JSON):
+            parsed = _parse(storage.get_bytes(info.key))
+            if parsed is not None:
+                drills.append(parsed)
+    return drills
+
+
+def _drills_in_folder(folder: Path) -> list[dict[str, Any]]:
+    if not folder.exists():
+        return []
+    parsed = (_parse(path.read_bytes()) for path in folder.glob(f"*/{REPORT_JSON}"))
+    return [drill for drill in parsed if drill is not None]
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    """A report.json, or None when it is not one (a stray or truncated file is not a drill)."""
+    try:
+        drill = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return drill if isinstance(drill, dict) and "id" in drill and "passed" in drill else None
+
+
+# --- is this quarter's drill done? ---------------------------------------------------------------
+
+
+def quarter_of(moment: datetime) -> str:
+    moment = moment.astimezone(UTC)
+    return f"{moment.year}-Q{(moment.month - 1) // 3 + 1}"
+
+
+def quarter_bounds(moment: datetime) -> tuple[datetime, datetime]:
+    """[start, end) of the calendar quarter holding `moment`, in UTC."""
+    moment = moment.astimezone(UTC)
+    first_month = (moment.month - 1) // 3 * 3 + 1
+    start = datetime(moment.year, first_month, 1, tzinfo=UTC)
+    end = datetime(moment.year + 1, 1, 1, tzinfo=UTC) if first_month == 10 else datetime(
+        moment.year, first_month + 3, 1, tzinfo=UTC)
+    return start, end
+
+
+@dataclass
+class DrillDue:
+    done_this_quarter: bool
+    last: dict[str, Any] | None  # the newest drill, passed or not
+    quarter: str  # "2026-Q4"
+    due_by: datetime  # end of the quarter
+    last_passed: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        def summary(drill: dict[str, Any] | None) -> dict[str, Any] | None:
+            if drill is None:
+                return None
+            return {key: drill.get(key) for key in ("id", "target_env", "started_at", "passed", "rto_seconds",
+                                                    "rpo_seconds", "backup_id")}
+
+        return {"done_this_quarter": self.done_this_quarter, "quarter": self.quarter,
+                "due_by": iso_z(self.due_by), "last": summary(self.last), "last_passed": summary(self.last_passed)}
+
+
+def due_from(drills: list[dict[str, Any]], now: datetime) -> DrillDue:
+    """Pure: done when a drill that passed started in the quarter holding `now`."""
+    start, end = quarter_bounds(now)
+    passed = [drill for drill in drills if drill.get("passed") and drill.get("started_at")]
+    passed_this_quarter = [drill for drill in passed if start <= parse_time(drill["started_at"]) < end]
+    newest = sorted(drills, key=lambda drill: drill.get("started_at") or "", reverse=True)
+    newest_passed = sorted(passed, key=lambda drill: drill["started_at"], reverse=True)
+    return DrillDue(done_this_quarter=bool(passed_this_quarter), last=newest[0] if newest else None,
+                    quarter=quarter_of(now), due_by=end, last_passed=newest_passed[0] if newest_passed else None)
+
+
+def drill_due(env: Environment, now: datetime | None = None) -> DrillDue:
+    return due_from(list_drills(env), now or datetime.now(UTC))

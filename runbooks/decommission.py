@@ -1,0 +1,367 @@
+"""inv decommission --env E --confirm E: retire an environment, keeping what is needed to understand it later.
+
+1. final backup    tagged `final`, kept forever (retention never deletes it);
+2. deep verify     restored into a scratch database, row counts compared with the manifest;
+3. archive         one tarball (ops/archive.py: git bundle, runbooks, masked inventory, drill reports,
+                   journals) with its sha256 and listing, uploaded to the backups storage under archive/;
+4. drop database   only with --drop-database and a second confirmation, only once step 2 passed;
+5. mark            <state>/decommissioned/E.json and decommissioned.json in the backups storage: every
+                   later task refuses E (ops.cli.environment);
+6. revoke keys     every storage key E uses, through its key provider (static: the steps to do by hand,
+                   then checked). Last: until here opsbook still needs them to write to the bucket.
+
+Each step checks first, so running it again after a failure finishes the job.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from invoke import task
+
+from ops.cli import environment, execute, helps, make_output, opstask
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import CheckFailed, ConfirmationRequired, OpsError, StepFailed
+from ops.secrets import mask_identifier, redact, reveal
+
+if TYPE_CHECKING:
+    from ops.backup_manifest import Manifest
+    from ops.inventory import Environment
+
+FINAL_TAG = "final"
+
+
+def final_backup(ctx: RunContext) -> Manifest | None:
+    """The newest backup tagged final and kept, or None."""
+    from ops.backup_manifest import list_backups
+
+    complete, _incomplete = list_backups(ctx.storage("backups"), strict=False)
+    return next((m for m in complete if FINAL_TAG in m.tags and m.keep), None)
+
+
+def deep_verified(ctx: RunContext, backup_id: str) -> bool:
+    from ops.backup_manifest import read_verifications
+
+    records = read_verifications(ctx.storage("backups"), backup_id)
+    return bool(records) and records[-1].get("kind") == "deep" and bool(records[-1].get("ok"))
+
+
+class FinalBackupStep(Step):
+    name = "final-backup"
+    changes_data = False
+    title = "take a final backup tagged `final`, kept forever"
+
+    def __init__(self, backup_id: str):
+        self.backup_id = backup_id
+
+    def check(self, ctx: RunContext) -> Change | None:
+        existing = final_backup(ctx)
+        if existing is not None:
+            return None
+        return Change(f"back up the database as backups/{self.backup_id}/ (tag final, keep)")
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from runbooks import backup
+        from runbooks.drill import run_steps
+
+        steps = backup.build(ctx.env, backup_id=self.backup_id, tags=[FINAL_TAG], keep=True, no_prune=True).steps
+        run_steps(ctx, steps, self.name)
+        return {"backup_id": self.backup_id}
+
+    def verify(self, ctx: RunContext) -> None:
+        if final_backup(ctx) is None:
+            raise StepFailed("no backup tagged final after the backup", hint="run the decommission again")
+
+
+class VerifyFinalStep(Step):
+    name = "verify-final"
+    changes_data = False
+    title = "deep-verify the final backup: restore it into a scratch database and compare row counts"
+
+    def __init__(self, identity: str | None):
+        self.identity = identity
+
+    def check(self, ctx: RunContext) -> Change | None:
+        manifest = final_backup(ctx)
+        if manifest is not None and deep_verified(ctx, manifest.id):
+            return None
+        return Change(f"deep-verify {manifest.id if manifest else 'the final backup'}")
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from runbooks.backup_verify import VerifyStep
+
+        manifest = final_backup(ctx)
+        if manifest is None:
+            raise StepFailed("there is no final backup to verify", hint="run the decommission again")
+        VerifyStep(manifest.id, True, self.identity).apply(ctx, change)
+        return {"backup_id": manifest.id}
+
+
+class ArchiveStep(Step):
+    name = "archive"
+    changes_data = False
+
+    def __init__(self, env: Environment):
+        self.title = (f"archive {env.name}: git bundle of app.repository, runbooks, masked inventory, drill reports "
+                      "and journals, as one tarball with its sha256 and listing, uploaded under archive/")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        from ops.archive import ARCHIVE_DIR
+
+        if any(info.key.endswith(".tar.gz") for info in ctx.storage("backups").list(ARCHIVE_DIR)):
+            return None
+        repository = ctx.env.value("app.repository", None)
+        return Change("build and upload the archive", [
+            f"repository: {repository}" if repository else "no app.repository: no git bundle",
+            f"{ctx.storage('backups').describe()}: {ARCHIVE_DIR}{ctx.run_id}/"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops import archive
+
+        members = self.members(ctx)
+        path = ctx.env.inventory.state_dir / "archive" / f"{ctx.env.name}-{ctx.run_id}.tar.gz"
+        sha256, size = archive.write_tarball(members, path)
+        prefix = f"{archive.ARCHIVE_DIR}{ctx.run_id}/"
+        storage = ctx.storage("backups")
+        with path.open("rb") as source:
+            storage.upload_stream(prefix + path.name, source, content_type="application/gzip")
+        storage.put_bytes(prefix + archive.LISTING_NAME, archive.listing_text(members).encode(),
+                          content_type="text/plain")
+        storage.put_bytes(prefix + path.name + ".sha256", f"{sha256}  {path.name}\n".encode(),
+                          content_type="text/plain")
+        for member in members:
+            ctx.log(f"{member.sha256[:12]}  {len(member.data):>10}  {member.name}")
+        ctx.log(f"{path.name}: {size} bytes, sha256 {sha256}")
+        return {"key": prefix + path.name, "file": str(path), "sha256": sha256, "size": size,
+                "members": [member.name for member in members]}
+
+    def members(self, ctx: RunContext) -> list[Any]:
+        from ops import archive
+
+        env, storage = ctx.env, ctx.storage("backups")
+        found = [*archive.runbook_members(env), archive.inventory_member(env)]
+        repository = env.value("app.repository", None)
+        if repository:
+            scratch = env.inventory.state_dir / "archive"
+            scratch.mkdir(parents=True, exist_ok=True)
+            bundle = archive.repository_member(env._relative_to_inventory(str(repository)), scratch)
+            if bundle is not None:
+                found.append(bundle)
+        state = env.inventory.state_dir
+        drills = {**archive.local_members(state / "drills", "drills", "*/report.*",
+                                          keep=lambda path: _drill_of(path, env.name)),
+                  **archive.stored_members(storage, "drills/", "drills")}
+        journals = {**archive.local_members(state / "runs", "audit", "*.jsonl", keep=archive.journal_of(env.name)),
+                    **archive.stored_members(storage, "audit/", "audit")}
+        return found + [drills[name] for name in sorted(drills)] + [journals[name] for name in sorted(journals)]
+
+    def verify(self, ctx: RunContext) -> None:
+        outputs = ctx.state.get(self.name) or {}
+        info = ctx.storage("backups").head(outputs.get("key", "archive/missing"))
+        if info is None or info.size != outputs.get("size"):
+            raise StepFailed("the uploaded archive is missing or has the wrong size", hint="run the decommission again")
+
+
+def _drill_of(path: Any, env_name: str) -> bool:
+    import json
+
+    report = path.parent / "report.json"
+    try:
+        return json.loads(report.read_text()).get("source_env") == env_name
+    except (OSError, ValueError):
+        return False
+
+
+class DropDatabaseStep(Step):
+    name = "drop-database"
+
+    def __init__(self, database: str):
+        self.database = database
+        self.title = f"drop the database {database} (only once the final backup is deep-verified)"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        from ops import pg, restore_db
+
+        with restore_db.maintenance_connection(ctx.env.admin_url(), ctx.label) as connection:
+            if not pg.database_exists(connection, self.database):
+                return None
+        return Change(f"DROP DATABASE {self.database}", ["its final backup stays, kept forever"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops import pg, restore_db
+
+        manifest = final_backup(ctx)
+        if manifest is None or not deep_verified(ctx, manifest.id):
+            raise CheckFailed(f"{self.database} is not dropped: its final backup is not deep-verified",
+                              hint="run the decommission again: it verifies the final backup first")
+        with restore_db.maintenance_connection(ctx.env.admin_url(), ctx.label) as connection:
+            pg.drop_database(connection, self.database)
+        return {"database": self.database, "final_backup": manifest.id}
+
+
+class MarkStep(Step):
+    name = "mark"
+    changes_data = False
+
+    def __init__(self, env: Environment):
+        from ops.archive import MARKER_KEY
+
+        self.title = (f"mark {env.name} decommissioned: .ops/decommissioned/{env.name}.json and {MARKER_KEY} in its "
+                      "backups storage (later runs refuse it)")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        from ops.archive import MARKER_KEY, decommission_marker
+
+        local = decommission_marker(ctx.env.inventory.state_dir, ctx.env.name)
+        if local is not None and ctx.storage("backups").head(MARKER_KEY) is not None:
+            return None
+        return Change(f"record that {ctx.env.name} is decommissioned")
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        import json
+
+        from ops.archive import MARKER_KEY, write_marker
+        from ops.journal import iso, utc_now
+
+        manifest = final_backup(ctx)
+        archive = (ctx.state.get("archive") or {}).get("key") or _stored_archive(ctx)
+        record = {"env": ctx.env.name, "at": iso(utc_now()), "operator": ctx.operator, "run_id": ctx.run_id,
+                  "final_backup": manifest.id if manifest else None, "archive": archive}
+        ctx.storage("backups").put_bytes(MARKER_KEY, json.dumps(record, indent=2).encode(),
+                                         content_type="application/json")
+        path = write_marker(ctx.env.inventory.state_dir, ctx.env.name, record)
+        ctx.log(f"marked in {path}; also set `decommissioned: true` on envs.{ctx.env.name} in the inventory")
+        return record
+
+
+def _stored_archive(ctx: RunContext) -> str | None:
+    from ops.archive import ARCHIVE_DIR
+
+    keys = [info.key for info in ctx.storage("backups").list(ARCHIVE_DIR) if info.key.endswith(".tar.gz")]
+    return keys[-1] if keys else None
+
+
+class RevokeKeysStep(Step):
+    name = "revoke-keys"
+    title = "revoke every storage key the environment uses (its key provider; static: by hand, then checked)"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        keys = self.keys_in_use(ctx)
+        if not keys:
+            return None
+        provider = self.provider(ctx)
+        return Change(f"revoke {len(keys)} key(s) through the {provider.name} provider",
+                      [mask_identifier(key) for key in keys])
+
+    def provider(self, ctx: RunContext) -> Any:
+        try:
+            from ops.keys import provider_for
+        except ImportError:
+            raise StepFailed("this opsbook has no key providers (ops/keys.py)", hint="update opsbook") from None
+        return provider_for(ctx.env)
+
+    def candidates(self, ctx: RunContext) -> list[str]:
+        from ops.keys import current_key_id
+
+        found = [current_key_id(ctx.env)]
+        for section in ("storage", "backups"):
+            if ctx.env.has(section):
+                key_id = ctx.env.storage_config(section).access_key_id
+                found.append(str(reveal(key_id)) if key_id else "")
+        return [key for index, key in enumerate(found) if key and key not in found[:index]]
+
+    def keys_in_use(self, ctx: RunContext) -> list[str]:
+        """The candidates that still work: listed active by the provider, or (static) still answering a probe."""
+        provider = self.provider(ctx)
+        if provider.name == "static":
+            return [key for key in self.candidates(ctx) if self._still_works(ctx, key)]
+        active = {info.key_id for info in provider.list_keys() if info.active}
+        return [key for key in self.candidates(ctx) if key in active]
+
+    def _still_works(self, ctx: RunContext, key_id: str) -> bool:
+        """Static keys cannot be listed: a key still works when a probe with its secret succeeds."""
+        from ops.keys import probe_key
+
+        for section in ("storage", "backups"):
+            config = ctx.env.storage_config(section) if ctx.env.has(section) else None
+            if config is None or str(reveal(config.access_key_id)) != key_id or config.secret_access_key is None:
+                continue
+            try:
+                probe_key(ctx.env, key_id, config.secret_access_key)
+            except OpsError:
+                return False
+            return True
+        return False
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        provider = self.provider(ctx)
+        keys = self.keys_in_use(ctx)
+        if provider.name == "static":
+            for line in [f"revoke these keys of {ctx.env.name} by hand, where they were made:",
+                         *[f"  - {mask_identifier(key)}" for key in keys],
+                         f"then run `inv decommission --env {ctx.env.name} --confirm {ctx.env.name}` again"]:
+                ctx.output.info(line)
+            raise CheckFailed(f"{len(keys)} key(s) of {ctx.env.name} still work: revoke them by hand",
+                              hint="the steps are printed above; the next run checks they are dead")
+        for key in keys:
+            provider.delete_key(key)
+            ctx.log(f"revoked {mask_identifier(key)}")
+        return {"revoked": [mask_identifier(key) for key in keys]}
+
+    def verify(self, ctx: RunContext) -> None:
+        left = self.keys_in_use(ctx)
+        if left:
+            raise StepFailed(f"{len(left)} key(s) still active after revoking: "
+                             f"{', '.join(mask_identifier(k) for k in left)}", hint="run the decommission again")
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    from ops.journal import new_run_id
+    from runbooks.backup import database_name
+
+    backup_id = arguments.setdefault("backup_id", new_run_id())
+    steps: list[Step] = [FinalBackupStep(backup_id), VerifyFinalStep(arguments.get("identity")), ArchiveStep(env)]
+    if arguments.get("drop_database"):
+        steps.append(DropDatabaseStep(database_name(env)))
+    steps += [MarkStep(env), RevokeKeysStep()]
+    return Runbook("decommission", f"Decommission {env.name}", steps, arguments=arguments,
+                   locks=("environment",))
+
+
+def _second_confirmation(env_name: str, confirm_drop: str | None) -> None:
+    """Dropping the database is asked for twice: --confirm for the decommission, this for the drop."""
+    if confirm_drop == env_name:
+        return
+    if confirm_drop is None and sys.stdin.isatty():
+        answer = input(f"Type `drop {env_name}` to drop its database after the final backup verifies: ")
+        if answer.strip() == f"drop {env_name}":
+            return
+    raise ConfirmationRequired(f"--drop-database on {env_name} needs a second confirmation",
+                               hint=f"add --confirm-drop {env_name} (or answer the prompt from a terminal)")
+
+
+@task(help=helps("dry_run", "json", env="the environment to decommission",
+                 confirm="type the environment's name: decommissioning always asks, protected or not",
+                 drop_database="drop the database once the final backup is deep-verified",
+                 confirm_drop="type the environment's name again to allow --drop-database",
+                 identity="age identity file to verify an encrypted final backup with"))
+@opstask
+def decommission(c, env=None, confirm=None, drop_database=False, confirm_drop=None, identity=None, dry_run=False,
+                 json=False):
+    """Final backup (kept, deep-verified), archive, optional drop, mark decommissioned, revoke keys."""
+    output = make_output(json)
+    environment_ = environment(env, output=output, allow_decommissioned=True)  # a second run finishes the job
+    name = environment_.name
+    if not dry_run and confirm != name:
+        raise ConfirmationRequired(f"decommissioning {name} needs --confirm {name}",
+                                   hint=f"re-run with --confirm {name}, or --dry-run to see everything it would do")
+    if drop_database and not dry_run:
+        _second_confirmation(name, confirm_drop)
+    runbook = build(environment_, drop_database=drop_database, identity=identity)
+    execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm,
+            result=lambda ctx: {"decommissioned": ctx.state.get("mark"), "archive": ctx.state.get("archive"),
+                                "revoked": (ctx.state.get("revoke-keys") or {}).get("revoked")})
+    if not dry_run:
+        output.info(redact(f"{name} is decommissioned; set `decommissioned: true` on envs.{name} in "
+                           f"{environment_.inventory.file.name} so every machine refuses it"))

@@ -1,0 +1,503 @@
+"""inv drill / drill.history / drill.due: the quarterly disaster-recovery drill, every step real and measured.
+
+`inv drill --env prod --target staging` rehearses losing prod's database:
+
+1. restore   the chosen backup of the source into the target (the restore runbook: checksum first,
+             a new database, row counts against the manifest, then the swap);
+2. migrations `migrate.status` is up to date on the restored database, or the repository's pending
+             migrations apply cleanly (a rehearsal of the next deploy: migrations go before the restart);
+3. staging   the target's env file pushed when it changed, a rolling restart, health and ready URLs 200;
+4. images    a random sample of stored images: HEAD and GET through the storage API with matching sizes,
+             and over HTTP through `storage.public_base` when it is set;
+5. rto / rpo drill start → staging ready, and the age of the backup used, against the source's `targets`.
+
+Each check runs even when an earlier one failed, unless it needs that one (the app cannot be pointed at a
+restore that did not happen), so the report names every cause. The report (Markdown and JSON, ops/drills.py)
+is saved under <state>/drills/<id>/ and uploaded to the source's backups storage; any failed check exits 3.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from invoke import Collection, task
+
+from ops.cli import environment, execute, helps, make_output, opstask
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.secrets import redact
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ops.backup_manifest import Manifest
+    from ops.drills import StepResult
+    from ops.inventory import Environment
+    from runbooks.restore import Plan
+
+DEFAULT_SAMPLE = 50
+DEFAULT_HEALTH_TIMEOUT = 30.0
+PROBLEMS_SHOWN = 5
+
+
+class Session:
+    """What the drill's checks share: the environments, the clock, the backup used, each check's result."""
+
+    def __init__(self, source: Environment, target: Environment, backup: str):
+        self.source, self.target, self.backup = source, target, backup
+        self.results: dict[str, StepResult] = {}
+        self.started_at: datetime | None = None
+        self._started: float | None = None
+        self.ready_after: float | None = None  # seconds from the drill's start to staging ready
+        self.restore_plan: Plan | None = None
+        self.manifest: Manifest | None = None
+
+    def begin(self) -> None:
+        if self._started is None:
+            from ops.journal import utc_now
+
+            self.started_at, self._started = utc_now(), time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - (self._started or time.monotonic())
+
+    def passed(self, name: str) -> bool:
+        result = self.results.get(name)
+        return result is not None and result.passed
+
+    def target_value(self, name: str) -> float | None:
+        from ops.inventory import plain
+
+        value = plain(self.source.value(f"targets.{name}", None))
+        return float(value) if value is not None else None
+
+
+def run_steps(ctx: RunContext, steps: list[Step], parent: str) -> list[str]:
+    """Composed steps applied as the Runner would (check again, apply, verify); undone in reverse on failure."""
+    applied: list[tuple[Step, Change]] = []
+    lines = []
+    for step in steps:
+        change = step.check(ctx)
+        if change is None:
+            lines.append(f"{step.title}: nothing to do")
+            continue
+        ctx.log(f"{step.title}: {change.summary}")
+        ctx.journal.write("inner", parent=parent, step=step.name, state="started", change=change.summary)
+        try:
+            ctx.state[step.name] = step.apply(ctx, change) or {}
+            step.verify(ctx)
+        except BaseException as error:
+            ctx.journal.write("inner", parent=parent, step=step.name, state="failed", reason=redact(error))
+            _undo(ctx, applied)
+            raise
+        ctx.journal.write("inner", parent=parent, step=step.name, state="verified")
+        applied.append((step, change))
+        lines.append(f"{step.title}: {change.summary}")
+    return lines
+
+
+def _undo(ctx: RunContext, applied: list[tuple[Step, Change]]) -> None:
+    for step, change in reversed(applied):
+        undo = getattr(step, "undo", None)
+        if undo is None:
+            continue
+        try:
+            undo(ctx, change)
+        except Exception as error:  # keep undoing the rest
+            ctx.output.warn(f"could not undo {step.title}: {redact(error)}")
+
+
+def _failure_text(error: BaseException) -> str:
+    if isinstance(error, OpsError):
+        text = f"{error.where}: {error.message}" if error.where else error.message
+        return redact(text + (f" (what to do: {error.hint})" if error.hint else ""))
+    return redact(f"{type(error).__name__}: {error}")
+
+
+# --- the checks ---------------------------------------------------------------------------------
+
+
+class DrillCheck(Step):
+    """A measured check: apply records passed/failed/skipped and never stops the drill; the report step does."""
+
+    needs: tuple[str, ...] = ()
+    summary = "run this check"
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def check(self, ctx: RunContext) -> Change | None:
+        try:
+            details = self.plan(ctx)
+        except OpsError as error:
+            if error.exit_code == 2:  # the inventory or the arguments are wrong: no drill can run
+                raise
+            details = [f"cannot be checked now: {redact(error.message)} (the drill will report it)"]
+        return Change(self.summary, details)
+
+    def plan(self, ctx: RunContext) -> list[str]:
+        return []
+
+    def run(self, ctx: RunContext) -> str:
+        raise NotImplementedError
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops.drills import FAILED, PASSED, SKIPPED, StepResult
+
+        self.session.begin()
+        began = time.monotonic()
+        blocked = [name for name in self.needs if not self.session.passed(name)]
+        if blocked:
+            result = StepResult(self.name, SKIPPED, 0.0, f"not run: {', '.join(blocked)} did not pass")
+        else:
+            try:
+                result = StepResult(self.name, PASSED, 0.0, self.run(ctx))
+            except (OpsError, Exception) as error:
+                result = StepResult(self.name, FAILED, 0.0, _failure_text(error))
+        result.seconds = time.monotonic() - began
+        self.session.results[self.name] = result
+        ctx.log(f"{result.status.upper()}: {result.detail}")
+        return result.to_json()
+
+    def verify(self, ctx: RunContext) -> None:
+        if self.name not in self.session.results:  # a resumed drill measures everything again
+            raise StepFailed(f"the {self.name} check has not run in this drill")
+
+
+class RestoreCheck(DrillCheck):
+    name = "restore"
+
+    def __init__(self, session: Session):
+        super().__init__(session)
+        from runbooks import restore
+
+        runbook = restore.build(session.target, source=session.source.name, backup=session.backup)
+        self.steps = runbook.steps
+        self.session.restore_plan = self.steps[0].plan
+        self.title = (f"restore backup {session.backup} of {session.source.name} into {session.target.name} "
+                      "(checksum, new database, row counts, swap)")
+        self.summary = f"restore a backup of {session.source.name} into {session.target.name}"
+
+    def plan(self, ctx: RunContext) -> list[str]:
+        change = self.steps[0].check(ctx)
+        return [change.summary, *change.details] if change else []
+
+    def run(self, ctx: RunContext) -> str:
+        plan = self.session.restore_plan
+        self.session.manifest = plan.manifest(ctx)
+        run_steps(ctx, self.steps, self.name)
+        loaded = ctx.state.get("load") or {}
+        manifest = self.session.manifest
+        return (f"backup {manifest.id} (taken {manifest.started_at}): sha256 matches; {loaded.get('tables')} "
+                f"tables, {loaded.get('rows')} rows as in the manifest; swapped into {plan.database}")
+
+
+class MigrationsCheck(DrillCheck):
+    name = "migrations"
+    needs = ("restore",)
+    title = "migrations: up to date on the restored database, or the repository's pending ones apply cleanly"
+    summary = "compare the restored database's migrations with the repository's"
+
+    def run(self, ctx: RunContext) -> str:
+        from ops.migrations import environment_status
+        from runbooks.migrate import migrate_steps
+
+        database = self.session.restore_plan.database  # the restored copy, whatever the app's URL says
+        state = environment_status(ctx.env, dbname=database)
+        self._refuse_unsafe(state)
+        if state.up_to_date:
+            return (f"up to date: {len(state.applied)} migrations applied, as in the repository; "
+                    "applying them is a no-op")
+        pending = list(state.pending)
+        run_steps(ctx, migrate_steps(ctx.env, backup=False, dbname=database), self.name)
+        after = environment_status(ctx.env, dbname=database)
+        if not after.up_to_date:
+            raise CheckFailed(f"after applying, migrate.status says: {after.verdict}")
+        return f"the repository is ahead: {len(pending)} pending migration(s) applied cleanly: {', '.join(pending)}"
+
+    @staticmethod
+    def _refuse_unsafe(state: Any) -> None:
+        problems = [f"{label}: {', '.join(names)}" for label, names in (
+            ("edited after being applied", state.edited), ("failed", state.failed),
+            ("in the database but not in the repository", state.database_only)) if names]
+        if problems:
+            raise CheckFailed("the restored database and the repository disagree: " + "; ".join(problems),
+                              hint="`inv migrate.status` on the source shows the same; restore the edited "
+                                   "migration.sql from version control")
+
+
+class StagingCheck(DrillCheck):
+    name = "staging"
+    needs = ("restore",)
+    summary = "push the env file where it changed, rolling restart, health and ready URLs"
+
+    def __init__(self, session: Session):
+        super().__init__(session)
+        self.title = (f"point {session.target.name}'s app at the restored database: env file, rolling restart, "
+                      "health and ready URLs answer 200")
+
+    def plan(self, ctx: RunContext) -> list[str]:
+        hosts = ctx.env.host_configs()
+        if not hosts:
+            return ["no hosts in the target: this check will fail"]
+        return [f"hosts: {', '.join(host.name for host in hosts)}"]
+
+    def run(self, ctx: RunContext) -> str:
+        from runbooks.deploy import health_gate, push_env_steps, restart_step
+
+        hosts = ctx.env.host_configs()
+        if not hosts:
+            raise CheckFailed(f"{ctx.env.name} has no hosts: there is no app to point at the restored database",
+                              hint=f"add hosts and app settings to envs.{ctx.env.name}")
+        pushed = run_steps(ctx, push_env_steps(ctx.env), self.name)
+        run_steps(ctx, [restart_step(ctx.env, always=True)], self.name)
+        timeout = float(ctx.env.value("app.health_timeout", DEFAULT_HEALTH_TIMEOUT))
+        for host in hosts:
+            health_gate(ctx.env, host, timeout)
+        self.session.ready_after = self.session.elapsed()
+        changed = sum(1 for line in pushed if not line.endswith("nothing to do"))
+        return (f"env file {'pushed to ' + str(changed) + ' host(s)' if changed else 'unchanged'}; restarted "
+                f"{', '.join(host.name for host in hosts)}; health and ready URLs answer 200")
+
+
+class ImagesCheck(DrillCheck):
+    name = "images"
+    summary = "HEAD and GET a random sample of stored images"
+
+    def __init__(self, session: Session):
+        super().__init__(session)
+        self.sample = int(session.source.value("drill.sample_images", DEFAULT_SAMPLE))
+        self.query = session.source.value("drill.images_query", None)
+        if self.query:
+            self.needs = ("restore",)  # the keys come from the restored database
+        where = "public_base" if session.source.has("storage.public_base") else "the storage API"
+        self.title = f"a random sample of {self.sample} stored images of {session.source.name} answers through {where}"
+
+    def plan(self, ctx: RunContext) -> list[str]:
+        from ops.storage import open_storage
+
+        storage = open_storage(self.session.source.storage_config("storage"))
+        origin = "keys from the restored database (drill.images_query)" if self.query else "keys from the bucket"
+        return [f"{storage.describe()}; {origin}"]
+
+    def run(self, ctx: RunContext) -> str:
+        from ops import image_sample
+        from ops.storage import open_storage
+
+        storage = open_storage(self.session.source.storage_config("storage"))
+        if self.query:
+            # A connection of its own: the restore's swap ended every session opened before it.
+            sample = image_sample.from_database(ctx.env.database_url(direct=True), self.query, self.sample,
+                                                ctx.label)
+        else:
+            sample = image_sample.from_bucket(storage, self.session.source.value("drill.images_prefix", ""),
+                                              self.sample)
+        if not sample:
+            return f"nothing to sample: no stored image in {storage.describe()}"
+        problems = image_sample.probe_all(storage, sample)
+        if problems:
+            shown = "; ".join(problems[:PROBLEMS_SHOWN]) + ("; …" if len(problems) > PROBLEMS_SHOWN else "")
+            raise CheckFailed(f"{len(problems)} of {len(sample)} sampled images failed: {shown}",
+                              hint=f"restore them from the asset copies (backup.assets) into {storage.describe()}")
+        public = " and over HTTP through public_base" if storage.config.public_base else ""
+        return f"{len(sample)} sampled images answer HEAD and GET with matching sizes{public}"
+
+
+class ObjectiveCheck(DrillCheck):
+    """RTO (drill start → staging ready) or RPO (age of the backup used) against the source's targets."""
+
+    def __init__(self, session: Session, objective: str):
+        super().__init__(session)
+        self.name = objective
+        self.target_key = "rto_minutes" if objective == "rto" else "rpo_hours"
+        unit = 60 if objective == "rto" else 3600
+        limit = session.target_value(self.target_key)
+        self.limit_seconds = limit * unit if limit is not None else None
+        what = "drill start → staging ready" if objective == "rto" else "age of the backup used"
+        self.title = f"{objective.upper()} ({what}) within targets.{self.target_key}"
+        self.summary = f"measure the {objective.upper()}"
+        self.changes_data = False
+
+    def measured(self) -> float | None:
+        if self.name == "rto":
+            return self.session.ready_after
+        manifest = self.session.manifest or self._chosen_manifest()
+        if manifest is None or self.session.started_at is None:
+            return None
+        return max((self.session.started_at - manifest.finished).total_seconds(), 0.0)
+
+    def _chosen_manifest(self) -> Manifest | None:
+        plan = self.session.restore_plan
+        return getattr(plan, "_manifest", None) if plan is not None else None
+
+    def run(self, ctx: RunContext) -> str:
+        from ops.drills import duration_text
+
+        value = self.measured()
+        if value is None:
+            cause = "staging never became ready" if self.name == "rto" else "no backup could be chosen"
+            raise CheckFailed(f"{self.name.upper()} not measured: {cause}")
+        limit = self.limit_seconds
+        text = f"{duration_text(value)} (target {duration_text(limit) if limit is not None else 'none set'})"
+        if limit is not None and value > limit:
+            raise CheckFailed(f"{self.name.upper()} {text}: over the target")
+        return text
+
+
+class ReportStep(Step):
+    name = "report"
+    changes_data = False
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.title = (f"write the evidence report (Markdown and JSON) to .ops/drills/ and to "
+                      f"{session.source.name}'s backups storage under drills/")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        return Change("write and upload the drill report")
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops import drills
+
+        report = self.report(ctx)
+        markdown = drills.render_markdown(report)
+        folder = drills.save_report(ctx.env.inventory.state_dir, report, markdown)
+        uploaded = self._upload(ctx, report, markdown)
+        ctx.state["drill"] = {**report, "folder": str(folder), "uploaded": uploaded}
+        ctx.log(f"report: {folder / drills.REPORT_MARKDOWN}" + (f" and {uploaded[0]} …" if uploaded else ""))
+        if not report["passed"]:
+            raise CheckFailed(f"the drill failed {len(report['failures'])} check(s): " + "; ".join(report["failures"]),
+                              hint=f"{folder / drills.REPORT_MARKDOWN} names each cause; fix them and run the "
+                                   "drill again")
+        return {"id": report["id"], "passed": True, "folder": str(folder)}
+
+    def verify(self, ctx: RunContext) -> None:
+        """apply raised when a check failed; the report is written either way."""
+
+    def report(self, ctx: RunContext) -> dict[str, Any]:
+        from ops.drills import DrillReport, iso_z
+        from ops.journal import utc_now
+
+        session = self.session
+        manifest = session.manifest or (session.restore_plan and getattr(session.restore_plan, "_manifest", None))
+        results = [session.results[step] for step in ("restore", "migrations", "staging", "images", "rto", "rpo")
+                   if step in session.results]
+        rpo = None
+        started = session.started_at or utc_now()
+        if manifest is not None:
+            rpo = max((started - manifest.finished).total_seconds(), 0.0)
+        return DrillReport(
+            id=ctx.run_id, source_env=session.source.name, target_env=session.target.name, operator=ctx.operator,
+            started_at=iso_z(started), finished_at=iso_z(utc_now()), backup_id=manifest.id if manifest else None,
+            rto_seconds=session.ready_after, rpo_seconds=rpo,
+            targets={"rto_minutes": session.target_value("rto_minutes"),
+                     "rpo_hours": session.target_value("rpo_hours")},
+            steps=results).to_json()
+
+    def _upload(self, ctx: RunContext, report: dict[str, Any], markdown: str) -> list[str]:
+        from ops import drills
+        from ops.storage import open_storage
+
+        try:
+            return drills.upload_report(open_storage(self.session.source.storage_config("backups")), report, markdown)
+        except OpsError as error:
+            ctx.output.warn(f"the drill report was not uploaded to {self.session.source.name}'s backups storage: "
+                            f"{redact(error.message)}; it is kept in the state dir")
+            return []
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    """`env` is the target; with no `source` argument and a `drill.target` set, `env` is the source."""
+    source_name = arguments.get("source")
+    if source_name is None and env.has("drill.target"):
+        source, target = env, _environment(str(env.value("drill.target")))
+    else:
+        source = env if source_name in (None, env.name) else _environment(source_name)
+        target = env
+    session = Session(source, target, str(arguments.get("backup") or "latest"))
+    steps: list[Step] = [RestoreCheck(session), MigrationsCheck(session), StagingCheck(session),
+                         ImagesCheck(session), ObjectiveCheck(session, "rto"), ObjectiveCheck(session, "rpo"),
+                         ReportStep(session)]
+    title = f"DR drill: restore {source.name} into {target.name} and prove it serves"
+    return Runbook("drill", title, steps, arguments={"source": source.name, "backup": session.backup},
+                   locks=("environment",))
+
+
+def _environment(name: str) -> Environment:
+    return environment(name)
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+
+@task(name="run", default=True,
+      help=helps("dry_run", "confirm", "json", env="the SOURCE environment whose backup is restored",
+                 target="the environment to restore into (default: the source's drill.target)",
+                 backup="backup id of the source, or latest (default)"))
+@opstask
+def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None, json=False):
+    """The DR drill: restore, migrations, restart, health, image sample, RTO/RPO; writes the evidence report."""
+    output = make_output(json)
+    source = environment(env, output=output)
+    target_name = target or source.value("drill.target", None)
+    if not target_name:
+        raise UsageError(f"no target environment for the drill of {source.name}",
+                         hint=f"pass --target STAGING or set envs.{source.name}.drill.target")
+    if str(target_name) == source.name:
+        raise UsageError(f"the drill would restore {source.name} over itself",
+                         hint="choose a staging environment as --target")
+    target_env = environment(str(target_name), output=output)
+    runbook = build(target_env, source=source.name, backup=backup)
+
+    def on_failure(ctx: RunContext, error: OpsError) -> None:
+        if "drill" in ctx.state:  # the report was written: it is the result, failed or not
+            output.result({"drill": ctx.state["drill"], "ok": False, "exit_code": error.exit_code})
+
+    execute(runbook, target_env, output, dry_run=dry_run, confirm=confirm, on_failure=on_failure,
+            result=lambda ctx: {"drill": ctx.state.get("drill")})
+
+
+@task(help=helps("json", env="the source environment whose drills to list"))
+@opstask
+def history(c, env=None, json=False):
+    """Past drills of an environment, newest first: result, target, backup, RTO and RPO."""
+    from ops.drills import duration_text, list_drills
+
+    output = make_output(json)
+    source = environment(env, output=output, allow_decommissioned=True)
+    drills = list_drills(source)
+    output.table(["id", "started", "target", "result", "backup", "RTO", "RPO"], [
+        [d["id"], d.get("started_at"), d.get("target_env"), "passed" if d.get("passed") else "FAILED",
+         d.get("backup_id") or "-", duration_text(d.get("rto_seconds")), duration_text(d.get("rpo_seconds"))]
+        for d in drills])
+    if not drills:
+        output.info(f"no drill of {source.name} on record")
+    output.result({"env": source.name, "drills": drills})
+
+
+@task(help=helps("json", env="the source environment"))
+@opstask
+def due(c, env=None, json=False):
+    """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
+    from ops.drills import drill_due, iso_z
+
+    output = make_output(json)
+    source = environment(env, output=output, allow_decommissioned=True)
+    status = drill_due(source)
+    last = status.last_passed
+    if status.done_this_quarter and last:
+        output.info(f"{status.quarter}: done — drill {last['id']} into {last.get('target_env')} passed")
+        output.result({"env": source.name, **status.to_json()})
+        return
+    latest = f"; the last drill, {status.last['id']}, {'passed' if status.last.get('passed') else 'FAILED'}" \
+        if status.last else "; no drill on record"
+    output.result({"env": source.name, **status.to_json()})
+    raise CheckFailed(f"{status.quarter}: no passed drill of {source.name} yet (due by {iso_z(status.due_by)}){latest}",
+                      hint=f"run `inv drill --env {source.name} --target STAGING`")
+
+
+collection = Collection("drill")
+collection.add_task(drill)
+collection.add_task(history)
+collection.add_task(due)

@@ -1,0 +1,96 @@
+"""inv decommission through the real CLI: a kept, deep-verified final backup; an archive whose members are listed
+and checksummed; the environment's IAM key revoked (moto); the database dropped; later runs refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+from typing import Any
+
+import pytest
+
+from tests.cli import Opsbook
+from tests.integration.test_backup import databases_like, make_database
+
+
+@pytest.fixture
+def old_env(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> dict[str, Any]:
+    database, url = make_database(postgres_server)
+    user = f"old-{database}"
+    key_id, secret = s3_server.create_access_key(user)
+    bucket = s3_server.make_bucket().bucket
+    repository = opsbook.root / "app"
+    repository.mkdir()
+    git = ["git", "-C", str(repository), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(repository)], check=True)
+    (repository / "README").write_text("the app\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    opsbook.environ.update({"OLD_DB": url.reveal(), "OLD_KEY_ID": key_id, "OLD_SECRET": secret.reveal()})
+    storage = {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": bucket,
+               "access_key_id": "${env:OLD_KEY_ID}", "secret_access_key": "${env:OLD_SECRET}"}
+    opsbook.write_inventory({"project": "endoflife", "default_env": "old", "envs": {"old": {
+        "database": {"url": "${env:OLD_DB}"}, "storage": storage, "backups": {"prefix": "old/", "bucket": bucket},
+        "keys": {"provider": "aws-iam", "iam_user": user}, "app": {"repository": str(repository)}}}})
+    s3_server.client().put_object(Bucket=bucket, Key="old/drills/20260101T000000Z-aaaa/report.json",
+                                  Body=json.dumps({"id": "20260101T000000Z-aaaa", "passed": True,
+                                                   "source_env": "old"}).encode())
+    return {"database": database, "bucket": bucket, "user": user, "key_id": key_id,
+            "secrets": [secret.reveal(), postgres_server.password.reveal()]}
+
+
+def test_decommission_keeps_a_verified_backup_and_an_archive_then_refuses_the_environment(
+        opsbook, old_env, postgres_server, s3_server):
+    client, bucket = s3_server.client(), old_env["bucket"]
+    planned = opsbook.run("decommission", "--env", "old", "--drop-database", "--dry-run")
+    assert planned.exit_code == 0, planned
+    for words in ("final backup", "deep-verify", "archive", "DROP DATABASE", "decommissioned", "revoke 1 key"):
+        assert words in planned.stderr, words
+    assert opsbook.run("decommission", "--env", "old").exit_code == 2  # no --confirm
+    assert opsbook.run("decommission", "--env", "old", "--confirm", "old", "--drop-database").exit_code == 2
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="old/backups/")  # nothing happened
+
+    done = opsbook.run("decommission", "--env", "old", "--confirm", "old", "--drop-database", "--confirm-drop", "old",
+                       "--json")
+    assert done.exit_code == 0, done
+    result = done.json()
+    backup_id = result["decommissioned"]["final_backup"]
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"old/backups/{backup_id}/manifest.json")["Body"].read())
+    assert manifest["tags"] == ["final"] and manifest["keep"] is True
+    [check] = json.loads(client.get_object(Bucket=bucket, Key=f"old/backups/{backup_id}/verification.json")
+                         ["Body"].read())
+    assert check["kind"] == "deep" and check["ok"] is True  # restored into a scratch database, row counts equal
+    assert databases_like(postgres_server, old_env["database"]) == []  # dropped only after that
+
+    key = result["archive"]["key"]
+    tarball = client.get_object(Bucket=bucket, Key=f"old/{key}")["Body"].read()
+    recorded = client.get_object(Bucket=bucket, Key=f"old/{key}.sha256")["Body"].read().decode().split()[0]
+    assert hashlib.sha256(tarball).hexdigest() == recorded == result["archive"]["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(tarball)) as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+    listing = {line.split()[2]: (int(line.split()[1]), line.split()[0])
+               for line in members.pop("LISTING.txt").decode().splitlines()}
+    assert listing == {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in members.items()}
+    for name in ("repository.bundle", "inventory.masked.yaml", "runbooks/backup.md", "runbooks/restore.md",
+                 "drills/20260101T000000Z-aaaa/report.json"):
+        assert name in members, name
+    assert any(name.startswith("audit/") for name in members)
+    bundle = opsbook.root / "check.bundle"
+    bundle.write_bytes(members["repository.bundle"])
+    assert subprocess.run(["git", "bundle", "list-heads", str(bundle)], capture_output=True).returncode == 0
+    assert not any(secret.encode() in data for data in members.values() for secret in old_env["secrets"])
+
+    iam = s3_server.client("iam")
+    assert iam.list_access_keys(UserName=old_env["user"])["AccessKeyMetadata"] == []  # the key is gone
+    assert client.head_object(Bucket=bucket, Key="old/decommissioned.json")
+
+    refused = opsbook.run("backup", "--env", "old")
+    assert refused.exit_code == 2 and "decommissioned" in refused.stderr, refused
+    assert opsbook.run("drill.history", "--env", "old").exit_code == 0  # read-only listings still work
+    again = opsbook.run("decommission", "--env", "old", "--confirm", "old")
+    assert again.exit_code == 0 and "nothing to do" in again.stderr, again
+    produced = opsbook.everything_produced()
+    assert not any(secret in produced for secret in old_env["secrets"])

@@ -1,0 +1,187 @@
+"""inv drill / drill.history / drill.due through the real CLI: prod's backup restored into staging, staging's app
+on an sshd host restarted against it, images sampled in moto S3. One setup; each check is broken and repaired
+in place, and every failing drill must exit 3 with a report naming the cause."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from ops.demo.seed import MIGRATIONS_DIR, image_objects, insert_demo_data
+from tests.cli import Opsbook
+from tests.fixtures.ssh import make_app_host
+
+IMAGES = 12
+
+
+def prepare_source(url: str) -> None:
+    from ops.migrations import apply_pending
+
+    apply_pending(url, MIGRATIONS_DIR)
+    with psycopg.connect(url, autocommit=True) as connection:
+        insert_demo_data(connection)
+
+
+@pytest.fixture(scope="module")
+def drill_setup(postgres_server: Any, s3_server: Any, ssh_server: Any,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("drill")
+    workspace = Opsbook(root / "workspace")
+    workspace.root.mkdir()
+    repository = root / "repository"
+    shutil.copytree(MIGRATIONS_DIR, repository / "prisma" / "migrations")
+    suffix = uuid.uuid4().hex[:8]
+    prod_url = postgres_server.create_database(f"prod_{suffix}")
+    staging_url = postgres_server.create_database(f"staging_{suffix}")
+    prepare_source(prod_url.reveal())
+    buckets = {name: s3_server.make_bucket().bucket for name in ("prod", "prod-backups", "staging", "staging-backups")}
+    client = s3_server.client()
+    for key, data in list(image_objects())[:IMAGES]:
+        client.put_object(Bucket=buckets["prod"], Key=key, Body=data, ACL="public-read")  # served by public_base
+    [host] = [make_app_host(ssh_server, root / "hosts", "web1")]
+    workspace.environ.update({"PROD_DB": prod_url.reveal(), "STAGING_DB": staging_url.reveal(),
+                              "S3_ACCESS_KEY_ID": s3_server.access_key_id,
+                              "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal()})
+
+    def storage(bucket: str, **extra: Any) -> dict[str, Any]:
+        return {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": bucket,
+                "access_key_id": "${env:S3_ACCESS_KEY_ID}", "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}",
+                **extra}
+
+    workspace.write_inventory({"project": "drilltest", "default_env": "prod", "envs": {
+        "prod": {
+            "protected": True, "database": {"url": "${env:PROD_DB}"},
+            "storage": storage(buckets["prod"], public_base=f"{s3_server.endpoint}/{buckets['prod']}"),
+            "backups": storage(buckets["prod-backups"], prefix="prod/"),
+            "targets": {"rpo_hours": 24, "rto_minutes": 10},
+            "drill": {"target": "staging",
+                      "images_query": f'SELECT "storageKey", "sizeBytes" FROM "Image" WHERE id <= {IMAGES}'},
+        },
+        "staging": {
+            "database": {"url": "${env:STAGING_DB}"},
+            "storage": storage(buckets["staging"]), "backups": storage(buckets["staging-backups"], prefix="staging/"),
+            "hosts": [{"name": "web1", "address": "127.0.0.1", "user": host.host.user, "port": host.host.port,
+                       "key_file": host.host.key_filename,
+                       "app": {"env_file": str(host.env_file), "restart": host.restart_command,
+                               "health_url": host.health_url, "ready_url": host.ready_url,
+                               "log_command": host.log_command}}],
+            "app": {"dir": str(host.app_dir), "repository": str(repository), "health_timeout": 10,
+                    "migrations": {"engine": "native", "dir": "prisma/migrations"},
+                    "env": {"APP_MIGRATIONS_DIR": str(repository / "prisma" / "migrations")}},
+        },
+    }})
+    made = workspace.run("backup", "--env", "prod", "--confirm", "prod", "--json")
+    assert made.exit_code == 0, made
+    try:
+        yield {"workspace": workspace, "buckets": buckets, "host": host, "repository": repository,
+               "backup": made.json()["backup"], "client": client,
+               "secrets": [postgres_server.password.reveal(), s3_server.secret_access_key.reveal()]}
+    finally:
+        host.stop()
+
+
+def report_of(workspace: Opsbook, result: Any) -> dict[str, Any]:
+    [folder] = [p for p in (workspace.state_dir / "drills").iterdir() if p.name in result.stdout]
+    return json.loads((folder / "report.json").read_text())
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {step["name"]: step["status"] for step in report["steps"]}
+
+
+def test_a_full_drill_passes_and_leaves_its_evidence(drill_setup):
+    workspace, buckets = drill_setup["workspace"], drill_setup["buckets"]
+    planned = workspace.run("drill", "--env", "prod", "--dry-run")
+    assert planned.exit_code == 0, planned
+    assert "would restore a backup of prod into staging" in planned.stderr
+
+    result = workspace.run("drill", "--env", "prod", "--json")
+    assert result.exit_code == 0, result
+    report = result.json()["drill"]
+    assert report["passed"] is True and report["failures"] == []
+    assert statuses(report) == {name: "passed" for name in ("restore", "migrations", "staging", "images", "rto", "rpo")}
+    assert report["backup_id"] == drill_setup["backup"]["backup_id"]
+    assert report["source_env"] == "prod" and report["target_env"] == "staging" and report["operator"] == "tester"
+    assert 0 < report["rto_seconds"] < 600 and report["rpo_seconds"] >= 0
+    assert report["finished_at"].endswith("Z") and report["targets"] == {"rto_minutes": 10.0, "rpo_hours": 24.0}
+    folder = workspace.state_dir / "drills" / report["id"]
+    markdown = (folder / "report.md").read_text()
+    assert "PASSED" in markdown and drill_setup["backup"]["backup_id"] in markdown
+    stored = drill_setup["client"].get_object(Bucket=buckets["prod-backups"],
+                                              Key=f"prod/drills/{report['id']}/report.json")
+    assert json.loads(stored["Body"].read())["passed"] is True
+    with psycopg.connect(workspace.environ["STAGING_DB"]) as staging:  # staging holds prod's data now
+        assert staging.execute('SELECT count(*) FROM "Image"').fetchone()[0] == 3000
+
+    history = workspace.run("drill.history", "--env", "prod", "--json")
+    assert history.exit_code == 0 and [d["id"] for d in history.json()["drills"]] == [report["id"]], history
+    due = workspace.run("drill.due", "--env", "prod", "--json")
+    assert due.exit_code == 0 and due.json()["done_this_quarter"] is True, due
+    assert workspace.run("drill.due", "--env", "staging").exit_code == 3  # staging itself was never drilled
+
+
+def test_a_corrupt_backup_fails_the_drill_and_says_so(drill_setup):
+    workspace, client, bucket = drill_setup["workspace"], drill_setup["client"], drill_setup["buckets"]["prod-backups"]
+    key = f"prod/{drill_setup['backup']['key']}"
+    original = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(damaged))
+    try:
+        result = workspace.run("drill", "--env", "prod", "--json")
+    finally:
+        client.put_object(Bucket=bucket, Key=key, Body=original)
+    assert result.exit_code == 3, result
+    report = report_of(workspace, result)
+    assert report["passed"] is False
+    assert statuses(report) == {"restore": "failed", "migrations": "skipped", "staging": "skipped",
+                                "images": "skipped", "rto": "failed", "rpo": "passed"}
+    assert "damaged" in report["failures"][0] and "sha256" in report["failures"][0]
+    assert "never became ready" in " ".join(report["failures"])
+
+
+def test_an_app_that_will_not_start_fails_the_drill(drill_setup):
+    workspace, host = drill_setup["workspace"], drill_setup["host"]
+    host.stop()
+    with socket.socket() as squatter:  # the app's port is taken: it exits as soon as it starts
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", host.port))
+        squatter.listen()
+        result = workspace.run("drill", "--env", "prod", "--json")
+    assert result.exit_code == 3, result
+    report = report_of(workspace, result)
+    assert statuses(report)["staging"] == "failed" and statuses(report)["restore"] == "passed"
+    assert statuses(report)["migrations"] == "passed" and statuses(report)["rto"] == "failed"
+    assert "web1" in " ".join(report["failures"])
+
+
+def test_an_edited_migration_and_a_missing_image_are_both_named(drill_setup):
+    workspace, client = drill_setup["workspace"], drill_setup["client"]
+    script = sorted((drill_setup["repository"] / "prisma" / "migrations").glob("*/migration.sql"))[0]
+    text = script.read_text()
+    bucket, [(key, data), *_] = drill_setup["buckets"]["prod"], list(image_objects())
+    script.write_text(text + "\n-- edited after it was applied\n")
+    client.delete_object(Bucket=bucket, Key=key)
+    try:
+        result = workspace.run("drill", "--env", "prod", "--json")
+    finally:
+        script.write_text(text)
+        client.put_object(Bucket=bucket, Key=key, Body=data, ACL="public-read")
+    assert result.exit_code == 3, result
+    report = report_of(workspace, result)
+    assert statuses(report) == {"restore": "passed", "migrations": "failed", "staging": "passed", "images": "failed",
+                                "rto": "passed", "rpo": "passed"}
+    failures = " ".join(report["failures"])
+    assert script.parent.name in failures and "edited" in failures
+    assert f"{key}: missing" in failures
+    markdown = (workspace.state_dir / "drills" / report["id"] / "report.md").read_text()
+    assert "FAILED" in markdown and f"{key}: missing" in markdown
+    produced = workspace.everything_produced()
+    assert not any(secret in produced for secret in drill_setup["secrets"])

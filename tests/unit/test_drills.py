@@ -1,0 +1,77 @@
+"""Drill records: quarters, whether this quarter's drill is done, durations, the Markdown report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from ops.drills import (
+    FAILED,
+    PASSED,
+    SKIPPED,
+    DrillReport,
+    StepResult,
+    due_from,
+    duration_text,
+    quarter_bounds,
+    quarter_of,
+    render_markdown,
+)
+
+
+@pytest.mark.parametrize(("moment", "quarter", "start", "end"), [
+    (datetime(2026, 1, 1, tzinfo=UTC), "2026-Q1", datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)),
+    (datetime(2026, 6, 30, 23, 59, tzinfo=UTC), "2026-Q2", datetime(2026, 4, 1, tzinfo=UTC),
+     datetime(2026, 7, 1, tzinfo=UTC)),
+    (datetime(2026, 11, 23, tzinfo=UTC), "2026-Q4", datetime(2026, 10, 1, tzinfo=UTC),
+     datetime(2027, 1, 1, tzinfo=UTC)),
+])
+def test_quarters(moment, quarter, start, end):
+    assert quarter_of(moment) == quarter
+    assert quarter_bounds(moment) == (start, end)
+
+
+def drill(started_at: str, passed: bool, drill_id: str = "d") -> dict:
+    return {"id": drill_id, "started_at": started_at, "passed": passed, "target_env": "staging"}
+
+
+@pytest.mark.parametrize(("drills", "done", "last"), [
+    ([], False, None),
+    ([drill("2026-11-01T10:00:00Z", False, "failed")], False, "failed"),
+    ([drill("2026-09-30T23:59:59Z", True, "last-quarter")], False, "last-quarter"),
+    ([drill("2026-10-01T00:00:00Z", True, "ok"), drill("2026-11-02T00:00:00Z", False, "newer")], True, "newer"),
+])
+def test_a_quarter_is_done_only_by_a_drill_that_passed_in_it(drills, done, last):
+    status = due_from(drills, datetime(2026, 11, 23, 12, tzinfo=UTC))
+    assert status.done_this_quarter is done
+    assert (status.last or {}).get("id") == last
+    assert status.quarter == "2026-Q4" and status.due_by == datetime(2027, 1, 1, tzinfo=UTC)
+    assert status.to_json()["due_by"] == "2027-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (None, "not measured"), (0, "0s"), (59.6, "1m"), (65, "1m 5s"), (3600, "1h"), (7260, "2h 1m"),
+    (90000, "1d 1h"),
+])
+def test_durations(seconds, text):
+    assert duration_text(seconds) == text
+
+
+def test_the_report_names_every_failure_and_its_objectives():
+    report = DrillReport(
+        id="20261123T040000Z-abcd", source_env="prod", target_env="staging", operator="ana",
+        started_at="2026-11-23T04:00:00Z", finished_at="2026-11-23T04:05:00Z", backup_id="20261123T020000Z-0001",
+        rto_seconds=None, rpo_seconds=7200.0, targets={"rto_minutes": 60, "rpo_hours": 24},
+        steps=[StepResult("restore", PASSED, 12.5, "ok"), StepResult("staging", FAILED, 3.0, "web1 | exited 1"),
+               StepResult("images", SKIPPED, 0.0, "not run"), StepResult("rto", FAILED, 0.0, "never ready"),
+               StepResult("rpo", PASSED, 0.0, "2h")]).to_json()
+    assert report["passed"] is False
+    assert report["failures"] == ["staging: web1 | exited 1", "rto: never ready"]
+    assert [s["passed"] for s in report["steps"]] == [True, False, False, False, True]
+    text = render_markdown(report)
+    assert text.startswith("# DR drill 20261123T040000Z-abcd: FAILED")
+    assert "web1 \\| exited 1" in text  # a pipe in a detail does not break the table
+    assert "| RTO (drill start → staging ready) | not measured | 60 min | failed |" in text
+    assert "| RPO (age of the backup used) | 2h | 24 h | passed |" in text
+    assert "- rto: never ready" in text
