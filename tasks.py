@@ -20,3 +20,30 @@ ns.add_collection(inventory.collection)
 ns.add_collection(sandbox.collection)
 ns.add_collection(runs.runs)
 ns.add_collection(runs.runbook_collection)
+
+from runbooks import decommission, drill  # noqa: E402
+
+ns.add_collection(drill.collection)
+ns.add_task(decommission.decommission)
+
+from runbooks import migrate  # noqa: E402
+
+ns.add_collection(migrate.collection)
+
+from runbooks import deploy  # noqa: E402
+
+ns.add_collection(deploy.collection)
+
+from runbooks import incident  # noqa: E402
+
+ns.add_collection(incident.collection)
+
+from runbooks import preflight, status  # noqa: E402
+
+ns.add_task(preflight.preflight)
+ns.add_task(status.status)
+
+from runbooks import keys, secrets_rotate  # noqa: E402
+
+ns.add_collection(keys.collection)
+ns.add_collection(secrets_rotate.collection)

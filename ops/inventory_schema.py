@@ -49,6 +49,7 @@ KEYS = _object({
     "provider": {"enum": ["cloudflare", "aws-iam", "static"]},
     "account_id": _STRING, "api_token": _STRING, "api_base": _STRING,
     "iam_user": _STRING, "max_age_days": _POSITIVE,
+    "endpoint": _STRING, "probe_timeout": {"type": "number", "exclusiveMinimum": 0},
 })
 
 MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING, "command": _STRING})
@@ -56,6 +57,7 @@ MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING,
 APP = _object({
     "dir": _STRING, "env_file": _STRING, "restart": _STRING, "log_command": _STRING,
     "health_url": _STRING, "ready_url": _STRING, "public_url": _STRING, "repository": _STRING,
+    "seed": _STRING,  # provision runs it once on the first host, in app.dir, with the app's environment
     "migrations": MIGRATIONS,
     "env": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
     "health_timeout": {"type": "number", "exclusiveMinimum": 0},
@@ -74,6 +76,7 @@ NOTIFY = _object({
     "url": _STRING, "path": _STRING, "host": _STRING, "port": _PORT, "from": _STRING,
     "to": {"type": "array", "items": _STRING}, "username": _STRING, "password": _STRING,
     "starttls": {"type": "boolean"}, "audience": {"enum": ["public", "internal"]},
+    "timeout": {"type": "number", "exclusiveMinimum": 0}, "retries": _POSITIVE,
 }, required=["kind"])
 
 TARGETS = _object({"rpo_hours": {"type": "number", "exclusiveMinimum": 0},
@@ -93,7 +96,9 @@ ENVIRONMENT = _object({
     "app": APP,
     "targets": TARGETS,
     "notify": {"type": "array", "items": NOTIFY},
-    "drill": _object({"sample_images": _POSITIVE, "target": _STRING}),
+    "drill": _object({"sample_images": _POSITIVE, "target": _STRING,
+                      # SQL giving (storage key, size) of stored images, run read-only on the restored database
+                      "images_query": _STRING, "images_prefix": {"type": "string"}}),
     "incidents": _object({"templates_dir": _STRING, "log_lines": _POSITIVE}),
 })
 

@@ -23,11 +23,22 @@ RUNBOOKS = {
     "backup.prune": "runbooks.prune",
     "backup.assets": "runbooks.assets",
     "restore": "runbooks.restore",
+    "drill": "runbooks.drill",
+    "decommission": "runbooks.decommission",
+    "migrate": "runbooks.migrate",
+    "migrate.resolve": "runbooks.migrate:build_resolve",
+    "deploy.push-env": "runbooks.deploy:build_push_env",
+    "deploy.restart": "runbooks.deploy:build_restart",
+    "deploy.rollback": "runbooks.deploy:build_rollback",
+    "incident.rollback": "runbooks.incident",
+    "keys.rotate": "runbooks.keys",
+    "secrets.rotate": "runbooks.secrets_rotate",
 }
 
 
 def build(name: str, env: Environment, **arguments: Any) -> Runbook:
     if name not in RUNBOOKS:
         raise UsageError(f"no runbook named {name!r}", hint=f"known runbooks: {', '.join(sorted(RUNBOOKS))}")
-    module = importlib.import_module(RUNBOOKS[name])
-    return module.build(env, **arguments)
+    module_name, _, builder = RUNBOOKS[name].partition(":")  # "module" (its build) or "module:builder"
+    module = importlib.import_module(module_name)
+    return getattr(module, builder or "build")(env, **arguments)

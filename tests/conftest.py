@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.s3",
     "tests.fixtures.ssh",
+    "tests.fixtures.notify",
+    "tests.fixtures.cloudflare",
 ]
