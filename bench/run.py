@@ -36,6 +36,7 @@ BACKUP_PREFIX = "bench/"
 TARGETS = {  # the targets, as maximum ratios
     ("backup", "pg_dump -Fc | aws s3 cp -"): 0.30,
     ("backup", "pg_dump -Fc -Z0 > /dev/null (floor)"): 2.0,
+    ("restore", "pg_restore -j 2 (local file)"): 1.25,
 }
 RSS_TARGET_MB = 150
 
