@@ -90,7 +90,7 @@ def runbook_members(env: Environment) -> list[Member]:
     for name in sorted(runbooks.RUNBOOKS):
         try:
             text = runbooks.build(name, env).checklist(env.name)
-        except (OpsError, ImportError) as error:
+        except OpsError as error:
             text = f"# {name} — {env.name}\n\nnot rendered for this environment: {redact(error)}\n"
         members.append(Member(f"runbooks/{name}.md", text.encode()))
     return members

@@ -13,6 +13,8 @@ from ops.secrets import redact
 
 if TYPE_CHECKING:
     from ops.engine import RunContext
+    from ops.inventory import Environment
+    from ops.output import Output
 
 
 @dataclass
@@ -68,3 +70,18 @@ def raise_on_failure(results: list[CheckResult], what: str) -> None:
     failed = [r.name for r in results if r.status == "fail"]
     if failed:
         raise CheckFailed(f"{what}: {len(failed)} of {len(results)} checks failed ({', '.join(failed)})")
+
+
+def checklist(env: Environment, output: Output, title: str, probes: list[tuple[str, Probe]]) -> None:
+    """A whole read-only checklist as a task runs it: header, one line per check, counts, the --json
+    result; CheckFailed (exit 3) when any check fails."""
+    from ops.engine import RunContext
+
+    ctx = RunContext(env, output=output)
+    output.info(f"{title} of {env.name} (run {ctx.run_id}):")
+    results = run_checks(ctx, title, probes)
+    counts = {status: sum(r.status == status for r in results) for status in ("pass", "warn", "fail")}
+    output.info(f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed")
+    output.result({"env": env.name, "run_id": ctx.run_id, "ok": counts["fail"] == 0, **counts,
+                   "checks": [r.to_json() for r in results]})
+    raise_on_failure(results, f"{title} of {env.name}")

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ops.errors import CheckFailed, ConfirmationRequired, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, iso, new_run_id, operator_name, utc_now
@@ -20,8 +20,11 @@ from ops.output import Output
 from ops.secrets import redact
 
 if TYPE_CHECKING:
+    from ops.hosts import HostConfig, HostConnection
     from ops.inventory import Environment
     from ops.storage import Storage
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +60,36 @@ class Step:
 
     def checklist_line(self) -> str:
         return self.title
+
+
+class WrappedStep(Step):
+    """Another runbook's step, gated or re-titled by a subclass that overrides `check`. It keeps the
+    inner step's name (steps of a runbook find each other's outputs by name) and has an `undo` only
+    when the inner step has one: the runner journals "undone" for every step with an undo."""
+
+    def __init__(self, inner: Step, *, title: str | None = None):
+        self.inner = inner
+        self.name = inner.name
+        self.title = title or inner.title
+        self.changes_data = inner.changes_data
+        undo = getattr(inner, "undo", None)
+        if undo is not None:
+            self.undo = self._undo
+
+    def check(self, ctx: RunContext) -> Change | None:
+        return self.inner.check(ctx)
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any] | None:
+        return self.inner.apply(ctx, change)
+
+    def verify(self, ctx: RunContext) -> None:
+        self.inner.verify(ctx)
+
+    def _undo(self, ctx: RunContext, change: Change) -> None:
+        self.inner.undo(ctx, change)  # type: ignore[attr-defined]
+
+    def checklist_line(self) -> str:
+        return self.title if self.title != self.inner.title else self.inner.checklist_line()
 
 
 @dataclass
@@ -109,25 +142,38 @@ class RunContext:
 
     def database(self, dbname: str | None = None, *, admin: bool = False) -> Any:
         """An autocommit connection over the direct (or admin) URL, shared by the run's steps."""
-        key = f"database:{dbname}:{admin}"
-        if key not in self._cache:
+        def connect() -> Any:
             from ops import pg
 
             url = self.env.admin_url() if admin else self.env.database_url(direct=True)
             if dbname:
                 url = pg.with_database(url, dbname)
-            connection = pg.connect(url, application_name=self.label[:63], autocommit=True)
-            self._cache[key] = connection
-            self._closers.append(connection.close)
-        return self._cache[key]
+            return pg.connect(url, application_name=self.label[:63], autocommit=True)
+
+        return self.once(f"database:{dbname}:{admin}", connect, close=lambda connection: connection.close())
 
     def storage(self, section: str = "storage") -> Storage:
-        key = f"storage:{section}"
-        if key not in self._cache:
-            from ops.storage import open_storage
+        from ops.storage import open_storage
 
-            self._cache[key] = open_storage(self.env.storage_config(section))
+        return self.once(f"storage:{section}", lambda: open_storage(self.env.storage_config(section)))
+
+    def host(self, host: HostConfig) -> HostConnection:
+        """One SSH connection per host for the whole run, closed with the run's other connections."""
+        from ops.hosts import connect
+
+        return self.once(f"host:{host.name}", lambda: connect(host), close=lambda connection: connection.close())
+
+    def once(self, key: str, make: Callable[[], T], *, close: Callable[[T], None] | None = None) -> T:
+        """A value made once per run and shared by its steps: a connection, or a decision they must agree on."""
+        if key not in self._cache:
+            value = make()
+            self._cache[key] = value
+            if close is not None:
+                self._closers.append(lambda: close(value))
         return self._cache[key]
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        self._closers.append(closer)
 
     def forget(self, key: str) -> None:
         self._cache.pop(key, None)
@@ -381,7 +427,7 @@ class Runner:
 
         connection = pg.connect(self.ctx.env.database_url(direct=True), application_name=self.ctx.label[:63],
                                 autocommit=True)
-        self.ctx._closers.append(connection.close)
+        self.ctx.on_close(connection.close)
         key = pg.lock_key("opsbook", self.ctx.env.inventory.project, self.ctx.env.name, "database")
         return pg.advisory_lock(connection, key, holder_label=self.ctx.label)
 

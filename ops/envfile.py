@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ops.errors import InventoryError
-from ops.secrets import MASK, Secret, redact, reveal
+from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -36,8 +36,6 @@ SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|HASH|PRIVATE|CREDENT
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./~^!?*&<>()\[\]{}|-]*")
 _DOUBLE_QUOTED_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _DOUBLE_QUOTED_MEANING = {"n": "\n", "r": "\r", "t": "\t"}
-# The look-behind keeps this linear on long runs of letters (a scheme can only start there once).
-_URL_PASSWORD = re.compile(r"(?<![a-zA-Z0-9+.-])(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@")
 SHOWN_LENGTH_LIMIT = 200  # longer values are described, not shown: a plan is read by people
 
 
@@ -122,21 +120,18 @@ def _database_values(env: Environment, stored: dict[str, Secret]) -> dict[str, s
     return {"url": url("database.url"), "direct_url": url("database.direct_url")}
 
 
-LOOPBACK_HOSTS = ("localhost", "::1")
-
-
 def with_connection_parameters(url: str, *, require_tls: bool, pooled: bool) -> str:
     """The app's URL as the runbook wants it: `sslmode=require` off the machine (a loopback or
     socket connection has nothing to encrypt), `pgbouncer=true` on the pooled URL (Prisma then
     avoids the prepared statements a transaction pooler breaks). Parameters already written win."""
     from urllib.parse import parse_qsl, urlencode
 
+    from ops.hosts import is_loopback
+
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     written = dict(query)
-    host = parts.hostname or ""
-    local = not host or host in LOOPBACK_HOSTS or host.startswith(("127.", "/"))
-    if require_tls and not local:
+    if require_tls and not is_loopback(parts.hostname):
         query.setdefault("sslmode", "require")
     if pooled:
         query.setdefault("pgbouncer", "true")
@@ -267,7 +262,7 @@ def _shown(key: str, value: str) -> str:
         return f"<{len(value)} characters>"
     # Mask a URL's password ourselves first: the whole URL may be a known secret, and then
     # redact() would hide the user, host and database that the operator needs to see.
-    value = _URL_PASSWORD.sub(lambda match: match["head"] + MASK + "@", value)
+    value = mask_url_passwords(value)
     return redact(value).replace("\n", "\\n")
 
 

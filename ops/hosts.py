@@ -458,14 +458,18 @@ def run_on_hosts(hosts: list[HostConfig],
     return results
 
 
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+def is_loopback(hostname: str | None) -> bool:
+    """A loopback name or address (or a Unix socket directory, or none: libpq's local socket)."""
+    name = (hostname or "").lower().strip("[]")
+    return not name or name in ("localhost", "::1") or name.startswith(("127.", "/"))
 
 
 def is_on_host(url: str) -> bool:
     """A URL on the host's loopback is only reachable from the host itself."""
     from urllib.parse import urlparse
 
-    return (urlparse(url).hostname or "") in LOOPBACK_NAMES
+    hostname = urlparse(url).hostname
+    return bool(hostname) and is_loopback(hostname)
 
 
 def fetch_from_here(url: str, timeout: float = 10) -> tuple[int, str]:

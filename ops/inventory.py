@@ -245,6 +245,24 @@ class Environment:
                 app = deep_merge(app, host.get("app") or {})
         return app
 
+    def register_secrets(self) -> None:
+        """Resolve every secret of the environment (inventory references and the secret store), so
+        redaction knows them all, even those this task never uses: logs and messages can carry any."""
+        import contextlib
+
+        from ops.secret_store import SecretStore
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict | list):
+                for value in node.values() if isinstance(node, dict) else node:
+                    walk(value)
+            elif isinstance(node, Reference):
+                with contextlib.suppress(InventoryError):  # an unset variable: nothing to redact
+                    node.resolve()  # a Secret registers its value with the redactor
+
+        walk(self.data)
+        SecretStore(self.inventory.state_dir, self.name).read()
+
     def masked(self) -> dict[str, Any]:
         return mask_tree(self.data)
 

@@ -68,16 +68,13 @@ def secret_store(env: Environment) -> SecretStore:
 
 
 def stored(env: Environment, name: str) -> Secret | None:
-    """A secret store value; an empty one counts as unset (the store has no delete)."""
+    """A secret store value; an empty one (as older rotations left) counts as unset."""
     value = secret_store(env).get(name)
     return value if value else None
 
 
 def clear(env: Environment, *names: str) -> None:
-    store = secret_store(env)
-    for name in names:
-        if store.get(name):
-            store.set(name, Secret(""))
+    secret_store(env).delete(*names)
 
 
 # --- the provider and the current key ----------------------------------------------

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlparse
 
 from ops.errors import OpsError
+from ops.hosts import is_loopback
 from ops.secrets import Secret, redact, reveal
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 2  # so three attempts in all
 BACKOFF_SECONDS = 0.5  # doubled after each failed attempt
 MAX_BACKOFF_SECONDS = 8.0
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def _to_smtp(env: Environment, channel: Channel, notice: Notice, stream: TextIO 
         raise SendFailed(f"{channel.name}: no recipients (`to`)")
     password = settings.get("password")
     starttls = bool(settings.get("starttls"))
-    if password and not starttls and host not in LOCAL_HOSTS:
+    if password and not starttls and not is_loopback(host):
         raise SendFailed(f"{channel.name}: refusing to send the SMTP password unencrypted to {host}",
                          hint="set starttls: true for this channel")
     message = EmailMessage()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets as random_tokens
 from typing import TYPE_CHECKING, Any
 
-from ops.engine import Change, RunContext, Step
+from ops.engine import Change, RunContext, Step, WrappedStep
 from ops.errors import StepFailed
 from ops.inventory import Environment
 from ops.secrets import Secret, redact
@@ -120,12 +120,12 @@ class RoleStep(Step):
 
     def _warn_without_password(self, ctx: RunContext) -> None:
         """A role made elsewhere keeps its password: opsbook never changes one it did not set."""
+        if not secret_store(ctx.env).get(DATABASE_PASSWORD):
+            ctx.once(f"provision:role-warning:{self.role}", lambda: self._warning(ctx))
+
+    def _warning(self, ctx: RunContext) -> None:
         from ops import pg
 
-        key = f"provision:role-warning:{self.role}"
-        if key in ctx._cache or secret_store(ctx.env).get(DATABASE_PASSWORD):
-            return
-        ctx._cache[key] = True
         if "password" not in pg.connection_params(ctx.env.database_url(direct=False)):
             ctx.output.warn(f"role {self.role} already exists and neither the secret store nor database.url has "
                             "its password: the app's DATABASE_URL will have none; put it in database.url "
@@ -197,7 +197,7 @@ def database_state(ctx: RunContext, database: str) -> str:
     return "used" if row and row[0] else "empty"
 
 
-class MigrationOnNewDatabase(Step):
+class MigrationOnNewDatabase(WrappedStep):
     """One of migrate's steps, in a runbook that may be creating the database in this very run.
 
     Without tables there is nothing to gate, lint or back up (no app runs on it yet); the
@@ -205,15 +205,9 @@ class MigrationOnNewDatabase(Step):
     """
 
     def __init__(self, inner: Step, database: str):
-        self.inner = inner
+        super().__init__(inner)
         self.database = database
-        self.name = inner.name  # the backup's steps find each other's outputs by name
-        self.title = inner.title
-        self.changes_data = inner.changes_data
         self.deploys = inner.name == "deploy"
-        undo = getattr(inner, "undo", None)
-        if undo is not None:  # only then: the runner journals "undone" for every step that has an undo
-            self.undo = undo
 
     def check(self, ctx: RunContext) -> Change | None:
         state = database_state(ctx, self.database)
@@ -226,15 +220,6 @@ class MigrationOnNewDatabase(Step):
             return None
         return Change(f"apply {len(source.migrations)} migration(s) to the new database {self.database}",
                       [migration.name for migration in source.migrations] + [f"from {source.where}"])
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any] | None:
-        return self.inner.apply(ctx, change)
-
-    def verify(self, ctx: RunContext) -> None:
-        self.inner.verify(ctx)
-
-    def checklist_line(self) -> str:
-        return self.inner.checklist_line()
 
 
 # --- storage key -----------------------------------------------------------------------------
@@ -374,12 +359,12 @@ class SeedStep(Step):
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         from ops.envfile import parse_env_file, render_env_file
         from ops.migrations import shell_path
-        from ops.rollout import connection_for, host_named
+        from ops.rollout import host_named
 
         # The app's own environment, as its env file has it: what the seed would see on the host.
         environment = {key: Secret(value) for key, value in
                        parse_env_file(render_env_file(ctx.env, self.host_name)).items()}
-        connection = connection_for(ctx, host_named(ctx.env, self.host_name))
+        connection = ctx.host(host_named(ctx.env, self.host_name))
         result = connection.run(f"cd {shell_path(self.directory)} && {self.command}", check=False,
                                 timeout=SEED_TIMEOUT_SECONDS, environment=environment)
         for line in (result.stdout + result.stderr).strip().splitlines()[-LOG_LINES:]:

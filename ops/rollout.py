@@ -26,7 +26,6 @@ from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
-    from ops.engine import RunContext
     from ops.hosts import HostConfig, HostConnection
     from ops.inventory import Environment
 
@@ -57,18 +56,6 @@ def required_app_setting(env: Environment, host_name: str, key: str) -> str:
     if not value:
         raise env.missing(f"app.{key}")
     return str(value)
-
-
-def connection_for(ctx: RunContext, host: HostConfig) -> HostConnection:
-    """One SSH connection per host for the whole run, closed with the run's other connections."""
-    from ops.hosts import connect
-
-    key = f"host:{host.name}"
-    if key not in ctx._cache:
-        connection = connect(host)
-        ctx._cache[key] = connection
-        ctx._closers.append(connection.close)
-    return ctx._cache[key]
 
 
 # --- health gate ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets as random_tokens
+from collections.abc import Mapping
 from pathlib import Path
 
 from ops.secrets import Secret
@@ -27,8 +28,17 @@ class SecretStore:
         return self.read().get(key)
 
     def set(self, key: str, value: Secret) -> None:
-        """Written atomically (temp file + rename), never readable by others."""
-        values = {**self.read(), key: value}
+        self.update({key: value})
+
+    def delete(self, *keys: str) -> None:
+        present = self.read()
+        if any(key in present for key in keys):
+            self.update(dict.fromkeys(keys))
+
+    def update(self, changes: Mapping[str, Secret | None]) -> None:
+        """Set (or, for None, remove) several keys in one atomic write (temp file + rename), never readable
+        by others: a crash leaves the old file or the new one, never a mix."""
+        values = {k: v for k, v in {**self.read(), **changes}.items() if v is not None}
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temporary = self.path.with_suffix(f".tmp-{os.getpid()}")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -87,11 +87,16 @@ class Redactor:
         pattern = self._compiled()
         if pattern is not None:
             text = pattern.sub(MASK, text)
-        text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], text)
+        text = mask_url_passwords(text)
         return _KEYWORD_PASSWORD.sub(lambda m: m["head"] + MASK, text)
 
 
 REDACTOR = Redactor()
+
+
+def mask_url_passwords(text: str) -> str:
+    """Only the password part of each URL in `text`: user, host and database stay readable."""
+    return _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], text)
 
 
 def redact(text: Any) -> str:

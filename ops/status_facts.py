@@ -8,14 +8,12 @@ looked up when called, so a checkout without them still reports everything else.
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops.errors import CheckFailed, OpsError
+from ops.errors import OpsError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -30,16 +28,6 @@ SLOWEST_STATEMENTS = 5
 BUCKET_LISTING_LIMIT = 1_000_000  # beyond this a status run would take minutes: report "at least"
 _STRING_LITERAL = re.compile(r"(?:E|e)?'(?:[^']|'')*'")
 _DOLLAR_QUOTED = re.compile(r"\$([A-Za-z_]*)\$.*?\$\1\$", re.DOTALL)
-
-
-def optional(module: str, attribute: str) -> Any | None:
-    """`module.attribute` when that module exists in this checkout, else None."""
-    try:
-        return getattr(importlib.import_module(module), attribute, None)
-    except ModuleNotFoundError as error:
-        if error.name != module:
-            raise  # the module exists but something it imports does not: a real bug
-        return None
 
 
 def redact_query(text: str | None, limit: int = QUERY_TEXT_LIMIT) -> str:
@@ -184,39 +172,19 @@ def last_backup(env: Environment, storage: Storage | None = None) -> dict[str, A
 
 
 def key_facts(env: Environment) -> dict[str, Any] | None:
-    """keys.key_status as JSON; None when this checkout has no key module."""
-    key_status = optional("ops.keys", "key_status")
-    if key_status is None or env.raw("storage.provider", "s3") == "local":
-        return None  # a local folder has no keys
+    """keys.key_status as JSON; None for a local folder, which has no keys."""
+    from ops.keys import key_status
+
+    if env.raw("storage.provider", "s3") == "local":
+        return None
     return key_status(env).to_json()
 
 
 def migration_state(env: Environment) -> Any:
-    """The MigrationState of the environment's database, or None when no migrations are known."""
-    status = optional("ops.migrations", "environment_status")
-    if status is not None:
-        return status(env)
-    return _local_migration_state(env)
+    """The MigrationState of the environment's database (InventoryError when no migrations are known)."""
+    from ops.migrations import environment_status
 
-
-def _local_migration_state(env: Environment) -> Any:
-    """Without contract C's environment_status: the local checkout's folder against the direct URL."""
-    from ops import migrations, pg
-
-    app = env.app_settings()
-    if not app.get("repository"):
-        return None
-    directory = Path(app["repository"]).expanduser()
-    if not directory.is_absolute():
-        directory = env.inventory.file.parent / directory
-    directory = directory / (app.get("migrations") or {}).get("dir", "prisma/migrations")
-    if not directory.is_dir():
-        raise CheckFailed(f"migrations folder {directory} does not exist", hint="fix app.repository / "
-                                                                                "app.migrations.dir")
-    url = env.database_url(direct=True)
-    with pg.connect(url, application_name="opsbook status", autocommit=True, connect_timeout=5) as connection:
-        migrations.use_prisma_schema(connection, url)
-        return migrations.migration_status(connection, directory)
+    return environment_status(env)
 
 
 def open_incidents(env: Environment) -> list[dict[str, Any]]:

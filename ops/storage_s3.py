@@ -318,13 +318,12 @@ class S3Storage(Storage):
 
         etags: dict[int, str] = {}
         sending: dict[Future[str], tuple[int, int]] = {}  # future -> (part number, bytes)
-        total = 0
+        progress = _StoredPrefix(on_progress)
         pool = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="opsbook-upload")
         try:
             while True:
                 while len(sending) >= PARTS_IN_FLIGHT:
-                    total = self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags,
-                                          total, on_progress)
+                    self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, progress)
                 chunk = pending.pop(0) if pending else _read_part(source, part_size)
                 if not chunk:
                     break
@@ -335,8 +334,7 @@ class S3Storage(Storage):
                 sending[pool.submit(self._upload_part, full_key, upload_id, number, chunk)] = (number, len(chunk))
                 del chunk  # only the future holds the part now: freed once sent
             while sending:
-                total = self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, total,
-                                      on_progress)
+                self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, progress)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         parts = [{"PartNumber": number, "ETag": etags[number]} for number in sorted(etags)]
@@ -351,17 +349,13 @@ class S3Storage(Storage):
         return str(response["ETag"])
 
     @staticmethod
-    def _collect(sending: dict[Any, tuple[int, int]], done: set[Any], etags: dict[int, str], total: int,
-                 on_progress: Callable[[int], None] | None) -> int:
-        """Record the finished parts (raising the first failure); the bytes sent so far.
-        Progress is reported after each part, so the running total never jumps by several."""
-        for future in done:
+    def _collect(sending: dict[Any, tuple[int, int]], done: set[Any], etags: dict[int, str],
+                 progress: _StoredPrefix) -> None:
+        """Record the finished parts (raising the first failure) and report progress."""
+        for future in sorted(done, key=lambda finished: sending[finished][0]):
             number, size = sending.pop(future)
             etags[number] = future.result()
-            total += size
-            if on_progress:
-                on_progress(total)
-        return total
+            progress.stored(number, size)
 
     def _abort_quietly(self, full_key: str, upload_id: str) -> None:
         """Best effort while another error propagates; a leftover shows in list_incomplete_uploads."""
@@ -533,3 +527,22 @@ def _as_connection_error(error: Exception) -> Exception:
     if isinstance(error, BotoCoreError):
         return error
     return ConnectionError(error=redact(error))
+
+
+class _StoredPrefix:
+    """Progress as the bytes stored from the start of the object: parts can finish out of order (a
+    short last part before the one in flight beside it), and a report never counts past a gap."""
+
+    def __init__(self, on_progress: Callable[[int], None] | None):
+        self._on_progress = on_progress
+        self._finished: dict[int, int] = {}
+        self._next = 1
+        self._total = 0
+
+    def stored(self, number: int, size: int) -> None:
+        self._finished[number] = size
+        while self._next in self._finished:
+            self._total += self._finished.pop(self._next)
+            self._next += 1
+            if self._on_progress:
+                self._on_progress(self._total)

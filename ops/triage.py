@@ -18,9 +18,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, OpsError
 from ops.secrets import Secret, redact
-from ops.status_facts import describe_error, optional
+from ops.status_facts import describe_error
 
 if TYPE_CHECKING:
     from ops.hosts import HostConfig, HostConnection
@@ -111,6 +112,7 @@ def _iso(moment: datetime) -> str:
 
 def run_triage(env: Environment, *, log_lines: int = 50) -> TriageReport:
     """Probe every part of `env` at once; never raises for a failing part (it is a finding)."""
+    env.register_secrets()  # logs and error texts can carry any of them
     report = TriageReport(env.name, datetime.now(UTC))
     jobs = [(_probe_host, (env, host, log_lines)) for host in env.host_configs()]
     jobs.append((_probe_database, (env,)))
@@ -176,21 +178,6 @@ def env_file_path(app: dict[str, Any]) -> str | None:
     return f"{str(app['dir']).rstrip('/')}/.env" if app.get("dir") else None
 
 
-def parse_env_text(text: str) -> dict[str, str]:
-    parse = optional("ops.envfile", "parse_env_file")
-    if parse is not None:
-        return parse(text)
-    values = {}
-    for line in text.splitlines():
-        key, separator, value = line.strip().removeprefix("export ").partition("=")
-        if separator and not key.startswith("#"):
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            values[key.strip()] = value
-    return values
-
-
 def secret_values_of_env_file(connection: HostConnection, path: str | None) -> list[Secret]:
     """The values of secret-looking keys in the host's env file, registered for redaction everywhere."""
     if not path:
@@ -200,7 +187,7 @@ def secret_values_of_env_file(connection: HostConnection, path: str | None) -> l
     except OpsError:
         return []  # the logs are still redacted of every secret we know
     found = []
-    for key, value in parse_env_text(text or "").items():
+    for key, value in parse_env_file(text or "").items():
         if value and SECRET_NAME.search(key):
             found.append(Secret(value))
             password = urlparse(value).password if "://" in value else None

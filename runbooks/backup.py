@@ -7,7 +7,6 @@ retention. Only a backup with a manifest exists; a failed run leaves none.
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from pathlib import Path
@@ -302,25 +301,12 @@ def run(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool = F
 
 
 def notify_failure(env: Environment, runbook: Runbook, run_id: str, error: OpsError, output: Output) -> None:
-    """Tell the environment's notify channels. Hook: uses ops.notify.notify_failure(env, subject, body)
-    when that module exists; until then the failure is only on stderr, in the journal and the exit code."""
-    if not env.has("notify"):
-        return
-    try:
-        notifier = importlib.import_module("ops.notify")
-    except ImportError:
-        output.warn(f"{env.name} has notify channels but this opsbook has no notifier yet: nobody was told")
-        return
-    send = getattr(notifier, "notify_failure", None)
-    if send is None:
-        output.warn("ops.notify has no notify_failure(env, subject, body): nobody was told")
-        return
+    """Tell the environment's internal notify channels (a failed send only warns: the failure matters more)."""
+    from ops.notify import notify_failure as send
     from ops.secrets import redact
 
-    try:
+    if env.has("notify"):
         send(env, f"{runbook.name} failed on {env.name}", redact(f"run {run_id}: {error}"))
-    except Exception as failure:  # the original failure matters more
-        output.warn(f"could not notify the channels of {env.name}: {redact(failure)}")
 
 
 # --- tasks ------------------------------------------------------------------------------------

@@ -255,10 +255,8 @@ class RevokeKeysStep(Step):
                       [mask_identifier(key) for key in keys])
 
     def provider(self, ctx: RunContext) -> Any:
-        try:
-            from ops.keys import provider_for
-        except ImportError:
-            raise StepFailed("this opsbook has no key providers (ops/keys.py)", hint="update opsbook") from None
+        from ops.keys import provider_for
+
         return provider_for(ctx.env)
 
     def candidates(self, ctx: RunContext) -> list[str]:

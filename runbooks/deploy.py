@@ -49,10 +49,10 @@ class PushEnvStep(Step):
         self.title = f"write the app env file on {host_name}"
 
     def _target(self, ctx: RunContext) -> tuple[HostConnection, str]:
-        from ops.rollout import connection_for, host_named, required_app_setting
+        from ops.rollout import host_named, required_app_setting
 
         path = required_app_setting(ctx.env, self.host_name, "env_file")
-        return connection_for(ctx, host_named(ctx.env, self.host_name)), path
+        return ctx.host(host_named(ctx.env, self.host_name)), path
 
     def check(self, ctx: RunContext) -> Change | None:
         from ops.envfile import masked_diff, render_env_file
@@ -126,7 +126,7 @@ class RestartStep(Step):
                       data={"hosts": names})
 
     def _reason(self, ctx: RunContext, host: HostConfig) -> str | None:
-        from ops.rollout import connection_for, probe_once, read_host_state
+        from ops.rollout import probe_once, read_host_state
 
         app = ctx.env.app_settings(host.name)
         if not app.get("restart"):
@@ -137,7 +137,7 @@ class RestartStep(Step):
             return "its env file is about to change"
         if ctx.pending(f"switch-release-{host.name}"):
             return "its current release is about to switch"
-        connection = connection_for(ctx, host)
+        connection = ctx.host(host)
         stale = read_host_state(connection, app).restart_reason()
         if stale:
             return stale
@@ -173,12 +173,12 @@ class RestartStep(Step):
 
     def verify(self, ctx: RunContext) -> None:
         """The hosts restarted in this run still answer health and ready."""
-        from ops.rollout import connection_for, host_named, probe_once
+        from ops.rollout import host_named, probe_once
 
         outcomes = (ctx.state.get(self.name) or {}).get("hosts", [])
         for outcome in (o for o in outcomes if o["status"] == "restarted"):
             host = host_named(ctx.env, outcome["host"])
-            problem = probe_once(connection_for(ctx, host), ctx.env.app_settings(host.name))
+            problem = probe_once(ctx.host(host), ctx.env.app_settings(host.name))
             if problem:
                 raise StepFailed(f"host {host.name} stopped answering after its restart: {problem}", where=host.name)
 
@@ -231,9 +231,9 @@ class SwitchReleaseStep(Step):
         return required_app_setting(ctx.env, self.host_name, "dir")
 
     def _connection(self, ctx: RunContext) -> HostConnection:
-        from ops.rollout import connection_for, host_named
+        from ops.rollout import host_named
 
-        return connection_for(ctx, host_named(ctx.env, self.host_name))
+        return ctx.host(host_named(ctx.env, self.host_name))
 
     def _current(self, ctx: RunContext) -> str | None:
         from ops.rollout import release_name
@@ -274,17 +274,18 @@ class SwitchReleaseStep(Step):
 
 def rollback_target(ctx: RunContext) -> str:
     """The release every host goes back to, decided once per run from all hosts' `current`."""
-    from ops.rollout import connection_for, list_dirs, release_name, required_app_setting
+    return ctx.once("rollback:target", lambda: _choose_rollback_target(ctx))
+
+
+def _choose_rollback_target(ctx: RunContext) -> str:
+    from ops.rollout import list_dirs, release_name, required_app_setting
     from ops.rollout import rollback_target as choose
 
-    key = "rollback:target"
-    if key in ctx._cache:
-        return ctx._cache[key]
     currents: dict[str, str | None] = {}
     releases: dict[str, list[str]] = {}
     for host in ctx.env.host_configs():
         app_dir = required_app_setting(ctx.env, host.name, "dir")
-        connection = connection_for(ctx, host)
+        connection = ctx.host(host)
         listed = list_dirs(connection, posixpath.join(app_dir, "releases"))
         if listed is None:
             raise CheckFailed(f"host {host.name} has no {app_dir}/releases directory: deploy.rollback needs the "
@@ -297,22 +298,22 @@ def rollback_target(ctx: RunContext) -> str:
         on = ", ".join(f"{name}: {current or 'no current link'}" for name, current in currents.items())
         raise CheckFailed(f"no previous release to roll back to ({on})",
                           hint="nothing older is deployed under releases/; to go to a given release, pass --release")
-    ctx._cache[key] = target
     return target
 
 
 def schema_warning(ctx: RunContext, release: str) -> str | None:
     """A warning when the database has applied migrations that `release` does not contain; once per run."""
-    key = f"rollback:warning:{release}"
-    if key not in ctx._cache:
-        ctx._cache[key] = _schema_warning(ctx, release)
-        if ctx._cache[key]:
-            ctx.output.warn(ctx._cache[key])
-    return ctx._cache[key]
+    def warn_once() -> str | None:
+        warning = _schema_warning(ctx, release)
+        if warning:
+            ctx.output.warn(warning)
+        return warning
+
+    return ctx.once(f"rollback:warning:{release}", warn_once)
 
 
 def _schema_warning(ctx: RunContext, release: str) -> str | None:
-    from ops.rollout import connection_for, list_dirs, newer_migrations
+    from ops.rollout import list_dirs, newer_migrations
 
     env = ctx.env
     if not env.has("database.url") or not env.host_configs():
@@ -322,7 +323,7 @@ def _schema_warning(ctx: RunContext, release: str) -> str | None:
     folder = posixpath.join(str(app["dir"]), "releases", release,
                             str((app.get("migrations") or {}).get("dir") or DEFAULT_MIGRATIONS_DIR))
     try:
-        known = list_dirs(connection_for(ctx, host), folder) or []
+        known = list_dirs(ctx.host(host), folder) or []
         applied = _applied_migrations(ctx)
     except OpsError as error:  # a rollback during an outage must not wait on the database
         return f"could not compare the database schema with release {release}: {redact(error.message)}"

@@ -376,7 +376,8 @@ class ReportStep(Step):
         """apply raised when a check failed; the report is written either way."""
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
-        from ops.drills import DrillReport, iso_z
+        from ops.backup_manifest import iso_z
+        from ops.drills import DrillReport
         from ops.journal import utc_now
 
         session = self.session
@@ -480,7 +481,8 @@ def history(c, env=None, json=False):
 @opstask
 def due(c, env=None, json=False):
     """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
-    from ops.drills import drill_due, iso_z
+    from ops.backup_manifest import iso_z
+    from ops.drills import drill_due
 
     output = make_output(json)
     source = environment(env, output=output, allow_decommissioned=True)

@@ -96,14 +96,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
 @opstask
 def health(c, env=None, json=False):
     """Check the database, storage, hosts and app health/ready URLs; exit 3 if any fails."""
-    from ops.checks import raise_on_failure, run_checks
-    from ops.engine import RunContext
+    from ops.checks import checklist
 
     output = make_output(json)
     environment_ = environment(env, output=output)
-    ctx = RunContext(environment_, output=output)
-    output.info(f"health of {environment_.name} (run {ctx.run_id}):")
-    results = run_checks(ctx, "health", probes(environment_))
-    output.result({"env": environment_.name, "run_id": ctx.run_id,
-                   "ok": all(r.status != "fail" for r in results), "checks": [r.to_json() for r in results]})
-    raise_on_failure(results, f"health of {environment_.name}")
+    checklist(environment_, output, "health", probes(environment_))

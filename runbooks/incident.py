@@ -16,8 +16,8 @@ Every change is recorded before anything is sent.
 
 from __future__ import annotations
 
-import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,27 +40,6 @@ NOTICE_TRIAGE_LINES = 12  # the internal notice carries the failing parts, not t
 # --- shared pieces ----------------------------------------------------------------------------
 
 
-def register_known_secrets(env: Environment) -> None:
-    """Load every credential of the environment (inventory and secret store) so redaction knows them all,
-    even those this task never uses: logs and messages can carry any of them."""
-    from ops.inventory import Reference
-    from ops.secret_store import SecretStore
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-        elif isinstance(node, Reference):
-            with contextlib.suppress(OpsError):  # an unset variable: nothing to redact
-                node.resolve()  # a Secret registers its value with the redactor
-
-    walk(env.data)
-    SecretStore(env.inventory.state_dir, env.name).read()
-
-
 def templates_dir(env: Environment) -> str | None:
     configured = env.raw("incidents.templates_dir", None)
     if not configured:
@@ -72,12 +51,9 @@ def templates_dir(env: Environment) -> str | None:
 
 
 def run_triage(env: Environment, log_lines: int, output: Output) -> Any:
-    """ops.triage's report, or None when this opsbook has no triage (or it broke: the incident goes on)."""
-    try:
-        from ops.triage import run_triage as triage
-    except ImportError:
-        output.warn("triage is not available in this opsbook: check the app, database and storage by hand")
-        return None
+    """ops.triage's report, or None when triage itself broke (the incident goes on)."""
+    from ops.triage import run_triage as triage
+
     try:
         return triage(env, log_lines=log_lines)
     except Exception as error:  # triage helps; it must never keep an incident from being opened
@@ -170,6 +146,26 @@ def _no_next_update(text: str | None) -> str | None:
     return None if (text or "").strip().lower() in {"", "none", "no", "off"} else text
 
 
+def _change(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool, json: bool,
+            verb: str, done: Callable[[Incident], str]) -> None:
+    """Under the incident's lock: load it, change it, record it (not on a dry run), publish the notices."""
+    from ops.incidents import IncidentStore
+
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    environment_.register_secrets()
+    store = IncidentStore(environment_)
+    with store.lock(incident_id):
+        incident = store.load(incident_id)
+        change(incident)
+        if not dry_run:
+            store.save(incident)
+        failures = publish(environment_, store, incident, output, dry_run=dry_run)
+    if not dry_run:
+        output.info(done(incident))
+        finish(incident, failures, output, verb)
+
+
 # --- tasks ------------------------------------------------------------------------------------
 
 
@@ -187,7 +183,7 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
 
     output = make_output(json)
     environment_ = environment(env, output=output)
-    register_known_secrets(environment_)
+    environment_.register_secrets()
     operator = _operator()
     incident = new_incident(environment_, title=title or "", impact=impact or "", components=components,
                             message=message, operator=operator, next_update=_no_next_update(next_update))
@@ -220,22 +216,14 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
 def update(c, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
            json=False):
     """Post an update: new state, what is known, components, next update time; notices to every channel."""
-    from ops.incidents import IncidentStore, apply_update
+    from ops.incidents import apply_update
 
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    register_known_secrets(environment_)
-    store = IncidentStore(environment_)
-    with store.lock(id):
-        incident = store.load(id)
+    def change(incident: Incident) -> None:
         apply_update(incident, state=status or incident.state, message=message, components=components,
                      next_update=_no_next_update(next_update), operator=_operator())
-        if not dry_run:
-            store.save(incident)
-        failures = publish(environment_, store, incident, output, dry_run=dry_run)
-    if not dry_run:
-        output.info(f"incident {incident.id} is now {incident.state}")
-        finish(incident, failures, output, "updated")
+
+    _change(env, id, change, dry_run=dry_run, json=json, verb="updated",
+            done=lambda incident: f"incident {incident.id} is now {incident.state}")
 
 
 @task(help=helps("env", "dry_run", "json", id="the incident's id", message="summary: what happened, what fixed it",
@@ -243,21 +231,13 @@ def update(c, id, env=None, status=None, message=None, next_update="30m", compon
 @opstask
 def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
     """Resolve an incident (all components operational); refused, exit 3, when it is already resolved."""
-    from ops.incidents import IncidentStore, apply_resolve
+    from ops.incidents import apply_resolve
 
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    register_known_secrets(environment_)
-    store = IncidentStore(environment_)
-    with store.lock(id):
-        incident = store.load(id)
+    def change(incident: Incident) -> None:
         apply_resolve(incident, message=message or "", cause=cause, postmortem=postmortem, operator=_operator())
-        if not dry_run:
-            store.save(incident)
-        failures = publish(environment_, store, incident, output, dry_run=dry_run)
-    if not dry_run:
-        output.info(f"incident {incident.id} resolved at {incident.resolved_at}")
-        finish(incident, failures, output, "resolved")
+
+    _change(env, id, change, dry_run=dry_run, json=json, verb="resolved",
+            done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
 
 
 @task(help=helps("env", "json", id="the incident's id"))
@@ -362,21 +342,12 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
                                "and no backup is newer", backup_id=backup_id, run_id=record.run_id)
 
 
-def deploy_rollback_steps(env: Environment, output: Output | None = None) -> list[Any]:
-    try:
-        from runbooks.deploy import rollback_steps
-    except ImportError:
-        if output:
-            output.warn("deploy.rollback is not available in this opsbook: roll the release back by hand")
-        return []
-    return rollback_steps(env)
-
-
 def build(env: Environment, **arguments: Any) -> Runbook:
     """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup."""
     from ops.engine import Runbook
+    from runbooks.deploy import rollback_steps
 
-    steps = deploy_rollback_steps(env)
+    steps = rollback_steps(env)
     if arguments.get("restore"):
         backup_id = arguments.get("backup")
         if not backup_id:
@@ -403,7 +374,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
 
     output = make_output(json)
     environment_ = environment(env, output=output)
-    register_known_secrets(environment_)
+    environment_.register_secrets()
     store = IncidentStore(environment_)
     with store.lock(id):
         incident = store.load(id)
@@ -417,7 +388,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
             output.info(f"  add --restore to also restore backup {safety.backup_id} in this rollback")
         runbook = build(environment_, incident=id, restore=restore, backup=safety.backup_id if restore else None)
         if not runbook.steps:
-            raise UsageError("nothing to roll back with: deploy.rollback is not available and no restore was asked")
+            raise UsageError(f"nothing to roll back with: {environment_.name} has no hosts and no restore was asked")
 
         def record(status: str, run_id: str, error: str | None = None) -> None:
             add_entry(incident, "rollback", _operator(), message=f"rollback {status}",

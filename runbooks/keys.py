@@ -16,7 +16,7 @@ from invoke import Collection, task
 
 from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
-from ops.engine import Change, Runbook, RunContext, Step
+from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
 from ops.errors import CheckFailed, StepFailed
 from ops.secrets import Secret, mask_identifier
 
@@ -82,7 +82,7 @@ def delete_pending_key(ctx: RunContext) -> str | None:
     provider = keys.provider_for(env)
     if not provider.manual:
         provider.delete_key(pending.reveal())
-    keys.clear(env, keys.NEXT_KEY_ID, keys.NEXT_SECRET)  # the id first: without it nothing is pending
+    keys.clear(env, keys.NEXT_KEY_ID, keys.NEXT_SECRET)  # both in one atomic write
     return pending.reveal()
 
 
@@ -149,16 +149,13 @@ class StoreKey(Step):
         return {"key_id": masked_key(new_id), "previous_key_id": mask_identifier(old_id)}
 
 
-class AfterSwitch(Step):
+class AfterSwitch(WrappedStep):
     """A deploy step (push-env, restart) shown as planned while the switch to a new value is still ahead."""
 
     def __init__(self, inner: Step, summary: str, after: tuple[str, ...] = SWITCHING_STEPS):
-        self.inner = inner
+        super().__init__(inner)
         self.summary = summary
         self.after = after
-        self.name = inner.name
-        self.title = inner.title
-        self.changes_data = inner.changes_data
 
     def check(self, ctx: RunContext) -> Change | None:
         change = self.inner.check(ctx)
@@ -170,16 +167,9 @@ class AfterSwitch(Step):
         real = self.inner.check(ctx) if change.data.get("after_switch") else change
         return self.inner.apply(ctx, real) if real is not None else {}
 
-    def verify(self, ctx: RunContext) -> None:
-        self.inner.verify(ctx)
-
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        undo = getattr(self.inner, "undo", None)
-        if undo is not None and not change.data.get("after_switch"):
-            undo(ctx, change)
-
-    def checklist_line(self) -> str:
-        return self.inner.checklist_line()
+    def _undo(self, ctx: RunContext, change: Change) -> None:
+        if not change.data.get("after_switch"):  # nothing was applied under the placeholder change
+            super()._undo(ctx, change)
 
 
 def rotation_in_progress(env: Environment) -> bool:
@@ -200,7 +190,7 @@ class ConfirmServing(Step):
         return Change("wait for: " + "; ".join(problems), problems) if problems else None
 
     def problems(self, ctx: RunContext) -> list[str]:
-        from ops.rollout import connection_for, probe_once
+        from ops.rollout import probe_once
 
         key_id = keys.current_key_id(ctx.env)
         problems = []
@@ -211,17 +201,17 @@ class ConfirmServing(Step):
                 problems.append(f"{host.name}: its env file holds {mask_identifier(held) if held else 'no key'}, "
                                 f"not {mask_identifier(key_id)}")
                 continue
-            answer = probe_once(connection_for(ctx, host), app)
+            answer = probe_once(ctx.host(host), app)
             if answer:
                 problems.append(f"{host.name}: {answer}")
         return problems
 
     def _key_on(self, ctx: RunContext, host_name: str) -> str | None:
         from ops.envfile import parse_env_file
-        from ops.rollout import connection_for, host_named, required_app_setting
+        from ops.rollout import host_named, required_app_setting
 
         path = required_app_setting(ctx.env, host_name, "env_file")
-        text = connection_for(ctx, host_named(ctx.env, host_name)).read_text(path)
+        text = ctx.host(host_named(ctx.env, host_name)).read_text(path)
         return parse_env_file(text or "").get("S3_ACCESS_KEY_ID")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
@@ -297,7 +287,7 @@ class RecordRotation(Step):
         entry = keys.rotation_entry(env, keys.current_key_id(env), previous.reveal() if previous else None,
                                     self.rotation or ctx.run_id, ctx.operator)
         keys.record_rotation(env, entry)
-        keys.clear(env, keys.PREVIOUS_SECRET, keys.PREVIOUS_KEY_ID)  # the id last: it marks the rotation open
+        keys.clear(env, keys.PREVIOUS_SECRET, keys.PREVIOUS_KEY_ID)  # both in one atomic write: the rotation closes
         return {"key_id": entry["key_id"], "previous_key_id": entry["previous_key_id"], "at": entry["at"]}
 
 

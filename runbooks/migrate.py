@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops.cli import environment, execute, helps, make_output, opstask
-from ops.engine import Change, Runbook, RunContext, Step
+from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 
 if TYPE_CHECKING:
@@ -139,30 +139,17 @@ class LintStep(Step):
         return None
 
 
-class WhenPending(Step):
+class WhenPending(WrappedStep):
     """Another runbook's step, planned only when there are migrations to deploy (the pre-migration backup)."""
 
     def __init__(self, inner: Step, facts: MigrationFacts):
-        self.inner, self.facts = inner, facts
-        self.name = inner.name  # the backup's steps find each other's outputs by name
-        self.title = f"pre-migration backup: {inner.title}"
-        self.changes_data = inner.changes_data
+        super().__init__(inner, title=f"pre-migration backup: {inner.title}")
+        self.facts = facts
 
     def check(self, ctx: RunContext) -> Change | None:
         if not self.facts.state(ctx).pending:
             return None
         return self.inner.check(ctx)
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any] | None:
-        return self.inner.apply(ctx, change)
-
-    def verify(self, ctx: RunContext) -> None:
-        self.inner.verify(ctx)
-
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        undo = getattr(self.inner, "undo", None)
-        if undo is not None:
-            undo(ctx, change)
 
 
 class DeployStep(Step):

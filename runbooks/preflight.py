@@ -20,7 +20,6 @@ from ops.checks import Warn
 from ops.cli import environment, helps, make_output, opstask
 from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.secrets import reveal
-from ops.status_facts import optional
 
 if TYPE_CHECKING:
     from ops.checks import Probe
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 AUTH_SECRET_NAMES = ("NEXTAUTH_SECRET", "BETTER_AUTH_SECRET", "AUTH_SECRET")
 MIN_AUTH_SECRET_LENGTH = 32
 TLS_MODES = {"require", "verify-ca", "verify-full"}
-LOCAL_DATABASE_HOSTS = {"", "127.0.0.1", "localhost", "::1", "[::1]"}
 POOLER_PORTS = {6432}
 POOLER_HOST_MARKS = ("pooler", "pgbouncer", "pool.")
 DEFAULT_RPO_HOURS = 24
@@ -70,8 +68,9 @@ def auth_secret_problem(values: dict[str, str]) -> str | None:
 
 
 def is_local_database(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    return host in LOCAL_DATABASE_HOSTS or host.startswith("/")
+    from ops.hosts import is_loopback
+
+    return is_loopback(urlsplit(url).hostname)
 
 
 def tls_problem(url: str) -> str | None:
@@ -145,12 +144,10 @@ class EnvFiles:
         return result
 
     def _load(self, host: HostConfig) -> dict[str, str]:
+        from ops.envfile import parse_env_file
         from ops.hosts import connect
         from ops.triage import env_file_path
 
-        parse = optional("ops.envfile", "parse_env_file")
-        if parse is None:
-            raise Warn("not available: this opsbook has no ops.envfile to read env files with")
         path = env_file_path(self.env.app_settings(host.name))
         if not path:
             raise CheckFailed(f"no env file configured for host {host.name}", hint="set app.env_file (or app.dir)")
@@ -159,7 +156,7 @@ class EnvFiles:
         if text is None:
             raise CheckFailed(f"{path} does not exist on host {host.name}",
                               hint=f"`inv deploy.push-env --env {self.env.name}` writes it")
-        return parse(text)
+        return parse_env_file(text)
 
 
 class Buckets:
@@ -282,9 +279,8 @@ def backup_probe(env: Environment, buckets: Buckets) -> Probe:
 
 def drill_probe(env: Environment) -> Probe:
     def probe() -> str:
-        drill_due = optional("ops.drills", "drill_due")
-        if drill_due is None:
-            raise Warn("not available: this opsbook has no ops.drills")
+        from ops.drills import drill_due
+
         due = drill_due(env)
         if due.done_this_quarter:
             return f"{due.quarter} drill done ({(due.last_passed or due.last or {}).get('id')})"
@@ -298,9 +294,8 @@ def drill_probe(env: Environment) -> Probe:
 
 def key_age_probe(env: Environment) -> Probe:
     def probe() -> str:
-        key_status = optional("ops.keys", "key_status")
-        if key_status is None:
-            raise Warn("not available: this opsbook has no ops.keys")
+        from ops.keys import key_status
+
         if not env.has("storage") or env.raw("storage.provider", "s3") == "local":
             return "not applicable: no storage keys (local folder)"
         try:
@@ -399,16 +394,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
 @opstask
 def preflight(c, env=None, json=False):
     """The production readiness checklist: pass/warn/fail with the fix for each; exit 3 if any fails."""
-    from ops.checks import raise_on_failure, run_checks
-    from ops.engine import RunContext
+    from ops.checks import checklist
 
     output = make_output(json)
     environment_ = environment(env, output=output)
-    ctx = RunContext(environment_, output=output)
-    output.info(f"preflight of {environment_.name} (run {ctx.run_id}):")
-    results = run_checks(ctx, "preflight", probes(environment_))
-    counts = {status: sum(r.status == status for r in results) for status in ("pass", "warn", "fail")}
-    output.info(f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed")
-    output.result({"env": environment_.name, "run_id": ctx.run_id, "ok": counts["fail"] == 0, **counts,
-                   "checks": [r.to_json() for r in results]})
-    raise_on_failure(results, f"preflight of {environment_.name}")
+    checklist(environment_, output, "preflight", probes(environment_))

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from ops.inventory import Environment
     from ops.output import Output
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def database_names(env: Environment) -> tuple[str, str]:
@@ -118,6 +117,7 @@ def database_url_advice(env: Environment) -> list[str]:
     from urllib.parse import parse_qs, urlsplit
 
     from ops.errors import OpsError
+    from ops.hosts import is_loopback
     from ops.inventory import as_secret
 
     if env.sandbox or not env.has("database.url"):
@@ -127,9 +127,10 @@ def database_url_advice(env: Environment) -> list[str]:
                 for path in ("url", "direct_url") if env.has(f"database.{path}")}
     except OpsError:
         return []  # an unset ${env:…}: the run itself says so, with its hint
-    advice = [f"database.{path} has no sslmode: add ?sslmode=require (the app's connection is not encrypted)"
+    advice = [f"database.{path} has no sslmode: add ?sslmode=require (the app's env file gets it anyway; opsbook's "
+              "own connections to this server do not insist on TLS)"
               for path, parts in urls.items()
-              if "sslmode" not in parse_qs(parts.query) and (parts.hostname or "") not in LOOPBACK]
+              if "sslmode" not in parse_qs(parts.query) and not is_loopback(parts.hostname)]
     pooled = "direct_url" in urls and urls["direct_url"].geturl() != urls["url"].geturl()
     if pooled and parse_qs(urls["url"].query).get("pgbouncer") != ["true"]:
         advice.append("database.url is the pooled URL (database.direct_url is set) but has no pgbouncer=true: "

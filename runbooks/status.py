@@ -83,7 +83,7 @@ def readers(env: Environment) -> dict[str, Callable[[], Any]]:
 OPTIONAL_PARTS = {"keys", "migrations"}  # an inventory without their settings still has a status
 NOT_AVAILABLE = {
     "last_backup": "no complete backup yet",
-    "keys": "not applicable (local folder storage has no keys) or no key module",
+    "keys": "not applicable (local folder storage has no keys)",
     "migrations": "no migrations to compare with: set app.repository or hosts with app.dir",
 }
 

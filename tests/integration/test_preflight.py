@@ -36,7 +36,6 @@ from ops.backup_manifest import (
 from ops.checks import Warn
 from ops.errors import OpsError
 from ops.journal import new_run_id
-from ops.status_facts import optional
 from ops.storage import open_storage
 from runbooks import preflight
 
@@ -271,10 +270,8 @@ def break_cases(ready: dict[str, Any]) -> list[tuple[str, Callable[[], Any], Cal
         ("security headers", set_headers({"Content-Security-Policy": "default-src 'self'"}),
          set_headers(dict(SECURE_HEADERS)), "no Strict-Transport-Security"),
         ("security headers", set_headers({}), set_headers(dict(SECURE_HEADERS)), "no Content-Security-Policy"),
+        ("storage key age", lambda: env.with_overrides({"keys": {"max_age_days": 0}}), nothing, "rotation was due"),
     ]
-    if optional("ops.keys", "key_status"):
-        cases.append(("storage key age", lambda: env.with_overrides({"keys": {"max_age_days": 0}}), nothing,
-                      "rotation was due"))
     return cases
 
 

@@ -110,3 +110,20 @@ def test_verify_failure_is_a_step_failure(environment):
 
     with pytest.raises(StepFailed, match="still not done after applying"):
         run(environment(), [Liar({}, "a", 1)])
+
+
+class NoUndo(SetKey):
+    undo = None  # a step that cannot be compensated
+
+
+def test_a_wrapped_step_is_undone_only_when_the_step_it_wraps_can_be(environment):
+    from ops.engine import WrappedStep
+
+    store = {}
+    steps = [WrappedStep(SetKey(store, "a", 1)), WrappedStep(NoUndo(store, "b", 2), title="set b, wrapped"),
+             SetKey(store, "c", 3, fail=True)]
+    with pytest.raises(StepFailed) as raised:
+        run(environment(), steps)
+    assert store == {"b": 2}  # a undone through its wrapper; b has nothing to undo it with
+    assert "undone: set a" in str(raised.value) and "set b, wrapped" not in str(raised.value).split("undone:")[1]
+    assert steps[1].checklist_line() == "set b, wrapped" and steps[0].checklist_line() == "set a"

@@ -43,3 +43,16 @@ def test_short_values_are_not_masked_everywhere():
 @pytest.mark.parametrize(("value", "expected"), [("AKIAIOSFODNN7EXAMPLE", "AKIA…MPLE"), ("short", MASK)])
 def test_mask_identifier(value, expected):
     assert mask_identifier(value) == expected
+
+
+def test_secret_store_updates_and_deletes_atomically_and_privately(tmp_path):
+    import stat
+
+    from ops.secret_store import SecretStore
+
+    store = SecretStore(tmp_path, "staging")
+    store.update({"A": Secret("one"), "B": Secret("two"), "C": Secret("three")})
+    store.delete("A", "B", "MISSING")
+    assert {k: v.reveal() for k, v in store.read().items()} == {"C": "three"}
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert [path.name for path in store.path.parent.iterdir()] == ["staging.env"]  # no temporary left
