@@ -396,13 +396,15 @@ class Fetched:
 
 def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[Any] | None = None,
                      encrypted: bool = False, decode: bool = True, on_progress: Progress | None = None,
-                     abort_sink: Callable[[], None] | None = None) -> Fetched:
+                     abort_sink: Callable[[], None] | None = None,
+                     opened: contextlib.AbstractContextManager[BinaryIO] | None = None) -> Fetched:
     """Read the stored object whole, hashing it, and decode it into `sink` (unless not `decode`).
 
     The object is always read to its end, even when decoding fails early, so the
     caller can tell a damaged object (sha256 differs) from a wrong key. On an
     interruption `abort_sink` is called first, to unblock a decoder stuck writing
-    into a process that has stopped reading.
+    into a process that has stopped reading. `opened` is the object's read already
+    under way (ops.storage.EarlyRead), else it is opened here.
     """
     queue = ChunkQueue()
     outcome: dict[str, Any] = {}
@@ -415,7 +417,7 @@ def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[
     digest = Digest()
     feeding = decode
     try:
-        with storage.open_read(key) as reader:
+        with opened or storage.open_read(key) as reader:
             for chunk in iter(lambda: reader.read(CHUNK), b""):
                 digest.update(chunk)
                 if on_progress:
@@ -486,8 +488,12 @@ class _CountingWriter:
         self.closed = False
 
     def write(self, data: Any) -> int:
+        # A raw pipe may take part of a write (a signal arriving mid-write): loop, or
+        # the rest is silently lost and pg_restore reads a damaged dump.
+        view = memoryview(data).cast("B")
         try:
-            self.sink.write(data)
+            while view:
+                view = view[self.sink.write(view):]  # sinks return the bytes they took (io.RawIOBase.write)
         except (BrokenPipeError, ConnectionResetError):
             self.closed = True
             raise SinkClosed() from None
