@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
 from ops.secrets import Secret, redact
@@ -108,7 +108,8 @@ def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive:
 
 def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage: Storage, manifest: Manifest, *,
                      identities: list[Any] | None, cross_environment: bool = False,
-                     on_progress: Callable[[int], None] | None = None) -> Fetched:
+                     on_progress: Callable[[int], None] | None = None,
+                     opened: contextlib.AbstractContextManager[BinaryIO] | None = None) -> Fetched:
     """Download the backup and pg_restore it into `database` as it arrives, checking size and sha256.
 
     The download, decoding and restore overlap, so a restore costs little more than
@@ -130,7 +131,7 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     try:
         fetched = dump.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
                                         encrypted=manifest.encrypted, on_progress=on_progress,
-                                        abort_sink=process.kill)
+                                        abort_sink=process.kill, opened=opened)
         with contextlib.suppress(BrokenPipeError):
             process.stdin.close()
         status = process.wait()

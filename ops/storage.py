@@ -14,9 +14,10 @@ ops/errors.py that name the provider, endpoint, bucket and key, never a secret.
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -248,6 +249,39 @@ class Storage(ABC):
         with source.open_read(key) as reader:
             return self.upload_stream(dest_key, reader, metadata=info.metadata,
                                       content_type=info.content_type)
+
+
+class EarlyRead(AbstractContextManager[BinaryIO]):
+    """`storage.open_read(key)` started now in a thread, so waiting for the server's first
+    byte overlaps the caller's other set-up. Enter it to get the reader (or the error)."""
+
+    def __init__(self, storage: Storage, key: str):
+        self._stack = ExitStack()
+        self._reader: BinaryIO | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, args=(storage, key), name="opsbook-open", daemon=True)
+        self._thread.start()
+
+    def _open(self, storage: Storage, key: str) -> None:
+        try:
+            self._reader = self._stack.enter_context(storage.open_read(key))
+        except BaseException as error:  # handed to the caller's thread in __enter__
+            self._error = error
+
+    def __enter__(self) -> BinaryIO:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._reader is not None
+        return self._reader
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Also for an EarlyRead never entered: closes the response the thread opened."""
+        self._thread.join()
+        self._stack.close()
 
 
 def _check_config(config: StorageConfig) -> None:

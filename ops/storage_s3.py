@@ -60,6 +60,44 @@ def _server_time(response: dict[str, Any]) -> datetime:
         return datetime.now(UTC)
 
 
+_shared_lock = threading.Lock()
+_shared_session: Any = None
+_shared_clients: dict[tuple[str | None, str, str | None, str | None, bool], BaseClient] = {}
+
+
+def shared_client(endpoint: str | None, region: str, access_key_id: str | None, secret_access_key: str | None,
+                  *, path_style: bool) -> BaseClient:
+    """One S3 client per endpoint, region and key pair for the whole process.
+
+    Building a client loads botocore's models (a few hundred milliseconds) and a run
+    opens the same bucket from several places; clients are thread-safe, a new key
+    pair gets its own.
+    """
+    global _shared_session
+    key = (endpoint, region, access_key_id, secret_access_key, path_style)
+    with _shared_lock:
+        if key not in _shared_clients:
+            import boto3.session
+            from botocore.config import Config
+
+            options: dict[str, Any] = {
+                # Recent boto3 adds CRC checksums R2 rejects; only send what the API requires.
+                "request_checksum_calculation": "when_required",
+                "response_checksum_validation": "when_required",
+                "retries": {"max_attempts": 5, "mode": "standard"},
+                "connect_timeout": 10,
+                "read_timeout": 60,
+            }
+            if path_style:
+                options["s3"] = {"addressing_style": "path"}
+            if _shared_session is None:
+                _shared_session = boto3.session.Session()
+            _shared_clients[key] = _shared_session.client(
+                "s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key, config=Config(**options))
+        return _shared_clients[key]
+
+
 class S3Storage(Storage):
     """A bucket on R2 or any S3-compatible service."""
 
@@ -87,25 +125,9 @@ class S3Storage(Storage):
             return self._client
 
     def _make_client(self) -> BaseClient:
-        import boto3.session
-        from botocore.config import Config
-
-        options: dict[str, Any] = {
-            # Recent boto3 adds CRC checksums R2 rejects; only send what the API requires.
-            "request_checksum_calculation": "when_required",
-            "response_checksum_validation": "when_required",
-            "retries": {"max_attempts": 5, "mode": "standard"},
-            "connect_timeout": 10,
-            "read_timeout": 60,
-        }
-        if self.config.endpoint:
-            options["s3"] = {"addressing_style": "path"}
-        session = boto3.session.Session(
-            aws_access_key_id=reveal(self.config.access_key_id),
-            aws_secret_access_key=reveal(self.config.secret_access_key),
-            region_name=self.region,
-        )
-        return session.client("s3", endpoint_url=self.config.endpoint, config=Config(**options))
+        endpoint = self.config.endpoint
+        return shared_client(endpoint, self.region, reveal(self.config.access_key_id),
+                             reveal(self.config.secret_access_key), path_style=bool(endpoint))
 
     def same_account(self, other: Storage) -> bool:
         """True when a server-side copy from `other` can work: same service and keys."""

@@ -51,6 +51,8 @@ class Plan:
         self.scratch = side_name(database, "restore", stamp)
         self.old = side_name(database, "old", stamp)
         self._manifest: Manifest | None = None
+        self._source_storage: Storage | None = None
+        self._tool: Any = None
 
     @property
     def cross_environment(self) -> bool:
@@ -59,9 +61,11 @@ class Plan:
     def storage(self, ctx: RunContext) -> Storage:
         if not self.cross_environment:
             return ctx.storage("backups")
-        from ops.storage import open_storage
+        if self._source_storage is None:
+            from ops.storage import open_storage
 
-        return open_storage(self.source.storage_config("backups"))
+            self._source_storage = open_storage(self.source.storage_config("backups"))
+        return self._source_storage
 
     def manifest(self, ctx: RunContext) -> Manifest:
         """The chosen backup, resolved once per run ("latest" must not change between steps)."""
@@ -92,6 +96,11 @@ class Plan:
 
     def tool(self, ctx: RunContext) -> Any:
         """pg_restore able to read this dump for this server; CheckFailed naming the versions otherwise."""
+        if self._tool is None:
+            self._tool = self._find_tool(ctx)
+        return self._tool
+
+    def _find_tool(self, ctx: RunContext) -> Any:
         from ops import pg, restore_db
 
         manifest = self.manifest(ctx)
@@ -161,18 +170,25 @@ class StreamStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         from ops import dump, restore_db
+        from ops.storage import EarlyRead
 
         plan = self.plan
         manifest = plan.manifest(ctx)
-        owner = plan.create_scratch(ctx)
+        download = EarlyRead(plan.storage(ctx), manifest.object.key)  # the server's first byte, while we set up
+        try:
+            owner = plan.create_scratch(ctx)
+        except BaseException:
+            download.close()
+            raise
         try:
             fetched = restore_db.restore_streamed(
                 plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
                 identities=plan.identities(), cross_environment=plan.cross_environment,
-                on_progress=dump.ProgressLines(ctx.log, "downloaded and restored"))
+                on_progress=dump.ProgressLines(ctx.log, "downloaded and restored"), opened=download)
             ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
             counts = plan.check_counts(ctx)
         except BaseException:  # interrupted, damaged or failed: the target keeps no trace of this run
+            download.close()
             self.undo(ctx, change)
             raise
         return {"backup_id": manifest.id, "sha256": fetched.sha256, "database": plan.scratch, "owner": owner,
