@@ -136,6 +136,18 @@ def _database_size(connection: Any) -> int:
     return connection.execute("SELECT pg_database_size(current_database())").fetchone()[0]
 
 
+def compressed_dump(pg_dump: Path, url: str, environ: dict[str, str], path: Path, level: int) -> Path:
+    """`pg_dump -Fc -Z0 | zstd -<level> -T2 > path`, with the zstandard module (no zstd CLI needed)."""
+    import zstandard
+
+    with subprocess.Popen([str(pg_dump), "-Fc", "-Z0", "-d", url], stdout=subprocess.PIPE, env=environ) as dump, \
+            open(path, "wb") as output:
+        zstandard.ZstdCompressor(level=level, threads=2).copy_stream(dump.stdout, output)
+    if dump.returncode:
+        raise RuntimeError(f"pg_dump exited {dump.returncode}")
+    return path
+
+
 def fill_bucket(client: Any, bucket: str, count: int, mean_kb: int) -> int:
     """`count` objects of random bytes (like images: incompressible), 0.2×–1.8× `mean_kb`; total bytes."""
     import random
