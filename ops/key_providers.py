@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed, UsageError
-from ops.secrets import Secret, mask_identifier, redact
+from ops.secrets import Secret, mask_identifier, redact, reveal
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -231,15 +231,12 @@ class AwsIamProvider(KeyProvider):
         self.log = log or (lambda text: None)
 
     def _client(self) -> BaseClient:
-        import boto3.session
-        from botocore.config import Config
+        from ops import aws
 
         key_id, secret = self.credentials()
-        session = boto3.session.Session(
-            aws_access_key_id=key_id.reveal() if isinstance(key_id, Secret) else key_id,
-            aws_secret_access_key=secret.reveal() if secret else None, region_name="us-east-1")
-        return session.client("iam", endpoint_url=self.endpoint,
-                              config=Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 3}))
+        return aws.client("iam", endpoint=self.endpoint, region="us-east-1", access_key_id=reveal(key_id),
+                          secret_access_key=reveal(secret) if secret else None,
+                          settings={"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 3}})
 
     def _call(self, action: str, operation: str, **arguments: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -56,6 +56,9 @@ HISTORY_OBJECT = "keys/rotations.json"
 REFUSED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "403", "401",
                  "Forbidden", "Unauthorized"}
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LENGTH = 16384, 8, 1, 32
+# Testing a key: few retries, since a refusal is the expected answer for a revoked one.
+PROBE_SETTINGS = {"retries": {"max_attempts": 2}, "connect_timeout": 10, "read_timeout": 30,
+                  "s3": {"addressing_style": "path"}}
 
 
 # --- the secret store -------------------------------------------------------------
@@ -188,15 +191,14 @@ def _probe_once(storage: Storage) -> None:
 
 def key_refused(env: Environment, key_id: str, secret: Secret) -> bool:
     """Whether the storage refuses this key (revoked or unknown); errors other than a refusal raise."""
-    import boto3.session
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from ops import aws
+    from ops.storage_s3 import S3Storage
+
     config = env.storage_config("storage")
-    session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret.reveal(),
-                                    region_name=config.region or ("auto" if config.provider == "r2" else "us-east-1"))
-    client = session.client("s3", endpoint_url=config.endpoint, config=Config(
-        retries={"max_attempts": 2}, connect_timeout=10, read_timeout=30, s3={"addressing_style": "path"}))
+    client = aws.client("s3", endpoint=config.endpoint, region=S3Storage(config).region, access_key_id=key_id,
+                        secret_access_key=secret.reveal(), settings=PROBE_SETTINGS)
     try:
         client.head_bucket(Bucket=config.bucket)
     except ClientError as error:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from ops.backup_manifest import Manifest
-    from ops.dump import Fetched
+    from ops.fetch import Fetched
     from ops.pg import ClientTool
     from ops.storage import Storage
 
@@ -117,7 +117,7 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     it when this raises. A damaged object is reported as such (CheckFailed), whatever
     pg_restore made of it.
     """
-    from ops import dump, pg
+    from ops import dump, fetch, pg
 
     command = [*pg.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
     environment = pg.child_environment(pg.with_database(url, database))
@@ -129,7 +129,7 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
                          hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
     stderr = dump.StderrTail(process.stderr)
     try:
-        fetched = dump.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
+        fetched = fetch.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
                                         encrypted=manifest.encrypted, on_progress=on_progress,
                                         abort_sink=process.kill, opened=opened)
         with contextlib.suppress(BrokenPipeError):
@@ -139,12 +139,12 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
         process.kill()
         process.wait()
         raise
-    found = dump.differences(manifest.size, manifest.sha256, fetched)
+    found = fetch.differences(manifest.size, manifest.sha256, fetched)
     if found or (fetched.decode_error and not fetched.sink_closed):
-        dump.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched)
+        fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched)
     if status != 0:
         raise _restore_failed(database, url, status, stderr.text())
-    dump.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched,
+    fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched,
                        manifest.object.dump_size)
     return fetched
 

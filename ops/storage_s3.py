@@ -8,7 +8,6 @@ names provider, endpoint, bucket and key, passed through redact().
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -25,7 +24,6 @@ from ops.storage import (
     ObjectInfo,
     ObjectNotFound,
     Storage,
-    StorageConfig,
     check_part_size,
     validate_prefix,
 )
@@ -41,6 +39,14 @@ PARTS_IN_FLIGHT = 2
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                "ExpiredToken", "Unauthorized", "Forbidden", "403", "401", "AllAccessDisabled"}
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+CLIENT_SETTINGS: dict[str, Any] = {
+    # Recent boto3 adds CRC checksums R2 rejects; only send what the API requires.
+    "request_checksum_calculation": "when_required",
+    "response_checksum_validation": "when_required",
+    "retries": {"max_attempts": 5, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
 
 
 def _utc(moment: datetime) -> datetime:
@@ -60,51 +66,8 @@ def _server_time(response: dict[str, Any]) -> datetime:
         return datetime.now(UTC)
 
 
-_shared_lock = threading.Lock()
-_shared_session: Any = None
-_shared_clients: dict[tuple[str | None, str, str | None, str | None, bool], BaseClient] = {}
-
-
-def shared_client(endpoint: str | None, region: str, access_key_id: str | None, secret_access_key: str | None,
-                  *, path_style: bool) -> BaseClient:
-    """One S3 client per endpoint, region and key pair for the whole process.
-
-    Building a client loads botocore's models (a few hundred milliseconds) and a run
-    opens the same bucket from several places; clients are thread-safe, a new key
-    pair gets its own.
-    """
-    global _shared_session
-    key = (endpoint, region, access_key_id, secret_access_key, path_style)
-    with _shared_lock:
-        if key not in _shared_clients:
-            import boto3.session
-            from botocore.config import Config
-
-            options: dict[str, Any] = {
-                # Recent boto3 adds CRC checksums R2 rejects; only send what the API requires.
-                "request_checksum_calculation": "when_required",
-                "response_checksum_validation": "when_required",
-                "retries": {"max_attempts": 5, "mode": "standard"},
-                "connect_timeout": 10,
-                "read_timeout": 60,
-            }
-            if path_style:
-                options["s3"] = {"addressing_style": "path"}
-            if _shared_session is None:
-                _shared_session = boto3.session.Session()
-            _shared_clients[key] = _shared_session.client(
-                "s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=access_key_id,
-                aws_secret_access_key=secret_access_key, config=Config(**options))
-        return _shared_clients[key]
-
-
 class S3Storage(Storage):
     """A bucket on R2 or any S3-compatible service."""
-
-    def __init__(self, config: StorageConfig):
-        super().__init__(config)
-        self._client: BaseClient | None = None
-        self._client_lock = threading.Lock()
 
     # -- connection -------------------------------------------------------
     @property
@@ -119,15 +82,12 @@ class S3Storage(Storage):
 
     @property
     def client(self) -> BaseClient:
-        with self._client_lock:
-            if self._client is None:
-                self._client = self._make_client()
-            return self._client
+        from ops import aws
 
-    def _make_client(self) -> BaseClient:
         endpoint = self.config.endpoint
-        return shared_client(endpoint, self.region, reveal(self.config.access_key_id),
-                             reveal(self.config.secret_access_key), path_style=bool(endpoint))
+        settings = {**CLIENT_SETTINGS, "s3": {"addressing_style": "path"}} if endpoint else CLIENT_SETTINGS
+        return aws.client("s3", endpoint=endpoint, region=self.region, access_key_id=reveal(self.config.access_key_id),
+                          secret_access_key=reveal(self.config.secret_access_key), settings=settings)
 
     def same_account(self, other: Storage) -> bool:
         """True when a server-side copy from `other` can work: same service and keys."""

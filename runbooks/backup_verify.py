@@ -124,12 +124,12 @@ class VerifyStep(Step):
 
 
 def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
-    from ops import dump
+    from ops import dump, fetch
 
     storage = ctx.storage("backups")
     progress = dump.ProgressLines(ctx.log, f"{manifest.id}: read")
     if not deep:
-        fetched = dump.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
+        fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
         return f"size {fetched.size} and sha256 match the manifest; {decoded}"
     counts = restore_into_scratch(ctx, manifest, storage, identities, progress)

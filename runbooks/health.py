@@ -84,12 +84,15 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
         if env.has(section):
             checks.append((f"{section} bucket", storage_probe(env, section)))
     for host in env.host_configs():
-        checks.append((f"host {host.name}", host_probe(host)))
-        app = env.app_settings(host.name)
-        for kind in ("health_url", "ready_url"):
-            if app.get(kind):
-                checks.append((f"app {kind.split('_')[0]} on {host.name}", url_probe(env, host, app[kind])))
+        checks += [(f"host {host.name}", host_probe(host)), *app_url_probes(env, host)]
     return checks
+
+
+def app_url_probes(env: Environment, host: HostConfig) -> list[tuple[str, Probe]]:
+    """The app's health and ready URLs on `host`, those the inventory names."""
+    app = env.app_settings(host.name)
+    return [(f"app {kind.split('_')[0]} on {host.name}", url_probe(env, host, app[kind]))
+            for kind in ("health_url", "ready_url") if app.get(kind)]
 
 
 @task(help=helps("env", "json"))

@@ -20,12 +20,12 @@ from ops.checks import Warn
 from ops.cli import environment, helps, make_output, opstask
 from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.secrets import reveal
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.checks import Probe
     from ops.hosts import HostConfig
     from ops.inventory import Environment
-    from ops.storage import Storage
 
 AUTH_SECRET_NAMES = ("NEXTAUTH_SECRET", "BETTER_AUTH_SECRET", "AUTH_SECRET")
 MIN_AUTH_SECRET_LENGTH = 32
@@ -159,21 +159,6 @@ class EnvFiles:
         return parse_env_file(text)
 
 
-class Buckets:
-    """One client per bucket for the whole checklist (a boto3 client takes a while to make)."""
-
-    def __init__(self, env: Environment):
-        self.env = env
-        self._opened: dict[str, Storage] = {}
-
-    def __call__(self, section: str) -> Storage:
-        if section not in self._opened:
-            from ops.storage import open_storage
-
-            self._opened[section] = open_storage(self.env.storage_config(section))
-        return self._opened[section]
-
-
 def env_file_probe(env: Environment, files: EnvFiles, host: HostConfig) -> Probe:
     def probe() -> str:
         missing = missing_variables(files.values(host), required_variables(env))
@@ -252,13 +237,13 @@ def migrations_probe(env: Environment) -> Probe:
     return probe
 
 
-def backup_probe(env: Environment, buckets: Buckets) -> Probe:
+def backup_probe(env: Environment) -> Probe:
     def probe() -> str:
         from ops.output import human_size
         from ops.status_facts import last_backup
 
         rpo_hours = float(env.raw("targets.rpo_hours", DEFAULT_RPO_HOURS))
-        backup = last_backup(env, buckets("backups"))
+        backup = last_backup(env, open_storage(env.storage_config("backups")))
         fix = f"`inv backup --env {env.name}`, then `inv backup.verify --env {env.name}`"
         if backup is None:
             raise CheckFailed("no complete backup", hint=fix)
@@ -318,9 +303,9 @@ def _day(moment: Any) -> str:
     return f"{moment:%Y-%m-%d}" if hasattr(moment, "strftime") else str(moment)[:10]
 
 
-def lifecycle_probe(env: Environment, buckets: Buckets, section: str) -> Probe:
+def lifecycle_probe(env: Environment, section: str) -> Probe:
     def probe() -> str:
-        storage = buckets(section)
+        storage = open_storage(env.storage_config(section))
         if storage.config.provider == "local":
             return "not applicable: a local folder has no lifecycle rules"
         rules = [rule for rule in storage.lifecycle_rules() if rule.get("Status") == "Enabled"
@@ -365,9 +350,9 @@ def fetch_headers(url: str) -> dict[str, str]:
 
 
 def probes(env: Environment) -> list[tuple[str, Probe]]:
-    from runbooks.health import url_probe
+    from runbooks.health import app_url_probes
 
-    files, buckets = EnvFiles(env), Buckets(env)
+    files = EnvFiles(env)
     checks: list[tuple[str, Probe]] = []
     hosts = env.host_configs()
     for host in hosts:
@@ -376,14 +361,12 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
     checks += [("database TLS", tls_probe(env)), ("database pooler", pooler_probe(env)),
                ("migrations", migrations_probe(env))]
     if env.has("backups"):
-        checks.append(("last backup", backup_probe(env, buckets)))
+        checks.append(("last backup", backup_probe(env)))
     checks += [("DR drill", drill_probe(env)), ("storage key age", key_age_probe(env))]
-    checks += [(f"lifecycle rule ({section})", lifecycle_probe(env, buckets, section))
+    checks += [(f"lifecycle rule ({section})", lifecycle_probe(env, section))
                for section in ("storage", "backups") if env.has(section)]
     for host in hosts:
-        app = env.app_settings(host.name)
-        checks += [(f"app {kind.split('_')[0]} on {host.name}", url_probe(env, host, app[kind]))
-                   for kind in ("health_url", "ready_url") if app.get(kind)]
+        checks += app_url_probes(env, host)
     public_url = env.raw("app.public_url", None)
     if public_url:
         checks.append(("security headers", headers_probe(str(public_url))))

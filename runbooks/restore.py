@@ -22,6 +22,7 @@ Two ways to fill the scratch database (`--jobs`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,6 @@ class Plan:
         self.scratch = side_name(database, "restore", stamp)
         self.old = side_name(database, "old", stamp)
         self._manifest: Manifest | None = None
-        self._source_storage: Storage | None = None
         self._tool: Any = None
 
     @property
@@ -61,11 +61,9 @@ class Plan:
     def storage(self, ctx: RunContext) -> Storage:
         if not self.cross_environment:
             return ctx.storage("backups")
-        if self._source_storage is None:
-            from ops.storage import open_storage
+        from ops.storage import open_storage
 
-            self._source_storage = open_storage(self.source.storage_config("backups"))
-        return self._source_storage
+        return open_storage(self.source.storage_config("backups"))
 
     def manifest(self, ctx: RunContext) -> Manifest:
         """The chosen backup, resolved once per run ("latest" must not change between steps)."""
@@ -151,13 +149,39 @@ class Plan:
                 f"(PostgreSQL {manifest.database.server_version}); restored with pg_restore {tool.version}"]
 
 
-class StreamStep(Step):
-    """Download, verify and restore in one pass (see the module's docstring)."""
+class ScratchLoad(Step):
+    """Loading into the run's scratch database, dropped again on any failure: the target keeps no trace."""
 
     name = "load"
 
     def __init__(self, plan: Plan):
         self.plan = plan
+
+    def into_scratch(self, ctx: RunContext, change: Change, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Create the scratch database, `load()` into it and check its row counts."""
+        plan = self.plan
+        owner = plan.create_scratch(ctx)
+        try:
+            loaded = load()
+            counts = plan.check_counts(ctx)
+        except BaseException:  # interrupted, damaged or failed
+            self.undo(ctx, change)
+            raise
+        return {**loaded, "database": plan.scratch, "owner": owner, "tables": len(counts),
+                "rows": sum(counts.values())}
+
+    def verify(self, ctx: RunContext) -> None:
+        self.plan.scratch_exists(ctx)
+
+    def undo(self, ctx: RunContext, change: Change) -> None:
+        self.plan.drop_scratch(ctx)
+
+
+class StreamStep(ScratchLoad):
+    """Download, verify and restore in one pass (see the module's docstring)."""
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
         self.title = (f"download backup {plan.backup} of {plan.source.name}, restore it into a new database "
                       f"{plan.scratch} as it arrives, check its sha256 and row counts")
 
@@ -174,31 +198,20 @@ class StreamStep(Step):
 
         plan = self.plan
         manifest = plan.manifest(ctx)
-        download = EarlyRead(plan.storage(ctx), manifest.object.key)  # the server's first byte, while we set up
-        try:
-            owner = plan.create_scratch(ctx)
-        except BaseException:
-            download.close()
-            raise
-        try:
+
+        def stream() -> dict[str, Any]:
             fetched = restore_db.restore_streamed(
                 plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
                 identities=plan.identities(), cross_environment=plan.cross_environment,
                 on_progress=dump.ProgressLines(ctx.log, "downloaded and restored"), opened=download)
             ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
-            counts = plan.check_counts(ctx)
-        except BaseException:  # interrupted, damaged or failed: the target keeps no trace of this run
-            download.close()
-            self.undo(ctx, change)
-            raise
-        return {"backup_id": manifest.id, "sha256": fetched.sha256, "database": plan.scratch, "owner": owner,
-                "tables": len(counts), "rows": sum(counts.values())}
+            return {"backup_id": manifest.id, "sha256": fetched.sha256}
 
-    def verify(self, ctx: RunContext) -> None:
-        self.plan.scratch_exists(ctx)
-
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        self.plan.drop_scratch(ctx)
+        download = EarlyRead(plan.storage(ctx), manifest.object.key)  # the server's first byte, while we set up
+        try:
+            return self.into_scratch(ctx, change, stream)
+        finally:
+            download.close()  # already closed once read; here also when it never was
 
 
 class FetchStep(Step):
@@ -217,14 +230,14 @@ class FetchStep(Step):
                                         f"({human_size(manifest.object.dump_size)})"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import dump
+        from ops import dump, fetch
 
         manifest = self.plan.manifest(ctx)
         archive = self.plan.archive(ctx)
         _remove_stale_archives(archive.parent, keep=archive)
-        fetched = dump.fetch_verified(self.plan.storage(ctx), manifest, path=archive,
-                                      identities=self.plan.identities(),
-                                      on_progress=dump.ProgressLines(ctx.log, "downloaded"))
+        fetched = fetch.fetch_verified(self.plan.storage(ctx), manifest, path=archive,
+                                       identities=self.plan.identities(),
+                                       on_progress=dump.ProgressLines(ctx.log, "downloaded"))
         ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
         return {"backup_id": manifest.id, "archive": str(archive), "sha256": fetched.sha256}
 
@@ -243,11 +256,9 @@ def _remove_stale_archives(directory: Path, keep: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-class LoadStep(Step):
-    name = "load"
-
+class LoadStep(ScratchLoad):
     def __init__(self, plan: Plan):
-        self.plan = plan
+        super().__init__(plan)
         self.title = f"restore into a new database {plan.scratch} and compare row counts with the manifest"
 
     def check(self, ctx: RunContext) -> Change | None:
@@ -259,23 +270,16 @@ class LoadStep(Step):
 
         plan = self.plan
         archive = Path((ctx.state.get("fetch") or {}).get("archive") or plan.archive(ctx))
-        owner = plan.create_scratch(ctx)
-        try:
+
+        def load() -> dict[str, Any]:
             restore_db.restore_archive(plan.tool(ctx), plan.url(ctx), plan.scratch, str(archive), jobs=plan.jobs,
                                        cross_environment=plan.cross_environment)
-            counts = plan.check_counts(ctx)
-        except BaseException:  # interrupted or failed: the target keeps no trace of this run
-            self.undo(ctx, change)
-            raise
+            return {}
+
+        try:
+            return self.into_scratch(ctx, change, load)
         finally:
             archive.unlink(missing_ok=True)
-        return {"database": plan.scratch, "owner": owner, "tables": len(counts), "rows": sum(counts.values())}
-
-    def verify(self, ctx: RunContext) -> None:
-        self.plan.scratch_exists(ctx)
-
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        self.plan.drop_scratch(ctx)
 
 
 class SwapStep(Step):

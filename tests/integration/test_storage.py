@@ -299,3 +299,30 @@ def test_revoked_and_wrong_keys_are_refused_cleanly(s3_server) -> None:
         s3_server.delete_access_key(key_id, using=spare)
         with pytest.raises(ConnectionFailed, match="InvalidAccessKeyId"):
             good.get_bytes("k")
+
+
+def test_storages_with_the_same_keys_share_one_client_and_other_keys_get_their_own(s3_server) -> None:
+    bucket = s3_server.make_bucket()
+    first, second = open_storage(bucket), open_storage(replace(bucket, prefix="other/"))
+    assert first.client is second.client  # building one loads botocore's models: once per process
+    key_id, secret = s3_server.create_access_key()
+    other = open_storage(s3_server.config(bucket.bucket, access_key_id=key_id, secret_access_key=secret))
+    assert other.client is not first.client
+    first.put_bytes("k", b"one")
+    assert other.get_bytes("k") == b"one"
+
+
+def test_early_read_gives_the_object_or_the_error_and_closes_unread(storage: Storage) -> None:
+    from ops.storage import EarlyRead
+
+    data = os.urandom(3 * MIB + 5)
+    storage.put_bytes("dump", data)
+    with EarlyRead(storage, "dump") as reader:
+        assert reader.read() == data
+    missing = EarlyRead(storage, "missing")
+    with pytest.raises(ObjectNotFound, match="missing"):  # raised in the caller's thread, when entered
+        missing.__enter__()
+    unread = EarlyRead(storage, "dump")
+    unread.close()  # the caller failed before reading: the response it opened is closed
+    with unread as reader:
+        assert reader.closed

@@ -13,7 +13,7 @@ import pyrage
 import pytest
 import zstandard
 
-from ops import dump
+from ops import dump, fetch
 from ops.errors import CheckFailed, StepFailed, UsageError
 from ops.storage import StorageConfig, open_storage
 
@@ -85,10 +85,10 @@ def test_dump_round_trip_through_storage(storage):
     assert zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read() == expected_bytes(size)
 
     sink = io.BytesIO()
-    fetched = dump.fetch_and_decode(storage, "backups/a/dump.pgc.zst", sink)
+    fetched = fetch.fetch_and_decode(storage, "backups/a/dump.pgc.zst", sink)
     assert (fetched.sha256, fetched.size, fetched.decoded_size) == (stored.sha256, stored.size, size)
     assert sink.getvalue() == expected_bytes(size)
-    assert dump.differences(stored.size, stored.sha256, fetched, size) == []
+    assert fetch.differences(stored.size, stored.sha256, fetched, size) == []
 
 
 class ShortWrites(io.BytesIO):
@@ -102,7 +102,7 @@ def test_decoding_into_a_sink_that_takes_part_of_each_write_loses_nothing(storag
     size = 3 * MiB + 7
     dump.dump_to_storage(writer_command(size), dict(os.environ), storage, "backups/s/dump.pgc.zst", level=1)
     sink = ShortWrites()
-    fetched = dump.fetch_and_decode(storage, "backups/s/dump.pgc.zst", sink)
+    fetched = fetch.fetch_and_decode(storage, "backups/s/dump.pgc.zst", sink)
     assert fetched.decoded_size == size and fetched.decode_error is None
     assert sink.getvalue() == expected_bytes(size)
 
@@ -126,16 +126,16 @@ def test_encryption_round_trip_and_wrong_key(storage, tmp_path: Path):
     assert raw.startswith(b"age-encryption.org/v1") and b"\x28\xb5\x2f\xfd" not in raw[:200]
 
     sink = io.BytesIO()
-    fetched = dump.fetch_and_decode(storage, "backups/c/dump.pgc.zst.age", sink,
+    fetched = fetch.fetch_and_decode(storage, "backups/c/dump.pgc.zst.age", sink,
                                     identities=dump.load_identities(key_file), encrypted=True)
     assert fetched.sha256 == stored.sha256 and sink.getvalue() == expected_bytes(3 * MiB)
 
     other = [pyrage.x25519.Identity.generate()]
-    wrong = dump.fetch_and_decode(storage, "backups/c/dump.pgc.zst.age", io.BytesIO(), identities=other,
+    wrong = fetch.fetch_and_decode(storage, "backups/c/dump.pgc.zst.age", io.BytesIO(), identities=other,
                                   encrypted=True)
     assert wrong.sha256 == stored.sha256 and "identities" in wrong.decode_error
     with pytest.raises(UsageError, match="none of the given age identities"):
-        dump.check_fetched("c", "backups/c/dump.pgc.zst.age", stored.size, stored.sha256, wrong)
+        fetch.check_fetched("c", "backups/c/dump.pgc.zst.age", stored.size, stored.sha256, wrong)
     (tmp_path / "public-only.txt").write_text(f"{identity.to_public()}\n")
     with pytest.raises(UsageError, match="holds no age identity"):
         dump.load_identities(tmp_path / "public-only.txt")
@@ -146,9 +146,9 @@ def test_a_flipped_byte_is_named_as_damage(storage):
     raw = bytearray(storage.get_bytes("backups/d/dump.pgc.zst"))
     raw[len(raw) // 2] ^= 0x01
     storage.put_bytes("backups/d/dump.pgc.zst", bytes(raw))
-    fetched = dump.fetch_and_decode(storage, "backups/d/dump.pgc.zst", dump.NullSink())
+    fetched = fetch.fetch_and_decode(storage, "backups/d/dump.pgc.zst", fetch.NullSink())
     with pytest.raises(CheckFailed) as failure:
-        dump.check_fetched("d", "backups/d/dump.pgc.zst", stored.size, stored.sha256, fetched)
+        fetch.check_fetched("d", "backups/d/dump.pgc.zst", stored.size, stored.sha256, fetched)
     assert "backup d is damaged" in str(failure.value) and "sha256" in str(failure.value)
 
 
