@@ -43,6 +43,10 @@ RTO_UNTIL_READY = "staging ready"
 # --- one drill's report -------------------------------------------------------------------------
 
 
+class NotApplicable(Exception):
+    """Raised by a check the target has nothing for (no hosts to restart): reported, never a failure."""
+
+
 @dataclass
 class StepResult:
     """One check of the drill: passed, failed, skipped (an earlier check it needs failed) or not applicable."""

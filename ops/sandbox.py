@@ -185,7 +185,7 @@ class Sandbox:
         drill_of = env.raw("drill_target_of", None)
         database = DRILL_DATABASE if drill_of else APP_DATABASE
         if drill_of:
-            self.ensure_database(database)
+            self.ensure_database(database, info.port)
         url = self._url(database, info.port)
         storage = {"provider": "local", "path": str(info.storage_path)}
         overrides: dict[str, Any] = {
@@ -206,11 +206,11 @@ class Sandbox:
             overrides["drill"] = drill
         return overrides
 
-    def ensure_database(self, name: str) -> None:
+    def ensure_database(self, name: str, port: int | None = None) -> None:
         """An empty database `name` in the cluster, unless there is one (a restore may replace it)."""
         from ops.pg import connect, create_database, database_exists
 
-        with connect(self._url("postgres"), application_name="opsbook sandbox", autocommit=True) as conn:
+        with connect(self._url("postgres", port), application_name="opsbook sandbox", autocommit=True) as conn:
             if not database_exists(conn, name):
                 create_database(conn, name)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops.cli import environment, execute, helps, make_output, opstask
-from ops.drills import RTO_UNTIL_READY
+from ops.drills import RTO_UNTIL_READY, NotApplicable
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.secrets import redact
@@ -77,10 +77,6 @@ class Session:
 
         value = plain(self.source.value(f"targets.{name}", None))
         return float(value) if value is not None else None
-
-
-class NotApplicable(Exception):
-    """Raised by a check the target has nothing for (no hosts to restart): reported, never a failure."""
 
 
 def run_steps(ctx: RunContext, steps: list[Step], parent: str) -> list[str]:
