@@ -107,19 +107,10 @@ def environment(name: str | None, *, output: Output | None = None,
     if env.sandbox:
         from ops.sandbox import Sandbox
 
-        info = Sandbox(inventory.state_dir / "sandbox").ensure_running(log=(output or make_output(False)).info)
-        env = env.with_overrides(sandbox_overrides(info))
+        sandbox = Sandbox(inventory.state_dir / "sandbox")
+        info = sandbox.ensure_running(log=(output or make_output(False)).info)
+        env = env.with_overrides(sandbox.overrides(env, info))
     return env
-
-
-def sandbox_overrides(info: Any) -> dict[str, Any]:
-    storage = {"provider": "local", "path": str(info.storage_path)}
-    return {
-        "database": {"url": info.database_url, "direct_url": info.direct_url},
-        "storage": {**storage, "bucket": info.app_bucket},
-        "backups": {**storage, "bucket": info.backup_bucket, "prefix": "local/"},
-        "app": {"dir": str(info.app_dir), "migrations": {"engine": "native", "dir": "prisma/migrations"}},
-    }
 
 
 def make_output(json_mode: bool) -> Output:

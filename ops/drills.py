@@ -5,8 +5,12 @@ A drill's evidence is two files, `report.md` (from templates/drill_report.md.j2)
 environment's backups storage at `drills/<id>/`. report.json:
 
     {id, source_env, target_env, operator, started_at, finished_at (ISO UTC "…Z"), backup_id,
-     passed, rto_seconds, rpo_seconds, targets: {rto_minutes, rpo_hours},
+     passed, rto_seconds, rpo_seconds, rto_until, targets: {rto_minutes, rpo_hours},
      steps: [{name, passed, seconds, detail, status}], failures: [...]}
+
+A step is passed, failed, skipped (a check it needs did not pass) or not applicable (the
+target has nothing it could check, e.g. no app hosts to restart); the drill passes when
+every step passed or was not applicable.
 
 The bucket is the record other machines see; the local folder is the fallback when the
 bucket cannot be read (and the copy kept when an upload failed).
@@ -32,15 +36,20 @@ REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
 TEMPLATE = "drill_report.md.j2"
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+PASSED, FAILED, SKIPPED, NOT_APPLICABLE = "passed", "failed", "skipped", "not applicable"
+RTO_UNTIL_READY = "staging ready"
 
 
 # --- one drill's report -------------------------------------------------------------------------
 
 
+class NotApplicable(Exception):
+    """Raised by a check the target has nothing for (no hosts to restart): reported, never a failure."""
+
+
 @dataclass
 class StepResult:
-    """One check of the drill. `status` is passed, failed, or skipped (an earlier check it needs failed)."""
+    """One check of the drill: passed, failed, skipped (an earlier check it needs failed) or not applicable."""
 
     name: str
     status: str
@@ -69,6 +78,7 @@ class DrillReport:
     rpo_seconds: float | None
     targets: dict[str, float | None]
     steps: list[StepResult] = field(default_factory=list)
+    rto_until: str = RTO_UNTIL_READY  # what the RTO is measured up to
 
     @property
     def failures(self) -> list[str]:
@@ -76,13 +86,14 @@ class DrillReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.steps) and all(step.passed for step in self.steps)
+        return bool(self.steps) and all(step.status in (PASSED, NOT_APPLICABLE) for step in self.steps)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "source_env": self.source_env, "target_env": self.target_env,
                 "operator": self.operator, "started_at": self.started_at, "finished_at": self.finished_at,
                 "backup_id": self.backup_id, "passed": self.passed,
                 "rto_seconds": _rounded(self.rto_seconds), "rpo_seconds": _rounded(self.rpo_seconds),
+                "rto_until": self.rto_until,
                 "targets": dict(self.targets), "steps": [step.to_json() for step in self.steps],
                 "failures": self.failures}
 
@@ -113,7 +124,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     jinja.filters["duration"] = duration_text
     statuses = {step["name"]: step["status"] for step in report["steps"]}
     objectives = {name: statuses.get(name, "not checked") for name in ("rto", "rpo")}
-    return jinja.get_template(TEMPLATE).render(report={**report, "objectives": objectives})
+    return jinja.get_template(TEMPLATE).render(
+        report={"rto_until": RTO_UNTIL_READY, **report, "objectives": objectives})
 
 
 def save_report(state_dir: Path, report: dict[str, Any], markdown: str) -> Path:

@@ -5,7 +5,8 @@ Merge order, fixed and documented (later wins, dicts merge key by key, lists rep
     2. `envs.<name>`         the environment itself
     3. `envs.<name>.hosts[]` per host: the environment's `ssh` and `app` under the host's own keys
 A sandbox environment (`sandbox: true`) gets its database and storage from the
-embedded sandbox (ops/sandbox.py) on top of all that.
+embedded sandbox (ops/sandbox.py) on top of all that; a sandbox env NAME also has
+an undeclared `NAME-drill`, its drill target: a second database of the same cluster.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ops.storage import StorageConfig
 
 DEFAULT_FILE = "inventory.yaml"
+SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
 _REFERENCE = re.compile(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
 _MISSING = object()
 
@@ -99,11 +101,24 @@ class Inventory:
 
     def environment(self, name: str | None) -> Environment:
         name = name or self.default_env
+        if name not in self.data["envs"] and (derived := self._sandbox_drill_target(name)) is not None:
+            return derived
         if name not in self.data["envs"]:
             hint = _did_you_mean(name, self.env_names) or f"known environments: {', '.join(self.env_names)}"
             raise InventoryError(f"no environment named {name!r}", where=str(self.file), hint=hint)
         merged = deep_merge(self.data.get("defaults") or {}, self.data["envs"][name])
         return Environment(name=name, data=merged, inventory=self)
+
+    def _sandbox_drill_target(self, name: str) -> Environment | None:
+        """`NAME-drill` of a sandbox environment NAME: the drill target the sandbox provides (ops/sandbox.py)."""
+        source = name.removesuffix(SANDBOX_DRILL_SUFFIX)
+        declared = self.data["envs"].get(source) if source != name else None
+        if not isinstance(declared, dict) or not deep_merge(self.data.get("defaults") or {}, declared).get("sandbox"):
+            return None
+        data = deep_merge(self.data.get("defaults") or {}, {
+            "sandbox": True, "drill_target_of": source,
+            "description": f"the DR drill's target for {source}: a second database of the sandbox cluster"})
+        return Environment(name=name, data=data, inventory=self)
 
 
 @dataclass
@@ -220,12 +235,13 @@ class Environment:
             raw = {k: v for k, v in raw.items() if k not in {"access_key_id", "secret_access_key"}}
         return resolve(raw)
 
-    def host_configs(self) -> list[HostConfig]:
+    def host_configs(self, hosts: list[dict[str, Any]] | None = None) -> list[HostConfig]:
+        """The app hosts (or `hosts` written the same way), the environment's `ssh` settings under their own."""
         from ops.hosts import HostConfig
 
         ssh = plain(resolve(self.raw("ssh", {})))
         configs = []
-        for host in plain(resolve(self.raw("hosts", []))):
+        for host in plain(resolve(self.raw("hosts", []) if hosts is None else hosts)):
             key_file = host.get("key_file") or ssh.get("key_file")
             configs.append(HostConfig(
                 name=host["name"], address=host["address"],
@@ -236,6 +252,11 @@ class Environment:
                 strict_host_keys=ssh.get("strict_host_keys", False),
             ))
         return configs
+
+    def database_log_host(self) -> HostConfig | None:
+        """`database.log_host`: the database server over SSH (named `database` unless it says), or None."""
+        host = self.raw("database.log_host", None)
+        return self.host_configs([{"name": "database", **host}])[0] if host else None
 
     def app_settings(self, host_name: str | None = None) -> dict[str, Any]:
         """The app section, with one host's own `app` keys merged over it (step 3 of the order)."""

@@ -42,7 +42,11 @@ BACKUPS = _object({
     "schedule_hours": {"type": "number", "exclusiveMinimum": 0},
 })
 
-DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING, "name": _STRING, "role": _STRING},
+DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING, "name": _STRING, "role": _STRING,
+                    # triage: the last lines of log_command, run over SSH on log_host (else on this machine)
+                    "log_command": _STRING,
+                    "log_host": _object({"name": _STRING, "address": _STRING, "user": _STRING, "port": _PORT,
+                                         "key_file": _STRING}, required=["address"])},
                    required=["url"])
 
 KEYS = _object({

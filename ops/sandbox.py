@@ -10,6 +10,12 @@ calls `ensure_running()`. Layout under `home` (by default `.ops/sandbox`):
     sandbox.json       the port chosen at first start (re-chosen if taken later)
     storage/<bucket>/  the app and backup buckets (local storage provider)
 
+What a sandbox env gets from it (`overrides`): the demo database `app` and the buckets, and,
+unless the env sets its own, `drill.target: NAME-drill`, a `notify` file channel at
+`<state>/notices/NAME.md` and `database.log_command` reading postgres.log. `NAME-drill` (made
+up by the inventory, see ops/inventory.py) is the drill target: the second database
+`app_drill` of the same cluster, backups under `NAME-drill/`, no hosts.
+
 The cluster is throwaway, so it runs with fsync=off and friends: fast, and a crash
 can lose it, which `sandbox.up` then rebuilds from the demo app.
 """
@@ -33,10 +39,12 @@ from typing import Any
 from urllib.parse import quote
 
 from ops.errors import OpsError, StepFailed
+from ops.inventory import SANDBOX_DRILL_SUFFIX, Environment
 from ops.secrets import Secret, redact
 
 SERVER_USER = "postgres"  # the superuser inside the cluster, and the OS user when we are root
 APP_DATABASE = "app"
+DRILL_DATABASE = "app_drill"  # the drill target's: restored into by `inv drill --env local`
 APP_BUCKET = "sandbox-app"
 BACKUP_BUCKET = "sandbox-backups"
 HOST = "127.0.0.1"
@@ -171,6 +179,40 @@ class Sandbox:
             data_dir=self.data_dir, storage_path=self.storage_path, app_bucket=APP_BUCKET,
             backup_bucket=BACKUP_BUCKET, app_dir=_demo_app_dir(),
         )
+
+    def overrides(self, env: Environment, info: SandboxInfo) -> dict[str, Any]:
+        """What the sandbox env `env` gets from the running sandbox `info` (see the module's docstring)."""
+        drill_of = env.raw("drill_target_of", None)
+        database = DRILL_DATABASE if drill_of else APP_DATABASE
+        if drill_of:
+            self.ensure_database(database, info.port)
+        url = self._url(database, info.port)
+        storage = {"provider": "local", "path": str(info.storage_path)}
+        overrides: dict[str, Any] = {
+            "database": {"url": url, "direct_url": url},
+            "storage": {**storage, "bucket": info.app_bucket},
+            "backups": {**storage, "bucket": info.backup_bucket, "prefix": f"{env.name}/" if drill_of else "local/"},
+            "app": {"dir": str(info.app_dir), "migrations": {"engine": "native", "dir": "prisma/migrations"}},
+        }
+        if not env.has("database.log_command"):
+            overrides["database"]["log_command"] = f"tail -n 500 {shlex.quote(str(self.log_file))}"
+        if not env.has("notify"):
+            notices = env.inventory.state_dir / "notices" / f"{env.name}.md"
+            overrides["notify"] = [{"kind": "file", "path": str(notices)}]
+        if not drill_of:
+            drill: dict[str, Any] = {} if env.has("drill.target") else {"target": env.name + SANDBOX_DRILL_SUFFIX}
+            if not env.has("drill.images_query") and not env.has("drill.images_prefix"):
+                drill["images_prefix"] = "images/"
+            overrides["drill"] = drill
+        return overrides
+
+    def ensure_database(self, name: str, port: int | None = None) -> None:
+        """An empty database `name` in the cluster, unless there is one (a restore may replace it)."""
+        from ops.pg import connect, create_database, database_exists
+
+        with connect(self._url("postgres", port), application_name="opsbook sandbox", autocommit=True) as conn:
+            if not database_exists(conn, name):
+                create_database(conn, name)
 
     def status(self) -> dict[str, Any]:
         """Where it is and what it holds; database details only when it runs."""

@@ -34,10 +34,17 @@ def redact_query(text: str | None, limit: int = QUERY_TEXT_LIMIT) -> str:
     """Query text safe to show: string literals (passwords, emails) masked, known secrets removed, truncated."""
     if not text:
         return ""
-    masked = _DOLLAR_QUOTED.sub("$$…$$", text)
-    masked = _STRING_LITERAL.sub("'…'", masked)
-    masked = redact(" ".join(masked.split()))
+    masked = redact(" ".join(_mask_literals(text).split()))
     return masked if len(masked) <= limit else masked[: limit - 1] + "…"
+
+
+def redact_log_line(line: str) -> str:
+    """A database server's log line: its statements' literals masked as in redact_query, known secrets removed."""
+    return redact(_mask_literals(line))
+
+
+def _mask_literals(text: str) -> str:
+    return _STRING_LITERAL.sub("'…'", _DOLLAR_QUOTED.sub("$$…$$", text))
 
 
 # --- database ----------------------------------------------------------------------------------
@@ -62,6 +69,30 @@ def longest_queries(connection: psycopg.Connection, limit: int = LONGEST_QUERIES
     return [{"pid": pid, "user": user, "database": database, "state": state, "seconds": round(float(seconds), 3),
              "waiting_on": wait, "application": redact(application or ""), "query": redact_query(query)}
             for pid, user, database, state, seconds, wait, application, query in rows]
+
+
+def blocked_sessions(connection: psycopg.Connection, limit: int = LONGEST_QUERIES) -> list[dict[str, Any]]:
+    """Sessions of this database waiting on another's lock (pg_blocking_pids), longest first, each with the
+    sessions that block it; query texts redacted."""
+    rows = connection.execute(
+        "SELECT pid, usename, state, extract(epoch FROM now() - coalesce(query_start, xact_start)), query,"
+        " pg_blocking_pids(pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND cardinality(pg_blocking_pids(pid)) > 0 ORDER BY coalesce(query_start, xact_start) LIMIT %s",
+        (limit,)).fetchall()
+    holders = sorted({pid for row in rows for pid in row[5]})
+    by_pid = {pid: {"pid": pid, "user": user, "state": state, "transaction_seconds": _seconds(seconds),
+                    "query": redact_query(query)}
+              for pid, user, state, seconds, query in connection.execute(
+                  "SELECT pid, usename, state, extract(epoch FROM now() - coalesce(xact_start, query_start)), query"
+                  " FROM pg_stat_activity WHERE pid = ANY(%s)", (holders,)).fetchall()}
+    return [{"pid": pid, "user": user, "state": state, "waiting_seconds": _seconds(seconds),
+             "query": redact_query(query), "blocked_by": list(blocking),
+             "blockers": [by_pid.get(holder, {"pid": holder, "query": ""}) for holder in blocking]}
+            for pid, user, state, seconds, query, blocking in rows]
+
+
+def _seconds(value: Any) -> float | None:
+    return round(float(value), 3) if value is not None else None
 
 
 def max_connections(connection: psycopg.Connection) -> dict[str, int]:

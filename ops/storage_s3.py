@@ -53,6 +53,18 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
+def _server_said(error: Any) -> str:
+    """What the server answered, for the operator: `InvalidAccessKeyId: The AWS Access Key Id you provided
+    does not exist in our records. (HTTP 403 on ListObjectsV2)`; a HEAD has no body, only its status."""
+    response = getattr(error, "response", None) or {}
+    details = response.get("Error", {})
+    code, message = str(details.get("Code", "")), str(details.get("Message", ""))
+    words = [word for word in (code if not code.isdigit() else "", message) if word]
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or (code if code.isdigit() else "?")
+    operation = getattr(error, "operation_name", None) or "the request"
+    return redact(f"{': '.join(words) or 'no error text'} (HTTP {status} on {operation})")
+
+
 def _etag(raw: str | None) -> str | None:
     return raw.strip('"') if raw else None
 
@@ -123,11 +135,11 @@ class S3Storage(Storage):
             return StepFailed(f"{subject}: {detail}", hint="see the storage provider's status and retry")
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code == "NoSuchBucket":
-            return BucketNotFound(f"{subject}: bucket {self.config.bucket!r} does not exist",
+            return BucketNotFound(f"{subject}: bucket {self.config.bucket!r} does not exist ({_server_said(error)})",
                                   hint="create it (inv provision) or fix storage.bucket")
         if code in AUTH_ERRORS:
             return ConnectionFailed(
-                f"{subject}: the storage refused our keys ({code})",
+                f"{subject}: the storage refused our keys ({_server_said(error)})",
                 hint="check storage.access_key_id / secret_access_key: revoked, mistyped, "
                      "or without permission on this bucket (inv keys.status)")
         if code == "EntityTooSmall":

@@ -2,16 +2,21 @@
 
 `run_triage(env)` probes, in parallel and read-only: each host's app health and
 ready URLs (over SSH for loopback URLs), the database (connectivity through the
-app's URL and the direct one, pg_stat_activity, recent `_prisma_migrations`), the
-app's storage (head bucket, read one sample object), the journal's recent deploys,
-migrations and restores, and the last lines of each host's `app.log_command`.
+app's URL and the direct one, pg_stat_activity: the longest-running statements and
+the sessions blocked by others' locks (pg_blocking_pids) with their blockers, recent
+`_prisma_migrations`), the last lines of `database.log_command` (over SSH on
+`database.log_host`, else on this machine), the app's storage (list it, read one
+sample object; a refusal shows the S3 error code and message), the journal's recent
+deploys, migrations and restores, and the last lines of each host's `app.log_command`.
 Log lines lose every known secret and the values of secret-looking keys of the
-host's env file. The report names each failing part.
+host's env file; query texts and the database log's statements lose their literals.
+The report names each failing part.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from ops.envfile import parse_env_file
-from ops.errors import CheckFailed, OpsError
+from ops.errors import OpsError
+from ops.inventory import plain
 from ops.secrets import Secret, redact
 from ops.status_facts import describe_error
 
@@ -34,6 +40,7 @@ CHANGE_RUNBOOKS = ("migrate", "deploy.", "restore", "incident.rollback", "keys.r
                    "provision")
 SAMPLE_BYTES = 1024
 LOG_TIMEOUT_SECONDS = 30
+LOCAL_HOST = "this machine"  # where database.log_command runs without a database.log_host
 WORKERS = 8
 
 
@@ -61,6 +68,10 @@ class HostLogs:
     error: str | None = None
 
 
+class DatabaseLog(HostLogs):
+    """The database server's log (`database.log_command`), apart from the app hosts' logs."""
+
+
 @dataclass
 class TriageReport:
     env: str
@@ -71,6 +82,7 @@ class TriageReport:
     recent_runs: list[dict[str, Any]] = field(default_factory=list)
     recent_migrations: list[dict[str, Any]] = field(default_factory=list)
     logs: list[HostLogs] = field(default_factory=list)
+    database_log: HostLogs | None = None
 
     @property
     def failing(self) -> list[Finding]:
@@ -96,11 +108,15 @@ class TriageReport:
                 "failing": self.failing_parts(), "summary": self.summary(),
                 "findings": [f.to_json() for f in self.findings], "database_activity": self.activity,
                 "recent_runs": self.recent_runs, "recent_migrations": self.recent_migrations,
-                "logs": [{"host": log.host, "command": log.command, "lines": log.lines, "error": log.error}
-                         for log in self.logs]}
+                "logs": [_log_json(log) for log in self.logs],
+                "database_log": _log_json(self.database_log) if self.database_log else None}
 
     def markdown(self) -> str:
         return redact("\n".join(_markdown_lines(self)) + "\n")
+
+
+def _log_json(log: HostLogs) -> dict[str, Any]:
+    return {"host": log.host, "command": log.command, "lines": log.lines, "error": log.error}
 
 
 def _iso(moment: datetime) -> str:
@@ -116,6 +132,8 @@ def run_triage(env: Environment, *, log_lines: int = 50) -> TriageReport:
     report = TriageReport(env.name, datetime.now(UTC))
     jobs = [(_probe_host, (env, host, log_lines)) for host in env.host_configs()]
     jobs.append((_probe_database, (env,)))
+    if env.has("database.log_command"):
+        jobs.append((_database_log, (env, log_lines)))
     if env.has("storage"):
         jobs.append((_probe_storage, (env,)))
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
@@ -123,7 +141,9 @@ def run_triage(env: Environment, *, log_lines: int = 50) -> TriageReport:
         results = [future.result() for future in futures]
     for findings, extra in results:
         report.findings.extend(findings)
-        if isinstance(extra, HostLogs):
+        if isinstance(extra, DatabaseLog):
+            report.database_log = extra
+        elif isinstance(extra, HostLogs):
             report.logs.append(extra)
         elif isinstance(extra, dict):
             report.activity = extra.get("activity")
@@ -201,21 +221,62 @@ def log_command(command: str, lines: int) -> str:
     return f"{{ {command} ; }} 2>&1 | tail -n {int(lines)}"
 
 
-def _collect_logs(connection: HostConnection, host: HostConfig, command: str | None, lines: int) -> HostLogs | None:
+def _collect_logs(connection: HostConnection, host: HostConfig, command: str | None, lines: int,
+                  kind: type[HostLogs] = HostLogs, clean: Callable[[str], str] = redact) -> HostLogs | None:
     if not command:
         return None
     try:
         result = connection.run(log_command(command, lines), check=False, timeout=LOG_TIMEOUT_SECONDS)
     except OpsError as error:
-        return HostLogs(host.name, redact(command), [], describe_error(error))
-    output = [redact(line) for line in result.stdout.splitlines()[-lines:]]
+        return kind(host.name, redact(command), [], describe_error(error))
+    output = [clean(line) for line in result.stdout.splitlines()[-lines:]]
     error = None if result.ok else f"exit code {result.exit_code}"
-    return HostLogs(host.name, redact(command), output, error)
+    return kind(host.name, redact(command), output, error)
+
+
+def _database_log(env: Environment, lines: int) -> tuple[list[Finding], HostLogs]:
+    """`database.log_command` over SSH on `database.log_host`, or here when the database runs on this machine."""
+    from ops.hosts import connect
+    from ops.status_facts import redact_log_line
+
+    command = str(plain(env.value("database.log_command")))
+    host = env.database_log_host()
+    if host is None:
+        log = _local_log(command, lines, redact_log_line)
+    else:
+        try:
+            with connect(host) as connection:
+                log = _collect_logs(connection, host, command, lines, DatabaseLog, redact_log_line)
+        except OpsError as error:
+            log = DatabaseLog(host.name, redact(command), [], describe_error(error))
+    findings = [] if log.error is None else [
+        Finding("database log", "logs", "warn", f"`{log.command}` on {log.host}: {log.error}", log.host,
+                "check database.log_command and database.log_host")]
+    return findings, log
+
+
+def _local_log(command: str, lines: int, clean: Callable[[str], str]) -> HostLogs:
+    import subprocess
+
+    try:
+        result = subprocess.run(["sh", "-c", log_command(command, lines)], capture_output=True, text=True,
+                                timeout=LOG_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return DatabaseLog(LOCAL_HOST, redact(command), [], redact(error))
+    output = [clean(line) for line in result.stdout.splitlines()[-lines:]]
+    return DatabaseLog(LOCAL_HOST, redact(command), output,
+                       None if result.returncode == 0 else f"exit code {result.returncode}")
 
 
 def _probe_database(env: Environment) -> tuple[list[Finding], dict[str, Any]]:
     from ops import pg
-    from ops.status_facts import connections_by_state, longest_queries, max_connections, recent_migrations
+    from ops.status_facts import (
+        blocked_sessions,
+        connections_by_state,
+        longest_queries,
+        max_connections,
+        recent_migrations,
+    )
 
     findings: list[Finding] = []
     urls = [("database", env.database_url(direct=False))]
@@ -230,8 +291,10 @@ def _probe_database(env: Environment) -> tuple[list[Finding], dict[str, Any]]:
                 findings.append(Finding(part, "database", "ok", f"{target} answers (PostgreSQL {major}.{minor})",
                                         target))
                 if url is urls[-1][1]:  # admin reads through the direct URL when there is one
+                    blocked = blocked_sessions(conn)
                     extra["activity"] = {"connections": connections_by_state(conn), **max_connections(conn),
-                                         "longest_queries": longest_queries(conn)}
+                                         "longest_queries": longest_queries(conn), "blocking": blocked}
+                    findings += [_locks_finding(blocked, target)] if blocked else []
                     extra["recent_migrations"] = recent_migrations(conn, url, RECENT_HOURS)
         except OpsError as error:
             findings.append(Finding(part, "database", "fail", describe_error(error), target, error.hint))
@@ -240,15 +303,23 @@ def _probe_database(env: Environment) -> tuple[list[Finding], dict[str, Any]]:
     return findings, extra
 
 
+def _locks_finding(blocked: list[dict[str, Any]], target: str) -> Finding:
+    first = blocked[0]
+    holders = ", ".join(f"pid {b['pid']} ({b.get('state') or '?'}: `{b.get('query')}`)" for b in first["blockers"])
+    detail = (f"{len(blocked)} session(s) wait on another's lock; pid {first['pid']} (`{first['query']}`, "
+              f"{first['waiting_seconds'] or 0:.1f} s) is blocked by {holders}")
+    pids = ", ".join(str(pid) for pid in first["blocked_by"])
+    return Finding("database locks", "database", "warn", detail, target,
+                   f"finish or end the blocking session if it is stuck: SELECT pg_terminate_backend(pid) for {pids}")
+
+
 def _probe_storage(env: Environment) -> tuple[list[Finding], None]:
     from ops.storage import open_storage
 
     storage = None
     try:
         storage = open_storage(env.storage_config("storage"))
-        if not storage.bucket_exists():
-            raise CheckFailed(f"bucket {storage.config.bucket} does not exist ({storage.describe()})",
-                              hint="check storage.bucket and the provider's console")
+        # A listing first: a GET's refusal carries the S3 error code and message (a HEAD's has none).
         sample = next(iter(storage.list()), None)
         if sample is None:
             return [Finding("storage", "storage", "warn", f"{storage.describe()}: bucket answers but is empty",
@@ -258,7 +329,7 @@ def _probe_storage(env: Environment) -> tuple[list[Finding], None]:
     except OpsError as error:
         target = storage.describe() if storage else None
         return [Finding("storage", "storage", "fail", describe_error(error), target, error.hint)], None
-    return [Finding("storage", "storage", "ok", f"{storage.describe()}: head bucket ok, read {size} bytes of "
+    return [Finding("storage", "storage", "ok", f"{storage.describe()}: listed, read {size} bytes of "
                                                f"{sample.key}", storage.describe())], None
 
 
@@ -306,12 +377,18 @@ def _markdown_lines(report: TriageReport) -> list[str]:
     changes += [f"- migration {m['name']}: {m['status']} at {m['finished_at'] or m['started_at']}"
                 for m in report.recent_migrations]
     lines += changes or ["- none journaled"]
+    if report.database_log:
+        lines += _log_lines(f"Database log of {report.database_log.host}", report.database_log)
     for log in report.logs:
-        lines += ["", f"### Logs of {log.host} (`{log.command}`)", ""]
-        if log.error:
-            lines.append(f"({log.error})")
-        lines += ["```text", *(line.replace("```", "'''") for line in log.lines), "```"]
+        lines += _log_lines(f"Logs of {log.host}", log)
     return lines
+
+
+def _log_lines(heading: str, log: HostLogs) -> list[str]:
+    lines = ["", f"### {heading} (`{log.command}`)", ""]
+    if log.error:
+        lines.append(f"({log.error})")
+    return [*lines, "```text", *(line.replace("```", "'''") for line in log.lines), "```"]
 
 
 def _activity_lines(activity: dict[str, Any] | None) -> list[str]:
@@ -324,7 +401,19 @@ def _activity_lines(activity: dict[str, Any] | None) -> list[str]:
     for query in activity["longest_queries"]:
         lines.append(f"- pid {query['pid']} ({query['state']}, {query['seconds']:.1f} s, {query['user']}): "
                      f"`{query['query'].replace('`', chr(39))}`")
+    if activity.get("blocking"):
+        lines += ["", "Sessions waiting on another's lock:"]
+    for blocked in activity.get("blocking") or []:
+        holders = "; ".join(f"pid {b['pid']} ({b.get('state') or '?'}, transaction open "
+                            f"{b.get('transaction_seconds') or 0:.1f} s): `{_code(b.get('query'))}`"
+                            for b in blocked["blockers"])
+        lines.append(f"- pid {blocked['pid']} (waiting {blocked['waiting_seconds'] or 0:.1f} s, {blocked['user']}): "
+                     f"`{_code(blocked['query'])}` — blocked by {holders}")
     return lines
+
+
+def _code(text: str | None) -> str:
+    return (text or "").replace("`", "'")
 
 
 def _cell(text: str | None) -> str:

@@ -6,10 +6,12 @@
              a new database, row counts against the manifest, then the swap);
 2. migrations `migrate.status` is up to date on the restored database, or the repository's pending
              migrations apply cleanly (a rehearsal of the next deploy: migrations go before the restart);
-3. staging   the target's env file pushed when it changed, a rolling restart, health and ready URLs 200;
+3. staging   the target's env file pushed when it changed, a rolling restart, health and ready URLs 200
+             ("not applicable: no hosts" when the target has none, as the sandbox's drill target);
 4. images    a random sample of stored images: HEAD and GET through the storage API with matching sizes,
              and over HTTP through `storage.public_base` when it is set;
-5. rto / rpo drill start → staging ready, and the age of the backup used, against the source's `targets`.
+5. rto / rpo drill start → staging ready (without hosts: → the restored database is migrated), and the age
+             of the backup used, against the source's `targets`.
 
 Each check runs even when an earlier one failed, unless it needs that one (the app cannot be pointed at a
 restore that did not happen), so the report names every cause. The report (Markdown and JSON, ops/drills.py)
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops.cli import environment, execute, helps, make_output, opstask
+from ops.drills import RTO_UNTIL_READY, NotApplicable
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.secrets import redact
@@ -52,6 +55,9 @@ class Session:
         self.ready_after: float | None = None  # seconds from the drill's start to staging ready
         self.restore_plan: Plan | None = None
         self.manifest: Manifest | None = None
+        # Without app hosts there is nothing to restart: the RTO ends when the restored database is migrated.
+        self.has_hosts = bool(target.raw("hosts", None))
+        self.rto_until = RTO_UNTIL_READY if self.has_hosts else "database restored and migrated; no app hosts"
 
     def begin(self) -> None:
         if self._started is None:
@@ -143,7 +149,7 @@ class DrillCheck(Step):
         raise NotImplementedError
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.drills import FAILED, PASSED, SKIPPED, StepResult
+        from ops.drills import FAILED, NOT_APPLICABLE, PASSED, SKIPPED, StepResult
 
         self.session.begin()
         began = time.monotonic()
@@ -153,11 +159,13 @@ class DrillCheck(Step):
         else:
             try:
                 result = StepResult(self.name, PASSED, 0.0, self.run(ctx))
+            except NotApplicable as reason:
+                result = StepResult(self.name, NOT_APPLICABLE, 0.0, str(reason))
             except (OpsError, Exception) as error:
                 result = StepResult(self.name, FAILED, 0.0, _failure_text(error))
         result.seconds = time.monotonic() - began
         self.session.results[self.name] = result
-        ctx.log(f"{result.status.upper()}: {result.detail}")
+        ctx.log(result.detail if result.status == NOT_APPLICABLE else f"{result.status.upper()}: {result.detail}")
         return result.to_json()
 
     def verify(self, ctx: RunContext) -> None:
@@ -240,16 +248,20 @@ class StagingCheck(DrillCheck):
     def plan(self, ctx: RunContext) -> list[str]:
         hosts = ctx.env.host_configs()
         if not hosts:
-            return ["no hosts in the target: this check will fail"]
+            return [self._no_hosts(ctx)]
         return [f"hosts: {', '.join(host.name for host in hosts)}"]
+
+    def _no_hosts(self, ctx: RunContext) -> str:
+        return (f"not applicable: no hosts in {ctx.env.name}, so no app to point at the restored database "
+                "(the RTO ends when the restored database is migrated)")
 
     def run(self, ctx: RunContext) -> str:
         from runbooks.deploy import health_gate, push_env_steps, restart_step
 
         hosts = ctx.env.host_configs()
         if not hosts:
-            raise CheckFailed(f"{ctx.env.name} has no hosts: there is no app to point at the restored database",
-                              hint=f"add hosts and app settings to envs.{ctx.env.name}")
+            self.session.ready_after = self.session.elapsed()
+            raise NotApplicable(self._no_hosts(ctx))
         pushed = run_steps(ctx, push_env_steps(ctx.env), self.name)
         run_steps(ctx, [restart_step(ctx.env, always=True)], self.name)
         timeout = float(ctx.env.value("app.health_timeout", DEFAULT_HEALTH_TIMEOUT))
@@ -314,7 +326,7 @@ class ObjectiveCheck(DrillCheck):
         unit = 60 if objective == "rto" else 3600
         limit = session.target_value(self.target_key)
         self.limit_seconds = limit * unit if limit is not None else None
-        what = "drill start → staging ready" if objective == "rto" else "age of the backup used"
+        what = f"drill start → {session.rto_until}" if objective == "rto" else "age of the backup used"
         self.title = f"{objective.upper()} ({what}) within targets.{self.target_key}"
         self.summary = f"measure the {objective.upper()}"
         self.changes_data = False
@@ -391,7 +403,7 @@ class ReportStep(Step):
         return DrillReport(
             id=ctx.run_id, source_env=session.source.name, target_env=session.target.name, operator=ctx.operator,
             started_at=iso_z(started), finished_at=iso_z(utc_now()), backup_id=manifest.id if manifest else None,
-            rto_seconds=session.ready_after, rpo_seconds=rpo,
+            rto_seconds=session.ready_after, rpo_seconds=rpo, rto_until=session.rto_until,
             targets={"rto_minutes": session.target_value("rto_minutes"),
                      "rpo_hours": session.target_value("rpo_hours")},
             steps=results).to_json()

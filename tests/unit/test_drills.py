@@ -8,6 +8,7 @@ import pytest
 
 from ops.drills import (
     FAILED,
+    NOT_APPLICABLE,
     PASSED,
     SKIPPED,
     DrillReport,
@@ -75,3 +76,19 @@ def test_the_report_names_every_failure_and_its_objectives():
     assert "| RTO (drill start → staging ready) | not measured | 60 min | failed |" in text
     assert "| RPO (age of the backup used) | 2h | 24 h | passed |" in text
     assert "- rto: never ready" in text
+
+
+def test_a_step_that_is_not_applicable_does_not_fail_the_drill():
+    report = DrillReport(
+        id="20261123T040000Z-abcd", source_env="local", target_env="local-drill", operator="ana",
+        started_at="2026-11-23T04:00:00Z", finished_at="2026-11-23T04:01:00Z", backup_id="20261123T020000Z-0001",
+        rto_seconds=12.0, rpo_seconds=60.0, targets={"rto_minutes": None, "rpo_hours": None},
+        rto_until="database restored and migrated; no app hosts",
+        steps=[StepResult("restore", PASSED, 10.0, "ok"),
+               StepResult("staging", NOT_APPLICABLE, 0.0, "not applicable: no hosts in local-drill"),
+               StepResult("rto", PASSED, 0.0, "12s")]).to_json()
+    assert report["passed"] is True and report["failures"] == []
+    assert [s["status"] for s in report["steps"]] == ["passed", "not applicable", "passed"]
+    text = render_markdown(report)
+    assert "| 2 | staging | not applicable | 0.0 s | not applicable: no hosts in local-drill |" in text
+    assert "| RTO (drill start → database restored and migrated; no app hosts) | 12s | none set | passed |" in text
