@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ops.errors import InventoryError
+from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
 from ops.inventory_schema import INVENTORY, SECRET_KEYS
 from ops.secrets import MASK, Secret
 
@@ -44,7 +45,14 @@ class Reference:
 
     def resolve(self, environ: dict[str, str] | None = None) -> Secret:
         environ = os.environ if environ is None else environ
-        return Secret(_REFERENCE.sub(lambda match: self._substitute(match, environ), self.template))
+        value = Secret(_REFERENCE.sub(lambda match: self._substitute(match, environ), self.template))
+        schemes = url_schemes(self.path)
+        problem = url_problem(value.reveal(), schemes) if schemes else None
+        if problem:  # the value is registered for redaction by now; the message names only the references
+            references = " ".join(match[0] for match in _REFERENCE.finditer(self.template))
+            raise InventoryError(f"{self.path} (from {references}): {problem}", where=self.location,
+                                 hint=f"set {references} to a full URL, or change {self.path}")
+        return value
 
     def _substitute(self, match: re.Match[str], environ: dict[str, str]) -> str:
         body = match["body"]
@@ -357,9 +365,15 @@ def validate(data: dict[str, Any], lines: dict[str, int], file: Path) -> list[st
     for error in Draft202012Validator(INVENTORY).iter_errors(data):
         problems.extend(_describe(error, lines))
     problems.extend(_check_references(data, lines))
+    problems.extend(_at(path, message, lines) for path, message in literal_url_problems(data))
+    problems.extend(_at(path, message, lines) for path, message in duplicate_host_names(data))
     default_env = data.get("default_env")
     if default_env and isinstance(data.get("envs"), dict) and default_env not in data["envs"]:
-        problems.append(_at("default_env", f"names no environment ({default_env!r})", lines))
+        names = list(data["envs"])
+        suggestion = _did_you_mean(str(default_env), names)
+        problems.append(_at("default_env", f"names no environment ({default_env!r}); "
+                            + (f"{suggestion} " if suggestion else "") + f"known environments: {', '.join(names)}",
+                            lines))
     return sorted(set(problems), key=lambda p: (_line_of(p), p))
 
 

@@ -91,6 +91,47 @@ def test_inventory_check_reports_all_three_mistakes(opsbook):
     assert "Traceback" not in result.output
 
 
+def test_inventory_check_refuses_broken_urls_duplicate_hosts_and_unknown_default(opsbook):
+    opsbook.write_inventory(
+        "project: x\n"
+        "default_env: prd\n"
+        "envs:\n"
+        "  prod:\n"
+        "    database: {url: '://app:cli-secret-pw@db/app'}\n"
+        "    storage: {provider: s3, bucket: b, endpoint: 'not a url:9000'}\n"
+        "    hosts:\n"
+        "      - {name: web1, address: 10.0.0.5}\n"
+        "      - {name: web1, address: 10.0.0.6}\n"
+        "  staging: {database: {url: '${env:STAGING_DB_URL}'}}\n")
+    result = opsbook.run("inventory.check")
+    assert result.exit_code == 2, result
+    assert "has 4 problem(s)" in result.stderr, result
+    assert "default_env: names no environment ('prd'); did you mean 'prod'? known environments: prod, staging " \
+           "(line 2)" in result.stderr
+    assert "envs.prod.database.url: not a URL: no scheme" in result.stderr
+    assert "envs.prod.storage.endpoint: not a URL: no scheme" in result.stderr
+    assert "envs.prod.hosts.1.name: 'web1' is also the name of envs.prod.hosts.0" in result.stderr
+    assert [line for line in result.stderr.splitlines() if "envs.prod." in line and "(line " not in line] == []
+    assert "cli-secret-pw" not in result.output and "Traceback" not in result.output
+
+    # A reference is checked when a task resolves it: the error names the reference and key, never the value.
+    fixes = {"prd": "prod", "'://app:cli-secret-pw@db/app'": "'postgresql://app@db/app'",
+             "'not a url:9000'": "'http://127.0.0.1:9'",
+             "name: web1, address: 10.0.0.6": "name: web2, address: 10.0.0.6"}
+    text = opsbook.inventory.read_text()
+    for broken, fixed in fixes.items():
+        text = text.replace(broken, fixed)
+    opsbook.write_inventory(text)
+    assert opsbook.run("inventory.check").exit_code == 0
+    opsbook.environ["STAGING_DB_URL"] = "://app:cli-resolved-pw@db/app"
+    result = opsbook.run("health", "--env", "staging")
+    assert result.exit_code == 2, result
+    first_line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert "inventory.yaml, line 10" in first_line and "envs.staging.database.url" in first_line, first_line
+    assert "${env:STAGING_DB_URL}" in first_line and "not a URL" in first_line, first_line
+    assert "cli-resolved-pw" not in opsbook.everything_produced() and "Traceback" not in result.output
+
+
 def test_unset_reference_and_syntax_error_are_one_clear_line(opsbook):
     opsbook.write_inventory("project: x\nenvs:\n  prod:\n    database: {url: '${env:PROD_DB_URL}'}\n")
     result = opsbook.run("health", "--env", "prod")

@@ -99,7 +99,9 @@ def test_every_problem_is_reported_at_once_with_path_line_and_hint(tmp_path):
 @pytest.mark.parametrize(("text", "expected"), [
     ("project: x\nenvs: {}\n", "envs: {} should be non-empty"),
     ("envs: {a: {}}\n", "project: required"),
-    ("project: x\ndefault_env: nope\nenvs: {a: {}}\n", "default_env: names no environment ('nope') (line 2)"),
+    ("project: x\ndefault_env: nope\nenvs: {a: {}, b: {}}\n",
+     "default_env: names no environment ('nope'); known environments: a, b (line 2)"),
+    ("project: x\ndefault_env: stagign\nenvs: {staging: {}}\n", "did you mean 'staging'?"),
     ("project: x\nenvs: {Prod: {}}\n", "envs.Prod: environment names are lower-case"),
     ("project: x\nenvs:\n  a:\n    database: {url: '${env:}x${oops'}\n", "envs.a.database.url: malformed reference"),
 ])
@@ -133,3 +135,63 @@ def test_masked_view_hides_secrets_and_names_references(tmp_path):
 def test_state_dir_defaults_next_to_the_inventory(tmp_path, monkeypatch):
     monkeypatch.delenv("OPS_HOME", raising=False)
     assert inventory.load(write(tmp_path, BASE)).state_dir == (tmp_path / ".ops").resolve()
+
+
+BROKEN_URLS = """\
+project: x
+envs:
+  prod:
+    database: {url: "://app:pw-in-url@db/app", direct_url: "mysql://app@db/app", admin_url: "postgresql:///app"}
+    storage: {bucket: b, endpoint: "not a url:9000", public_base: "cdn.example.com"}
+    backups: {endpoint: "http://s3:port"}
+    app: {health_url: "/api/health", public_url: "https://shop.example"}
+    keys: {endpoint: "ftp://iam.example", api_base: "https://api.cloudflare.com/client/v4"}
+    notify: [{kind: webhook, url: "hooks.example.com/T0/B0/secret-hook"}]
+    hosts:
+      - {name: web1, address: 10.0.0.5, app: {ready_url: "http:// 127.0.0.1/ready"}}
+      - {name: web2, address: 10.0.0.6}
+      - {name: web1, address: 10.0.0.7}
+"""
+
+
+def test_urls_must_parse_and_host_names_be_unique(tmp_path):
+    problems = problems_of(tmp_path, BROKEN_URLS)
+    def problem(path: str, line: int) -> str:
+        found = [p for p in problems if p.startswith(f"{path}: ")]
+        assert len(found) == 1 and found[0].endswith(f"(line {line})"), (path, problems)
+        return found[0]
+
+    assert "no scheme" in problem("envs.prod.database.url", 4)
+    assert "postgresql://" in problem("envs.prod.database.direct_url", 4)
+    assert "no host" in problem("envs.prod.database.admin_url", 4)
+    assert "no scheme" in problem("envs.prod.storage.endpoint", 5)
+    assert "no scheme" in problem("envs.prod.storage.public_base", 5)
+    assert "port" in problem("envs.prod.backups.endpoint", 6)
+    assert "no scheme" in problem("envs.prod.app.health_url", 7)
+    assert "http" in problem("envs.prod.keys.endpoint", 8)
+    assert "no scheme" in problem("envs.prod.notify.0.url", 9)
+    assert "envs.prod.hosts.0.app.ready_url" in " ".join(problems)
+    assert "'web1' is also the name of envs.prod.hosts.0" in problem("envs.prod.hosts.2.name", 13)
+    assert len(problems) == 11, problems
+    assert not any(secret in p for p in problems for secret in ("pw-in-url", "secret-hook", "not a url"))
+
+
+def test_well_formed_urls_and_references_pass_the_check(tmp_path):
+    text = BASE.replace('url: "postgresql://u@h/d"', 'url: "postgres://u@h:5432/d?sslmode=require"')
+    text += ("    storage: {bucket: b, endpoint: 'https://${env:ACCOUNT:-x}.r2.cloudflarestorage.com'}\n"
+             "    app: {health_url: 'http://[::1]:3000/api/health', ready_url: '${env:READY_URL}'}\n"
+             "  socket:\n    database: {url: 'postgresql://app@/shop?host=/run/postgresql'}\n")
+    inventory.load(write(tmp_path, text))
+
+
+def test_a_reference_that_resolves_to_a_broken_url_names_reference_and_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAGING_URL", "://app:resolved-pw@db/app")
+    env = inventory.load(write(tmp_path, BASE)).environment("staging")
+    with pytest.raises(InventoryError) as raised:
+        env.database_url()
+    message = str(raised.value)
+    assert "envs.staging.database.url" in message and "${env:STAGING_URL}" in message, message
+    assert "inventory.yaml, line 11" in message and "no scheme" in message
+    assert "resolved-pw" not in message and "://app" not in message
+    monkeypatch.setenv("STAGING_URL", "postgresql://app:resolved-pw@db/app")
+    assert env.database_url().reveal() == "postgresql://app:resolved-pw@db/app"
