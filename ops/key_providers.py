@@ -93,6 +93,26 @@ def r2_secret(token_value: str) -> Secret:
     return Secret(hashlib.sha256(token_value.encode()).hexdigest())
 
 
+def copy_restrictions(token: dict[str, Any]) -> dict[str, Any]:
+    """The token's client IP filter (`condition`) and lifetime (`not_before`, `expires_on`), as POST takes them."""
+    return {key: token[key] for key in ("condition", "not_before", "expires_on") if token.get(key)}
+
+
+def describe_restrictions(restrictions: dict[str, Any]) -> list[str]:
+    """Plan lines for what the new token keeps beside the policies."""
+    lines = []
+    request_ip = (restrictions.get("condition") or {}).get("request_ip") or {}
+    if restrictions.get("condition"):
+        allowed, refused = request_ip.get("in") or [], request_ip.get("not_in") or []
+        lines.append("and its client IP filter: " + "; ".join(
+            part for part in (f"only from {', '.join(allowed)}" if allowed else "",
+                              f"never from {', '.join(refused)}" if refused else "") if part))
+    if restrictions.get("not_before") or restrictions.get("expires_on"):
+        lines.append(f"and its lifetime: valid from {restrictions.get('not_before') or 'creation'} until "
+                     f"{restrictions.get('expires_on') or 'revoked'} (a rotation never extends it)")
+    return lines
+
+
 def copy_policies(policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The current token's policies in the shape POST …/tokens accepts (ids dropped)."""
     copied = []
@@ -119,11 +139,12 @@ class CloudflareProvider(KeyProvider):
         return f"/accounts/{self.account_id}/tokens{suffix}"
 
     def preflight(self) -> list[str]:
-        policies = self._current_policies()
-        return [f"the new token gets the current token's {len(policies)} policy(ies) "
-                f"(account {self.account_id}, {self.api_base})"]
+        template = self._template()
+        return [f"the new token gets the current token's {len(template['policies'])} policy(ies) "
+                f"(account {self.account_id}, {self.api_base})", *describe_restrictions(template)]
 
-    def _current_policies(self) -> list[dict[str, Any]]:
+    def _template(self) -> dict[str, Any]:
+        """What the new token copies from the current one: never more than it may do."""
         current = self.current_key_id()
         token = self.request("GET", self._tokens(f"/{current}"))
         policies = copy_policies(token.get("policies") or [])
@@ -131,10 +152,10 @@ class CloudflareProvider(KeyProvider):
             raise CheckFailed(f"the current R2 token {mask_identifier(current)} has no policies to copy",
                               where=f"Cloudflare account {self.account_id}",
                               hint="check storage.access_key_id: it must be the id of the R2 API token")
-        return policies
+        return {"policies": policies, **copy_restrictions(token)}
 
     def create_key(self, label: str) -> NewKey:
-        token = self.request("POST", self._tokens(), {"name": label, "policies": self._current_policies()})
+        token = self.request("POST", self._tokens(), {"name": label, **self._template()})
         value = token.get("value")
         if not token.get("id") or not value:
             raise StepFailed(f"Cloudflare created a token without an id or value (account {self.account_id})",
@@ -167,7 +188,7 @@ class CloudflareProvider(KeyProvider):
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.api_base}{path}", data=data, method=method, headers={
             "Authorization": f"Bearer {self.api_token.reveal()}", "Content-Type": "application/json"})
-        where = f"Cloudflare API {method} {self.api_base}{path.split('?')[0]}"
+        where = f"Cloudflare API {method} {self.api_base}{masked_path(path)}"
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
                 envelope = _envelope(response.read())
@@ -198,6 +219,15 @@ class CloudflareProvider(KeyProvider):
                                hint="check keys.account_id and that storage.access_key_id is the R2 token's id")
         return StepFailed(f"HTTP {error.code}: {detail}", where=where, hint="retry; if it persists see "
                           "https://www.cloudflarestatus.com")
+
+
+def masked_path(path: str) -> str:
+    """The request path for messages: no query, the token id (an R2 access key id) masked."""
+    head, separator, tail = path.split("?")[0].partition("/tokens/")
+    if not separator:
+        return head
+    token_id, slash, rest = tail.partition("/")
+    return f"{head}{separator}{mask_identifier(token_id)}{slash}{rest}"
 
 
 def _envelope(raw: bytes) -> dict[str, Any]:

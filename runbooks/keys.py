@@ -17,7 +17,7 @@ from invoke import Collection, task
 from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
-from ops.errors import CheckFailed, StepFailed
+from ops.errors import CheckFailed, OpsError, StepFailed
 from ops.secrets import Secret, mask_identifier
 
 if TYPE_CHECKING:
@@ -61,8 +61,18 @@ class CreateKey(Step):
         store.set(keys.NEXT_KEY_ID, Secret(new.key_id))
         return {"key_id": mask_identifier(new.key_id), "provider": provider.name}
 
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        delete_pending_key(ctx)
+    def undo(self, ctx: RunContext, change: Change) -> str | None:
+        if delete_pending_key(ctx) is None and rotation_in_progress(ctx.env):
+            return new_key_stays(ctx.env)
+        return None
+
+
+def new_key_stays(env: Environment) -> str:
+    """Why a key already switched in is not taken away when a later step fails."""
+    previous = keys.stored(env, keys.PREVIOUS_KEY_ID)
+    old = f"the old key {masked_key(previous)}" if previous else "the old key"
+    return (f"the new key {masked_key(keys.current_key_id(env))} is the key in use now and stays; {old} still "
+            "works until the rotation revokes it")
 
 
 def pending_key(env: Environment) -> tuple[str, Secret] | None:
@@ -258,12 +268,24 @@ class RevokeOld(Step):
         return Change(f"revoke {', '.join(mask_identifier(k) for k in stale)}", data={"keys": stale})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        provider = keys.provider_for(ctx.env)
+        env = ctx.env
+        provider = keys.provider_for(env)
         stale = change.data.get("keys") or self.stale(ctx)
-        current = keys.current_key_id(ctx.env)
+        current = keys.current_key_id(env)
         for key_id in stale:
-            if key_id != current:  # never the key in use, whatever the plan said
+            if key_id == current:  # never the key in use, whatever the plan said
+                continue
+            try:
                 provider.delete_key(key_id)
+            except OpsError as error:
+                if provider.manual:
+                    raise
+                raise StepFailed(f"could not revoke the old key {mask_identifier(key_id)}: {error.message}; every "
+                                 f"app serves with the new key {mask_identifier(current)}, which stays; the old key "
+                                 "is not revoked yet", where=error.where,
+                                 hint=f"run `inv keys.rotate --env {env.name}` again (or `inv runs.resume "
+                                      f"{ctx.run_id}`): it revokes the old key and records the rotation"
+                                      + (f"; {error.hint}" if error.hint else "")) from None
         return {"revoked": [mask_identifier(k) for k in stale]}
 
 
