@@ -253,12 +253,13 @@ class AwsIamProvider(KeyProvider):
 
     def __init__(self, user: str, credentials: Callable[[], tuple[Any, Secret | None]],
                  current_key_id: Callable[[], str], *, endpoint: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, retired: Callable[[], set[str]] | None = None):
         self.user = user
         self.credentials = credentials
         self.current_key_id = current_key_id
         self.endpoint = endpoint
         self.log = log or (lambda text: None)
+        self.retired = retired or set  # keys of the user the environment no longer uses
 
     def _client(self) -> BaseClient:
         from ops import aws
@@ -298,13 +299,14 @@ class AwsIamProvider(KeyProvider):
         response = self._call("reading when a key was last used", "get_access_key_last_used", AccessKeyId=key_id)
         return not (response.get("AccessKeyLastUsed") or {}).get("LastUsedDate")
 
-    def _removable(self) -> list[KeyInfo]:
-        """What must go to make room for a new key: raises when only keys in use would have to."""
+    def _removable(self) -> list[tuple[KeyInfo, str]]:
+        """What must go to make room for a new key, and why it may: raises when only keys in use would have to."""
         keys = self.list_keys()
         if len(keys) < IAM_KEYS_PER_USER:
             return []
-        current = self.current_key_id()
-        spare = [k for k in keys if k.key_id != current and (not k.active or self._never_used(k.key_id))]
+        current, retired = self.current_key_id(), self.retired()
+        spare = [(k, self._why_spare(k, retired)) for k in keys if k.key_id != current]
+        spare = [(k, why) for k, why in spare if why]
         if len(keys) - len(spare[:1]) >= IAM_KEYS_PER_USER:
             others = ", ".join(mask_identifier(k.key_id) for k in keys if k.key_id != current)
             raise CheckFailed(f"IAM user {self.user} already has {len(keys)} access keys and the other one "
@@ -313,14 +315,21 @@ class AwsIamProvider(KeyProvider):
                                    "or delete it, then rotate again")
         return spare[:1]
 
+    def _why_spare(self, key: KeyInfo, retired: set[str]) -> str | None:
+        if key.key_id in retired:
+            return "the inventory's key, replaced by the secret store's"
+        if not key.active:
+            return "inactive"
+        return "never used" if self._never_used(key.key_id) else None
+
     def preflight(self) -> list[str]:
-        return [f"delete the unused/inactive key {mask_identifier(k.key_id)} of {self.user} to stay within "
-                f"IAM's {IAM_KEYS_PER_USER} keys per user" for k in self._removable()]
+        return [f"delete the key {mask_identifier(k.key_id)} of {self.user} ({why}) to stay within IAM's "
+                f"{IAM_KEYS_PER_USER} keys per user" for k, why in self._removable()]
 
     def create_key(self, label: str) -> NewKey:
-        for spare in self._removable():
-            self.log(f"deleting the unused/inactive key {mask_identifier(spare.key_id)} of {self.user} "
-                     f"(IAM allows {IAM_KEYS_PER_USER} keys per user)")
+        for spare, why in self._removable():
+            self.log(f"deleting the key {mask_identifier(spare.key_id)} of {self.user} ({why}; IAM allows "
+                     f"{IAM_KEYS_PER_USER} keys per user)")
             self.delete_key(spare.key_id)
         key = self._call("creating an access key", "create_access_key", UserName=self.user)["AccessKey"]
         return NewKey(key["AccessKeyId"], Secret(key["SecretAccessKey"]),

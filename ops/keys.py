@@ -1,9 +1,11 @@
 """Storage keys: the provider, the key in use, probing a key, key age, rotation records; admin password hashes.
 
 The key in use is the one in the environment's secret store (STORAGE_ACCESS_KEY_ID /
-STORAGE_SECRET_ACCESS_KEY, written by `inv keys.rotate`), else the inventory's
-storage credentials. A rotation in progress keeps the new key as STORAGE_NEXT_* until
-it is switched in, then the old one as STORAGE_PREVIOUS_* until it is revoked.
+STORAGE_SECRET_ACCESS_KEY, written by `inv provision` with a key provider and by
+`inv keys.rotate`), else the inventory's storage credentials. A rotation in progress keeps
+the new key as STORAGE_NEXT_* until it is switched in, then the old one as
+STORAGE_PREVIOUS_* until it is revoked; provision keeps the inventory's key there the same
+way, so that it is revoked once the apps serve with the key provision made.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def provider_name(env: Environment) -> str:
 
 
 def provider_for(env: Environment, *, log: Callable[[str], None] | None = None,
-                 prompt: Callable[[str], str] | None = None) -> KeyProvider:
+                 prompt: Callable[[str], str] | None = None,
+                 credentials: Callable[[], tuple[str, Secret | None]] | None = None) -> KeyProvider:
+    """The environment's key provider; aws-iam signs with `credentials` (default: the key in use)."""
     name = provider_name(env)
     if name == "cloudflare":
         missing = [path for path in ("keys.account_id", "keys.api_token") if not env.has(path)]
@@ -100,8 +104,9 @@ def provider_for(env: Environment, *, log: Callable[[str], None] | None = None,
     if name == "aws-iam":
         if not env.has("keys.iam_user"):
             raise env.missing("keys.iam_user")
-        return AwsIamProvider(str(reveal(env.value("keys.iam_user"))), lambda: current_credentials(env),
-                              lambda: current_key_id(env), endpoint=iam_endpoint(env), log=log)
+        return AwsIamProvider(str(reveal(env.value("keys.iam_user"))),
+                              credentials or (lambda: current_credentials(env)), lambda: current_key_id(env),
+                              endpoint=iam_endpoint(env), log=log, retired=lambda: retired_keys(env))
     return StaticProvider(env.storage_config("storage").bucket, prompt=prompt)
 
 
@@ -124,6 +129,28 @@ def current_credentials(env: Environment) -> tuple[str, Secret | None]:
 def current_key_id(env: Environment) -> str:
     """The key the environment uses now: secret store STORAGE_ACCESS_KEY_ID, else the inventory's."""
     return current_credentials(env)[0]
+
+
+def inventory_credentials(env: Environment, section: str = "storage") -> tuple[str, Secret] | None:
+    """The key pair the inventory itself gives `section`, or None: none given, or references that no
+    longer resolve (a bootstrap key's ${env:…} may be gone once the secret store has the key)."""
+    paths = (f"{section}.access_key_id", f"{section}.secret_access_key")
+    if not all(env.has(path) for path in paths):
+        return None
+    try:
+        key_id, secret = (env.value(path) for path in paths)
+    except InventoryError:
+        return None
+    return str(reveal(key_id)), secret if isinstance(secret, Secret) else Secret(str(secret))
+
+
+def retired_keys(env: Environment) -> set[str]:
+    """Keys of this environment nothing uses any more: the inventory's storage key once the secret store's
+    key replaced it (opsbook and every env file use the store's), outside a rotation in progress."""
+    if not env.stored_storage_keys() or stored(env, NEXT_KEY_ID) or stored(env, PREVIOUS_KEY_ID):
+        return set()
+    bootstrap = inventory_credentials(env)
+    return {bootstrap[0]} if bootstrap and bootstrap[0] != current_key_id(env) else set()
 
 
 def label_prefix(env: Environment) -> str:

@@ -191,8 +191,11 @@ class ConfirmServing(Step):
     title = "confirm every app holds the new key and answers its health and ready URLs"
     changes_data = False
 
+    def __init__(self, after: tuple[str, ...] = SWITCHING_STEPS):
+        self.after = after  # the steps that switch to the new key
+
     def check(self, ctx: RunContext) -> Change | None:
-        if planned_before(ctx, *SWITCHING_STEPS):
+        if planned_before(ctx, *self.after):
             return Change("check that every app serves with the new key")
         if not rotation_in_progress(ctx.env):
             return None
@@ -241,6 +244,10 @@ class RevokeOld(Step):
     name = "revoke-old-key"
     title = "revoke the old key (only once every app serves with the new one)"
 
+    def __init__(self, after: tuple[str, ...] = SWITCHING_STEPS, *, old: str = "the old key"):
+        self.after = after
+        self.old = old  # what the key being replaced is, in the plan
+
     def stale(self, ctx: RunContext) -> list[str]:
         env = ctx.env
         current = keys.current_key_id(env)
@@ -258,8 +265,8 @@ class RevokeOld(Step):
             (previous and info.key_id == previous.reveal()) or provider.owns(info, prefix))]
 
     def check(self, ctx: RunContext) -> Change | None:
-        if planned_before(ctx, *SWITCHING_STEPS):
-            return Change(f"revoke the old key {masked_key(keys.current_key_id(ctx.env))}")
+        if planned_before(ctx, *self.after):
+            return Change(f"revoke {self.old} {masked_key(keys.current_key_id(ctx.env))}")
         if not rotation_in_progress(ctx.env):
             return None
         stale = self.stale(ctx)
@@ -293,11 +300,12 @@ class RecordRotation(Step):
     name = "record-rotation"
     title = "record the rotation (key id masked, date) in the state dir and the backup bucket"
 
-    def __init__(self, rotation: str | None):
+    def __init__(self, rotation: str | None, after: tuple[str, ...] = SWITCHING_STEPS):
         self.rotation = rotation
+        self.after = after
 
     def check(self, ctx: RunContext) -> Change | None:
-        if planned_before(ctx, *SWITCHING_STEPS):
+        if planned_before(ctx, *self.after):
             return Change("record the rotation")
         if not rotation_in_progress(ctx.env):
             return None
@@ -311,6 +319,19 @@ class RecordRotation(Step):
         keys.record_rotation(env, entry)
         keys.clear(env, keys.PREVIOUS_SECRET, keys.PREVIOUS_KEY_ID)  # both in one atomic write: the rotation closes
         return {"key_id": entry["key_id"], "previous_key_id": entry["previous_key_id"], "at": entry["at"]}
+
+
+def retire_bootstrap_steps(switched_by: str) -> list[Step]:
+    """Provision's end: once every app serves with the key made by step `switched_by`, revoke the inventory's
+    key (kept as the previous key meanwhile), then record the switch as a rotation."""
+    after = (switched_by,)
+    return [ConfirmServing(after),
+            WrappedStep(RevokeOld(after, old="the inventory's key"),
+                        title="revoke the inventory's storage key (the bootstrap key) once every app serves with "
+                              "the new one"),
+            WrappedStep(RecordRotation(None, after),
+                        title="record the switch to the new key (id masked, date) in the state dir and the backup "
+                              "bucket")]
 
 
 def build(env: Environment, rotation: str | None = None, **arguments: Any) -> Runbook:

@@ -323,3 +323,31 @@ def test_cloudflare_failed_revocation_says_the_new_key_stays(opsbook, postgres_s
         assert not any(k.startswith(("STORAGE_NEXT", "STORAGE_PREVIOUS")) for k in stored(opsbook))
     produced = opsbook.everything_produced()
     assert account.api_token.reveal() not in produced and old[1].reveal() not in produced
+
+
+def test_first_rotation_makes_room_by_revoking_the_replaced_inventory_key(opsbook, postgres_server, s3_server,
+                                                                          app_host_factory, monkeypatch):
+    """As provision used to leave it: the secret store's key in use everywhere, and the inventory's key of the
+    same IAM user still active and used. The rotation revokes that one to make room, never the key in use."""
+    user = f"app-{uuid.uuid4().hex[:8]}"
+    bootstrap = s3_server.create_access_key(user)
+    auditor = s3_server.create_access_key()
+    hosts = app_host_factory(("web1",))
+    buckets = write_inventory(opsbook, postgres_server, s3_server, hosts, {"provider": "aws-iam", "iam_user": user},
+                              *bootstrap)
+    made = s3_server.client("iam").create_access_key(UserName=user)["AccessKey"]
+    in_use = (made["AccessKeyId"], Secret(made["SecretAccessKey"]))
+    SecretStore(opsbook.state_dir, "staging").update({"STORAGE_ACCESS_KEY_ID": Secret(in_use[0]),
+                                                      "STORAGE_SECRET_ACCESS_KEY": in_use[1]})
+    with s3_server.enforce_auth():
+        start_apps(opsbook, hosts, monkeypatch)
+        assert env_file_key(hosts[0])[0] == in_use[0]
+        assert refused(s3_server, buckets["assets"], *bootstrap) is None  # active, and now used
+        dry = opsbook.run("keys.rotate", "--dry-run")
+        assert dry.exit_code == 0, dry
+        assert "the inventory's key, replaced by the secret store's" in dry.stderr, dry
+        rotated = opsbook.run("keys.rotate")
+        assert rotated.exit_code == 0, rotated
+        new_id = assert_rotated(opsbook, s3_server, buckets["assets"], hosts, in_use)
+        assert refused(s3_server, buckets["assets"], *bootstrap) == "InvalidAccessKeyId"
+        assert iam_keys(s3_server, user, auditor) == [new_id]
