@@ -128,6 +128,9 @@ class RunContext:
         self._pending: set[str] = set()
         self._closers: list[Callable[[], None]] = []
         self._cache: dict[str, Any] = {}
+        # The runner copies the journal to the backup bucket at the end; a step that revokes the keys
+        # that bucket is opened with copies it itself beforehand and turns this off.
+        self.copy_journal = True
 
     @property
     def label(self) -> str:
@@ -405,7 +408,7 @@ class Runner:
 
     def _upload_journal(self, *, dry_run: bool) -> None:
         """A copy of the journal goes to the environment's backup bucket (audit/); best effort."""
-        if dry_run or not self.ctx.env.has("backups"):
+        if dry_run or not self.ctx.env.has("backups") or not self.ctx.copy_journal:
             return
         try:
             self.ctx.storage("backups").put_bytes(f"audit/{self.ctx.run_id}.jsonl", self.journal.path.read_bytes(),

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from ops.secret_store import SecretStore
     from ops.storage import Storage
 
-__all__ = ["KeyInfo", "KeyProvider", "KeyStatus", "NewKey", "current_key_id", "key_status", "probe_key",
-           "provider_for", "store_admin_password_hash", "verify_admin_password"]
+__all__ = ["KeyInfo", "KeyProvider", "KeyStatus", "KnownKey", "NewKey", "current_key_id", "key_status", "known_keys",
+           "probe_key", "provider_for", "store_admin_password_hash", "verify_admin_password"]
 
 KEY_ID, SECRET = "STORAGE_ACCESS_KEY_ID", "STORAGE_SECRET_ACCESS_KEY"
 NEXT_KEY_ID, NEXT_SECRET = "STORAGE_NEXT_ACCESS_KEY_ID", "STORAGE_NEXT_SECRET_ACCESS_KEY"
@@ -144,6 +144,34 @@ def inventory_credentials(env: Environment, section: str = "storage") -> tuple[s
     return str(reveal(key_id)), secret if isinstance(secret, Secret) else Secret(str(secret))
 
 
+@dataclass(frozen=True)
+class KnownKey:
+    """A key pair of the environment: where it is kept, and the bucket (section) it opens."""
+
+    key_id: str
+    secret: Secret
+    kept: str
+    section: str = "storage"
+
+
+def known_keys(env: Environment) -> list[KnownKey]:
+    """Every key pair the environment has, each once: the secret store's (the key in use, then a rotation's
+    new and old keys), then the inventory's own (storage, and backups when it has its own)."""
+    store = secret_store(env).read()
+    found = [KnownKey(store[id_name].reveal(), store[secret_name], f"the secret store's {what}")
+             for id_name, secret_name, what in ((KEY_ID, SECRET, "key in use"), (NEXT_KEY_ID, NEXT_SECRET, "new key"),
+                                                (PREVIOUS_KEY_ID, PREVIOUS_SECRET, "old key"))
+             if store.get(id_name) and store.get(secret_name)]
+    for section in ("storage", "backups"):
+        pair = inventory_credentials(env, section) if env.has(section) else None
+        if pair:
+            found.append(KnownKey(pair[0], pair[1], f"the inventory's {section} key", section))
+    unique: dict[str, KnownKey] = {}
+    for key in found:
+        unique.setdefault(key.key_id, key)
+    return list(unique.values())
+
+
 def retired_keys(env: Environment) -> set[str]:
     """Keys of this environment nothing uses any more: the inventory's storage key once the secret store's
     key replaced it (opsbook and every env file use the store's), outside a rotation in progress."""
@@ -216,14 +244,14 @@ def _probe_once(storage: Storage) -> None:
         storage.delete(key)
 
 
-def key_refused(env: Environment, key_id: str, secret: Secret) -> bool:
-    """Whether the storage refuses this key (revoked or unknown); errors other than a refusal raise."""
+def key_refused(env: Environment, key_id: str, secret: Secret, section: str = "storage") -> bool:
+    """Whether the `section` bucket refuses this key (revoked or unknown); errors other than a refusal raise."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from ops import aws
     from ops.storage_s3 import S3Storage
 
-    config = env.storage_config("storage")
+    config = env.storage_config(section)
     client = aws.client("s3", endpoint=config.endpoint, region=S3Storage(config).region, access_key_id=key_id,
                         secret_access_key=secret.reveal(), settings=PROBE_SETTINGS)
     try:
@@ -233,7 +261,7 @@ def key_refused(env: Environment, key_id: str, secret: Secret) -> bool:
         if code in REFUSED_CODES:
             return True
         raise CheckFailed(f"bucket {config.bucket}: {code} while testing the key {mask_identifier(key_id)}",
-                          hint="check storage.bucket") from None
+                          hint=f"check {section}.bucket") from None
     except BotoCoreError as error:
         raise ConnectionFailed(f"cannot reach {config.endpoint or 'S3'}: {redact(error)}",
                                hint="check storage.endpoint and the network") from None
