@@ -351,3 +351,18 @@ def test_first_rotation_makes_room_by_revoking_the_replaced_inventory_key(opsboo
         new_id = assert_rotated(opsbook, s3_server, buckets["assets"], hosts, in_use)
         assert refused(s3_server, buckets["assets"], *bootstrap) == "InvalidAccessKeyId"
         assert iam_keys(s3_server, user, auditor) == [new_id]
+
+
+def test_provision_with_cloudflare_leaves_the_token_it_made(opsbook, postgres_server, s3_server, cloudflare_api):
+    """The token provision makes replaces the inventory's: same policies, IP filter and lifetime; one left."""
+    condition, expires = {"request_ip": {"in": ["127.0.0.1/32"]}}, cloudflare_time(100)
+    account = cloudflare_env(opsbook, postgres_server, s3_server, cloudflare_api, condition=condition,
+                             expires_on=expires)
+    with s3_server.enforce_auth():
+        provisioned = opsbook.run("provision")
+        assert provisioned.exit_code == 0, provisioned
+        [token] = cloudflare_api.live_r2_tokens(account.account_id)
+        assert token.id == stored(opsbook)["STORAGE_ACCESS_KEY_ID"] != account.r2_key_id
+        assert (token.condition, token.expires_on) == (condition, expires)
+        assert refused(s3_server, account.buckets["assets"], account.r2_key_id, account.r2_secret) == \
+            "InvalidAccessKeyId"

@@ -166,7 +166,8 @@ def test_provision_fresh_environment_end_to_end(opsbook, fresh, postgres_server,
 
 def test_provision_then_rotate_converge_on_one_key(opsbook, fresh, postgres_server, s3_server):
     """The key provision makes is the environment's key: the inventory's (bootstrap) key, of the same IAM
-    user, is revoked once the app serves with the new one, so the first rotation needs no IAM clean-up."""
+    user, is revoked once the app serves with the new one, so the first rotation needs no IAM clean-up;
+    decommissioning then revokes the one key left."""
     host, bootstrap = fresh["host"], fresh["admin_key"]
     dry = opsbook.run("provision", "--dry-run")
     assert dry.exit_code == 0, dry
@@ -190,6 +191,12 @@ def test_provision_then_rotate_converge_on_one_key(opsbook, fresh, postgres_serv
     assert refused(s3_server, fresh["bucket"], *new_key) is None
     assert parse_env_file(host.env_file.read_text())["S3_ACCESS_KEY_ID"] == new_key[0]
     assert answers(host.ready_url) == 200
+
+    # The end of its life: the rotated key, the only one left, is revoked; the environment is refused.
+    done = opsbook.run("decommission", "--confirm", "staging")
+    assert done.exit_code == 0, done
+    assert iam_keys(s3_server, fresh) == [] and refused(s3_server, fresh["bucket"], *new_key) == "InvalidAccessKeyId"
+    assert opsbook.run("keys.rotate").exit_code == 2
     produced = opsbook.everything_produced()
     assert not any(secret in produced for secret in [*fresh["secrets"], new_key[1].reveal()])
 
