@@ -284,7 +284,9 @@ class AwsIamProvider(KeyProvider):
             if code in {"InvalidClientTokenId", "SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId"}:
                 raise ConnectionFailed(f"{action}: IAM refused the current storage key ({code})", where=where,
                                        hint="the storage key needs iam:CreateAccessKey, DeleteAccessKey and "
-                                            "ListAccessKeys on its own user") from None
+                                            "ListAccessKeys on its own user; provision and rotation revoke the "
+                                            "inventory's key once they replace it: the key in use is in the secret "
+                                            "store (.ops/secrets/) of the machine that ran them") from None
             raise StepFailed(f"{action}: {code}: {detail}", where=where, hint="retry; then check IAM") from None
         except BotoCoreError as error:
             raise ConnectionFailed(f"{action}: cannot reach IAM ({redact(error)})", where=where,

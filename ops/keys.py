@@ -174,9 +174,11 @@ def known_keys(env: Environment) -> list[KnownKey]:
 
 def retired_keys(env: Environment) -> set[str]:
     """Keys of this environment nothing uses any more: the inventory's storage key once the secret store's
-    key replaced it (opsbook and every env file use the store's), outside a rotation in progress."""
+    key replaced it (opsbook and every env file it writes use the store's), outside a rotation in progress."""
     if not env.stored_storage_keys() or stored(env, NEXT_KEY_ID) or stored(env, PREVIOUS_KEY_ID):
         return set()
+    if not all(env.app_settings(host.name).get("env_file") for host in env.host_configs()):
+        return set()  # an app opsbook does not write the env file of may still use the inventory's key
     bootstrap = inventory_credentials(env)
     return {bootstrap[0]} if bootstrap and bootstrap[0] != current_key_id(env) else set()
 

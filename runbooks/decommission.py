@@ -287,7 +287,9 @@ class RevokeKeysStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         signer, revocable = self.plan(ctx)
-        if signer is None:
+        if not revocable:
+            return {"revoked": []}
+        if signer is None:  # keys made by hand: revoked by hand
             self._by_hand(ctx, revocable)
         provider = self.provider(ctx, signer)
         self._copy_journal(ctx, revocable)

@@ -105,7 +105,7 @@ def not_configured(env: Environment) -> list[str]:
                      "storage key is the one the app gets")
     elif uses_key_provider(env) and not switches_every_app(env):
         notes.append("revoking the inventory's storage key: not every host has app.env_file and app.restart, so "
-                     "the apps may still use it; `inv keys.rotate` revokes it once they serve with the new key")
+                     "the apps may still use it; revoke it yourself once they use the secret store's key")
     if not env.host_configs():
         notes.append("app hosts: none, so no env file, AUTH_SECRET, admin password, seed or restart")
     elif not _all_hosts_have(env, "env_file"):
