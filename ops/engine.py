@@ -40,7 +40,8 @@ class Step:
     """Base for steps. Subclasses set `name`/`title` and implement check and apply.
 
     `verify` defaults to "check finds nothing left to do"; override it when the
-    post-condition is more than that. Define `undo(ctx, change)` to compensate.
+    post-condition is more than that. Define `undo(ctx, change)` to compensate: it returns
+    None once the change is undone, or a sentence saying why the change stays (journaled "kept").
     """
 
     name: str = "step"
@@ -85,8 +86,8 @@ class WrappedStep(Step):
     def verify(self, ctx: RunContext) -> None:
         self.inner.verify(ctx)
 
-    def _undo(self, ctx: RunContext, change: Change) -> None:
-        self.inner.undo(ctx, change)  # type: ignore[attr-defined]
+    def _undo(self, ctx: RunContext, change: Change) -> str | None:
+        return self.inner.undo(ctx, change)  # type: ignore[attr-defined]
 
     def checklist_line(self) -> str:
         return self.title if self.title != self.inner.title else self.inner.checklist_line()
@@ -127,6 +128,9 @@ class RunContext:
         self._pending: set[str] = set()
         self._closers: list[Callable[[], None]] = []
         self._cache: dict[str, Any] = {}
+        # The runner copies the journal to the backup bucket at the end; a step that revokes the keys
+        # that bucket is opened with copies it itself beforehand and turns this off.
+        self.copy_journal = True
 
     @property
     def label(self) -> str:
@@ -248,16 +252,17 @@ class Runner:
             try:
                 change = step.check(self.ctx)
             except OpsError as error:
-                raise self._planning_failed(index, step, error, dry_run) from None
+                raise self._planning_failed(index, step, error) from None
             if change is not None:
                 self.ctx._pending.add(step.name)
             self.journal.step(index, step.name, "planned", change=change.summary if change else None)
             plan.append(PlannedStep(index, step, change))
         return plan
 
-    def _planning_failed(self, index: int, step: Step, error: OpsError, dry_run: bool) -> OpsError:
+    def _planning_failed(self, index: int, step: Step, error: OpsError) -> OpsError:
+        """A plan that cannot be made is a failed precondition (exit 3), in a dry run and a real one alike."""
         self.journal.step(index, step.name, "failed", reason=str(error), phase="check")
-        if not dry_run or error.exit_code in (2, 75):
+        if error.exit_code in (2, 75, 130):
             return error
         failure = CheckFailed(f"the plan cannot be made: step {index} ({step.title}) could not check its state: "
                               f"{error.message}", where=error.where, hint=error.hint)
@@ -345,10 +350,12 @@ class Runner:
         hint = error.hint if isinstance(error, OpsError) else None
         self.journal.step(planned.index, planned.step.name, "failed", reason=reason, hint=hint)
         self.output.info(f"     FAILED: {reason}")
-        undone = self._undo(applied)
+        undone, kept = self._undo(applied)
         message = f"step {planned.index} ({planned.step.title}) failed: {reason}"
         if undone:
             message += f"\n  undone: {', '.join(undone)}"
+        if kept:
+            message += f"\n  kept: {'; '.join(kept)}"
         failure = StepFailed(message, where=f"{self.runbook.name} on {self.ctx.env.name}, run {self.ctx.run_id}",
                              hint=hint or f"fix the cause, then run it again; `inv runs.show {self.ctx.run_id}` "
                                           "has the details")
@@ -357,21 +364,26 @@ class Runner:
         failure.journaled = True
         return failure
 
-    def _undo(self, applied: list[PlannedStep]) -> list[str]:
-        undone = []
+    def _undo(self, applied: list[PlannedStep]) -> tuple[list[str], list[str]]:
+        """Undo what was applied, newest first: (titles undone, "title (why it stays)" of those kept)."""
+        undone, kept = [], []
         for planned in reversed(applied):
             undo = getattr(planned.step, "undo", None)
             if undo is None:
                 continue
             try:
-                undo(self.ctx, planned.change)
+                why_kept = undo(self.ctx, planned.change)
             except Exception as error:  # keep undoing the rest; report what could not be
                 self.journal.step(planned.index, planned.step.name, "undo_failed", reason=redact(str(error)))
                 self.output.warn(f"could not undo {planned.step.title}: {redact(str(error))}")
                 continue
+            if why_kept:
+                self.journal.step(planned.index, planned.step.name, "kept", reason=redact(why_kept))
+                kept.append(f"{planned.step.title} ({redact(why_kept)})")
+                continue
             self.journal.step(planned.index, planned.step.name, "undone")
             undone.append(planned.step.title)
-        return undone
+        return undone, kept
 
     def _journal_header(self, dry_run: bool) -> None:
         env = self.ctx.env
@@ -396,7 +408,7 @@ class Runner:
 
     def _upload_journal(self, *, dry_run: bool) -> None:
         """A copy of the journal goes to the environment's backup bucket (audit/); best effort."""
-        if dry_run or not self.ctx.env.has("backups"):
+        if dry_run or not self.ctx.env.has("backups") or not self.ctx.copy_journal:
             return
         try:
             self.ctx.storage("backups").put_bytes(f"audit/{self.ctx.run_id}.jsonl", self.journal.path.read_bytes(),

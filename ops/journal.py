@@ -23,7 +23,7 @@ from ops.errors import UsageError
 from ops.secrets import masked
 
 STEP_STATES = ("planned", "unchanged", "started", "applied", "verified", "failed", "undone", "undo_failed",
-               "skipped")
+               "kept", "skipped")
 
 
 def utc_now() -> datetime:

@@ -93,6 +93,26 @@ def r2_secret(token_value: str) -> Secret:
     return Secret(hashlib.sha256(token_value.encode()).hexdigest())
 
 
+def copy_restrictions(token: dict[str, Any]) -> dict[str, Any]:
+    """The token's client IP filter (`condition`) and lifetime (`not_before`, `expires_on`), as POST takes them."""
+    return {key: token[key] for key in ("condition", "not_before", "expires_on") if token.get(key)}
+
+
+def describe_restrictions(restrictions: dict[str, Any]) -> list[str]:
+    """Plan lines for what the new token keeps beside the policies."""
+    lines = []
+    request_ip = (restrictions.get("condition") or {}).get("request_ip") or {}
+    if restrictions.get("condition"):
+        allowed, refused = request_ip.get("in") or [], request_ip.get("not_in") or []
+        lines.append("and its client IP filter: " + "; ".join(
+            part for part in (f"only from {', '.join(allowed)}" if allowed else "",
+                              f"never from {', '.join(refused)}" if refused else "") if part))
+    if restrictions.get("not_before") or restrictions.get("expires_on"):
+        lines.append(f"and its lifetime: valid from {restrictions.get('not_before') or 'creation'} until "
+                     f"{restrictions.get('expires_on') or 'revoked'} (a rotation never extends it)")
+    return lines
+
+
 def copy_policies(policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The current token's policies in the shape POST …/tokens accepts (ids dropped)."""
     copied = []
@@ -119,11 +139,12 @@ class CloudflareProvider(KeyProvider):
         return f"/accounts/{self.account_id}/tokens{suffix}"
 
     def preflight(self) -> list[str]:
-        policies = self._current_policies()
-        return [f"the new token gets the current token's {len(policies)} policy(ies) "
-                f"(account {self.account_id}, {self.api_base})"]
+        template = self._template()
+        return [f"the new token gets the current token's {len(template['policies'])} policy(ies) "
+                f"(account {self.account_id}, {self.api_base})", *describe_restrictions(template)]
 
-    def _current_policies(self) -> list[dict[str, Any]]:
+    def _template(self) -> dict[str, Any]:
+        """What the new token copies from the current one: never more than it may do."""
         current = self.current_key_id()
         token = self.request("GET", self._tokens(f"/{current}"))
         policies = copy_policies(token.get("policies") or [])
@@ -131,10 +152,10 @@ class CloudflareProvider(KeyProvider):
             raise CheckFailed(f"the current R2 token {mask_identifier(current)} has no policies to copy",
                               where=f"Cloudflare account {self.account_id}",
                               hint="check storage.access_key_id: it must be the id of the R2 API token")
-        return policies
+        return {"policies": policies, **copy_restrictions(token)}
 
     def create_key(self, label: str) -> NewKey:
-        token = self.request("POST", self._tokens(), {"name": label, "policies": self._current_policies()})
+        token = self.request("POST", self._tokens(), {"name": label, **self._template()})
         value = token.get("value")
         if not token.get("id") or not value:
             raise StepFailed(f"Cloudflare created a token without an id or value (account {self.account_id})",
@@ -167,7 +188,7 @@ class CloudflareProvider(KeyProvider):
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.api_base}{path}", data=data, method=method, headers={
             "Authorization": f"Bearer {self.api_token.reveal()}", "Content-Type": "application/json"})
-        where = f"Cloudflare API {method} {self.api_base}{path.split('?')[0]}"
+        where = f"Cloudflare API {method} {self.api_base}{masked_path(path)}"
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
                 envelope = _envelope(response.read())
@@ -200,6 +221,15 @@ class CloudflareProvider(KeyProvider):
                           "https://www.cloudflarestatus.com")
 
 
+def masked_path(path: str) -> str:
+    """The request path for messages: no query, the token id (an R2 access key id) masked."""
+    head, separator, tail = path.split("?")[0].partition("/tokens/")
+    if not separator:
+        return head
+    token_id, slash, rest = tail.partition("/")
+    return f"{head}{separator}{mask_identifier(token_id)}{slash}{rest}"
+
+
 def _envelope(raw: bytes) -> dict[str, Any]:
     envelope = json.loads(raw or b"{}")
     if not isinstance(envelope, dict):
@@ -223,12 +253,13 @@ class AwsIamProvider(KeyProvider):
 
     def __init__(self, user: str, credentials: Callable[[], tuple[Any, Secret | None]],
                  current_key_id: Callable[[], str], *, endpoint: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, retired: Callable[[], set[str]] | None = None):
         self.user = user
         self.credentials = credentials
         self.current_key_id = current_key_id
         self.endpoint = endpoint
         self.log = log or (lambda text: None)
+        self.retired = retired or set  # keys of the user the environment no longer uses
 
     def _client(self) -> BaseClient:
         from ops import aws
@@ -253,7 +284,9 @@ class AwsIamProvider(KeyProvider):
             if code in {"InvalidClientTokenId", "SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId"}:
                 raise ConnectionFailed(f"{action}: IAM refused the current storage key ({code})", where=where,
                                        hint="the storage key needs iam:CreateAccessKey, DeleteAccessKey and "
-                                            "ListAccessKeys on its own user") from None
+                                            "ListAccessKeys on its own user; provision and rotation revoke the "
+                                            "inventory's key once they replace it: the key in use is in the secret "
+                                            "store (.ops/secrets/) of the machine that ran them") from None
             raise StepFailed(f"{action}: {code}: {detail}", where=where, hint="retry; then check IAM") from None
         except BotoCoreError as error:
             raise ConnectionFailed(f"{action}: cannot reach IAM ({redact(error)})", where=where,
@@ -268,13 +301,14 @@ class AwsIamProvider(KeyProvider):
         response = self._call("reading when a key was last used", "get_access_key_last_used", AccessKeyId=key_id)
         return not (response.get("AccessKeyLastUsed") or {}).get("LastUsedDate")
 
-    def _removable(self) -> list[KeyInfo]:
-        """What must go to make room for a new key: raises when only keys in use would have to."""
+    def _removable(self) -> list[tuple[KeyInfo, str]]:
+        """What must go to make room for a new key, and why it may: raises when only keys in use would have to."""
         keys = self.list_keys()
         if len(keys) < IAM_KEYS_PER_USER:
             return []
-        current = self.current_key_id()
-        spare = [k for k in keys if k.key_id != current and (not k.active or self._never_used(k.key_id))]
+        current, retired = self.current_key_id(), self.retired()
+        spare = [(k, self._why_spare(k, retired)) for k in keys if k.key_id != current]
+        spare = [(k, why) for k, why in spare if why]
         if len(keys) - len(spare[:1]) >= IAM_KEYS_PER_USER:
             others = ", ".join(mask_identifier(k.key_id) for k in keys if k.key_id != current)
             raise CheckFailed(f"IAM user {self.user} already has {len(keys)} access keys and the other one "
@@ -283,14 +317,21 @@ class AwsIamProvider(KeyProvider):
                                    "or delete it, then rotate again")
         return spare[:1]
 
+    def _why_spare(self, key: KeyInfo, retired: set[str]) -> str | None:
+        if key.key_id in retired:
+            return "the inventory's key, replaced by the secret store's"
+        if not key.active:
+            return "inactive"
+        return "never used" if self._never_used(key.key_id) else None
+
     def preflight(self) -> list[str]:
-        return [f"delete the unused/inactive key {mask_identifier(k.key_id)} of {self.user} to stay within "
-                f"IAM's {IAM_KEYS_PER_USER} keys per user" for k in self._removable()]
+        return [f"delete the key {mask_identifier(k.key_id)} of {self.user} ({why}) to stay within IAM's "
+                f"{IAM_KEYS_PER_USER} keys per user" for k, why in self._removable()]
 
     def create_key(self, label: str) -> NewKey:
-        for spare in self._removable():
-            self.log(f"deleting the unused/inactive key {mask_identifier(spare.key_id)} of {self.user} "
-                     f"(IAM allows {IAM_KEYS_PER_USER} keys per user)")
+        for spare, why in self._removable():
+            self.log(f"deleting the key {mask_identifier(spare.key_id)} of {self.user} ({why}; IAM allows "
+                     f"{IAM_KEYS_PER_USER} keys per user)")
             self.delete_key(spare.key_id)
         key = self._call("creating an access key", "create_access_key", UserName=self.user)["AccessKey"]
         return NewKey(key["AccessKeyId"], Secret(key["SecretAccessKey"]),

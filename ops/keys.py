@@ -1,9 +1,11 @@
 """Storage keys: the provider, the key in use, probing a key, key age, rotation records; admin password hashes.
 
 The key in use is the one in the environment's secret store (STORAGE_ACCESS_KEY_ID /
-STORAGE_SECRET_ACCESS_KEY, written by `inv keys.rotate`), else the inventory's
-storage credentials. A rotation in progress keeps the new key as STORAGE_NEXT_* until
-it is switched in, then the old one as STORAGE_PREVIOUS_* until it is revoked.
+STORAGE_SECRET_ACCESS_KEY, written by `inv provision` with a key provider and by
+`inv keys.rotate`), else the inventory's storage credentials. A rotation in progress keeps
+the new key as STORAGE_NEXT_* until it is switched in, then the old one as
+STORAGE_PREVIOUS_* until it is revoked; provision keeps the inventory's key there the same
+way, so that it is revoked once the apps serve with the key provision made.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ if TYPE_CHECKING:
     from ops.secret_store import SecretStore
     from ops.storage import Storage
 
-__all__ = ["KeyInfo", "KeyProvider", "KeyStatus", "NewKey", "current_key_id", "key_status", "probe_key",
-           "provider_for", "store_admin_password_hash", "verify_admin_password"]
+__all__ = ["KeyInfo", "KeyProvider", "KeyStatus", "KnownKey", "NewKey", "current_key_id", "key_status", "known_keys",
+           "probe_key", "provider_for", "store_admin_password_hash", "verify_admin_password"]
 
 KEY_ID, SECRET = "STORAGE_ACCESS_KEY_ID", "STORAGE_SECRET_ACCESS_KEY"
 NEXT_KEY_ID, NEXT_SECRET = "STORAGE_NEXT_ACCESS_KEY_ID", "STORAGE_NEXT_SECRET_ACCESS_KEY"
@@ -88,7 +90,9 @@ def provider_name(env: Environment) -> str:
 
 
 def provider_for(env: Environment, *, log: Callable[[str], None] | None = None,
-                 prompt: Callable[[str], str] | None = None) -> KeyProvider:
+                 prompt: Callable[[str], str] | None = None,
+                 credentials: Callable[[], tuple[str, Secret | None]] | None = None) -> KeyProvider:
+    """The environment's key provider; aws-iam signs with `credentials` (default: the key in use)."""
     name = provider_name(env)
     if name == "cloudflare":
         missing = [path for path in ("keys.account_id", "keys.api_token") if not env.has(path)]
@@ -100,8 +104,9 @@ def provider_for(env: Environment, *, log: Callable[[str], None] | None = None,
     if name == "aws-iam":
         if not env.has("keys.iam_user"):
             raise env.missing("keys.iam_user")
-        return AwsIamProvider(str(reveal(env.value("keys.iam_user"))), lambda: current_credentials(env),
-                              lambda: current_key_id(env), endpoint=iam_endpoint(env), log=log)
+        return AwsIamProvider(str(reveal(env.value("keys.iam_user"))),
+                              credentials or (lambda: current_credentials(env)), lambda: current_key_id(env),
+                              endpoint=iam_endpoint(env), log=log, retired=lambda: retired_keys(env))
     return StaticProvider(env.storage_config("storage").bucket, prompt=prompt)
 
 
@@ -124,6 +129,58 @@ def current_credentials(env: Environment) -> tuple[str, Secret | None]:
 def current_key_id(env: Environment) -> str:
     """The key the environment uses now: secret store STORAGE_ACCESS_KEY_ID, else the inventory's."""
     return current_credentials(env)[0]
+
+
+def inventory_credentials(env: Environment, section: str = "storage") -> tuple[str, Secret] | None:
+    """The key pair the inventory itself gives `section`, or None: none given, or references that no
+    longer resolve (a bootstrap key's ${env:…} may be gone once the secret store has the key)."""
+    paths = (f"{section}.access_key_id", f"{section}.secret_access_key")
+    if not all(env.has(path) for path in paths):
+        return None
+    try:
+        key_id, secret = (env.value(path) for path in paths)
+    except InventoryError:
+        return None
+    return str(reveal(key_id)), secret if isinstance(secret, Secret) else Secret(str(secret))
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """A key pair of the environment: where it is kept, and the bucket (section) it opens."""
+
+    key_id: str
+    secret: Secret
+    kept: str
+    section: str = "storage"
+
+
+def known_keys(env: Environment) -> list[KnownKey]:
+    """Every key pair the environment has, each once: the secret store's (the key in use, then a rotation's
+    new and old keys), then the inventory's own (storage, and backups when it has its own)."""
+    store = secret_store(env).read()
+    found = [KnownKey(store[id_name].reveal(), store[secret_name], f"the secret store's {what}")
+             for id_name, secret_name, what in ((KEY_ID, SECRET, "key in use"), (NEXT_KEY_ID, NEXT_SECRET, "new key"),
+                                                (PREVIOUS_KEY_ID, PREVIOUS_SECRET, "old key"))
+             if store.get(id_name) and store.get(secret_name)]
+    for section in ("storage", "backups"):
+        pair = inventory_credentials(env, section) if env.has(section) else None
+        if pair:
+            found.append(KnownKey(pair[0], pair[1], f"the inventory's {section} key", section))
+    unique: dict[str, KnownKey] = {}
+    for key in found:
+        unique.setdefault(key.key_id, key)
+    return list(unique.values())
+
+
+def retired_keys(env: Environment) -> set[str]:
+    """Keys of this environment nothing uses any more: the inventory's storage key once the secret store's
+    key replaced it (opsbook and every env file it writes use the store's), outside a rotation in progress."""
+    if not env.stored_storage_keys() or stored(env, NEXT_KEY_ID) or stored(env, PREVIOUS_KEY_ID):
+        return set()
+    if not all(env.app_settings(host.name).get("env_file") for host in env.host_configs()):
+        return set()  # an app opsbook does not write the env file of may still use the inventory's key
+    bootstrap = inventory_credentials(env)
+    return {bootstrap[0]} if bootstrap and bootstrap[0] != current_key_id(env) else set()
 
 
 def label_prefix(env: Environment) -> str:
@@ -189,14 +246,14 @@ def _probe_once(storage: Storage) -> None:
         storage.delete(key)
 
 
-def key_refused(env: Environment, key_id: str, secret: Secret) -> bool:
-    """Whether the storage refuses this key (revoked or unknown); errors other than a refusal raise."""
+def key_refused(env: Environment, key_id: str, secret: Secret, section: str = "storage") -> bool:
+    """Whether the `section` bucket refuses this key (revoked or unknown); errors other than a refusal raise."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from ops import aws
     from ops.storage_s3 import S3Storage
 
-    config = env.storage_config("storage")
+    config = env.storage_config(section)
     client = aws.client("s3", endpoint=config.endpoint, region=S3Storage(config).region, access_key_id=key_id,
                         secret_access_key=secret.reveal(), settings=PROBE_SETTINGS)
     try:
@@ -206,7 +263,7 @@ def key_refused(env: Environment, key_id: str, secret: Secret) -> bool:
         if code in REFUSED_CODES:
             return True
         raise CheckFailed(f"bucket {config.bucket}: {code} while testing the key {mask_identifier(key_id)}",
-                          hint="check storage.bucket") from None
+                          hint=f"check {section}.bucket") from None
     except BotoCoreError as error:
         raise ConnectionFailed(f"cannot reach {config.endpoint or 'S3'}: {redact(error)}",
                                hint="check storage.endpoint and the network") from None

@@ -12,10 +12,11 @@ from __future__ import annotations
 import secrets as random_tokens
 from typing import TYPE_CHECKING, Any
 
+from ops import keys
 from ops.engine import Change, RunContext, Step, WrappedStep
-from ops.errors import StepFailed
+from ops.errors import OpsError, StepFailed
 from ops.inventory import Environment
-from ops.secrets import Secret, redact
+from ops.secrets import Secret, mask_identifier, redact
 
 if TYPE_CHECKING:
     from ops.secret_store import SecretStore
@@ -225,43 +226,49 @@ class MigrationOnNewDatabase(WrappedStep):
 # --- storage key -----------------------------------------------------------------------------
 
 
+STORED_KEY_NAMES = (keys.KEY_ID, keys.SECRET, keys.PREVIOUS_KEY_ID, keys.PREVIOUS_SECRET)
+
+
 class StorageKeyStep(Step):
     """The app's own storage key, made through the key provider, probed, then kept in the secret store.
 
     From then on the secret store's pair is the environment's key (contract: it wins over the
-    inventory's), for the apps and for opsbook alike; `inv keys.rotate` replaces it later.
+    inventory's), for the apps and for opsbook alike; `inv keys.rotate` replaces it later. With
+    `retire`, the inventory's key (the bootstrap key that signed the creation) is kept as the
+    previous key, as a rotation keeps the old one, for the steps that revoke it once every app
+    serves with the new key: the environment ends with one active key.
     """
 
     name = "storage-key"
 
-    def __init__(self, provider: str):
+    def __init__(self, provider: str, *, retire: bool = False):
         self.provider = provider
+        self.retire = retire
         self.title = f"create the app's storage key through {provider}, probe it, keep it in the secret store"
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.keys import new_label, provider_for
-
         if ctx.env.stored_storage_keys():
             return None
-        details = provider_for(ctx.env).preflight()
-        return Change(f"create a new {self.provider} key labelled {new_label(ctx.env)!r}, probe it (head bucket, "
+        details = keys.provider_for(ctx.env).preflight()
+        if self.retire:
+            details.append("the inventory's key stays until every app serves with the new one, then it is revoked")
+        return Change(f"create a new {self.provider} key labelled {keys.new_label(ctx.env)!r}, probe it (head bucket, "
                       "put/get/delete an object), store it as STORAGE_ACCESS_KEY_ID/STORAGE_SECRET_ACCESS_KEY",
                       details)
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.keys import KEY_ID, SECRET, clear, new_label, probe_key, provider_for
-        from ops.secrets import mask_identifier
-
-        provider = provider_for(ctx.env, log=ctx.log)
-        key = provider.create_key(new_label(ctx.env))
-        store = secret_store(ctx.env)
-        # Stored at once: a run killed now leaves a key opsbook knows (and a re-run uses) rather than a stray one.
-        store.set(KEY_ID, Secret(key.key_id))
-        store.set(SECRET, key.secret_access_key)
+        provider = keys.provider_for(ctx.env, log=ctx.log)
+        bootstrap_id, bootstrap_secret = keys.current_credentials(ctx.env)  # the inventory's: it signs the creation
+        key = provider.create_key(keys.new_label(ctx.env))
+        # Stored at once, in one write: a run killed now leaves a key opsbook knows (and a re-run uses)
+        # rather than a stray one, and the bootstrap key is still known to be revoked later.
+        previous = {keys.PREVIOUS_KEY_ID: Secret(bootstrap_id), keys.PREVIOUS_SECRET: bootstrap_secret or Secret("")}
+        secret_store(ctx.env).update({keys.KEY_ID: Secret(key.key_id), keys.SECRET: key.secret_access_key,
+                                      **(previous if self.retire else {})})
         try:
-            probe_key(ctx.env, key.key_id, key.secret_access_key)
+            keys.probe_key(ctx.env, key.key_id, key.secret_access_key)
         except Exception:
-            clear(ctx.env, KEY_ID, SECRET)
+            keys.clear(ctx.env, *STORED_KEY_NAMES)
             self._revoke(ctx, provider, key.key_id)
             raise
         ctx.forget("storage:storage")
@@ -270,9 +277,6 @@ class StorageKeyStep(Step):
 
     @staticmethod
     def _revoke(ctx: RunContext, provider: Any, key_id: str) -> None:
-        from ops.errors import OpsError
-        from ops.secrets import mask_identifier
-
         try:
             provider.delete_key(key_id)
         except OpsError as error:  # the probe's failure is the one to report; this one is said aside
@@ -283,13 +287,15 @@ class StorageKeyStep(Step):
         if not ctx.env.stored_storage_keys():
             raise StepFailed("the new storage key is not in the secret store")
 
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        from ops.keys import KEY_ID, SECRET, clear, provider_for
-
-        key_id = secret_store(ctx.env).get(KEY_ID)
-        clear(ctx.env, KEY_ID, SECRET)
+    def undo(self, ctx: RunContext, change: Change) -> str | None:
+        key_id = secret_store(ctx.env).get(keys.KEY_ID)
+        if key_id and (ctx.state.get("revoke-old-key") or {}).get("revoked"):
+            return (f"this run revoked the inventory's key: the new key {mask_identifier(key_id.reveal())} is the "
+                    "environment's only one")
+        keys.clear(ctx.env, *STORED_KEY_NAMES)
         if key_id:
-            provider_for(ctx.env).delete_key(key_id.reveal())
+            keys.provider_for(ctx.env).delete_key(key_id.reveal())
+        return None
 
 
 # --- app secrets -----------------------------------------------------------------------------
@@ -324,10 +330,8 @@ class AdminPasswordStep(Step):
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         import sys
 
-        from ops.keys import store_admin_password_hash
-
         password = Secret(random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES))
-        hashed = store_admin_password_hash(password)
+        hashed = keys.store_admin_password_hash(password)
         # Straight to the terminal, past the redacting output: the one place it ever appears.
         # Shown before the hash is stored: a password that takes effect has always been seen.
         print(f"\nAdmin password for {ctx.env.name} (shown once; put it in the team's password manager):"

@@ -7,22 +7,27 @@
 4. drop database   only with --drop-database and a second confirmation, only once step 2 passed;
 5. mark            <state>/decommissioned/E.json and decommissioned.json in the backups storage: every
                    later task refuses E (ops.cli.environment);
-6. revoke keys     every storage key E uses, through its key provider (static: the steps to do by hand,
-                   then checked). Last: until here opsbook still needs them to write to the bucket.
+6. revoke keys     every storage key E has, the secret store's and the inventory's, through its key provider
+                   (static: the steps to do by hand, then checked), then checked refused. Last: until here
+                   opsbook still needs them to write to the bucket.
 
-Each step checks first, so running it again after a failure finishes the job.
+Each step checks first, so running it again after a failure finishes the job. Once the keys are revoked
+the run is finished (the local marker says so): the bucket may refuse every key left, and a later run
+has nothing to do.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
+from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import CheckFailed, ConfirmationRequired, OpsError, StepFailed
+from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, StepFailed
 from ops.secrets import mask_identifier, redact, reveal
 
 if TYPE_CHECKING:
@@ -238,80 +243,125 @@ class MarkStep(Step):
 def _stored_archive(ctx: RunContext) -> str | None:
     from ops.archive import ARCHIVE_DIR
 
-    keys = [info.key for info in ctx.storage("backups").list(ARCHIVE_DIR) if info.key.endswith(".tar.gz")]
-    return keys[-1] if keys else None
+    archives = [info.key for info in ctx.storage("backups").list(ARCHIVE_DIR) if info.key.endswith(".tar.gz")]
+    return archives[-1] if archives else None
 
 
 class RevokeKeysStep(Step):
+    """Every key the environment has (keys.known_keys: the secret store's and the inventory's) that still opens
+    its bucket and, for an API provider, is one of the provider's. The provider's calls are signed with such a
+    key, the signing one revoked last; what is left is checked with keys that still work, or proven dead by
+    the storage refusing them: never by asking with a key just revoked."""
+
     name = "revoke-keys"
-    title = "revoke every storage key the environment uses (its key provider; static: by hand, then checked)"
+    title = ("revoke every storage key the environment has, the secret store's and the inventory's (its key "
+             "provider; static: by hand, then checked)")
 
     def check(self, ctx: RunContext) -> Change | None:
-        keys = self.keys_in_use(ctx)
-        if not keys:
+        _signer, revocable = self.plan(ctx)
+        if not revocable:
             return None
-        provider = self.provider(ctx)
-        return Change(f"revoke {len(keys)} key(s) through the {provider.name} provider",
-                      [mask_identifier(key) for key in keys])
+        return Change(f"revoke {len(revocable)} key(s) through the {keys.provider_for(ctx.env).name} provider",
+                      [f"{mask_identifier(key.key_id)} ({key.kept})" for key in revocable])
 
-    def provider(self, ctx: RunContext) -> Any:
-        from ops.keys import provider_for
-
-        return provider_for(ctx.env)
-
-    def candidates(self, ctx: RunContext) -> list[str]:
-        from ops.keys import current_key_id
-
-        found = [current_key_id(ctx.env)]
-        for section in ("storage", "backups"):
-            if ctx.env.has(section):
-                key_id = ctx.env.storage_config(section).access_key_id
-                found.append(str(reveal(key_id)) if key_id else "")
-        return [key for index, key in enumerate(found) if key and key not in found[:index]]
-
-    def keys_in_use(self, ctx: RunContext) -> list[str]:
-        """The candidates that still work: listed active by the provider, or (static) still answering a probe."""
-        provider = self.provider(ctx)
-        if provider.name == "static":
-            return [key for key in self.candidates(ctx) if self._still_works(ctx, key)]
-        active = {info.key_id for info in provider.list_keys() if info.active}
-        return [key for key in self.candidates(ctx) if key in active]
-
-    def _still_works(self, ctx: RunContext, key_id: str) -> bool:
-        """Static keys cannot be listed: a key still works when a probe with its secret succeeds."""
-        from ops.keys import probe_key
-
-        for section in ("storage", "backups"):
-            config = ctx.env.storage_config(section) if ctx.env.has(section) else None
-            if config is None or str(reveal(config.access_key_id)) != key_id or config.secret_access_key is None:
-                continue
+    def plan(self, ctx: RunContext) -> tuple[keys.KnownKey | None, list[keys.KnownKey]]:
+        """(a key that still works, to sign the provider's calls with; the keys to revoke)."""
+        env = ctx.env
+        live = [key for key in keys.known_keys(env) if not keys.key_refused(env, key.key_id, key.secret, key.section)]
+        if not live:
+            return None, []  # every key is refused: revoked already
+        if keys.provider_for(env).manual:
+            return None, live
+        refused: ConnectionFailed | None = None
+        for signer in live:
             try:
-                probe_key(ctx.env, key_id, config.secret_access_key)
-            except OpsError:
-                return False
-            return True
-        return False
+                listed = {info.key_id for info in self.provider(ctx, signer).list_keys()}
+            except ConnectionFailed as error:  # revoked a moment ago, still accepted by the storage: ask with another
+                refused = error
+                continue
+            return signer, [key for key in live if key.key_id in listed]
+        raise refused or ConnectionFailed(f"no key of {env.name} to ask its key provider with")
+
+    def provider(self, ctx: RunContext, signer: keys.KnownKey) -> Any:
+        return keys.provider_for(ctx.env, log=ctx.log, credentials=lambda: (signer.key_id, signer.secret))
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        provider = self.provider(ctx)
-        keys = self.keys_in_use(ctx)
-        if provider.name == "static":
-            for line in [f"revoke these keys of {ctx.env.name} by hand, where they were made:",
-                         *[f"  - {mask_identifier(key)}" for key in keys],
-                         f"then run `inv decommission --env {ctx.env.name} --confirm {ctx.env.name}` again"]:
-                ctx.output.info(line)
-            raise CheckFailed(f"{len(keys)} key(s) of {ctx.env.name} still work: revoke them by hand",
-                              hint="the steps are printed above; the next run checks they are dead")
-        for key in keys:
-            provider.delete_key(key)
-            ctx.log(f"revoked {mask_identifier(key)}")
-        return {"revoked": [mask_identifier(key) for key in keys]}
+        signer, revocable = self.plan(ctx)
+        if not revocable:
+            return {"revoked": []}
+        if signer is None:  # keys made by hand: revoked by hand
+            self._by_hand(ctx, revocable)
+        provider = self.provider(ctx, signer)
+        self._copy_journal(ctx, revocable)
+        for key in sorted(revocable, key=lambda key: key.key_id == signer.key_id):  # the signing key last
+            provider.delete_key(key.key_id)
+            ctx.log(f"revoked {mask_identifier(key.key_id)} ({key.kept})")
+        self._wait_refused(ctx, revocable)
+        revoked = [mask_identifier(key.key_id) for key in revocable]
+        record_revoked(ctx, revoked)
+        return {"revoked": revoked}
+
+    @staticmethod
+    def _copy_journal(ctx: RunContext, revocable: list[keys.KnownKey]) -> None:
+        """The backup bucket refuses the run once its key is revoked: the journal's copy goes now, up to here."""
+        if not ctx.env.has("backups") or str(reveal(ctx.env.storage_config("backups").access_key_id)) not in {
+                key.key_id for key in revocable}:
+            return
+        ctx.storage("backups").put_bytes(f"audit/{ctx.run_id}.jsonl", ctx.journal.path.read_bytes(),
+                                         content_type="application/x-ndjson")
+        ctx.copy_journal = False
+        ctx.log(f"journal copied to audit/{ctx.run_id}.jsonl up to this step: the backup bucket refuses the revoked "
+                f"keys; the whole journal stays in {ctx.journal.path}")
+
+    def _by_hand(self, ctx: RunContext, live: list[keys.KnownKey]) -> None:
+        for line in [f"revoke these keys of {ctx.env.name} by hand, where they were made:",
+                     *[f"  - {mask_identifier(key.key_id)} ({key.kept})" for key in live],
+                     f"then run `inv decommission --env {ctx.env.name} --confirm {ctx.env.name}` again"]:
+            ctx.output.info(line)
+        raise CheckFailed(f"{len(live)} key(s) of {ctx.env.name} still work: revoke them by hand",
+                          hint="the steps are printed above; the next run checks they are dead")
+
+    def _wait_refused(self, ctx: RunContext, revoked: list[keys.KnownKey]) -> None:
+        """A revoked key can take a few seconds to be refused everywhere (keys.probe_timeout)."""
+        env = ctx.env
+        deadline = time.monotonic() + float(env.raw("keys.probe_timeout", keys.DEFAULT_PROBE_TIMEOUT_SECONDS))
+        while True:
+            try:
+                left = [key for key in self.plan(ctx)[1] if key in revoked]
+            except ConnectionFailed:  # the provider refuses a key the storage still accepts: not refused yet
+                left = revoked
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{len(left)} key(s) still work after revoking: "
+                                 f"{', '.join(mask_identifier(key.key_id) for key in left)}",
+                                 hint="run the decommission again; check the keys at the provider")
+            time.sleep(keys.PROBE_RETRY_SECONDS)  # poll interval, bounded by the deadline above
 
     def verify(self, ctx: RunContext) -> None:
-        left = self.keys_in_use(ctx)
+        left = self.plan(ctx)[1]
         if left:
             raise StepFailed(f"{len(left)} key(s) still active after revoking: "
-                             f"{', '.join(mask_identifier(k) for k in left)}", hint="run the decommission again")
+                             f"{', '.join(mask_identifier(key.key_id) for key in left)}",
+                             hint="run the decommission again")
+
+
+def record_revoked(ctx: RunContext, revoked: list[str]) -> None:
+    """The local marker notes that the keys are revoked: the decommission is finished (and its bucket may now
+    refuse every key this machine has, so a later run has nothing it could check)."""
+    from ops.archive import decommission_marker, write_marker
+
+    state_dir = ctx.env.inventory.state_dir
+    marker = decommission_marker(state_dir, ctx.env.name) or {"env": ctx.env.name}
+    write_marker(state_dir, ctx.env.name, {**marker, "keys_revoked": revoked, "finished_by": ctx.run_id})
+
+
+def finished(env: Environment) -> dict[str, Any] | None:
+    """The local marker of a decommission that ran to its end (keys revoked), else None."""
+    from ops.archive import decommission_marker
+
+    marker = decommission_marker(env.inventory.state_dir, env.name)
+    return marker if marker and "keys_revoked" in marker else None
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
@@ -354,6 +404,12 @@ def decommission(c, env=None, confirm=None, drop_database=False, confirm_drop=No
     if not dry_run and confirm != name:
         raise ConfirmationRequired(f"decommissioning {name} needs --confirm {name}",
                                    hint=f"re-run with --confirm {name}, or --dry-run to see everything it would do")
+    done = finished(environment_)
+    if done and not drop_database:  # its keys are revoked: there is nothing left to check with them
+        output.info(f"nothing to do: {name} was decommissioned on {done.get('at', '?')} (run "
+                    f"{done.get('finished_by', '?')}); its keys are revoked")
+        output.result({"status": "nothing to do", "decommissioned": done})
+        return
     if drop_database and not dry_run:
         _second_confirmation(name, confirm_drop)
     runbook = build(environment_, drop_database=drop_database, identity=identity)

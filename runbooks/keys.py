@@ -17,7 +17,7 @@ from invoke import Collection, task
 from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
-from ops.errors import CheckFailed, StepFailed
+from ops.errors import CheckFailed, OpsError, StepFailed
 from ops.secrets import Secret, mask_identifier
 
 if TYPE_CHECKING:
@@ -61,8 +61,18 @@ class CreateKey(Step):
         store.set(keys.NEXT_KEY_ID, Secret(new.key_id))
         return {"key_id": mask_identifier(new.key_id), "provider": provider.name}
 
-    def undo(self, ctx: RunContext, change: Change) -> None:
-        delete_pending_key(ctx)
+    def undo(self, ctx: RunContext, change: Change) -> str | None:
+        if delete_pending_key(ctx) is None and rotation_in_progress(ctx.env):
+            return new_key_stays(ctx.env)
+        return None
+
+
+def new_key_stays(env: Environment) -> str:
+    """Why a key already switched in is not taken away when a later step fails."""
+    previous = keys.stored(env, keys.PREVIOUS_KEY_ID)
+    old = f"the old key {masked_key(previous)}" if previous else "the old key"
+    return (f"the new key {masked_key(keys.current_key_id(env))} is the key in use now and stays; {old} still "
+            "works until the rotation revokes it")
 
 
 def pending_key(env: Environment) -> tuple[str, Secret] | None:
@@ -181,8 +191,11 @@ class ConfirmServing(Step):
     title = "confirm every app holds the new key and answers its health and ready URLs"
     changes_data = False
 
+    def __init__(self, after: tuple[str, ...] = SWITCHING_STEPS):
+        self.after = after  # the steps that switch to the new key
+
     def check(self, ctx: RunContext) -> Change | None:
-        if planned_before(ctx, *SWITCHING_STEPS):
+        if planned_before(ctx, *self.after):
             return Change("check that every app serves with the new key")
         if not rotation_in_progress(ctx.env):
             return None
@@ -231,6 +244,10 @@ class RevokeOld(Step):
     name = "revoke-old-key"
     title = "revoke the old key (only once every app serves with the new one)"
 
+    def __init__(self, after: tuple[str, ...] = SWITCHING_STEPS, *, old: str = "the old key"):
+        self.after = after
+        self.old = old  # what the key being replaced is, in the plan
+
     def stale(self, ctx: RunContext) -> list[str]:
         env = ctx.env
         current = keys.current_key_id(env)
@@ -248,8 +265,8 @@ class RevokeOld(Step):
             (previous and info.key_id == previous.reveal()) or provider.owns(info, prefix))]
 
     def check(self, ctx: RunContext) -> Change | None:
-        if planned_before(ctx, *SWITCHING_STEPS):
-            return Change(f"revoke the old key {masked_key(keys.current_key_id(ctx.env))}")
+        if planned_before(ctx, *self.after):
+            return Change(f"revoke {self.old} {masked_key(keys.current_key_id(ctx.env))}")
         if not rotation_in_progress(ctx.env):
             return None
         stale = self.stale(ctx)
@@ -258,12 +275,24 @@ class RevokeOld(Step):
         return Change(f"revoke {', '.join(mask_identifier(k) for k in stale)}", data={"keys": stale})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        provider = keys.provider_for(ctx.env)
+        env = ctx.env
+        provider = keys.provider_for(env)
         stale = change.data.get("keys") or self.stale(ctx)
-        current = keys.current_key_id(ctx.env)
+        current = keys.current_key_id(env)
         for key_id in stale:
-            if key_id != current:  # never the key in use, whatever the plan said
+            if key_id == current:  # never the key in use, whatever the plan said
+                continue
+            try:
                 provider.delete_key(key_id)
+            except OpsError as error:
+                if provider.manual:
+                    raise
+                raise StepFailed(f"could not revoke the old key {mask_identifier(key_id)}: {error.message}; every "
+                                 f"app serves with the new key {mask_identifier(current)}, which stays; the old key "
+                                 "is not revoked yet", where=error.where,
+                                 hint=f"run `inv keys.rotate --env {env.name}` again (or `inv runs.resume "
+                                      f"{ctx.run_id}`): it revokes the old key and records the rotation"
+                                      + (f"; {error.hint}" if error.hint else "")) from None
         return {"revoked": [mask_identifier(k) for k in stale]}
 
 
@@ -271,11 +300,12 @@ class RecordRotation(Step):
     name = "record-rotation"
     title = "record the rotation (key id masked, date) in the state dir and the backup bucket"
 
-    def __init__(self, rotation: str | None):
+    def __init__(self, rotation: str | None, after: tuple[str, ...] = SWITCHING_STEPS):
         self.rotation = rotation
+        self.after = after
 
     def check(self, ctx: RunContext) -> Change | None:
-        if planned_before(ctx, *SWITCHING_STEPS):
+        if planned_before(ctx, *self.after):
             return Change("record the rotation")
         if not rotation_in_progress(ctx.env):
             return None
@@ -289,6 +319,19 @@ class RecordRotation(Step):
         keys.record_rotation(env, entry)
         keys.clear(env, keys.PREVIOUS_SECRET, keys.PREVIOUS_KEY_ID)  # both in one atomic write: the rotation closes
         return {"key_id": entry["key_id"], "previous_key_id": entry["previous_key_id"], "at": entry["at"]}
+
+
+def retire_bootstrap_steps(switched_by: str) -> list[Step]:
+    """Provision's end: once every app serves with the key made by step `switched_by`, revoke the inventory's
+    key (kept as the previous key meanwhile), then record the switch as a rotation."""
+    after = (switched_by,)
+    return [ConfirmServing(after),
+            WrappedStep(RevokeOld(after, old="the inventory's key"),
+                        title="revoke the inventory's storage key (the bootstrap key) once every app serves with "
+                              "the new one"),
+            WrappedStep(RecordRotation(None, after),
+                        title="record the switch to the new key (id masked, date) in the state dir and the backup "
+                              "bucket")]
 
 
 def build(env: Environment, rotation: str | None = None, **arguments: Any) -> Runbook:

@@ -9,6 +9,8 @@
     4. migrate (the migrate runbook's steps; a database without tables has nothing to back up)
     5. the seed command (`app.seed`), once, on the first host
     6. a rolling restart gated on health and ready
+    7. with a key provider: once every app serves with the key made in 2, the inventory's key (the
+       bootstrap key that made it) is revoked, as a rotation revokes the old key: one key is left
 
 Storage comes first: it is where the run's audit journal goes. The admin password is made
 with the other secrets, before the env file is pushed, so one push carries them all.
@@ -101,6 +103,9 @@ def not_configured(env: Environment) -> list[str]:
     if env.has("storage") and env.storage_config("storage").provider != "local" and not uses_key_provider(env):
         notes.append("storage keys: no key provider (`keys.provider` cloudflare or aws-iam); the inventory's "
                      "storage key is the one the app gets")
+    elif uses_key_provider(env) and not switches_every_app(env):
+        notes.append("revoking the inventory's storage key: not every host has app.env_file and app.restart, so "
+                     "the apps may still use it; revoke it yourself once they use the secret store's key")
     if not env.host_configs():
         notes.append("app hosts: none, so no env file, AUTH_SECRET, admin password, seed or restart")
     elif not _all_hosts_have(env, "env_file"):
@@ -138,15 +143,26 @@ def database_url_advice(env: Environment) -> list[str]:
     return advice
 
 
+def switches_every_app(env: Environment) -> bool:
+    """Whether provision itself puts a new key in every app (pushed env files, restarted): no hosts, or
+    every host has app.env_file and app.restart. Only then may it revoke the key the apps had."""
+    return not env.host_configs() or (_all_hosts_have(env, "env_file") and _all_hosts_have(env, "restart"))
+
+
 def build(env: Environment, **arguments: Any) -> Runbook:
     from ops.provision_steps import DatabaseStep, RoleStep, StorageKeyStep
+    from runbooks.keys import retire_bootstrap_steps
 
     role, database = database_names(env)
     steps = bucket_steps(env)
     steps += [RoleStep(role), DatabaseStep(database, role)]
-    if uses_key_provider(env):  # after the buckets: the new key is probed on the app bucket
-        steps.append(StorageKeyStep(str(env.raw("keys.provider"))))
+    key_step = StorageKeyStep(str(env.raw("keys.provider")), retire=switches_every_app(env)) \
+        if uses_key_provider(env) else None
+    if key_step:  # after the buckets: the new key is probed on the app bucket
+        steps.append(key_step)
     steps += app_steps(env, database, backup_id=arguments.get("backup_id"))
+    if key_step and key_step.retire:  # last: the inventory's key goes once every app serves with the new one
+        steps += retire_bootstrap_steps(key_step.name)
     return Runbook("provision", f"Provision {env.name}", steps, arguments=arguments)
 
 

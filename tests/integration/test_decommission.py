@@ -12,8 +12,14 @@ from typing import Any
 
 import pytest
 
+from ops.secrets import Secret
 from tests.cli import Opsbook
 from tests.integration.test_backup import databases_like, make_database
+from tests.integration.test_keys import refused
+from tests.integration.test_provision import fresh as provisionable
+from tests.integration.test_provision import iam_keys, stored
+
+fresh = provisionable  # the fixture: an environment that exists only in the inventory, aws-iam keys, one host
 
 
 @pytest.fixture
@@ -94,3 +100,35 @@ def test_decommission_keeps_a_verified_backup_and_an_archive_then_refuses_the_en
     assert again.exit_code == 0 and "nothing to do" in again.stderr, again
     produced = opsbook.everything_produced()
     assert not any(secret in produced for secret in old_env["secrets"])
+
+
+def test_decommission_after_provisioning_revokes_the_store_and_inventory_keys(opsbook, fresh, s3_server):
+    """With aws-iam on an IAM server that enforces credentials: every key of the environment (the one provision
+    made, in the secret store, and the inventory's) is revoked, the run verifies it with credentials that
+    still exist and ends with exit 0, and later runs refuse the environment."""
+    provisioned = opsbook.run("provision")
+    assert provisioned.exit_code == 0, provisioned
+    app_key = (stored(opsbook)["STORAGE_ACCESS_KEY_ID"], Secret(stored(opsbook)["STORAGE_SECRET_ACCESS_KEY"]))
+    bootstrap = fresh["admin_key"]
+
+    planned = opsbook.run("decommission", "--dry-run")
+    assert planned.exit_code == 0, planned
+    done = opsbook.run("decommission", "--confirm", "staging", "--json")
+    assert done.exit_code == 0, done
+    assert iam_keys(s3_server, fresh) == []  # listed with another user's key: none of the user's keys is left
+    assert refused(s3_server, fresh["bucket"], *app_key) == "InvalidAccessKeyId"
+    assert refused(s3_server, fresh["bucket"], *bootstrap) == "InvalidAccessKeyId"
+    run_id = done.json()["run_id"]
+    journal = opsbook.journal(run_id)
+    assert journal[-1]["status"] == "succeeded"
+    assert any(e.get("step") == "revoke-keys" and e.get("state") == "verified" for e in journal)
+    assert "warning" not in done.stderr, done  # the journal's copy went to the bucket before its key was revoked
+    auditor = s3_server.client(access_key_id=fresh["auditor"][0], secret_access_key=fresh["auditor"][1])
+    assert auditor.head_object(Bucket=fresh["backups"], Key=f"staging/audit/{run_id}.jsonl")
+
+    later = opsbook.run("backup")
+    assert later.exit_code == 2 and "decommissioned" in later.stderr, later
+    again = opsbook.run("decommission", "--confirm", "staging")
+    assert again.exit_code == 0 and "nothing to do" in again.stderr, again
+    produced = opsbook.everything_produced()
+    assert not any(secret in produced for secret in [*fresh["secrets"], app_key[1].reveal()])

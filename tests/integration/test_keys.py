@@ -250,3 +250,119 @@ def test_secrets_rotate_admin_password_and_auth_secret(opsbook, postgres_server,
     assert values["AUTH_SECRET"] == values["NEXTAUTH_SECRET"] == values["BETTER_AUTH_SECRET"]
     assert values["AUTH_SECRET"] not in opsbook.everything_produced()
     assert verify_admin_password(Secret(password), values["ADMIN_PASSWORD_HASH"])  # untouched
+
+
+def cloudflare_env(opsbook: Opsbook, postgres: Any, s3: Any, cloudflare: Any, **restrictions: Any) -> Any:
+    """An environment without hosts whose storage key is an R2 token of a new account on the fake API."""
+    account = cloudflare.new_account(**restrictions)
+    account.buckets = write_inventory(opsbook, postgres, s3, [], {
+        "provider": "cloudflare", "account_id": account.account_id, "api_token": "${env:CLOUDFLARE_API_TOKEN}",
+        "api_base": cloudflare.base_url}, account.r2_key_id, account.r2_secret)
+    opsbook.environ["CLOUDFLARE_API_TOKEN"] = account.api_token.reveal()
+    return account
+
+
+def cloudflare_time(days: int) -> str:
+    from datetime import UTC, datetime, timedelta
+
+    return (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_cloudflare_rotation_never_widens_the_token(opsbook, postgres_server, s3_server, cloudflare_api):
+    """The new token gets the old one's client IP filter and lifetime, not only its policies."""
+    condition = {"request_ip": {"in": ["127.0.0.1/32", "10.0.0.0/8"], "not_in": ["10.9.0.0/16"]}}
+    lifetime = {"not_before": cloudflare_time(-30), "expires_on": cloudflare_time(200)}
+    account = cloudflare_env(opsbook, postgres_server, s3_server, cloudflare_api, condition=condition, **lifetime)
+    with s3_server.enforce_auth():
+        dry = opsbook.run("keys.rotate", "--dry-run")
+        assert dry.exit_code == 0, dry
+        assert "client IP filter" in dry.stderr and lifetime["expires_on"] in dry.stderr, dry
+        rotated = opsbook.run("keys.rotate")
+        assert rotated.exit_code == 0, rotated
+    [new] = cloudflare_api.live_r2_tokens(account.account_id)
+    assert new.id != account.r2_key_id
+    assert (new.condition, new.not_before, new.expires_on) == (condition, lifetime["not_before"],
+                                                               lifetime["expires_on"])
+
+
+def test_cloudflare_refused_admin_token_is_a_failed_precondition(opsbook, postgres_server, s3_server,
+                                                                cloudflare_api):
+    account = cloudflare_env(opsbook, postgres_server, s3_server, cloudflare_api)
+    opsbook.environ["CLOUDFLARE_API_TOKEN"] = "a-token-cloudflare-does-not-know"
+    with s3_server.enforce_auth():
+        dry = opsbook.run("keys.rotate", "--dry-run")
+        real = opsbook.run("keys.rotate")
+    for result in (dry, real):
+        assert result.exit_code == 3, result
+        assert "Cloudflare refused keys.api_token" in result.stderr and "Traceback" not in result.output, result
+    assert not any(call.startswith("POST") for call in cloudflare_api.calls(account.account_id))
+    assert [t.id for t in cloudflare_api.live_r2_tokens(account.account_id)] == [account.r2_key_id]
+    assert not stored(opsbook)
+
+
+def test_cloudflare_failed_revocation_says_the_new_key_stays(opsbook, postgres_server, s3_server, cloudflare_api):
+    account = cloudflare_env(opsbook, postgres_server, s3_server, cloudflare_api)
+    old = (account.r2_key_id, account.r2_secret)
+    cloudflare_api.fail_deletes.add(old[0])
+    with s3_server.enforce_auth():
+        failed = opsbook.run("keys.rotate")
+        assert failed.exit_code == 1, failed
+        assert "undone" not in failed.stderr, failed
+        assert "could not revoke the old key" in failed.stderr and "stays" in failed.stderr, failed
+        journal = opsbook.journal(opsbook.latest_run_id())
+        states = {(e["step"], e["state"]) for e in journal if e["event"] == "step"}
+        assert ("create-key", "kept") in states and ("create-key", "undone") not in states, states
+        new_id = stored(opsbook)["STORAGE_ACCESS_KEY_ID"]
+        assert sorted(t.id for t in cloudflare_api.live_r2_tokens(account.account_id)) == sorted([old[0], new_id])
+        assert refused(s3_server, account.buckets["assets"], *old) is None  # revoked only by the next run
+
+        cloudflare_api.fail_deletes.discard(old[0])
+        again = opsbook.run("keys.rotate")
+        assert again.exit_code == 0, again
+        assert [t.id for t in cloudflare_api.live_r2_tokens(account.account_id)] == [new_id]
+        assert not any(k.startswith(("STORAGE_NEXT", "STORAGE_PREVIOUS")) for k in stored(opsbook))
+    produced = opsbook.everything_produced()
+    assert account.api_token.reveal() not in produced and old[1].reveal() not in produced
+
+
+def test_first_rotation_makes_room_by_revoking_the_replaced_inventory_key(opsbook, postgres_server, s3_server,
+                                                                          app_host_factory, monkeypatch):
+    """As provision used to leave it: the secret store's key in use everywhere, and the inventory's key of the
+    same IAM user still active and used. The rotation revokes that one to make room, never the key in use."""
+    user = f"app-{uuid.uuid4().hex[:8]}"
+    bootstrap = s3_server.create_access_key(user)
+    auditor = s3_server.create_access_key()
+    hosts = app_host_factory(("web1",))
+    buckets = write_inventory(opsbook, postgres_server, s3_server, hosts, {"provider": "aws-iam", "iam_user": user},
+                              *bootstrap)
+    made = s3_server.client("iam").create_access_key(UserName=user)["AccessKey"]
+    in_use = (made["AccessKeyId"], Secret(made["SecretAccessKey"]))
+    SecretStore(opsbook.state_dir, "staging").update({"STORAGE_ACCESS_KEY_ID": Secret(in_use[0]),
+                                                      "STORAGE_SECRET_ACCESS_KEY": in_use[1]})
+    with s3_server.enforce_auth():
+        start_apps(opsbook, hosts, monkeypatch)
+        assert env_file_key(hosts[0])[0] == in_use[0]
+        assert refused(s3_server, buckets["assets"], *bootstrap) is None  # active, and now used
+        dry = opsbook.run("keys.rotate", "--dry-run")
+        assert dry.exit_code == 0, dry
+        assert "the inventory's key, replaced by the secret store's" in dry.stderr, dry
+        rotated = opsbook.run("keys.rotate")
+        assert rotated.exit_code == 0, rotated
+        new_id = assert_rotated(opsbook, s3_server, buckets["assets"], hosts, in_use)
+        assert refused(s3_server, buckets["assets"], *bootstrap) == "InvalidAccessKeyId"
+        assert iam_keys(s3_server, user, auditor) == [new_id]
+
+
+def test_provision_with_cloudflare_leaves_the_token_it_made(opsbook, postgres_server, s3_server, cloudflare_api):
+    """The token provision makes replaces the inventory's: same policies, IP filter and lifetime; one left."""
+    condition, expires = {"request_ip": {"in": ["127.0.0.1/32"]}}, cloudflare_time(100)
+    account = cloudflare_env(opsbook, postgres_server, s3_server, cloudflare_api, condition=condition,
+                             expires_on=expires)
+    with s3_server.enforce_auth():
+        provisioned = opsbook.run("provision")
+        assert provisioned.exit_code == 0, provisioned
+        [token] = cloudflare_api.live_r2_tokens(account.account_id)
+        assert token.id == stored(opsbook)["STORAGE_ACCESS_KEY_ID"] != account.r2_key_id
+        assert (token.condition, token.expires_on) == (condition, expires)
+        assert refused(s3_server, account.buckets["assets"], account.r2_key_id, account.r2_secret) == \
+            "InvalidAccessKeyId"

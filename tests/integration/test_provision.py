@@ -15,8 +15,9 @@ import pytest
 from ops.envfile import parse_env_file
 from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
-from ops.secrets import Secret
+from ops.secrets import Secret, mask_identifier
 from tests.cli import CliResult, Opsbook
+from tests.integration.test_keys import refused
 
 MIGRATION = "20260101000000_items"
 SEED_CODE = ("import os, psycopg; psycopg.connect(os.environ['DATABASE_URL'], autocommit=True)"
@@ -40,6 +41,7 @@ def fresh(opsbook: Opsbook, postgres_server: Any, s3_server: Any, app_host_facto
     suffix = uuid.uuid4().hex[:8]
     user = f"app-{suffix}"
     admin_key = s3_server.create_access_key(user)  # IAM user allowed everything: creates the app's key
+    auditor = s3_server.create_access_key(f"auditor-{suffix}")  # another user: looks without being revoked
     (host,) = app_host_factory(("web1",))
     migration = host.app_dir / "prisma" / "migrations" / MIGRATION
     migration.mkdir(parents=True)
@@ -59,7 +61,7 @@ def fresh(opsbook: Opsbook, postgres_server: Any, s3_server: Any, app_host_facto
         "hosts": [host_entry(host)],
     }}})
     with s3_server.enforce_auth():
-        yield {**names, "host": host, "admin_key": admin_key,
+        yield {**names, "host": host, "admin_key": admin_key, "auditor": auditor,
                "secrets": [postgres_server.password.reveal(), admin_key[1].reveal()]}
 
 
@@ -82,12 +84,12 @@ def admin_password(result: CliResult) -> str:
 
 
 def iam_keys(s3: Any, fresh: Any) -> list[str]:
-    iam = s3.client("iam", access_key_id=fresh["admin_key"][0], secret_access_key=fresh["admin_key"][1])
+    iam = s3.client("iam", access_key_id=fresh["auditor"][0], secret_access_key=fresh["auditor"][1])
     return [key["AccessKeyId"] for key in iam.list_access_keys(UserName=fresh["user"])["AccessKeyMetadata"]]
 
 
 def buckets(s3: Any, fresh: Any) -> set[str]:
-    client = s3.client(access_key_id=fresh["admin_key"][0], secret_access_key=fresh["admin_key"][1])
+    client = s3.client(access_key_id=fresh["auditor"][0], secret_access_key=fresh["auditor"][1])
     return {bucket["Name"] for bucket in client.list_buckets()["Buckets"]}
 
 
@@ -134,13 +136,13 @@ def test_provision_fresh_environment_end_to_end(opsbook, fresh, postgres_server,
     assert oct(host.env_file.stat().st_mode & 0o777) == "0o600"
     assert values["DATABASE_URL"].startswith(f"postgresql://{fresh['role']}:")
     assert values["S3_ACCESS_KEY_ID"] == secrets["STORAGE_ACCESS_KEY_ID"] != fresh["admin_key"][0]
-    assert sorted(iam_keys(s3_server, fresh)) == sorted([fresh["admin_key"][0], values["S3_ACCESS_KEY_ID"]])
+    assert iam_keys(s3_server, fresh) == [values["S3_ACCESS_KEY_ID"]]  # the inventory's key revoked at the end
     assert len(values["AUTH_SECRET"]) >= 32 and values["NEXTAUTH_SECRET"] == values["AUTH_SECRET"]
     assert values["ADMIN_PASSWORD_HASH"] == secrets["ADMIN_PASSWORD_HASH"]
     assert verify_admin_password(Secret(password), values["ADMIN_PASSWORD_HASH"])
     assert not verify_admin_password(Secret(password + "x"), values["ADMIN_PASSWORD_HASH"])
     assert seeded_rows(postgres_server, fresh) == 1
-    client = s3_server.client(access_key_id=fresh["admin_key"][0], secret_access_key=fresh["admin_key"][1])
+    client = s3_server.client(access_key_id=fresh["auditor"][0], secret_access_key=fresh["auditor"][1])
     rules = client.get_bucket_lifecycle_configuration(Bucket=fresh["bucket"])["Rules"]
     assert [rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] for rule in rules] == [7]
 
@@ -160,6 +162,43 @@ def test_provision_fresh_environment_end_to_end(opsbook, fresh, postgres_server,
         assert secret not in produced
     journal = (opsbook.state_dir / "runs" / f"{first.json()['run_id']}.jsonl").read_text()
     assert password not in journal and password not in first.stdout
+
+
+def test_provision_then_rotate_converge_on_one_key(opsbook, fresh, postgres_server, s3_server):
+    """The key provision makes is the environment's key: the inventory's (bootstrap) key, of the same IAM
+    user, is revoked once the app serves with the new one, so the first rotation needs no IAM clean-up;
+    decommissioning then revokes the one key left."""
+    host, bootstrap = fresh["host"], fresh["admin_key"]
+    dry = opsbook.run("provision", "--dry-run")
+    assert dry.exit_code == 0, dry
+    assert f"would revoke the inventory's key {mask_identifier(bootstrap[0])}" in dry.stderr, dry
+
+    provisioned = opsbook.run("provision")
+    assert provisioned.exit_code == 0, provisioned
+    app_key = stored(opsbook)["STORAGE_ACCESS_KEY_ID"]
+    assert iam_keys(s3_server, fresh) == [app_key] != [bootstrap[0]]
+    assert refused(s3_server, fresh["bucket"], *bootstrap) == "InvalidAccessKeyId"
+    assert parse_env_file(host.env_file.read_text())["S3_ACCESS_KEY_ID"] == app_key
+    assert answers(host.ready_url) == 200
+    assert not any(name.startswith(("STORAGE_NEXT", "STORAGE_PREVIOUS")) for name in stored(opsbook))
+    assert opsbook.run("provision", "--json").json()["status"] == "nothing to do"
+
+    rotated = opsbook.run("keys.rotate")
+    assert rotated.exit_code == 0, rotated
+    secrets = stored(opsbook)
+    new_key = (secrets["STORAGE_ACCESS_KEY_ID"], Secret(secrets["STORAGE_SECRET_ACCESS_KEY"]))
+    assert iam_keys(s3_server, fresh) == [new_key[0]] != [app_key]
+    assert refused(s3_server, fresh["bucket"], *new_key) is None
+    assert parse_env_file(host.env_file.read_text())["S3_ACCESS_KEY_ID"] == new_key[0]
+    assert answers(host.ready_url) == 200
+
+    # The end of its life: the rotated key, the only one left, is revoked; the environment is refused.
+    done = opsbook.run("decommission", "--confirm", "staging")
+    assert done.exit_code == 0, done
+    assert iam_keys(s3_server, fresh) == [] and refused(s3_server, fresh["bucket"], *new_key) == "InvalidAccessKeyId"
+    assert opsbook.run("keys.rotate").exit_code == 2
+    produced = opsbook.everything_produced()
+    assert not any(secret in produced for secret in [*fresh["secrets"], new_key[1].reveal()])
 
 
 def test_failed_seed_stops_the_run_and_undoes_what_it_made(opsbook, fresh, postgres_server, s3_server):

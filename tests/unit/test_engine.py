@@ -103,6 +103,31 @@ def test_check_that_cannot_run_makes_the_dry_run_exit_3(environment):
             stream=io.StringIO()))).run(dry_run=True)
 
 
+def test_check_that_cannot_run_makes_the_real_run_exit_3_too(environment):
+    class Broken(SetKey):
+        def check(self, ctx):
+            raise StepFailed("server unreachable")
+
+    store = {}
+    with pytest.raises(CheckFailed, match="the plan cannot be made: step 2") as raised:
+        run(environment(), [SetKey(store, "a", 1), Broken(store, "b", 2)])
+    assert raised.value.exit_code == 3 and store == {}
+
+
+def test_an_undo_that_keeps_its_change_is_reported_as_kept(environment):
+    class Keeps(SetKey):
+        def undo(self, ctx, change):
+            return "it is in use now"
+
+    store = {}
+    with pytest.raises(StepFailed) as raised:
+        run(environment(), [SetKey(store, "a", 1), Keeps(store, "b", 2), SetKey(store, "c", 3, fail=True)])
+    message = str(raised.value)
+    assert store == {"b": 2}
+    assert "undone: set a" in message and "kept: set b (it is in use now)" in message
+    assert "set b" not in message.split("undone:")[1].split("kept:")[0]
+
+
 def test_verify_failure_is_a_step_failure(environment):
     class Liar(SetKey):
         def apply(self, ctx, change):
