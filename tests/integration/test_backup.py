@@ -24,7 +24,8 @@ import pytest
 from psycopg import sql
 
 from ops.secrets import Secret
-from tests.cli import Opsbook, wait_for
+from tests.cli import Opsbook, assert_no_secret, wait_for
+from tests.fixtures.postgres import row_counts
 
 SCHEMA = """
 CREATE TABLE "Brand" (id serial PRIMARY KEY, name text NOT NULL, slug text UNIQUE);
@@ -61,15 +62,6 @@ def make_database(server: Any, *, big_rows: int = 0) -> tuple[str, Secret]:
     return name, url
 
 
-def row_counts(url: Secret) -> dict[str, int]:
-    with psycopg.connect(url.reveal()) as connection:
-        tables = connection.execute("SELECT schemaname, tablename FROM pg_tables "
-                                    "WHERE schemaname = 'public' ORDER BY 1, 2").fetchall()
-        return {f"{schema}.{table}": connection.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()[0]
-            for schema, table in tables}
-
-
 def databases_like(server: Any, pattern: str) -> list[str]:
     with psycopg.connect(server.url().reveal()) as connection:
         return [row[0] for row in connection.execute(
@@ -98,12 +90,6 @@ def stored_keys(s3_server: Any, bucket: str) -> list[str]:
 
 def dangling_uploads(client: Any, bucket: str) -> list[str]:
     return [upload["Key"] for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-
-
-def assert_no_secret(opsbook: Opsbook, *secrets: str) -> None:
-    produced = opsbook.everything_produced()
-    for secret in secrets:
-        assert secret not in produced, "a secret value appeared in an output or a journal"
 
 
 def step_states(opsbook: Opsbook, run_id: str, step: str) -> list[str]:

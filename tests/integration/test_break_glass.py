@@ -20,7 +20,8 @@ import pyrage
 import pytest
 
 from tests.cli import REPOSITORY, Opsbook
-from tests.integration.test_backup import backups_section, make_database, row_counts, write_inventory
+from tests.fixtures.postgres import row_counts
+from tests.integration.test_backup import backups_section, make_database, write_inventory
 
 SECTION = "## Break-glass restore (no opsbook)"
 MARKER = "<!-- break-glass-commands:"

@@ -18,6 +18,7 @@ from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret
 from tests.cli import Opsbook, wait_for
+from tests.fixtures.s3 import iam_keys, refused
 
 STEPS = ["create-key", "probe-key", "store-key", "push-env-web1", "push-env-web2", "restart", "confirm-apps",
          "revoke-old-key", "record-rotation"]
@@ -57,17 +58,6 @@ def start_apps(opsbook: Opsbook, hosts: list[Any], monkeypatch: pytest.MonkeyPat
         host.env_file.write_text(render_env_file(env, host.name))
         host.env_file.chmod(0o600)
         subprocess.run(shlex.split(host.restart_command), check=True, capture_output=True, timeout=30)
-
-
-def refused(s3: Any, bucket: str, key_id: str, secret: Secret) -> str | None:
-    """The error code S3 answers this key with, or None when it works."""
-    from botocore.exceptions import ClientError
-
-    try:
-        s3.client(access_key_id=key_id, secret_access_key=secret).list_objects_v2(Bucket=bucket)
-    except ClientError as error:
-        return error.response["Error"]["Code"]
-    return None
 
 
 def ready(host: Any) -> int:
@@ -123,11 +113,6 @@ def new_journal(opsbook: Opsbook, interrupted: list[tuple[str, str]]) -> str | N
 
 def first_applied(opsbook: Opsbook, run_id: str) -> str | None:
     return next((e["step"] for e in opsbook.journal(run_id) if e.get("state") == "applied"), None)
-
-
-def iam_keys(s3: Any, user: str, using: tuple[str, Secret]) -> list[str]:
-    iam = s3.client("iam", access_key_id=using[0], secret_access_key=using[1])
-    return [k["AccessKeyId"] for k in iam.list_access_keys(UserName=user)["AccessKeyMetadata"]]
 
 
 def test_aws_iam_rotation_interrupted_after_each_step_in_turn(opsbook, iam_rotation, s3_server):

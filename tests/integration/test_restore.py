@@ -12,15 +12,9 @@ import pyrage
 import pytest
 
 from ops.secrets import Secret
-from tests.cli import Opsbook, wait_for
-from tests.integration.test_backup import (
-    assert_no_secret,
-    backups_section,
-    databases_like,
-    make_database,
-    row_counts,
-    write_inventory,
-)
+from tests.cli import Opsbook, assert_no_secret, wait_for
+from tests.fixtures.postgres import row_counts
+from tests.integration.test_backup import backups_section, databases_like, make_database, write_inventory
 
 SAMPLES = {"Brand": 'SELECT id, name, slug FROM "Brand" ORDER BY id',
            "Image": 'SELECT id, "brandId", caption, bytes FROM "Image" ORDER BY id',
