@@ -203,7 +203,8 @@ def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bo
     """Make `restored` the database called `database`; the previous one becomes `old`.
 
     Returns whether there was a previous database. Connections to the old database are
-    ended and refused while the names move; on failure the names are put back.
+    ended and refused while the names move; both renames commit in one transaction, so a
+    run killed at any point leaves `database` under its name (the live one or the restored one).
     """
     from ops import pg
 
@@ -212,30 +213,26 @@ def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bo
         return False
     _allow_connections(conn, database, False)
     try:
-        _rename_when_free(conn, database, old)
+        _swap_when_free(conn, database, restored, old)
     except BaseException:
-        _allow_connections(conn, database, True)
-        raise
-    try:
-        _rename(conn, restored, database)
-    except BaseException:
-        _rename(conn, old, database)  # put the live one back under its name
         _allow_connections(conn, database, True)
         raise
     _allow_connections(conn, old, True)
     return True
 
 
-def _rename_when_free(conn: psycopg.Connection, database: str, new_name: str) -> None:
-    """End the sessions on `database` and rename it; new sessions are already refused, but one may
-    have slipped in between: retry a few times."""
+def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old: str) -> None:
+    """End the sessions on `database`, then both renames at once; new sessions are already refused,
+    but one may have slipped in between: retry a few times."""
     import psycopg
 
     for attempt in range(RENAME_ATTEMPTS):
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                      "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
         try:
-            _rename(conn, database, new_name, translate=False)
+            with conn.transaction():
+                _rename(conn, database, old, translate=False)
+                _rename(conn, restored, database)
             return
         except psycopg.errors.ObjectInUse:
             if attempt == RENAME_ATTEMPTS - 1:

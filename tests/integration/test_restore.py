@@ -177,3 +177,36 @@ def test_an_interrupted_restore_leaves_the_target_untouched(opsbook, envs, postg
     assert not list((opsbook.state_dir / "restore").glob("*.pgc"))
     journal = opsbook.journal(opsbook.latest_run_id())
     assert journal[-1]["status"] == "interrupted" and journal[-1]["stopped_at"] == "load"
+
+
+def test_a_restore_killed_during_the_swap_never_leaves_the_name_empty(opsbook, envs, postgres_server, s3_server):
+    """Both renames commit together: while the second waits, and after the restore is killed there, the
+    target keeps its name; the next restore finishes the job."""
+    configure(opsbook, s3_server, envs)
+    assert opsbook.run("backup", "--env", "staging").exit_code == 0
+    target_name, target_url = envs["target"]
+    holder = psycopg.connect(postgres_server.url().reveal())  # a row lock on the copy's catalog row holds its rename
+    try:
+        running = opsbook.start("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+        scratch = wait_for(lambda: databases_like(postgres_server, f"{target_name}\\_\\_restore%"), timeout=60,
+                           interval=0.01, what="the scratch database")[0]
+        holder.execute("SELECT 1 FROM pg_database WHERE datname = %s FOR UPDATE", (scratch,))
+        wait_for(lambda: rename_waiting(postgres_server, scratch), timeout=60, what="the rename of the copy")
+        assert databases_like(postgres_server, target_name) == [target_name], "the target's name is gone mid-swap"
+        running.kill()
+        running.communicate(timeout=30)
+    finally:
+        holder.close()
+    wait_for(lambda: not rename_waiting(postgres_server, scratch), timeout=30, what="the killed session to end")
+    assert databases_like(postgres_server, target_name) == [target_name]
+    again = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    assert again.exit_code == 0, again
+    assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []
+    assert row_counts(target_url) == row_counts(envs["source"][1])
+
+
+def rename_waiting(server: Any, database: str) -> bool:
+    with psycopg.connect(server.url().reveal()) as connection:
+        return bool(connection.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'ALTER DATABASE%%RENAME%%'"
+            " AND query LIKE %s", (f'%"{database}"%',)).fetchall())
