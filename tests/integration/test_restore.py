@@ -199,6 +199,9 @@ def test_a_restore_killed_during_the_swap_never_leaves_the_name_empty(opsbook, e
         holder.close()
     wait_for(lambda: not rename_waiting(postgres_server, scratch), timeout=30, what="the killed session to end")
     assert databases_like(postgres_server, target_name) == [target_name]
+    with psycopg.connect(postgres_server.url().reveal()) as connection:  # refused until a restore finishes
+        assert connection.execute("SELECT datallowconn FROM pg_database WHERE datname = %s",
+                                  (target_name,)).fetchone() == (False,)
     again = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
     assert again.exit_code == 0, again
     assert databases_like(postgres_server, f"{target_name}\\_\\_%") == []
