@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
-import re
 import secrets
 import shlex
 import socket
@@ -23,20 +21,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from ops.errors import ConnectionFailed, OpsError, StepFailed, UsageError
-from ops.secrets import Secret, redact, reveal
+from ops import remote_commands
+from ops.errors import ConnectionFailed, Interrupted, OpsError, StepFailed, UsageError
+from ops.remote_commands import ENVIRONMENT_LOAD_FAILED, RemoteCommand, build_command, build_environment_script
+from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
     from fabric import Connection
-    from paramiko import SFTPClient
+    from paramiko import SFTPClient, Transport
 
 T = TypeVar("T")
 
 FETCH_BODY_LIMIT = 2048
 STDERR_TAIL_LINES = 10
-_ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Exit code of the environment wrapper when the variables could not be loaded.
-ENVIRONMENT_LOAD_FAILED = 125
 
 
 @dataclass(frozen=True)
@@ -68,23 +65,6 @@ class CommandResult:
 
 
 # --- pure command builders -------------------------------------------------
-
-
-def build_environment_script(environment: Mapping[str, str | Secret]) -> str:
-    """`export NAME='value'` lines for the wrapper to evaluate from stdin."""
-    lines = []
-    for name, value in environment.items():
-        if not _ENVIRONMENT_NAME.fullmatch(name):
-            raise UsageError(f"invalid environment variable name {name!r}",
-                             hint="use letters, digits and underscores, not starting with a digit")
-        lines.append(f"export {name}={shlex.quote(reveal(value))}")
-    return "\n".join(lines) + "\n"
-
-
-def wrap_with_environment(command: str) -> str:
-    """A command line that loads variables from stdin, then runs `command` in the login shell."""
-    loader = f'eval "$(cat)" || exit {ENVIRONMENT_LOAD_FAILED}; exec "${{SHELL:-/bin/sh}}" -c "$1"'
-    return f"sh -c {shlex.quote(loader)} opsbook-env {shlex.quote(command)}"
 
 
 _PYTHON_FETCH = """\
@@ -152,13 +132,6 @@ def _sftp_path(path: str) -> str:
 # --- connections -------------------------------------------------------------
 
 
-class _WholeInput(io.StringIO):
-    """Invoke reads a non-terminal stdin one byte per 10 ms; hand it everything at once."""
-
-    def read(self, size: int | None = -1) -> str:
-        return super().read(-1)
-
-
 class HostConnection:
     """An open, authenticated SSH connection to one host."""
 
@@ -186,31 +159,42 @@ class HostConnection:
 
     def run(self, command: str, *, check: bool = True, timeout: float | None = None,
             environment: Mapping[str, str | Secret] | None = None) -> CommandResult:
-        """Run `command` on the host, output captured and redacted; StepFailed on non-zero if `check`."""
-        from invoke.exceptions import CommandTimedOut, ThreadException
+        """Run `command` on the host, output captured and redacted; StepFailed on non-zero if `check`.
+
+        It runs in a process group of its own there, stopped with it when this process is interrupted
+        (then Interrupted, or the caller's KeyboardInterrupt) or when `timeout` passes (StepFailed)."""
         from paramiko import SSHException
 
-        stdin = ""
-        remote_command = command
-        if environment:
-            stdin = build_environment_script(environment)
-            remote_command = wrap_with_environment(command)
         shown = redact(_short(command))
+        if remote_commands.interrupted():
+            raise self._interrupted(shown)
+        stdin = build_environment_script(environment) if environment else ""
+        remote = RemoteCommand(self._transport(), build_command(command, with_environment=bool(environment)),
+                               stdin=stdin, timeout=timeout, open_timeout=self.host.connect_timeout)
         try:
-            result = self._connection.run(
-                remote_command, hide=True, warn=True, pty=False, timeout=timeout,
-                in_stream=_WholeInput(stdin), encoding="utf-8",
-            )
-        except CommandTimedOut:
-            raise StepFailed(f"`{shown}` did not finish within {timeout:g} s on {self._where()}",
-                             hint="the command may still be running on the host: check it there, "
-                                  "or raise the timeout", where=self.host.name) from None
-        except (ThreadException, SSHException, OSError, EOFError) as error:
+            result = remote.run()
+        except (SSHException, OSError, EOFError) as error:
             raise self._lost(f"running `{shown}`", error) from None
-        outcome = CommandResult(shown, result.exited, redact(result.stdout), redact(result.stderr))
+        if result.stopped == "interrupted":
+            raise self._interrupted(shown)
+        if result.stopped:
+            raise StepFailed(f"`{shown}` did not finish within {timeout:g} s on {self._where()}; "
+                             "it was stopped there", where=self.host.name,
+                             hint="find out why it hangs (run it by hand on the host), or raise the timeout")
+        outcome = CommandResult(shown, result.exit_code, redact(result.stdout), redact(result.stderr))
         if check and not outcome.ok:
             raise self._command_failed(outcome)
         return outcome
+
+    def _transport(self) -> Transport:
+        transport = self._connection.transport
+        if transport is None or not transport.is_active():
+            raise self._lost("starting a command", EOFError("the connection is closed"))
+        return transport
+
+    def _interrupted(self, shown: str) -> Interrupted:
+        return Interrupted(f"`{shown}` on {self._where()} was interrupted (and stopped there)", where=self.host.name,
+                           hint="`inv runs.resume ID` continues the run")
 
     def _command_failed(self, result: CommandResult) -> StepFailed:
         message = f"`{result.command}` exited with code {result.exit_code} on {self._where()}"

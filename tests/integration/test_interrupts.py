@@ -29,9 +29,9 @@ def host_entry(host: AppHost, **app: Any) -> dict[str, Any]:
                     "health_url": host.health_url, "ready_url": host.ready_url, "health_timeout": 15, **app}}
 
 
-def set_hosts(opsbook: Opsbook, hosts: list[dict[str, Any]]) -> None:
+def set_hosts(opsbook: Opsbook, hosts: list[dict[str, Any]], **settings: Any) -> None:
     inventory = yaml.safe_load(opsbook.inventory.read_text())
-    inventory["envs"]["staging"]["hosts"] = hosts
+    inventory["envs"]["staging"].update(hosts=hosts, **settings)
     opsbook.write_inventory(inventory)
 
 
@@ -102,10 +102,14 @@ def test_ctrl_c_during_the_seed_on_a_host_stops_it_there_and_the_run_resumes(
 
 
 def test_sigterm_during_a_rolling_restart_stops_the_remote_command_and_the_run_resumes(
-        opsbook: Opsbook, web_hosts: Any, tmp_path: Path) -> None:
+        opsbook: Opsbook, web_hosts: Any, staging: dict[str, Any], postgres_server: Any, s3_server: Any,
+        tmp_path: Path) -> None:
     hang = hang_once(tmp_path / "restart")
     web1, web2 = web_hosts(("web1", "web2"))
-    set_hosts(opsbook, [host_entry(web1, restart=f"{hang.command} && {web1.restart_command}"), host_entry(web2)])
+    opsbook.environ["APP_DATABASE_URL"] = postgres_server.create_database().reveal()  # what the apps can use
+    s3_server.client().create_bucket(Bucket=staging["bucket"])
+    set_hosts(opsbook, [host_entry(web1, restart=f"{hang.command} && {web1.restart_command}"), host_entry(web2)],
+              database={"url": "${env:APP_DATABASE_URL}"})
     pushed = opsbook.run("deploy.push-env", "--env", "staging")
     assert pushed.exit_code == 0, pushed
 
