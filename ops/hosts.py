@@ -1,12 +1,15 @@
 """SSH connections to app hosts (Fabric), with output redaction and honest errors.
 
-Host keys: by default an unknown host key is accepted (paramiko's AutoAddPolicy,
-the same as Fabric's default) and never written to disk, which suits ephemeral
-cloud hosts but does not protect against a man in the middle on first contact.
-Set `strict_host_keys: true` on a host to require its key in ~/.ssh/known_hosts.
+Host keys (ops/known_hosts.py): as OpenSSH's `StrictHostKeyChecking accept-new`, a host's key
+is recorded on first contact in opsbook's known-hosts file (`known_hosts` under the state
+directory), and a key that differs from the one recorded there or in ~/.ssh/known_hosts is
+refused with both fingerprints and how to accept a legitimate change (`inv hosts.forget`).
+`strict_host_keys: true` refuses a key found in neither file instead of recording it.
 
-Secrets passed in `environment` travel on the command's stdin, never on its
-command line, so they do not show in `ps` on the host and need no `AcceptEnv`.
+Commands (ops/remote_commands.py) run in a process group of their own on the host: an interrupt
+here (SIGINT, or SIGTERM through the CLI), from any thread, or a timeout stops that group there.
+Secrets passed in `environment` travel on the command's stdin, never on its command line, so
+they do not show in `ps` on the host and need no `AcceptEnv`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from ops import remote_commands
+from ops import known_hosts, remote_commands
 from ops.errors import ConnectionFailed, Interrupted, OpsError, StepFailed, UsageError
 from ops.remote_commands import ENVIRONMENT_LOAD_FAILED, RemoteCommand, build_command, build_environment_script
 from ops.secrets import Secret, redact
@@ -44,7 +47,9 @@ class HostConfig:
     port: int = 22
     key_filename: str | None = None  # else the ssh agent and the default keys
     connect_timeout: int = 10
-    strict_host_keys: bool = False  # True: reject host keys missing from ~/.ssh/known_hosts
+    strict_host_keys: bool = False  # True: refuse a key found in neither known-hosts file; never record one
+    known_hosts: str | None = None  # opsbook's known-hosts file; None: unknown keys are refused
+    env: str = ""  # the environment's name, for messages
 
     @property
     def target(self) -> str:
@@ -354,7 +359,6 @@ class HostConnection:
 def connect(host: HostConfig) -> HostConnection:
     """Open and authenticate an SSH connection now, so that problems surface here."""
     from fabric import Connection
-    from paramiko import RejectPolicy
 
     key_filename = os.path.expanduser(host.key_filename) if host.key_filename else None
     if key_filename and not os.path.isfile(key_filename):
@@ -367,9 +371,7 @@ def connect(host: HostConfig) -> HostConnection:
         connect_kwargs.update(key_filename=key_filename, look_for_keys=False, allow_agent=False)
     connection = Connection(host.address, user=host.user, port=host.port,
                             connect_timeout=host.connect_timeout, connect_kwargs=connect_kwargs)
-    if host.strict_host_keys:
-        connection.client.load_system_host_keys()
-        connection.client.set_missing_host_key_policy(RejectPolicy())
+    known_hosts.prepare(connection.client, host)
     try:
         connection.open()
     except Exception as error:
@@ -388,6 +390,8 @@ def _connect_error(host: HostConfig, key_filename: str | None, error: Exception)
     from paramiko import AuthenticationException, BadHostKeyException, PasswordRequiredException, SSHException
     from paramiko.ssh_exception import NoValidConnectionsError
 
+    if isinstance(error, ConnectionFailed):  # the host key policy's own verdict
+        return error
     where = f"host {host.name} ({host.target})"
     network_hint = f"check the address and port of {host.name} and that a firewall lets SSH through"
     keys = f"key file {key_filename}" if key_filename else "the ssh agent and default keys (~/.ssh/id_*)"
@@ -411,14 +415,7 @@ def _connect_error(host: HostConfig, key_filename: str | None, error: Exception)
                                 hint=f"add the public key to ~{host.user}/.ssh/authorized_keys on the host, "
                                      "or fix user/key_filename in the inventory")
     if isinstance(error, BadHostKeyException):
-        return ConnectionFailed(f"the host key of {where} does not match ~/.ssh/known_hosts", where=host.name,
-                                hint="if the host was rebuilt, verify its new key out of band and update "
-                                     "known_hosts; otherwise treat this as a possible attack")
-    if isinstance(error, SSHException) and "known_hosts" in str(error):
-        return ConnectionFailed(f"the host key of {where} is not in ~/.ssh/known_hosts (strict_host_keys)",
-                                where=host.name,
-                                hint=f"verify the key, then add it: ssh-keyscan -p {host.port} {host.address} "
-                                     ">> ~/.ssh/known_hosts")
+        return known_hosts.bad_key_error(host, error)
     if isinstance(error, (SSHException, EOFError)):
         return ConnectionFailed(f"SSH handshake with {where} failed: {redact(error) or type(error).__name__}",
                                 hint=f"check that port {host.port} on {host.address} is an SSH server",
