@@ -47,3 +47,7 @@ from runbooks import keys, secrets_rotate  # noqa: E402
 
 ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
+
+from runbooks import hosts  # noqa: E402
+
+ns.add_collection(hosts.collection)

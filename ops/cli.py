@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ops import remote_commands
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.secrets import redact
 
@@ -42,7 +43,7 @@ def opstask(body: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from ops.output import results_printed
 
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
         printed_before = results_printed()
         try:
             return body(*args, **kwargs)
@@ -60,12 +61,15 @@ def opstask(body: F) -> F:
                     1, kwargs.get("json", False))
             raise Exit(code=1) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     return wrapper  # type: ignore[return-value]
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM: commands running on hosts (in any thread) are stopped there, then the run unwinds."""
+    remote_commands.interrupt()
     raise KeyboardInterrupt
 
 

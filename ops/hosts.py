@@ -1,21 +1,22 @@
 """SSH connections to app hosts (Fabric), with output redaction and honest errors.
 
-Host keys: by default an unknown host key is accepted (paramiko's AutoAddPolicy,
-the same as Fabric's default) and never written to disk, which suits ephemeral
-cloud hosts but does not protect against a man in the middle on first contact.
-Set `strict_host_keys: true` on a host to require its key in ~/.ssh/known_hosts.
+Host keys (ops/known_hosts.py): as OpenSSH's `StrictHostKeyChecking accept-new`, a host's key
+is recorded on first contact in opsbook's known-hosts file (`known_hosts` under the state
+directory), and a key that differs from the one recorded there or in ~/.ssh/known_hosts is
+refused with both fingerprints and how to accept a legitimate change (`inv hosts.forget`).
+`strict_host_keys: true` refuses a key found in neither file instead of recording it.
 
-Secrets passed in `environment` travel on the command's stdin, never on its
-command line, so they do not show in `ps` on the host and need no `AcceptEnv`.
+Commands (ops/remote_commands.py) run in a process group of their own on the host: an interrupt
+here (SIGINT, or SIGTERM through the CLI), from any thread, or a timeout stops that group there.
+Secrets passed in `environment` travel on the command's stdin, never on its command line, so
+they do not show in `ps` on the host and need no `AcceptEnv`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
-import re
 import secrets
 import shlex
 import socket
@@ -23,20 +24,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from ops.errors import ConnectionFailed, OpsError, StepFailed, UsageError
-from ops.secrets import Secret, redact, reveal
+from ops import known_hosts, remote_commands
+from ops.errors import ConnectionFailed, Interrupted, OpsError, StepFailed, UsageError
+from ops.remote_commands import ENVIRONMENT_LOAD_FAILED, RemoteCommand, build_command, build_environment_script
+from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
     from fabric import Connection
-    from paramiko import SFTPClient
+    from paramiko import SFTPClient, Transport
 
 T = TypeVar("T")
 
 FETCH_BODY_LIMIT = 2048
 STDERR_TAIL_LINES = 10
-_ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Exit code of the environment wrapper when the variables could not be loaded.
-ENVIRONMENT_LOAD_FAILED = 125
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ class HostConfig:
     port: int = 22
     key_filename: str | None = None  # else the ssh agent and the default keys
     connect_timeout: int = 10
-    strict_host_keys: bool = False  # True: reject host keys missing from ~/.ssh/known_hosts
+    strict_host_keys: bool = False  # True: refuse a key found in neither known-hosts file; never record one
+    known_hosts: str | None = None  # opsbook's known-hosts file; None: unknown keys are refused
+    env: str = ""  # the environment's name, for messages
 
     @property
     def target(self) -> str:
@@ -68,23 +70,6 @@ class CommandResult:
 
 
 # --- pure command builders -------------------------------------------------
-
-
-def build_environment_script(environment: Mapping[str, str | Secret]) -> str:
-    """`export NAME='value'` lines for the wrapper to evaluate from stdin."""
-    lines = []
-    for name, value in environment.items():
-        if not _ENVIRONMENT_NAME.fullmatch(name):
-            raise UsageError(f"invalid environment variable name {name!r}",
-                             hint="use letters, digits and underscores, not starting with a digit")
-        lines.append(f"export {name}={shlex.quote(reveal(value))}")
-    return "\n".join(lines) + "\n"
-
-
-def wrap_with_environment(command: str) -> str:
-    """A command line that loads variables from stdin, then runs `command` in the login shell."""
-    loader = f'eval "$(cat)" || exit {ENVIRONMENT_LOAD_FAILED}; exec "${{SHELL:-/bin/sh}}" -c "$1"'
-    return f"sh -c {shlex.quote(loader)} opsbook-env {shlex.quote(command)}"
 
 
 _PYTHON_FETCH = """\
@@ -152,13 +137,6 @@ def _sftp_path(path: str) -> str:
 # --- connections -------------------------------------------------------------
 
 
-class _WholeInput(io.StringIO):
-    """Invoke reads a non-terminal stdin one byte per 10 ms; hand it everything at once."""
-
-    def read(self, size: int | None = -1) -> str:
-        return super().read(-1)
-
-
 class HostConnection:
     """An open, authenticated SSH connection to one host."""
 
@@ -186,31 +164,42 @@ class HostConnection:
 
     def run(self, command: str, *, check: bool = True, timeout: float | None = None,
             environment: Mapping[str, str | Secret] | None = None) -> CommandResult:
-        """Run `command` on the host, output captured and redacted; StepFailed on non-zero if `check`."""
-        from invoke.exceptions import CommandTimedOut, ThreadException
+        """Run `command` on the host, output captured and redacted; StepFailed on non-zero if `check`.
+
+        It runs in a process group of its own there, stopped with it when this process is interrupted
+        (then Interrupted, or the caller's KeyboardInterrupt) or when `timeout` passes (StepFailed)."""
         from paramiko import SSHException
 
-        stdin = ""
-        remote_command = command
-        if environment:
-            stdin = build_environment_script(environment)
-            remote_command = wrap_with_environment(command)
         shown = redact(_short(command))
+        if remote_commands.interrupted():
+            raise self._interrupted(shown)
+        stdin = build_environment_script(environment) if environment else ""
+        remote = RemoteCommand(self._transport(), build_command(command, with_environment=bool(environment)),
+                               stdin=stdin, timeout=timeout, open_timeout=self.host.connect_timeout)
         try:
-            result = self._connection.run(
-                remote_command, hide=True, warn=True, pty=False, timeout=timeout,
-                in_stream=_WholeInput(stdin), encoding="utf-8",
-            )
-        except CommandTimedOut:
-            raise StepFailed(f"`{shown}` did not finish within {timeout:g} s on {self._where()}",
-                             hint="the command may still be running on the host: check it there, "
-                                  "or raise the timeout", where=self.host.name) from None
-        except (ThreadException, SSHException, OSError, EOFError) as error:
+            result = remote.run()
+        except (SSHException, OSError, EOFError) as error:
             raise self._lost(f"running `{shown}`", error) from None
-        outcome = CommandResult(shown, result.exited, redact(result.stdout), redact(result.stderr))
+        if result.stopped == "interrupted":
+            raise self._interrupted(shown)
+        if result.stopped:
+            raise StepFailed(f"`{shown}` did not finish within {timeout:g} s on {self._where()}; "
+                             "it was stopped there", where=self.host.name,
+                             hint="find out why it hangs (run it by hand on the host), or raise the timeout")
+        outcome = CommandResult(shown, result.exit_code, redact(result.stdout), redact(result.stderr))
         if check and not outcome.ok:
             raise self._command_failed(outcome)
         return outcome
+
+    def _transport(self) -> Transport:
+        transport = self._connection.transport
+        if transport is None or not transport.is_active():
+            raise self._lost("starting a command", EOFError("the connection is closed"))
+        return transport
+
+    def _interrupted(self, shown: str) -> Interrupted:
+        return Interrupted(f"`{shown}` on {self._where()} was interrupted (and stopped there)", where=self.host.name,
+                           hint="`inv runs.resume ID` continues the run")
 
     def _command_failed(self, result: CommandResult) -> StepFailed:
         message = f"`{result.command}` exited with code {result.exit_code} on {self._where()}"
@@ -370,7 +359,6 @@ class HostConnection:
 def connect(host: HostConfig) -> HostConnection:
     """Open and authenticate an SSH connection now, so that problems surface here."""
     from fabric import Connection
-    from paramiko import RejectPolicy
 
     key_filename = os.path.expanduser(host.key_filename) if host.key_filename else None
     if key_filename and not os.path.isfile(key_filename):
@@ -383,9 +371,7 @@ def connect(host: HostConfig) -> HostConnection:
         connect_kwargs.update(key_filename=key_filename, look_for_keys=False, allow_agent=False)
     connection = Connection(host.address, user=host.user, port=host.port,
                             connect_timeout=host.connect_timeout, connect_kwargs=connect_kwargs)
-    if host.strict_host_keys:
-        connection.client.load_system_host_keys()
-        connection.client.set_missing_host_key_policy(RejectPolicy())
+    known_hosts.prepare(connection.client, host)
     try:
         connection.open()
     except Exception as error:
@@ -404,6 +390,8 @@ def _connect_error(host: HostConfig, key_filename: str | None, error: Exception)
     from paramiko import AuthenticationException, BadHostKeyException, PasswordRequiredException, SSHException
     from paramiko.ssh_exception import NoValidConnectionsError
 
+    if isinstance(error, ConnectionFailed):  # the host key policy's own verdict
+        return error
     where = f"host {host.name} ({host.target})"
     network_hint = f"check the address and port of {host.name} and that a firewall lets SSH through"
     keys = f"key file {key_filename}" if key_filename else "the ssh agent and default keys (~/.ssh/id_*)"
@@ -427,14 +415,7 @@ def _connect_error(host: HostConfig, key_filename: str | None, error: Exception)
                                 hint=f"add the public key to ~{host.user}/.ssh/authorized_keys on the host, "
                                      "or fix user/key_filename in the inventory")
     if isinstance(error, BadHostKeyException):
-        return ConnectionFailed(f"the host key of {where} does not match ~/.ssh/known_hosts", where=host.name,
-                                hint="if the host was rebuilt, verify its new key out of band and update "
-                                     "known_hosts; otherwise treat this as a possible attack")
-    if isinstance(error, SSHException) and "known_hosts" in str(error):
-        return ConnectionFailed(f"the host key of {where} is not in ~/.ssh/known_hosts (strict_host_keys)",
-                                where=host.name,
-                                hint=f"verify the key, then add it: ssh-keyscan -p {host.port} {host.address} "
-                                     ">> ~/.ssh/known_hosts")
+        return known_hosts.bad_key_error(host, error)
     if isinstance(error, (SSHException, EOFError)):
         return ConnectionFailed(f"SSH handshake with {where} failed: {redact(error) or type(error).__name__}",
                                 hint=f"check that port {host.port} on {host.address} is an SSH server",

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from ops.errors import InventoryError
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
 from ops.inventory_schema import INVENTORY, SECRET_KEYS
+from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.secrets import MASK, Secret
 
 if TYPE_CHECKING:
@@ -258,6 +259,7 @@ class Environment:
                 key_filename=str(self._relative_to_inventory(key_file)) if key_file else None,
                 connect_timeout=ssh.get("connect_timeout", 10),
                 strict_host_keys=ssh.get("strict_host_keys", False),
+                known_hosts=str(self.inventory.state_dir / KNOWN_HOSTS_FILE), env=self.name,
             ))
         return configs
 

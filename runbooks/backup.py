@@ -7,6 +7,7 @@ retention. Only a backup with a manifest exists; a failed run leaves none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -104,11 +105,19 @@ class DumpStep(Step):
             facts: dict[str, Any] = {}
             reader = threading.Thread(target=_read_facts, args=(snapshot_connection, url, facts), daemon=True)
             reader.start()
-            stored = dump.dump_to_storage(
-                pg.dump_command(tool, snapshot=snapshot), pg.child_environment(url), storage, key,
-                level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
-                part_size=dump.part_size_for(change.data.get("size", 0)),
-                on_progress=dump.ProgressLines(ctx.log, "uploaded"), what=f"pg_dump of {pg.parse_url(url).describe()}")
+            try:
+                stored = dump.dump_to_storage(
+                    pg.dump_command(tool, snapshot=snapshot), pg.child_environment(url), storage, key,
+                    level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
+                    part_size=dump.part_size_for(change.data.get("size", 0)),
+                    on_progress=dump.ProgressLines(ctx.log, "uploaded"),
+                    what=f"pg_dump of {pg.parse_url(url).describe()}")
+            except BaseException:
+                # The reader's count(*) may be waiting for a lock; ending the snapshot would wait for it.
+                with contextlib.suppress(Exception):
+                    snapshot_connection.cancel_safe(timeout=5)
+                reader.join(timeout=10)
+                raise
             reader.join()
         if "error" in facts:
             storage.delete(key)

@@ -219,7 +219,7 @@ def test_missing_key_file_and_unknown_host_key(ssh_server: SshServer, tmp_path: 
     with pytest.raises(ConnectionFailed, match="does not exist"):
         connect(ssh_server.host_config("web1", key_filename=str(tmp_path / "nope")))
     with pytest.raises(ConnectionFailed, match="known_hosts"):
-        connect(ssh_server.host_config("web1", strict_host_keys=True))
+        connect(ssh_server.host_config("web1", strict_host_keys=True, known_hosts=str(tmp_path / "known_hosts")))
 
 
 def test_non_ssh_port_raises_connection_failed(ssh_server: SshServer) -> None:

@@ -1,0 +1,193 @@
+"""Ctrl-C (SIGINT) and SIGTERM stop a run within seconds, wherever it is: in a command on an app host
+(the main thread's seed, a rolling restart's worker thread) or in a local pg_dump. The remote command is
+stopped on the host, the journal says "interrupted" at that step, the exit code is 130, and
+`inv runs.resume ID` finishes the run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.cli import CliResult, Opsbook, wait_for
+from tests.fixtures.ssh import AppHost, HangOnce, hang_once, process_alive
+
+STOPPED_WITHIN_SECONDS = 6  # "a few seconds": a hang lasts until the 300 s sleep of the remote command ends
+
+
+def host_entry(host: AppHost, **app: Any) -> dict[str, Any]:
+    return {"name": host.name, "address": "127.0.0.1", "user": host.host.user, "port": host.host.port,
+            "key_file": host.host.key_filename,
+            "app": {"dir": str(host.app_dir), "env_file": str(host.env_file), "restart": host.restart_command,
+                    "health_url": host.health_url, "ready_url": host.ready_url, "health_timeout": 15, **app}}
+
+
+def set_hosts(opsbook: Opsbook, hosts: list[dict[str, Any]], **settings: Any) -> None:
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["staging"].update(hosts=hosts, **settings)
+    opsbook.write_inventory(inventory)
+
+
+def interrupt_when(opsbook: Opsbook, args: tuple[str, ...], ready: Callable[[subprocess.Popen], Any], signum: int,
+                   hang: HangOnce | None = None) -> tuple[CliResult, float, list[int]]:
+    """Start `inv ARGS`, send `signum` once `ready(process)`; (result, seconds from the signal to the exit, the hanging
+    command's processes still running when the CLI had exited)."""
+    process = opsbook.start(*args)
+    try:
+        wait_for(lambda: ready(process) or process.poll() is not None, timeout=90, interval=0.05,
+                 what="the step to hang")
+        assert process.poll() is None, opsbook.collect(process)
+        process.send_signal(signum)
+        signalled = time.monotonic()
+        try:
+            result = opsbook.collect(process, timeout=STOPPED_WITHIN_SECONDS * 5)
+        except Exception:
+            process.kill()
+            raise
+        return result, time.monotonic() - signalled, hang.running() if hang else []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if hang:
+            hang.kill()
+
+
+def assert_interrupted_at(opsbook: Opsbook, run_id: str, step: str) -> None:
+    journal = opsbook.journal(run_id)
+    assert journal[-1]["event"] == "finished", journal[-1]
+    assert (journal[-1]["status"], journal[-1]["exit_code"], journal[-1]["stopped_at"]) == ("interrupted", 130, step)
+    assert {"step": step, "state": "failed", "reason": "interrupted"}.items() <= journal[-2].items(), journal[-2]
+
+
+@pytest.fixture
+def web_hosts(opsbook: Opsbook, staging: dict[str, Any], app_host_factory: Callable[..., list[AppHost]]) -> Any:
+    """`staging` (conftest) on app hosts of the session's sshd: make(names, **app) -> the hosts."""
+
+    def make(names: tuple[str, ...], **app: Any) -> list[AppHost]:
+        hosts = app_host_factory(names)
+        for host in hosts:
+            (host.app_dir / "prisma" / "migrations").mkdir(parents=True)  # the release has no migrations yet
+        set_hosts(opsbook, [host_entry(host, **app) for host in hosts])
+        return hosts
+
+    return make
+
+
+def test_ctrl_c_during_the_seed_on_a_host_stops_it_there_and_the_run_resumes(
+        opsbook: Opsbook, web_hosts: Any, tmp_path: Path) -> None:
+    hang = hang_once(tmp_path / "seed")
+    (host,) = web_hosts(("web1",), seed=hang.command)
+
+    result, seconds, left = interrupt_when(opsbook, ("provision", "--env", "staging"),
+                                           lambda _: len(hang.running()) == 3, signal.SIGINT, hang)
+    assert result.exit_code == 130, result
+    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
+    assert left == [], f"the seed's processes {left} still run on the host after the CLI exited"
+    assert "Traceback" not in result.output and "runs.resume" in result.stderr, result
+    run_id = opsbook.latest_run_id()
+    assert_interrupted_at(opsbook, run_id, "seed")
+    assert host.pid() is None  # the restart after the seed never ran
+
+    resumed = opsbook.run("runs.resume", run_id)
+    assert resumed.exit_code == 0, resumed
+    assert host.pid() is not None and "seed" in resumed.stderr
+
+
+def test_sigterm_during_a_rolling_restart_stops_the_remote_command_and_the_run_resumes(
+        opsbook: Opsbook, web_hosts: Any, staging: dict[str, Any], postgres_server: Any, s3_server: Any,
+        tmp_path: Path) -> None:
+    hang = hang_once(tmp_path / "restart")
+    web1, web2 = web_hosts(("web1", "web2"))
+    opsbook.environ["APP_DATABASE_URL"] = postgres_server.create_database().reveal()  # what the apps can use
+    s3_server.client().create_bucket(Bucket=staging["bucket"])
+    set_hosts(opsbook, [host_entry(web1, restart=f"{hang.command} && {web1.restart_command}"), host_entry(web2)],
+              database={"url": "${env:APP_DATABASE_URL}"})
+    pushed = opsbook.run("deploy.push-env", "--env", "staging")
+    assert pushed.exit_code == 0, pushed
+
+    result, seconds, left = interrupt_when(opsbook, ("deploy.restart", "--env", "staging"),
+                                           lambda _: len(hang.running()) == 3, signal.SIGTERM, hang)
+    assert result.exit_code == 130, result
+    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
+    assert left == [], f"the restart's processes {left} still run on the host after the CLI exited"
+    run_id = opsbook.latest_run_id()
+    assert_interrupted_at(opsbook, run_id, "restart")
+    assert web1.pid() is None and web2.pid() is None
+
+    resumed = opsbook.run("runs.resume", run_id)
+    assert resumed.exit_code == 0, resumed
+    assert web1.pid() is not None and web2.pid() is not None
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (this machine's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def started(opsbook: Opsbook, step: str) -> bool:
+    journal = opsbook.journal(opsbook.latest_run_id())
+    return any(entry.get("step") == step and entry.get("state") == "started" for entry in journal)
+
+
+def command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def test_ctrl_c_during_a_local_pg_dump_stops_it_and_the_backup_resumes(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> None:
+    database_url = postgres_server.create_database()
+    with psycopg.connect(database_url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE items AS SELECT g AS id FROM generate_series(1, 100) g")
+    bucket = s3_server.make_bucket()
+    opsbook.environ.update({"DB_URL": database_url.reveal(), "S3_SECRET": s3_server.secret_access_key.reveal()})
+    opsbook.write_inventory({"project": "interrupttest", "default_env": "staging", "envs": {"staging": {
+        "database": {"url": "${env:DB_URL}"},
+        "backups": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                    "bucket": bucket.bucket, "prefix": "staging/", "access_key_id": s3_server.access_key_id,
+                    "secret_access_key": "${env:S3_SECRET}"}}}})
+    # A table locked by another session makes pg_dump wait for its lock: a deterministic pause in the dump step.
+    blocker = psycopg.connect(database_url.reveal())
+    blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+    seen: list[int] = []
+
+    def dumping(process: subprocess.Popen) -> bool:
+        if not (opsbook.journals() and started(opsbook, "dump")):
+            return False
+        seen[:] = children(process.pid)
+        return any(command_name(pid) == "pg_dump" for pid in seen)
+
+    try:
+        result, seconds, _ = interrupt_when(opsbook, ("backup", "--env", "staging"), dumping, signal.SIGINT)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert result.exit_code == 130, result
+    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
+    left = [pid for pid in seen if process_alive(pid)]
+    assert left == [], f"child processes {left} ({[command_name(p) for p in left]}) outlived the CLI"
+    run_id = opsbook.latest_run_id()
+    assert_interrupted_at(opsbook, run_id, "dump")
+
+    resumed = opsbook.run("runs.resume", run_id, "--json")
+    assert resumed.exit_code == 0, resumed
+    assert resumed.json()["status"] == "succeeded" and "stored" in resumed.stderr, resumed
+
