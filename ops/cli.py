@@ -190,16 +190,20 @@ def load_inventory() -> Inventory:
     return inventory.load()
 
 
-def environment(name: str | None, *, output: Output | None = None,
-                allow_decommissioned: bool = False) -> Environment:
+def environment(name: str | None, *, output: Output | None = None, allow_decommissioned: bool = False,
+                confirm: str | None = None) -> Environment:
     """The named environment, merged; a sandbox environment is started when it is not running.
 
-    A decommissioned environment (inventory flag, or the marker `inv decommission` leaves in the state
-    dir) is refused, exit 2, unless the task is a read-only listing (`allow_decommissioned`)."""
+    A task that changes it passes its --confirm: one naming another environment is refused here, exit 2,
+    before anything runs (the runner refuses it too). A decommissioned environment (inventory flag, or the
+    marker `inv decommission` leaves in the state dir) is refused, exit 2, unless the task is a read-only
+    listing (`allow_decommissioned`)."""
     from ops.archive import decommission_marker
+    from ops.engine import check_confirm_name
 
     inventory = load_inventory()
     env = inventory.environment(name)
+    check_confirm_name(env.name, confirm)
     if env.decommissioned and not allow_decommissioned:
         raise UsageError(f"environment {env.name} is decommissioned", where=env.inventory.location(f"envs.{env.name}"),
                          hint="it keeps its archive and final backup; remove `decommissioned: true` only if it is "

@@ -317,7 +317,6 @@ class ObjectiveCheck(DrillCheck):
         what = "drill start → staging ready" if objective == "rto" else "age of the backup used"
         self.title = f"{objective.upper()} ({what}) within targets.{self.target_key}"
         self.summary = f"measure the {objective.upper()}"
-        self.changes_data = False
 
     def measured(self) -> float | None:
         if self.name == "rto":
@@ -347,7 +346,6 @@ class ObjectiveCheck(DrillCheck):
 
 class ReportStep(Step):
     name = "report"
-    changes_data = False
 
     def __init__(self, session: Session):
         self.session = session
@@ -448,7 +446,7 @@ def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None
     if str(target_name) == source.name:
         raise UsageError(f"the drill would restore {source.name} over itself",
                          hint="choose a staging environment as --target")
-    target_env = environment(str(target_name), output=output)
+    target_env = environment(str(target_name), output=output, confirm=confirm)
     runbook = build(target_env, source=source.name, backup=backup)
 
     def on_failure(ctx: RunContext, error: OpsError) -> None:

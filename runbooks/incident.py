@@ -373,7 +373,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
     from ops.incidents import IncidentStore, add_entry, refuse_if_resolved
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     environment_.register_secrets()
     store = IncidentStore(environment_)
     with store.lock(id):

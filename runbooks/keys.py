@@ -89,7 +89,6 @@ def delete_pending_key(ctx: RunContext) -> str | None:
 class ProbeKey(Step):
     name = "probe-key"
     title = "probe the new key: head the bucket, put, get and delete an object"
-    changes_data = False
 
     def check(self, ctx: RunContext) -> Change | None:
         pending = pending_key(ctx.env)
@@ -179,7 +178,6 @@ def rotation_in_progress(env: Environment) -> bool:
 class ConfirmServing(Step):
     name = "confirm-apps"
     title = "confirm every app holds the new key and answers its health and ready URLs"
-    changes_data = False
 
     def check(self, ctx: RunContext) -> Change | None:
         if planned_before(ctx, *SWITCHING_STEPS):
@@ -310,7 +308,7 @@ def rotate(c, env=None, dry_run=False, confirm=None, json=False):
     from ops.journal import new_run_id
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"key": keys.key_status(environment_).to_json()}

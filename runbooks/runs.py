@@ -73,7 +73,7 @@ def resume(c, run_id, confirm=None, json=False):
         raise UsageError(f"run {run_id} already {record.status}; there is nothing to resume")
     if header.get("runbook") not in runbooks.RUNBOOKS:
         raise UsageError(f"run {run_id} ({header.get('runbook')}) cannot be resumed: it is not a step runbook")
-    env = environment(header["env"], output=output)
+    env = environment(header["env"], output=output, confirm=confirm)
     runbook = runbooks.build(header["runbook"], env, **(header.get("arguments") or {}))
     output.info(f"resuming run {run_id} ({runbook.name} on {env.name}, stopped at {record.stopped_at()})")
     execute(runbook, env, output, confirm=confirm, resume=record)
