@@ -26,6 +26,24 @@ def test_every_task_has_a_docstring_and_help_for_every_flag():
         assert not missing, f"inv -h {name}: no help for {missing}"
 
 
+def test_every_required_argument_is_given_first_or_as_its_flag():
+    """`inv incident.update ID` and `inv incident.update --id ID` alike, as `inv runs.show ID`."""
+    from invoke.parser import Parser
+
+    import tasks
+
+    parser = Parser(contexts=tasks.ns.to_contexts())
+    seen = set()
+    for name, task in all_tasks():
+        for argument in (a for a in task.get_arguments() if a.positional):
+            seen.add(name)
+            for argv in ([name, "THE-ID"], [name, f"--{argument.names[0]}", "THE-ID"]):
+                (parsed,) = [context for context in parser.parse_argv(argv) if context.name == name]
+                assert parsed.args[argument.name].value == "THE-ID", argv
+    assert {"incident.update", "incident.resolve", "incident.show", "incident.rollback", "runs.show",
+            "runs.resume"} <= seen
+
+
 def test_listing_tasks_imports_no_heavy_library():
     code = (f"import sys; sys.path.insert(0, {str(REPOSITORY)!r}); import tasks; "
             "heavy = [m for m in ('boto3', 'botocore', 'fabric', 'paramiko', 'psycopg', 'jsonschema', 'zstandard')"
