@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tests.cli import REPOSITORY, Opsbook
+from tests.cli import REPOSITORY, Opsbook, task_arguments
 from tests.fixtures.ssh import AppHost, SshServer
 from tests.integration.test_deploy import host_entry
 
@@ -33,7 +33,7 @@ def tasks_taking_confirm() -> dict[str, Any]:
     found = {}
     for name in tasks.ns.task_names:
         task = tasks.ns[name]
-        arguments = {argument.name: argument for argument in task.get_arguments()}
+        arguments = {argument.name: argument for argument in task_arguments(task)}
         if "confirm" in arguments:
             found[name] = task
     return found
@@ -90,7 +90,7 @@ def test_a_confirm_naming_another_environment_is_refused_before_anything_runs(
     assert {"deploy.restart", "backup.run", "backup.prune", "restore", "drill.run", "decommission",
             "incident.rollback", "runs.resume"} <= set(walked)
     for name, task in walked.items():
-        flags = {argument.name for argument in task.get_arguments()}
+        flags = {argument.names[0] for argument in task_arguments(task)}
         where = ["--env", "staging", "--target", "prod"] if name == "drill.run" else \
             [] if name == "runs.resume" else ["--env", "prod"]
         dry = ["--dry-run"] if "dry-run" in flags else []
