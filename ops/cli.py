@@ -68,7 +68,7 @@ def _refusing_bad_values(see_value: Callable[..., None]) -> Callable[..., None]:
             see_value(machine, value)
         except (TypeError, ValueError):
             kind = "a whole number" if machine.flag.kind is int else f"a {machine.flag.kind.__name__}"
-            machine.error(f"--{machine.flag.name} takes {kind}, not {value!r}")
+            machine.error(f"--{machine.flag.names[0]} takes {kind}, not {value!r}")
 
     return wrapper
 
@@ -122,9 +122,9 @@ def usage_message(program: Any, error: Exception) -> str:
     tasks = list(parser.contexts) if parser is not None else []
     text = str(error)
     if match := _NEEDS_VALUE.match(text):
-        text = f"--{match[1]} needs a value"
+        text = f"{_flag(context, match[1])} needs a value"
     elif match := _TAKES_NO_VALUE.match(text):
-        text = f"--{match[1]} takes no value"
+        text = f"{_flag(context, match[1])} takes no value"
     elif match := _POSITIONAL.match(text):
         text = "missing " + ", ".join(name.strip("'").upper() for name in match[1].split(", "))
     elif (match := _UNKNOWN.match(text)) and match[1].startswith("-"):
@@ -135,6 +135,14 @@ def usage_message(program: Any, error: Exception) -> str:
     if task:
         return f"error: {task}: {text}; see `inv -h {task}`"
     return f"error: {text}; see `inv {'--help' if text.startswith('unknown flag') else '--list'}`"
+
+
+def _flag(context: Any, name: str) -> str:
+    """The flag as typed (`--max-fail`) for the name invoke's messages use (`max_fail`)."""
+    try:
+        return f"--{context.args[name].names[0]}"  # args knows each flag by its attribute name too
+    except (AttributeError, KeyError):
+        return f"--{name}"
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_every_task_answers_a_bad_flag_with_exit_2(tmp_path):
                 command_lines.append([name, flag, "many"])
     for argv, code, printed in inv_many(command_lines, tmp_path):
         assert_usage_error(code, printed, argv, f"see `inv -h {shown[argv[0]]}`")
+        assert re.search(f"{argv[1]}\\b(?!-)", printed), f"the message does not name the flag as typed: {printed}"
     assert len(command_lines) > 100
 
 
