@@ -91,8 +91,7 @@ def test_a_confirm_naming_another_environment_is_refused_before_anything_runs(
             "incident.rollback", "runs.resume"} <= set(walked)
     for name, task in walked.items():
         flags = {argument.names[0] for argument in task_arguments(task)}
-        where = ["--env", "staging", "--target", "prod"] if name == "drill.run" else \
-            [] if name == "runs.resume" else ["--env", "prod"]
+        where = {"drill.run": ["--env", "staging", "--target", "prod"], "runs.resume": []}.get(name, ["--env", "prod"])
         dry = ["--dry-run"] if "dry-run" in flags else []
         result = run(opsbook, name, *first_arguments.get(name, []), *where, *dry, "--confirm", "staging")
         assert result.exit_code == 2, result
