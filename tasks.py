@@ -6,10 +6,13 @@ exit codes are mapped in one place, ops/cli.py.
 
 from invoke import Collection
 
+from ops.cli import install_usage_errors
 from runbooks import assets, backup, health, inventory, provision, prune, restore, runs, sandbox
 
 backup.collection.add_task(prune.prune)
 backup.collection.add_task(assets.assets)
+
+install_usage_errors()  # command-line errors: exit 2 and one line, before invoke parses the task flags
 
 ns = Collection()
 ns.add_task(health.health)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import traceback
@@ -33,6 +35,120 @@ COMMON_HELP = {
 def helps(*common: str, **extra: str) -> dict[str, str]:
     """Help for a task's flags: the shared ones named in `common`, plus its own."""
     return {**{name: COMMON_HELP[name] for name in common}, **extra}
+
+
+# --- command-line errors ---------------------------------------------------------------------------
+# invoke parses a task's flags after it imports tasks.py, and answers a parse error with exit 1, or, for a
+# flag value it cannot convert (`--jobs x`), with a traceback. install_usage_errors(), called from tasks.py,
+# makes each one line and exit 2 for `inv` and `python -m invoke` alike.
+
+_NEEDS_VALUE = re.compile(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")
+_TAKES_NO_VALUE = re.compile(r"^Flag <Argument: (\S+).*> doesn't take any value!$")
+_UNKNOWN = re.compile(r"^No idea what '(.*)' is!$")
+_POSITIONAL = re.compile(r"^'[^']*' did not receive required positional arguments: (.*)$")
+
+
+def install_usage_errors() -> None:
+    from invoke.parser.parser import ParseMachine
+    from invoke.program import Program
+
+    if getattr(Program.parse_tasks, "opsbook", False):
+        return  # tasks.py is executed again by each in-process Program.run
+    ParseMachine.see_value = _refusing_bad_values(ParseMachine.see_value)
+    ParseMachine.complete_flag = _refusing_empty_lists(ParseMachine.complete_flag)
+    ParseMachine.see_positional_arg = _refusing_flags_as_positionals(ParseMachine.see_positional_arg)
+    Program.parse_tasks = _exit_2_on_parse_error(Program.parse_tasks)
+    Program.parse_cleanup = _exit_2_on_parse_error(Program.parse_cleanup)
+
+
+def _refusing_bad_values(see_value: Callable[..., None]) -> Callable[..., None]:
+    """A value its flag's type refuses (`--jobs x`) becomes the parser's own error, naming flag and value."""
+    @functools.wraps(see_value)
+    def wrapper(machine: Any, value: Any) -> None:
+        try:
+            see_value(machine, value)
+        except (TypeError, ValueError):
+            kind = "a whole number" if machine.flag.kind is int else f"a {machine.flag.kind.__name__}"
+            machine.error(f"--{machine.flag.names[0]} takes {kind}, not {value!r}")
+
+    return wrapper
+
+
+def _refusing_empty_lists(complete_flag: Callable[..., None]) -> Callable[..., None]:
+    """invoke lets a repeatable flag go without a value (`inv backup --tag`); every other flag needs one."""
+    @functools.wraps(complete_flag)
+    def wrapper(machine: Any) -> None:
+        flag = machine.flag
+        if flag is not None and flag.kind is list and not machine.flag_got_value:
+            machine.error(f"Flag {flag!r} needed value and was not given one!")
+        complete_flag(machine)
+
+    return wrapper
+
+
+def _refusing_flags_as_positionals(see_positional_arg: Callable[..., None]) -> Callable[..., None]:
+    """invoke takes an unknown flag for a missing positional argument (`inv runs.show --bogus`)."""
+    @functools.wraps(see_positional_arg)
+    def wrapper(machine: Any, value: Any) -> None:
+        if str(value).startswith("-"):
+            machine.error(f"No idea what {value!r} is!")
+        see_positional_arg(machine, value)
+
+    return wrapper
+
+
+def _exit_2_on_parse_error(parse: Callable[..., None]) -> Callable[..., None]:
+    from invoke.exceptions import Exit, ParseError
+
+    @functools.wraps(parse)
+    def wrapper(program: Any) -> None:
+        try:
+            parse(program)
+        except ParseError as error:
+            raise Exit(usage_message(program, error), code=2) from None
+        except Exit as error:
+            if error.code == 1 and error.message:  # `inv --list NOSUCH`
+                raise Exit(f"error: {error.message.rstrip('!')}; see `inv --list`", code=2) from None
+            raise
+
+    wrapper.opsbook = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def usage_message(program: Any, error: Exception) -> str:
+    """One line: what was wrong, for which task, and where its flags are documented."""
+    context = getattr(error, "context", None)
+    task = min([context.name, *context.aliases], key=len) if getattr(context, "name", None) else None
+    parser = getattr(program, "parser", None)
+    tasks = list(parser.contexts) if parser is not None else []
+    text = str(error)
+    if match := _NEEDS_VALUE.match(text):
+        text = f"{_flag(context, match[1])} needs a value"
+    elif match := _TAKES_NO_VALUE.match(text):
+        text = f"{_flag(context, match[1])} takes no value"
+    elif match := _POSITIONAL.match(text):
+        text = "missing " + ", ".join(name.strip("'").upper() for name in match[1].split(", "))
+    elif (match := _UNKNOWN.match(text)) and match[1].startswith("-"):
+        flags = [flag for flag in (context.flags if context is not None else []) if flag.startswith("--")]
+        text = f"unknown flag {match[1]}{_did_you_mean(match[1], flags)}"
+    elif match:
+        text = f"{'unexpected argument' if task else 'no task named'} {match[1]!r}{_did_you_mean(match[1], tasks)}"
+    if task:
+        return f"error: {task}: {text}; see `inv -h {task}`"
+    return f"error: {text}; see `inv {'--help' if text.startswith('unknown flag') else '--list'}`"
+
+
+def _flag(context: Any, name: str) -> str:
+    """The flag as typed (`--max-fail`) for the name invoke's messages use (`max_fail`)."""
+    try:
+        return f"--{context.args[name].names[0]}"  # args knows each flag by its attribute name too
+    except (AttributeError, KeyError):
+        return f"--{name}"
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def opstask(body: F) -> F:
@@ -86,16 +202,20 @@ def load_inventory() -> Inventory:
     return inventory.load()
 
 
-def environment(name: str | None, *, output: Output | None = None,
-                allow_decommissioned: bool = False) -> Environment:
+def environment(name: str | None, *, output: Output | None = None, allow_decommissioned: bool = False,
+                confirm: str | None = None) -> Environment:
     """The named environment, merged; a sandbox environment is started when it is not running.
 
-    A decommissioned environment (inventory flag, or the marker `inv decommission` leaves in the state
-    dir) is refused, exit 2, unless the task is a read-only listing (`allow_decommissioned`)."""
+    A task that changes it passes its --confirm: one naming another environment is refused here, exit 2,
+    before anything runs (the runner refuses it too). A decommissioned environment (inventory flag, or the
+    marker `inv decommission` leaves in the state dir) is refused, exit 2, unless the task is a read-only
+    listing (`allow_decommissioned`)."""
     from ops.archive import decommission_marker
+    from ops.engine import check_confirm_name
 
     inventory = load_inventory()
     env = inventory.environment(name)
+    check_confirm_name(env.name, confirm)
     if env.decommissioned and not allow_decommissioned:
         raise UsageError(f"environment {env.name} is decommissioned", where=env.inventory.location(f"envs.{env.name}"),
                          hint="it keeps its archive and final backup; remove `decommissioned: true` only if it is "

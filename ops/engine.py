@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def check_confirm_name(env_name: str, confirm: str | None, *, flag: str = "--confirm") -> None:
+    """A confirmation that names another environment is refused (exit 2), whatever the run would do."""
+    if confirm is not None and confirm != env_name:
+        raise ConfirmationRequired(f"{flag} {confirm!r} does not match the environment {env_name!r}",
+                                   hint=f"nothing was run; pass {flag} {env_name} to change {env_name}")
+
+
 @dataclass
 class Change:
     """What a step would change: a one-line summary, detail lines, and data for apply."""
@@ -46,7 +53,6 @@ class Step:
 
     name: str = "step"
     title: str = "step"
-    changes_data: bool = True  # needs the operator's confirmation on protected environments
 
     def check(self, ctx: RunContext) -> Change | None:
         raise NotImplementedError
@@ -72,7 +78,6 @@ class WrappedStep(Step):
         self.inner = inner
         self.name = inner.name
         self.title = title or inner.title
-        self.changes_data = inner.changes_data
         undo = getattr(inner, "undo", None)
         if undo is not None:
             self.undo = self._undo
@@ -95,11 +100,16 @@ class WrappedStep(Step):
 
 @dataclass
 class Runbook:
+    """Steps run in order. On a protected environment a run with changes needs the typed name or --confirm
+    NAME, unless the runbook says why it changes nothing that serves users (`confirm_exempt`): the nightly
+    backup must run unattended."""
+
     name: str
     title: str
     steps: list[Step]
     arguments: dict[str, Any] = field(default_factory=dict)
     locks: tuple[str, ...] = ("environment",)
+    confirm_exempt: str | None = None
 
     def checklist(self, env_name: str) -> str:
         """The runbook as a numbered Markdown checklist of the steps that run (`inv runbook.show`)."""
@@ -216,6 +226,7 @@ class Runner:
         self._current: PlannedStep | None = None
 
     def run(self, *, dry_run: bool = False) -> RunResult:
+        check_confirm_name(self.ctx.env.name, self.confirm)  # before the journal, the locks and the plan
         started = self._started = time.monotonic()
         self._journal_header(dry_run)
         try:
@@ -280,14 +291,11 @@ class Runner:
 
     def _confirm(self, changes: list[PlannedStep]) -> None:
         env = self.ctx.env
-        if not env.protected or not any(p.step.changes_data for p in changes):
+        if not env.protected or not changes or self.runbook.confirm_exempt:
             return
-        if self.confirm is not None:
-            if self.confirm == env.name:
-                self.journal.write("confirmed", how="--confirm")
-                return
-            raise ConfirmationRequired(f"--confirm {self.confirm!r} does not match the environment {env.name!r}",
-                                       hint=f"pass --confirm {env.name} to change {env.name}")
+        if self.confirm == env.name:
+            self.journal.write("confirmed", how="--confirm")
+            return
         if self.prompt is not None and sys.stdin.isatty():
             answer = self.prompt(f"{env.name} is protected. Type its name to apply this plan: ")
             if answer.strip() == env.name:

@@ -27,7 +27,6 @@ PLAN_REUSE_SECONDS = 60
 class CopyAssetsStep(Step):
     name = "assets-copy"
     title = "copy new and changed objects of the app bucket to cold storage (assets/ in the backup bucket)"
-    changes_data = False  # it only adds copies: a nightly cron needs no typed confirmation
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -102,8 +101,6 @@ def _progress_logger(ctx: RunContext):
 
 
 class LifecycleStep(Step):
-    changes_data = True  # bucket settings of the environment
-
     def __init__(self, section: str, bucket: str, *, abort_days: int, archive_days: int | None):
         self.section = section
         self.abort_days = abort_days
@@ -159,11 +156,13 @@ def build(env: Environment, **arguments: Any) -> Runbook:
         raise UsageError(f"--workers {workers}: at least 1",
                          hint=f"the default, {DEFAULT_WORKERS}, suits most buckets")
     steps: list[Step] = [CopyAssetsStep(workers)]
-    if arguments.get("lifecycle"):
+    exempt: str | None = "only adds copies to cold storage: a nightly job runs unattended"
+    if arguments.get("lifecycle"):  # rules on the app's own bucket: confirmed like any change to it
         abort_days, archive_days = _days(arguments)
         steps += lifecycle_steps(env, abort_days=abort_days, archive_days=archive_days)[0]
+        exempt = None
     return Runbook(NAME, f"Copy the app bucket of {env.name} to cold storage", steps, arguments=arguments,
-                   locks=("assets",))
+                   locks=("assets",), confirm_exempt=exempt)
 
 
 def _days(arguments: dict[str, Any]) -> tuple[int, int | None]:
@@ -188,7 +187,7 @@ def assets(c, env=None, dry_run=False, confirm=None, json=False, lifecycle=False
            archive_after_days=30, workers=DEFAULT_WORKERS):
     """Copy the app bucket's new and changed objects to cold storage (assets/ in the backup bucket)."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     arguments = {"workers": workers, "lifecycle": lifecycle, "abort_after_days": abort_after_days,
                  "archive_after_days": archive_after_days}
     runbook = build(environment_, **arguments)

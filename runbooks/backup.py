@@ -50,7 +50,6 @@ def database_name(env: Environment) -> str:
 
 class DumpStep(Step):
     name = "dump"
-    changes_data = False  # reads the database, writes only to the backup bucket: nightly cron needs no --confirm
 
     def __init__(self, backup_id: str):
         from ops.backup_manifest import dump_key
@@ -172,7 +171,6 @@ def _read_facts(connection: Any, url: Any, facts: dict[str, Any]) -> None:
 
 class ManifestStep(Step):
     name = "manifest"
-    changes_data = False
 
     def __init__(self, backup_id: str, tags: list[str], keep: bool):
         self.backup_id, self.tags, self.keep = backup_id, tags, keep
@@ -218,7 +216,6 @@ def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], kee
 
 class MetricsStep(Step):
     name = "metrics"
-    changes_data = False
 
     def __init__(self, path: Path):
         self.path = path
@@ -266,7 +263,6 @@ def write_metrics(path: Path, env: str, values: dict[str, float]) -> None:
 class PruneStep(Step):
     name = "prune"
     title = "apply the retention policy (backup.prune)"
-    changes_data = False
 
     def check(self, ctx: RunContext) -> Change | None:
         return Change("delete the backups the retention policy no longer keeps")
@@ -293,7 +289,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     if not arguments.get("no_prune"):
         steps.append(PruneStep())
     return Runbook("backup", f"Back up the {env.name} database", steps, arguments=arguments,
-                   locks=("environment", "database"))
+                   locks=("environment", "database"),
+                   confirm_exempt="reads the database and adds a backup; its retention runs by policy: the "
+                                  "nightly job runs unattended")
 
 
 # --- running, with a result and failure notice ------------------------------------------------
@@ -328,7 +326,7 @@ def notify_failure(env: Environment, runbook: Runbook, run_id: str, error: OpsEr
 def backup(c, env=None, tag=None, keep=False, no_prune=False, dry_run=False, confirm=None, json=False):
     """Dump the database, compress, encrypt (if configured), upload with a manifest; then retention."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     runbook = build(environment_, tags=list(tag or []), keep=keep, no_prune=no_prune)
 
     def result(ctx: RunContext) -> dict[str, Any]:

@@ -79,7 +79,6 @@ def identities_for(env: Environment, identity: str | None, manifests: list[Manif
 
 class VerifyStep(Step):
     name = "verify"
-    changes_data = False  # reads backups; a deep check restores into a scratch database it drops again
 
     def __init__(self, backup: str, deep: bool, identity: str | None):
         self.backup, self.deep, self.identity = backup, deep, identity
@@ -163,7 +162,8 @@ def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, 
 def build(env: Environment, **arguments: Any) -> Runbook:
     step = VerifyStep(str(arguments.get("backup") or "latest"), bool(arguments.get("deep")), arguments.get("identity"))
     return Runbook("backup.verify", f"Verify backups of {env.name}", [step], arguments=arguments,
-                   locks=("backup-verify",))
+                   locks=("backup-verify",),
+                   confirm_exempt="reads backups; --deep restores into a scratch database it drops again")
 
 
 # --- listing ----------------------------------------------------------------------------------

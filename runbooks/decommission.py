@@ -26,7 +26,7 @@ from invoke import task
 
 from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
-from ops.engine import Change, Runbook, RunContext, Step
+from ops.engine import Change, Runbook, RunContext, Step, check_confirm_name
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, StepFailed
 from ops.secrets import mask_identifier, redact, reveal
 
@@ -54,7 +54,6 @@ def deep_verified(ctx: RunContext, backup_id: str) -> bool:
 
 class FinalBackupStep(Step):
     name = "final-backup"
-    changes_data = False
     title = "take a final backup tagged `final`, kept forever"
 
     def __init__(self, backup_id: str):
@@ -81,7 +80,6 @@ class FinalBackupStep(Step):
 
 class VerifyFinalStep(Step):
     name = "verify-final"
-    changes_data = False
     title = "deep-verify the final backup: restore it into a scratch database and compare row counts"
 
     def __init__(self, identity: str | None):
@@ -105,7 +103,6 @@ class VerifyFinalStep(Step):
 
 class ArchiveStep(Step):
     name = "archive"
-    changes_data = False
 
     def __init__(self, env: Environment):
         self.title = (f"archive {env.name}: git bundle of app.repository, runbooks, masked inventory, drill reports "
@@ -207,7 +204,6 @@ class DropDatabaseStep(Step):
 
 class MarkStep(Step):
     name = "mark"
-    changes_data = False
 
     def __init__(self, env: Environment):
         from ops.archive import MARKER_KEY
@@ -399,8 +395,10 @@ def decommission(c, env=None, confirm=None, drop_database=False, confirm_drop=No
                  json=False):
     """Final backup (kept, deep-verified), archive, optional drop, mark decommissioned, revoke keys."""
     output = make_output(json)
-    environment_ = environment(env, output=output, allow_decommissioned=True)  # a second run finishes the job
+    environment_ = environment(env, output=output, allow_decommissioned=True,  # a second run finishes the job
+                               confirm=confirm)
     name = environment_.name
+    check_confirm_name(name, confirm_drop, flag="--confirm-drop")
     if not dry_run and confirm != name:
         raise ConfirmationRequired(f"decommissioning {name} needs --confirm {name}",
                                    hint=f"re-run with --confirm {name}, or --dry-run to see everything it would do")

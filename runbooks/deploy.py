@@ -94,13 +94,9 @@ def push_env_steps(env: Environment) -> list[Step]:
 
 
 class RestartStep(Step):
-    """Rolling restart: batches of hosts, each gated on health + ready; stops past `max_fail` failures.
-
-    A restart changes no data, and the gate stops a bad rollout, so it needs no --confirm.
-    """
+    """Rolling restart: batches of hosts, each gated on health + ready; stops past `max_fail` failures."""
 
     name = "restart"
-    changes_data = False
 
     def __init__(self, *, batch: int = 1, max_fail: int = 0, always: bool = False):
         if int(batch) < 1 or int(max_fail) < 0:
@@ -408,7 +404,7 @@ def _run(runbook: Runbook, env: Environment, output: Any, *, dry_run: bool, conf
 def push_env(c, env=None, restart=False, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Render the app env file for each host and write it atomically (0600, previous kept as .prev)."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     runbook = build_push_env(environment_, restart=restart, batch=int(batch), max_fail=int(max_fail))
     _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
     if not restart and not dry_run:
@@ -420,7 +416,7 @@ def push_env(c, env=None, restart=False, batch=1, max_fail=0, dry_run=False, con
 def restart(c, env=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Rolling restart: batches of hosts, each gated on its health and ready URLs; stops past --max-fail."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     runbook = build_restart(environment_, batch=int(batch), max_fail=int(max_fail))
     _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
 
@@ -431,7 +427,7 @@ def restart(c, env=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=
 def rollback(c, env=None, release=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Point `current` at the previous release on every host and restart rolling; warns on a newer schema."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     runbook = build_rollback(environment_, release=release, batch=int(batch), max_fail=int(max_fail))
     _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
 

@@ -329,7 +329,6 @@ class ObjectiveCheck(DrillCheck):
         what = f"drill start → {session.rto_until}" if objective == "rto" else "age of the backup used"
         self.title = f"{objective.upper()} ({what}) within targets.{self.target_key}"
         self.summary = f"measure the {objective.upper()}"
-        self.changes_data = False
 
     def measured(self) -> float | None:
         if self.name == "rto":
@@ -359,7 +358,6 @@ class ObjectiveCheck(DrillCheck):
 
 class ReportStep(Step):
     name = "report"
-    changes_data = False
 
     def __init__(self, session: Session):
         self.session = session
@@ -460,7 +458,7 @@ def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None
     if str(target_name) == source.name:
         raise UsageError(f"the drill would restore {source.name} over itself",
                          hint="choose a staging environment as --target")
-    target_env = environment(str(target_name), output=output)
+    target_env = environment(str(target_name), output=output, confirm=confirm)
     runbook = build(target_env, source=source.name, backup=backup)
 
     def on_failure(ctx: RunContext, error: OpsError) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LOG_LINES = 50
 NOTICE_TRIAGE_LINES = 12  # the internal notice carries the failing parts, not the logs
+INCIDENT_ID = "the incident's id (from `inv incident.list`): the first argument, or --id ID"
 
 
 # --- shared pieces ----------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
         finish(incident, failures, output, "opened")
 
 
-@task(help=helps("env", "dry_run", "json", id="the incident's id (from `inv incident.list`)",
+@task(help=helps("env", "dry_run", "json", id=INCIDENT_ID,
                  status="identified, monitoring or investigating (default: unchanged)",
                  message="what is known now", next_update="when the next update is due (default 30m; none)",
                  components="components and their status: api=partial_outage,uploads=operational"))
@@ -226,7 +227,7 @@ def update(c, id, env=None, status=None, message=None, next_update="30m", compon
             done=lambda incident: f"incident {incident.id} is now {incident.state}")
 
 
-@task(help=helps("env", "dry_run", "json", id="the incident's id", message="summary: what happened, what fixed it",
+@task(help=helps("env", "dry_run", "json", id=INCIDENT_ID, message="summary: what happened, what fixed it",
                  cause="the cause, when known", postmortem="link to the postmortem"))
 @opstask
 def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
@@ -240,7 +241,7 @@ def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=
             done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
 
 
-@task(help=helps("env", "json", id="the incident's id"))
+@task(help=helps("env", "json", id=INCIDENT_ID))
 @opstask
 def show(c, id, env=None, json=False):
     """The incident and its timeline: every update, triage, notice delivery and rollback, in order."""
@@ -364,7 +365,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     return Runbook("incident.rollback", f"Roll back {env.name} for {incident}", steps, arguments=arguments)
 
 
-@task(help=helps("env", "dry_run", "confirm", "json", id="the incident's id",
+@task(help=helps("env", "dry_run", "confirm", "json", id=INCIDENT_ID,
                  restore="also restore the pre-migration backup (only offered when safe)"))
 @opstask
 def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
@@ -373,7 +374,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
     from ops.incidents import IncidentStore, add_entry, refuse_if_resolved
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     environment_.register_secrets()
     store = IncidentStore(environment_)
     with store.lock(id):

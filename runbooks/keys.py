@@ -99,7 +99,6 @@ def delete_pending_key(ctx: RunContext) -> str | None:
 class ProbeKey(Step):
     name = "probe-key"
     title = "probe the new key: head the bucket, put, get and delete an object"
-    changes_data = False
 
     def check(self, ctx: RunContext) -> Change | None:
         pending = pending_key(ctx.env)
@@ -189,7 +188,6 @@ def rotation_in_progress(env: Environment) -> bool:
 class ConfirmServing(Step):
     name = "confirm-apps"
     title = "confirm every app holds the new key and answers its health and ready URLs"
-    changes_data = False
 
     def __init__(self, after: tuple[str, ...] = SWITCHING_STEPS):
         self.after = after  # the steps that switch to the new key
@@ -353,7 +351,7 @@ def rotate(c, env=None, dry_run=False, confirm=None, json=False):
     from ops.journal import new_run_id
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"key": keys.key_status(environment_).to_json()}

@@ -91,7 +91,6 @@ class MigrationFacts:
 
 class GateStep(Step):
     name = "gate"
-    changes_data = False
 
     def __init__(self, facts: MigrationFacts, allow_edited: bool):
         self.facts, self.allow_edited = facts, allow_edited
@@ -114,7 +113,6 @@ class GateStep(Step):
 
 class LintStep(Step):
     name = "lint"
-    changes_data = False
 
     def __init__(self, facts: MigrationFacts, allow_destructive: bool):
         self.facts, self.allow_destructive = facts, allow_destructive
@@ -425,7 +423,7 @@ def migrate(c, env=None, allow_edited=False, allow_destructive=False, no_backup=
             confirm=None, json=False):
     """Deploy pending migrations: gate, lint, pre-migration backup (protected envs), deploy, verify."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     arguments: dict[str, Any] = {"allow_edited": allow_edited, "allow_destructive": allow_destructive}
     if no_backup:
         arguments["backup"] = False
@@ -449,7 +447,7 @@ def resolve(c, name, env=None, rolled_back=False, applied=False, dry_run=False, 
         raise UsageError("say what happened to the migration: --rolled-back or --applied (one of them)",
                          hint="--rolled-back when its changes were undone, --applied when you finished it by hand")
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     runbook = build(environment_, migration=name, action="applied" if applied else "rolled-back")
     execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
 

@@ -180,7 +180,7 @@ def provision(c, env=None, dry_run=False, confirm=None, json=False):
     from ops.journal import new_run_id
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     arguments: dict[str, Any] = {}
     if environment_.protected:  # a pre-migration backup (of a database that has tables) keeps its id on resume
         arguments["backup_id"] = new_run_id()

@@ -180,6 +180,6 @@ def report(output: Output, result: RunResult, found: Survey | None) -> None:
 def prune(c, env=None, dry_run=False, force=False, confirm=None, json=False):
     """Apply the retention policy (keep_last, daily, weekly, monthly, min_keep); remove stale incomplete uploads."""
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     result, found = run_prune(environment_, output, dry_run=dry_run, confirm=confirm, force=force)
     report(output, result, found)

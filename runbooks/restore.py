@@ -216,7 +216,6 @@ class StreamStep(ScratchLoad):
 
 class FetchStep(Step):
     name = "fetch"
-    changes_data = False
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -368,7 +367,7 @@ def restore(c, env=None, from_=None, backup="latest", database=None, keep_old=Fa
     from runbooks.backup import run
 
     output = make_output(json)
-    target = environment(env, output=output)
+    target = environment(env, output=output, confirm=confirm)
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
                     jobs=jobs)
 

@@ -27,7 +27,7 @@ def list_(c, limit=20, json=False):
                              "status": r.status, "stopped_at": r.stopped_at()} for r in records]})
 
 
-@task(help=helps("json", run_id="the run's id (from `inv runs.list`)"))
+@task(help=helps("json", run_id="the run's id (from `inv runs.list`): the first argument, or --run-id ID"))
 @opstask
 def show(c, run_id, json=False):
     """One run's journal: header, each step's transitions with timings, the outcome."""
@@ -59,7 +59,8 @@ def _describe(entry: dict) -> str:
     return f"  {time}  {entry['event']}"
 
 
-@task(help=helps("confirm", "json", run_id="the interrupted or failed run to resume"))
+@task(help=helps("confirm", "json", run_id="the interrupted or failed run to resume: the first argument, or "
+                                             "--run-id ID"))
 @opstask
 def resume(c, run_id, confirm=None, json=False):
     """Resume a run: re-check each step, skip those verified already, apply the rest."""
@@ -73,7 +74,7 @@ def resume(c, run_id, confirm=None, json=False):
         raise UsageError(f"run {run_id} already {record.status}; there is nothing to resume")
     if header.get("runbook") not in runbooks.RUNBOOKS:
         raise UsageError(f"run {run_id} ({header.get('runbook')}) cannot be resumed: it is not a step runbook")
-    env = environment(header["env"], output=output)
+    env = environment(header["env"], output=output, confirm=confirm)
     runbook = runbooks.build(header["runbook"], env, **(header.get("arguments") or {}))
     output.info(f"resuming run {run_id} ({runbook.name} on {env.name}, stopped at {record.stopped_at()})")
     execute(runbook, env, output, confirm=confirm, resume=record)

@@ -102,7 +102,7 @@ def rotate(c, name, env=None, dry_run=False, confirm=None, json=False):
     from ops.journal import new_run_id
 
     output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = environment(env, output=output, confirm=confirm)
     execute(build(environment_, name=name, rotation=new_run_id()), environment_, output, dry_run=dry_run,
             confirm=confirm)
 

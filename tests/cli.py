@@ -99,6 +99,16 @@ class Opsbook:
         return "\n".join(parts)
 
 
+def task_arguments(task: Any) -> list[Any]:
+    """An Invoke task's flags, leaving the task as it was: get_arguments pops each flag's help off the task
+    as it builds the flag, so a second call (another test, the CLI contract test) would find none."""
+    kept = dict(task.help)
+    try:
+        return task.get_arguments()
+    finally:
+        task.help.update(kept)
+
+
 def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -93,6 +93,27 @@ def test_protected_environment_without_a_terminal_refuses(environment):
     assert result.status == "succeeded"
 
 
+def test_every_change_to_a_protected_environment_asks_unless_the_runbook_is_exempt(environment):
+    store = {}
+    runbook = Runbook("demo", "Demo", [SetKey(store, "a", 1)])
+    with pytest.raises(ConfirmationRequired, match="no terminal"):
+        Runner(runbook, RunContext(environment("prod"), output=Output(stream=io.StringIO()))).run()
+    exempt = Runbook("nightly", "Nightly", [SetKey(store, "a", 1)], confirm_exempt="adds a copy only")
+    assert Runner(exempt, RunContext(environment("prod"), output=Output(stream=io.StringIO()))).run().status \
+        == "succeeded"
+    assert store == {"a": 1}
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_confirm_naming_another_environment_is_refused_before_the_journal(environment, dry_run):
+    for name, exempt in (("prod", None), ("prod", "adds a copy only"), ("dev", None)):
+        ctx = RunContext(environment(name), output=Output(stream=io.StringIO()))
+        runbook = Runbook("demo", "Demo", [SetKey({}, "a", 1)], confirm_exempt=exempt)
+        with pytest.raises(ConfirmationRequired, match="does not match"):
+            Runner(runbook, ctx, confirm="staging").run(dry_run=dry_run)
+        assert not ctx.journal.path.exists()
+
+
 def test_check_that_cannot_run_makes_the_dry_run_exit_3(environment):
     class Broken(SetKey):
         def check(self, ctx):
