@@ -104,6 +104,10 @@ def _exit_2_on_parse_error(parse: Callable[..., None]) -> Callable[..., None]:
     def wrapper(program: Any) -> None:
         try:
             parse(program)
+            sys.stdout.flush()  # a reader gone early (`inv --list | head`) shows here, not at exit
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say to it
+            raise Exit(code=0) from None
         except ParseError as error:
             raise Exit(usage_message(program, error), code=2) from None
         except Exit as error:

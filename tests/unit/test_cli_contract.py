@@ -142,3 +142,11 @@ def test_the_inv_program_itself_exits_2(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_listing_cut_short_by_its_reader_is_quiet(tmp_path):
+    """`inv --list | head`: the reader goes away early; no traceback, no error."""
+    listing = subprocess.run(f"{sys.executable} -m invoke --search-root {REPOSITORY} --list | head -n 1",
+                             shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert listing.stdout == "Available tasks:\n"
+    assert listing.stderr == "", listing.stderr
