@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,12 @@ def assert_no_secret(opsbook: Opsbook, *secrets: str) -> None:
     produced = opsbook.everything_produced()
     for secret in secrets:
         assert secret not in produced, "a secret value appeared in an output or a journal"
+
+
+def http_status(url: str) -> int:
+    """The HTTP status `url` answers with; 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError as error:
+        return getattr(error, "code", 0)

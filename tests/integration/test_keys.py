@@ -6,7 +6,6 @@ from __future__ import annotations
 import shlex
 import signal
 import subprocess
-import urllib.request
 import uuid
 from typing import Any
 
@@ -17,7 +16,7 @@ from ops.envfile import parse_env_file, render_env_file
 from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret
-from tests.cli import Opsbook, wait_for
+from tests.cli import Opsbook, http_status, wait_for
 from tests.fixtures.s3 import iam_keys, refused
 
 STEPS = ["create-key", "probe-key", "store-key", "push-env-web1", "push-env-web2", "restart", "confirm-apps",
@@ -61,11 +60,7 @@ def start_apps(opsbook: Opsbook, hosts: list[Any], monkeypatch: pytest.MonkeyPat
 
 
 def ready(host: Any) -> int:
-    try:
-        with urllib.request.urlopen(host.ready_url, timeout=5) as response:
-            return response.status
-    except OSError as error:
-        return getattr(error, "code", 0)
+    return http_status(host.ready_url)
 
 
 def stored(opsbook: Opsbook) -> dict[str, str]:

@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ops.envfile import parse_env_file
 from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret
-from tests.cli import REPOSITORY, CliResult, Opsbook, assert_no_secret
+from tests.cli import REPOSITORY, CliResult, Opsbook, assert_no_secret, http_status
 from tests.fixtures.postgres import row_counts
 from tests.fixtures.s3 import iam_keys, refused
 from tests.fixtures.ssh import AppHost
@@ -45,14 +44,6 @@ SEED = (f"import os, sys; sys.path.insert(0, {str(REPOSITORY)!r}); import psycop
 def ok(result: CliResult) -> CliResult:
     assert result.exit_code == 0, str(result)
     return result
-
-
-def answers(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except OSError as error:
-        return getattr(error, "code", 0)
 
 
 def app_key(host: Any) -> tuple[str, Secret]:
@@ -213,7 +204,7 @@ def provision(life: Life) -> None:
     """The app runs, migrated and seeded, with the environment's key in its env file."""
     provisioned = life.ok("provision", "--env", "prod", "--confirm", "prod")
     life.passwords.append(shown_password(provisioned, "Admin password for prod"))
-    assert answers(life.web1.ready_url) == 200
+    assert http_status(life.web1.ready_url) == 200
     life.provisioned_key = app_key(life.web1)
     assert life.refused(life.provisioned_key) is None
     life.keys_after_provisioning = life.iam_keys(active_only=True)
@@ -233,11 +224,11 @@ def migrate(life: Life) -> None:
     commit(life.checkout, "brand notes")
     pending = life.opsbook.run("migrate.status", "--env", "prod", "--json")
     assert pending.exit_code == 3 and pending.json()["pending"] == [RELEASE_MIGRATION], str(pending)
-    assert answers(life.web1.ready_url) == 503
+    assert http_status(life.web1.ready_url) == 503
     migrated = life.ok("migrate", "--env", "prod", "--confirm", "prod", "--json")
     assert migrated.json()["applied"] == [RELEASE_MIGRATION] and migrated.json()["backup_id"], str(migrated)
     life.ok("migrate.status", "--env", "prod")
-    assert answers(life.web1.ready_url) == 200
+    assert http_status(life.web1.ready_url) == 200
 
 
 def push_env_then_restart(life: Life) -> None:
@@ -249,7 +240,7 @@ def push_env_then_restart(life: Life) -> None:
     assert parse_env_file(life.web1.env_file.read_text())["APP_RELEASE"] == "2"
     assert app_key(life.web1) == life.provisioned_key and life.web1.pid() == running
     life.ok("deploy.restart", "--env", "prod", "--confirm", "prod")
-    assert life.web1.pid() not in (None, running) and answers(life.web1.ready_url) == 200
+    assert life.web1.pid() not in (None, running) and http_status(life.web1.ready_url) == 200
 
 
 def backup_then_restore_into_staging(life: Life) -> None:
@@ -269,7 +260,7 @@ def drill(life: Life) -> None:
     assert report["passed"] is True and report["failures"] == [], str(drilled)
     assert {step["name"]: step["status"] for step in report["steps"]} == {
         name: "passed" for name in ("restore", "migrations", "staging", "images", "rto", "rpo")}
-    assert answers(life.stage1.ready_url) == 200
+    assert http_status(life.stage1.ready_url) == 200
 
 
 def rotate_the_storage_key(life: Life) -> None:
@@ -284,7 +275,7 @@ def rotate_the_storage_key(life: Life) -> None:
     assert life.new_key[0] not in (life.provisioned_key[0], life.inventory_key[0])
     assert life.iam_keys() == [life.new_key[0]]
     assert stored(life.opsbook, "prod")["STORAGE_ACCESS_KEY_ID"] == life.new_key[0]
-    assert answers(life.web1.ready_url) == 200 and life.refused(life.new_key) is None
+    assert http_status(life.web1.ready_url) == 200 and life.refused(life.new_key) is None
     for old in (life.provisioned_key, life.inventory_key):
         assert life.refused(old) == "InvalidAccessKeyId", old[0]
 
@@ -297,7 +288,7 @@ def rotate_the_admin_password(life: Life) -> None:
     values = parse_env_file(life.web1.env_file.read_text())
     assert verify_admin_password(Secret(life.passwords[-1]), values["ADMIN_PASSWORD_HASH"])
     assert not verify_admin_password(Secret(life.passwords[0]), values["ADMIN_PASSWORD_HASH"])
-    assert life.web1.pid() not in (None, running) and answers(life.web1.ready_url) == 200
+    assert life.web1.pid() not in (None, running) and http_status(life.web1.ready_url) == 200
     assert app_key(life.web1) == life.new_key
     life.secrets += stored_secrets(life.opsbook, "prod")
 

@@ -106,14 +106,7 @@ def test_a_confirm_naming_another_environment_is_refused_before_anything_runs(
 
 def test_the_nightly_backup_needs_no_confirmation_but_a_pruning_by_hand_does(
         opsbook: Opsbook, staging: dict[str, Any], postgres_server: Any, s3_server: Any) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(staging["database"])))
-    with psycopg.connect(postgres_server.url(staging["database"]).reveal(), autocommit=True) as database:
-        database.execute('CREATE TABLE "Brand" (id serial PRIMARY KEY, name text); '
-                         "INSERT INTO \"Brand\" (name) SELECT 'brand ' || n FROM generate_series(1, 20) n")
+    postgres_server.create_brands_database(staging["database"])
     bucket = staging["backups"]
     s3_server.client().create_bucket(Bucket=bucket)
     opsbook.environ["PROD_DATABASE_URL"] = postgres_server.url(staging["database"]).reveal()

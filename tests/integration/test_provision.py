@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import urllib.request
 import uuid
 from typing import Any
 
@@ -16,7 +15,7 @@ from ops.envfile import parse_env_file
 from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier
-from tests.cli import CliResult, Opsbook
+from tests.cli import CliResult, Opsbook, http_status
 from tests.integration.test_keys import refused
 
 MIGRATION = "20260101000000_items"
@@ -63,14 +62,6 @@ def fresh(opsbook: Opsbook, postgres_server: Any, s3_server: Any, app_host_facto
     with s3_server.enforce_auth():
         yield {**names, "host": host, "admin_key": admin_key, "auditor": auditor,
                "secrets": [postgres_server.password.reveal(), admin_key[1].reveal()]}
-
-
-def answers(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except OSError as error:
-        return getattr(error, "code", 0)
 
 
 def stored(opsbook: Opsbook) -> dict[str, str]:
@@ -130,7 +121,7 @@ def test_provision_fresh_environment_end_to_end(opsbook, fresh, postgres_server,
     password = admin_password(first)
 
     # The app runs on the provisioned database (migrated, seeded) with the key made for it.
-    assert answers(host.health_url) == 200 and answers(host.ready_url) == 200
+    assert http_status(host.health_url) == 200 and http_status(host.ready_url) == 200
     secrets = stored(opsbook)
     values = parse_env_file(host.env_file.read_text())
     assert oct(host.env_file.stat().st_mode & 0o777) == "0o600"
@@ -179,7 +170,7 @@ def test_provision_then_rotate_converge_on_one_key(opsbook, fresh, postgres_serv
     assert iam_keys(s3_server, fresh) == [app_key] != [bootstrap[0]]
     assert refused(s3_server, fresh["bucket"], *bootstrap) == "InvalidAccessKeyId"
     assert parse_env_file(host.env_file.read_text())["S3_ACCESS_KEY_ID"] == app_key
-    assert answers(host.ready_url) == 200
+    assert http_status(host.ready_url) == 200
     assert not any(name.startswith(("STORAGE_NEXT", "STORAGE_PREVIOUS")) for name in stored(opsbook))
     assert opsbook.run("provision", "--json").json()["status"] == "nothing to do"
 
@@ -190,7 +181,7 @@ def test_provision_then_rotate_converge_on_one_key(opsbook, fresh, postgres_serv
     assert iam_keys(s3_server, fresh) == [new_key[0]] != [app_key]
     assert refused(s3_server, fresh["bucket"], *new_key) is None
     assert parse_env_file(host.env_file.read_text())["S3_ACCESS_KEY_ID"] == new_key[0]
-    assert answers(host.ready_url) == 200
+    assert http_status(host.ready_url) == 200
 
     # The end of its life: the rotated key, the only one left, is revoked; the environment is refused.
     done = opsbook.run("decommission", "--confirm", "staging")

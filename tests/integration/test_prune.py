@@ -266,15 +266,9 @@ def test_prune_after_backup_applies_retention_and_never_fails_the_backup(opsbook
 
 def test_real_backups_then_prune_end_to_end(opsbook, staging, postgres_server, s3_server):
     """Real `inv backup` runs, then the prune task, then a backup whose own retention prunes."""
-    import psycopg
     import yaml
-    from psycopg import sql
 
-    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(staging["database"])))
-    with psycopg.connect(postgres_server.url(staging["database"]).reveal(), autocommit=True) as database:
-        database.execute('CREATE TABLE "Brand" (id serial PRIMARY KEY, name text); '
-                         "INSERT INTO \"Brand\" (name) SELECT 'brand ' || n FROM generate_series(1, 20) n")
+    postgres_server.create_brands_database(staging["database"])
     bucket = staging["backups"]
     s3_server.client().create_bucket(Bucket=bucket)
     opsbook.environ["APP_DATABASE_URL"] = postgres_server.url(staging["database"]).reveal()
