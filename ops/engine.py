@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ops.errors import CheckFailed, ConfirmationRequired, Interrupted, OpsError, StepFailed
+from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, iso, new_run_id, operator_name, utc_now
 from ops.output import Output
 from ops.secrets import redact
@@ -445,8 +445,12 @@ class Runner:
     def _database_lock(self) -> contextlib.AbstractContextManager[None]:
         from ops import pg
 
-        connection = pg.connect(self.ctx.env.database_url(direct=True), application_name=self.ctx.label[:63],
-                                autocommit=True)
+        try:
+            connection = pg.connect(self.ctx.env.database_url(direct=True), application_name=self.ctx.label[:63],
+                                    autocommit=True)
+        except ConnectionFailed as error:  # met before the plan, like a probe: a failed precondition
+            raise CheckFailed(f"the run cannot start: it could not take the database lock: {error.message}",
+                              where=error.where, hint=error.hint) from None
         self.ctx.on_close(connection.close)
         key = pg.lock_key("opsbook", self.ctx.env.inventory.project, self.ctx.env.name, "database")
         return pg.advisory_lock(connection, key, holder_label=self.ctx.label)

@@ -174,3 +174,12 @@ def test_dry_run_that_cannot_be_planned_exits_3(opsbook, staging, unreachable):
     assert dry.exit_code == 3, dry
     assert "the plan cannot be made" in dry.stderr
     assert "Traceback" not in dry.output
+
+
+def test_a_run_whose_database_lock_cannot_be_taken_is_a_failed_precondition(opsbook, staging):
+    """A backup (which locks the database before it plans) meets an unreachable database: exit 3, as its dry run."""
+    opsbook.environ["ADMIN_DATABASE_URL"] = "postgresql://postgres:pw@127.0.0.1:1/postgres"
+    for dry_run in (["--dry-run"], []):
+        result = opsbook.run("backup", "--env", "staging", *dry_run)
+        assert result.exit_code == 3, result
+        assert "cannot connect to PostgreSQL" in result.stderr and "Traceback" not in result.output
