@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,16 @@ def build_wheel(base: Path) -> Path:
             shutil.copytree(REPOSITORY / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPOSITORY / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(base / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=240)
+    isolation = ["--no-build-isolation"] if builds_wheels_offline() else []  # else pip fetches setuptools
+    pip(["wheel", "-q", "--no-deps", *isolation, "-w", str(base / "dist"), str(source)])
     [wheel] = (base / "dist").glob("opsbook-*.whl")
     return wheel
+
+
+def builds_wheels_offline() -> bool:
+    """This suite's setuptools builds wheels by itself from 70.1, before that with the wheel package."""
+    major, minor = (int(part) for part in version("setuptools").split(".")[:2])
+    return (major, minor) >= (70, 1) or find_spec("wheel") is not None
 
 
 def install(wheel: Path, venv: Path) -> None:
@@ -45,8 +53,12 @@ def install(wheel: Path, venv: Path) -> None:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     # a plain path entry: the suite's .pth files (an editable opsbook among them) are not run from it
     (venv / "lib" / version / "site-packages" / "suite.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, timeout=120)
+    pip(["--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+
+
+def pip(args: list[str]) -> None:
+    completed = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, f"pip {' '.join(args)}: {completed.stdout}{completed.stderr}"
 
 
 @pytest.fixture(scope="module")
