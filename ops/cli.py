@@ -38,9 +38,10 @@ def helps(*common: str, **extra: str) -> dict[str, str]:
 
 
 # --- command-line errors ---------------------------------------------------------------------------
-# invoke parses a task's flags after it imports tasks.py, and answers a parse error with exit 1, or, for a
-# flag value it cannot convert (`--jobs x`), with a traceback. install_usage_errors(), called from tasks.py,
-# makes each one line and exit 2 for `inv` and `python -m invoke` alike.
+# invoke parses a task's flags after it loads the collection, and answers a parse error with exit 1, or, for a
+# flag value it cannot convert (`--jobs x`), with a traceback. Each becomes one line and exit 2: the `opsbook`
+# console tool (ops/program.py) through its Program's own methods, `inv` and `python -m invoke` through
+# install_usage_errors(), called from tasks.py. The parser's own checks are shared by both.
 
 _NEEDS_VALUE = re.compile(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")
 _TAKES_NO_VALUE = re.compile(r"^Flag <Argument: (\S+).*> doesn't take any value!$")
@@ -49,16 +50,26 @@ _POSITIONAL = re.compile(r"^'[^']*' did not receive required positional argument
 
 
 def install_usage_errors() -> None:
-    from invoke.parser.parser import ParseMachine
+    """For invoke's own Program (`inv`): its parse steps exit 2 with one line."""
     from invoke.program import Program
 
+    install_parser_checks()
     if getattr(Program.parse_tasks, "opsbook", False):
         return  # tasks.py is executed again by each in-process Program.run
+    Program.parse_tasks = _exit_2_on_parse_error(Program.parse_tasks)
+    Program.parse_cleanup = _exit_2_on_parse_error(Program.parse_cleanup)
+
+
+def install_parser_checks() -> None:
+    """invoke's parser builds its state machine inside Parser.parse_argv: its checks are extended in place."""
+    from invoke.parser.parser import ParseMachine
+
+    if getattr(ParseMachine.see_value, "opsbook", False):
+        return
     ParseMachine.see_value = _refusing_bad_values(ParseMachine.see_value)
     ParseMachine.complete_flag = _refusing_empty_lists(ParseMachine.complete_flag)
     ParseMachine.see_positional_arg = _refusing_flags_as_positionals(ParseMachine.see_positional_arg)
-    Program.parse_tasks = _exit_2_on_parse_error(Program.parse_tasks)
-    Program.parse_cleanup = _exit_2_on_parse_error(Program.parse_cleanup)
+    ParseMachine.see_value.opsbook = True  # type: ignore[attr-defined]
 
 
 def _refusing_bad_values(see_value: Callable[..., None]) -> Callable[..., None]:
@@ -98,25 +109,35 @@ def _refusing_flags_as_positionals(see_positional_arg: Callable[..., None]) -> C
 
 
 def _exit_2_on_parse_error(parse: Callable[..., None]) -> Callable[..., None]:
-    from invoke.exceptions import Exit, ParseError
-
     @functools.wraps(parse)
     def wrapper(program: Any) -> None:
-        try:
-            parse(program)
-            sys.stdout.flush()  # a reader gone early (`inv --list | head`) shows here, not at exit
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say to it
-            raise Exit(code=0) from None
-        except ParseError as error:
-            raise Exit(usage_message(program, error), code=2) from None
-        except Exit as error:
-            if error.code == 1 and error.message:  # `inv --list NOSUCH`
-                raise Exit(f"error: {error.message.rstrip('!')}; see `inv --list`", code=2) from None
-            raise
+        parsing_exits_2(program, lambda: parse(program))
 
     wrapper.opsbook = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def parsing_exits_2(program: Any, parse: Callable[[], None]) -> None:
+    """Runs one of the program's parse steps: a parse error becomes one line and exit 2."""
+    from invoke.exceptions import Exit, ParseError
+
+    try:
+        parse()
+        sys.stdout.flush()  # a reader gone early (`inv --list | head`) shows here, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say to it
+        raise Exit(code=0) from None
+    except ParseError as error:
+        raise Exit(usage_message(program, error), code=2) from None
+    except Exit as error:
+        if error.code == 1 and error.message:  # `inv --list NOSUCH`
+            raise Exit(f"error: {error.message.rstrip('!')}; see `{command_name(program)} --list`", code=2) from None
+        raise
+
+
+def command_name(program: Any) -> str:
+    """How the operator ran opsbook, for the hints: `opsbook`, or invoke's `inv` in the checkout."""
+    return getattr(program, "command", "inv")
 
 
 def usage_message(program: Any, error: Exception) -> str:
@@ -137,9 +158,10 @@ def usage_message(program: Any, error: Exception) -> str:
         text = f"unknown flag {match[1]}{_did_you_mean(match[1], flags)}"
     elif match:
         text = f"{'unexpected argument' if task else 'no task named'} {match[1]!r}{_did_you_mean(match[1], tasks)}"
+    command = command_name(program)
     if task:
-        return f"error: {task}: {text}; see `inv -h {task}`"
-    return f"error: {text}; see `inv {'--help' if text.startswith('unknown flag') else '--list'}`"
+        return f"error: {task}: {text}; see `{command} -h {task}`"
+    return f"error: {text}; see `{command} {'--help' if text.startswith('unknown flag') else '--list'}`"
 
 
 def _flag(context: Any, name: str) -> str:

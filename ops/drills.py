@@ -1,6 +1,6 @@
 """DR drill records: the evidence a drill leaves, where it is kept, and whether this quarter's is done.
 
-A drill's evidence is two files, `report.md` (from templates/drill_report.md.j2) and
+A drill's evidence is two files, `report.md` (from ops/templates/drill_report.md.j2) and
 `report.json`, kept under `<state>/drills/<id>/` and uploaded to the SOURCE
 environment's backups storage at `drills/<id>/`. report.json:
 
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.backup_manifest import iso_z, parse_time
 from ops.errors import OpsError
+from ops.render import TEMPLATES_DIR
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -35,7 +36,6 @@ DRILLS_DIR = "drills/"
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
 TEMPLATE = "drill_report.md.j2"
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 PASSED, FAILED, SKIPPED, NOT_APPLICABLE = "passed", "failed", "skipped", "not applicable"
 RTO_UNTIL_READY = "staging ready"
 
@@ -115,7 +115,7 @@ def duration_text(seconds: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """The human evidence, from templates/drill_report.md.j2 (StrictUndefined: a missing field is a bug)."""
+    """The human evidence, from ops/templates/drill_report.md.j2 (StrictUndefined: a missing field is a bug)."""
     from jinja2 import Environment as Jinja
     from jinja2 import FileSystemLoader, StrictUndefined
 

@@ -1,4 +1,4 @@
-"""The app's env file (KEY=VALUE): rendered from templates/app.env.j2, parsed, diffed with secrets masked.
+"""The app's env file (KEY=VALUE): rendered from ops/templates/app.env.j2, parsed, diffed with secrets masked.
 
 Values come from the inventory and, where present, from the environment's secret
 store (`<state>/secrets/<env>.env`), which wins: after provisioning or a rotation
@@ -10,17 +10,16 @@ value written.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ops.errors import InventoryError
+from ops.render import TEMPLATES_DIR
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_NAME = "app.env.j2"
 
 # Secret store keys that override the inventory (contract A).

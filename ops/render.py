@@ -1,4 +1,4 @@
-"""The one Jinja environment: templates under templates/, StrictUndefined, operator overrides.
+"""The one Jinja environment: the package's templates (ops/templates/), StrictUndefined, operator overrides.
 
 A template that reads a field the context does not have is an error naming the
 template and the field, never a blank in a notice sent to customers. Operators
@@ -9,6 +9,7 @@ folder named by the inventory (`incidents.templates_dir`): it is searched first.
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from ops.incidents import Incident
     from ops.notify import Notice
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# package data, wherever the package is installed (a checkout, a wheel): Jinja and the drill report read it as files
+TEMPLATES_DIR = Path(str(resources.files("ops") / "templates"))
 
 
 class TemplateError(InventoryError):
@@ -43,7 +45,7 @@ def template_environment(override_dir: str | Path | None = None) -> jinja2.Envir
 
 
 def render_template(name: str, context: dict[str, Any], override_dir: str | Path | None = None) -> str:
-    """`name` (relative to templates/, e.g. "incident/resolved/email.public.txt.j2") rendered with `context`."""
+    """`name` (relative to ops/templates/, e.g. "incident/resolved/email.public.txt.j2") rendered with `context`."""
     import jinja2
 
     where = f"template {name}" + (f" (overrides searched first in {override_dir})" if override_dir else "")
@@ -52,7 +54,7 @@ def render_template(name: str, context: dict[str, Any], override_dir: str | Path
         return template.render(**context)
     except jinja2.TemplateNotFound as error:
         raise TemplateError(f"{where}: not found ({error.name})",
-                            hint=f"restore it under {TEMPLATES_DIR.name}/ or add it to the override folder") from None
+                            hint=f"restore it under {TEMPLATES_DIR} or add it to the override folder") from None
     except jinja2.TemplateSyntaxError as error:
         raise TemplateError(f"{where}: syntax error at {error.filename or error.name}, line {error.lineno}: "
                             f"{redact(error.message)}", hint="fix the template at that line") from None

@@ -1,6 +1,6 @@
 """inv deploy.push-env / deploy.restart / deploy.rollback: the app hosts' configuration, restarts and releases.
 
-- push-env renders templates/app.env.j2 per host and writes it atomically (0600, the
+- push-env renders ops/templates/app.env.j2 per host and writes it atomically (0600, the
   previous file kept as `<env_file>.prev`); an unchanged file is left alone.
 - restart restarts the hosts in batches, each gated on its health and ready URLs,
   and stops once more hosts failed than --max-fail allows.
@@ -82,7 +82,7 @@ class PushEnvStep(Step):
         return {"host": self.host_name, "path": path, "sha256": hashlib.sha256(rendered.encode()).hexdigest()}
 
     def checklist_line(self) -> str:
-        return f"{self.title} (rendered from templates/app.env.j2; mode 0600; previous kept as .prev)"
+        return f"{self.title} (rendered from ops/templates/app.env.j2; mode 0600; previous kept as .prev)"
 
 
 def push_env_steps(env: Environment) -> list[Step]:

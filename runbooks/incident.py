@@ -2,7 +2,7 @@
 
 Outline steps: 1 identify scope and 2 check logs (triage, ops.triage), 3 roll back
 (deploy.rollback, and a restore only when it is safe), 4 communicate status (notices
-rendered from templates/incident/, sent to the inventory's `notify` channels).
+rendered from ops/templates/incident/, sent to the inventory's `notify` channels).
 
 Exit codes, beyond the shared ones:
 - 1  the update was recorded (timeline, incident.json, bucket copy) but a channel failed to

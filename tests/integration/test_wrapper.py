@@ -60,7 +60,7 @@ def make_checkout(base: Path, *, venv: bool = True) -> Path:
     checkout.mkdir()
     for name in ("opsbook", "pyproject.toml", "inventory.yaml"):  # the inventory's state dir is next to it
         shutil.copy2(REPOSITORY / name, checkout / name)
-    for name in ("tasks.py", "ops", "runbooks", "templates"):
+    for name in ("tasks.py", "ops", "runbooks"):
         (checkout / name).symlink_to(REPOSITORY / name)
     if venv:
         make_venv(checkout / ".venv")

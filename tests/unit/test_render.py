@@ -117,7 +117,7 @@ def test_an_operator_template_overrides_the_shipped_one(tmp_path: Path) -> None:
     public = next(n for n in notices if n.format == "status_page" and n.audience == "public")
     internal = next(n for n in notices if n.format == "status_page" and n.audience == "internal")
     assert "ACME is on it. 2026-11-23 02:30 UTC" in public.body and "What we know" not in public.body
-    assert "What we know" in internal.body  # the other templates still come from templates/
+    assert "What we know" in internal.body  # the other templates still come from ops/templates/
 
 
 def test_broken_templates_are_named(tmp_path: Path) -> None:

@@ -1,0 +1,48 @@
+"""opsbook's task collection, for the `opsbook` console tool (ops/program.py) and `inv` in a checkout (tasks.py)."""
+
+from invoke import Collection
+
+from runbooks import (
+    assets,
+    backup,
+    decommission,
+    deploy,
+    drill,
+    health,
+    hosts,
+    incident,
+    inventory,
+    keys,
+    migrate,
+    preflight,
+    provision,
+    prune,
+    restore,
+    runs,
+    sandbox,
+    secrets_rotate,
+    status,
+)
+
+backup.collection.add_task(prune.prune)
+backup.collection.add_task(assets.assets)
+
+ns = Collection()
+ns.add_task(health.health)
+ns.add_task(provision.provision)
+ns.add_collection(backup.collection)
+ns.add_task(restore.restore)
+ns.add_collection(inventory.collection)
+ns.add_collection(sandbox.collection)
+ns.add_collection(runs.runs)
+ns.add_collection(runs.runbook_collection)
+ns.add_collection(drill.collection)
+ns.add_task(decommission.decommission)
+ns.add_collection(migrate.collection)
+ns.add_collection(deploy.collection)
+ns.add_collection(incident.collection)
+ns.add_task(preflight.preflight)
+ns.add_task(status.status)
+ns.add_collection(keys.collection)
+ns.add_collection(secrets_rotate.collection)
+ns.add_collection(hosts.collection)
