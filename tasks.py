@@ -1,6 +1,6 @@
 """`inv` in a checkout: opsbook's task collection (runbooks/collection.py). `inv --list` shows it.
 
-Installed, the same collection is the `opsbook` console tool (ops/program.py). Everything else lives in
+Installed, the same collection is the `opsbook` console tool (runbooks/program.py). Everything else lives in
 runbooks/ (one module per procedure) and ops/ (the library); exit codes are mapped in one place, ops/cli.py.
 """
 

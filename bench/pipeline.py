@@ -73,11 +73,11 @@ def make_storage(sink: str, state: dict[str, Any]) -> Any:
     if sink == "null":
         return NullStorage()
     if sink == "local":
-        from ops.storage_local import LocalStorage
+        from ops.storage.local import LocalStorage
 
         Path(state["local"], BUCKET).mkdir(parents=True, exist_ok=True)
         return LocalStorage(StorageConfig(provider="local", bucket=BUCKET, path=state["local"]))
-    from ops.storage_s3 import S3Storage
+    from ops.storage.s3 import S3Storage
 
     return S3Storage(StorageConfig(provider="s3", bucket=BUCKET, endpoint=state["endpoint"], region="us-east-1",
                                    access_key_id="bench", secret_access_key="bench-secret"))
@@ -88,7 +88,7 @@ def one(arguments: argparse.Namespace) -> int:
 
     state = json.loads(Path(arguments.state).read_text())
     if arguments.parts_in_flight:
-        from ops import storage_s3
+        from ops.storage import s3 as storage_s3
 
         storage_s3.PARTS_IN_FLIGHT = arguments.parts_in_flight
     if arguments.queue_mb:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     single.add_argument("--level", type=int, default=3)
     single.add_argument("--encrypt", action="store_true")
     single.add_argument("--profile", action="store_true")
-    single.add_argument("--parts-in-flight", type=int, help="override ops.storage_s3.PARTS_IN_FLIGHT")
+    single.add_argument("--parts-in-flight", type=int, help="override ops.storage.s3.PARTS_IN_FLIGHT")
     single.add_argument("--queue-mb", type=int, help="override ops.dump.QUEUE_BYTES")
     arguments = parser.parse_args(argv)
     return serve(arguments) if arguments.command == "serve" else one(arguments)

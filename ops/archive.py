@@ -22,6 +22,7 @@ import json
 import subprocess
 import tarfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,19 +82,9 @@ class Member:
         return hashlib.sha256(self.data).hexdigest()
 
 
-def runbook_members(env: Environment) -> list[Member]:
-    """Each runbook rendered for `env`; one that cannot be built for it says why instead."""
-    import runbooks
-    from ops.errors import OpsError
-
-    members = []
-    for name in sorted(runbooks.RUNBOOKS):
-        try:
-            text = runbooks.build(name, env).checklist(env.name)
-        except OpsError as error:
-            text = f"# {name} — {env.name}\n\nnot rendered for this environment: {redact(error)}\n"
-        members.append(Member(f"runbooks/{name}.md", text.encode()))
-    return members
+def runbook_members(checklists: Mapping[str, str]) -> list[Member]:
+    """Each runbook's checklist (name -> text, as runbooks.checklists gives them) as a member."""
+    return [Member(f"runbooks/{name}.md", checklists[name].encode()) for name in sorted(checklists)]
 
 
 def inventory_member(env: Environment) -> Member:

@@ -309,7 +309,7 @@ def copy_one(source: Storage, backups: Storage, info: ObjectInfo, dest_key: str)
 
 
 def _server_side_possible(source: Storage, backups: Storage, size: int) -> bool:
-    from ops.storage_s3 import MAX_COPY_OBJECT_SIZE
+    from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
 
     return backups.same_account(source) and size <= MAX_COPY_OBJECT_SIZE
 

@@ -40,7 +40,7 @@ def helps(*common: str, **extra: str) -> dict[str, str]:
 # --- command-line errors ---------------------------------------------------------------------------
 # invoke parses a task's flags after it loads the collection, and answers a parse error with exit 1, or, for a
 # flag value it cannot convert (`--jobs x`), with a traceback. Each becomes one line and exit 2: the `opsbook`
-# console tool (ops/program.py) through its Program's own methods, `inv` and `python -m invoke` through
+# console tool (runbooks/program.py) through its Program's own methods, `inv` and `python -m invoke` through
 # install_usage_errors(), called from tasks.py. The parser's own checks are shared by both.
 
 _NEEDS_VALUE = re.compile(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ops.errors import InventoryError
+from ops.pg import with_credentials
 from ops.render import TEMPLATES_DIR
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
@@ -137,21 +138,6 @@ def with_connection_parameters(url: str, *, require_tls: bool, pooled: bool) -> 
     if query == written:
         return url  # as written, byte for byte
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
-
-
-def with_credentials(url: str, password: str, *, user: str | None = None) -> str:
-    """`url` with its password (and user, when given) replaced; both percent-encoded."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
-        hostport = parts.netloc
-    current_user = userinfo.partition(":")[0] if at else ""
-    name = quote(user, safe="") if user else current_user
-    if not name:
-        raise InventoryError("database.url has no user to go with the stored DATABASE_PASSWORD",
-                             hint="put the role in the URL (postgresql://ROLE@host/db) or set database.role")
-    netloc = f"{name}:{quote(password, safe='')}@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _storage_values(env: Environment, stored: dict[str, Secret]) -> dict[str, str | None] | None:

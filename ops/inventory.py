@@ -24,6 +24,7 @@ from ops.errors import InventoryError
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
 from ops.inventory_schema import INVENTORY, SECRET_KEYS
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
+from ops.pg import with_credentials
 from ops.secrets import MASK, Secret
 
 if TYPE_CHECKING:
@@ -187,8 +188,6 @@ class Environment:
         password = SecretStore(self.inventory.state_dir, self.name).get("DATABASE_PASSWORD")
         if not password or urlsplit(written.reveal()).password is not None:
             return written
-        from ops.envfile import with_credentials
-
         return Secret(with_credentials(written.reveal(), password.reveal(), user=self.raw("database.role", None)))
 
     def admin_url(self) -> Secret:

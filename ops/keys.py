@@ -251,7 +251,7 @@ def key_refused(env: Environment, key_id: str, secret: Secret, section: str = "s
     from botocore.exceptions import BotoCoreError, ClientError
 
     from ops import aws
-    from ops.storage_s3 import S3Storage
+    from ops.storage.s3 import S3Storage
 
     config = env.storage_config(section)
     client = aws.client("s3", endpoint=config.endpoint, region=S3Storage(config).region, access_key_id=key_id,

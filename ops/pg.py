@@ -160,6 +160,21 @@ def with_database(url: Secret | str, dbname: str) -> Secret:
     return Secret(urlunsplit(rebuilt))
 
 
+def with_credentials(url: str, password: str, *, user: str | None = None) -> str:
+    """`url` with its password (and user, when given) replaced; both percent-encoded."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        hostport = parts.netloc
+    current_user = userinfo.partition(":")[0] if at else ""
+    name = quote(user, safe="") if user else current_user
+    if not name:
+        raise InventoryError("database.url has no user to go with the stored DATABASE_PASSWORD",
+                             hint="put the role in the URL (postgresql://ROLE@host/db) or set database.role")
+    netloc = f"{name}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def libpq_environment(url: Secret | str) -> dict[str, str]:
     """PG* variables for a child process (pg_dump, psql...). Values include the password:
     give them to subprocess `env=`, never log them."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ops.errors import UsageError
+from ops.errors import OpsError, UsageError
+from ops.secrets import redact
 
 if TYPE_CHECKING:
     from ops.engine import Runbook
@@ -42,3 +43,14 @@ def build(name: str, env: Environment, **arguments: Any) -> Runbook:
     module_name, _, builder = RUNBOOKS[name].partition(":")  # "module" (its build) or "module:builder"
     module = importlib.import_module(module_name)
     return getattr(module, builder or "build")(env, **arguments)
+
+
+def checklists(env: Environment) -> dict[str, str]:
+    """Every runbook's numbered checklist for `env`; one that cannot be built for it says why instead."""
+    texts = {}
+    for name in sorted(RUNBOOKS):
+        try:
+            texts[name] = build(name, env).checklist(env.name)
+        except OpsError as error:
+            texts[name] = f"# {name} — {env.name}\n\nnot rendered for this environment: {redact(error)}\n"
+    return texts

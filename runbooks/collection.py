@@ -1,4 +1,4 @@
-"""opsbook's task collection, for the `opsbook` console tool (ops/program.py) and `inv` in a checkout (tasks.py)."""
+"""opsbook's task collection, for the `opsbook` console tool (runbooks/program.py) and `inv` (tasks.py)."""
 
 from invoke import Collection
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
+import runbooks
 from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step, check_confirm_name
@@ -142,7 +143,7 @@ class ArchiveStep(Step):
         from ops import archive
 
         env, storage = ctx.env, ctx.storage("backups")
-        found = [*archive.runbook_members(env), archive.inventory_member(env)]
+        found = [*archive.runbook_members(runbooks.checklists(env)), archive.inventory_member(env)]
         repository = env.value("app.repository", None)
         if repository:
             scratch = env.inventory.state_dir / "archive"

@@ -97,7 +97,7 @@ class GateStep(Step):
         self.title = "refuse while a migration is failed (P3009) or an applied one was edited"
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.migration_apply import refuse_unsafe
+        from ops.migrations import refuse_unsafe
 
         state = self.facts.state(ctx)
         refuse_unsafe(state, self.facts.target(), allow_edited=self.allow_edited)
@@ -119,7 +119,7 @@ class LintStep(Step):
         self.title = "lint pending migrations for changes that break the running app"
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.migration_lint import lint_migrations
+        from ops.migrations import lint_migrations
 
         findings = lint_migrations(self.facts.pending(ctx, self.facts.state(ctx)))
         if not findings:
@@ -183,7 +183,7 @@ class DeployStep(Step):
     # --- engines ---
 
     def _native(self, ctx: RunContext) -> list[str]:
-        from ops.migration_apply import apply_pending
+        from ops.migrations import apply_pending
 
         def on_event(event: str, detail: str) -> None:
             if event == "waiting":
@@ -276,8 +276,7 @@ class ResolveStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         from ops import pg
-        from ops.migration_apply import mark_applied, mark_rolled_back
-        from ops.migrations import use_prisma_schema
+        from ops.migrations import mark_applied, mark_rolled_back, use_prisma_schema
 
         url = self.facts.url()
         with pg.connect(url, application_name=ctx.label[:63], autocommit=True) as connection:

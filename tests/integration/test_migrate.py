@@ -177,7 +177,7 @@ def test_command_engine_runs_on_the_first_host_with_the_direct_url(opsbook, shop
     shutil.copytree(shop["migrations"], web1.app_dir / "prisma" / "migrations")
     # Stands in for `npx prisma migrate deploy`: reads DATABASE_URL and the folder relative to app.dir.
     script = (f"import os, sys; sys.path.insert(0, {str(REPOSITORY)!r}); from pathlib import Path; "
-              "from ops.migration_apply import apply_pending; "
+              "from ops.migrations import apply_pending; "
               "print('applied', apply_pending(os.environ['DATABASE_URL'], Path('prisma/migrations')))")
     inventory = json.loads(json.dumps(_yaml(opsbook.inventory)))
     staging = inventory["envs"]["staging"]

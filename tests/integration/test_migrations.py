@@ -13,11 +13,13 @@ import psycopg
 import pytest
 
 from ops.errors import CheckFailed, LockHeld, StepFailed
-from ops.migration_apply import apply_pending, mark_applied, mark_rolled_back
 from ops.migrations import (
     CREATE_MIGRATIONS_TABLE,
     PRISMA_ADVISORY_LOCK_KEY,
+    apply_pending,
     checksum_of,
+    mark_applied,
+    mark_rolled_back,
     migration_status,
     read_applied,
     read_local_migrations,

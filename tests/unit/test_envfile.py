@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ops import inventory
-from ops.envfile import masked_diff, parse_env_file, quote_value, render_env_file, with_credentials
+from ops.envfile import masked_diff, parse_env_file, quote_value, render_env_file
+from ops.pg import with_credentials
 from ops.rollout import (
     HostOutcome,
     batches,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.migration_lint import Finding, lint_migrations, lint_sql, mask
-from ops.migrations import LocalMigration, checksum_of
+from ops.migrations.lint import Finding, lint_migrations, lint_sql, mask
+from ops.migrations.state import LocalMigration, checksum_of
 
 # Prisma's own output when an enum loses a value (`prisma migrate dev`, PostgreSQL).
 PRISMA_ENUM_DROP = """\

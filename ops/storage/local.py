@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from ops.errors import InventoryError, StepFailed, UsageError
 from ops.secrets import redact
-from ops.storage import (
+from ops.storage.base import (
     DEFAULT_PART_SIZE,
     BucketNotFound,
     EtagBuilder,
@@ -37,6 +37,7 @@ from ops.storage import (
     read_full,
     validate_prefix,
 )
+from ops.storage.registry import register_backend
 
 INCOMPLETE_DIR = ".incomplete"
 META_DIR = ".meta"
@@ -63,6 +64,7 @@ def _check_local_name(full_key: str, *, is_prefix: bool) -> None:
                          hint="use another key")
 
 
+@register_backend("local")
 class LocalStorage(Storage):
     """A bucket that is a folder on this machine (the sandbox, tests, a mounted disk)."""
 

@@ -4,7 +4,7 @@ Prisma keeps one folder per migration (`prisma/migrations/<name>/migration.sql`)
 one row per attempt in `_prisma_migrations`. This module reads both and classifies each
 migration exactly as `prisma migrate status` / `migrate deploy` would; `load_migrations(env)`
 and `environment_status(env)` do it for an inventory environment (checkout or app host).
-The `native` engine that applies pending ones with Prisma's bookkeeping is ops/migration_apply.py.
+The `native` engine that applies pending ones with Prisma's bookkeeping is ops/migrations/apply.py.
 
 Statuses: failed (a row with neither finished_at nor rolled_back_at: Prisma's P3009),
 applied / edited (a finished row whose checksum matches / differs from the file, with
@@ -319,13 +319,6 @@ def resolve_hint(name: str) -> str:
     return (f"read its logs (migrate.status shows them), undo what it did, then mark it: "
             f"`inv migrate.resolve --name {name} --rolled-back` (or `prisma migrate resolve --rolled-back {name}`); "
             f"if you finished it by hand instead, use --applied; {RESOLVE_DOCS}")
-
-
-def apply_pending(*args: Any, **kwargs: Any) -> list[str]:
-    """The native applier (ops.migration_apply.apply_pending), for callers of this module."""
-    from ops.migration_apply import apply_pending as apply
-
-    return apply(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- an inventory environment

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.errors import ConnectionFailed, OpsError, StepFailed
 from ops.secrets import redact, reveal
-from ops.storage import (
+from ops.storage.base import (
     DEFAULT_PART_SIZE,
     MAX_PARTS,
     BucketNotFound,
@@ -27,6 +27,7 @@ from ops.storage import (
     check_part_size,
     validate_prefix,
 )
+from ops.storage.registry import register_backend
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -78,6 +79,7 @@ def _server_time(response: dict[str, Any]) -> datetime:
         return datetime.now(UTC)
 
 
+@register_backend("r2", "s3")
 class S3Storage(Storage):
     """A bucket on R2 or any S3-compatible service."""
 

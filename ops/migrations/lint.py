@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ops.migrations import LocalMigration
+    from ops.migrations.state import LocalMigration
 
 IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
 QUALIFIED = rf"{IDENT}(?:\s*\.\s*{IDENT})?"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ops.errors import CheckFailed, LockHeld, StepFailed
-from ops.migrations import (
+from ops.migrations.state import (
     CREATE_MIGRATIONS_TABLE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
     FAILED,

@@ -1,14 +1,7 @@
-"""One interface over object storage: Cloudflare R2 / S3 (boto3) and a local folder.
-
-Every key a caller passes is relative to the configured prefix (`prod/` for
-example); every key handed back is relative to it as well. Backends:
-
-- `ops.storage_s3.S3Storage`     provider "r2" or "s3" (any S3-compatible endpoint)
-- `ops.storage_local.LocalStorage` provider "local": `<path>/<bucket>/<prefix><key>`
-
-Both write objects atomically (an object exists under its key only once it is
-complete), stream large objects with bounded memory, and raise errors from
-ops/errors.py that name the provider, endpoint, bucket and key, never a secret.
+"""The storage interface: configuration, object records, errors, the `Storage` base class
+and the helpers its backends share. Backends live beside it (ops/storage/s3.py,
+ops/storage/local.py) and are found through ops/storage/registry.py; this module
+imports none of them.
 """
 
 from __future__ import annotations
@@ -23,10 +16,9 @@ from datetime import datetime
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from ops.errors import CheckFailed, InventoryError, StepFailed, UsageError
-from ops.secrets import Secret, redact
+from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.secrets import Secret
 
-PROVIDERS = ("r2", "s3", "local")
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 # S3 (and moto) refuse parts under 5 MiB except the last one.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -282,32 +274,3 @@ class EarlyRead(AbstractContextManager[BinaryIO]):
         """Also for an EarlyRead never entered: closes the response the thread opened."""
         self._thread.join()
         self._stack.close()
-
-
-def _check_config(config: StorageConfig) -> None:
-    problems = []
-    if config.provider not in PROVIDERS:
-        problems.append(f"storage.provider: {config.provider!r} is not one of {', '.join(PROVIDERS)}")
-    if not config.bucket:
-        problems.append("storage.bucket: required")
-    if config.provider == "r2" and not config.endpoint:
-        problems.append("storage.endpoint: required for r2 (https://ACCOUNT_ID.r2.cloudflarestorage.com)")
-    if config.provider == "local" and not config.path:
-        problems.append("storage.path: required for the local provider (the folder that holds buckets)")
-    if config.prefix and (config.prefix.startswith("/") or ".." in config.prefix.split("/")):
-        problems.append(f"storage.prefix: {config.prefix!r} must be relative without '..' segments")
-    if problems:
-        raise InventoryError("invalid storage settings", problems=[redact(p) for p in problems],
-                             hint="fix these storage settings in the inventory")
-
-
-def open_storage(config: StorageConfig) -> Storage:
-    """The backend for `config`. Cheap: no connection is made until first use."""
-    _check_config(config)
-    if config.provider == "local":
-        from ops.storage_local import LocalStorage
-
-        return LocalStorage(config)
-    from ops.storage_s3 import S3Storage
-
-    return S3Storage(config)

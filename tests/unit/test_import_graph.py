@@ -1,0 +1,234 @@
+"""The import graph of ops/ and runbooks/, read from the source: no cycles, no upward imports.
+
+Every import statement counts, at module level or inside a function, except those under
+`if TYPE_CHECKING:` (they never run). `from ops import x` is an edge to ops.x when x is a
+module, else to ops. Library modules (ops) never import runbooks, and runbooks never use
+each other as libraries (the package's registry, runbooks/__init__.py, is not a runbook).
+
+The edges below are known and being removed; the tests fail on any edge or cycle not
+listed, and on a listed edge that is gone (delete it from the list then).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+PACKAGES = ("ops", "runbooks")
+
+# runbook -> runbook edges: what they share is to move into ops.
+ALLOWED_RUNBOOK_EDGES = {
+    ("runbooks.backup", "runbooks.backup_verify"),
+    ("runbooks.decommission", "runbooks.backup"),
+    ("runbooks.decommission", "runbooks.backup_verify"),
+    ("runbooks.decommission", "runbooks.drill"),
+    ("runbooks.drill", "runbooks.deploy"),
+    ("runbooks.drill", "runbooks.migrate"),
+    ("runbooks.drill", "runbooks.restore"),
+    ("runbooks.incident", "runbooks.deploy"),
+    ("runbooks.incident", "runbooks.restore"),
+    ("runbooks.keys", "runbooks.deploy"),
+    ("runbooks.migrate", "runbooks.backup"),
+    ("runbooks.preflight", "runbooks.health"),
+    ("runbooks.provision", "runbooks.deploy"),
+    ("runbooks.provision", "runbooks.keys"),
+    ("runbooks.provision", "runbooks.migrate"),
+    ("runbooks.restore", "runbooks.backup"),
+    ("runbooks.restore", "runbooks.backup_verify"),
+    ("runbooks.secrets_rotate", "runbooks.deploy"),
+    ("runbooks.secrets_rotate", "runbooks.keys"),
+}
+# ops -> runbooks edges.
+ALLOWED_UPWARD_EDGES: set[tuple[str, str]] = set()
+# Edges that close a cycle; the test looks for cycles without them.
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
+
+Graph = dict[str, set[str]]
+
+
+def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> source file, for every module of `packages` under `root`."""
+    modules = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import under `node`, at any depth (functions, classes, try blocks), skipping
+    the body of `if TYPE_CHECKING:`."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Import | ast.ImportFrom):
+            yield child
+        elif isinstance(child, ast.If) and _is_type_checking(child):
+            for other in child.orelse:
+                yield from _import_nodes_of(other)
+        else:
+            yield from _import_nodes(child)
+
+
+def _import_nodes_of(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        yield node
+    else:
+        yield from _import_nodes(node)
+
+
+def _base_of(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The module a `from … import` reads from, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    package = package[:len(package) - (node.level - 1)]
+    return ".".join([*package, *([node.module] if node.module else [])])
+
+
+def _known(name: str, modules: dict[str, Path]) -> str | None:
+    """`name` or its nearest enclosing module of ours; None for third-party and stdlib."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports_of(module: str, modules: dict[str, Path]) -> set[str]:
+    path = modules[module]
+    targets: set[str] = set()
+    for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            base = _base_of(module, path, node)
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        targets.update(found for name in names if (found := _known(name, modules)) and found != module)
+    return targets
+
+
+def import_graph(root: Path = REPOSITORY, packages: tuple[str, ...] = PACKAGES) -> Graph:
+    modules = module_files(root, packages)
+    return {module: imports_of(module, modules) for module in modules}
+
+
+def cycles(graph: Graph) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _edges(graph: Graph) -> set[tuple[str, str]]:
+    return {(source, target) for source, targets in graph.items() for target in targets}
+
+
+def _without(graph: Graph, edges: set[tuple[str, str]]) -> Graph:
+    return {source: {t for t in targets if (source, t) not in edges} for source, targets in graph.items()}
+
+
+# Where the task collection and the console tool are put together: they import every runbook by design.
+COMPOSITION = {"runbooks.collection", "runbooks.program"}
+
+
+def _is_runbook(module: str) -> bool:
+    return module.startswith("runbooks.") and module not in COMPOSITION
+
+
+# ---------------------------------------------------------------- the code base
+
+
+def test_no_import_cycles() -> None:
+    found = cycles(_without(import_graph(), ALLOWED_CYCLE_EDGES))
+    assert not found, f"import cycles (break each one; a shared piece moves down into its own module): {found}"
+
+
+def test_library_modules_never_import_runbooks() -> None:
+    upward = {(s, t) for s, t in _edges(import_graph()) if s.startswith("ops") and t.startswith("runbooks")}
+    assert upward <= ALLOWED_UPWARD_EDGES, (
+        f"ops imports runbooks (pass what is needed in from the runbook instead): "
+        f"{sorted(upward - ALLOWED_UPWARD_EDGES)}")
+
+
+def test_runbooks_do_not_use_each_other_as_libraries() -> None:
+    shared = {(s, t) for s, t in _edges(import_graph()) if _is_runbook(s) and _is_runbook(t)}
+    assert shared <= ALLOWED_RUNBOOK_EDGES, (
+        f"a runbook imports another (move what they share into ops): {sorted(shared - ALLOWED_RUNBOOK_EDGES)}")
+
+
+def test_every_allowed_edge_still_exists() -> None:
+    gone = (ALLOWED_RUNBOOK_EDGES | ALLOWED_UPWARD_EDGES | ALLOWED_CYCLE_EDGES) - _edges(import_graph())
+    assert not gone, f"edges no longer in the code: remove them from this test's allow-lists: {sorted(gone)}"
+
+
+# ---------------------------------------------------------------- the graph builder itself
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_graph_reads_every_kind_of_import(tmp_path: Path) -> None:
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from pkg import b, CONSTANT\n",
+        "pkg/b.py": "def f():\n    from pkg.sub import c\n",
+        "pkg/c.py": "import pkg.sub.d\nimport json\n",
+        "pkg/sub/__init__.py": "from . import d\nfrom .d import name\n",
+        "pkg/sub/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
+                        "else:\n    from .. import c\nclass K:\n    def m(self):\n        from ..a import x\n",
+    })
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph == {
+        "pkg": set(),
+        "pkg.a": {"pkg.b", "pkg"},  # a module by its name, a constant by its package
+        "pkg.b": {"pkg.sub"},  # function level; `c` is a name of pkg.sub, not a module
+        "pkg.c": {"pkg.sub.d"},  # stdlib left out
+        "pkg.sub": {"pkg.sub.d"},
+        "pkg.sub.d": {"pkg.c", "pkg.a"},  # TYPE_CHECKING body skipped, its else and a method read
+    }
+
+
+def test_cycles_found_with_and_without_an_allowed_edge() -> None:
+    graph = {"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}
+    assert cycles(graph) == [["x", "y", "z"]]
+    assert cycles(_without(graph, {("z", "x")})) == []
