@@ -120,13 +120,6 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def assert_no_secret(opsbook: Opsbook, *secrets: str) -> None:
-    """No secret value in any output of the workspace's runs or any file under its state dir."""
-    produced = opsbook.everything_produced()
-    for secret in secrets:
-        assert secret not in produced, "a secret value appeared in an output or a journal"
-
-
 def http_status(url: str) -> int:
     """The HTTP status `url` answers with; 0 when nothing answers."""
     try:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.ssh",
     "tests.fixtures.notify",
     "tests.fixtures.cloudflare",
+    "tests.fixtures.provision",
 ]

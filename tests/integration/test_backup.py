@@ -24,64 +24,11 @@ import pytest
 from psycopg import sql
 
 from ops.secrets import Secret
-from tests.cli import Opsbook, assert_no_secret, wait_for
+from tests.cli import Opsbook, wait_for
+from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.postgres import row_counts
-
-SCHEMA = """
-CREATE TABLE "Brand" (id serial PRIMARY KEY, name text NOT NULL, slug text UNIQUE);
-CREATE TABLE "Image" (id serial PRIMARY KEY, "brandId" int REFERENCES "Brand"(id), caption text, bytes int);
-CREATE TABLE "User" (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text UNIQUE, created timestamptz);
-CREATE TABLE _prisma_migrations (
-    id varchar(36) PRIMARY KEY, checksum varchar(64) NOT NULL, finished_at timestamptz,
-    migration_name varchar(255) NOT NULL, logs text, rolled_back_at timestamptz,
-    started_at timestamptz NOT NULL DEFAULT now(), applied_steps_count int NOT NULL DEFAULT 0);
-INSERT INTO _prisma_migrations (id, checksum, finished_at, migration_name, rolled_back_at, applied_steps_count)
-VALUES ('a', repeat('0', 64), now(), '20250101120000_init', NULL, 1),
-       ('b', repeat('1', 64), now(), '20250102120000_rolled_back', now(), 1);
-INSERT INTO "Brand" (name, slug) SELECT 'Marque ' || g || ' — été ✓', 'brand-' || g FROM generate_series(1, 20) g;
-INSERT INTO "Image" ("brandId", caption, bytes)
-SELECT 1 + g % 20, md5(random()::text) || ' légende', g * 7 FROM generate_series(1, 500) g;
-INSERT INTO "User" (email, created) SELECT 'user' || g || '@example.com', now() - g * interval '1 day'
-FROM generate_series(1, 50) g;
-"""
-# ~1 KB of random hex per row: compresses about 2:1, like real text, unlike pgbench's filler
-BIG_TABLE = """
-CREATE TABLE big (id int PRIMARY KEY, body text);
-INSERT INTO big SELECT g, (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 32) i)
-FROM generate_series(1, {rows}) g;
-"""
-
-
-def make_database(server: Any, *, big_rows: int = 0) -> tuple[str, Secret]:
-    name = f"shop_{uuid.uuid4().hex[:8]}"
-    url = server.create_database(name)
-    with psycopg.connect(url.reveal(), autocommit=True) as connection:
-        connection.execute(SCHEMA)
-        if big_rows:
-            connection.execute(BIG_TABLE.format(rows=big_rows))
-    return name, url
-
-
-def databases_like(server: Any, pattern: str) -> list[str]:
-    with psycopg.connect(server.url().reveal()) as connection:
-        return [row[0] for row in connection.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (pattern,)).fetchall()]
-
-
-def backups_section(endpoint: str, bucket: str, prefix: str, **extra: Any) -> dict[str, Any]:
-    return {"provider": "s3", "endpoint": endpoint, "region": "us-east-1", "bucket": bucket, "prefix": prefix,
-            "access_key_id": "${env:S3_ACCESS_KEY_ID}", "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}", **extra}
-
-
-def write_inventory(opsbook: Opsbook, s3_server: Any, envs: dict[str, dict[str, Any]],
-                    urls: dict[str, Secret]) -> None:
-    """`envs` are inventory sections; database URLs reach it only as ${env:…} references."""
-    opsbook.environ.update({"S3_ACCESS_KEY_ID": s3_server.access_key_id,
-                            "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal()})
-    opsbook.environ.update({f"DB_URL_{name.upper()}": url.reveal() for name, url in urls.items()})
-    for name, env in envs.items():
-        env.setdefault("database", {"url": f"${{env:DB_URL_{name.upper()}}}"})
-    opsbook.write_inventory({"project": "backuptest", "default_env": next(iter(envs)), "envs": envs})
+from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.shop import databases_like, make_database
 
 
 def stored_keys(s3_server: Any, bucket: str) -> list[str]:

@@ -20,8 +20,9 @@ import pyrage
 import pytest
 
 from tests.cli import REPOSITORY, Opsbook
+from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.postgres import row_counts
-from tests.integration.test_backup import backups_section, make_database, write_inventory
+from tests.fixtures.shop import make_database
 
 SECTION = "## Break-glass restore (no opsbook)"
 MARKER = "<!-- break-glass-commands:"

@@ -14,12 +14,10 @@ import pytest
 
 from ops.secrets import Secret
 from tests.cli import Opsbook
-from tests.integration.test_backup import databases_like, make_database
-from tests.integration.test_keys import refused
-from tests.integration.test_provision import fresh as provisionable
-from tests.integration.test_provision import iam_keys, stored
-
-fresh = provisionable  # the fixture: an environment that exists only in the inventory, aws-iam keys, one host
+from tests.fixtures.provision import iam_keys
+from tests.fixtures.s3 import refused
+from tests.fixtures.secrets import stored
+from tests.fixtures.shop import databases_like, make_database
 
 
 @pytest.fixture

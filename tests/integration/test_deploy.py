@@ -16,17 +16,10 @@ from ops.envfile import parse_env_file, render_env_file
 from ops.secret_store import SecretStore
 from ops.secrets import Secret
 from tests.cli import Opsbook
-from tests.fixtures.ssh import AppHost, SshServer
+from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.ssh import AppHost, SshServer, host_entry
 
 BROKEN_DATABASE_URL = "postgresql://nobody@127.0.0.1:1/nothing"
-
-
-def host_entry(server: SshServer, app_host: AppHost, **app: Any) -> dict[str, Any]:
-    return {"name": app_host.name, "address": "127.0.0.1", "port": server.port, "user": server.user,
-            "key_file": server.key_filename,
-            "app": {"dir": str(app_host.app_dir), "env_file": str(app_host.env_file),
-                    "restart": app_host.restart_command, "log_command": app_host.log_command,
-                    "health_url": app_host.health_url, "ready_url": app_host.ready_url, **app}}
 
 
 @pytest.fixture
@@ -60,12 +53,6 @@ def load_env(opsbook: Opsbook, monkeypatch: pytest.MonkeyPatch) -> inventory.Env
         if key.startswith(("OPS_", "APP_")):
             monkeypatch.setenv(key, value)
     return inventory.load(opsbook.inventory).environment("staging")
-
-
-def assert_no_secret(opsbook: Opsbook, secrets: list[str]) -> None:
-    produced = opsbook.everything_produced()
-    for secret in secrets:
-        assert secret not in produced
 
 
 # --- push-env ------------------------------------------------------------------------------
@@ -117,7 +104,7 @@ def test_push_env_writes_each_host_once_with_prev_and_masked_plan(
     assert "+ NEXTAUTH_SECRET=***" in third.stderr
     assert parse_env_file(hosts["web3"].env_file.read_text())["BETTER_AUTH_SECRET"] == auth_secret
     assert "AUTH_SECRET" not in (hosts["web3"].app_dir / ".env.prev").read_text()
-    assert_no_secret(opsbook, [*setup["secrets"], auth_secret])
+    assert_no_secret(opsbook, *setup["secrets"], auth_secret)
 
 
 READER = """
@@ -205,7 +192,7 @@ def test_rolling_restart_stops_at_the_failure_threshold_and_names_the_host(
     # push-env --restart restarts only what needs it: web2, still unhealthy, so it stops there.
     only_broken = opsbook.run("deploy.push-env", "--restart", "--dry-run")
     assert "would restart web2 (1 of 3 host(s)" in only_broken.stderr, only_broken
-    assert_no_secret(opsbook, setup["secrets"])
+    assert_no_secret(opsbook, *setup["secrets"])
 
 
 # --- rollback ------------------------------------------------------------------------------
@@ -263,4 +250,4 @@ def test_rollback_switches_current_restarts_and_warns_about_a_newer_schema(
     assert nothing_older.exit_code == 3, nothing_older
     assert "no previous release to roll back to" in nothing_older.stderr
     assert "Traceback" not in nothing_older.output
-    assert_no_secret(opsbook, setup["secrets"])
+    assert_no_secret(opsbook, *setup["secrets"])

@@ -11,6 +11,7 @@ from psycopg import sql
 
 from ops.secret_store import SecretStore
 from tests.cli import Opsbook, wait_for
+from tests.fixtures.secrets import assert_no_secret
 
 
 def role_exists(server: Any, role: str) -> bool:
@@ -31,11 +32,9 @@ def states(journal: list[dict[str, Any]], step: str) -> list[str]:
     return [e["state"] for e in journal if e["event"] == "step" and e["step"] == step]
 
 
-def assert_no_secret_anywhere(opsbook: Opsbook, secrets: list[str]) -> None:
-    produced = opsbook.everything_produced()
-    stored = SecretStore(opsbook.state_dir, "staging").read().values()
-    for secret in [*secrets, *(value.reveal() for value in stored)]:
-        assert secret not in produced, "a secret value appeared in an output or a journal"
+def stored_secrets(opsbook: Opsbook) -> list[str]:
+    """Every value the workspace's secret store keeps for staging, revealed."""
+    return [value.reveal() for value in SecretStore(opsbook.state_dir, "staging").read().values()]
 
 
 def test_dry_run_then_apply_then_nothing_to_do(opsbook, staging, postgres_server, s3_server):
@@ -73,7 +72,7 @@ def test_dry_run_then_apply_then_nothing_to_do(opsbook, staging, postgres_server
     journal = opsbook.journal(run_id)
     assert journal[0]["operator"] == "tester" and journal[0]["inventory_hash"]
     assert states(journal, "database-role") == ["planned", "started", "applied", "verified"]
-    assert_no_secret_anywhere(opsbook, staging["secrets"])
+    assert_no_secret(opsbook, *staging["secrets"], *stored_secrets(opsbook))
 
 
 def test_protected_environment_needs_the_typed_name(opsbook, staging, postgres_server):
@@ -109,7 +108,7 @@ def test_failure_stops_undoes_and_journals(opsbook, staging, postgres_server):
 
     listed = opsbook.run("runs.list")
     assert "failed" in listed.stderr and "database" in listed.stderr
-    assert_no_secret_anywhere(opsbook, staging["secrets"])
+    assert_no_secret(opsbook, *staging["secrets"], *stored_secrets(opsbook))
 
 
 def test_killed_run_resumes_skipping_verified_steps_and_locks_out_a_second_run(opsbook, staging, postgres_server):
@@ -148,7 +147,7 @@ def test_killed_run_resumes_skipping_verified_steps_and_locks_out_a_second_run(o
     assert states(journal, "database-role")[-1] == "verified"
     assert states(journal, "database")[-1] == "verified"
     assert role_exists(postgres_server, staging["role"]) and database_exists(postgres_server, staging["database"])
-    assert_no_secret_anywhere(opsbook, staging["secrets"])
+    assert_no_secret(opsbook, *staging["secrets"], *stored_secrets(opsbook))
 
 
 def test_runbook_show_renders_the_steps_that_run(opsbook, staging):

@@ -18,6 +18,7 @@ from ops.secret_store import SecretStore
 from ops.secrets import Secret
 from tests.cli import Opsbook, http_status, wait_for
 from tests.fixtures.s3 import iam_keys, refused
+from tests.fixtures.secrets import stored
 
 STEPS = ["create-key", "probe-key", "store-key", "push-env-web1", "push-env-web2", "restart", "confirm-apps",
          "revoke-old-key", "record-rotation"]
@@ -61,10 +62,6 @@ def start_apps(opsbook: Opsbook, hosts: list[Any], monkeypatch: pytest.MonkeyPat
 
 def ready(host: Any) -> int:
     return http_status(host.ready_url)
-
-
-def stored(opsbook: Opsbook) -> dict[str, str]:
-    return {k: v.reveal() for k, v in SecretStore(opsbook.state_dir, "staging").read().items() if v}
 
 
 def env_file_key(host: Any) -> tuple[str | None, str | None]:

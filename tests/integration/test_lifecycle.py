@@ -26,11 +26,11 @@ import pytest
 from ops.demo.seed import MIGRATIONS_DIR, image_objects
 from ops.envfile import parse_env_file
 from ops.keys import verify_admin_password
-from ops.secret_store import SecretStore
 from ops.secrets import Secret
-from tests.cli import REPOSITORY, CliResult, Opsbook, assert_no_secret, http_status
+from tests.cli import REPOSITORY, CliResult, Opsbook, http_status
 from tests.fixtures.postgres import row_counts
 from tests.fixtures.s3 import iam_keys, refused
+from tests.fixtures.secrets import assert_no_secret, stored
 from tests.fixtures.ssh import AppHost
 
 RELEASE_MIGRATION = "20250201000000_brand_notes"
@@ -50,10 +50,6 @@ def app_key(host: Any) -> tuple[str, Secret]:
     """The storage key pair the app on `host` serves with: its env file's."""
     values = parse_env_file(host.env_file.read_text())
     return values["S3_ACCESS_KEY_ID"], Secret(values["S3_SECRET_ACCESS_KEY"])
-
-
-def stored(opsbook: Opsbook, env: str) -> dict[str, str]:
-    return {k: v.reveal() for k, v in SecretStore(opsbook.state_dir, env).read().items() if v}
 
 
 def stored_secrets(opsbook: Opsbook, env: str) -> list[str]:

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 
 from ops.migrations import PRISMA_ADVISORY_LOCK_KEY
-from tests.cli import Opsbook, wait_for
+from tests.cli import REPOSITORY, Opsbook, wait_for
+from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.shop import DEMO_MIGRATIONS
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-DEMO_MIGRATIONS = REPOSITORY / "ops" / "demo" / "prisma" / "migrations"
 DEMO_NAMES = sorted(path.name for path in DEMO_MIGRATIONS.iterdir() if path.is_dir())
 
 
@@ -35,12 +35,6 @@ def applied_rows(url: str) -> list[tuple[str, bool, bool]]:
 def table_exists(url: str, name: str) -> bool:
     with psycopg.connect(url) as connection:
         return connection.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{name}"',)).fetchone()[0]
-
-
-def assert_no_secret(opsbook: Opsbook, secrets: list[str]) -> None:
-    produced = opsbook.everything_produced()
-    for secret in secrets:
-        assert secret not in produced, "a secret value appeared in an output or a journal"
 
 
 @pytest.fixture
@@ -86,7 +80,7 @@ def test_status_then_native_deploy_then_nothing_to_do(opsbook, shop):
     assert "up to date (4 migrations applied)" in status.stderr
     again = opsbook.run("migrate")
     assert again.exit_code == 0 and "nothing to do" in again.stderr, again
-    assert_no_secret(opsbook, shop["secrets"])
+    assert_no_secret(opsbook, *shop["secrets"])
 
 
 def test_failed_migration_blocks_deploys_until_resolved(opsbook, shop):
@@ -143,7 +137,7 @@ def test_protected_env_backs_up_first_and_refuses_breaking_changes(opsbook, shop
     staging = opsbook.run("migrate", "--env", "staging", "--json")
     assert staging.exit_code == 0 and "breaking change allowed here" in staging.stderr, staging
     assert staging.json()["backup_id"] is None
-    assert_no_secret(opsbook, shop["secrets"])
+    assert_no_secret(opsbook, *shop["secrets"])
 
 
 def test_concurrent_deploys_wait_on_prismas_advisory_lock(opsbook, shop, tmp_path):
@@ -200,7 +194,7 @@ def test_command_engine_runs_on_the_first_host_with_the_direct_url(opsbook, shop
     failed = opsbook.run("migrate")
     assert failed.exit_code == 1, failed
     assert "exited with code 1 on host web1" in failed.stderr and "logs of 20250401000000_bad" in failed.stderr
-    assert_no_secret(opsbook, shop["secrets"])
+    assert_no_secret(opsbook, *shop["secrets"])
 
 
 def _yaml(path: Path) -> Any:

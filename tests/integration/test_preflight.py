@@ -21,25 +21,14 @@ import pytest
 import yaml
 
 from ops import inventory
-from ops.backup_manifest import (
-    DatabaseInfo,
-    Manifest,
-    StoredObject,
-    ToolInfo,
-    Verification,
-    append_verification,
-    dump_key,
-    iso_z,
-    verification_key,
-    write_manifest,
-)
+from ops.backup_manifest import iso_z, verification_key
 from ops.checks import Warn
 from ops.errors import OpsError
-from ops.journal import new_run_id
 from ops.storage import open_storage
 from runbooks import preflight
+from tests.fixtures.backups import store_backup, verify
+from tests.fixtures.shop import DEMO_MIGRATIONS
 
-DEMO_MIGRATIONS = Path(__file__).resolve().parents[2] / "ops" / "demo" / "prisma" / "migrations"
 AUTH_SECRET = "a-long-enough-auth-secret-of-48-characters-012345"
 LIFECYCLE = {"Rules": [{"ID": "abort", "Status": "Enabled", "Filter": {"Prefix": ""},
                         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7}}]}
@@ -174,24 +163,6 @@ def ready(tmp_path: Path, postgres_server: Any, s3_server: Any, app_host_factory
     return {"env": env, "host": host, "env_text": env_text, "repository": repository, "site": public_site,
             "backups": backup_storage, "backup_id": backup_id, "s3": s3_server, "assets": assets.bucket,
             "inventory": path}
-
-
-def store_backup(storage: Any, finished: datetime) -> str:
-    """A complete backup as backup writes it (dump object, manifest last) and a passed verification."""
-    backup_id = new_run_id(finished)
-    key = dump_key(backup_id, encrypted=False)
-    storage.put_bytes(key, b"dump")
-    write_manifest(storage, Manifest(
-        id=backup_id, project="preflighttest", env="web", run_id=backup_id,
-        database=DatabaseInfo("shop", "app@127.0.0.1:5432/shop", "15.4", 15), pg_dump=ToolInfo("15.4", 15),
-        snapshot="00000003-1", started_at=iso_z(finished - timedelta(seconds=5)), finished_at=iso_z(finished),
-        seconds=5.0, object=StoredObject(key, 4, "0" * 64, 4)))
-    verify(storage, backup_id)
-    return backup_id
-
-
-def verify(storage: Any, backup_id: str) -> None:
-    append_verification(storage, backup_id, Verification(iso_z(datetime.now(UTC)), "checksum", True, "r", "tester"))
 
 
 def store_drill(storage: Any, *, passed: bool) -> None:

@@ -12,8 +12,7 @@ from typing import Any
 import yaml
 
 from tests.cli import REPOSITORY, Opsbook, task_arguments
-from tests.fixtures.ssh import AppHost, SshServer
-from tests.integration.test_deploy import host_entry
+from tests.fixtures.ssh import AppHost, SshServer, host_entry
 
 
 def edit_inventory(opsbook: Opsbook, change: Callable[[dict[str, Any]], None]) -> None:

@@ -3,9 +3,6 @@ enforced, the aws-iam key provider), sshd with the test app on a host."""
 
 from __future__ import annotations
 
-import shlex
-import sys
-import uuid
 from typing import Any
 
 import psycopg
@@ -16,67 +13,15 @@ from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier
 from tests.cli import CliResult, Opsbook, http_status
-from tests.integration.test_keys import refused
-
-MIGRATION = "20260101000000_items"
-SEED_CODE = ("import os, psycopg; psycopg.connect(os.environ['DATABASE_URL'], autocommit=True)"
-             ".execute(\"INSERT INTO items (name) VALUES ('seeded')\")")
-
-
-def host_entry(host: Any) -> dict[str, Any]:
-    migrations = host.app_dir / "prisma" / "migrations"
-    return {"name": host.name, "address": "127.0.0.1", "user": host.host.user, "port": host.host.port,
-            "key_file": host.host.key_filename,
-            "app": {"dir": str(host.app_dir), "env_file": str(host.env_file), "restart": host.restart_command,
-                    "health_url": host.health_url, "ready_url": host.ready_url, "health_timeout": 15,
-                    "migrations": {"engine": "native", "dir": "prisma/migrations"},
-                    "seed": f"{shlex.quote(sys.executable)} -c {shlex.quote(SEED_CODE)}",
-                    "env": {"APP_MIGRATIONS_DIR": str(migrations)}}}
-
-
-@pytest.fixture
-def fresh(opsbook: Opsbook, postgres_server: Any, s3_server: Any, app_host_factory: Any) -> Any:
-    """A staging environment that exists only in the inventory: no role, database, bucket, key or env file."""
-    suffix = uuid.uuid4().hex[:8]
-    user = f"app-{suffix}"
-    admin_key = s3_server.create_access_key(user)  # IAM user allowed everything: creates the app's key
-    auditor = s3_server.create_access_key(f"auditor-{suffix}")  # another user: looks without being revoked
-    (host,) = app_host_factory(("web1",))
-    migration = host.app_dir / "prisma" / "migrations" / MIGRATION
-    migration.mkdir(parents=True)
-    (migration / "migration.sql").write_text("CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n")
-    names = {"role": f"app_{suffix}", "database": f"shop_{suffix}", "bucket": f"assets-{suffix}",
-             "backups": f"backups-{suffix}", "user": user}
-    opsbook.environ.update({"ADMIN_DATABASE_URL": postgres_server.url().reveal(), "S3_KEY_ID": admin_key[0],
-                            "S3_SECRET": admin_key[1].reveal()})
-    opsbook.write_inventory({"project": "provtest", "default_env": "staging", "envs": {"staging": {
-        "database": {"url": f"postgresql://{names['role']}@127.0.0.1:{postgres_server.port}/{names['database']}",
-                     "admin_url": "${env:ADMIN_DATABASE_URL}"},
-        "storage": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
-                    "bucket": names["bucket"], "access_key_id": "${env:S3_KEY_ID}",
-                    "secret_access_key": "${env:S3_SECRET}"},
-        "backups": {"bucket": names["backups"], "prefix": "staging/"},
-        "keys": {"provider": "aws-iam", "iam_user": user, "probe_timeout": 10},
-        "hosts": [host_entry(host)],
-    }}})
-    with s3_server.enforce_auth():
-        yield {**names, "host": host, "admin_key": admin_key, "auditor": auditor,
-               "secrets": [postgres_server.password.reveal(), admin_key[1].reveal()]}
-
-
-def stored(opsbook: Opsbook) -> dict[str, str]:
-    return {k: v.reveal() for k, v in SecretStore(opsbook.state_dir, "staging").read().items() if v}
+from tests.fixtures.provision import iam_keys
+from tests.fixtures.s3 import refused
+from tests.fixtures.secrets import stored
 
 
 def admin_password(result: CliResult) -> str:
     lines = result.stderr.splitlines()
     index = next(i for i, line in enumerate(lines) if line.startswith("Admin password for staging"))
     return lines[index + 2].strip()
-
-
-def iam_keys(s3: Any, fresh: Any) -> list[str]:
-    iam = s3.client("iam", access_key_id=fresh["auditor"][0], secret_access_key=fresh["auditor"][1])
-    return [key["AccessKeyId"] for key in iam.list_access_keys(UserName=fresh["user"])["AccessKeyMetadata"]]
 
 
 def buckets(s3: Any, fresh: Any) -> set[str]:

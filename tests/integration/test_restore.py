@@ -12,9 +12,11 @@ import pyrage
 import pytest
 
 from ops.secrets import Secret
-from tests.cli import Opsbook, assert_no_secret, wait_for
+from tests.cli import Opsbook, wait_for
+from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.postgres import row_counts
-from tests.integration.test_backup import backups_section, databases_like, make_database, write_inventory
+from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.shop import databases_like, make_database
 
 SAMPLES = {"Brand": 'SELECT id, name, slug FROM "Brand" ORDER BY id',
            "Image": 'SELECT id, "brandId", caption, bytes FROM "Image" ORDER BY id',

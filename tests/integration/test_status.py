@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops.storage import open_storage
 from tests.cli import Opsbook
-from tests.integration.test_preflight import DEMO_MIGRATIONS, store_backup
+from tests.fixtures.backups import store_backup
+from tests.fixtures.shop import DEMO_MIGRATIONS
 
 OBJECT_SIZES = (10, 200, 3000)
 

@@ -21,9 +21,9 @@ import pytest
 from ops.errors import ConnectionFailed, UsageError
 from ops.secrets import Secret, reveal
 from ops.storage import BucketNotFound, ObjectNotFound, Storage, StorageConfig, open_storage
+from tests.fixtures.streams import MIB, ChunkedSource
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MIB = 1024 * 1024
 PART = 5 * MIB
 
 
@@ -42,25 +42,6 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
 def sibling(storage: Storage, prefix: str) -> Storage:
     """The same bucket seen with another prefix."""
     return open_storage(replace(storage.config, prefix=prefix))
-
-
-class ChunkedSource:
-    """A pipe-like reader: `total` bytes of a repeating pattern, at most `chunk` per read,
-    optionally raising `fail_with` once `fail_after` bytes have been read."""
-
-    def __init__(self, total: int, *, chunk: int = MIB, fail_after: int | None = None,
-                 fail_with: BaseException | None = None):
-        self.remaining, self.chunk, self.position = total, chunk, 0
-        self.fail_after, self.fail_with = fail_after, fail_with
-
-    def read(self, size: int = -1) -> bytes:
-        if self.fail_after is not None and self.position >= self.fail_after:
-            raise self.fail_with or OSError("source broke")
-        count = min(self.remaining, self.chunk, size if size >= 0 else self.remaining)
-        data = bytes((self.position + i) % 251 for i in range(256)) * (count // 256) + b"x" * (count % 256)
-        self.remaining -= count
-        self.position += count
-        return data
 
 
 class ShortReads:
@@ -164,7 +145,7 @@ def test_failed_upload_leaves_nothing(storage: Storage, failure: BaseException) 
 CHILD_UPLOAD = """
 import json, os, sys, tracemalloc
 sys.path.insert(0, os.environ["REPO_ROOT"])
-from tests.integration.test_storage import ChunkedSource
+from tests.fixtures.streams import ChunkedSource
 from ops.storage import StorageConfig, open_storage
 settings = json.loads(os.environ["STORAGE_CONFIG"])
 storage = open_storage(StorageConfig(**settings))

@@ -18,8 +18,9 @@ from ops import inventory
 from ops.journal import Journal, new_run_id
 from ops.triage import run_triage
 from tests.cli import Opsbook, wait_for
+from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.shop import DEMO_MIGRATIONS
 
-DEMO_MIGRATIONS = Path(__file__).resolve().parents[2] / "ops" / "demo" / "prisma" / "migrations"
 PLANTED_KEY = "sk_live_planted_0123456789abcdef"
 PLANTED_PASSWORD = "hunter2-planted-password"
 
@@ -59,9 +60,9 @@ def web(tmp_path: Path, postgres_server: Any, s3_server: Any, app_host_factory: 
                         s3_server.secret_access_key.reveal()]}
 
 
-def assert_no_secret(report: Any, secrets: list[str]) -> None:
-    produced = report.markdown() + json.dumps(report.to_json(), default=str)
-    assert not [secret for secret in secrets if secret in produced]
+def report_text(report: Any) -> str:
+    """Everything the report shows: its Markdown and its JSON."""
+    return report.markdown() + json.dumps(report.to_json(), default=str)
 
 
 def test_triage_of_a_healthy_environment_collects_scope_changes_and_redacted_logs(web):
@@ -80,7 +81,7 @@ def test_triage_of_a_healthy_environment_collects_scope_changes_and_redacted_log
     assert any("postgresql://shop:***@db.internal" in line for line in logs.lines)
     markdown = report.markdown()
     assert "All probes passed." in markdown and "deploy.restart by alice, failed" in markdown
-    assert_no_secret(report, web["secrets"])
+    assert_no_secret(report_text(report), *web["secrets"])
 
 
 def test_triage_names_the_failing_part_when_each_is_broken_in_turn(web):
@@ -103,7 +104,7 @@ def test_triage_names_the_failing_part_when_each_is_broken_in_turn(web):
     report = run_triage(broken_storage)
     assert report.failing_parts() == ["storage"]
     assert "no-such-bucket-for-triage" in report.failing[0].detail
-    assert_no_secret(report, web["secrets"])
+    assert_no_secret(report_text(report), *web["secrets"])
 
 
 # --- the database's and the storage's side, through `inv incident.open` -----------------------------

@@ -13,19 +13,7 @@ from ops import restore_db
 from ops.errors import CheckFailed
 from ops.storage import StorageConfig, open_storage
 from runbooks.backup import render_metrics
-
-
-def manifest(backup_id: str = "20261123T020000Z-7f3a", **changes) -> bm.Manifest:
-    values = dict(
-        id=backup_id, project="acme", env="prod", run_id="20261123T020000Z-0001",
-        database=bm.DatabaseInfo("app", "postgres@db:5432/app", "15.4", 15), pg_dump=bm.ToolInfo("15.4", 15),
-        snapshot="00000003-0000001B-1", started_at="2026-11-23T02:00:00Z",
-        finished_at="2026-11-23T02:00:12Z", seconds=12.3,
-        object=bm.StoredObject(bm.dump_key(backup_id, False), 123, "a" * 64, 456),
-        row_counts={"public.Brand": 20}, migrations=["20250101120000_init_brands"],
-        extensions=[{"name": "plpgsql", "version": "1.0"}], tags=["nightly"])
-    values.update(changes)
-    return bm.Manifest(**values)
+from tests.fixtures.manifests import manifest
 
 
 def test_layout():

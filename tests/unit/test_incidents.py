@@ -165,7 +165,7 @@ def bucketed(tmp_path: Path):
 
 def _backup(storage, backup_id: str, started_at: str) -> None:
     from ops.backup_manifest import write_manifest
-    from tests.unit.test_backup_manifest import manifest
+    from tests.fixtures.manifests import manifest
 
     write_manifest(storage, manifest(backup_id, started_at=started_at))
 
