@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import sys
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from invoke import Task
 
 from ops import remote_commands
 from ops.errors import Interrupted, OpsError, UsageError
@@ -30,6 +33,10 @@ COMMON_HELP = {
     "confirm": "type the environment's name to confirm changes to a protected environment",
     "json": "print one JSON object with the result on stdout",
 }
+
+
+# The shared flags' short letters, the same in every task; a task's own flags never take them.
+SHORT_FLAGS = {"env": "e", "json": "j", "dry_run": "d", "confirm": "c"}
 
 
 def helps(*common: str, **extra: str) -> dict[str, str]:
@@ -207,6 +214,28 @@ def opstask(body: F) -> F:
                 signal.signal(signum, handler)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OpsTask(Task):
+    """An opsbook task (`@task(klass=OpsTask, help={...})`): the shared flags' help and short letters, and
+    every outcome of its body turned into the documented exit code (opstask).
+
+    `help` holds the task's own flags (and may reword a shared one); `short` gives one of its own flags a
+    letter of its choosing, instead of the first free letter of its name."""
+
+    def __init__(self, body: Callable[..., Any], *args: Any, help: dict[str, str] | None = None,
+                 short: dict[str, str] | None = None, **kwargs: Any) -> None:
+        params = inspect.signature(body).parameters
+        shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in params}
+        self.short_flags = {**{name: SHORT_FLAGS[name] for name in shared}, **(short or {})}
+        super().__init__(opstask(body), *args, help={**shared, **(help or {})}, **kwargs)
+
+    def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
+        chosen = {*SHORT_FLAGS.values(), *self.short_flags.values()}
+        opts = super().arg_opts(name, default, taken_names | chosen)
+        if name in self.short_flags:
+            opts["names"] = [opts["names"][0], self.short_flags[name]]
+        return opts
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 from ops.assets import DEFAULT_WORKERS
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
 
@@ -174,15 +174,13 @@ def _days(arguments: dict[str, Any]) -> tuple[int, int | None]:
     return abort_days, archive_days or None
 
 
-@task(help=helps(
-    "env", "dry_run", "confirm", "json",
+@task(klass=OpsTask, help=dict(
     lifecycle="also set lifecycle rules: abort incomplete multipart uploads on both buckets, "
               "move the cold copies to a colder class (S3: GLACIER_IR, R2: Infrequent Access)",
     abort_after_days="with --lifecycle: abort multipart uploads left incomplete this many days (default 7)",
     archive_after_days="with --lifecycle: archive cold copies after this many days; 0 = no archive rule "
                        "(default 30)",
     workers=f"objects copied in parallel (default {DEFAULT_WORKERS})"))
-@opstask
 def assets(c, env=None, dry_run=False, confirm=None, json=False, lifecycle=False, abort_after_days=7,
            archive_after_days=30, workers=DEFAULT_WORKERS):
     """Copy the app bucket's new and changed objects to cold storage (assets/ in the backup bucket)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import OpsError, StepFailed, UsageError
 from ops.output import human_size
@@ -319,10 +319,9 @@ def notify_failure(env: Environment, runbook: Runbook, run_id: str, error: OpsEr
 # --- tasks ------------------------------------------------------------------------------------
 
 
-@task(name="run", default=True, iterable=["tag"],
-      help=helps("env", "dry_run", "confirm", "json", tag="a tag for this backup (repeatable)",
-                 keep="never delete this backup in retention", no_prune="do not apply retention afterwards"))
-@opstask
+@task(klass=OpsTask, name="run", default=True, iterable=["tag"],
+      help=dict(tag="a tag for this backup (repeatable)",
+                keep="never delete this backup in retention", no_prune="do not apply retention afterwards"))
 def backup(c, env=None, tag=None, keep=False, no_prune=False, dry_run=False, confirm=None, json=False):
     """Dump the database, compress, encrypt (if configured), upload with a manifest; then retention."""
     output = make_output(json)
@@ -337,8 +336,7 @@ def backup(c, env=None, tag=None, keep=False, no_prune=False, dry_run=False, con
     run(runbook, environment_, output, dry_run=dry_run, confirm=confirm, result=result)
 
 
-@task(name="list", help=helps("env", "json"))
-@opstask
+@task(klass=OpsTask, name="list")
 def list_(c, env=None, json=False):
     """The backups, newest first: id, time, age, size, tags, keep, last verification; incomplete ones apart."""
     from runbooks.backup_verify import show_backups
@@ -348,10 +346,9 @@ def list_(c, env=None, json=False):
     show_backups(environment_, output)
 
 
-@task(help=helps("env", "json", id="the backup to verify", latest="the newest backup (the default)",
-                 all="every backup", deep="also restore into a scratch database and compare row counts",
-                 identity="age identity file to decrypt with (default: backups.identity_file)"))
-@opstask
+@task(klass=OpsTask, help=dict(id="the backup to verify", latest="the newest backup (the default)",
+                               all="every backup", deep="also restore into a scratch database and compare row counts",
+                               identity="age identity file to decrypt with (default: backups.identity_file)"))
 def verify(c, env=None, id=None, latest=False, all=False, deep=False, identity=None, json=False):
     """Re-read stored backups and check size and sha256 against the manifest (and decrypt); --deep restores."""
     from runbooks.backup_verify import build as verify_runbook

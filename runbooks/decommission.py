@@ -26,7 +26,7 @@ from invoke import task
 
 import runbooks
 from ops import keys
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step, check_confirm_name
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, StepFailed
 from ops.secrets import mask_identifier, redact, reveal
@@ -386,12 +386,11 @@ def _second_confirmation(env_name: str, confirm_drop: str | None) -> None:
                                hint=f"add --confirm-drop {env_name} (or answer the prompt from a terminal)")
 
 
-@task(help=helps("dry_run", "json", env="the environment to decommission",
-                 confirm="type the environment's name: decommissioning always asks, protected or not",
-                 drop_database="drop the database once the final backup is deep-verified",
-                 confirm_drop="type the environment's name again to allow --drop-database",
-                 identity="age identity file to verify an encrypted final backup with"))
-@opstask
+@task(klass=OpsTask, help=dict(env="the environment to decommission",
+                               confirm="type the environment's name: decommissioning always asks, protected or not",
+                               drop_database="drop the database once the final backup is deep-verified",
+                               confirm_drop="type the environment's name again to allow --drop-database",
+                               identity="age identity file to verify an encrypted final backup with"))
 def decommission(c, env=None, confirm=None, drop_database=False, confirm_drop=None, identity=None, dry_run=False,
                  json=False):
     """Final backup (kept, deep-verified), archive, optional drop, mark decommissioned, revoke keys."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.secrets import redact
@@ -398,9 +398,8 @@ def _run(runbook: Runbook, env: Environment, output: Any, *, dry_run: bool, conf
     execute(runbook, env, output, dry_run=dry_run, confirm=confirm, result=result, on_failure=on_failure)
 
 
-@task(help=helps("env", "dry_run", "confirm", "json", **ROLLING,
-                 restart="then restart (rolling, health-gated) the hosts whose env file changed"))
-@opstask
+@task(klass=OpsTask,
+      help={**ROLLING, "restart": "then restart (rolling, health-gated) the hosts whose env file changed"})
 def push_env(c, env=None, restart=False, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Render the app env file for each host and write it atomically (0600, previous kept as .prev)."""
     output = make_output(json)
@@ -411,8 +410,7 @@ def push_env(c, env=None, restart=False, batch=1, max_fail=0, dry_run=False, con
         output.info(f"the apps read the file when they start: `inv deploy.restart --env {environment_.name}`")
 
 
-@task(help=helps("env", "dry_run", "confirm", "json", **ROLLING))
-@opstask
+@task(klass=OpsTask, help=ROLLING)
 def restart(c, env=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Rolling restart: batches of hosts, each gated on its health and ready URLs; stops past --max-fail."""
     output = make_output(json)
@@ -421,9 +419,8 @@ def restart(c, env=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=
     _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
 
 
-@task(help=helps("env", "dry_run", "confirm", "json", **ROLLING,
-                 release="roll back to this release id (default: the one before the current release)"))
-@opstask
+@task(klass=OpsTask, help={**ROLLING,
+                               "release": "roll back to this release id (default: the one before the current release)"})
 def rollback(c, env=None, release=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Point `current` at the previous release on every host and restart rolling; warns on a newer schema."""
     output = make_output(json)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.drills import RTO_UNTIL_READY, NotApplicable
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
@@ -442,11 +442,10 @@ def _environment(name: str) -> Environment:
 # --- tasks --------------------------------------------------------------------------------------
 
 
-@task(name="run", default=True,
-      help=helps("dry_run", "confirm", "json", env="the SOURCE environment whose backup is restored",
-                 target="the environment to restore into (default: the source's drill.target)",
-                 backup="backup id of the source, or latest (default)"))
-@opstask
+@task(klass=OpsTask, name="run", default=True,
+      help=dict(env="the SOURCE environment whose backup is restored",
+                target="the environment to restore into (default: the source's drill.target)",
+                backup="backup id of the source, or latest (default)"))
 def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None, json=False):
     """The DR drill: restore, migrations, restart, health, image sample, RTO/RPO; writes the evidence report."""
     output = make_output(json)
@@ -469,8 +468,7 @@ def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None
             result=lambda ctx: {"drill": ctx.state.get("drill")})
 
 
-@task(help=helps("json", env="the source environment whose drills to list"))
-@opstask
+@task(klass=OpsTask, help=dict(env="the source environment whose drills to list"))
 def history(c, env=None, json=False):
     """Past drills of an environment, newest first: result, target, backup, RTO and RPO."""
     from ops.drills import duration_text, list_drills
@@ -487,8 +485,7 @@ def history(c, env=None, json=False):
     output.result({"env": source.name, "drills": drills})
 
 
-@task(help=helps("json", env="the source environment"))
-@opstask
+@task(klass=OpsTask, help=dict(env="the source environment"))
 def due(c, env=None, json=False):
     """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
     from ops.backup_manifest import iso_z

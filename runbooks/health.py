@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from invoke import task
 
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import OpsTask, environment, make_output
 from ops.errors import CheckFailed
 
 if TYPE_CHECKING:
@@ -95,8 +95,7 @@ def app_url_probes(env: Environment, host: HostConfig) -> list[tuple[str, Probe]
             for kind in ("health_url", "ready_url") if app.get(kind)]
 
 
-@task(help=helps("env", "json"))
-@opstask
+@task(klass=OpsTask)
 def health(c, env=None, json=False):
     """Check the database, storage, hosts and app health/ready URLs; exit 3 if any fails."""
     from ops.checks import checklist

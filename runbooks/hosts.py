@@ -6,12 +6,11 @@ from pathlib import Path
 
 from invoke import Collection, task
 
-from ops.cli import helps, load_inventory, make_output, opstask
+from ops.cli import OpsTask, load_inventory, make_output
 from ops.errors import UsageError
 
 
-@task(help=helps("env", "json", host="the host's name in the inventory (hosts[].name)"))
-@opstask
+@task(klass=OpsTask, help=dict(host="the host's name in the inventory (hosts[].name)"))
 def forget(c, env=None, host=None, json=False):
     """Forget the host key opsbook recorded for a host; the next connection records the key it offers."""
     from ops import known_hosts

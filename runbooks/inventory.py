@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from ops.cli import helps, load_inventory, make_output, opstask
+from ops.cli import OpsTask, load_inventory, make_output
 
 
-@task(help=helps("json"))
-@opstask
+@task(klass=OpsTask)
 def check(c, json=False):
     """Validate the inventory; list every problem with its dotted path and line; exit 2 on any."""
     output = make_output(json)
@@ -19,8 +18,7 @@ def check(c, json=False):
                    "default_env": inventory.default_env})
 
 
-@task(help=helps("env", "json"))
-@opstask
+@task(klass=OpsTask)
 def show(c, env=None, json=False):
     """Print the merged environment (defaults → env → host), secrets masked."""
     import yaml

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops import keys
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
 from ops.errors import CheckFailed, OpsError, StepFailed
 from ops.secrets import Secret, mask_identifier
@@ -344,8 +344,7 @@ def build(env: Environment, rotation: str | None = None, **arguments: Any) -> Ru
                    arguments={"rotation": rotation, **arguments})
 
 
-@task(help=helps("env", "dry_run", "confirm", "json"))
-@opstask
+@task(klass=OpsTask)
 def rotate(c, env=None, dry_run=False, confirm=None, json=False):
     """Blue/green rotation of the storage key: new key, probe, switch the apps, revoke the old one."""
     from ops.journal import new_run_id
@@ -360,8 +359,7 @@ def rotate(c, env=None, dry_run=False, confirm=None, json=False):
             result=result)
 
 
-@task(help=helps("env", "json"))
-@opstask
+@task(klass=OpsTask)
 def status(c, env=None, json=False):
     """The storage key in use: id (masked), created, age, due date, last rotation; exit 3 when overdue."""
     output = make_output(json)

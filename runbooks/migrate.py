@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 
@@ -344,7 +344,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     if wants_backup is not False and (wants_backup or env.protected) and arguments.get("dbname") is None:
         arguments.setdefault("backup_id", new_run_id())  # kept in the journal: a resume reuses it
     steps = migrate_steps(env, allow_edited=bool(arguments.get("allow_edited")),
-                          allow_destructive=bool(arguments.get("allow_destructive")), backup=wants_backup,
+                         allow_destructive=bool(arguments.get("allow_destructive")), backup=wants_backup,
                           dbname=arguments.get("dbname"), backup_id=arguments.get("backup_id"))
     return Runbook("migrate", f"Deploy pending migrations to {env.name}", steps, arguments=arguments)
 
@@ -362,8 +362,7 @@ def build_resolve(env: Environment, **arguments: Any) -> Runbook:
 # --- tasks ------------------------------------------------------------------------------------
 
 
-@task(name="status", help=helps("env", "json", database="another database on the same server (default: the app's)"))
-@opstask
+@task(klass=OpsTask, name="status", help=dict(database="another database on the same server (default: the app's)"))
 def status(c, env=None, database=None, json=False):
     """Prisma-compatible migration status: each migration and a verdict; exit 3 unless up to date."""
     from ops import pg
@@ -412,12 +411,10 @@ def _status_hint(state: MigrationState, env: str) -> str:
     return "these migrations exist only in the database: deploy the release that has them, or check the checkout"
 
 
-@task(name="deploy", default=True,
-      help=helps("env", "dry_run", "confirm", "json",
-                 allow_edited="deploy even though applied migrations were edited since",
-                 allow_destructive="allow breaking changes (DROP, RENAME, type changes...) on a protected env",
-                 no_backup="skip the pre-migration backup (refused on protected environments)"))
-@opstask
+@task(klass=OpsTask, name="deploy", default=True,
+      help=dict(allow_edited="deploy even though applied migrations were edited since",
+                allow_destructive="allow breaking changes (DROP, RENAME, type changes...) on a protected env",
+                no_backup="skip the pre-migration backup (refused on protected environments)"))
 def migrate(c, env=None, allow_edited=False, allow_destructive=False, no_backup=False, dry_run=False,
             confirm=None, json=False):
     """Deploy pending migrations: gate, lint, pre-migration backup (protected envs), deploy, verify."""
@@ -436,10 +433,10 @@ def migrate(c, env=None, allow_edited=False, allow_destructive=False, no_backup=
     execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm, result=result)
 
 
-@task(name="resolve", help=helps("env", "dry_run", "confirm", "json", name="the migration's folder name",
-                                 rolled_back="its failed attempt was undone: mark it rolled back (pending again)",
-                                 applied="it was finished by hand: record it as applied"))
-@opstask
+@task(klass=OpsTask, name="resolve",
+      help=dict(name="the migration's folder name",
+                rolled_back="its failed attempt was undone: mark it rolled back (pending again)",
+                applied="it was finished by hand: record it as applied"))
 def resolve(c, name, env=None, rolled_back=False, applied=False, dry_run=False, confirm=None, json=False):
     """Like `prisma migrate resolve`: mark a failed migration --rolled-back, or one finished by hand --applied."""
     if rolled_back == applied:

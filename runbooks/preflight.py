@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 from invoke import task
 
 from ops.checks import Warn
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import OpsTask, environment, make_output
 from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.secrets import reveal
 from ops.storage import open_storage
@@ -373,8 +373,7 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
     return checks
 
 
-@task(help=helps("env", "json"))
-@opstask
+@task(klass=OpsTask)
 def preflight(c, env=None, json=False):
     """The production readiness checklist: pass/warn/fail with the fix for each; exit 3 if any fails."""
     from ops.checks import checklist

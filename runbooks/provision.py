@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Runbook
 
 if TYPE_CHECKING:
@@ -173,8 +173,7 @@ def _say_left_out(env: Environment, output: Output) -> None:
         output.warn(advice)
 
 
-@task(help=helps("env", "dry_run", "confirm", "json"))
-@opstask
+@task(klass=OpsTask)
 def provision(c, env=None, dry_run=False, confirm=None, json=False):
     """Provision an environment: buckets, role, database, keys, app secrets and env files, migrate, seed, restart."""
     from ops.journal import new_run_id

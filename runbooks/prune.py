@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import OpsTask, environment, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed
 from ops.journal import utc_now
@@ -174,9 +174,7 @@ def report(output: Output, result: RunResult, found: Survey | None) -> None:
     output.result({**result.to_json(), **(found.to_json() if found is not None else {})})
 
 
-@task(help=helps("env", "dry_run", "confirm", "json",
-                 force="prune even though the newest backup is older than the schedule allows"))
-@opstask
+@task(klass=OpsTask, help=dict(force="prune even though the newest backup is older than the schedule allows"))
 def prune(c, env=None, dry_run=False, force=False, confirm=None, json=False):
     """Apply the retention policy (keep_last, daily, weekly, monthly, min_keep); remove stale incomplete uploads."""
     output = make_output(json)

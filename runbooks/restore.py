@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import OpsTask, environment, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
 from ops.output import human_size
@@ -353,14 +353,13 @@ def _environment(name: str) -> Environment:
     return load(name, allow_decommissioned=True)
 
 
-@task(help=helps("env", "dry_run", "confirm", "json", from_="the environment whose backup to restore "
-                 "(default: the target itself)", backup="backup id, or latest (default)",
-                 database="the database to replace (default: the target's)",
-                 keep_old="keep the replaced database as <db>__old_<stamp>",
-                 identity="age identity file to decrypt with (default: the source's backups.identity_file)",
-                 jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
-                      "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
-@opstask
+@task(klass=OpsTask, help=dict(
+    from_="the environment whose backup to restore (default: the target itself)",
+    backup="backup id, or latest (default)", database="the database to replace (default: the target's)",
+    keep_old="keep the replaced database as <db>__old_<stamp>",
+    identity="age identity file to decrypt with (default: the source's backups.identity_file)",
+    jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
+         "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
 def restore(c, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None, jobs=0,
             dry_run=False, confirm=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""

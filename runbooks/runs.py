@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from ops.cli import environment, execute, helps, load_inventory, make_output, opstask
+from ops.cli import OpsTask, environment, execute, load_inventory, make_output
 from ops.errors import UsageError
 
 
@@ -12,8 +12,7 @@ def _runs_dir():
     return load_inventory().state_dir / "runs"
 
 
-@task(help=helps("json", limit="how many runs to list, newest first (default 20)"))
-@opstask
+@task(klass=OpsTask, help=dict(limit="how many runs to list, newest first (default 20)"))
 def list_(c, limit=20, json=False):
     """The journaled runs, newest first: id, runbook, environment, operator, outcome."""
     from ops.journal import list_runs
@@ -27,8 +26,7 @@ def list_(c, limit=20, json=False):
                              "status": r.status, "stopped_at": r.stopped_at()} for r in records]})
 
 
-@task(help=helps("json", run_id="the run's id (from `inv runs.list`): the first argument, or --run-id ID"))
-@opstask
+@task(klass=OpsTask, help=dict(run_id="the run's id (from `inv runs.list`): the first argument, or --run-id ID"))
 def show(c, run_id, json=False):
     """One run's journal: header, each step's transitions with timings, the outcome."""
     from ops.journal import read_run
@@ -59,9 +57,7 @@ def _describe(entry: dict) -> str:
     return f"  {time}  {entry['event']}"
 
 
-@task(help=helps("confirm", "json", run_id="the interrupted or failed run to resume: the first argument, or "
-                                             "--run-id ID"))
-@opstask
+@task(klass=OpsTask, help=dict(run_id="the interrupted or failed run to resume: the first argument, or --run-id ID"))
 def resume(c, run_id, confirm=None, json=False):
     """Resume a run: re-check each step, skip those verified already, apply the rest."""
     import runbooks
@@ -86,8 +82,7 @@ runs.add_task(show)
 runs.add_task(resume)
 
 
-@task(help=helps("env", name="the runbook's name, e.g. provision"))
-@opstask
+@task(klass=OpsTask, help=dict(name="the runbook's name, e.g. provision"))
 def show_runbook(c, name, env=None):
     """Print the runbook as a numbered Markdown checklist, generated from the steps that run."""
     import runbooks

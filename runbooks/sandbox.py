@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from ops.cli import helps, load_inventory, make_output, opstask
+from ops.cli import OpsTask, load_inventory, make_output
 
 
 def _sandbox():
@@ -13,8 +13,7 @@ def _sandbox():
     return Sandbox(load_inventory().state_dir / "sandbox")
 
 
-@task(help=helps("json"))
-@opstask
+@task(klass=OpsTask)
 def up(c, json=False):
     """Start the sandbox (PostgreSQL + folder buckets under .ops/sandbox) with its demo app; idempotent."""
     output = make_output(json)
@@ -23,8 +22,7 @@ def up(c, json=False):
     output.result({"running": info.running, "port": info.port, "home": str(info.home)})
 
 
-@task(help=helps("json"))
-@opstask
+@task(klass=OpsTask)
 def down(c, json=False):
     """Stop the sandbox; its data stays for the next `inv sandbox.up`."""
     output = make_output(json)
@@ -33,8 +31,7 @@ def down(c, json=False):
     output.result({"running": False})
 
 
-@task(help=helps("json"))
-@opstask
+@task(klass=OpsTask)
 def status(c, json=False):
     """Where the sandbox is, whether it runs, and what it holds."""
     output = make_output(json)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops import keys
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import UsageError
 from ops.secrets import Secret
@@ -94,9 +94,7 @@ def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None =
                    arguments={"name": secret, "rotation": rotation, **arguments})
 
 
-@task(help=helps("env", "dry_run", "confirm", "json",
-                 name="ADMIN_PASSWORD, or AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET)"))
-@opstask
+@task(klass=OpsTask, help=dict(name="ADMIN_PASSWORD, or AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET)"))
 def rotate(c, name, env=None, dry_run=False, confirm=None, json=False):
     """Rotate an app secret: generate it, push the env files, rolling restart (the admin password shown once)."""
     from ops.journal import new_run_id

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import OpsTask, environment, make_output
 from ops.errors import CheckFailed, InventoryError
 
 if TYPE_CHECKING:
@@ -254,8 +254,7 @@ def _show_rest(report: StatusReport, output: Output) -> None:
         output.check("fail", part, error)
 
 
-@task(help=helps("env", "json", prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
-@opstask
+@task(klass=OpsTask, help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
 def status(c, env=None, json=False, prometheus=None):
     """Database size, connections, slow queries, buckets, last backup, key age, migrations, incidents."""
     output = make_output(json)

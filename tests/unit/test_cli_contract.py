@@ -29,6 +29,22 @@ def test_every_task_has_a_docstring_and_help_for_every_flag():
         assert not missing, f"inv -h {name}: no help for {missing}"
 
 
+def test_each_shared_flag_has_one_short_letter_in_every_task():
+    """`-d` is --dry-run wherever a task has --dry-run, and so on; an opsbook task's own flags leave those letters."""
+    from ops.cli import SHORT_FLAGS, OpsTask
+
+    letters: dict[str, set[tuple[str, ...]]] = {name: set() for name in SHORT_FLAGS}
+    for name, task in all_tasks():
+        for argument in task_arguments(task):
+            flag = argument.attr_name or argument.name  # attr_name is set only for names with an underscore
+            if flag in SHORT_FLAGS:
+                letters[flag].add(tuple(argument.names[1:]))
+            elif isinstance(task, OpsTask):
+                taken = set(argument.names[1:]) & set(SHORT_FLAGS.values())
+                assert not taken, f"inv -h {name}: --{argument.names[0]} takes the shared letter {taken}"
+    assert letters == {name: {(letter,)} for name, letter in SHORT_FLAGS.items()}
+
+
 def test_every_required_argument_is_given_first_or_as_its_flag():
     """`inv incident.update ID` and `inv incident.update --id ID` alike, as `inv runs.show ID`."""
     from invoke.parser import Parser, ParserContext
