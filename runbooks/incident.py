@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, helps, make_output, opstask
+from ops.cli import environment, execute, helps, make_output, opstask
+from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 
 if TYPE_CHECKING:
-    from ops.engine import Runbook
     from ops.incidents import Incident, IncidentStore
     from ops.inventory import Environment
-    from ops.notify import Delivery
     from ops.output import Output
 
 DEFAULT_LOG_LINES = 50
@@ -69,49 +68,6 @@ def triage_for_notice(report: Any) -> str:
     return "\n".join([report.summary(), *failing[:NOTICE_TRIAGE_LINES]])
 
 
-def publish(env: Environment, store: IncidentStore, incident: Incident, output: Output, *, dry_run: bool,
-            triage: str | None = None) -> list[Delivery]:
-    """Render the notices of the incident's state, send them, record the deliveries, copy to the bucket."""
-    from ops.incidents import add_entry
-    from ops.notify import failed, preview_text, send
-    from ops.render import incident_notices
-
-    operator = incident.timeline[-1].operator
-    try:
-        notices = incident_notices(incident, triage=triage, override_dir=templates_dir(env))
-    except OpsError as error:
-        if not dry_run:
-            add_entry(incident, "notice", operator, message="no notice sent: a template failed",
-                      detail={"error": error.message})
-            _save(store, incident, output)
-        raise
-    deliveries = send(env, notices, dry_run=dry_run, stream=sys.stderr if output.json_mode else None)
-    if dry_run:
-        _show_previews(output, deliveries, notices, preview_text)
-        return deliveries
-    add_entry(incident, "notice", operator, detail={"deliveries": [d.to_json() for d in deliveries]})
-    _save(store, incident, output)
-    for delivery in deliveries:
-        (output.info if delivery.ok else output.warn)(f"{delivery.channel}: {delivery.detail}")
-    if not deliveries:
-        output.warn(f"{env.name} has no notify channels: nobody was told (add `notify:` to the inventory)")
-    return failed(deliveries)
-
-
-def _show_previews(output: Output, deliveries: list[Delivery], notices: list[Any], preview_text: Any) -> None:
-    output.info("dry run: nothing recorded, nothing sent. The notices would be:")
-    shown = deliveries or []
-    for delivery in shown:
-        output.info(f"--- {delivery.channel}, {delivery.audience} audience" + ("" if delivery.ok else
-                                                                             f" (would fail: {delivery.detail})"))
-        if delivery.preview:
-            output.info(delivery.preview)
-    if not shown:
-        for notice in notices:
-            output.info(f"--- {notice.format}, {notice.audience} (no channel configured)")
-            output.info(preview_text(notice))
-
-
 def _save(store: IncidentStore, incident: Incident, output: Output) -> None:
     store.save(incident)
     problem = store.upload(incident)
@@ -119,14 +75,9 @@ def _save(store: IncidentStore, incident: Incident, output: Output) -> None:
         output.warn(f"{problem}; the local record in {store.folder(incident.id)} is complete")
 
 
-def finish(incident: Incident, failures: list[Delivery], output: Output, verb: str) -> None:
-    output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline],
-                   "failed_channels": [d.channel for d in failures]})
-    if failures:
-        names = ", ".join(d.channel for d in failures)
-        raise StepFailed(f"incident {incident.id} {verb} and recorded, but {len(failures)} channel(s) did not get "
-                         f"the notice: {names}",
-                         hint="the timeline has each delivery's reason; fix the channel, the next update re-sends")
+def _result(incident: Incident, failed_channels: list[str]) -> dict[str, Any]:
+    return {"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline],
+            "failed_channels": failed_channels}
 
 
 def _operator() -> str:
@@ -147,24 +98,218 @@ def _no_next_update(text: str | None) -> str | None:
     return None if (text or "").strip().lower() in {"", "none", "no", "off"} else text
 
 
-def _change(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool, json: bool,
-            verb: str, done: Callable[[Incident], str]) -> None:
-    """Under the incident's lock: load it, change it, record it (not on a dry run), publish the notices."""
-    from ops.incidents import IncidentStore
+# --- open, update, resolve: runbooks whose plan is the notices and whose apply records and sends ------------
+
+
+class IncidentPlan:
+    """What the steps of one incident run share: the incident as it will be (made once, under the run's lock:
+    a new one, or the stored one with the update applied), and the triage report when there is triage."""
+
+    def __init__(self, env: Environment, make: Callable[[IncidentStore], Incident], *, verb: str,
+                 log_lines: int | None = None):
+        from ops.incidents import IncidentStore
+
+        self.env = env
+        self.store = IncidentStore(env)
+        self.verb = verb
+        self.log_lines = log_lines
+        self._make = make
+        self._incident: Incident | None = None
+        self._triage: list[Any] = []
+
+    @property
+    def incident(self) -> Incident:
+        if self._incident is None:
+            self._incident = self._make(self.store)
+        return self._incident
+
+    def triage(self, output: Output) -> Any:
+        """The triage report (None without triage, or when triage broke); triage runs once per run."""
+        if self.log_lines is None:
+            return None
+        if not self._triage:
+            self._triage.append(run_triage(self.env, self.log_lines, output))
+        return self._triage[0]
+
+
+class RecordIncident(Step):
+    """The incident's new timeline entries and state, in incident.json and timeline.jsonl."""
+
+    name = "record"
+
+    def __init__(self, plan: IncidentPlan, title: str):
+        self.plan = plan
+        self.title = title
+
+    def check(self, ctx: RunContext) -> Change | None:
+        incident = self.plan.incident
+        new = incident.timeline[self.plan.store.recorded(incident.id):]
+        if not new:
+            return None
+        return Change(f"record incident {incident.id}: {describe_entry(new[-1])}",
+                      [f"{entry.kind}: {describe_entry(entry)}" for entry in new])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        self.plan.store.save(self.plan.incident)  # recorded before anything slow or fallible
+        return {"incident": self.plan.incident.id}
+
+
+class RecordTriage(Step):
+    """Triage (scope and logs: ops.triage) runs while planning; its report is recorded with the incident."""
+
+    name = "triage"
+    title = "triage: scope and logs"
+
+    def __init__(self, plan: IncidentPlan):
+        self.plan = plan
+
+    def check(self, ctx: RunContext) -> Change | None:
+        if any(entry.kind == "triage" for entry in self.plan.incident.timeline):
+            return None
+        report = self.plan.triage(ctx.output)
+        if report is None:
+            return None
+        return Change(f"record the triage: {report.summary()}", report.markdown().splitlines(),
+                      data={"report": report})
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops.incidents import add_entry
+
+        report, incident = change.data["report"], self.plan.incident
+        incident.triage_failing = report.failing_parts()
+        self.plan.store.save_triage(incident, report.markdown(), report.to_json())
+        add_entry(incident, "triage", incident.timeline[-1].operator, message=report.summary(),
+                  detail={"failing": report.failing_parts()})
+        self.plan.store.save(incident)
+        return {"failing": report.failing_parts()}
+
+
+class SendNotices(Step):
+    """The notices of the incident's state, rendered from the templates while planning (the plan shows each
+    channel's), sent to every channel; the deliveries are recorded before a failed one is reported."""
+
+    name = "notify"
+    title = "send the notices"
+
+    def __init__(self, plan: IncidentPlan):
+        self.plan = plan
+
+    def check(self, ctx: RunContext) -> Change | None:
+        from ops.notify import route
+        from ops.render import incident_notices
+
+        incident = self.plan.incident
+        if incident.timeline[-1].kind == "notice":
+            return None
+        report = self.plan.triage(ctx.output)
+        try:
+            notices = incident_notices(incident, triage=triage_for_notice(report) if report else None,
+                                       override_dir=templates_dir(self.plan.env))
+        except OpsError as error:  # the incident is still recorded, with why nobody was told
+            return Change("record that no notice can be sent: a template failed", [error.message],
+                          data={"error": error})
+        routes = route(self.plan.env, notices)
+        summary = (f"send the {incident.state} notices to {len(routes)} channel(s)" if routes else
+                   f"record the {incident.state} notices: {self.plan.env.name} has no notify channels")
+        return Change(summary, _previews(routes, notices), data={"notices": notices})
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        from ops.incidents import add_entry
+        from ops.notify import failed, send
+
+        incident, output, store = self.plan.incident, ctx.output, self.plan.store
+        operator = incident.timeline[-1].operator
+        if "error" in change.data:
+            error = change.data["error"]
+            add_entry(incident, "notice", operator, message="no notice sent: a template failed",
+                      detail={"error": error.message})
+            _save(store, incident, output)
+            raise error
+        deliveries = send(self.plan.env, change.data["notices"], stream=sys.stderr if output.json_mode else None)
+        add_entry(incident, "notice", operator, detail={"deliveries": [d.to_json() for d in deliveries]})
+        _save(store, incident, output)
+        for delivery in deliveries:
+            (output.info if delivery.ok else output.warn)(f"{delivery.channel}: {delivery.detail}")
+        if not deliveries:
+            output.warn(f"{self.plan.env.name} has no notify channels: nobody was told (add `notify:` to the "
+                        "inventory)")
+        failures = failed(deliveries)
+        if failures:
+            ctx.state["failed_channels"] = names = [d.channel for d in failures]
+            raise StepFailed(f"incident {incident.id} {self.plan.verb} and recorded, but {len(failures)} channel(s) "
+                             f"did not get the notice: {', '.join(names)}",
+                             hint="the timeline has each delivery's reason; fix the channel, the next update "
+                                  "re-sends")
+        return {"deliveries": [d.to_json() for d in deliveries]}
+
+
+def _previews(routes: list[Any], notices: list[Any]) -> list[str]:
+    """Each channel's notice as it would be sent (secrets are masked when shown)."""
+    from ops.notify import Delivery, preview_text
+
+    lines = []
+    for item in routes:
+        if isinstance(item, Delivery):
+            lines.append(f"--- {item.channel}, {item.audience} audience (would fail: {item.detail})")
+            continue
+        channel, notice = item
+        lines += [f"--- {channel.name}, {channel.audience} audience", *preview_text(notice).splitlines()]
+    if not routes:
+        for notice in notices:
+            lines += [f"--- {notice.format}, {notice.audience} (no channel configured)",
+                      *preview_text(notice).splitlines()]
+    return lines
+
+
+def incident_runbook(name: str, plan: IncidentPlan, *, incident_id: str, title: str, record: str,
+                     locks: tuple[str, ...] = ()) -> Runbook:
+    steps: list[Step] = [RecordIncident(plan, record)]
+    if plan.log_lines is not None:
+        steps.append(RecordTriage(plan))
+    steps.append(SendNotices(plan))
+    return Runbook(name, title, steps, arguments={"incident": incident_id}, locks=locks,
+                   confirm_exempt="it records the incident and tells the notify channels; it changes nothing "
+                                  "that serves users")
+
+
+def run_incident(runbook: Runbook, plan: IncidentPlan, output: Output, *, dry_run: bool,
+                 done: Callable[[Incident], str]) -> None:
+    """Runs an incident runbook: the plan shows the notices; a real run records, sends, then says what is next.
+    A channel that failed is reported (exit 1) with the result, once the update and its deliveries are recorded."""
+    def on_failure(ctx: RunContext, error: OpsError) -> None:
+        failed_channels = ctx.state.get("failed_channels")
+        if failed_channels is not None:
+            output.info(done(plan.incident))
+            output.result(_result(plan.incident, failed_channels))
+
+    outcome = execute(runbook, plan.env, output, dry_run=dry_run, on_failure=on_failure,
+                      result=lambda ctx: _result(plan.incident, []))
+    if outcome.status == "planned":
+        output.info("dry run: nothing recorded, nothing sent; the notices are in the plan above")
+    else:
+        output.info(done(plan.incident))
+
+
+def _changed(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool,
+             json: bool, verb: str, title: str, done: Callable[[Incident], str]) -> None:
+    """update and resolve: the stored incident, loaded and changed under its lock while the run plans."""
+    from ops.incidents import lock_resource
 
     output = make_output(json)
     environment_ = environment(env, output=output)
     environment_.register_secrets()
-    store = IncidentStore(environment_)
-    with store.lock(incident_id):
+
+    def make(store: IncidentStore) -> Incident:
         incident = store.load(incident_id)
         change(incident)
-        if not dry_run:
-            store.save(incident)
-        failures = publish(environment_, store, incident, output, dry_run=dry_run)
-    if not dry_run:
-        output.info(done(incident))
-        finish(incident, failures, output, verb)
+        return incident
+
+    plan = IncidentPlan(environment_, make, verb=verb)
+    name = verb.removesuffix("d")
+    runbook = incident_runbook(f"incident.{name}", plan, incident_id=incident_id, record=f"record the {title}",
+                               title=f"{name.capitalize()} incident {incident_id} on {environment_.name}",
+                               locks=(lock_resource(incident_id),))
+    run_incident(runbook, plan, output, dry_run=dry_run, done=done)
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -180,33 +325,21 @@ def _change(env: str | None, incident_id: str, change: Callable[[Incident], None
 def open_(c, env=None, title=None, impact=None, components=None, message=None, next_update="30m", log_lines=None,
           no_triage=False, dry_run=False, json=False):
     """Open an incident: record it, run triage (scope and logs), publish the first notice (investigating)."""
-    from ops.incidents import IncidentStore, add_entry, new_incident
+    from ops.incidents import new_incident
 
     output = make_output(json)
     environment_ = environment(env, output=output)
     environment_.register_secrets()
-    operator = _operator()
     incident = new_incident(environment_, title=title or "", impact=impact or "", components=components,
-                            message=message, operator=operator, next_update=_no_next_update(next_update))
-    store = IncidentStore(environment_)
-    if not dry_run:
-        store.save(incident)  # recorded before anything slow or fallible
+                            message=message, operator=_operator(), next_update=_no_next_update(next_update))
+    lines = None if no_triage else _log_lines(environment_, log_lines)
     output.info(f"incident {incident.id} on {environment_.name}: {incident.title} (impact {incident.impact})")
-    triage = None
-    report = None if no_triage else run_triage(environment_, _log_lines(environment_, log_lines), output)
-    if report is not None:
-        output.info(report.markdown())
-        triage = triage_for_notice(report)
-        if not dry_run:
-            incident.triage_failing = report.failing_parts()
-            store.save_triage(incident, report.markdown(), report.to_json())
-            add_entry(incident, "triage", operator, message=report.summary(),
-                      detail={"failing": report.failing_parts()})
-    failures = publish(environment_, store, incident, output, dry_run=dry_run, triage=triage)
-    if not dry_run:
-        output.info(f"next: `inv incident.update {incident.id} --env {environment_.name} --status identified "
-                    "--message …`")
-        finish(incident, failures, output, "opened")
+    plan = IncidentPlan(environment_, lambda store: incident, verb="opened", log_lines=lines)
+    runbook = incident_runbook("incident.open", plan, incident_id=incident.id, record="record the incident",
+                               title=f"Open incident {incident.id} on {environment_.name}")
+    run_incident(runbook, plan, output, dry_run=dry_run,
+                 done=lambda opened: f"next: `inv incident.update {opened.id} --env {environment_.name} "
+                                     "--status identified --message …`")
 
 
 @task(help=helps("env", "dry_run", "json", id=INCIDENT_ID,
@@ -223,8 +356,8 @@ def update(c, id, env=None, status=None, message=None, next_update="30m", compon
         apply_update(incident, state=status or incident.state, message=message, components=components,
                      next_update=_no_next_update(next_update), operator=_operator())
 
-    _change(env, id, change, dry_run=dry_run, json=json, verb="updated",
-            done=lambda incident: f"incident {incident.id} is now {incident.state}")
+    _changed(env, id, change, dry_run=dry_run, json=json, verb="updated", title="update",
+             done=lambda incident: f"incident {incident.id} is now {incident.state}")
 
 
 @task(help=helps("env", "dry_run", "json", id=INCIDENT_ID, message="summary: what happened, what fixed it",
@@ -237,8 +370,8 @@ def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=
     def change(incident: Incident) -> None:
         apply_resolve(incident, message=message or "", cause=cause, postmortem=postmortem, operator=_operator())
 
-    _change(env, id, change, dry_run=dry_run, json=json, verb="resolved",
-            done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
+    _changed(env, id, change, dry_run=dry_run, json=json, verb="resolved", title="resolution",
+             done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
 
 
 @task(help=helps("env", "json", id=INCIDENT_ID))
@@ -345,7 +478,6 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup."""
-    from ops.engine import Runbook
     from runbooks.deploy import rollback_steps
 
     steps = rollback_steps(env)
@@ -370,7 +502,6 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 @opstask
 def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
     """Roll back the release (deploy.rollback) and, only when safe and asked, restore the pre-migration backup."""
-    from ops.cli import execute
     from ops.incidents import IncidentStore, add_entry, refuse_if_resolved
 
     output = make_output(json)
