@@ -16,7 +16,6 @@ Every change is recorded before anything is sent.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,55 +23,30 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops.cli import environment, execute, helps, make_output, opstask
-from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.engine import Runbook, RunContext
+from ops.errors import CheckFailed, OpsError, UsageError
+from ops.incident_steps import IncidentPlan, describe_entry, incident_runbook, save_and_copy
+from ops.incidents import (
+    Incident,
+    IncidentStore,
+    add_entry,
+    apply_resolve,
+    apply_update,
+    lock_resource,
+    new_incident,
+    refuse_if_resolved,
+)
+from ops.journal import list_runs, operator_name
 
 if TYPE_CHECKING:
-    from ops.incidents import Incident, IncidentStore
     from ops.inventory import Environment
     from ops.output import Output
 
 DEFAULT_LOG_LINES = 50
-NOTICE_TRIAGE_LINES = 12  # the internal notice carries the failing parts, not the logs
 INCIDENT_ID = "the incident's id (from `inv incident.list`): the first argument, or --id ID"
 
 
 # --- shared pieces ----------------------------------------------------------------------------
-
-
-def templates_dir(env: Environment) -> str | None:
-    configured = env.raw("incidents.templates_dir", None)
-    if not configured:
-        return None
-    from pathlib import Path
-
-    path = Path(str(configured)).expanduser()
-    return str(path if path.is_absolute() else env.inventory.file.parent / path)
-
-
-def run_triage(env: Environment, log_lines: int, output: Output) -> Any:
-    """ops.triage's report, or None when triage itself broke (the incident goes on)."""
-    from ops.triage import run_triage as triage
-
-    try:
-        return triage(env, log_lines=log_lines)
-    except Exception as error:  # triage helps; it must never keep an incident from being opened
-        from ops.secrets import redact
-
-        output.warn(f"triage failed: {redact(error)}")
-        return None
-
-
-def triage_for_notice(report: Any) -> str:
-    failing = [f"- {finding.part}: {(finding.detail or 'failed').splitlines()[0]}" for finding in report.failing]
-    return "\n".join([report.summary(), *failing[:NOTICE_TRIAGE_LINES]])
-
-
-def _save(store: IncidentStore, incident: Incident, output: Output) -> None:
-    store.save(incident)
-    problem = store.upload(incident)
-    if problem:
-        output.warn(f"{problem}; the local record in {store.folder(incident.id)} is complete")
 
 
 def _result(incident: Incident, failed_channels: list[str]) -> dict[str, Any]:
@@ -81,8 +55,6 @@ def _result(incident: Incident, failed_channels: list[str]) -> dict[str, Any]:
 
 
 def _operator() -> str:
-    from ops.journal import operator_name
-
     return operator_name()
 
 
@@ -99,177 +71,6 @@ def _no_next_update(text: str | None) -> str | None:
 
 
 # --- open, update, resolve: runbooks whose plan is the notices and whose apply records and sends ------------
-
-
-class IncidentPlan:
-    """What the steps of one incident run share: the incident as it will be (made once, under the run's lock:
-    a new one, or the stored one with the update applied), and the triage report when there is triage."""
-
-    def __init__(self, env: Environment, make: Callable[[IncidentStore], Incident], *, verb: str,
-                 log_lines: int | None = None):
-        from ops.incidents import IncidentStore
-
-        self.env = env
-        self.store = IncidentStore(env)
-        self.verb = verb
-        self.log_lines = log_lines
-        self._make = make
-        self._incident: Incident | None = None
-        self._triage: list[Any] = []
-
-    @property
-    def incident(self) -> Incident:
-        if self._incident is None:
-            self._incident = self._make(self.store)
-        return self._incident
-
-    def triage(self, output: Output) -> Any:
-        """The triage report (None without triage, or when triage broke); triage runs once per run."""
-        if self.log_lines is None:
-            return None
-        if not self._triage:
-            self._triage.append(run_triage(self.env, self.log_lines, output))
-        return self._triage[0]
-
-
-class RecordIncident(Step):
-    """The incident's new timeline entries and state, in incident.json and timeline.jsonl."""
-
-    name = "record"
-
-    def __init__(self, plan: IncidentPlan, title: str):
-        self.plan = plan
-        self.title = title
-
-    def check(self, ctx: RunContext) -> Change | None:
-        incident = self.plan.incident
-        new = incident.timeline[self.plan.store.recorded(incident.id):]
-        if not new:
-            return None
-        return Change(f"record incident {incident.id}: {describe_entry(new[-1])}",
-                      [f"{entry.kind}: {describe_entry(entry)}" for entry in new])
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        self.plan.store.save(self.plan.incident)  # recorded before anything slow or fallible
-        return {"incident": self.plan.incident.id}
-
-
-class RecordTriage(Step):
-    """Triage (scope and logs: ops.triage) runs while planning; its report is recorded with the incident."""
-
-    name = "triage"
-    title = "triage: scope and logs"
-
-    def __init__(self, plan: IncidentPlan):
-        self.plan = plan
-
-    def check(self, ctx: RunContext) -> Change | None:
-        if any(entry.kind == "triage" for entry in self.plan.incident.timeline):
-            return None
-        report = self.plan.triage(ctx.output)
-        if report is None:
-            return None
-        return Change(f"record the triage: {report.summary()}", report.markdown().splitlines(),
-                      data={"report": report})
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.incidents import add_entry
-
-        report, incident = change.data["report"], self.plan.incident
-        incident.triage_failing = report.failing_parts()
-        self.plan.store.save_triage(incident, report.markdown(), report.to_json())
-        add_entry(incident, "triage", incident.timeline[-1].operator, message=report.summary(),
-                  detail={"failing": report.failing_parts()})
-        self.plan.store.save(incident)
-        return {"failing": report.failing_parts()}
-
-
-class SendNotices(Step):
-    """The notices of the incident's state, rendered from the templates while planning (the plan shows each
-    channel's), sent to every channel; the deliveries are recorded before a failed one is reported."""
-
-    name = "notify"
-    title = "send the notices"
-
-    def __init__(self, plan: IncidentPlan):
-        self.plan = plan
-
-    def check(self, ctx: RunContext) -> Change | None:
-        from ops.notify import route
-        from ops.render import incident_notices
-
-        incident = self.plan.incident
-        if incident.timeline[-1].kind == "notice":
-            return None
-        report = self.plan.triage(ctx.output)
-        try:
-            notices = incident_notices(incident, triage=triage_for_notice(report) if report else None,
-                                       override_dir=templates_dir(self.plan.env))
-        except OpsError as error:  # the incident is still recorded, with why nobody was told
-            return Change("record that no notice can be sent: a template failed", [error.message],
-                          data={"error": error})
-        routes = route(self.plan.env, notices)
-        summary = (f"send the {incident.state} notices to {len(routes)} channel(s)" if routes else
-                   f"record the {incident.state} notices: {self.plan.env.name} has no notify channels")
-        return Change(summary, _previews(routes, notices), data={"notices": notices})
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.incidents import add_entry
-        from ops.notify import failed, send
-
-        incident, output, store = self.plan.incident, ctx.output, self.plan.store
-        operator = incident.timeline[-1].operator
-        if "error" in change.data:
-            error = change.data["error"]
-            add_entry(incident, "notice", operator, message="no notice sent: a template failed",
-                      detail={"error": error.message})
-            _save(store, incident, output)
-            raise error
-        deliveries = send(self.plan.env, change.data["notices"], stream=sys.stderr if output.json_mode else None)
-        add_entry(incident, "notice", operator, detail={"deliveries": [d.to_json() for d in deliveries]})
-        _save(store, incident, output)
-        for delivery in deliveries:
-            (output.info if delivery.ok else output.warn)(f"{delivery.channel}: {delivery.detail}")
-        if not deliveries:
-            output.warn(f"{self.plan.env.name} has no notify channels: nobody was told (add `notify:` to the "
-                        "inventory)")
-        failures = failed(deliveries)
-        if failures:
-            ctx.state["failed_channels"] = names = [d.channel for d in failures]
-            raise StepFailed(f"incident {incident.id} {self.plan.verb} and recorded, but {len(failures)} channel(s) "
-                             f"did not get the notice: {', '.join(names)}",
-                             hint="the timeline has each delivery's reason; fix the channel, the next update "
-                                  "re-sends")
-        return {"deliveries": [d.to_json() for d in deliveries]}
-
-
-def _previews(routes: list[Any], notices: list[Any]) -> list[str]:
-    """Each channel's notice as it would be sent (secrets are masked when shown)."""
-    from ops.notify import Delivery, preview_text
-
-    lines = []
-    for item in routes:
-        if isinstance(item, Delivery):
-            lines.append(f"--- {item.channel}, {item.audience} audience (would fail: {item.detail})")
-            continue
-        channel, notice = item
-        lines += [f"--- {channel.name}, {channel.audience} audience", *preview_text(notice).splitlines()]
-    if not routes:
-        for notice in notices:
-            lines += [f"--- {notice.format}, {notice.audience} (no channel configured)",
-                      *preview_text(notice).splitlines()]
-    return lines
-
-
-def incident_runbook(name: str, plan: IncidentPlan, *, incident_id: str, title: str, record: str,
-                     locks: tuple[str, ...] = ()) -> Runbook:
-    steps: list[Step] = [RecordIncident(plan, record)]
-    if plan.log_lines is not None:
-        steps.append(RecordTriage(plan))
-    steps.append(SendNotices(plan))
-    return Runbook(name, title, steps, arguments={"incident": incident_id}, locks=locks,
-                   confirm_exempt="it records the incident and tells the notify channels; it changes nothing "
-                                  "that serves users")
 
 
 def run_incident(runbook: Runbook, plan: IncidentPlan, output: Output, *, dry_run: bool,
@@ -293,8 +94,6 @@ def run_incident(runbook: Runbook, plan: IncidentPlan, output: Output, *, dry_ru
 def _changed(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool,
              json: bool, verb: str, title: str, done: Callable[[Incident], str]) -> None:
     """update and resolve: the stored incident, loaded and changed under its lock while the run plans."""
-    from ops.incidents import lock_resource
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     environment_.register_secrets()
@@ -325,8 +124,6 @@ def _changed(env: str | None, incident_id: str, change: Callable[[Incident], Non
 def open_(c, env=None, title=None, impact=None, components=None, message=None, next_update="30m", log_lines=None,
           no_triage=False, dry_run=False, json=False):
     """Open an incident: record it, run triage (scope and logs), publish the first notice (investigating)."""
-    from ops.incidents import new_incident
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     environment_.register_secrets()
@@ -350,8 +147,6 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
 def update(c, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
            json=False):
     """Post an update: new state, what is known, components, next update time; notices to every channel."""
-    from ops.incidents import apply_update
-
     def change(incident: Incident) -> None:
         apply_update(incident, state=status or incident.state, message=message, components=components,
                      next_update=_no_next_update(next_update), operator=_operator())
@@ -365,8 +160,6 @@ def update(c, id, env=None, status=None, message=None, next_update="30m", compon
 @opstask
 def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
     """Resolve an incident (all components operational); refused, exit 3, when it is already resolved."""
-    from ops.incidents import apply_resolve
-
     def change(incident: Incident) -> None:
         apply_resolve(incident, message=message or "", cause=cause, postmortem=postmortem, operator=_operator())
 
@@ -378,8 +171,6 @@ def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=
 @opstask
 def show(c, id, env=None, json=False):
     """The incident and its timeline: every update, triage, notice delivery and rollback, in order."""
-    from ops.incidents import IncidentStore
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     store = IncidentStore(environment_)
@@ -395,30 +186,10 @@ def show(c, id, env=None, json=False):
     output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline]})
 
 
-def describe_entry(entry: Any) -> str:
-    parts = [entry.state or ""]
-    if entry.message:
-        parts.append(f"— {entry.message}")
-    if entry.components:
-        parts.append("[" + ", ".join(f"{k}: {v}" for k, v in entry.components.items()) + "]")
-    if entry.next_update:
-        parts.append(f"(next update by {entry.next_update})")
-    deliveries = entry.detail.get("deliveries")
-    if deliveries is not None:
-        parts.append("; ".join(f"{d['channel']}: {'ok' if d['ok'] else 'FAILED ' + d['detail']}"
-                               for d in deliveries) or "no channels")
-    for key in ("failing", "error", "cause", "postmortem", "run_id", "status", "restored_backup"):
-        if entry.detail.get(key):
-            parts.append(f"{key}: {entry.detail[key]}")
-    return " ".join(part for part in parts if part)
-
-
 @task(name="list", help=helps("env", "json", open="only the incidents not resolved yet"))
 @opstask
 def list_(c, env=None, open=False, json=False):
     """The environment's incidents, newest first: id, state, impact, title, opened, resolved."""
-    from ops.incidents import IncidentStore
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     incidents = IncidentStore(environment_).list(open_only=open)
@@ -442,8 +213,6 @@ def restore_safety(env: Environment) -> RestoreSafety:
     """Restoring is safe only to undo a failed migration: the last migrate run of `env` in this machine's
     journal failed after its pre-migration backup completed, and no backup is newer than that one
     (a newer backup means data written since that a restore would throw away)."""
-    from ops.journal import list_runs
-
     for record in list_runs(env.inventory.state_dir / "runs"):
         header = record.header
         if header.get("runbook") == "migrate" and header.get("env") == env.name and not header.get("dry_run"):
@@ -502,8 +271,6 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 @opstask
 def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
     """Roll back the release (deploy.rollback) and, only when safe and asked, restore the pre-migration backup."""
-    from ops.incidents import IncidentStore, add_entry, refuse_if_resolved
-
     output = make_output(json)
     environment_ = environment(env, output=output, confirm=confirm)
     environment_.register_secrets()
@@ -527,7 +294,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
                       detail={"run_id": run_id, "status": status, "error": error,
                               "steps": [step.name for step in runbook.steps],
                               "restored_backup": runbook.arguments.get("backup") if status == "succeeded" else None})
-            _save(store, incident, output)
+            save_and_copy(store, incident, output)
 
         def on_failure(ctx: Any, error: OpsError) -> None:
             if not dry_run:
