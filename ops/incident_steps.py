@@ -118,7 +118,7 @@ class RecordIncident(Step):
         new = incident.timeline[self.plan.store.recorded(incident.id):]
         if not new:
             return None
-        return Change(f"record incident {incident.id}: {describe_entry(new[-1])}",
+        return Change(f"record incident {incident.id}: " + ", ".join(f"{e.kind} ({e.state})" for e in new),
                       [f"{entry.kind}: {describe_entry(entry)}" for entry in new])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
