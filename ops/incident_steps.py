@@ -88,6 +88,7 @@ class IncidentPlan:
         self._make = make
         self._incident: Incident | None = None
         self._triage: list[Any] = []
+        self.template_error: OpsError | None = None  # the plan says so; a dry run still ends with it (exit 2)
 
     @property
     def incident(self) -> Incident:
@@ -173,6 +174,7 @@ class SendNotices(Step):
             notices = incident_notices(incident, triage=triage_for_notice(report) if report else None,
                                        override_dir=templates_dir(self.plan.env))
         except OpsError as error:  # the incident is still recorded, with why nobody was told
+            self.plan.template_error = error
             return Change("record that no notice can be sent: a template failed", [error.message],
                           data={"error": error})
         routes = route(self.plan.env, notices)

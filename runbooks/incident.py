@@ -87,6 +87,8 @@ def run_incident(runbook: Runbook, plan: IncidentPlan, output: Output, *, dry_ru
                       result=lambda ctx: _result(plan.incident, []))
     if outcome.status == "planned":
         output.info("dry run: nothing recorded, nothing sent; the notices are in the plan above")
+        if plan.template_error is not None:  # what a real run would end with, once it recorded the incident
+            raise plan.template_error
     else:
         output.info(done(plan.incident))
 
