@@ -63,6 +63,11 @@ def new_incident_id(moment: datetime | None = None) -> str:
     return f"{(moment or utc_now()).astimezone(UTC).strftime('%Y%m%dT%H%MZ')}-{random_tokens.token_hex(2)}"
 
 
+def lock_resource(incident_id: str) -> str:
+    """The lock one operator at a time holds to change an incident (a runbook's `locks`, IncidentStore.lock)."""
+    return f"incident-{check_id(incident_id)}"
+
+
 def check_id(incident_id: str) -> str:
     if not _ID.match(incident_id or ""):
         raise UsageError(f"{incident_id!r} is not an incident id (like 20261123T0200Z-ab12)",
@@ -263,6 +268,10 @@ class IncidentStore:
                 handle.write(json.dumps(entry.to_json()) + "\n")
         _write_atomic(folder / "incident.json", json.dumps(incident.record(), indent=2) + "\n")
 
+    def recorded(self, incident_id: str) -> int:
+        """How many of the incident's timeline entries are recorded here (0: not recorded at all)."""
+        return len(_read_lines(self.folder(incident_id) / "timeline.jsonl"))
+
     def save_triage(self, incident: Incident, markdown: str, data: dict[str, Any]) -> None:
         folder = self.folder(incident.id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -305,7 +314,7 @@ class IncidentStore:
 
         holder = {"incident": incident_id, "operator": operator_name(), "host": host_name(), "pid": os.getpid(),
                   "since": iso(utc_now())}
-        with file_lock(self.env.inventory.state_dir / "locks" / f"{self.env.name}.incident-{incident_id}.lock",
+        with file_lock(self.env.inventory.state_dir / "locks" / f"{self.env.name}.{lock_resource(incident_id)}.lock",
                        holder):
             yield
 

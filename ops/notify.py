@@ -79,7 +79,6 @@ class Delivery:
     ok: bool
     detail: str
     attempts: int = 0
-    preview: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"channel": self.channel, "kind": self.kind, "audience": self.audience, "ok": self.ok,
@@ -111,27 +110,32 @@ def channels(env: Environment) -> list[Channel | Delivery]:
     return found
 
 
-def send(env: Environment, notices: list[Notice], *, dry_run: bool = False, stream: TextIO | None = None,
-         audience: str | None = None) -> list[Delivery]:
-    """Deliver to every configured channel (only those of `audience` when given) the notice of its format."""
-    deliveries = []
+def route(env: Environment, notices: list[Notice], *, audience: str | None = None
+          ) -> list[tuple[Channel, Notice] | Delivery]:
+    """Each configured channel (only those of `audience` when given) with the notice of its format, or the
+    failed Delivery of a channel that cannot be sent to. Nothing is sent: a plan shows this."""
+    routes: list[tuple[Channel, Notice] | Delivery] = []
     for channel in channels(env):
         if isinstance(channel, Delivery):
-            deliveries.append(channel)
+            routes.append(channel)
             continue
         if audience and channel.audience != audience:
             continue
         notice = _notice_for(channel, notices)
         if notice is None:
-            deliveries.append(Delivery(channel.name, channel.kind, channel.audience, False,
-                                       f"no {FORMAT_OF_KIND.get(channel.kind)} notice for the "
-                                       f"{channel.audience} audience was rendered"))
-        elif dry_run:
-            deliveries.append(Delivery(channel.name, channel.kind, channel.audience, True, "dry run: not sent",
-                                       preview=preview_text(notice)))
+            routes.append(Delivery(channel.name, channel.kind, channel.audience, False,
+                                   f"no {FORMAT_OF_KIND.get(channel.kind)} notice for the "
+                                   f"{channel.audience} audience was rendered"))
         else:
-            deliveries.append(_deliver(env, channel, notice, stream))
-    return deliveries
+            routes.append((channel, notice))
+    return routes
+
+
+def send(env: Environment, notices: list[Notice], *, stream: TextIO | None = None,
+         audience: str | None = None) -> list[Delivery]:
+    """Deliver to every configured channel (only those of `audience` when given) the notice of its format."""
+    return [item if isinstance(item, Delivery) else _deliver(env, *item, stream)
+            for item in route(env, notices, audience=audience)]
 
 
 def _notice_for(channel: Channel, notices: list[Notice]) -> Notice | None:

@@ -16,122 +16,45 @@ Every change is recorded before anything is sent.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, helps, make_output, opstask
-from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.cli import environment, execute, helps, make_output, opstask
+from ops.engine import Runbook, RunContext
+from ops.errors import CheckFailed, OpsError, UsageError
+from ops.incident_steps import IncidentPlan, describe_entry, incident_runbook, save_and_copy
+from ops.incidents import (
+    Incident,
+    IncidentStore,
+    add_entry,
+    apply_resolve,
+    apply_update,
+    lock_resource,
+    new_incident,
+    refuse_if_resolved,
+)
+from ops.journal import list_runs, operator_name
 
 if TYPE_CHECKING:
-    from ops.engine import Runbook
-    from ops.incidents import Incident, IncidentStore
     from ops.inventory import Environment
-    from ops.notify import Delivery
     from ops.output import Output
 
 DEFAULT_LOG_LINES = 50
-NOTICE_TRIAGE_LINES = 12  # the internal notice carries the failing parts, not the logs
 INCIDENT_ID = "the incident's id (from `inv incident.list`): the first argument, or --id ID"
 
 
 # --- shared pieces ----------------------------------------------------------------------------
 
 
-def templates_dir(env: Environment) -> str | None:
-    configured = env.raw("incidents.templates_dir", None)
-    if not configured:
-        return None
-    from pathlib import Path
-
-    path = Path(str(configured)).expanduser()
-    return str(path if path.is_absolute() else env.inventory.file.parent / path)
-
-
-def run_triage(env: Environment, log_lines: int, output: Output) -> Any:
-    """ops.triage's report, or None when triage itself broke (the incident goes on)."""
-    from ops.triage import run_triage as triage
-
-    try:
-        return triage(env, log_lines=log_lines)
-    except Exception as error:  # triage helps; it must never keep an incident from being opened
-        from ops.secrets import redact
-
-        output.warn(f"triage failed: {redact(error)}")
-        return None
-
-
-def triage_for_notice(report: Any) -> str:
-    failing = [f"- {finding.part}: {(finding.detail or 'failed').splitlines()[0]}" for finding in report.failing]
-    return "\n".join([report.summary(), *failing[:NOTICE_TRIAGE_LINES]])
-
-
-def publish(env: Environment, store: IncidentStore, incident: Incident, output: Output, *, dry_run: bool,
-            triage: str | None = None) -> list[Delivery]:
-    """Render the notices of the incident's state, send them, record the deliveries, copy to the bucket."""
-    from ops.incidents import add_entry
-    from ops.notify import failed, preview_text, send
-    from ops.render import incident_notices
-
-    operator = incident.timeline[-1].operator
-    try:
-        notices = incident_notices(incident, triage=triage, override_dir=templates_dir(env))
-    except OpsError as error:
-        if not dry_run:
-            add_entry(incident, "notice", operator, message="no notice sent: a template failed",
-                      detail={"error": error.message})
-            _save(store, incident, output)
-        raise
-    deliveries = send(env, notices, dry_run=dry_run, stream=sys.stderr if output.json_mode else None)
-    if dry_run:
-        _show_previews(output, deliveries, notices, preview_text)
-        return deliveries
-    add_entry(incident, "notice", operator, detail={"deliveries": [d.to_json() for d in deliveries]})
-    _save(store, incident, output)
-    for delivery in deliveries:
-        (output.info if delivery.ok else output.warn)(f"{delivery.channel}: {delivery.detail}")
-    if not deliveries:
-        output.warn(f"{env.name} has no notify channels: nobody was told (add `notify:` to the inventory)")
-    return failed(deliveries)
-
-
-def _show_previews(output: Output, deliveries: list[Delivery], notices: list[Any], preview_text: Any) -> None:
-    output.info("dry run: nothing recorded, nothing sent. The notices would be:")
-    shown = deliveries or []
-    for delivery in shown:
-        output.info(f"--- {delivery.channel}, {delivery.audience} audience" + ("" if delivery.ok else
-                                                                             f" (would fail: {delivery.detail})"))
-        if delivery.preview:
-            output.info(delivery.preview)
-    if not shown:
-        for notice in notices:
-            output.info(f"--- {notice.format}, {notice.audience} (no channel configured)")
-            output.info(preview_text(notice))
-
-
-def _save(store: IncidentStore, incident: Incident, output: Output) -> None:
-    store.save(incident)
-    problem = store.upload(incident)
-    if problem:
-        output.warn(f"{problem}; the local record in {store.folder(incident.id)} is complete")
-
-
-def finish(incident: Incident, failures: list[Delivery], output: Output, verb: str) -> None:
-    output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline],
-                   "failed_channels": [d.channel for d in failures]})
-    if failures:
-        names = ", ".join(d.channel for d in failures)
-        raise StepFailed(f"incident {incident.id} {verb} and recorded, but {len(failures)} channel(s) did not get "
-                         f"the notice: {names}",
-                         hint="the timeline has each delivery's reason; fix the channel, the next update re-sends")
+def _result(incident: Incident, failed_channels: list[str]) -> dict[str, Any]:
+    return {"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline],
+            "failed_channels": failed_channels}
 
 
 def _operator() -> str:
-    from ops.journal import operator_name
-
     return operator_name()
 
 
@@ -147,24 +70,47 @@ def _no_next_update(text: str | None) -> str | None:
     return None if (text or "").strip().lower() in {"", "none", "no", "off"} else text
 
 
-def _change(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool, json: bool,
-            verb: str, done: Callable[[Incident], str]) -> None:
-    """Under the incident's lock: load it, change it, record it (not on a dry run), publish the notices."""
-    from ops.incidents import IncidentStore
+# --- open, update, resolve: runbooks whose plan is the notices and whose apply records and sends ------------
 
+
+def run_incident(runbook: Runbook, plan: IncidentPlan, output: Output, *, dry_run: bool,
+                 done: Callable[[Incident], str]) -> None:
+    """Runs an incident runbook: the plan shows the notices; a real run records, sends, then says what is next.
+    A channel that failed is reported (exit 1) with the result, once the update and its deliveries are recorded."""
+    def on_failure(ctx: RunContext, error: OpsError) -> None:
+        failed_channels = ctx.state.get("failed_channels")
+        if failed_channels is not None:
+            output.info(done(plan.incident))
+            output.result(_result(plan.incident, failed_channels))
+
+    outcome = execute(runbook, plan.env, output, dry_run=dry_run, on_failure=on_failure,
+                      result=lambda ctx: _result(plan.incident, []))
+    if outcome.status == "planned":
+        output.info("dry run: nothing recorded, nothing sent; the notices are in the plan above")
+        if plan.template_error is not None:  # what a real run would end with, once it recorded the incident
+            raise plan.template_error
+    else:
+        output.info(done(plan.incident))
+
+
+def _changed(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool,
+             json: bool, verb: str, title: str, done: Callable[[Incident], str]) -> None:
+    """update and resolve: the stored incident, loaded and changed under its lock while the run plans."""
     output = make_output(json)
     environment_ = environment(env, output=output)
     environment_.register_secrets()
-    store = IncidentStore(environment_)
-    with store.lock(incident_id):
+
+    def make(store: IncidentStore) -> Incident:
         incident = store.load(incident_id)
         change(incident)
-        if not dry_run:
-            store.save(incident)
-        failures = publish(environment_, store, incident, output, dry_run=dry_run)
-    if not dry_run:
-        output.info(done(incident))
-        finish(incident, failures, output, verb)
+        return incident
+
+    plan = IncidentPlan(environment_, make, verb=verb)
+    name = verb.removesuffix("d")
+    runbook = incident_runbook(f"incident.{name}", plan, incident_id=incident_id, record=f"record the {title}",
+                               title=f"{name.capitalize()} incident {incident_id} on {environment_.name}",
+                               locks=(lock_resource(incident_id),))
+    run_incident(runbook, plan, output, dry_run=dry_run, done=done)
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -180,33 +126,19 @@ def _change(env: str | None, incident_id: str, change: Callable[[Incident], None
 def open_(c, env=None, title=None, impact=None, components=None, message=None, next_update="30m", log_lines=None,
           no_triage=False, dry_run=False, json=False):
     """Open an incident: record it, run triage (scope and logs), publish the first notice (investigating)."""
-    from ops.incidents import IncidentStore, add_entry, new_incident
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     environment_.register_secrets()
-    operator = _operator()
     incident = new_incident(environment_, title=title or "", impact=impact or "", components=components,
-                            message=message, operator=operator, next_update=_no_next_update(next_update))
-    store = IncidentStore(environment_)
-    if not dry_run:
-        store.save(incident)  # recorded before anything slow or fallible
+                            message=message, operator=_operator(), next_update=_no_next_update(next_update))
+    lines = None if no_triage else _log_lines(environment_, log_lines)
     output.info(f"incident {incident.id} on {environment_.name}: {incident.title} (impact {incident.impact})")
-    triage = None
-    report = None if no_triage else run_triage(environment_, _log_lines(environment_, log_lines), output)
-    if report is not None:
-        output.info(report.markdown())
-        triage = triage_for_notice(report)
-        if not dry_run:
-            incident.triage_failing = report.failing_parts()
-            store.save_triage(incident, report.markdown(), report.to_json())
-            add_entry(incident, "triage", operator, message=report.summary(),
-                      detail={"failing": report.failing_parts()})
-    failures = publish(environment_, store, incident, output, dry_run=dry_run, triage=triage)
-    if not dry_run:
-        output.info(f"next: `inv incident.update {incident.id} --env {environment_.name} --status identified "
-                    "--message …`")
-        finish(incident, failures, output, "opened")
+    plan = IncidentPlan(environment_, lambda store: incident, verb="opened", log_lines=lines)
+    runbook = incident_runbook("incident.open", plan, incident_id=incident.id, record="record the incident",
+                               title=f"Open incident {incident.id} on {environment_.name}")
+    run_incident(runbook, plan, output, dry_run=dry_run,
+                 done=lambda opened: f"next: `inv incident.update {opened.id} --env {environment_.name} "
+                                     "--status identified --message …`")
 
 
 @task(help=helps("env", "dry_run", "json", id=INCIDENT_ID,
@@ -217,14 +149,12 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
 def update(c, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
            json=False):
     """Post an update: new state, what is known, components, next update time; notices to every channel."""
-    from ops.incidents import apply_update
-
     def change(incident: Incident) -> None:
         apply_update(incident, state=status or incident.state, message=message, components=components,
                      next_update=_no_next_update(next_update), operator=_operator())
 
-    _change(env, id, change, dry_run=dry_run, json=json, verb="updated",
-            done=lambda incident: f"incident {incident.id} is now {incident.state}")
+    _changed(env, id, change, dry_run=dry_run, json=json, verb="updated", title="update",
+             done=lambda incident: f"incident {incident.id} is now {incident.state}")
 
 
 @task(help=helps("env", "dry_run", "json", id=INCIDENT_ID, message="summary: what happened, what fixed it",
@@ -232,21 +162,17 @@ def update(c, id, env=None, status=None, message=None, next_update="30m", compon
 @opstask
 def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
     """Resolve an incident (all components operational); refused, exit 3, when it is already resolved."""
-    from ops.incidents import apply_resolve
-
     def change(incident: Incident) -> None:
         apply_resolve(incident, message=message or "", cause=cause, postmortem=postmortem, operator=_operator())
 
-    _change(env, id, change, dry_run=dry_run, json=json, verb="resolved",
-            done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
+    _changed(env, id, change, dry_run=dry_run, json=json, verb="resolved", title="resolution",
+             done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
 
 
 @task(help=helps("env", "json", id=INCIDENT_ID))
 @opstask
 def show(c, id, env=None, json=False):
     """The incident and its timeline: every update, triage, notice delivery and rollback, in order."""
-    from ops.incidents import IncidentStore
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     store = IncidentStore(environment_)
@@ -262,30 +188,10 @@ def show(c, id, env=None, json=False):
     output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline]})
 
 
-def describe_entry(entry: Any) -> str:
-    parts = [entry.state or ""]
-    if entry.message:
-        parts.append(f"— {entry.message}")
-    if entry.components:
-        parts.append("[" + ", ".join(f"{k}: {v}" for k, v in entry.components.items()) + "]")
-    if entry.next_update:
-        parts.append(f"(next update by {entry.next_update})")
-    deliveries = entry.detail.get("deliveries")
-    if deliveries is not None:
-        parts.append("; ".join(f"{d['channel']}: {'ok' if d['ok'] else 'FAILED ' + d['detail']}"
-                               for d in deliveries) or "no channels")
-    for key in ("failing", "error", "cause", "postmortem", "run_id", "status", "restored_backup"):
-        if entry.detail.get(key):
-            parts.append(f"{key}: {entry.detail[key]}")
-    return " ".join(part for part in parts if part)
-
-
 @task(name="list", help=helps("env", "json", open="only the incidents not resolved yet"))
 @opstask
 def list_(c, env=None, open=False, json=False):
     """The environment's incidents, newest first: id, state, impact, title, opened, resolved."""
-    from ops.incidents import IncidentStore
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     incidents = IncidentStore(environment_).list(open_only=open)
@@ -309,8 +215,6 @@ def restore_safety(env: Environment) -> RestoreSafety:
     """Restoring is safe only to undo a failed migration: the last migrate run of `env` in this machine's
     journal failed after its pre-migration backup completed, and no backup is newer than that one
     (a newer backup means data written since that a restore would throw away)."""
-    from ops.journal import list_runs
-
     for record in list_runs(env.inventory.state_dir / "runs"):
         header = record.header
         if header.get("runbook") == "migrate" and header.get("env") == env.name and not header.get("dry_run"):
@@ -345,7 +249,6 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup."""
-    from ops.engine import Runbook
     from runbooks.deploy import rollback_steps
 
     steps = rollback_steps(env)
@@ -370,9 +273,6 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 @opstask
 def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
     """Roll back the release (deploy.rollback) and, only when safe and asked, restore the pre-migration backup."""
-    from ops.cli import execute
-    from ops.incidents import IncidentStore, add_entry, refuse_if_resolved
-
     output = make_output(json)
     environment_ = environment(env, output=output, confirm=confirm)
     environment_.register_secrets()
@@ -396,7 +296,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
                       detail={"run_id": run_id, "status": status, "error": error,
                               "steps": [step.name for step in runbook.steps],
                               "restored_backup": runbook.arguments.get("backup") if status == "succeeded" else None})
-            _save(store, incident, output)
+            save_and_copy(store, incident, output)
 
         def on_failure(ctx: Any, error: OpsError) -> None:
             if not dry_run:

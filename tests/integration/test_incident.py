@@ -195,3 +195,45 @@ def test_notify_failure_tells_internal_channels_and_never_raises(tmp_path, webho
     (delivery, *_) = send(env, plain_notices("s", "b"))
     assert not delivery.ok and "HTTP 404" in delivery.detail and delivery.attempts == 1
     assert len(webhook_receiver.requests) == 1
+
+
+def test_incidents_lock_only_the_incident_so_they_run_while_another_run_holds_the_environment(opsbook):
+    from ops.locks import file_lock
+
+    opsbook.write_inventory({"project": "calm", "default_env": "prod", "envs": {"prod": {
+        "protected": True, "notify": [{"kind": "file", "path": "status.md", "audience": "public"}]}}})
+    locks = opsbook.state_dir / "locks"
+    with file_lock(locks / "prod.environment.lock", {"run_id": "20261201T000000Z-0000", "runbook": "backup"}):
+        opened = ok(opsbook.run("incident.open", "--title", "Checkout slow", "--impact", "minor",
+                                "--components", "checkout", "--no-triage", "--json"))
+        incident_id = opened.json()["incident"]["id"]
+        assert opened.json()["failed_channels"] == [] and opened.json()["runbook"] == "incident.open"
+        ok(opsbook.run("incident.update", incident_id, "--status", "identified", "--message", "An index is missing"))
+        with file_lock(locks / f"prod.incident-{incident_id}.lock", {"run_id": "20261201T000001Z-0001",
+                                                                      "runbook": "incident.update"}):
+            held = opsbook.run("incident.resolve", incident_id, "--message", "Index added")
+            assert held.exit_code == 75 and "20261201T000001Z-0001 (incident.update)" in held.stderr, str(held)
+        ok(opsbook.run("incident.resolve", incident_id, "--message", "Index added"))
+    status = (opsbook.root / "status.md").read_text()
+    assert status.count("# Checkout slow") == 3 and "**Resolved**" in status
+
+
+def test_a_broken_template_fails_the_dry_run_and_the_real_run_still_records_the_incident(opsbook):
+    broken = opsbook.root / "templates" / "incident" / "investigating"
+    broken.mkdir(parents=True)
+    (broken / "status_page.public.md.j2").write_text("{{ incident.nosuch_field }}\n")
+    opsbook.write_inventory({"project": "calm", "default_env": "prod", "envs": {"prod": {
+        "incidents": {"templates_dir": "templates"},
+        "notify": [{"kind": "file", "path": "status.md", "audience": "public"}]}}})
+    opening = ["incident.open", "--title", "Checkout slow", "--impact", "minor", "--components", "checkout",
+               "--no-triage"]
+    dry = opsbook.run(*opening, "--dry-run")
+    assert dry.exit_code == 2 and "nosuch_field" in dry.stderr, str(dry)
+    assert not (opsbook.state_dir / "incidents").exists()
+    real = opsbook.run(*opening)
+    assert real.exit_code == 2 and "nosuch_field" in real.stderr, str(real)
+    (folder,) = (opsbook.state_dir / "incidents").iterdir()
+    timeline = [json.loads(line) for line in (folder / "timeline.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e.get("message")) for e in timeline] == [
+        ("opened", "We are investigating reports of this problem."), ("notice", "no notice sent: a template failed")]
+    assert not (opsbook.root / "status.md").exists()
