@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops.backup_manifest import iso_z, parse_time
+from ops.clock import iso_z, parse_time
 from ops.errors import OpsError
 from ops.render import TEMPLATES_DIR
 

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import parse_time
 from ops.errors import InventoryError
 from ops.secrets import redact
 
@@ -95,15 +96,11 @@ def human_time(text: str | None) -> str | None:
     """"2026-11-23T02:30:00Z" → "2026-11-23 02:30 UTC": what a reader in any time zone can act on."""
     if not text:
         return None
-    from ops.incidents import parse_time
-
     return parse_time(text).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def notice_context(incident: Incident, triage: str | None = None) -> dict[str, Any]:
     """The curated context of a notice: only fields meant for readers, every text redacted."""
-    from ops.incidents import parse_time
-
     last = next((e for e in reversed(incident.timeline) if e.kind in {"opened", "update", "resolved"}), None)
     duration = None
     if incident.resolved_at:

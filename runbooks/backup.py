@@ -89,8 +89,7 @@ class DumpStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         from ops import dump, pg
-        from ops.backup_manifest import iso_z
-        from ops.journal import utc_now
+        from ops.clock import iso_z, utc_now
 
         options = settings(ctx.env)
         url = ctx.env.database_url(direct=True)
@@ -225,7 +224,7 @@ class MetricsStep(Step):
         return Change(f"update {self.path.name} (last success, duration, size)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.backup_manifest import parse_time
+        from ops.clock import parse_time
 
         dumped = ctx.state["dump"]
         values = {"opsbook_backup_last_success_timestamp_seconds": parse_time(dumped["finished_at"]).timestamp(),

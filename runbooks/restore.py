@@ -319,7 +319,7 @@ class SwapStep(Step):
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    from ops.journal import utc_now
+    from ops.clock import utc_now
     from runbooks.backup import database_name
 
     source_name = arguments.get("source") or env.name

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import secrets as random_tokens
 import sys
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
 from ops import keys
 from ops.cli import environment, execute, helps, make_output, opstask
+from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import UsageError
 from ops.secrets import Secret
@@ -71,7 +71,7 @@ class GenerateSecret(Step):
             store.set("ADMIN_PASSWORD_HASH", Secret(hashed))
         else:
             store.set("AUTH_SECRET", Secret(random_tokens.token_urlsafe(AUTH_SECRET_BYTES)))
-        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        at = iso_z(utc_now())
         keys.record_rotation(ctx.env, {"kind": "secret", "name": self.secret, "rotation_id": self.rotation or
                                        ctx.run_id, "at": at, "operator": ctx.operator})
         return {"secret": self.secret, "at": at}
