@@ -18,6 +18,8 @@ from ops.errors import InventoryError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import jinja2
 
     from ops.incidents import Incident
@@ -31,18 +33,23 @@ class TemplateError(InventoryError):
     """A template is missing, malformed, or reads a field the context lacks (exit 2: fix the template)."""
 
 
-def template_environment(override_dir: str | Path | None = None) -> jinja2.Environment:
+def template_environment(override_dir: str | Path | None = None, *, trim_blocks: bool = True,
+                         filters: dict[str, Callable[..., Any]] | None = None) -> jinja2.Environment:
+    """Templates from the override folder first, then the package's; `trim_blocks=False` for templates
+    written without block trimming (the env file, the drill report), whose output must stay byte for byte."""
     import jinja2
 
     search = [str(override_dir)] if override_dir else []
-    return jinja2.Environment(
+    jinja = jinja2.Environment(
         loader=jinja2.FileSystemLoader([*search, str(TEMPLATES_DIR)]),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,  # Markdown, JSON and plain text: JSON strings go through |tojson
+        autoescape=False,  # Markdown, JSON, env files and plain text: JSON strings go through |tojson
         keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
+        trim_blocks=trim_blocks,
+        lstrip_blocks=trim_blocks,
     )
+    jinja.filters.update(filters or {})
+    return jinja
 
 
 def render_template(name: str, context: dict[str, Any], override_dir: str | Path | None = None) -> str:
