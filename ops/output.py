@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from ops.secrets import masked, redact
@@ -61,3 +63,32 @@ def human_size(size: float) -> str:
 
 def results_printed() -> int:
     return _printed_results
+
+
+class ProgressLines:
+    """The one progress reporter of long transfers: plain lines in the run's log, never a flood.
+
+    Called with bytes so far ("uploaded 512 MiB (95 MiB/s)"), it writes at most every `every` seconds;
+    called with a count and its total ("120/400 objects copied"), once per tenth done, for 20 items or more.
+    """
+
+    def __init__(self, log: Callable[[str], None], verb: str, every: float = 10.0):
+        self._log, self._verb, self._every = log, verb, every
+        self._started = self._last = time.monotonic()
+        self._tenth = 0
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self._count(done, total)
+            return
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            rate = done / max(now - self._started, 1e-6)
+            self._log(f"{self._verb} {human_size(done)} ({human_size(int(rate))}/s)")
+
+    def _count(self, done: int, total: int) -> None:
+        tenth = done * 10 // total
+        if tenth > self._tenth and total >= 20:
+            self._tenth = tenth
+            self._log(f"{done}/{total} {self._verb}")

@@ -18,7 +18,7 @@ from invoke import Collection, task
 from ops.cli import environment, execute, helps, make_output, opstask
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import OpsError, StepFailed, UsageError
-from ops.output import human_size
+from ops.output import ProgressLines, human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -108,7 +108,7 @@ class DumpStep(Step):
                     pg.dump_command(tool, snapshot=snapshot), pg.child_environment(url), storage, key,
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
-                    on_progress=dump.ProgressLines(ctx.log, "uploaded"),
+                    on_progress=ProgressLines(ctx.log, "uploaded"),
                     what=f"pg_dump of {pg.parse_url(url).describe()}")
             except BaseException:
                 # The reader's count(*) may be waiting for a lock; ending the snapshot would wait for it.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, UsageError
-from ops.output import human_size
+from ops.output import ProgressLines, human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import IncompleteBackup, Manifest
@@ -123,10 +123,10 @@ class VerifyStep(Step):
 
 
 def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
-    from ops import dump, fetch
+    from ops import fetch
 
     storage = ctx.storage("backups")
-    progress = dump.ProgressLines(ctx.log, f"{manifest.id}: read")
+    progress = ProgressLines(ctx.log, f"{manifest.id}: read")
     if not deep:
         fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
