@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ops.inventory import Environment
+    from ops.output import Output
     from ops.secret_store import SecretStore
     from ops.storage import Storage
 
@@ -426,12 +427,26 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
+ADMIN_PASSWORD_HASH = "ADMIN_PASSWORD_HASH"
+ADMIN_PASSWORD_BYTES = 18  # 24 characters
+
+
 def store_admin_password_hash(password: Secret) -> str:
     """A salted scrypt hash: `scrypt$n=16384,r=8,p=1$<salt b64>$<hash b64>` (what the app verifies)."""
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.reveal().encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
                             dklen=SCRYPT_LENGTH)
     return f"scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def issue_admin_password(env: Environment, output: Output, heading: str) -> None:
+    """A generated admin password, shown once on the terminal and kept only as its salted scrypt hash.
+
+    Shown before the hash is stored: a password that takes effect has always been seen."""
+    password = Secret(random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES))
+    hashed = store_admin_password_hash(password)
+    output.reveal_once(f"{heading} (shown once; put it in the team's password manager):", password)
+    secret_store(env).set(ADMIN_PASSWORD_HASH, Secret(hashed))
 
 
 def verify_admin_password(password: Secret, stored_hash: str) -> bool:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ops.secrets import masked, redact
+from ops.secrets import Secret, masked, redact
 
 _printed_results = 0  # a task prints one JSON object: the error report is skipped after a result
 
@@ -27,6 +27,10 @@ class Output:
 
     def line(self, text: str = "") -> None:
         print(redact(text), file=self.stream, flush=True)
+
+    def reveal_once(self, heading: str, secret: Secret) -> None:
+        """The one place a secret is shown unmasked (a generated password the operator must keep)."""
+        print(f"\n{heading}\n\n    {secret.reveal()}\n", file=self.stream, flush=True)
 
     def info(self, text: str) -> None:
         self.line(text)

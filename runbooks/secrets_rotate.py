@@ -9,7 +9,6 @@ Signing a new AUTH_SECRET ends every session: users log in again.
 from __future__ import annotations
 
 import secrets as random_tokens
-import sys
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 ALIASES = {"ADMIN_PASSWORD": "ADMIN_PASSWORD", "ADMIN_PASSWORD_HASH": "ADMIN_PASSWORD",
            "AUTH_SECRET": "AUTH_SECRET", "NEXTAUTH_SECRET": "AUTH_SECRET", "BETTER_AUTH_SECRET": "AUTH_SECRET"}
 AUTH_SECRET_BYTES = 48  # 64 characters once encoded; the libraries ask for at least 32
-ADMIN_PASSWORD_BYTES = 18  # 24 characters
 
 
 def canonical(name: str) -> str:
@@ -63,12 +61,7 @@ class GenerateSecret(Step):
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         store = keys.secret_store(ctx.env)
         if self.secret == "ADMIN_PASSWORD":
-            password = random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES)
-            hashed = keys.store_admin_password_hash(Secret(password))
-            # Shown before it is stored: a password that takes effect has always been seen.
-            print(f"\nNew admin password for {ctx.env.name} (shown once; put it in the team's password manager):"
-                  f"\n\n    {password}\n", file=sys.stderr, flush=True)
-            store.set("ADMIN_PASSWORD_HASH", Secret(hashed))
+            keys.issue_admin_password(ctx.env, ctx.output, f"New admin password for {ctx.env.name}")
         else:
             store.set("AUTH_SECRET", Secret(random_tokens.token_urlsafe(AUTH_SECRET_BYTES)))
         at = iso_z(utc_now())
