@@ -252,7 +252,7 @@ class Runner:
             raise Interrupted(f"run {self.ctx.run_id} interrupted",
                               hint=f"`inv runs.resume {self.ctx.run_id}` continues where it stopped") from None
         except OpsError as error:
-            if not getattr(error, "journaled", False):
+            if not error.journaled:
                 self._finish_failed("failed", None, str(error), error.exit_code, started)
             raise
         finally:

@@ -154,7 +154,7 @@ def _deliver(env: Environment, channel: Channel, notice: Notice, stream: TextIO 
         detail, attempts = sender(env, channel, notice, stream)
     except OpsError as error:
         return Delivery(channel.name, channel.kind, channel.audience, False, redact(error.message),
-                        getattr(error, "attempts", 1))
+                        error.attempts)
     except Exception as error:  # a channel must never take the incident update down with it
         return Delivery(channel.name, channel.kind, channel.audience, False,
                         redact(f"{type(error).__name__}: {error}"), 1)
