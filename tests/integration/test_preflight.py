@@ -29,11 +29,11 @@ from ops.backup_manifest import (
     Verification,
     append_verification,
     dump_key,
-    iso_z,
     verification_key,
     write_manifest,
 )
 from ops.checks import Warn
+from ops.clock import iso_z
 from ops.errors import OpsError
 from ops.journal import new_run_id
 from ops.storage import open_storage
