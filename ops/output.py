@@ -32,6 +32,10 @@ class Output:
         """The one place a secret is shown unmasked (a generated password the operator must keep)."""
         print(f"\n{heading}\n\n    {secret.reveal()}\n", file=self.stream, flush=True)
 
+    def document(self, text: str, end: str = "\n") -> None:
+        """What the command exists to print (merged YAML, a checklist): on stdout, redacted, with or without --json."""
+        print(redact(text), end=end, file=self._result_stream or sys.stdout, flush=True)
+
     def info(self, text: str) -> None:
         self.line(text)
 
