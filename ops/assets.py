@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ops.backup_manifest import iso_z
+from ops.clock import iso_z, utc_now
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
-from ops.journal import utc_now
 from ops.output import human_size
 from ops.secrets import redact
 

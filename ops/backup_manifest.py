@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import parse_time
 from ops.errors import CheckFailed
 
 if TYPE_CHECKING:
@@ -46,16 +47,6 @@ def verification_key(backup_id: str) -> str:
 
 def dump_key(backup_id: str, encrypted: bool) -> str:
     return backup_prefix(backup_id) + DUMP_NAME + (ENCRYPTED_SUFFIX if encrypted else "")
-
-
-def iso_z(moment: datetime) -> str:
-    """ISO-8601 UTC with a Z, to the second (manifest times)."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # --- the manifest ------------------------------------------------------------------------------

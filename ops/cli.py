@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ from invoke import Task
 
 from ops import remote_commands
 from ops.errors import Interrupted, OpsError, UsageError
+from ops.output import Output
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ def opstask(body: F) -> F:
             raise Exit(code=130) from None
         except Exception as error:  # a traceback is a bug: say so plainly, show it only on request
             if os.environ.get("OPS_DEBUG"):
-                print(redact(traceback.format_exc()), file=sys.stderr)
+                Output().line(traceback.format_exc())
             message = f"internal error: {type(error).__name__}: {error}"
             _report(OpsError(message, hint="this is a bug in opsbook; re-run with OPS_DEBUG=1 for the traceback"),
                     1, kwargs.get("json", False))
@@ -245,10 +245,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _report(error: OpsError, code: int, json_mode: bool) -> None:
-    print(redact(f"error: {error}"), file=sys.stderr, flush=True)
-    if json_mode:
-        payload = {"ok": False, "exit_code": code, "error": redact(error.message), "hint": error.hint}
-        print(json.dumps(payload, indent=2), flush=True)
+    output = Output(json_mode=json_mode)
+    output.line(f"error: {error}")
+    output.result({"ok": False, "exit_code": code, "error": redact(error.message), "hint": error.hint})
 
 
 def load_inventory() -> Inventory:
@@ -293,8 +292,6 @@ def environment(name: str | None, *, output: Output | None = None, allow_decommi
 
 
 def make_output(json_mode: bool) -> Output:
-    from ops.output import Output
-
     return Output(json_mode=json_mode)
 
 

@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops.backup_manifest import iso_z, parse_time
+from ops.clock import iso_z, parse_time
 from ops.errors import OpsError
-from ops.render import TEMPLATES_DIR
+from ops.render import template_environment
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -116,12 +116,7 @@ def duration_text(seconds: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The human evidence, from ops/templates/drill_report.md.j2 (StrictUndefined: a missing field is a bug)."""
-    from jinja2 import Environment as Jinja
-    from jinja2 import FileSystemLoader, StrictUndefined
-
-    jinja = Jinja(loader=FileSystemLoader(str(TEMPLATES_DIR)), undefined=StrictUndefined,
-                  keep_trailing_newline=True, autoescape=False)
-    jinja.filters["duration"] = duration_text
+    jinja = template_environment(trim_blocks=False, filters={"duration": duration_text})
     statuses = {step["name"]: step["status"] for step in report["steps"]}
     objectives = {name: statuses.get(name, "not checked") for name in ("rto", "rpo")}
     return jinja.get_template(TEMPLATE).render(

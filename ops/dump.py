@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.errors import InventoryError, StepFailed, UsageError
-from ops.output import human_size
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
@@ -191,21 +190,6 @@ class StderrTail:
     def text(self) -> str:
         self._thread.join(timeout=10)
         return redact(self._tail.decode(errors="replace").strip())
-
-
-class ProgressLines:
-    """Plain periodic lines ("uploaded 512 MiB, 95 MiB/s") at most every `every` seconds."""
-
-    def __init__(self, log: Callable[[str], None], verb: str, every: float = 10.0):
-        self._log, self._verb, self._every = log, verb, every
-        self._started = self._last = time.monotonic()
-
-    def __call__(self, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= self._every:
-            self._last = now
-            rate = total / max(now - self._started, 1e-6)
-            self._log(f"{self._verb} {human_size(total)} ({human_size(int(rate))}/s)")
 
 
 def part_size_for(estimated_bytes: int) -> int:

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
-from ops.journal import Journal, RunRecord, git_revision, host_name, iso, new_run_id, operator_name, utc_now
+from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
 from ops.output import Output
 from ops.secrets import redact
 
@@ -251,7 +252,7 @@ class Runner:
             raise Interrupted(f"run {self.ctx.run_id} interrupted",
                               hint=f"`inv runs.resume {self.ctx.run_id}` continues where it stopped") from None
         except OpsError as error:
-            if not getattr(error, "journaled", False):
+            if not error.journaled:
                 self._finish_failed("failed", None, str(error), error.exit_code, started)
             raise
         finally:
@@ -432,7 +433,7 @@ class Runner:
         from ops.locks import file_lock
 
         holder = {"run_id": self.ctx.run_id, "runbook": self.runbook.name, "operator": self.ctx.operator,
-                  "host": host_name(), "pid": os.getpid(), "since": iso(utc_now())}
+                  "host": host_name(), "pid": os.getpid(), "since": iso_z_micro(utc_now())}
         with contextlib.ExitStack() as stack:
             for resource in self.runbook.locks:
                 if resource == "database":

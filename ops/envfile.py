@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ops.errors import InventoryError
 from ops.pg import with_credentials
-from ops.render import TEMPLATES_DIR
+from ops.render import TEMPLATES_DIR, template_environment
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
 if TYPE_CHECKING:
@@ -49,11 +49,7 @@ def render_env_file(env: Environment, host_name: str | None = None) -> str:
 
 def render_template_text(source: str, context: dict[str, Any]) -> str:
     """Render `source` with StrictUndefined, tidied (see _tidy); the file ends with a newline."""
-    from jinja2 import Environment as Jinja
-    from jinja2 import StrictUndefined
-
-    jinja = Jinja(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    jinja.filters["dotenv"] = quote_value
+    jinja = template_environment(trim_blocks=False, filters={"dotenv": quote_value})
     text = jinja.from_string(source).render(**context)
     return _tidy(text)
 

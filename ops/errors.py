@@ -8,9 +8,15 @@ from __future__ import annotations
 
 
 class OpsError(Exception):
-    """A failure an operator can act on. Never carries a secret value."""
+    """A failure an operator can act on. Never carries a secret value.
 
-    exit_code = 1
+    The engine and the notifier read the fields below; an instance may override them (a step's failure
+    keeps the exit code of its cause, a failed delivery says how often it was tried).
+    """
+
+    exit_code: int = 1
+    journaled: bool = False  # the engine already wrote the run's failed end to the journal
+    attempts: int = 1  # deliveries tried before giving up (notification channels)
 
     def __init__(self, message: str, *, hint: str | None = None, where: str | None = None):
         super().__init__(message)

@@ -22,10 +22,11 @@ import secrets as random_tokens
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import compact_z, iso_z, iso_z_micro, parse_time, utc_now
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.secrets import masked, redact
 
@@ -46,21 +47,9 @@ _DURATION = re.compile(r"(\d+)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso_z(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
-
-
 def new_incident_id(moment: datetime | None = None) -> str:
     """UTC minute plus a short random suffix, e.g. 20261123T0200Z-ab12."""
-    return f"{(moment or utc_now()).astimezone(UTC).strftime('%Y%m%dT%H%MZ')}-{random_tokens.token_hex(2)}"
+    return f"{compact_z(moment or utc_now(), seconds=False)}-{random_tokens.token_hex(2)}"
 
 
 def lock_resource(incident_id: str) -> str:
@@ -309,11 +298,11 @@ class IncidentStore:
     @contextmanager
     def lock(self, incident_id: str) -> Iterator[None]:
         """One operator at a time changes an incident; a second one is told who holds it (exit 75)."""
-        from ops.journal import host_name, iso, operator_name
+        from ops.journal import host_name, operator_name
         from ops.locks import file_lock
 
         holder = {"incident": incident_id, "operator": operator_name(), "host": host_name(), "pid": os.getpid(),
-                  "since": iso(utc_now())}
+                  "since": iso_z_micro(utc_now())}
         with file_lock(self.env.inventory.state_dir / "locks" / f"{self.env.name}.{lock_resource(incident_id)}.lock",
                        holder):
             yield

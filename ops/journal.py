@@ -15,10 +15,11 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ops.clock import compact_z, iso_z_micro, utc_now
 from ops.errors import UsageError
 from ops.secrets import masked
 
@@ -26,18 +27,10 @@ STEP_STATES = ("planned", "unchanged", "started", "applied", "verified", "failed
                "kept", "skipped")
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def new_run_id(moment: datetime | None = None) -> str:
     """UTC start time plus a short random suffix: sorts by time, unique enough."""
     moment = moment or utc_now()
-    return f"{moment.strftime('%Y%m%dT%H%M%SZ')}-{random_tokens.token_hex(2)}"
+    return f"{compact_z(moment)}-{random_tokens.token_hex(2)}"
 
 
 def operator_name() -> str:
@@ -63,7 +56,7 @@ class Journal:
         self._started = time.monotonic()
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        entry = {"time": iso(utc_now()), "event": event, **masked(fields)}
+        entry = {"time": iso_z_micro(utc_now()), "event": event, **masked(fields)}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, sort_keys=False, default=str) + "\n")
         return entry

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import parse_time_or_none
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed, UsageError
 from ops.secrets import Secret, mask_identifier, redact, reveal
 
@@ -74,15 +75,6 @@ class KeyProvider(ABC):
         return next((key for key in self.list_keys() if key.key_id == key_id), None)
 
 
-def parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
-        return None
 
 
 # --- Cloudflare -------------------------------------------------------------------
@@ -160,7 +152,7 @@ class CloudflareProvider(KeyProvider):
         if not token.get("id") or not value:
             raise StepFailed(f"Cloudflare created a token without an id or value (account {self.account_id})",
                              hint=f"look for a token named {label!r} in the dashboard and delete it, then retry")
-        return NewKey(token["id"], r2_secret(value), parse_time(token.get("issued_on")) or datetime.now(UTC))
+        return NewKey(token["id"], r2_secret(value), parse_time_or_none(token.get("issued_on")) or datetime.now(UTC))
 
     def delete_key(self, key_id: str) -> None:
         self.request("DELETE", self._tokens(f"/{key_id}"), missing_ok=True)
@@ -170,8 +162,8 @@ class CloudflareProvider(KeyProvider):
         page = 1
         while True:
             result, info = self.request("GET", self._tokens(f"?page={page}&per_page={PAGE_SIZE}"), paged=True)
-            keys += [KeyInfo(t["id"], parse_time(t.get("issued_on")), t.get("status") == "active", t.get("name"))
-                     for t in result or []]
+            keys += [KeyInfo(t["id"], parse_time_or_none(t.get("issued_on")), t.get("status") == "active",
+                             t.get("name")) for t in result or []]
             if not result or page >= int((info or {}).get("total_pages") or 1):
                 return keys
             page += 1
@@ -294,7 +286,7 @@ class AwsIamProvider(KeyProvider):
 
     def list_keys(self) -> list[KeyInfo]:
         response = self._call("listing access keys", "list_access_keys", UserName=self.user)
-        return [KeyInfo(k["AccessKeyId"], parse_time(k.get("CreateDate")), k.get("Status") == "Active")
+        return [KeyInfo(k["AccessKeyId"], parse_time_or_none(k.get("CreateDate")), k.get("Status") == "Active")
                 for k in response.get("AccessKeyMetadata", [])]
 
     def _never_used(self, key_id: str) -> bool:
@@ -335,7 +327,7 @@ class AwsIamProvider(KeyProvider):
             self.delete_key(spare.key_id)
         key = self._call("creating an access key", "create_access_key", UserName=self.user)["AccessKey"]
         return NewKey(key["AccessKeyId"], Secret(key["SecretAccessKey"]),
-                      parse_time(key.get("CreateDate")) or datetime.now(UTC))
+                      parse_time_or_none(key.get("CreateDate")) or datetime.now(UTC))
 
     def delete_key(self, key_id: str) -> None:
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import iso_z_or_none, parse_time_or_none
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError, OpsError
 from ops.key_providers import (
     CLOUDFLARE_API,
@@ -32,7 +33,6 @@ from ops.key_providers import (
     KeyProvider,
     NewKey,
     StaticProvider,
-    parse_time,
 )
 from ops.secrets import Secret, mask_identifier, redact, reveal
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ops.inventory import Environment
+    from ops.output import Output
     from ops.secret_store import SecretStore
     from ops.storage import Storage
 
@@ -340,11 +341,9 @@ def rotation_entry(env: Environment, key_id: str, previous_key_id: str | None, r
     return {"kind": "storage-key", "name": "storage", "rotation_id": rotation_id, "provider": provider_name(env),
             "key_id": mask_identifier(key_id), "fingerprint": fingerprint(key_id),
             "previous_key_id": mask_identifier(previous_key_id) if previous_key_id else None,
-            "at": _iso(datetime.now(UTC)), "operator": operator}
+            "at": iso_z_or_none(datetime.now(UTC)), "operator": operator}
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
 # --- status -----------------------------------------------------------------------
@@ -366,19 +365,20 @@ class KeyStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {"env": self.env, "provider": self.provider, "key_id": self.key_id_masked,
-                "created_at": _iso(self.created_at),
+                "created_at": iso_z_or_none(self.created_at),
                 "age_days": round(self.age_days, 1) if self.age_days is not None else None,
-                "max_age_days": self.max_age_days, "due_at": _iso(self.due_at),
-                "last_rotation": _iso(self.last_rotation), "overdue": self.overdue,
+                "max_age_days": self.max_age_days, "due_at": iso_z_or_none(self.due_at),
+                "last_rotation": iso_z_or_none(self.last_rotation), "overdue": self.overdue,
                 "rotation_in_progress": self.rotation_in_progress, "notes": self.notes}
 
     def lines(self) -> list[str]:
         age = f"{self.age_days:.0f} days" if self.age_days is not None else "unknown"
         return [f"key {self.key_id_masked} ({self.provider}) on {self.env}",
-                f"  created:       {_iso(self.created_at) or 'unknown'}",
+                f"  created:       {iso_z_or_none(self.created_at) or 'unknown'}",
                 f"  age:           {age} (rotate every {self.max_age_days} days)",
-                f"  due:           {_iso(self.due_at) or 'now (age unknown)'}" + ("  OVERDUE" if self.overdue else ""),
-                f"  last rotation: {_iso(self.last_rotation) or 'never recorded'}",
+                f"  due:           {iso_z_or_none(self.due_at) or 'now (age unknown)'}"
+                + ("  OVERDUE" if self.overdue else ""),
+                f"  last rotation: {iso_z_or_none(self.last_rotation) or 'never recorded'}",
                 *([f"  rotation in progress: `inv keys.rotate --env {self.env}` finishes it"]
                   if self.rotation_in_progress else []),
                 *(f"  note: {note}" for note in self.notes)]
@@ -389,11 +389,11 @@ def key_status(env: Environment, now: datetime | None = None) -> KeyStatus:
     key_id = current_key_id(env)
     max_age = int(env.raw("keys.max_age_days", DEFAULT_MAX_AGE_DAYS))
     rotations = [e for e in read_history(env) if e.get("kind") == "storage-key"]
-    last = parse_time(rotations[-1]["at"]) if rotations else None
+    last = parse_time_or_none(rotations[-1]["at"]) if rotations else None
     created, notes = _created_at(env, key_id)
     if created is None:  # the provider does not say: the rotation that installed this key does
         mine = [e for e in rotations if e.get("fingerprint") == fingerprint(key_id)]
-        created = parse_time(mine[-1]["at"]) if mine else None
+        created = parse_time_or_none(mine[-1]["at"]) if mine else None
     if created is None:
         notes.append("the key's age is unknown: rotate it to start the clock")
     age = (now - created).total_seconds() / 86400 if created else None
@@ -427,12 +427,26 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
+ADMIN_PASSWORD_HASH = "ADMIN_PASSWORD_HASH"
+ADMIN_PASSWORD_BYTES = 18  # 24 characters
+
+
 def store_admin_password_hash(password: Secret) -> str:
     """A salted scrypt hash: `scrypt$n=16384,r=8,p=1$<salt b64>$<hash b64>` (what the app verifies)."""
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.reveal().encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
                             dklen=SCRYPT_LENGTH)
     return f"scrypt$n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def issue_admin_password(env: Environment, output: Output, heading: str) -> None:
+    """A generated admin password, shown once on the terminal and kept only as its salted scrypt hash.
+
+    Shown before the hash is stored: a password that takes effect has always been seen."""
+    password = Secret(random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES))
+    hashed = store_admin_password_hash(password)
+    output.reveal_once(f"{heading} (shown once; put it in the team's password manager):", password)
+    secret_store(env).set(ADMIN_PASSWORD_HASH, Secret(hashed))
 
 
 def verify_admin_password(password: Secret, stored_hash: str) -> bool:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from ops.errors import OpsError
 from ops.hosts import is_loopback
+from ops.output import Output
 from ops.secrets import Secret, redact, reveal
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def _deliver(env: Environment, channel: Channel, notice: Notice, stream: TextIO 
         detail, attempts = sender(env, channel, notice, stream)
     except OpsError as error:
         return Delivery(channel.name, channel.kind, channel.audience, False, redact(error.message),
-                        getattr(error, "attempts", 1))
+                        error.attempts)
     except Exception as error:  # a channel must never take the incident update down with it
         return Delivery(channel.name, channel.kind, channel.audience, False,
                         redact(f"{type(error).__name__}: {error}"), 1)
@@ -293,11 +294,11 @@ def notify_failure(env: Environment, subject: str, body: str) -> None:
     try:
         deliveries = send(env, plain_notices(subject, body), audience="internal", stream=sys.stderr)
     except Exception as error:  # the failure being reported matters more than this one
-        print(redact(f"warning: could not notify the channels of {env.name}: {error}"), file=sys.stderr)
+        Output().warn(f"could not notify the channels of {env.name}: {error}")
         return
     for delivery in deliveries:
         if not delivery.ok:
-            print(redact(f"warning: {delivery.channel} was not told: {delivery.detail}"), file=sys.stderr)
+            Output().warn(f"{delivery.channel} was not told: {delivery.detail}")
 
 
 def failed(deliveries: list[Delivery]) -> list[Delivery]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
-from ops.secrets import masked, redact
+from ops.secrets import Secret, masked, redact
 
 _printed_results = 0  # a task prints one JSON object: the error report is skipped after a result
 
@@ -25,6 +27,14 @@ class Output:
 
     def line(self, text: str = "") -> None:
         print(redact(text), file=self.stream, flush=True)
+
+    def reveal_once(self, heading: str, secret: Secret) -> None:
+        """The one place a secret is shown unmasked (a generated password the operator must keep)."""
+        print(f"\n{heading}\n\n    {secret.reveal()}\n", file=self.stream, flush=True)
+
+    def document(self, text: str, end: str = "\n") -> None:
+        """What the command exists to print (merged YAML, a checklist): on stdout, redacted, with or without --json."""
+        print(redact(text), end=end, file=self._result_stream or sys.stdout, flush=True)
 
     def info(self, text: str) -> None:
         self.line(text)
@@ -61,3 +71,32 @@ def human_size(size: float) -> str:
 
 def results_printed() -> int:
     return _printed_results
+
+
+class ProgressLines:
+    """The one progress reporter of long transfers: plain lines in the run's log, never a flood.
+
+    Called with bytes so far ("uploaded 512 MiB (95 MiB/s)"), it writes at most every `every` seconds;
+    called with a count and its total ("120/400 objects copied"), once per tenth done, for 20 items or more.
+    """
+
+    def __init__(self, log: Callable[[str], None], verb: str, every: float = 10.0):
+        self._log, self._verb, self._every = log, verb, every
+        self._started = self._last = time.monotonic()
+        self._tenth = 0
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self._count(done, total)
+            return
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            rate = done / max(now - self._started, 1e-6)
+            self._log(f"{self._verb} {human_size(done)} ({human_size(int(rate))}/s)")
+
+    def _count(self, done: int, total: int) -> None:
+        tenth = done * 10 // total
+        if tenth > self._tenth and total >= 20:
+            self._tenth = tenth
+            self._log(f"{done}/{total} {self._verb}")

@@ -26,7 +26,6 @@ AUTH_SECRET = "AUTH_SECRET"
 ADMIN_PASSWORD_HASH = "ADMIN_PASSWORD_HASH"
 SEEDED = "APP_SEEDED"  # the seed ran once: which run did it (the command's own effects are opaque)
 AUTH_SECRET_BYTES = 48  # 64 characters once encoded; auth libraries ask for at least 32
-ADMIN_PASSWORD_BYTES = 18  # 24 characters
 ABORT_UPLOADS_AFTER_DAYS = 7  # the same rule (same ID and days) as `inv backup.assets --lifecycle`
 SEED_TIMEOUT_SECONDS = 3600
 LOG_LINES = 20
@@ -328,15 +327,7 @@ class AdminPasswordStep(Step):
                       f"scrypt hash as ADMIN_PASSWORD_HASH in {secret_store(ctx.env).path.name}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        import sys
-
-        password = Secret(random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES))
-        hashed = keys.store_admin_password_hash(password)
-        # Straight to the terminal, past the redacting output: the one place it ever appears.
-        # Shown before the hash is stored: a password that takes effect has always been seen.
-        print(f"\nAdmin password for {ctx.env.name} (shown once; put it in the team's password manager):"
-              f"\n\n    {password.reveal()}\n", file=sys.stderr, flush=True)
-        secret_store(ctx.env).set(ADMIN_PASSWORD_HASH, Secret(hashed))
+        keys.issue_admin_password(ctx.env, ctx.output, f"Admin password for {ctx.env.name}")
         return {"stored": ADMIN_PASSWORD_HASH}
 
 

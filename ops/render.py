@@ -13,10 +13,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import parse_time
 from ops.errors import InventoryError
 from ops.secrets import redact
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import jinja2
 
     from ops.incidents import Incident
@@ -30,18 +33,23 @@ class TemplateError(InventoryError):
     """A template is missing, malformed, or reads a field the context lacks (exit 2: fix the template)."""
 
 
-def template_environment(override_dir: str | Path | None = None) -> jinja2.Environment:
+def template_environment(override_dir: str | Path | None = None, *, trim_blocks: bool = True,
+                         filters: dict[str, Callable[..., Any]] | None = None) -> jinja2.Environment:
+    """Templates from the override folder first, then the package's; `trim_blocks=False` for templates
+    written without block trimming (the env file, the drill report), whose output must stay byte for byte."""
     import jinja2
 
     search = [str(override_dir)] if override_dir else []
-    return jinja2.Environment(
+    jinja = jinja2.Environment(
         loader=jinja2.FileSystemLoader([*search, str(TEMPLATES_DIR)]),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,  # Markdown, JSON and plain text: JSON strings go through |tojson
+        autoescape=False,  # Markdown, JSON, env files and plain text: JSON strings go through |tojson
         keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
+        trim_blocks=trim_blocks,
+        lstrip_blocks=trim_blocks,
     )
+    jinja.filters.update(filters or {})
+    return jinja
 
 
 def render_template(name: str, context: dict[str, Any], override_dir: str | Path | None = None) -> str:
@@ -95,15 +103,11 @@ def human_time(text: str | None) -> str | None:
     """"2026-11-23T02:30:00Z" → "2026-11-23 02:30 UTC": what a reader in any time zone can act on."""
     if not text:
         return None
-    from ops.incidents import parse_time
-
     return parse_time(text).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def notice_context(incident: Incident, triage: str | None = None) -> dict[str, Any]:
     """The curated context of a notice: only fields meant for readers, every text redacted."""
-    from ops.incidents import parse_time
-
     last = next((e for e in reversed(incident.timeline) if e.kind in {"opened", "update", "resolved"}), None)
     duration = None
     if incident.resolved_at:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ops.backup_manifest import iso_z
+from ops.clock import iso_z, parse_time, utc_now
 from ops.errors import OpsError
-from ops.journal import utc_now
 from ops.output import human_size
 from ops.secrets import redact
 
@@ -255,8 +254,6 @@ def policy_for(env: Environment) -> RetentionPolicy:
 
 
 def backup_info(manifest: Manifest, verifications: list[dict[str, Any]]) -> BackupInfo:
-    from ops.backup_manifest import parse_time
-
     verified = [parse_time(record["at"]) for record in verifications if record.get("ok") and record.get("at")]
     return BackupInfo(id=manifest.id, finished_at=manifest.finished, size=manifest.size, keep=manifest.keep,
                       verified_at=max(verified, default=None), tags=tuple(manifest.tags))

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.secrets import redact
 
@@ -168,9 +169,7 @@ def write_marker(connection: HostConnection, app: dict[str, Any], state: HostSta
     path = marker_path(app)
     if not path:
         return
-    from ops.journal import iso, utc_now
-
-    record = {"env_sha256": state.env_sha256, "release": state.release, "restarted_at": iso(utc_now()),
+    record = {"env_sha256": state.env_sha256, "release": state.release, "restarted_at": iso_z_micro(utc_now()),
               "run_id": run_id}
     connection.write_text_atomic(path, json.dumps(record) + "\n", mode=0o644)
 

@@ -30,7 +30,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from urllib.parse import quote
 
 from ops.errors import OpsError, StepFailed
 from ops.inventory import SANDBOX_DRILL_SUFFIX, Environment
+from ops.output import Output
 from ops.secrets import Secret, redact
 
 SERVER_USER = "postgres"  # the superuser inside the cluster, and the OS user when we are root
@@ -62,7 +62,7 @@ LogFunction = Callable[[str], None]
 
 
 def _to_stderr(line: str) -> None:
-    print(line, file=sys.stderr)  # human lines go to stderr; stdout is for --json
+    Output().line(line)  # human lines go to stderr; stdout is for --json
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops.clock import iso_z_or_none
 from ops.errors import OpsError
 from ops.secrets import redact
 
@@ -151,12 +152,10 @@ def recent_migrations(connection: psycopg.Connection, url: Any, hours: float = 2
         if row.is_failed or (row.finished_at and row.finished_at >= since):
             status = "failed" if row.is_failed else "rolled back" if row.rolled_back_at else "applied"
             recent.append({"name": row.migration_name, "status": status,
-                           "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at)})
+                           "started_at": iso_z_or_none(row.started_at), "finished_at": iso_z_or_none(row.finished_at)})
     return sorted(recent, key=lambda r: r["finished_at"] or r["started_at"] or "", reverse=True)
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
 # --- storage and backups -----------------------------------------------------------------------

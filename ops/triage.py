@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from ops.clock import compact_z, iso_z
 from ops.envfile import parse_env_file
 from ops.errors import OpsError
 from ops.inventory import plain
@@ -103,8 +104,8 @@ class TriageReport:
             f"{f.part} ({f.detail.splitlines()[0] if f.detail else 'failed'})" for f in self.failing)
 
     def to_json(self) -> dict[str, Any]:
-        return {"env": self.env, "started_at": _iso(self.started_at),
-                "finished_at": _iso(self.finished_at) if self.finished_at else None, "ok": self.ok,
+        return {"env": self.env, "started_at": iso_z(self.started_at),
+                "finished_at": iso_z(self.finished_at) if self.finished_at else None, "ok": self.ok,
                 "failing": self.failing_parts(), "summary": self.summary(),
                 "findings": [f.to_json() for f in self.findings], "database_activity": self.activity,
                 "recent_runs": self.recent_runs, "recent_migrations": self.recent_migrations,
@@ -119,8 +120,6 @@ def _log_json(log: HostLogs) -> dict[str, Any]:
     return {"host": log.host, "command": log.command, "lines": log.lines, "error": log.error}
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- the probes --------------------------------------------------------------------------------
@@ -337,7 +336,7 @@ def recent_runs(env: Environment, hours: float = RECENT_HOURS) -> list[dict[str,
     """Deploys, migrations, restores (and other changes) journaled on `env` in the last `hours`, newest first."""
     from ops.journal import read_run
 
-    since = (datetime.now(UTC) - timedelta(hours=hours)).strftime("%Y%m%dT%H%M%SZ")
+    since = compact_z(datetime.now(UTC) - timedelta(hours=hours))
     runs_dir = env.inventory.state_dir / "runs"
     found = []
     for path in sorted(runs_dir.glob("*.jsonl"), reverse=True) if runs_dir.exists() else []:
@@ -362,7 +361,7 @@ def recent_runs(env: Environment, hours: float = RECENT_HOURS) -> list[dict[str,
 
 def _markdown_lines(report: TriageReport) -> list[str]:
     mark = {"ok": "ok", "warn": "warn", "fail": "**FAIL**"}
-    lines = [f"## Triage of {report.env} at {_iso(report.started_at)}", ""]
+    lines = [f"## Triage of {report.env} at {iso_z(report.started_at)}", ""]
     lines.append(f"**{len(report.failing)} failing:** " + ", ".join(report.failing_parts()) if report.failing
                  else "All probes passed.")
     lines += ["", "| part | status | detail |", "| --- | --- | --- |"]

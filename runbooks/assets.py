@@ -16,6 +16,7 @@ from ops.assets import DEFAULT_WORKERS
 from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
+from ops.output import ProgressLines
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -60,7 +61,7 @@ class CopyAssetsStep(Step):
         plan = change.data["plan"]
         manifest = run_copy(ctx.storage("storage"), ctx.storage("backups"), plan, run_id=ctx.run_id,
                             env=ctx.env.name, started_at=timestamp(), workers=self.workers,
-                            on_progress=_progress_logger(ctx))
+                            on_progress=ProgressLines(ctx.log, "objects copied"))
         self._written = manifest_key(ctx.run_id)
         copied = [e for e in manifest.entries.values() if e.stored.startswith(f"assets/{ctx.run_id}/")]
         deleted = [e for e in manifest.entries.values() if e.deleted_at_source]
@@ -86,18 +87,6 @@ class CopyAssetsStep(Step):
         if bad:
             raise StepFailed(f"{len(bad)} copies named by {self._written} are missing or of the wrong size: "
                              f"{', '.join(bad[:5])}", hint="run it again: missing copies are copied again")
-
-
-def _progress_logger(ctx: RunContext):
-    reported = {"tenth": 0}
-
-    def progress(done: int, total: int) -> None:
-        tenth = done * 10 // total
-        if tenth > reported["tenth"] and total >= 20:
-            reported["tenth"] = tenth
-            ctx.log(f"{done}/{total} objects copied")
-
-    return progress
 
 
 class LifecycleStep(Step):

@@ -18,7 +18,7 @@ from invoke import Collection, task
 from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import OpsError, StepFailed, UsageError
-from ops.output import human_size
+from ops.output import ProgressLines, human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -89,8 +89,7 @@ class DumpStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         from ops import dump, pg
-        from ops.backup_manifest import iso_z
-        from ops.journal import utc_now
+        from ops.clock import iso_z, utc_now
 
         options = settings(ctx.env)
         url = ctx.env.database_url(direct=True)
@@ -109,7 +108,7 @@ class DumpStep(Step):
                     pg.dump_command(tool, snapshot=snapshot), pg.child_environment(url), storage, key,
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
-                    on_progress=dump.ProgressLines(ctx.log, "uploaded"),
+                    on_progress=ProgressLines(ctx.log, "uploaded"),
                     what=f"pg_dump of {pg.parse_url(url).describe()}")
             except BaseException:
                 # The reader's count(*) may be waiting for a lock; ending the snapshot would wait for it.
@@ -225,7 +224,7 @@ class MetricsStep(Step):
         return Change(f"update {self.path.name} (last success, duration, size)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.backup_manifest import parse_time
+        from ops.clock import parse_time
 
         dumped = ctx.state["dump"]
         values = {"opsbook_backup_last_success_timestamp_seconds": parse_time(dumped["finished_at"]).timestamp(),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, UsageError
-from ops.output import human_size
+from ops.output import ProgressLines, human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import IncompleteBackup, Manifest
@@ -93,8 +93,8 @@ class VerifyStep(Step):
                       [f"{m.id}: {m.object.key}, {m.size} bytes" for m in manifests])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.backup_manifest import Verification, append_verification, iso_z
-        from ops.journal import utc_now
+        from ops.backup_manifest import Verification, append_verification
+        from ops.clock import iso_z, utc_now
 
         storage = ctx.storage("backups")
         manifests = select(storage, self.backup)
@@ -123,10 +123,10 @@ class VerifyStep(Step):
 
 
 def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
-    from ops import dump, fetch
+    from ops import fetch
 
     storage = ctx.storage("backups")
-    progress = dump.ProgressLines(ctx.log, f"{manifest.id}: read")
+    progress = ProgressLines(ctx.log, f"{manifest.id}: read")
     if not deep:
         fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
@@ -140,7 +140,7 @@ def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, 
                          progress: Any) -> dict[str, int]:
     """Stream the backup into `<db>__verify_<stamp>` on the environment's server, count rows, drop it."""
     from ops import pg, restore_db
-    from ops.journal import utc_now
+    from ops.clock import utc_now
 
     url = ctx.env.admin_url()
     with restore_db.maintenance_connection(url, ctx.label) as connection:
@@ -187,7 +187,7 @@ def verified_text(records: list[dict[str, Any]]) -> str:
 
 def show_backups(env: Environment, output: Output) -> None:
     from ops.backup_manifest import BACKUPS_DIR, list_backups, read_verifications
-    from ops.journal import utc_now
+    from ops.clock import utc_now
     from ops.storage import open_storage
 
     storage = open_storage(env.storage_config("backups"))

@@ -224,11 +224,11 @@ class MarkStep(Step):
         import json
 
         from ops.archive import MARKER_KEY, write_marker
-        from ops.journal import iso, utc_now
+        from ops.clock import iso_z_micro, utc_now
 
         manifest = final_backup(ctx)
         archive = (ctx.state.get("archive") or {}).get("key") or _stored_archive(ctx)
-        record = {"env": ctx.env.name, "at": iso(utc_now()), "operator": ctx.operator, "run_id": ctx.run_id,
+        record = {"env": ctx.env.name, "at": iso_z_micro(utc_now()), "operator": ctx.operator, "run_id": ctx.run_id,
                   "final_backup": manifest.id if manifest else None, "archive": archive}
         ctx.storage("backups").put_bytes(MARKER_KEY, json.dumps(record, indent=2).encode(),
                                          content_type="application/json")

@@ -61,7 +61,7 @@ class Session:
 
     def begin(self) -> None:
         if self._started is None:
-            from ops.journal import utc_now
+            from ops.clock import utc_now
 
             self.started_at, self._started = utc_now(), time.monotonic()
 
@@ -386,9 +386,8 @@ class ReportStep(Step):
         """apply raised when a check failed; the report is written either way."""
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
-        from ops.backup_manifest import iso_z
+        from ops.clock import iso_z, utc_now
         from ops.drills import DrillReport
-        from ops.journal import utc_now
 
         session = self.session
         manifest = session.manifest or (session.restore_plan and getattr(session.restore_plan, "_manifest", None))
@@ -488,7 +487,7 @@ def history(c, env=None, json=False):
 @task(klass=OpsTask, help=dict(env="the source environment"))
 def due(c, env=None, json=False):
     """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
-    from ops.backup_manifest import iso_z
+    from ops.clock import iso_z
     from ops.drills import drill_due
 
     output = make_output(json)

@@ -31,8 +31,8 @@ def show(c, env=None, json=False):
     if json:
         output.result({"env": environment.name, "config": merged})
     else:
-        print(f"# envs.{environment.name} merged (defaults → env → host), secrets masked")
-        print(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True).rstrip())
+        output.document(f"# envs.{environment.name} merged (defaults → env → host), secrets masked")
+        output.document(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True).rstrip())
 
 
 collection = Collection("inventory", check, show)

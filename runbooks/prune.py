@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 from ops.cli import OpsTask, environment, make_output
+from ops.clock import utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed
-from ops.journal import utc_now
 
 if TYPE_CHECKING:
     from ops.engine import RunResult

@@ -32,7 +32,7 @@ from invoke import task
 from ops.cli import OpsTask, environment, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
-from ops.output import human_size
+from ops.output import ProgressLines, human_size
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -193,7 +193,7 @@ class StreamStep(ScratchLoad):
                                                "not touched (a checksum or row-count mismatch drops the copy)"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import dump, restore_db
+        from ops import restore_db
         from ops.storage import EarlyRead
 
         plan = self.plan
@@ -203,7 +203,7 @@ class StreamStep(ScratchLoad):
             fetched = restore_db.restore_streamed(
                 plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
                 identities=plan.identities(), cross_environment=plan.cross_environment,
-                on_progress=dump.ProgressLines(ctx.log, "downloaded and restored"), opened=download)
+                on_progress=ProgressLines(ctx.log, "downloaded and restored"), opened=download)
             ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
             return {"backup_id": manifest.id, "sha256": fetched.sha256}
 
@@ -229,14 +229,14 @@ class FetchStep(Step):
                                         f"({human_size(manifest.object.dump_size)})"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import dump, fetch
+        from ops import fetch
 
         manifest = self.plan.manifest(ctx)
         archive = self.plan.archive(ctx)
         _remove_stale_archives(archive.parent, keep=archive)
         fetched = fetch.fetch_verified(self.plan.storage(ctx), manifest, path=archive,
                                        identities=self.plan.identities(),
-                                       on_progress=dump.ProgressLines(ctx.log, "downloaded"))
+                                       on_progress=ProgressLines(ctx.log, "downloaded"))
         ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
         return {"backup_id": manifest.id, "archive": str(archive), "sha256": fetched.sha256}
 
@@ -319,7 +319,7 @@ class SwapStep(Step):
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    from ops.journal import utc_now
+    from ops.clock import utc_now
     from runbooks.backup import database_name
 
     source_name = arguments.get("source") or env.name

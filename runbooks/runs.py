@@ -88,7 +88,7 @@ def show_runbook(c, name, env=None):
     import runbooks
 
     environment_ = environment(env)
-    print(runbooks.build(name, environment_).checklist(environment_.name), end="")
+    make_output(False).document(runbooks.build(name, environment_).checklist(environment_.name), end="")
 
 
 runbook_collection = Collection("runbook")

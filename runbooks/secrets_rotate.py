@@ -9,14 +9,13 @@ Signing a new AUTH_SECRET ends every session: users log in again.
 from __future__ import annotations
 
 import secrets as random_tokens
-import sys
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
 from ops import keys
 from ops.cli import OpsTask, environment, execute, make_output
+from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import UsageError
 from ops.secrets import Secret
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 ALIASES = {"ADMIN_PASSWORD": "ADMIN_PASSWORD", "ADMIN_PASSWORD_HASH": "ADMIN_PASSWORD",
            "AUTH_SECRET": "AUTH_SECRET", "NEXTAUTH_SECRET": "AUTH_SECRET", "BETTER_AUTH_SECRET": "AUTH_SECRET"}
 AUTH_SECRET_BYTES = 48  # 64 characters once encoded; the libraries ask for at least 32
-ADMIN_PASSWORD_BYTES = 18  # 24 characters
 
 
 def canonical(name: str) -> str:
@@ -63,15 +61,10 @@ class GenerateSecret(Step):
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         store = keys.secret_store(ctx.env)
         if self.secret == "ADMIN_PASSWORD":
-            password = random_tokens.token_urlsafe(ADMIN_PASSWORD_BYTES)
-            hashed = keys.store_admin_password_hash(Secret(password))
-            # Shown before it is stored: a password that takes effect has always been seen.
-            print(f"\nNew admin password for {ctx.env.name} (shown once; put it in the team's password manager):"
-                  f"\n\n    {password}\n", file=sys.stderr, flush=True)
-            store.set("ADMIN_PASSWORD_HASH", Secret(hashed))
+            keys.issue_admin_password(ctx.env, ctx.output, f"New admin password for {ctx.env.name}")
         else:
             store.set("AUTH_SECRET", Secret(random_tokens.token_urlsafe(AUTH_SECRET_BYTES)))
-        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        at = iso_z(utc_now())
         keys.record_rotation(ctx.env, {"kind": "secret", "name": self.secret, "rotation_id": self.rotation or
                                        ctx.run_id, "at": at, "operator": ctx.operator})
         return {"secret": self.secret, "at": at}

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from ops import inventory
-from ops.backup_manifest import iso_z, verification_key
+from ops.backup_manifest import verification_key
 from ops.checks import Warn
+from ops.clock import iso_z
 from ops.errors import OpsError
 from ops.storage import open_storage
 from runbooks import preflight

@@ -15,6 +15,7 @@ import zstandard
 
 from ops import dump, fetch
 from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.output import human_size
 from ops.storage import StorageConfig, open_storage
 
 MiB = 1024 * 1024
@@ -168,4 +169,4 @@ def test_part_size_keeps_under_the_part_limit(estimate, part):
 
 @pytest.mark.parametrize(("size", "text"), [(0, "0 B"), (1536, "1.5 KiB"), (5 * MiB, "5.0 MiB")])
 def test_human_size(size, text):
-    assert dump.human_size(size) == text
+    assert human_size(size) == text

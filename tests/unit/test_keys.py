@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from ops import inventory
-from ops.key_providers import copy_policies, parse_time, r2_secret
+from ops.clock import parse_time_or_none as parse_time
+from ops.key_providers import copy_policies, r2_secret
 from ops.keys import KeyStatus, store_admin_password_hash, verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret
