@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,10 +112,7 @@ class DumpStep(Step):
                     on_progress=ProgressLines(ctx.log, "uploaded"),
                     what=f"pg_dump of {pg.parse_url(url).describe()}")
             except BaseException:
-                # The reader's count(*) may be waiting for a lock; ending the snapshot would wait for it.
-                with contextlib.suppress(Exception):
-                    snapshot_connection.cancel_safe(timeout=5)
-                reader.join(timeout=10)
+                _stop_reader(snapshot_connection, reader)
                 raise
             reader.join()
         if "error" in facts:
@@ -145,6 +143,16 @@ class DumpStep(Step):
         storage = ctx.storage("backups")
         if storage.head(manifest_key(self.backup_id)) is None:  # never remove a dump its manifest points at
             storage.delete(self._key(ctx))
+
+
+def _stop_reader(connection: Any, reader: threading.Thread, seconds: float = 10) -> None:
+    """The reader's count(*) may be waiting for a lock, and ending the snapshot would wait for it: cancel
+    until the reader is done, since a cancel that lands between two of its statements stops nothing."""
+    deadline = time.monotonic() + seconds
+    while reader.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            connection.cancel_safe(timeout=2)
+        reader.join(timeout=0.2)
 
 
 def _read_facts(connection: Any, url: Any, facts: dict[str, Any]) -> None:
