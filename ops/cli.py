@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from invoke import Task
 
-from ops import remote_commands
+from ops import processes, remote_commands
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.output import Output
 from ops.secrets import redact
@@ -241,7 +241,8 @@ class OpsTask(Task):
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGINT and SIGTERM: commands running on hosts (in any thread) are stopped there, then the run unwinds."""
     remote_commands.interrupt()
-    raise KeyboardInterrupt
+    if not processes.interrupt_held():  # else raised once the local child being started is owned
+        raise KeyboardInterrupt
 
 
 def _report(error: OpsError, code: int, json_mode: bool) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ops import processes
 from ops.errors import InventoryError, StepFailed, UsageError
 from ops.secrets import Secret, redact
 
@@ -271,11 +272,24 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
     """
     began = time.monotonic()
     try:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=environment)
-    except OSError as error:
-        raise StepFailed(f"cannot start {command[0]}: {error.strerror}",
+        with processes.child_process(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=environment) as process:
+            info, stored, raw = _store_output(process, storage, key, level=level, recipients=recipients,
+                                              part_size=part_size, on_progress=on_progress, what=what)
+    except processes.CannotStart as error:
+        raise StepFailed(f"cannot start {command[0]}: {error}",
                          hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
+    if info.size != stored.digest.size:
+        raise StepFailed(f"{storage.describe()}: {key} holds {info.size} bytes but {stored.digest.size} "
+                         f"were sent", hint="the storage lost part of the upload; run the backup again")
+    return Stored(size=stored.digest.size, sha256=stored.digest.hexdigest, dump_size=raw.size,
+                  seconds=round(time.monotonic() - began, 3))
+
+
+def _store_output(process: subprocess.Popen[bytes], storage: Storage, key: str, *, level: int,
+                  recipients: list[Any] | None, part_size: int, on_progress: Progress | None,
+                  what: str) -> tuple[Any, DigestingReader, CountingReader]:
+    """Compress (and encrypt) `process`'s output in a thread while the main thread uploads it."""
     with contextlib.suppress(OSError, ValueError):
         import fcntl
 
@@ -292,15 +306,11 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
                                      content_type="application/octet-stream")
     except BaseException:
         queue.abandon()
-        _stop(process)
+        processes.stop(process)  # before the join: the encoder may be blocked reading its output
         raise
     finally:
         encoder.join(timeout=30)
-    if info.size != stored.digest.size:
-        raise StepFailed(f"{storage.describe()}: {key} holds {info.size} bytes but {stored.digest.size} were sent",
-                         hint="the storage lost part of the upload; run the backup again")
-    return Stored(size=stored.digest.size, sha256=stored.digest.hexdigest, dump_size=raw.size,
-                  seconds=round(time.monotonic() - began, 3))
+    return info, stored, raw
 
 
 def _encode(source: CountingReader, queue: ChunkQueue, process: subprocess.Popen[bytes], stderr: StderrTail,
@@ -322,10 +332,10 @@ def _encode(source: CountingReader, queue: ChunkQueue, process: subprocess.Popen
                 queue.write(chunk)
         status = process.wait()
     except ReaderGone:
-        _stop(process)
+        processes.stop(process)
         return
     except BaseException as error:
-        _stop(process)
+        processes.stop(process)
         if process.returncode not in (0, None) and stderr.text():
             queue.close(_dump_failed(what, process.returncode, stderr.text()))  # pg_dump's reason is the real one
         else:
@@ -339,11 +349,3 @@ def _dump_failed(what: str, status: int, stderr: str) -> StepFailed:
     reason = " ".join(stderr.split())[-1500:] or f"exit status {status}"
     return StepFailed(f"{what} failed (exit {status}): {reason}",
                       hint="nothing was stored; fix the cause above (permissions, locks, disk) and run it again")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(OSError):
-            process.kill()
-    with contextlib.suppress(Exception):
-        process.wait(timeout=10)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ops import processes
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
 from ops.secrets import Secret, redact
 
@@ -122,23 +123,18 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     command = [*pg.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
     environment = pg.child_environment(pg.with_database(url, database))
     try:
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, env=environment, bufsize=0)
-    except OSError as error:
-        raise StepFailed(f"cannot start {tool.path}: {error.strerror}",
+        with processes.child_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=environment, bufsize=0) as process:
+            stderr = dump.StderrTail(process.stderr)
+            fetched = fetch.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
+                                            encrypted=manifest.encrypted, on_progress=on_progress,
+                                            abort_sink=process.kill, opened=opened)
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+            status = process.wait()
+    except processes.CannotStart as error:
+        raise StepFailed(f"cannot start {tool.path}: {error}",
                          hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
-    stderr = dump.StderrTail(process.stderr)
-    try:
-        fetched = fetch.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
-                                        encrypted=manifest.encrypted, on_progress=on_progress,
-                                        abort_sink=process.kill, opened=opened)
-        with contextlib.suppress(BrokenPipeError):
-            process.stdin.close()
-        status = process.wait()
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
     found = fetch.differences(manifest.size, manifest.sha256, fetched)
     if found or (fetched.decode_error and not fetched.sink_closed):
         fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched)
