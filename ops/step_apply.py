@@ -39,6 +39,7 @@ class PlannedStep:
     step: Step
     change: Change | None
     parent: str | None = None  # the journal name of the step that runs this one
+    inner: int = 0  # how many steps this one has run: their numbers go on across its calls of run_steps
 
     @property
     def name(self) -> str:
@@ -107,12 +108,14 @@ class Applier:
         """Apply `steps` inside the step being applied: each checked, applied and verified in turn; on any
         failure (an interrupt too: they are not resumed one by one) those applied are undone and the error
         goes on to the parent. Returns each step with its change (None: nothing to do)."""
-        parent = self.active[-1] if self.active else None
+        if not self.active:
+            raise RuntimeError("run_steps is for a step's apply: the runner applies a runbook's own steps")
+        parent = self.active[-1]
         done: list[PlannedStep] = []
         applied: list[PlannedStep] = []
-        for number, step in enumerate(steps, start=1):
-            planned = PlannedStep(f"{parent.index}.{number}" if parent else number, step, None,
-                                  parent.name if parent else None)
+        for step in steps:
+            parent.inner += 1
+            planned = PlannedStep(f"{parent.index}.{parent.inner}", step, None, parent.name)
             try:
                 planned.change = step.check(self.ctx)
                 if planned.change is None:

@@ -275,3 +275,14 @@ def test_one_failure_text_with_or_without_what_to_do():
 def last_journal(env):
     runs = sorted((env.inventory.state_dir / "runs").glob("*.jsonl"))
     return [json.loads(line) for line in runs[-1].read_text().splitlines()]
+
+
+def test_the_steps_of_one_parent_are_numbered_on_across_its_calls(environment):
+    class Twice(Nested):
+        def apply(self, ctx, change):
+            self.outcome = ctx.run_steps(self.inner[:1]) + ctx.run_steps(self.inner[1:])
+
+    store = {}
+    outer = Twice([SetKey(store, "a", 1), SetKey(store, "b", 2)])
+    run(environment(), [outer])
+    assert [p.index for p in outer.outcome] == ["1.1", "1.2"] and store == {"a": 1, "b": 2}
