@@ -19,6 +19,7 @@ from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Inte
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
 from ops.output import Output
 from ops.secrets import redact
+from ops.step_apply import Applier, PlannedStep
 
 if TYPE_CHECKING:
     from ops.hosts import HostConfig, HostConnection
@@ -119,13 +120,6 @@ class Runbook:
         return "\n".join(lines) + "\n"
 
 
-@dataclass
-class PlannedStep:
-    index: int
-    step: Step
-    change: Change | None
-
-
 class RunContext:
     """What steps get: the environment, the run's identity, output, and shared connections."""
 
@@ -139,6 +133,7 @@ class RunContext:
         self._pending: set[str] = set()
         self._closers: list[Callable[[], None]] = []
         self._cache: dict[str, Any] = {}
+        self._applier = Applier(self)
         # The runner copies the journal to the backup bucket at the end; a step that revokes the keys
         # that bucket is opened with copies it itself beforehand and turns this off.
         self.copy_journal = True
@@ -154,6 +149,11 @@ class RunContext:
 
     def log(self, text: str) -> None:
         self.output.info(f"     {text}")
+
+    def run_steps(self, steps: list[Step]) -> list[PlannedStep]:
+        """From a step's apply: apply `steps` as the runner applies its own, journaled as that step's
+        "N.M"; undone on a failure, which goes on to the caller. Each with its change (None: nothing to do)."""
+        return self._applier.run_nested(steps)
 
     def database(self, dbname: str | None = None, *, admin: bool = False) -> Any:
         """An autocommit connection over the direct (or admin) URL, shared by the run's steps."""
@@ -224,7 +224,7 @@ class Runner:
         self.resume = resume
         self.journal = ctx.journal
         self.output = ctx.output
-        self._current: PlannedStep | None = None
+        self.applier = ctx._applier
 
     def run(self, *, dry_run: bool = False) -> RunResult:
         check_confirm_name(self.ctx.env.name, self.confirm)  # before the journal, the locks and the plan
@@ -244,9 +244,9 @@ class Runner:
                 self._apply(plan)
                 return self._finish("succeeded", plan, started)
         except KeyboardInterrupt:
-            current = self._current
+            current = self.applier.active[0] if self.applier.active else None
             if current is not None:
-                self.journal.step(current.index, current.step.name, "failed", reason="interrupted")
+                self.journal.step(current.index, current.name, "failed", reason="interrupted")
             self._finish_failed("interrupted", current.step.name if current else None,
                                 "interrupted by the operator", 130, started)
             raise Interrupted(f"run {self.ctx.run_id} interrupted",
@@ -322,7 +322,7 @@ class Runner:
                 if change is None:
                     self.journal.step(index, step.name, "unchanged")
                     continue
-                self._apply_one(planned, change)
+                self.applier.apply_one(planned, change)
                 applied.append(PlannedStep(index, step, change))
             except (OpsError, Exception) as error:
                 raise self._step_failed(planned, error, applied) from None
@@ -336,30 +336,10 @@ class Runner:
         self.output.info(f"  {planned.index}. {planned.step.title}: already verified in run {self.resume.run_id}")
         return True
 
-    def _apply_one(self, planned: PlannedStep, change: Change) -> None:
-        step, index = planned.step, planned.index
-        self._current = planned
-        self.output.info(f"  {index}. {step.title}: {change.summary} …")
-        self.journal.step(index, step.name, "started", change=change.summary)
-        began = time.monotonic()
-        outputs = step.apply(self.ctx, change) or {}
-        self.ctx.state[step.name] = outputs
-        self.journal.step(index, step.name, "applied", seconds=round(time.monotonic() - began, 3), outputs=outputs)
-        step.verify(self.ctx)
-        self.journal.step(index, step.name, "verified", seconds=round(time.monotonic() - began, 3))
-        self.output.info(f"     done ({time.monotonic() - began:.1f}s)")
-        self._current = None
-
     def _step_failed(self, planned: PlannedStep, error: BaseException, applied: list[PlannedStep]) -> OpsError:
-        if isinstance(error, OpsError):
-            reason = f"{error.where}: {error.message}" if error.where else error.message
-        else:
-            reason = f"{type(error).__name__}: {error}"
-        reason = redact(reason)
+        reason = self.applier.failed(planned, error)
         hint = error.hint if isinstance(error, OpsError) else None
-        self.journal.step(planned.index, planned.step.name, "failed", reason=reason, hint=hint)
-        self.output.info(f"     FAILED: {reason}")
-        undone, kept = self._undo(applied)
+        undone, kept = self.applier.undo(applied)
         message = f"step {planned.index} ({planned.step.title}) failed: {reason}"
         if undone:
             message += f"\n  undone: {', '.join(undone)}"
@@ -372,27 +352,6 @@ class Runner:
         self._finish_failed("failed", planned.step.name, reason, failure.exit_code, self._started)
         failure.journaled = True
         return failure
-
-    def _undo(self, applied: list[PlannedStep]) -> tuple[list[str], list[str]]:
-        """Undo what was applied, newest first: (titles undone, "title (why it stays)" of those kept)."""
-        undone, kept = [], []
-        for planned in reversed(applied):
-            undo = getattr(planned.step, "undo", None)
-            if undo is None:
-                continue
-            try:
-                why_kept = undo(self.ctx, planned.change)
-            except Exception as error:  # keep undoing the rest; report what could not be
-                self.journal.step(planned.index, planned.step.name, "undo_failed", reason=redact(str(error)))
-                self.output.warn(f"could not undo {planned.step.title}: {redact(str(error))}")
-                continue
-            if why_kept:
-                self.journal.step(planned.index, planned.step.name, "kept", reason=redact(why_kept))
-                kept.append(f"{planned.step.title} ({redact(why_kept)})")
-                continue
-            self.journal.step(planned.index, planned.step.name, "undone")
-            undone.append(planned.step.title)
-        return undone, kept
 
     def _journal_header(self, dry_run: bool) -> None:
         env = self.ctx.env

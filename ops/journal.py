@@ -61,7 +61,7 @@ class Journal:
             handle.write(json.dumps(entry, sort_keys=False, default=str) + "\n")
         return entry
 
-    def step(self, index: int, name: str, state: str, **fields: Any) -> dict[str, Any]:
+    def step(self, index: int | str, name: str, state: str, **fields: Any) -> dict[str, Any]:
         return self.write("step", index=index, step=name, state=state, **fields)
 
 

@@ -18,6 +18,7 @@ has nothing to do.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,11 +26,18 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 import runbooks
-from ops import keys
+from ops import archive, keys, pg, restore_db
+from ops.archive import ARCHIVE_DIR, MARKER_KEY, decommission_marker, write_marker
+from ops.backup_manifest import list_backups, read_verifications
 from ops.cli import OpsTask, environment, execute, make_output
+from ops.clock import iso_z_micro, utc_now
 from ops.engine import Change, Runbook, RunContext, Step, check_confirm_name
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, StepFailed
+from ops.journal import new_run_id
 from ops.secrets import mask_identifier, redact, reveal
+from runbooks import backup
+from runbooks.backup import database_name
+from runbooks.backup_verify import VerifyStep
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -40,15 +48,11 @@ FINAL_TAG = "final"
 
 def final_backup(ctx: RunContext) -> Manifest | None:
     """The newest backup tagged final and kept, or None."""
-    from ops.backup_manifest import list_backups
-
     complete, _incomplete = list_backups(ctx.storage("backups"), strict=False)
     return next((m for m in complete if FINAL_TAG in m.tags and m.keep), None)
 
 
 def deep_verified(ctx: RunContext, backup_id: str) -> bool:
-    from ops.backup_manifest import read_verifications
-
     records = read_verifications(ctx.storage("backups"), backup_id)
     return bool(records) and records[-1].get("kind") == "deep" and bool(records[-1].get("ok"))
 
@@ -67,11 +71,8 @@ class FinalBackupStep(Step):
         return Change(f"back up the database as backups/{self.backup_id}/ (tag final, keep)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from runbooks import backup
-        from runbooks.drill import run_steps
-
         steps = backup.build(ctx.env, backup_id=self.backup_id, tags=[FINAL_TAG], keep=True, no_prune=True).steps
-        run_steps(ctx, steps, self.name)
+        ctx.run_steps(steps)
         return {"backup_id": self.backup_id}
 
     def verify(self, ctx: RunContext) -> None:
@@ -93,12 +94,10 @@ class VerifyFinalStep(Step):
         return Change(f"deep-verify {manifest.id if manifest else 'the final backup'}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from runbooks.backup_verify import VerifyStep
-
         manifest = final_backup(ctx)
         if manifest is None:
             raise StepFailed("there is no final backup to verify", hint="run the decommission again")
-        VerifyStep(manifest.id, True, self.identity).apply(ctx, change)
+        ctx.run_steps([VerifyStep(manifest.id, True, self.identity)])
         return {"backup_id": manifest.id}
 
 
@@ -110,8 +109,6 @@ class ArchiveStep(Step):
                       "and journals, as one tarball with its sha256 and listing, uploaded under archive/")
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.archive import ARCHIVE_DIR
-
         if any(info.key.endswith(".tar.gz") for info in ctx.storage("backups").list(ARCHIVE_DIR)):
             return None
         repository = ctx.env.value("app.repository", None)
@@ -120,8 +117,6 @@ class ArchiveStep(Step):
             f"{ctx.storage('backups').describe()}: {ARCHIVE_DIR}{ctx.run_id}/"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import archive
-
         members = self.members(ctx)
         path = ctx.env.inventory.state_dir / "archive" / f"{ctx.env.name}-{ctx.run_id}.tar.gz"
         sha256, size = archive.write_tarball(members, path)
@@ -140,8 +135,6 @@ class ArchiveStep(Step):
                 "members": [member.name for member in members]}
 
     def members(self, ctx: RunContext) -> list[Any]:
-        from ops import archive
-
         env, storage = ctx.env, ctx.storage("backups")
         found = [*archive.runbook_members(runbooks.checklists(env)), archive.inventory_member(env)]
         repository = env.value("app.repository", None)
@@ -167,8 +160,6 @@ class ArchiveStep(Step):
 
 
 def _drill_of(path: Any, env_name: str) -> bool:
-    import json
-
     report = path.parent / "report.json"
     try:
         return json.loads(report.read_text()).get("source_env") == env_name
@@ -184,16 +175,12 @@ class DropDatabaseStep(Step):
         self.title = f"drop the database {database} (only once the final backup is deep-verified)"
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops import pg, restore_db
-
         with restore_db.maintenance_connection(ctx.env.admin_url(), ctx.label) as connection:
             if not pg.database_exists(connection, self.database):
                 return None
         return Change(f"DROP DATABASE {self.database}", ["its final backup stays, kept forever"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import pg, restore_db
-
         manifest = final_backup(ctx)
         if manifest is None or not deep_verified(ctx, manifest.id):
             raise CheckFailed(f"{self.database} is not dropped: its final backup is not deep-verified",
@@ -207,29 +194,20 @@ class MarkStep(Step):
     name = "mark"
 
     def __init__(self, env: Environment):
-        from ops.archive import MARKER_KEY
-
         self.title = (f"mark {env.name} decommissioned: .ops/decommissioned/{env.name}.json and {MARKER_KEY} in its "
                       "backups storage (later runs refuse it)")
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.archive import MARKER_KEY, decommission_marker
-
         local = decommission_marker(ctx.env.inventory.state_dir, ctx.env.name)
         if local is not None and ctx.storage("backups").head(MARKER_KEY) is not None:
             return None
         return Change(f"record that {ctx.env.name} is decommissioned")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        import json
-
-        from ops.archive import MARKER_KEY, write_marker
-        from ops.clock import iso_z_micro, utc_now
-
         manifest = final_backup(ctx)
-        archive = (ctx.state.get("archive") or {}).get("key") or _stored_archive(ctx)
+        archived = (ctx.state.get("archive") or {}).get("key") or _stored_archive(ctx)
         record = {"env": ctx.env.name, "at": iso_z_micro(utc_now()), "operator": ctx.operator, "run_id": ctx.run_id,
-                  "final_backup": manifest.id if manifest else None, "archive": archive}
+                  "final_backup": manifest.id if manifest else None, "archive": archived}
         ctx.storage("backups").put_bytes(MARKER_KEY, json.dumps(record, indent=2).encode(),
                                          content_type="application/json")
         path = write_marker(ctx.env.inventory.state_dir, ctx.env.name, record)
@@ -238,8 +216,6 @@ class MarkStep(Step):
 
 
 def _stored_archive(ctx: RunContext) -> str | None:
-    from ops.archive import ARCHIVE_DIR
-
     archives = [info.key for info in ctx.storage("backups").list(ARCHIVE_DIR) if info.key.endswith(".tar.gz")]
     return archives[-1] if archives else None
 
@@ -346,8 +322,6 @@ class RevokeKeysStep(Step):
 def record_revoked(ctx: RunContext, revoked: list[str]) -> None:
     """The local marker notes that the keys are revoked: the decommission is finished (and its bucket may now
     refuse every key this machine has, so a later run has nothing it could check)."""
-    from ops.archive import decommission_marker, write_marker
-
     state_dir = ctx.env.inventory.state_dir
     marker = decommission_marker(state_dir, ctx.env.name) or {"env": ctx.env.name}
     write_marker(state_dir, ctx.env.name, {**marker, "keys_revoked": revoked, "finished_by": ctx.run_id})
@@ -355,16 +329,11 @@ def record_revoked(ctx: RunContext, revoked: list[str]) -> None:
 
 def finished(env: Environment) -> dict[str, Any] | None:
     """The local marker of a decommission that ran to its end (keys revoked), else None."""
-    from ops.archive import decommission_marker
-
     marker = decommission_marker(env.inventory.state_dir, env.name)
     return marker if marker and "keys_revoked" in marker else None
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    from ops.journal import new_run_id
-    from runbooks.backup import database_name
-
     backup_id = arguments.setdefault("backup_id", new_run_id())
     steps: list[Step] = [FinalBackupStep(backup_id), VerifyFinalStep(arguments.get("identity")), ArchiveStep(env)]
     if arguments.get("drop_database"):

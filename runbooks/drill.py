@@ -25,17 +25,25 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
+from ops import drills, image_sample
 from ops.cli import OpsTask, environment, execute, make_output
-from ops.drills import RTO_UNTIL_READY, NotApplicable
+from ops.clock import iso_z, utc_now
+from ops.drills import RTO_UNTIL_READY, NotApplicable, StepResult, duration_text
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.inventory import plain
+from ops.migrations import environment_status
 from ops.secrets import redact
+from ops.step_apply import failure_text
+from ops.storage import open_storage
+from runbooks import restore
+from runbooks.deploy import health_gate, push_env_steps, restart_step
+from runbooks.migrate import migrate_steps
 
 if TYPE_CHECKING:
     from datetime import datetime
 
     from ops.backup_manifest import Manifest
-    from ops.drills import StepResult
     from ops.inventory import Environment
     from runbooks.restore import Plan
 
@@ -61,8 +69,6 @@ class Session:
 
     def begin(self) -> None:
         if self._started is None:
-            from ops.clock import utc_now
-
             self.started_at, self._started = utc_now(), time.monotonic()
 
     def elapsed(self) -> float:
@@ -73,52 +79,8 @@ class Session:
         return result is not None and result.passed
 
     def target_value(self, name: str) -> float | None:
-        from ops.inventory import plain
-
         value = plain(self.source.value(f"targets.{name}", None))
         return float(value) if value is not None else None
-
-
-def run_steps(ctx: RunContext, steps: list[Step], parent: str) -> list[str]:
-    """Composed steps applied as the Runner would (check again, apply, verify); undone in reverse on failure."""
-    applied: list[tuple[Step, Change]] = []
-    lines = []
-    for step in steps:
-        change = step.check(ctx)
-        if change is None:
-            lines.append(f"{step.title}: nothing to do")
-            continue
-        ctx.log(f"{step.title}: {change.summary}")
-        ctx.journal.write("inner", parent=parent, step=step.name, state="started", change=change.summary)
-        try:
-            ctx.state[step.name] = step.apply(ctx, change) or {}
-            step.verify(ctx)
-        except BaseException as error:
-            ctx.journal.write("inner", parent=parent, step=step.name, state="failed", reason=redact(error))
-            _undo(ctx, applied)
-            raise
-        ctx.journal.write("inner", parent=parent, step=step.name, state="verified")
-        applied.append((step, change))
-        lines.append(f"{step.title}: {change.summary}")
-    return lines
-
-
-def _undo(ctx: RunContext, applied: list[tuple[Step, Change]]) -> None:
-    for step, change in reversed(applied):
-        undo = getattr(step, "undo", None)
-        if undo is None:
-            continue
-        try:
-            undo(ctx, change)
-        except Exception as error:  # keep undoing the rest
-            ctx.output.warn(f"could not undo {step.title}: {redact(error)}")
-
-
-def _failure_text(error: BaseException) -> str:
-    if isinstance(error, OpsError):
-        text = f"{error.where}: {error.message}" if error.where else error.message
-        return redact(text + (f" (what to do: {error.hint})" if error.hint else ""))
-    return redact(f"{type(error).__name__}: {error}")
 
 
 # --- the checks ---------------------------------------------------------------------------------
@@ -149,23 +111,22 @@ class DrillCheck(Step):
         raise NotImplementedError
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.drills import FAILED, NOT_APPLICABLE, PASSED, SKIPPED, StepResult
-
         self.session.begin()
         began = time.monotonic()
         blocked = [name for name in self.needs if not self.session.passed(name)]
         if blocked:
-            result = StepResult(self.name, SKIPPED, 0.0, f"not run: {', '.join(blocked)} did not pass")
+            result = StepResult(self.name, drills.SKIPPED, 0.0, f"not run: {', '.join(blocked)} did not pass")
         else:
             try:
-                result = StepResult(self.name, PASSED, 0.0, self.run(ctx))
+                result = StepResult(self.name, drills.PASSED, 0.0, self.run(ctx))
             except NotApplicable as reason:
-                result = StepResult(self.name, NOT_APPLICABLE, 0.0, str(reason))
+                result = StepResult(self.name, drills.NOT_APPLICABLE, 0.0, str(reason))
             except (OpsError, Exception) as error:
-                result = StepResult(self.name, FAILED, 0.0, _failure_text(error))
+                result = StepResult(self.name, drills.FAILED, 0.0, failure_text(error, with_hint=True))
         result.seconds = time.monotonic() - began
         self.session.results[self.name] = result
-        ctx.log(result.detail if result.status == NOT_APPLICABLE else f"{result.status.upper()}: {result.detail}")
+        shown = result.detail if result.status == drills.NOT_APPLICABLE else f"{result.status.upper()}: {result.detail}"
+        ctx.log(shown)
         return result.to_json()
 
     def verify(self, ctx: RunContext) -> None:
@@ -178,8 +139,6 @@ class RestoreCheck(DrillCheck):
 
     def __init__(self, session: Session):
         super().__init__(session)
-        from runbooks import restore
-
         runbook = restore.build(session.target, source=session.source.name, backup=session.backup)
         self.steps = runbook.steps
         self.session.restore_plan = self.steps[0].plan
@@ -194,7 +153,7 @@ class RestoreCheck(DrillCheck):
     def run(self, ctx: RunContext) -> str:
         plan = self.session.restore_plan
         self.session.manifest = plan.manifest(ctx)
-        run_steps(ctx, self.steps, self.name)
+        ctx.run_steps(self.steps)
         loaded = ctx.state.get("load") or {}
         manifest = self.session.manifest
         return (f"backup {manifest.id} (taken {manifest.started_at}): sha256 matches; {loaded.get('tables')} "
@@ -208,9 +167,6 @@ class MigrationsCheck(DrillCheck):
     summary = "compare the restored database's migrations with the repository's"
 
     def run(self, ctx: RunContext) -> str:
-        from ops.migrations import environment_status
-        from runbooks.migrate import migrate_steps
-
         database = self.session.restore_plan.database  # the restored copy, whatever the app's URL says
         state = environment_status(ctx.env, dbname=database)
         self._refuse_unsafe(state)
@@ -218,7 +174,7 @@ class MigrationsCheck(DrillCheck):
             return (f"up to date: {len(state.applied)} migrations applied, as in the repository; "
                     "applying them is a no-op")
         pending = list(state.pending)
-        run_steps(ctx, migrate_steps(ctx.env, backup=False, dbname=database), self.name)
+        ctx.run_steps(migrate_steps(ctx.env, backup=False, dbname=database))
         after = environment_status(ctx.env, dbname=database)
         if not after.up_to_date:
             raise CheckFailed(f"after applying, migrate.status says: {after.verdict}")
@@ -256,19 +212,17 @@ class StagingCheck(DrillCheck):
                 "(the RTO ends when the restored database is migrated)")
 
     def run(self, ctx: RunContext) -> str:
-        from runbooks.deploy import health_gate, push_env_steps, restart_step
-
         hosts = ctx.env.host_configs()
         if not hosts:
             self.session.ready_after = self.session.elapsed()
             raise NotApplicable(self._no_hosts(ctx))
-        pushed = run_steps(ctx, push_env_steps(ctx.env), self.name)
-        run_steps(ctx, [restart_step(ctx.env, always=True)], self.name)
+        pushed = ctx.run_steps(push_env_steps(ctx.env))
+        ctx.run_steps([restart_step(ctx.env, always=True)])
         timeout = float(ctx.env.value("app.health_timeout", DEFAULT_HEALTH_TIMEOUT))
         for host in hosts:
             health_gate(ctx.env, host, timeout)
         self.session.ready_after = self.session.elapsed()
-        changed = sum(1 for line in pushed if not line.endswith("nothing to do"))
+        changed = sum(1 for planned in pushed if planned.change is not None)
         return (f"env file {'pushed to ' + str(changed) + ' host(s)' if changed else 'unchanged'}; restarted "
                 f"{', '.join(host.name for host in hosts)}; health and ready URLs answer 200")
 
@@ -287,16 +241,11 @@ class ImagesCheck(DrillCheck):
         self.title = f"a random sample of {self.sample} stored images of {session.source.name} answers through {where}"
 
     def plan(self, ctx: RunContext) -> list[str]:
-        from ops.storage import open_storage
-
         storage = open_storage(self.session.source.storage_config("storage"))
         origin = "keys from the restored database (drill.images_query)" if self.query else "keys from the bucket"
         return [f"{storage.describe()}; {origin}"]
 
     def run(self, ctx: RunContext) -> str:
-        from ops import image_sample
-        from ops.storage import open_storage
-
         storage = open_storage(self.session.source.storage_config("storage"))
         if self.query:
             # A connection of its own: the restore's swap ended every session opened before it.
@@ -343,8 +292,6 @@ class ObjectiveCheck(DrillCheck):
         return getattr(plan, "_manifest", None) if plan is not None else None
 
     def run(self, ctx: RunContext) -> str:
-        from ops.drills import duration_text
-
         value = self.measured()
         if value is None:
             cause = "staging never became ready" if self.name == "rto" else "no backup could be chosen"
@@ -368,8 +315,6 @@ class ReportStep(Step):
         return Change("write and upload the drill report")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import drills
-
         report = self.report(ctx)
         markdown = drills.render_markdown(report)
         folder = drills.save_report(ctx.env.inventory.state_dir, report, markdown)
@@ -386,9 +331,6 @@ class ReportStep(Step):
         """apply raised when a check failed; the report is written either way."""
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
-        from ops.clock import iso_z, utc_now
-        from ops.drills import DrillReport
-
         session = self.session
         manifest = session.manifest or (session.restore_plan and getattr(session.restore_plan, "_manifest", None))
         results = [session.results[step] for step in ("restore", "migrations", "staging", "images", "rto", "rpo")
@@ -397,7 +339,7 @@ class ReportStep(Step):
         started = session.started_at or utc_now()
         if manifest is not None:
             rpo = max((started - manifest.finished).total_seconds(), 0.0)
-        return DrillReport(
+        return drills.DrillReport(
             id=ctx.run_id, source_env=session.source.name, target_env=session.target.name, operator=ctx.operator,
             started_at=iso_z(started), finished_at=iso_z(utc_now()), backup_id=manifest.id if manifest else None,
             rto_seconds=session.ready_after, rpo_seconds=rpo, rto_until=session.rto_until,
@@ -406,9 +348,6 @@ class ReportStep(Step):
             steps=results).to_json()
 
     def _upload(self, ctx: RunContext, report: dict[str, Any], markdown: str) -> list[str]:
-        from ops import drills
-        from ops.storage import open_storage
-
         try:
             return drills.upload_report(open_storage(self.session.source.storage_config("backups")), report, markdown)
         except OpsError as error:
@@ -470,29 +409,24 @@ def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None
 @task(klass=OpsTask, help=dict(env="the source environment whose drills to list"))
 def history(c, env=None, json=False):
     """Past drills of an environment, newest first: result, target, backup, RTO and RPO."""
-    from ops.drills import duration_text, list_drills
-
     output = make_output(json)
     source = environment(env, output=output, allow_decommissioned=True)
-    drills = list_drills(source)
+    found = drills.list_drills(source)
     output.table(["id", "started", "target", "result", "backup", "RTO", "RPO"], [
         [d["id"], d.get("started_at"), d.get("target_env"), "passed" if d.get("passed") else "FAILED",
          d.get("backup_id") or "-", duration_text(d.get("rto_seconds")), duration_text(d.get("rpo_seconds"))]
-        for d in drills])
-    if not drills:
+        for d in found])
+    if not found:
         output.info(f"no drill of {source.name} on record")
-    output.result({"env": source.name, "drills": drills})
+    output.result({"env": source.name, "drills": found})
 
 
 @task(klass=OpsTask, help=dict(env="the source environment"))
 def due(c, env=None, json=False):
     """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
-    from ops.clock import iso_z
-    from ops.drills import drill_due
-
     output = make_output(json)
     source = environment(env, output=output, allow_decommissioned=True)
-    status = drill_due(source)
+    status = drills.drill_due(source)
     last = status.last_passed
     if status.done_this_quarter and last:
         output.info(f"{status.quarter}: done — drill {last['id']} into {last.get('target_env')} passed")

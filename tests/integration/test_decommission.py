@@ -6,14 +6,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import subprocess
 import tarfile
 from typing import Any
 
+import psycopg
 import pytest
 
 from ops.secrets import Secret
-from tests.cli import Opsbook
+from tests.cli import Opsbook, wait_for
 from tests.fixtures.provision import iam_keys
 from tests.fixtures.s3 import refused
 from tests.fixtures.secrets import stored
@@ -120,6 +122,10 @@ def test_decommission_after_provisioning_revokes_the_store_and_inventory_keys(op
     journal = opsbook.journal(run_id)
     assert journal[-1]["status"] == "succeeded"
     assert any(e.get("step") == "revoke-keys" and e.get("state") == "verified" for e in journal)
+    inner = [(e["index"], e["step"], e["state"]) for e in journal if e["event"] == "step" and "/" in e["step"]]
+    assert ("1.1", "final-backup/dump", "verified") in inner and ("2.1", "verify-final/verify", "verified") in inner
+    shown = opsbook.run("runs.show", run_id)
+    assert shown.exit_code == 0 and "1.1. final-backup/dump: verified" in shown.stderr, shown
     assert "warning" not in done.stderr, done  # the journal's copy went to the bucket before its key was revoked
     auditor = s3_server.client(access_key_id=fresh["auditor"][0], secret_access_key=fresh["auditor"][1])
     assert auditor.head_object(Bucket=fresh["backups"], Key=f"staging/audit/{run_id}.jsonl")
@@ -130,3 +136,41 @@ def test_decommission_after_provisioning_revokes_the_store_and_inventory_keys(op
     assert again.exit_code == 0 and "nothing to do" in again.stderr, again
     produced = opsbook.everything_produced()
     assert not any(secret in produced for secret in [*fresh["secrets"], app_key[1].reveal()])
+
+
+def test_an_interrupted_final_backup_is_journaled_like_any_step_and_the_run_resumes(
+        opsbook, old_env, s3_server):
+    """Ctrl-C while the final backup's pg_dump waits for a table lock: exit 130, the backup's dump step and the
+    final-backup step both journaled "interrupted", and `inv runs.resume ID` finishes the decommission."""
+    url = opsbook.environ["OLD_DB"]
+    blocker = psycopg.connect(url)
+    blocker.execute('LOCK TABLE "Brand" IN ACCESS EXCLUSIVE MODE')  # pg_dump waits for it: a pause in the dump
+    process = opsbook.start("decommission", "--env", "old", "--confirm", "old")
+    try:
+        wait_for(lambda: process.poll() is not None or (opsbook.journals() and any(
+            e.get("step") == "final-backup/dump" and e.get("state") == "started"
+            for e in opsbook.journal(opsbook.latest_run_id()))), timeout=60, what="the final backup's dump")
+        assert process.poll() is None, opsbook.collect(process)
+        process.send_signal(signal.SIGINT)
+        result = opsbook.collect(process, timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        blocker.rollback()
+        blocker.close()
+    assert result.exit_code == 130 and "Traceback" not in result.output and "runs.resume" in result.stderr, result
+    run_id = opsbook.latest_run_id()
+    journal = opsbook.journal(run_id)
+    failed = [(e["index"], e["step"]) for e in journal
+              if (e.get("state"), e.get("reason")) == ("failed", "interrupted")]
+    assert failed == [("1.1", "final-backup/dump"), (1, "final-backup")], journal
+    assert (journal[-1]["status"], journal[-1]["exit_code"], journal[-1]["stopped_at"]) == (
+        "interrupted", 130, "final-backup")
+    shown = opsbook.run("runs.show", run_id)
+    assert "1.1. final-backup/dump: failed — interrupted" in shown.stderr, shown
+
+    resumed = opsbook.run("runs.resume", run_id, "--json")
+    assert resumed.exit_code == 0 and resumed.json()["status"] == "succeeded", resumed
+    assert s3_server.client("iam").list_access_keys(UserName=old_env["user"])["AccessKeyMetadata"] == []
+    assert opsbook.run("backup", "--env", "old").exit_code == 2  # decommissioned

@@ -111,6 +111,10 @@ def test_a_full_drill_passes_and_leaves_its_evidence(drill_setup):
     assert report["source_env"] == "prod" and report["target_env"] == "staging" and report["operator"] == "tester"
     assert 0 < report["rto_seconds"] < 600 and report["rpo_seconds"] >= 0
     assert report["finished_at"].endswith("Z") and report["targets"] == {"rto_minutes": 10.0, "rpo_hours": 24.0}
+    steps = [(e["index"], e["step"], e["state"]) for e in workspace.journal(result.json()["run_id"])
+             if e["event"] == "step"]
+    assert ("3.2", "staging/restart", "verified") in steps and (3, "staging", "verified") in steps
+    assert any(step.startswith("restore/") and index.startswith("1.") for index, step, _ in steps)
     folder = workspace.state_dir / "drills" / report["id"]
     markdown = (folder / "report.md").read_text()
     assert "PASSED" in markdown and drill_setup["backup"]["backup_id"] in markdown
@@ -144,6 +148,8 @@ def test_a_corrupt_backup_fails_the_drill_and_says_so(drill_setup):
     assert statuses(report) == {"restore": "failed", "migrations": "skipped", "staging": "skipped",
                                 "images": "skipped", "rto": "failed", "rpo": "passed"}
     assert "damaged" in report["failures"][0] and "sha256" in report["failures"][0]
+    [failed] = [e for e in workspace.journal(report["id"]) if e.get("state") == "failed" and "/" in e["step"]]
+    assert failed["step"].startswith("restore/") and "sha256" in failed["reason"], failed
     assert "never became ready" in " ".join(report["failures"])
 
 

@@ -7,8 +7,9 @@ import pytest
 
 from ops import inventory
 from ops.engine import Change, Runbook, RunContext, Runner, Step
-from ops.errors import CheckFailed, ConfirmationRequired, StepFailed
+from ops.errors import CheckFailed, ConfirmationRequired, Interrupted, StepFailed
 from ops.output import Output
+from ops.step_apply import failure_text
 
 
 class SetKey(Step):
@@ -173,3 +174,115 @@ def test_a_wrapped_step_is_undone_only_when_the_step_it_wraps_can_be(environment
     assert store == {"b": 2}  # a undone through its wrapper; b has nothing to undo it with
     assert "undone: set a" in str(raised.value) and "set b, wrapped" not in str(raised.value).split("undone:")[1]
     assert steps[1].checklist_line() == "set b, wrapped" and steps[0].checklist_line() == "set a"
+
+
+class Nested(Step):
+    """A step whose apply runs steps of its own through the context, as the drill's and decommission's do."""
+
+    name = "outer"
+    title = "run the inner steps"
+
+    def __init__(self, inner, catch=False):
+        self.inner, self.catch, self.outcome = inner, catch, None
+
+    def check(self, ctx):
+        return Change("run the inner steps")
+
+    def apply(self, ctx, change):
+        try:
+            self.outcome = ctx.run_steps(self.inner)
+        except StepFailed as error:
+            if not self.catch:
+                raise
+            self.outcome = error
+        return {"ran": len(self.inner)}
+
+    def verify(self, ctx):
+        pass
+
+
+def step_entries(ctx):
+    return [(e["index"], e["step"], e["state"]) for e in journal(ctx) if e["event"] == "step"]
+
+
+def test_inner_steps_are_applied_and_journaled_as_steps_of_their_parent(environment):
+    store = {"b": 2}
+    outer = Nested([SetKey(store, "a", 1), SetKey(store, "b", 2)])
+    result, output, ctx = run(environment(), [SetKey(store, "z", 0), outer])
+    assert result.status == "succeeded" and store == {"a": 1, "b": 2, "z": 0}
+    assert [(p.index, p.change is not None) for p in outer.outcome] == [("2.1", True), ("2.2", False)]
+    assert step_entries(ctx)[-7:] == [
+        (2, "outer", "started"), ("2.1", "outer/set-a", "started"), ("2.1", "outer/set-a", "applied"),
+        ("2.1", "outer/set-a", "verified"), ("2.2", "outer/set-b", "unchanged"), (2, "outer", "applied"),
+        (2, "outer", "verified")]
+    assert ctx.state["set-a"] == {"key": "a"}  # inner steps find each other's outputs by their own names
+    assert "     2.1. set a: set a to 1 …" in output.splitlines()
+
+
+def test_an_inner_failure_undoes_the_inner_steps_then_fails_the_parent(environment):
+    store = {}
+    outer = Nested([SetKey(store, "a", 1), SetKey(store, "b", 2, fail=True)])
+    with pytest.raises(StepFailed) as raised:
+        run(environment(), [SetKey(store, "z", 0), outer])
+    assert store == {}  # a undone by the inner run, z by the runner
+    message = str(raised.value)
+    assert "step 2 (run the inner steps) failed: cannot set b" in message and "undone: set z" in message
+    assert message.count("what to do: fix the thing") == 1
+    entries = [e for e in last_journal(environment()) if e["event"] == "step"]
+    assert [(e["index"], e["step"], e["state"]) for e in entries[-5:]] == [
+        ("2.2", "outer/set-b", "started"), ("2.2", "outer/set-b", "failed"), ("2.1", "outer/set-a", "undone"),
+        (2, "outer", "failed"), (1, "set-z", "undone")]
+    assert (entries[-4]["reason"], entries[-4]["hint"]) == ("cannot set b", "fix the thing")
+    assert entries[-2]["reason"] == "cannot set b"
+
+
+def test_a_parent_that_handles_an_inner_failure_goes_on(environment):
+    store = {}
+    outer = Nested([SetKey(store, "a", 1), SetKey(store, "b", 2, fail=True)], catch=True)
+    result, _, ctx = run(environment(), [outer, SetKey(store, "c", 3)])
+    assert result.status == "succeeded" and store == {"c": 3}
+    assert isinstance(outer.outcome, StepFailed)
+    assert step_entries(ctx)[-8:] == [
+        ("1.2", "outer/set-b", "started"), ("1.2", "outer/set-b", "failed"), ("1.1", "outer/set-a", "undone"),
+        (1, "outer", "applied"), (1, "outer", "verified"), (2, "set-c", "started"), (2, "set-c", "applied"),
+        (2, "set-c", "verified")]
+
+
+def test_an_interrupt_in_an_inner_step_stops_the_run_at_its_parent(environment):
+    class Interrupts(SetKey):
+        def apply(self, ctx, change):
+            raise KeyboardInterrupt
+
+    store = {}
+    with pytest.raises(Interrupted) as raised:
+        run(environment(), [Nested([SetKey(store, "a", 1), Interrupts(store, "b", 2)]), SetKey(store, "c", 3)])
+    assert raised.value.exit_code == 130 and "runs.resume" in raised.value.hint
+    assert store == {}  # the inner steps are undone: a resume applies their parent again
+    entries = last_journal(environment())
+    assert [(e["index"], e["step"], e["state"], e.get("reason")) for e in entries[-5:-1]] == [
+        ("1.2", "outer/set-b", "started", None), ("1.2", "outer/set-b", "failed", "interrupted"),
+        ("1.1", "outer/set-a", "undone", None), (1, "outer", "failed", "interrupted")]
+    assert (entries[-1]["status"], entries[-1]["exit_code"], entries[-1]["stopped_at"]) == ("interrupted", 130, "outer")
+
+
+def test_one_failure_text_with_or_without_what_to_do():
+    error = StepFailed("the dump stopped", where="db.example", hint="look at the server log")
+    assert failure_text(error) == "db.example: the dump stopped"
+    assert failure_text(error, with_hint=True) == "db.example: the dump stopped (what to do: look at the server log)"
+    assert failure_text(ValueError("bad value")) == "ValueError: bad value"
+
+
+def last_journal(env):
+    runs = sorted((env.inventory.state_dir / "runs").glob("*.jsonl"))
+    return [json.loads(line) for line in runs[-1].read_text().splitlines()]
+
+
+def test_the_steps_of_one_parent_are_numbered_on_across_its_calls(environment):
+    class Twice(Nested):
+        def apply(self, ctx, change):
+            self.outcome = ctx.run_steps(self.inner[:1]) + ctx.run_steps(self.inner[1:])
+
+    store = {}
+    outer = Twice([SetKey(store, "a", 1), SetKey(store, "b", 2)])
+    run(environment(), [outer])
+    assert [p.index for p in outer.outcome] == ["1.1", "1.2"] and store == {"a": 1, "b": 2}

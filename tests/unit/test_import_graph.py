@@ -23,7 +23,6 @@ ALLOWED_RUNBOOK_EDGES = {
     ("runbooks.backup", "runbooks.backup_verify"),
     ("runbooks.decommission", "runbooks.backup"),
     ("runbooks.decommission", "runbooks.backup_verify"),
-    ("runbooks.decommission", "runbooks.drill"),
     ("runbooks.drill", "runbooks.deploy"),
     ("runbooks.drill", "runbooks.migrate"),
     ("runbooks.drill", "runbooks.restore"),
