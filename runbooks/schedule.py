@@ -39,6 +39,10 @@ def show(c, env=None, format=None, out=None, json=False):
                          hint="e.g. `inv schedule.show --env prod --format systemd`")
     output = make_output(json)
     environment = load_inventory().environment(env)  # nothing is started or connected to: this only renders
+    if environment.decommissioned:
+        raise UsageError(f"environment {environment.name} is decommissioned: it has nothing to schedule",
+                         where=environment.inventory.location(f"envs.{environment.name}"),
+                         hint="remove its units, CronJobs or crontab lines where they were installed")
     schedule = plan(environment, output)
     refuse_confirmation_prompts(environment, schedule)
     files = render(environment, schedule, format)

@@ -114,8 +114,9 @@ def test_the_jobs_follow_the_schedule_section(example: Opsbook, tmp_path: Path) 
     timer = ini((out / "opsbook-staging-backup-verify.timer").read_text())
     assert timer["OnCalendar"] == ["Wed *-*-* 23:50:00 UTC"] and timer["RandomizedDelaySec"] == ["20min"]
 
-    [verify] = [job for job in listed(example, "staging", "cron")["jobs"] if job["task"] == "backup.verify"]
-    line = next(line for line in cron_lines(example, "staging") if " backup.verify " in line)
+    text, jobs = crontab(example, "staging")
+    [verify] = [job for job in jobs if job["task"] == "backup.verify"]
+    line = next(line for line in cron_lines(text) if " backup.verify " in line)
     minute, hour, _, _, weekday = line.split()[:5]
     start = 23 * 60 + 50 + verify["offset_minutes"]  # past midnight, the weekly run moves to Thursday
     assert 0 <= verify["offset_minutes"] <= 20
@@ -160,6 +161,15 @@ def test_every_kubernetes_manifest_validates_against_the_api_schemas(example: Op
     assert staging.exit_code == 2 and "envs.staging.schedule.kubernetes.image: required" in staging.stderr
 
 
+def test_a_decommissioned_environment_has_nothing_to_schedule(example: Opsbook) -> None:
+    data = yaml.safe_load(example.inventory.read_text())
+    data["envs"]["staging"]["decommissioned"] = True
+    example.write_inventory(data)
+    result = example.run("schedule.show", "--env", "staging", "--format", "cron")
+    assert result.exit_code == 2 and "staging is decommissioned: it has nothing to schedule" in result.stderr, result
+    assert result.stdout == ""
+
+
 def test_an_inventory_with_an_inline_secret_is_not_put_in_a_config_map(example: Opsbook) -> None:
     data = yaml.safe_load(example.inventory.read_text())
     data["envs"]["prod"]["notify"] = [{"kind": "smtp", "host": "mail.example", "port": 587, "from": "a@example",
@@ -171,19 +181,25 @@ def test_an_inventory_with_an_inline_secret_is_not_put_in_a_config_map(example: 
     assert "hunter2-inline" not in result.output and "Traceback" not in result.output
 
 
-def cron_lines(opsbook: Opsbook, env: str) -> list[str]:
-    result = opsbook.run("schedule.show", "--env", env, "--format", "cron")
-    assert result.exit_code == 0, result
-    return [line for line in result.stdout.splitlines()
+def crontab(opsbook: Opsbook, env: str) -> tuple[str, list[dict[str, Any]]]:
+    """The crontab as printed (--json carries the files it prints without --json) and the jobs."""
+    listing = listed(opsbook, env, "cron")
+    [text] = listing["files"].values()
+    return text, listing["jobs"]
+
+
+def cron_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines()
             if line.strip() and not line.startswith("#") and not re.match(r"^[A-Z_]+=", line)]
 
 
 def test_the_crontab_parses_five_fields_and_a_command(example: Opsbook) -> None:
-    result = example.run("schedule.show", "--env", "prod", "--format", "cron")
-    assert result.exit_code == 0, result
-    assert "MAILTO=ops@acme.example" in result.stdout.splitlines() and "CRON_TZ=UTC" in result.stdout
-    jobs = listed(example, "prod", "cron")["jobs"]
-    lines = cron_lines(example, "prod")
+    printed = example.run("schedule.show", "--env", "prod", "--format", "cron")
+    assert printed.exit_code == 0, printed
+    text, jobs = crontab(example, "prod")
+    assert printed.stdout == text, "the same crontab on every render: its jitter is fixed"
+    assert "MAILTO=ops@acme.example" in text.splitlines() and "CRON_TZ=UTC" in text
+    lines = cron_lines(text)
     assert len(lines) == len(jobs) == len(ALL_UNITS)
     ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
     for line, job in zip(lines, jobs, strict=True):
@@ -195,8 +211,7 @@ def test_the_crontab_parses_five_fields_and_a_command(example: Opsbook) -> None:
         assert command.startswith("set -a && . /etc/opsbook/prod.env && set +a && ")
         assert command.endswith(shlex.join(["timeout", f"{job['timeout_minutes']}m", *job["command"]]))
         assert "flock" not in command and "%" not in command
-    assert lines == cron_lines(example, "prod"), "the jitter must be the same on every render"
-    assert "MAILTO" not in example.run("schedule.show", "--env", "staging", "--format", "cron").stdout
+    assert "MAILTO" not in crontab(example, "staging")[0]
 
 
 def test_the_scheduled_command_lines_run_on_a_protected_environment_without_confirmation(
