@@ -51,8 +51,8 @@ class Job:
 
     @property
     def when(self) -> str:
-        return f"{'daily' if self.day == 'daily' else 'weekly, ' + self.day} at {self.minute // 60:02d}:" \
-               f"{self.minute % 60:02d} UTC"
+        days = "daily" if self.day == "daily" else f"every {self.day.capitalize()}"
+        return f"{days} at {self.minute // 60:02d}:{self.minute % 60:02d} UTC"
 
 
 @dataclass(frozen=True)

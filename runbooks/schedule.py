@@ -46,6 +46,8 @@ def show(c, env=None, format=None, out=None, json=False):
     schedule = plan(environment, output)
     refuse_confirmation_prompts(environment, schedule)
     files = render(environment, schedule, format)
+    output.info(f"{len(schedule.jobs)} job(s) of {environment.name}: "
+                + "; ".join(f"{job.task} {job.when}" for job in schedule.jobs))
     for key, reason in schedule.skipped:
         output.info(f"not scheduled: {key} ({reason})")
     written = write(Path(out), files, output) if out else None
