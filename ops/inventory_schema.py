@@ -86,6 +86,40 @@ NOTIFY = _object({
 TARGETS = _object({"rpo_hours": {"type": "number", "exclusiveMinimum": 0},
                    "rto_minutes": {"type": "number", "exclusiveMinimum": 0}})
 
+_K8S_NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+
+# `inv schedule.show`: the jobs an environment needs, when each runs (UTC), what each scheduler needs.
+# Each job's defaults (jitter and timeout in minutes). backup runs `backup`; verify `backup.verify --latest
+# --deep`; assets `backup.assets`, only where the environment has `storage` (an app bucket); checks runs
+# `drill.due`, `keys.status` and `backup.check`, one unit (CronJob, crontab line) each.
+SCHEDULE_JOBS = {
+    "backup": {"enabled": True, "day": "daily", "time": "02:00", "jitter_minutes": 30, "timeout_minutes": 240},
+    "verify": {"enabled": True, "day": "sun", "time": "04:00", "jitter_minutes": 30, "timeout_minutes": 360},
+    "assets": {"enabled": True, "day": "daily", "time": "03:00", "jitter_minutes": 30, "timeout_minutes": 240},
+    "checks": {"enabled": True, "day": "mon", "time": "07:00", "jitter_minutes": 15, "timeout_minutes": 30},
+}
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+SCHEDULE_JOB = _object({
+    "enabled": {"type": "boolean"},
+    "day": {"enum": ["daily", *WEEKDAYS]},
+    # "HH:MM" in UTC; unquoted, YAML 1.1 reads 02:00 as 120 (minutes since midnight), which means the same
+    "time": {"oneOf": [{"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
+                       {"type": "integer", "minimum": 0, "maximum": 1439}]},
+    "jitter_minutes": {"type": "integer", "minimum": 0, "maximum": 720},  # spread: random (systemd) or by name
+    "timeout_minutes": {"type": "integer", "minimum": 1},
+})
+SCHEDULE = _object({
+    "opsbook": _STRING,  # the console tool's absolute path; default: the opsbook beside the Python running this
+    "inventory": _STRING,  # the inventory the jobs read; default: this file's absolute path
+    "environment_file": _STRING,  # KEY=value secrets (systemd EnvironmentFile=, cron); default /etc/opsbook/ENV.env
+    "systemd": _object({"user": _STRING}),  # default user: opsbook
+    # default namespace opsbook, secret opsbook-ENV (envFrom), config_map opsbook-inventory; image required
+    "kubernetes": _object({"image": _STRING, "namespace": _K8S_NAME, "secret": _K8S_NAME,
+                           "config_map": _K8S_NAME}),
+    "cron": _object({"mailto": {"type": "string"}}),  # default: none (cron mails the crontab's owner)
+    "jobs": _object({name: SCHEDULE_JOB for name in SCHEDULE_JOBS}),
+})
+
 ENVIRONMENT = _object({
     "sandbox": {"type": "boolean"},
     "protected": {"type": "boolean"},
@@ -104,6 +138,7 @@ ENVIRONMENT = _object({
                       # SQL giving (storage key, size) of stored images, run read-only on the restored database
                       "images_query": _STRING, "images_prefix": {"type": "string"}}),
     "incidents": _object({"templates_dir": _STRING, "log_lines": _POSITIVE}),
+    "schedule": SCHEDULE,
 })
 
 # defaults: the same sections as an environment, none required

@@ -20,6 +20,7 @@ from runbooks import (
     restore,
     runs,
     sandbox,
+    schedule,
     secrets_rotate,
     status,
 )
@@ -46,3 +47,4 @@ ns.add_task(status.status)
 ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)
+ns.add_collection(schedule.collection)

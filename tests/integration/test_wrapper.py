@@ -196,6 +196,15 @@ def test_a_missing_required_package_is_named_and_stops_before_the_command(base, 
     assert "install it, then run again: sudo apt-get install awscli zstd age jq" in result.stderr
 
 
+def test_the_test_suite_needs_systemd_analyze(base, checkout):
+    path = tool_dir(base, "no-systemd", {"systemd-analyze"}, {"apt-get": FAKE_APT_GET})
+    result = run_wrapper(checkout, path, "pytest", "--version")
+    assert result.returncode == 3, result
+    assert ("opsbook: the test suite needs systemd: the tests check the generated systemd units with "
+            "systemd-analyze verify") in result.stderr
+    assert "opsbook: install it, then run again: sudo apt-get install systemd" in result.stderr
+
+
 def test_a_checkout_without_venv_needs_python3_venv(base):
     (base / "fresh").mkdir()
     fresh = make_checkout(base / "fresh", venv=False)
