@@ -2,6 +2,7 @@
 
 from invoke import Collection
 
+from ops.cli import name_jobs
 from runbooks import (
     assets,
     backup,
@@ -46,3 +47,5 @@ ns.add_task(status.status)
 ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)
+
+name_jobs(ns)  # the task names the monitor's pings use (ops/pings.py)
