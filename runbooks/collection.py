@@ -6,6 +6,7 @@ from ops.cli import name_jobs
 from runbooks import (
     assets,
     backup,
+    backup_check,
     decommission,
     deploy,
     drill,
@@ -27,6 +28,7 @@ from runbooks import (
 
 backup.collection.add_task(prune.prune)
 backup.collection.add_task(assets.assets)
+backup.collection.add_task(backup_check.check)
 
 ns = Collection()
 ns.add_task(health.health)
