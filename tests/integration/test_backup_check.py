@@ -4,10 +4,15 @@ credentials and no database at all (the watchdog runs on another machine than th
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops import backup_manifest as bm
@@ -18,6 +23,9 @@ from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.manifests import manifest
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import make_database
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+SECTION = "## Watching the backups (pings and backup.check)"
 
 
 def watchdog_inventory(opsbook: Opsbook, s3_server: Any, bucket: str, **backups: Any) -> None:
@@ -168,3 +176,44 @@ def test_after_a_real_backup_and_verify_the_watchdog_passes(opsbook, postgres_se
     assert watched.json()["newest"]["env"] == "prod"
     assert math.isclose(watched.json()["max_age_hours"], 2 * 24)  # twice the default schedule
     assert_no_secret(opsbook, postgres_server.password.reveal(), s3_server.secret_access_key.reveal())
+
+
+def readme_section() -> str:
+    text = (REPOSITORY / "README.md").read_text()
+    assert text.count(SECTION) == 1, f"README.md must have exactly one {SECTION!r} section"
+    return text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+
+
+def readme_commands() -> list[list[str]]:
+    """The indented `inv backup.check` lines after the README's marker, split as a shell would."""
+    block = readme_section().split("<!-- backup.check commands -->", 1)[1]
+    return [shlex.split(line.strip())[1:] for line in block.splitlines() if line.startswith("    inv ")]
+
+
+def readme_monitor() -> dict[str, Any]:
+    block = readme_section().split("<!-- monitor example -->", 1)[1]
+    found = re.search(r"```yaml\n(.*?)\n```", block, flags=re.DOTALL)
+    assert found, "no ```yaml block after the monitor marker"
+    return yaml.safe_load(found.group(1))["envs"]["prod"]["monitor"]
+
+
+def test_the_readme_commands_run_as_written_and_ping_the_readme_monitor(opsbook, watched, s3_server,
+                                                                         webhook_receiver):
+    commands = readme_commands()
+    assert [command[0] for command in commands] == ["backup.check"] * 3 and len(commands) == 3
+    store(watched["storage"], timedelta(hours=3), verified_ago=timedelta(days=1))
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["prod"]["monitor"] = readme_monitor()
+    opsbook.write_inventory(inventory)
+    opsbook.environ.update({"PING_URL": webhook_receiver.url("/ping/readme-check"),
+                            "PING_URL_VERIFY": webhook_receiver.url("/ping/readme-verify"),
+                            "PING_URL_KEYS": webhook_receiver.url("/ping/readme-keys")})
+    assert opsbook.run("inventory.check").exit_code == 0
+    for command in commands:
+        result = opsbook.run(*command)
+        assert result.exit_code == 0, result
+        if "--json" in command:
+            assert result.json()["ok"] is True
+    assert (opsbook.root / "textfile" / "opsbook_backup_check.prom").exists()
+    paths = [urlsplit(request.path).path for request in webhook_receiver.requests]
+    assert paths == ["/ping/readme-check/start", "/ping/readme-check"] * 3, paths
