@@ -145,6 +145,8 @@ def test_a_job_of_its_own_and_a_job_turned_off(opsbook, pinged, webhook_receiver
                                                  "backup": False})
     assert opsbook.run("backup.list", "--env", "staging").exit_code == 0
     assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/list/start", "/list"]
+    shown = opsbook.run("inventory.show", "--env", "staging")  # a literal ping URL is masked like any credential
+    assert shown.exit_code == 0 and "backup.list" in shown.output, shown
     webhook_receiver.reset()
     assert opsbook.run("backup", "--env", "staging", "--no-prune").exit_code == 0
     assert webhook_receiver.requests == []
