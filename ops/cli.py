@@ -197,7 +197,8 @@ def opstask(body: F, job: Callable[[], str | None] | None = None) -> F:
         printed_before = results_printed()
         ping, code, detail = None, None, ""
         try:
-            ping = pings.start(job() if job else None, kwargs)
+            ping = pings.prepare(job() if job else None, kwargs)
+            pings.start(ping)
             outcome, code = body(*args, **kwargs), 0
             return outcome
         except OpsError as error:

@@ -104,9 +104,9 @@ def suffix_for(code: int | None) -> str:
     return f"/{code}" if code is not None else "/fail"
 
 
-def start(job: str | None, arguments: dict[str, Any]) -> Ping | None:
-    """Sends `/start` for a task run that has a monitor; None when nothing is pinged (no job, no monitor,
-    a dry run, or an inventory the task itself will refuse)."""
+def prepare(job: str | None, arguments: dict[str, Any]) -> Ping | None:
+    """The ping of a task run that has a monitor; None when nothing is pinged (no job, no monitor, a dry run,
+    or an inventory the task itself will refuse)."""
     if not job or arguments.get("dry_run"):
         return None
     try:
@@ -122,9 +122,14 @@ def start(job: str | None, arguments: dict[str, Any]) -> Ping | None:
         return None
     ping = Ping(job, env.name, monitor)
     _active.append(ping)
-    by = f"{operator_name()}@{host_name()}"
-    deliver(ping, "/start", f"opsbook {job} on {env.name}: started (run {ping.run_id} by {by})", start=True)
     return ping
+
+
+def start(ping: Ping | None) -> None:
+    """Sends `/start`. An interrupt meanwhile propagates: the run stops, and its end is still pinged (130)."""
+    if ping is not None:
+        by = f"{operator_name()}@{host_name()}"
+        deliver(ping, "/start", f"opsbook {ping.job} on {ping.env}: started (run {ping.run_id} by {by})", start=True)
 
 
 def claim_run_id() -> str | None:
