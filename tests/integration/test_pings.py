@@ -4,6 +4,8 @@ real PostgreSQL and moto S3, received by a local HTTP server that records every 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -12,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.cli import Opsbook, wait_for
+from tests.cli import REPOSITORY, Opsbook, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import make_database
@@ -151,3 +153,16 @@ def test_a_job_of_its_own_and_a_job_turned_off(opsbook, pinged, webhook_receiver
     assert opsbook.run("backup", "--env", "staging", "--no-prune").exit_code == 0
     assert webhook_receiver.requests == []
     assert_no_secret(opsbook, *pinged["secrets"])
+
+
+def test_the_console_tool_as_a_scheduler_runs_it_pings_too(opsbook, pinged, webhook_receiver, tmp_path):
+    """`opsbook --inventory FILE backup --env E`, from another directory: the command line a timer runs."""
+    environ = {k: v for k, v in opsbook.process_environment().items() if k != "OPS_INVENTORY"}
+    program = "import sys; from runbooks.program import main; sys.argv[0] = 'opsbook'; main()"
+    completed = subprocess.run([sys.executable, "-c", program, "--inventory", str(opsbook.inventory),
+                                "backup", "--env", "staging", "--no-prune"], capture_output=True, text=True,
+                               env={**environ, "PYTHONPATH": str(REPOSITORY)}, cwd=tmp_path, timeout=180)
+    assert completed.returncode == 0, completed.stderr
+    assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", ""]
+    assert "backup on staging: succeeded (exit 0)" in pings(webhook_receiver)[1][2]
+    assert_no_secret(completed.stdout + completed.stderr, *pinged["secrets"])
