@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from ops.locks import file_lock
 from tests.cli import REPOSITORY, Opsbook, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.secrets import assert_no_secret
@@ -52,7 +53,7 @@ def pinged(opsbook: Opsbook, postgres_server: Any, s3_server: Any, webhook_recei
 
 def assert_nothing_leaked(opsbook: Opsbook, receiver: Any, secrets: list[str]) -> None:
     assert_no_secret(opsbook, *secrets)
-    assert_no_secret("\n".join(body for _path, _rid, body in pings(receiver)), *secrets[:-1])
+    assert_no_secret("\n".join(body for _path, _rid, body in pings(receiver)), *secrets)
 
 
 def test_a_successful_backup_pings_start_then_success_with_its_run_id(opsbook, pinged, webhook_receiver):
@@ -166,3 +167,18 @@ def test_the_console_tool_as_a_scheduler_runs_it_pings_too(opsbook, pinged, webh
     assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", ""]
     assert "backup on staging: succeeded (exit 0)" in pings(webhook_receiver)[1][2]
     assert_no_secret(completed.stdout + completed.stderr, *pinged["secrets"])
+
+
+def test_a_held_lock_pings_exit_75_and_a_refused_confirmation_exit_2(opsbook, pinged, webhook_receiver):
+    with file_lock(opsbook.state_dir / "locks" / "staging.environment.lock",
+                   {"run_id": "20261201T000000Z-0000", "runbook": "backup"}):
+        held = opsbook.run("backup", "--env", "staging")
+    assert held.exit_code == 75, held
+    assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", "/75"]
+    assert "not run (lock held) (exit 75)" in pings(webhook_receiver)[1][2]
+
+    webhook_receiver.reset()
+    refused = opsbook.run("backup", "--env", "staging", "--confirm", "prod")
+    assert refused.exit_code == 2, refused
+    assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", "/2"]
+    assert_nothing_leaked(opsbook, webhook_receiver, pinged["secrets"])
