@@ -3,7 +3,7 @@
 `<url>/start` when a run starts, `<url>` when it succeeds, `<url>/<exit code>` when it fails
 (`<url>/fail` when the code is not known), each a POST with a short text body: the job,
 the environment, the run id, the outcome. A `rid` query parameter pairs a start with its end.
-Cronitor- and Uptime-Kuma-style push monitors accept the same requests.
+Any push monitor that accepts these URLs works the same.
 
 The URL comes from the environment's `monitor:` section: `monitor.jobs.<task>` for that task
 (`false` turns it off), else `monitor.url` for the jobs a schedule runs (SCHEDULED_JOBS). A ping
