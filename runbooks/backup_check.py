@@ -67,7 +67,7 @@ def check(c, env=None, max_age_hours=None, json=False, prometheus=None):
     if verdict.problems:
         raise CheckFailed(f"backup.check of {environment_.name}: "
                           + "; ".join(f"{p.check}: {p.text}" for p in verdict.problems),
-                          hint="see the FAIL lines above for what to do")
+                          hint="each FAIL line above says what to do")
 
 
 def show(output: Output, env: str, where: str, verdict: Verdict) -> None:
