@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from invoke import Task
 
-from ops import processes, remote_commands
+from ops import pings, processes, remote_commands
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.output import Output
 from ops.secrets import redact
@@ -184,8 +184,9 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def opstask(body: F) -> F:
-    """Runs a task body and turns every outcome into the documented exit code."""
+def opstask(body: F, job: Callable[[], str | None] | None = None) -> F:
+    """Runs a task body and turns every outcome into the documented exit code; `job()` names the task for the
+    pings (ops/pings.py) that report its start and its exit code to the environment's monitor."""
     from invoke.exceptions import Exit
 
     @functools.wraps(body)
@@ -194,24 +195,32 @@ def opstask(body: F) -> F:
 
         previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
         printed_before = results_printed()
+        ping, code, detail = None, None, ""
         try:
-            return body(*args, **kwargs)
+            ping = pings.prepare(job() if job else None, kwargs)
+            pings.start(ping)
+            outcome, code = body(*args, **kwargs), 0
+            return outcome
         except OpsError as error:
+            code, detail = error.exit_code, error.message
             _report(error, error.exit_code, kwargs.get("json", False) and results_printed() == printed_before)
             raise Exit(code=error.exit_code) from None
         except KeyboardInterrupt:
+            code = 130
             _report(Interrupted("interrupted"), 130, kwargs.get("json", False))
             raise Exit(code=130) from None
         except Exception as error:  # a traceback is a bug: say so plainly, show it only on request
             if os.environ.get("OPS_DEBUG"):
                 Output().line(traceback.format_exc())
             message = f"internal error: {type(error).__name__}: {error}"
+            code, detail = 1, message
             _report(OpsError(message, hint="this is a bug in opsbook; re-run with OPS_DEBUG=1 for the traceback"),
                     1, kwargs.get("json", False))
             raise Exit(code=1) from None
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            pings.finish(ping, code, detail)  # after the handlers: an interrupt now cannot unwind the task again
 
     return wrapper  # type: ignore[return-value]
 
@@ -228,7 +237,8 @@ class OpsTask(Task):
         params = inspect.signature(body).parameters
         shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in params}
         self.short_flags = {**{name: SHORT_FLAGS[name] for name in shared}, **(short or {})}
-        super().__init__(opstask(body), *args, help={**shared, **(help or {})}, **kwargs)
+        self.job: str | None = None  # its name in the collection (`backup.verify`), set by name_jobs()
+        super().__init__(opstask(body, job=lambda: self.job), *args, help={**shared, **(help or {})}, **kwargs)
 
     def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
         chosen = {*SHORT_FLAGS.values(), *self.short_flags.values()}
@@ -236,6 +246,15 @@ class OpsTask(Task):
         if name in self.short_flags:
             opts["names"] = [opts["names"][0], self.short_flags[name]]
         return opts
+
+
+def name_jobs(collection: Any) -> None:
+    """Each OpsTask learns its name in the collection, the job name its pings use: the shortest of its names
+    (`backup` for `backup.run`)."""
+    for name, aliases in collection.task_names.items():
+        task = collection[name]
+        if isinstance(task, OpsTask):
+            task.job = min([name, *aliases], key=len)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -303,7 +322,7 @@ def execute(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool
     """Runs a runbook and reports it; `result(ctx)` adds to the JSON result of a real run."""
     from ops.engine import RunContext, Runner
 
-    ctx = RunContext(env, output=output, run_id=run_id)
+    ctx = RunContext(env, output=output, run_id=run_id or (None if dry_run else pings.claim_run_id()))
     runner = Runner(runbook, ctx, confirm=confirm, prompt=input, resume=resume)
     try:
         outcome = runner.run(dry_run=dry_run)

@@ -35,6 +35,7 @@ DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
 _REFERENCE = re.compile(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
 _MISSING = object()
+_MONITOR_URL = re.compile(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,7 @@ def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path) ->
     if isinstance(node, str) and _REFERENCE.search(node):
         line = lines.get(path)
         return Reference(node, path, f"{file.name}, line {line}" if line else file.name)
-    if isinstance(node, str) and key in SECRET_KEYS and _looks_secret(key, node):
+    if isinstance(node, str) and ((key in SECRET_KEYS and _looks_secret(key, node)) or _MONITOR_URL.match(path)):
         return Secret(node)
     return node
 

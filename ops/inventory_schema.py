@@ -40,6 +40,15 @@ BACKUPS = _object({
     "retention": RETENTION,
     "metrics_file": _STRING,
     "schedule_hours": {"type": "number", "exclusiveMinimum": 0},
+    "verify_max_age_days": {"type": "number", "exclusiveMinimum": 0},  # backup.check: a passed verification as recent
+})
+
+# pings to a dead man's switch (ops/pings.py): `url` for the scheduled jobs, `jobs.<task>` per task (false: none)
+MONITOR = _object({
+    "url": _STRING,
+    "jobs": {"type": "object", "additionalProperties": {"anyOf": [_STRING, {"const": False}]}},
+    "timeout": {"type": "number", "exclusiveMinimum": 0},
+    "retries": {"type": "integer", "minimum": 0, "maximum": 5},
 })
 
 DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING, "name": _STRING, "role": _STRING,
@@ -134,6 +143,7 @@ ENVIRONMENT = _object({
     "app": APP,
     "targets": TARGETS,
     "notify": {"type": "array", "items": NOTIFY},
+    "monitor": MONITOR,
     "drill": _object({"sample_images": _POSITIVE, "target": _STRING,
                       # SQL giving (storage key, size) of stored images, run read-only on the restored database
                       "images_query": _STRING, "images_prefix": {"type": "string"}}),

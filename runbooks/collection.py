@@ -2,9 +2,11 @@
 
 from invoke import Collection
 
+from ops.cli import name_jobs
 from runbooks import (
     assets,
     backup,
+    backup_check,
     decommission,
     deploy,
     drill,
@@ -27,6 +29,7 @@ from runbooks import (
 
 backup.collection.add_task(prune.prune)
 backup.collection.add_task(assets.assets)
+backup.collection.add_task(backup_check.check)
 
 ns = Collection()
 ns.add_task(health.health)
@@ -48,3 +51,5 @@ ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)
 ns.add_collection(schedule.collection)
+
+name_jobs(ns)  # the task names the monitor's pings use (ops/pings.py)
