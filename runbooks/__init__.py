@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 RUNBOOKS = {
     "provision": "runbooks.provision",
     "backup": "runbooks.backup",
-    "backup.verify": "runbooks.backup_verify",
+    "backup.verify": "runbooks.backup:build_verify",
     "backup.prune": "runbooks.prune",
     "backup.assets": "runbooks.assets",
     "restore": "runbooks.restore",

@@ -67,7 +67,7 @@ class FinalBackupStep(Step):
         return Change(f"back up the database as backups/{self.backup_id}/ (tag final, keep)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from runbooks import backup
+        from ops import backup_steps as backup
         from runbooks.drill import run_steps
 
         steps = backup.build(ctx.env, backup_id=self.backup_id, tags=[FINAL_TAG], keep=True, no_prune=True).steps
@@ -93,7 +93,7 @@ class VerifyFinalStep(Step):
         return Change(f"deep-verify {manifest.id if manifest else 'the final backup'}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from runbooks.backup_verify import VerifyStep
+        from ops.backup_verify import VerifyStep
 
         manifest = final_backup(ctx)
         if manifest is None:
@@ -363,12 +363,11 @@ def finished(env: Environment) -> dict[str, Any] | None:
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     from ops.journal import new_run_id
-    from runbooks.backup import database_name
 
     backup_id = arguments.setdefault("backup_id", new_run_id())
     steps: list[Step] = [FinalBackupStep(backup_id), VerifyFinalStep(arguments.get("identity")), ArchiveStep(env)]
     if arguments.get("drop_database"):
-        steps.append(DropDatabaseStep(database_name(env)))
+        steps.append(DropDatabaseStep(env.database_name()))
     steps += [MarkStep(env), RevokeKeysStep()]
     return Runbook("decommission", f"Decommission {env.name}", steps, arguments=arguments,
                    locks=("environment",))

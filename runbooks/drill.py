@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
     from ops.drills import StepResult
     from ops.inventory import Environment
-    from runbooks.restore import Plan
+    from ops.restore_steps import Plan
 
 DEFAULT_SAMPLE = 50
 DEFAULT_HEALTH_TIMEOUT = 30.0
@@ -178,7 +178,7 @@ class RestoreCheck(DrillCheck):
 
     def __init__(self, session: Session):
         super().__init__(session)
-        from runbooks import restore
+        from ops import restore_steps as restore
 
         runbook = restore.build(session.target, source=session.source.name, backup=session.backup)
         self.steps = runbook.steps
@@ -208,8 +208,8 @@ class MigrationsCheck(DrillCheck):
     summary = "compare the restored database's migrations with the repository's"
 
     def run(self, ctx: RunContext) -> str:
+        from ops.migrate_steps import migrate_steps
         from ops.migrations import environment_status
-        from runbooks.migrate import migrate_steps
 
         database = self.session.restore_plan.database  # the restored copy, whatever the app's URL says
         state = environment_status(ctx.env, dbname=database)
@@ -256,7 +256,7 @@ class StagingCheck(DrillCheck):
                 "(the RTO ends when the restored database is migrated)")
 
     def run(self, ctx: RunContext) -> str:
-        from runbooks.deploy import health_gate, push_env_steps, restart_step
+        from ops.deploy_steps import health_gate, push_env_steps, restart_step
 
         hosts = ctx.env.host_configs()
         if not hosts:

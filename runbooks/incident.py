@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
+from ops.backup_manifest import list_backups
 from ops.cli import environment, execute, helps, make_output, opstask
+from ops.deploy_steps import rollback_steps
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.incident_steps import IncidentPlan, describe_entry, incident_runbook, save_and_copy
@@ -37,6 +39,8 @@ from ops.incidents import (
     refuse_if_resolved,
 )
 from ops.journal import list_runs, operator_name
+from ops.restore_steps import build as restore_runbook
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -230,8 +234,6 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
     if not backup_id or record.step_states().get("manifest") != "verified":
         return RestoreSafety(False, f"the failed migrate run {record.run_id} has no complete pre-migration backup",
                              run_id=record.run_id)
-    from ops.backup_manifest import list_backups
-    from ops.storage import open_storage
 
     try:
         complete, _ = list_backups(open_storage(env.storage_config("backups")), strict=False)
@@ -249,8 +251,6 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup."""
-    from runbooks.deploy import rollback_steps
-
     steps = rollback_steps(env)
     if arguments.get("restore"):
         backup_id = arguments.get("backup")
@@ -261,7 +261,6 @@ def build(env: Environment, **arguments: Any) -> Runbook:
                                   hint="roll back without --restore; restore by hand (`inv restore`) only if you "
                                        "accept losing what was written since the backup")
             backup_id = arguments["backup"] = safety.backup_id
-        from runbooks.restore import build as restore_runbook
 
         steps += restore_runbook(env, backup=backup_id).steps
     incident = arguments.get("incident") or "an incident"

@@ -20,25 +20,7 @@ PACKAGES = ("ops", "runbooks")
 
 # runbook -> runbook edges: what they share is to move into ops.
 ALLOWED_RUNBOOK_EDGES = {
-    ("runbooks.backup", "runbooks.backup_verify"),
-    ("runbooks.decommission", "runbooks.backup"),
-    ("runbooks.decommission", "runbooks.backup_verify"),
     ("runbooks.decommission", "runbooks.drill"),
-    ("runbooks.drill", "runbooks.deploy"),
-    ("runbooks.drill", "runbooks.migrate"),
-    ("runbooks.drill", "runbooks.restore"),
-    ("runbooks.incident", "runbooks.deploy"),
-    ("runbooks.incident", "runbooks.restore"),
-    ("runbooks.keys", "runbooks.deploy"),
-    ("runbooks.migrate", "runbooks.backup"),
-    ("runbooks.preflight", "runbooks.health"),
-    ("runbooks.provision", "runbooks.deploy"),
-    ("runbooks.provision", "runbooks.keys"),
-    ("runbooks.provision", "runbooks.migrate"),
-    ("runbooks.restore", "runbooks.backup"),
-    ("runbooks.restore", "runbooks.backup_verify"),
-    ("runbooks.secrets_rotate", "runbooks.deploy"),
-    ("runbooks.secrets_rotate", "runbooks.keys"),
 }
 # ops -> runbooks edges.
 ALLOWED_UPWARD_EDGES: set[tuple[str, str]] = set()
