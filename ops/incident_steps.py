@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops.engine import Change, Runbook, RunContext, Step
+from ops.engine import Change, Runbook, RunContext, Step, WrappedStep
 from ops.errors import OpsError, StepFailed
-from ops.incidents import Incident, IncidentStore, add_entry
+from ops.incidents import Incident, IncidentStore, add_entry, lock_resource
+from ops.journal import operator_name
 from ops.notify import Delivery, failed, preview_text, route, send
 from ops.render import incident_notices
 from ops.secrets import redact
@@ -167,7 +168,9 @@ class SendNotices(Step):
 
     def check(self, ctx: RunContext) -> Change | None:
         incident = self.plan.incident
-        if incident.timeline[-1].kind == "notice":
+        last = incident.timeline[-1]
+        only = unsent(last) if last.kind == "notice" else None
+        if only is not None and not only:
             return None
         report = self.plan.triage(ctx.output)
         try:
@@ -177,10 +180,11 @@ class SendNotices(Step):
             self.plan.template_error = error
             return Change("record that no notice can be sent: a template failed", [error.message],
                           data={"error": error})
-        routes = route(self.plan.env, notices)
-        summary = (f"send the {incident.state} notices to {len(routes)} channel(s)" if routes else
+        routes = route(self.plan.env, notices, only=only)
+        again = "the channel(s) that did not get them: " if only else ""
+        summary = (f"send the {incident.state} notices to {again}{len(routes)} channel(s)" if routes else
                    f"record the {incident.state} notices: {self.plan.env.name} has no notify channels")
-        return Change(summary, _previews(routes, notices), data={"notices": notices})
+        return Change(summary, _previews(routes, notices), data={"notices": notices, "only": only})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         incident, output, store = self.plan.incident, ctx.output, self.plan.store
@@ -191,7 +195,8 @@ class SendNotices(Step):
                       detail={"error": error.message})
             save_and_copy(store, incident, output)
             raise error
-        deliveries = send(self.plan.env, change.data["notices"], stream=sys.stderr if output.json_mode else None)
+        deliveries = send(self.plan.env, change.data["notices"], stream=sys.stderr if output.json_mode else None,
+                          only=change.data.get("only"))
         add_entry(incident, "notice", operator, detail={"deliveries": [d.to_json() for d in deliveries]})
         save_and_copy(store, incident, output)
         for delivery in deliveries:
@@ -207,6 +212,14 @@ class SendNotices(Step):
                              hint="the timeline has each delivery's reason; fix the channel, the next update "
                                   "re-sends")
         return {"deliveries": [d.to_json() for d in deliveries]}
+
+
+def unsent(notice: Any) -> set[str] | None:
+    """The channels a recorded notice entry did not reach (a resumed run sends to them); None when no notice
+    was sent at all (a template failed): every channel, then."""
+    if "error" in notice.detail:
+        return None
+    return {delivery["channel"] for delivery in notice.detail.get("deliveries") or [] if not delivery["ok"]}
 
 
 def _previews(routes: list[Any], notices: list[Any]) -> list[str]:
@@ -231,6 +244,115 @@ def incident_runbook(name: str, plan: IncidentPlan, *, incident_id: str, title: 
     if plan.log_lines is not None:
         steps.append(RecordTriage(plan))
     steps.append(SendNotices(plan))
-    return Runbook(name, title, steps, arguments={"incident": incident_id}, locks=locks,
+    arguments: dict[str, Any] = {"incident": incident_id}
+    if plan.log_lines is not None:
+        arguments["log_lines"] = plan.log_lines
+    return Runbook(name, title, steps, arguments=arguments, locks=locks,
                    confirm_exempt="it records the incident and tells the notify channels; it changes nothing "
                                   "that serves users")
+
+
+# --- a failed run of open, update or resolve, resumed (`inv runs.resume ID`) --------------------------------
+
+RECORDED = {"incident.open": ("opened", "record the incident"), "incident.update": ("updated", "record the update"),
+            "incident.resolve": ("resolved", "record the resolution")}
+
+
+def recorded_runbook(name: str, env: Environment, *, incident: str | None = None, log_lines: int | None = None,
+                     **arguments: Any) -> Runbook:
+    """The runbook `name` for the incident as its failed run recorded it (what it changed is in the record):
+    what is still to do is done, e.g. the notices go to the channels that did not get them."""
+    env.register_secrets()
+    incident_id = incident or "ID"
+    verb, record = RECORDED[name]
+    plan = IncidentPlan(env, lambda store: store.load(incident_id), verb=verb, log_lines=log_lines)
+    return incident_runbook(name, plan, incident_id=incident_id, record=record,
+                            title=f"{verb.capitalize()} incident {incident_id} on {env.name}: the rest of a failed run",
+                            locks=(lock_resource(incident_id),) if incident else ())
+
+
+# --- incident.rollback: the release's rollback steps, each failure and the outcome in the incident's timeline ------
+
+
+class RollbackRecord:
+    """The incident a rollback is for, loaded when the run first needs it, and how its timeline entry is written."""
+
+    def __init__(self, env: Environment, incident_id: str, steps: list[str], restored_backup: str | None):
+        self.store = IncidentStore(env)
+        self.incident_id = incident_id
+        self.steps = steps
+        self.restored_backup = restored_backup
+        self._incident: Incident | None = None
+
+    @property
+    def incident(self) -> Incident:
+        if self._incident is None:
+            self._incident = self.store.load(self.incident_id)
+        return self._incident
+
+    def recorded(self, run_id: str) -> bool:
+        return any(entry.kind == "rollback" and entry.detail.get("run_id") == run_id
+                   for entry in self.incident.timeline)
+
+    def add(self, ctx: RunContext, status: str, error: str | None = None) -> None:
+        add_entry(self.incident, "rollback", operator_name(), message=f"rollback {status}",
+                  detail={"run_id": ctx.run_id, "status": status, "error": error, "steps": self.steps,
+                          "restored_backup": self.restored_backup if status == "succeeded" else None})
+        save_and_copy(self.store, self.incident, ctx.output)
+
+
+class RecordingFailure(WrappedStep):
+    """A rollback step whose failure, while it applies, is recorded in the incident's timeline (then raised)."""
+
+    def __init__(self, inner: Step, record: RollbackRecord):
+        super().__init__(inner)
+        self.record = record
+        self._applied = False
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any] | None:
+        self._applied = True
+        return self._recording(ctx, lambda: self.inner.apply(ctx, change))
+
+    def verify(self, ctx: RunContext) -> None:
+        if not self._applied:  # a resumed run asking whether an earlier run's step still holds
+            return self.inner.verify(ctx)
+        return self._recording(ctx, lambda: self.inner.verify(ctx))
+
+    def _recording(self, ctx: RunContext, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except KeyboardInterrupt:
+            self.record.add(ctx, "failed", "interrupted by the operator")
+            raise
+        except Exception as error:
+            self.record.add(ctx, "failed", redact(getattr(error, "message", None) or error))
+            raise
+
+
+class RecordRollback(Step):
+    """Last: the rollback's outcome in the incident's timeline."""
+
+    name = "record-rollback"
+
+    def __init__(self, record: RollbackRecord):
+        self.record = record
+        self.title = f"record the rollback in incident {record.incident_id}'s timeline"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        if self.record.recorded(ctx.run_id):
+            return None
+        return Change(f"add the rollback (run {ctx.run_id}) to incident {self.record.incident_id}'s timeline")
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        self.record.add(ctx, "succeeded")
+        return {"incident": self.record.incident_id}
+
+
+def rollback_runbook(env: Environment, steps: list[Step], incident_id: str | None, restored_backup: str | None,
+                     arguments: dict[str, Any]) -> Runbook:
+    """The rollback `steps`; for an incident, each failure and the outcome recorded in its timeline."""
+    if incident_id is not None:
+        record = RollbackRecord(env, incident_id, [step.name for step in steps], restored_backup)
+        steps = [*(RecordingFailure(step, record) for step in steps), RecordRollback(record)]
+    return Runbook("incident.rollback", f"Roll back {env.name} for {incident_id or 'an incident'}", steps,
+                   arguments=arguments)

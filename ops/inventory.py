@@ -24,7 +24,7 @@ from ops.errors import InventoryError
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
 from ops.inventory_schema import INVENTORY, SECRET_KEYS
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
-from ops.pg import with_credentials
+from ops.pg import parse_url, with_credentials
 from ops.secrets import MASK, Secret
 
 if TYPE_CHECKING:
@@ -190,6 +190,10 @@ class Environment:
         if not password or urlsplit(written.reveal()).password is not None:
             return written
         return Secret(with_credentials(written.reveal(), password.reveal(), user=self.raw("database.role", None)))
+
+    def database_name(self) -> str:
+        """The app's database: `database.name`, else the one its direct URL names."""
+        return self.raw("database.name", None) or parse_url(self.database_url(direct=True)).dbname
 
     def admin_url(self) -> Secret:
         """A role that may create roles and databases: `database.admin_url`, else the direct URL as written."""

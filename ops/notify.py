@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -111,12 +112,14 @@ def channels(env: Environment) -> list[Channel | Delivery]:
     return found
 
 
-def route(env: Environment, notices: list[Notice], *, audience: str | None = None
-          ) -> list[tuple[Channel, Notice] | Delivery]:
-    """Each configured channel (only those of `audience` when given) with the notice of its format, or the
-    failed Delivery of a channel that cannot be sent to. Nothing is sent: a plan shows this."""
+def route(env: Environment, notices: list[Notice], *, audience: str | None = None,
+          only: Collection[str] | None = None) -> list[tuple[Channel, Notice] | Delivery]:
+    """Each configured channel (only those of `audience`, and those named in `only`, when given) with the notice
+    of its format, or the failed Delivery of a channel that cannot be sent to. Nothing is sent: a plan shows this."""
     routes: list[tuple[Channel, Notice] | Delivery] = []
     for channel in channels(env):
+        if only is not None and (channel.channel if isinstance(channel, Delivery) else channel.name) not in only:
+            continue
         if isinstance(channel, Delivery):
             routes.append(channel)
             continue
@@ -133,10 +136,11 @@ def route(env: Environment, notices: list[Notice], *, audience: str | None = Non
 
 
 def send(env: Environment, notices: list[Notice], *, stream: TextIO | None = None,
-         audience: str | None = None) -> list[Delivery]:
-    """Deliver to every configured channel (only those of `audience` when given) the notice of its format."""
+         audience: str | None = None, only: Collection[str] | None = None) -> list[Delivery]:
+    """Deliver to every configured channel (only those of `audience`, and those named in `only`, when given) the
+    notice of its format."""
     return [item if isinstance(item, Delivery) else _deliver(env, *item, stream)
-            for item in route(env, notices, audience=audience)]
+            for item in route(env, notices, audience=audience, only=only)]
 
 
 def _notice_for(channel: Channel, notices: list[Notice]) -> Notice | None:

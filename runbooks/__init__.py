@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 RUNBOOKS = {
     "provision": "runbooks.provision",
     "backup": "runbooks.backup",
-    "backup.verify": "runbooks.backup_verify",
+    "backup.verify": "runbooks.backup:build_verify",
     "backup.prune": "runbooks.prune",
     "backup.assets": "runbooks.assets",
     "restore": "runbooks.restore",
@@ -31,6 +31,9 @@ RUNBOOKS = {
     "deploy.push-env": "runbooks.deploy:build_push_env",
     "deploy.restart": "runbooks.deploy:build_restart",
     "deploy.rollback": "runbooks.deploy:build_rollback",
+    "incident.open": "runbooks.incident:build_open",
+    "incident.update": "runbooks.incident:build_update",
+    "incident.resolve": "runbooks.incident:build_resolve",
     "incident.rollback": "runbooks.incident",
     "keys.rotate": "runbooks.keys",
     "secrets.rotate": "runbooks.secrets_rotate",

@@ -12,11 +12,26 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops.assets import DEFAULT_WORKERS
+from ops.assets import (
+    ASSETS,
+    DEFAULT_WORKERS,
+    AssetManifest,
+    describe_plan,
+    describe_rule,
+    desired_rules,
+    lifecycle_unsupported,
+    manifest_key,
+    merged_rules,
+    plan_copy,
+    rules_to_set,
+    run_copy,
+    timestamp,
+)
 from ops.cli import OpsTask, environment, execute, make_output
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
 from ops.output import ProgressLines
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -35,8 +50,6 @@ class CopyAssetsStep(Step):
         self._planned: tuple[float, Any] | None = None
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.assets import describe_plan, plan_copy
-
         plan = self._fresh_plan()
         if plan is None:
             plan = plan_copy(ctx.storage("storage"), ctx.storage("backups"))
@@ -56,8 +69,6 @@ class CopyAssetsStep(Step):
         return plan
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.assets import manifest_key, run_copy, timestamp
-
         plan = change.data["plan"]
         manifest = run_copy(ctx.storage("storage"), ctx.storage("backups"), plan, run_id=ctx.run_id,
                             env=ctx.env.name, started_at=timestamp(), workers=self.workers,
@@ -73,8 +84,6 @@ class CopyAssetsStep(Step):
         """The manifest reads back and every copy it names is there with its size.
 
         Not "a new plan is empty": the app keeps uploading while we copy."""
-        from ops.assets import ASSETS, AssetManifest
-
         if self._written is None:  # not applied in this process (a resumed run): nothing may be left to do
             super().verify(ctx)
             return
@@ -99,13 +108,9 @@ class LifecycleStep(Step):
         self.title = f"set the lifecycle rules of the {which} bucket {bucket}"
 
     def _desired(self, ctx: RunContext) -> list[dict[str, Any]]:
-        from ops.assets import desired_rules
-
         return desired_rules(ctx.storage(self.section), abort_days=self.abort_days, archive_days=self.archive_days)
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.assets import describe_rule, rules_to_set
-
         missing = rules_to_set(ctx.storage(self.section).lifecycle_rules(), self._desired(ctx))
         if not missing:
             return None
@@ -113,8 +118,6 @@ class LifecycleStep(Step):
                       [describe_rule(rule) for rule in missing])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.assets import merged_rules
-
         storage = ctx.storage(self.section)
         desired = self._desired(ctx)
         storage.set_lifecycle_rules(merged_rules(storage.lifecycle_rules(), desired))
@@ -123,9 +126,6 @@ class LifecycleStep(Step):
 
 def lifecycle_steps(env: Environment, *, abort_days: int, archive_days: int | None) -> tuple[list[Step], list[str]]:
     """The lifecycle steps for buckets whose provider has rules, and why the others get none."""
-    from ops.assets import lifecycle_unsupported
-    from ops.storage import open_storage
-
     steps: list[Step] = []
     unsupported: list[str] = []
     for section in ("storage", "backups"):

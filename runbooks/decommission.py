@@ -26,18 +26,16 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 import runbooks
-from ops import archive, keys, pg, restore_db
+from ops import archive, backup_steps, keys, pg, restore_db
 from ops.archive import ARCHIVE_DIR, MARKER_KEY, decommission_marker, write_marker
 from ops.backup_manifest import list_backups, read_verifications
+from ops.backup_verify import VerifyStep
 from ops.cli import OpsTask, environment, execute, make_output
 from ops.clock import iso_z_micro, utc_now
 from ops.engine import Change, Runbook, RunContext, Step, check_confirm_name
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, StepFailed
 from ops.journal import new_run_id
 from ops.secrets import mask_identifier, redact, reveal
-from runbooks import backup
-from runbooks.backup import database_name
-from runbooks.backup_verify import VerifyStep
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
@@ -71,7 +69,7 @@ class FinalBackupStep(Step):
         return Change(f"back up the database as backups/{self.backup_id}/ (tag final, keep)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        steps = backup.build(ctx.env, backup_id=self.backup_id, tags=[FINAL_TAG], keep=True, no_prune=True).steps
+        steps = backup_steps.build(ctx.env, backup_id=self.backup_id, tags=[FINAL_TAG], keep=True, no_prune=True).steps
         ctx.run_steps(steps)
         return {"backup_id": self.backup_id}
 
@@ -337,7 +335,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     backup_id = arguments.setdefault("backup_id", new_run_id())
     steps: list[Step] = [FinalBackupStep(backup_id), VerifyFinalStep(arguments.get("identity")), ArchiveStep(env)]
     if arguments.get("drop_database"):
-        steps.append(DropDatabaseStep(database_name(env)))
+        steps.append(DropDatabaseStep(env.database_name()))
     steps += [MarkStep(env), RevokeKeysStep()]
     return Runbook("decommission", f"Decommission {env.name}", steps, arguments=arguments,
                    locks=("environment",))

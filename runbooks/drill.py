@@ -25,27 +25,26 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops import drills, image_sample
+from ops import drills, image_sample, restore_steps
 from ops.cli import OpsTask, environment, execute, make_output
 from ops.clock import iso_z, utc_now
+from ops.deploy_steps import health_gate, push_env_steps, restart_step
 from ops.drills import RTO_UNTIL_READY, NotApplicable, StepResult, duration_text
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.inventory import plain
+from ops.migrate_steps import migrate_steps
 from ops.migrations import environment_status
 from ops.secrets import redact
 from ops.step_apply import failure_text
 from ops.storage import open_storage
-from runbooks import restore
-from runbooks.deploy import health_gate, push_env_steps, restart_step
-from runbooks.migrate import migrate_steps
 
 if TYPE_CHECKING:
     from datetime import datetime
 
     from ops.backup_manifest import Manifest
     from ops.inventory import Environment
-    from runbooks.restore import Plan
+    from ops.restore_steps import Plan
 
 DEFAULT_SAMPLE = 50
 DEFAULT_HEALTH_TIMEOUT = 30.0
@@ -139,7 +138,7 @@ class RestoreCheck(DrillCheck):
 
     def __init__(self, session: Session):
         super().__init__(session)
-        runbook = restore.build(session.target, source=session.source.name, backup=session.backup)
+        runbook = restore_steps.build(session.target, source=session.source.name, backup=session.backup)
         self.steps = runbook.steps
         self.session.restore_plan = self.steps[0].plan
         self.title = (f"restore backup {session.backup} of {session.source.name} into {session.target.name} "

@@ -1,105 +1,15 @@
-"""inv health: can we reach the database, the buckets, the hosts and the app?"""
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
+"""inv health: can we reach the database, the buckets, the hosts and the app? (the probes: ops.health_probes)"""
 
 from invoke import task
 
+from ops.checks import checklist
 from ops.cli import OpsTask, environment, make_output
-from ops.errors import CheckFailed
-
-if TYPE_CHECKING:
-    from ops.checks import Probe
-    from ops.hosts import HostConfig
-    from ops.inventory import Environment
-
-
-
-def database_probe(env: Environment, direct: bool) -> Probe:
-    def probe() -> str:
-        from ops import pg
-
-        url = env.database_url(direct=direct)
-        with pg.connect(url, application_name="opsbook health", connect_timeout=5) as connection:
-            major, minor = pg.server_version(connection)
-        return f"{pg.parse_url(url).describe()}, PostgreSQL {major}.{minor}"
-
-    return probe
-
-
-def storage_probe(env: Environment, section: str) -> Probe:
-    def probe() -> str:
-        from ops.storage import open_storage
-
-        storage = open_storage(env.storage_config(section))
-        if not storage.bucket_exists():
-            raise CheckFailed(f"bucket {storage.config.bucket} does not exist ({storage.describe()})",
-                              hint=f"create it (`inv provision --env {env.name}`) or fix {section}.bucket")
-        listed = sum(1 for _ in zip(range(10), storage.list(), strict=False))
-        return f"{storage.describe()}, listing works ({listed}{'+' if listed == 10 else ''} objects seen)"
-
-    return probe
-
-
-def host_probe(host: HostConfig) -> Probe:
-    def probe() -> str:
-        from ops.hosts import connect
-
-        with connect(host) as connection:
-            result = connection.run("uname -n", check=True, timeout=10)
-        return f"{host.user}@{host.address}:{host.port} ({result.stdout.strip()})"
-
-    return probe
-
-
-def url_probe(env: Environment, host: HostConfig, url: str) -> Probe:
-    def probe() -> str:
-        status, body = fetch(host, url)
-        if status != 200:
-            reason = f"HTTP {status}" if status else "no answer"
-            raise CheckFailed(f"{url} on {host.name}: {reason} {body[:200].strip()}".strip(),
-                              hint=f"look at the app's logs on {host.name}; `inv deploy.restart --env {env.name}`"
-                                   " restarts it")
-        return f"{url} answered 200"
-
-    return probe
-
-
-def fetch(host: HostConfig, url: str) -> tuple[int, str]:
-    """URLs on the host's loopback are fetched on the host itself, others from here."""
-    from ops.hosts import connect, fetch_from_here, is_on_host
-
-    if not is_on_host(url):
-        return fetch_from_here(url)
-    with connect(host) as connection:
-        return connection.fetch_url(url)
-
-
-def probes(env: Environment) -> list[tuple[str, Probe]]:
-    checks: list[tuple[str, Probe]] = [("database", database_probe(env, direct=False))]
-    if env.has("database.direct_url"):
-        checks.append(("database (direct)", database_probe(env, direct=True)))
-    for section in ("storage", "backups"):
-        if env.has(section):
-            checks.append((f"{section} bucket", storage_probe(env, section)))
-    for host in env.host_configs():
-        checks += [(f"host {host.name}", host_probe(host)), *app_url_probes(env, host)]
-    return checks
-
-
-def app_url_probes(env: Environment, host: HostConfig) -> list[tuple[str, Probe]]:
-    """The app's health and ready URLs on `host`, those the inventory names."""
-    app = env.app_settings(host.name)
-    return [(f"app {kind.split('_')[0]} on {host.name}", url_probe(env, host, app[kind]))
-            for kind in ("health_url", "ready_url") if app.get(kind)]
+from ops.health_probes import probes
 
 
 @task(klass=OpsTask)
 def health(c, env=None, json=False):
     """Check the database, storage, hosts and app health/ready URLs; exit 3 if any fails."""
-    from ops.checks import checklist
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     checklist(environment_, output, "health", probes(environment_))

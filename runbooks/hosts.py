@@ -6,16 +6,15 @@ from pathlib import Path
 
 from invoke import Collection, task
 
+from ops import known_hosts
 from ops.cli import OpsTask, load_inventory, make_output
 from ops.errors import UsageError
+from ops.rollout import host_named
 
 
 @task(klass=OpsTask, help=dict(host="the host's name in the inventory (hosts[].name)"))
 def forget(c, env=None, host=None, json=False):
     """Forget the host key opsbook recorded for a host; the next connection records the key it offers."""
-    from ops import known_hosts
-    from ops.rollout import host_named
-
     output = make_output(json)
     environment = load_inventory().environment(env)
     if not host:

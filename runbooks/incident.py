@@ -16,20 +16,22 @@ Every change is recorded before anything is sent.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import environment, execute, helps, make_output, opstask
+from ops.backup_manifest import list_backups
+from ops.cli import OpsTask, environment, execute, make_output
+from ops.deploy_steps import rollback_steps
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, OpsError, UsageError
-from ops.incident_steps import IncidentPlan, describe_entry, incident_runbook, save_and_copy
+from ops.incident_steps import IncidentPlan, describe_entry, incident_runbook, recorded_runbook, rollback_runbook
 from ops.incidents import (
     Incident,
     IncidentStore,
-    add_entry,
     apply_resolve,
     apply_update,
     lock_resource,
@@ -37,6 +39,8 @@ from ops.incidents import (
     refuse_if_resolved,
 )
 from ops.journal import list_runs, operator_name
+from ops.restore_steps import build as restore_runbook
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LOG_LINES = 50
 INCIDENT_ID = "the incident's id (from `inv incident.list`): the first argument, or --id ID"
+COMPONENTS_LETTER = {"components": "p"}  # -c is --confirm in every task
 
 
 # --- shared pieces ----------------------------------------------------------------------------
@@ -116,13 +121,12 @@ def _changed(env: str | None, incident_id: str, change: Callable[[Incident], Non
 # --- tasks ------------------------------------------------------------------------------------
 
 
-@task(name="open", help=helps(
-    "env", "dry_run", "json", title="the whole problem in a few words, e.g. \"Uploads failing\"",
+@task(klass=OpsTask, name="open", short=COMPONENTS_LETTER, help=dict(
+    title="the whole problem in a few words, e.g. \"Uploads failing\"",
     impact="none, minor, major or critical", components="affected parts: api,uploads or api=major_outage,…",
     message="what is known so far (goes into the notices)", next_update="when the next update is due "
     "(default 30m; none to leave it out)", log_lines="log lines per host for triage (default 50)",
     no_triage="skip triage (when you already know the scope)"))
-@opstask
 def open_(c, env=None, title=None, impact=None, components=None, message=None, next_update="30m", log_lines=None,
           no_triage=False, dry_run=False, json=False):
     """Open an incident: record it, run triage (scope and logs), publish the first notice (investigating)."""
@@ -141,11 +145,10 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
                                      "--status identified --message …`")
 
 
-@task(help=helps("env", "dry_run", "json", id=INCIDENT_ID,
-                 status="identified, monitoring or investigating (default: unchanged)",
-                 message="what is known now", next_update="when the next update is due (default 30m; none)",
-                 components="components and their status: api=partial_outage,uploads=operational"))
-@opstask
+@task(klass=OpsTask, short=COMPONENTS_LETTER, help=dict(
+    id=INCIDENT_ID, status="identified, monitoring or investigating (default: unchanged)",
+    message="what is known now", next_update="when the next update is due (default 30m; none)",
+    components="components and their status: api=partial_outage,uploads=operational"))
 def update(c, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
            json=False):
     """Post an update: new state, what is known, components, next update time; notices to every channel."""
@@ -157,9 +160,9 @@ def update(c, id, env=None, status=None, message=None, next_update="30m", compon
              done=lambda incident: f"incident {incident.id} is now {incident.state}")
 
 
-@task(help=helps("env", "dry_run", "json", id=INCIDENT_ID, message="summary: what happened, what fixed it",
-                 cause="the cause, when known", postmortem="link to the postmortem"))
-@opstask
+@task(klass=OpsTask, short={"cause": "a"}, help=dict(
+    id=INCIDENT_ID, message="summary: what happened, what fixed it", cause="the cause, when known",
+    postmortem="link to the postmortem"))
 def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
     """Resolve an incident (all components operational); refused, exit 3, when it is already resolved."""
     def change(incident: Incident) -> None:
@@ -169,8 +172,7 @@ def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=
              done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
 
 
-@task(help=helps("env", "json", id=INCIDENT_ID))
-@opstask
+@task(klass=OpsTask, help=dict(id=INCIDENT_ID))
 def show(c, id, env=None, json=False):
     """The incident and its timeline: every update, triage, notice delivery and rollback, in order."""
     output = make_output(json)
@@ -188,8 +190,7 @@ def show(c, id, env=None, json=False):
     output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline]})
 
 
-@task(name="list", help=helps("env", "json", open="only the incidents not resolved yet"))
-@opstask
+@task(klass=OpsTask, name="list", help=dict(open="only the incidents not resolved yet"))
 def list_(c, env=None, open=False, json=False):
     """The environment's incidents, newest first: id, state, impact, title, opened, resolved."""
     output = make_output(json)
@@ -230,8 +231,6 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
     if not backup_id or record.step_states().get("manifest") != "verified":
         return RestoreSafety(False, f"the failed migrate run {record.run_id} has no complete pre-migration backup",
                              run_id=record.run_id)
-    from ops.backup_manifest import list_backups
-    from ops.storage import open_storage
 
     try:
         complete, _ = list_backups(open_storage(env.storage_config("backups")), strict=False)
@@ -248,9 +247,8 @@ def _judge_migrate_run(env: Environment, record: Any) -> RestoreSafety:
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup."""
-    from runbooks.deploy import rollback_steps
-
+    """deploy.rollback's steps, then (with restore=True, only when safe) the restore of the pre-migration backup;
+    for an incident, each failure and the outcome are recorded in its timeline."""
     steps = rollback_steps(env)
     if arguments.get("restore"):
         backup_id = arguments.get("backup")
@@ -261,16 +259,15 @@ def build(env: Environment, **arguments: Any) -> Runbook:
                                   hint="roll back without --restore; restore by hand (`inv restore`) only if you "
                                        "accept losing what was written since the backup")
             backup_id = arguments["backup"] = safety.backup_id
-        from runbooks.restore import build as restore_runbook
-
         steps += restore_runbook(env, backup=backup_id).steps
-    incident = arguments.get("incident") or "an incident"
-    return Runbook("incident.rollback", f"Roll back {env.name} for {incident}", steps, arguments=arguments)
+    incident = arguments.get("incident")
+    if incident and not steps:
+        raise UsageError(f"nothing to roll back with: {env.name} has no hosts and no restore was asked")
+    return rollback_runbook(env, steps, incident, arguments.get("backup"), arguments)
 
 
-@task(help=helps("env", "dry_run", "confirm", "json", id=INCIDENT_ID,
-                 restore="also restore the pre-migration backup (only offered when safe)"))
-@opstask
+@task(klass=OpsTask, help=dict(id=INCIDENT_ID,
+                               restore="also restore the pre-migration backup (only offered when safe)"))
 def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
     """Roll back the release (deploy.rollback) and, only when safe and asked, restore the pre-migration backup."""
     output = make_output(json)
@@ -278,8 +275,7 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
     environment_.register_secrets()
     store = IncidentStore(environment_)
     with store.lock(id):
-        incident = store.load(id)
-        refuse_if_resolved(incident, "rolled back")
+        refuse_if_resolved(store.load(id), "rolled back")
         safety = restore_safety(environment_)
         output.info(f"restore of a backup: {'offered' if safety.safe else 'not offered'} — {safety.reason}")
         if restore and not safety.safe:
@@ -288,23 +284,13 @@ def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=F
         if safety.safe and not restore:
             output.info(f"  add --restore to also restore backup {safety.backup_id} in this rollback")
         runbook = build(environment_, incident=id, restore=restore, backup=safety.backup_id if restore else None)
-        if not runbook.steps:
-            raise UsageError(f"nothing to roll back with: {environment_.name} has no hosts and no restore was asked")
+        execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
 
-        def record(status: str, run_id: str, error: str | None = None) -> None:
-            add_entry(incident, "rollback", _operator(), message=f"rollback {status}",
-                      detail={"run_id": run_id, "status": status, "error": error,
-                              "steps": [step.name for step in runbook.steps],
-                              "restored_backup": runbook.arguments.get("backup") if status == "succeeded" else None})
-            save_and_copy(store, incident, output)
 
-        def on_failure(ctx: Any, error: OpsError) -> None:
-            if not dry_run:
-                record("failed", ctx.run_id, error.message)
-
-        outcome = execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm, on_failure=on_failure)
-        if not dry_run:
-            record(outcome.status, outcome.run_id)
+# RUNBOOKS: a failed open, update or resolve resumed (`inv runs.resume ID`) from what its run recorded.
+build_open = functools.partial(recorded_runbook, "incident.open")
+build_update = functools.partial(recorded_runbook, "incident.update")
+build_resolve = functools.partial(recorded_runbook, "incident.resolve")
 
 
 collection = Collection("incident")

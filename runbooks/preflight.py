@@ -11,16 +11,27 @@ multipart uploads, the app's health and ready URLs, HSTS and CSP on the public U
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops.checks import Warn
+from ops import pg
+from ops.checks import Warn, checklist
 from ops.cli import OpsTask, environment, make_output
+from ops.drills import drill_due
+from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, InventoryError, OpsError
+from ops.health_probes import app_url_probes
+from ops.hosts import connect, is_loopback
+from ops.keys import key_status
+from ops.output import human_size
 from ops.secrets import reveal
+from ops.status_facts import last_backup, migration_state
 from ops.storage import open_storage
+from ops.triage import env_file_path
 
 if TYPE_CHECKING:
     from ops.checks import Probe
@@ -68,8 +79,6 @@ def auth_secret_problem(values: dict[str, str]) -> str | None:
 
 
 def is_local_database(url: str) -> bool:
-    from ops.hosts import is_loopback
-
     return is_loopback(urlsplit(url).hostname)
 
 
@@ -144,10 +153,6 @@ class EnvFiles:
         return result
 
     def _load(self, host: HostConfig) -> dict[str, str]:
-        from ops.envfile import parse_env_file
-        from ops.hosts import connect
-        from ops.triage import env_file_path
-
         path = env_file_path(self.env.app_settings(host.name))
         if not path:
             raise CheckFailed(f"no env file configured for host {host.name}", hint="set app.env_file (or app.dir)")
@@ -191,8 +196,6 @@ def _database_urls(env: Environment) -> list[tuple[str, str]]:
 
 def tls_probe(env: Environment) -> Probe:
     def probe() -> str:
-        from ops import pg
-
         problems = [f"{path} ({pg.parse_url(url).describe()}): {problem}"
                     for path, url in _database_urls(env) if (problem := tls_problem(url))]
         if problems:
@@ -219,8 +222,6 @@ def pooler_probe(env: Environment) -> Probe:
 
 def migrations_probe(env: Environment) -> Probe:
     def probe() -> str:
-        from ops.status_facts import migration_state
-
         try:
             state = migration_state(env)
         except InventoryError as error:  # nowhere to read migrations from: a warning, not a broken inventory
@@ -239,9 +240,6 @@ def migrations_probe(env: Environment) -> Probe:
 
 def backup_probe(env: Environment) -> Probe:
     def probe() -> str:
-        from ops.output import human_size
-        from ops.status_facts import last_backup
-
         rpo_hours = float(env.raw("targets.rpo_hours", DEFAULT_RPO_HOURS))
         backup = last_backup(env, open_storage(env.storage_config("backups")))
         fix = f"`inv backup --env {env.name}`, then `inv backup.verify --env {env.name}`"
@@ -264,8 +262,6 @@ def backup_probe(env: Environment) -> Probe:
 
 def drill_probe(env: Environment) -> Probe:
     def probe() -> str:
-        from ops.drills import drill_due
-
         due = drill_due(env)
         if due.done_this_quarter:
             return f"{due.quarter} drill done ({(due.last_passed or due.last or {}).get('id')})"
@@ -279,8 +275,6 @@ def drill_probe(env: Environment) -> Probe:
 
 def key_age_probe(env: Environment) -> Probe:
     def probe() -> str:
-        from ops.keys import key_status
-
         if not env.has("storage") or env.raw("storage.provider", "s3") == "local":
             return "not applicable: no storage keys (local folder)"
         try:
@@ -335,9 +329,6 @@ def headers_probe(url: str) -> Probe:
 
 
 def fetch_headers(url: str) -> dict[str, str]:
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(url, headers={"User-Agent": "opsbook-preflight"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -350,8 +341,6 @@ def fetch_headers(url: str) -> dict[str, str]:
 
 
 def probes(env: Environment) -> list[tuple[str, Probe]]:
-    from runbooks.health import app_url_probes
-
     files = EnvFiles(env)
     checks: list[tuple[str, Probe]] = []
     hosts = env.host_configs()
@@ -376,8 +365,6 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
 @task(klass=OpsTask)
 def preflight(c, env=None, json=False):
     """The production readiness checklist: pass/warn/fail with the fix for each; exit 3 if any fails."""
-    from ops.checks import checklist
-
     output = make_output(json)
     environment_ = environment(env, output=output)
     checklist(environment_, output, "preflight", probes(environment_))

@@ -21,11 +21,31 @@ left out and named as such; they never fail the run.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from invoke import task
 
+from ops import pg
 from ops.cli import OpsTask, environment, execute, make_output
+from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Runbook
+from ops.errors import OpsError
+from ops.hosts import is_loopback
+from ops.inventory import as_secret
+from ops.journal import new_run_id
+from ops.key_rotation import retire_bootstrap_steps
+from ops.migrate_steps import migrate_steps
+from ops.provision_steps import (
+    AdminPasswordStep,
+    AuthSecretStep,
+    BucketStep,
+    DatabaseStep,
+    MigrationOnNewDatabase,
+    RoleStep,
+    SeedStep,
+    StorageKeyStep,
+    lifecycle_unsupported,
+)
 
 if TYPE_CHECKING:
     from ops.engine import Step
@@ -36,8 +56,6 @@ if TYPE_CHECKING:
 
 def database_names(env: Environment) -> tuple[str, str]:
     """(role, database) the app uses: `database.role`/`database.name`, else the URL's user and database."""
-    from ops import pg
-
     target = pg.parse_url(env.database_url(direct=True))
     return env.raw("database.role", None) or target.user, env.raw("database.name", None) or target.dbname
 
@@ -66,8 +84,6 @@ def uses_key_provider(env: Environment) -> bool:
 
 def bucket_steps(env: Environment) -> list[Step]:
     """Each bucket, with its lifecycle rule where the provider has lifecycle rules."""
-    from ops.provision_steps import BucketStep, lifecycle_unsupported
-
     return [BucketStep(section, env.storage_config(section).bucket,
                        lifecycle=lifecycle_unsupported(env, section) is None)
             for section in ("storage", "backups") if env.has(section)]
@@ -75,10 +91,6 @@ def bucket_steps(env: Environment) -> list[Step]:
 
 def app_steps(env: Environment, database: str, *, backup_id: str | None) -> list[Step]:
     """Secrets and env files (hosts), migrations, seed, restart: what this environment configures."""
-    from ops.provision_steps import AdminPasswordStep, AuthSecretStep, MigrationOnNewDatabase, SeedStep
-    from runbooks.deploy import push_env_steps, restart_step
-    from runbooks.migrate import migrate_steps
-
     steps: list[Step] = []
     pushes = _all_hosts_have(env, "env_file")
     if pushes:
@@ -96,8 +108,6 @@ def app_steps(env: Environment, database: str, *, backup_id: str | None) -> list
 
 def not_configured(env: Environment) -> list[str]:
     """What this environment leaves out of the checklist, and why (said, never failed)."""
-    from ops.provision_steps import lifecycle_unsupported
-
     notes = [reason for section in ("storage", "backups") if env.has(section)
              if (reason := lifecycle_unsupported(env, section))]
     if env.has("storage") and env.storage_config("storage").provider != "local" and not uses_key_provider(env):
@@ -119,12 +129,6 @@ def not_configured(env: Environment) -> list[str]:
 
 def database_url_advice(env: Environment) -> list[str]:
     """Warnings about the app's database URLs: TLS off the sandbox, pgbouncer=true behind a pooler."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from ops.errors import OpsError
-    from ops.hosts import is_loopback
-    from ops.inventory import as_secret
-
     if env.sandbox or not env.has("database.url"):
         return []
     try:
@@ -150,9 +154,6 @@ def switches_every_app(env: Environment) -> bool:
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    from ops.provision_steps import DatabaseStep, RoleStep, StorageKeyStep
-    from runbooks.keys import retire_bootstrap_steps
-
     role, database = database_names(env)
     steps = bucket_steps(env)
     steps += [RoleStep(role), DatabaseStep(database, role)]
@@ -176,8 +177,6 @@ def _say_left_out(env: Environment, output: Output) -> None:
 @task(klass=OpsTask)
 def provision(c, env=None, dry_run=False, confirm=None, json=False):
     """Provision an environment: buckets, role, database, keys, app secrets and env files, migrate, seed, restart."""
-    from ops.journal import new_run_id
-
     output = make_output(json)
     environment_ = environment(env, output=output, confirm=confirm)
     arguments: dict[str, Any] = {}

@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
+from ops import retention
+from ops.backup_manifest import BACKUPS_DIR, backup_prefix
 from ops.cli import OpsTask, environment, make_output
 from ops.clock import utc_now
-from ops.engine import Change, Runbook, RunContext, Step
+from ops.engine import Change, Runbook, RunContext, Runner, Step
 from ops.errors import CheckFailed, StepFailed
+from ops.retention import delete_backup, policy_for, remove_incomplete
 
 if TYPE_CHECKING:
     from ops.engine import RunResult
@@ -27,8 +30,6 @@ SURVEY_STATE = "retention"  # ctx.state key: the survey the last check before ap
 
 
 def take_survey(ctx: RunContext, policy: RetentionPolicy, force: bool) -> Survey:
-    from ops import retention
-
     found = retention.survey(ctx.storage("backups"), policy, utc_now(), force=force)
     ctx.state[SURVEY_STATE] = found
     if found.refused:
@@ -42,8 +43,6 @@ def take_survey(ctx: RunContext, policy: RetentionPolicy, force: bool) -> Survey
 
 
 def leftover_objects(ctx: RunContext, backup_ids: list[str]) -> list[str]:
-    from ops.backup_manifest import backup_prefix
-
     storage = ctx.storage("backups")
     return [backup_id for backup_id in backup_ids if any(True for _ in storage.list(backup_prefix(backup_id)))]
 
@@ -69,8 +68,6 @@ class ExpiredBackupsStep(Step):
                       {"delete": deletions})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.retention import delete_backup
-
         deleted = []
         for item in change.data["delete"]:
             delete_backup(ctx.storage("backups"), item["id"])
@@ -111,8 +108,6 @@ class IncompleteUploadsStep(Step):
                                          "uploads": list(found.stale_uploads)})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.retention import remove_incomplete
-
         storage = ctx.storage("backups")
         for backup_id in change.data["incomplete"]:
             remove_incomplete(storage, backup_id)
@@ -124,8 +119,6 @@ class IncompleteUploadsStep(Step):
                 "uploads_aborted": [{"key": u.key, "upload_id": u.upload_id} for u in change.data["uploads"]]}
 
     def verify(self, ctx: RunContext) -> None:
-        from ops.backup_manifest import BACKUPS_DIR
-
         outputs = ctx.state.get(self.name) or {}
         remaining = leftover_objects(ctx, outputs.get("incomplete_removed", []))
         aborted = {item["upload_id"] for item in outputs.get("uploads_aborted", [])}
@@ -137,8 +130,6 @@ class IncompleteUploadsStep(Step):
 
 
 def build(env: Environment, force: bool = False, **arguments: Any) -> Runbook:
-    from ops.retention import policy_for
-
     policy = policy_for(env)
     steps: list[Step] = [ExpiredBackupsStep(policy, force), IncompleteUploadsStep(policy, force)]
     return Runbook("backup.prune", f"Prune the backups of {env.name}", steps,
@@ -148,8 +139,6 @@ def build(env: Environment, force: bool = False, **arguments: Any) -> Runbook:
 def run_prune(env: Environment, output: Output, *, dry_run: bool, confirm: str | None,
               force: bool) -> tuple[RunResult, Survey | None]:
     """Like ops.cli.execute, keeping the run's context so the survey can be reported."""
-    from ops.engine import RunContext, Runner
-
     ctx = RunContext(env, output=output)
     result = Runner(build(env, force=force), ctx, confirm=confirm, prompt=input).run(dry_run=dry_run)
     return result, ctx.state.get(SURVEY_STATE)

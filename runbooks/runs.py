@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
+import runbooks
 from ops.cli import OpsTask, environment, execute, load_inventory, make_output
 from ops.errors import UsageError
+from ops.journal import list_runs, read_run
 
 
 def _runs_dir():
@@ -15,8 +17,6 @@ def _runs_dir():
 @task(klass=OpsTask, help=dict(limit="how many runs to list, newest first (default 20)"))
 def list_(c, limit=20, json=False):
     """The journaled runs, newest first: id, runbook, environment, operator, outcome."""
-    from ops.journal import list_runs
-
     output = make_output(json)
     records = list_runs(_runs_dir(), limit=int(limit))
     rows = [[r.run_id, r.header.get("runbook", "?"), r.header.get("env", "?"), r.header.get("operator", "?"),
@@ -29,8 +29,6 @@ def list_(c, limit=20, json=False):
 @task(klass=OpsTask, help=dict(run_id="the run's id (from `inv runs.list`): the first argument, or --run-id ID"))
 def show(c, run_id, json=False):
     """One run's journal: header, each step's transitions with timings, the outcome."""
-    from ops.journal import read_run
-
     output = make_output(json)
     record = read_run(_runs_dir(), run_id)
     header = record.header
@@ -60,9 +58,6 @@ def _describe(entry: dict) -> str:
 @task(klass=OpsTask, help=dict(run_id="the interrupted or failed run to resume: the first argument, or --run-id ID"))
 def resume(c, run_id, confirm=None, json=False):
     """Resume a run: re-check each step, skip those verified already, apply the rest."""
-    import runbooks
-    from ops.journal import read_run
-
     output = make_output(json)
     record = read_run(_runs_dir(), run_id)
     header = record.header
@@ -85,8 +80,6 @@ runs.add_task(resume)
 @task(klass=OpsTask, help=dict(name="the runbook's name, e.g. provision"))
 def show_runbook(c, name, env=None):
     """Print the runbook as a numbered Markdown checklist, generated from the steps that run."""
-    import runbooks
-
     environment_ = environment(env)
     make_output(False).document(runbooks.build(name, environment_).checklist(environment_.name), end="")
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from invoke import Collection, task
 
 from ops.cli import OpsTask, load_inventory, make_output
+from ops.sandbox import Sandbox
 
 
 def _sandbox():
-    from ops.sandbox import Sandbox
-
     return Sandbox(load_inventory().state_dir / "sandbox")
 
 

@@ -16,10 +16,12 @@ from invoke import Collection, task
 from ops import keys
 from ops.cli import OpsTask, environment, execute, make_output
 from ops.clock import iso_z, utc_now
+from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import UsageError
+from ops.journal import new_run_id
+from ops.key_rotation import AfterSwitch
 from ops.secrets import Secret
-from runbooks.keys import AfterSwitch
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -75,8 +77,6 @@ class GenerateSecret(Step):
 
 def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None = None,
           **arguments: Any) -> Runbook:
-    from runbooks.deploy import push_env_steps, restart_step
-
     secret = canonical(name)
     after = ("generate-secret",)
     steps: list[Step] = [GenerateSecret(secret, rotation)]
@@ -90,8 +90,6 @@ def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None =
 @task(klass=OpsTask, help=dict(name="ADMIN_PASSWORD, or AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET)"))
 def rotate(c, name, env=None, dry_run=False, confirm=None, json=False):
     """Rotate an app secret: generate it, push the env files, rolling restart (the admin password shown once)."""
-    from ops.journal import new_run_id
-
     output = make_output(json)
     environment_ = environment(env, output=output, confirm=confirm)
     execute(build(environment_, name=name, rotation=new_run_id()), environment_, output, dry_run=dry_run,

@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
+from ops import status_facts as facts
 from ops.cli import OpsTask, environment, make_output
 from ops.errors import CheckFailed, InventoryError
+from ops.metrics import MetricFamily, write_textfile
+from ops.output import human_size
+from ops.status_facts import describe_error, migration_state, open_incidents
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -48,8 +52,6 @@ class StatusReport:
 
 
 def _migrations(env: Environment) -> dict[str, Any] | None:
-    from ops.status_facts import migration_state
-
     state = migration_state(env)
     if state is None:
         return None
@@ -58,16 +60,12 @@ def _migrations(env: Environment) -> dict[str, Any] | None:
 
 
 def _incidents(env: Environment) -> dict[str, Any]:
-    from ops.status_facts import open_incidents
-
     found = open_incidents(env)
     return {"open": len(found), "incidents": found}
 
 
 def readers(env: Environment) -> dict[str, Callable[[], Any]]:
     """Each part's reader; a part the inventory does not configure is left out."""
-    from ops import status_facts as facts
-
     parts: dict[str, Callable[[], Any]] = {"database": lambda: facts.database_facts(env)}
     for section in ("storage", "backups"):
         if env.has(section):
@@ -89,8 +87,6 @@ NOT_AVAILABLE = {
 
 
 def collect(env: Environment) -> StatusReport:
-    from ops.status_facts import describe_error
-
     report = StatusReport(env.name, time.time())
     parts = readers(env)
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
@@ -117,8 +113,6 @@ def collect(env: Environment) -> StatusReport:
 
 
 def families(report: StatusReport) -> list[MetricFamily]:
-    from ops.metrics import MetricFamily
-
     env = report.env
     out = [MetricFamily("opsbook_status_timestamp_seconds", "Unix time inv status collected these numbers.")
            .add(report.collected_at, env=env)]
@@ -147,8 +141,6 @@ def families(report: StatusReport) -> list[MetricFamily]:
 
 
 def _database_families(database: dict[str, Any] | None, env: str) -> list[MetricFamily]:
-    from ops.metrics import MetricFamily
-
     if not database:
         return []
     connections = MetricFamily("opsbook_database_connections", "Client connections on the server by state.")
@@ -174,8 +166,6 @@ def _database_families(database: dict[str, Any] | None, env: str) -> list[Metric
 
 
 def _bucket_families(report: StatusReport, env: str) -> list[MetricFamily]:
-    from ops.metrics import MetricFamily
-
     objects = MetricFamily("opsbook_bucket_objects", "Objects in the bucket (under the environment's prefix).")
     size = MetricFamily("opsbook_bucket_size_bytes", "Bytes stored in the bucket (under the environment's prefix).")
     for section in ("storage", "backups"):
@@ -187,8 +177,6 @@ def _bucket_families(report: StatusReport, env: str) -> list[MetricFamily]:
 
 
 def _backup_families(backup: dict[str, Any] | None, env: str) -> list[MetricFamily]:
-    from ops.metrics import MetricFamily
-
     if not backup:
         return []
     return [
@@ -206,8 +194,6 @@ def _backup_families(backup: dict[str, Any] | None, env: str) -> list[MetricFami
 
 
 def show(report: StatusReport, output: Output) -> None:
-    from ops.output import human_size
-
     output.info(f"status of {report.env}:")
     database = report.parts.get("database")
     if database:
@@ -229,8 +215,6 @@ def show(report: StatusReport, output: Output) -> None:
 
 
 def _show_rest(report: StatusReport, output: Output) -> None:
-    from ops.output import human_size
-
     backup = report.parts.get("last_backup")
     if backup:
         verified = "verified" if (backup["newest_verified"] or {}).get("id") == backup["id"] else "not verified"
@@ -262,8 +246,6 @@ def status(c, env=None, json=False, prometheus=None):
     report = collect(environment_)
     show(report, output)
     if prometheus:
-        from ops.metrics import write_textfile
-
         path = Path(prometheus).expanduser()
         write_textfile(path, families(report), replace={"env": environment_.name})
         output.info(f"wrote {path}")

@@ -131,9 +131,9 @@ def test_a_reader_never_sees_a_partial_env_file(
     import sys
 
     from ops.cli import execute
+    from ops.deploy_steps import PushEnvStep
     from ops.engine import Runbook
     from ops.output import Output
-    from runbooks.deploy import PushEnvStep
 
     # A plain (not secret) value large enough that a non-atomic write would be seen half-way.
     setup = deploy_env({"web1": {"env": {"PADDING": "p" * 300_000}}})

@@ -89,6 +89,9 @@ def test_open_update_twice_resolve_reaches_every_channel_with_no_secret(opsbook,
 
     ok(opsbook.run("incident.update", incident_id, "--status", "identified", "--message", "Storage key expired",
                    "--next-update", "45m", "--components", "uploads=major_outage"))
+    planned = ok(opsbook.run("incident.rollback", incident_id, "--dry-run"))
+    assert f"record the rollback in incident {incident_id}'s timeline: would add the rollback" in planned.stderr
+    assert [e["kind"] for e in _timeline(opsbook, incident_id)][-1] == "notice"  # a dry run records nothing
     rollback = ok(opsbook.run("incident.rollback", incident_id, "--confirm", "prod"))
     assert "restore of a backup: not offered — no migrate run of prod" in rollback.stderr
     assert (shop["app_dir"] / "current").readlink().name == "r1"
@@ -237,3 +240,56 @@ def test_a_broken_template_fails_the_dry_run_and_the_real_run_still_records_the_
     assert [(e["kind"], e.get("message")) for e in timeline] == [
         ("opened", "We are investigating reports of this problem."), ("notice", "no notice sent: a template failed")]
     assert not (opsbook.root / "status.md").exists()
+
+
+def _last_run(opsbook: Opsbook, runbook: str) -> str:
+    (run,) = [run for run in ok(opsbook.run("runs.list", "--json")).json()["runs"] if run["runbook"] == runbook][:1]
+    return run["run_id"]
+
+
+def test_a_failed_incident_run_resumes_sending_only_to_the_channels_that_did_not_get_the_notice(opsbook,
+                                                                                                 webhook_receiver):
+    opsbook.environ["HOOK_URL"] = webhook_receiver.url()
+    opsbook.write_inventory({"project": "calm", "default_env": "prod", "envs": {"prod": {"notify": [
+        {"kind": "webhook", "url": "${env:HOOK_URL}", "timeout": 5, "retries": 1},
+        {"kind": "file", "path": "status.md", "audience": "public"}]}}})
+    webhook_receiver.fail_next = 100  # the webhook is down for the whole run
+    opened = opsbook.run("incident.open", "--title", "Checkout slow", "--impact", "minor", "--components",
+                         "checkout", "--no-triage", "--json")
+    assert opened.exit_code == 1 and "did not get the notice: notify[0] webhook" in opened.stderr, str(opened)
+    incident_id = opened.json()["incident"]["id"]
+    run_id = _last_run(opsbook, "incident.open")
+    assert ok(opsbook.run("runs.show", run_id, "--json")).json()["status"] == "failed"
+    assert (opsbook.root / "status.md").read_text().count("# Checkout slow") == 1
+
+    webhook_receiver.reset()  # the webhook is back
+    preview = ok(opsbook.run("runbook.show", "incident.open"))
+    assert "send the notices" in preview.stdout
+    resumed = ok(opsbook.run("runs.resume", run_id))
+    assert f"resuming run {run_id} (incident.open" in resumed.stderr
+    assert "channel(s) that did not get them: 1 channel(s)" in resumed.stderr, resumed.stderr
+    assert [p["blocks"][0]["text"]["text"] for p in webhook_receiver.payloads()] == ["Investigating: Checkout slow"]
+    assert (opsbook.root / "status.md").read_text().count("# Checkout slow") == 1  # the file had it: not again
+    notices = [entry for entry in _timeline(opsbook, incident_id) if entry["kind"] == "notice"]
+    assert [[(d["kind"], d["ok"]) for d in e["detail"]["deliveries"]] for e in notices] == [
+        [("webhook", False), ("file", True)], [("webhook", True)]]
+    again = ok(opsbook.run("runs.resume", run_id))  # nothing is left to send
+    assert len(webhook_receiver.requests) == 1, again.stderr
+
+
+def test_a_broken_template_run_resumes_once_the_template_is_fixed(opsbook):
+    broken = opsbook.root / "templates" / "incident" / "investigating" / "status_page.public.md.j2"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{{ incident.nosuch_field }}\n")
+    opsbook.write_inventory({"project": "calm", "default_env": "prod", "envs": {"prod": {
+        "incidents": {"templates_dir": "templates"},
+        "notify": [{"kind": "file", "path": "status.md", "audience": "public"}]}}})
+    real = opsbook.run("incident.open", "--title", "Checkout slow", "--impact", "minor", "--components", "checkout",
+                       "--no-triage")
+    assert real.exit_code == 2 and "nosuch_field" in real.stderr, str(real)
+    run_id = _last_run(opsbook, "incident.open")
+    still = opsbook.run("runs.resume", run_id)
+    assert still.exit_code == 2 and "nosuch_field" in still.stderr, str(still)
+    broken.unlink()
+    ok(opsbook.run("runs.resume", run_id))
+    assert (opsbook.root / "status.md").read_text().count("# Checkout slow") == 1

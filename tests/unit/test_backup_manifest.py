@@ -10,9 +10,9 @@ import pytest
 
 from ops import backup_manifest as bm
 from ops import restore_db
+from ops.backup_steps import render_metrics
 from ops.errors import CheckFailed
 from ops.storage import StorageConfig, open_storage
-from runbooks.backup import render_metrics
 from tests.fixtures.manifests import manifest
 
 

@@ -13,9 +13,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops import dump, fetch, pg, restore_db
+from ops.backup_manifest import BACKUPS_DIR, Verification, append_verification, list_backups, read_verifications
+from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, UsageError
+from ops.inventory import plain
 from ops.output import ProgressLines, human_size
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.backup_manifest import IncompleteBackup, Manifest
@@ -31,8 +36,6 @@ READERS = 8
 
 def select(storage: Storage, backup: str) -> list[Manifest]:
     """"latest", "all" or one backup id → manifests (newest first); errors say what exists."""
-    from ops.backup_manifest import list_backups
-
     complete, incomplete = list_backups(storage)
     if not complete and backup in ("latest", "all"):
         raise CheckFailed(f"there is no complete backup in {storage.describe()}",
@@ -56,9 +59,6 @@ def select(storage: Storage, backup: str) -> list[Manifest]:
 def identities_for(env: Environment, identity: str | None, manifests: list[Manifest], *,
                    required: bool) -> list[Any] | None:
     """The age identities to decrypt with; None when none is configured (UsageError when `required`)."""
-    from ops import dump
-    from ops.inventory import plain
-
     if not any(manifest.encrypted for manifest in manifests):
         return None
     path = identity or plain(env.value("backups.identity_file", None))
@@ -93,9 +93,6 @@ class VerifyStep(Step):
                       [f"{m.id}: {m.object.key}, {m.size} bytes" for m in manifests])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.backup_manifest import Verification, append_verification
-        from ops.clock import iso_z, utc_now
-
         storage = ctx.storage("backups")
         manifests = select(storage, self.backup)
         identities = identities_for(ctx.env, self.identity, manifests, required=self.deep)
@@ -123,8 +120,6 @@ class VerifyStep(Step):
 
 
 def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
-    from ops import fetch
-
     storage = ctx.storage("backups")
     progress = ProgressLines(ctx.log, f"{manifest.id}: read")
     if not deep:
@@ -139,9 +134,6 @@ def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list
 def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, identities: list[Any] | None,
                          progress: Any) -> dict[str, int]:
     """Stream the backup into `<db>__verify_<stamp>` on the environment's server, count rows, drop it."""
-    from ops import pg, restore_db
-    from ops.clock import utc_now
-
     url = ctx.env.admin_url()
     with restore_db.maintenance_connection(url, ctx.label) as connection:
         where = pg.parse_url(url).describe()
@@ -186,10 +178,6 @@ def verified_text(records: list[dict[str, Any]]) -> str:
 
 
 def show_backups(env: Environment, output: Output) -> None:
-    from ops.backup_manifest import BACKUPS_DIR, list_backups, read_verifications
-    from ops.clock import utc_now
-    from ops.storage import open_storage
-
     storage = open_storage(env.storage_config("backups"))
     complete, incomplete = list_backups(storage, strict=False)
     uploads = storage.list_incomplete_uploads(BACKUPS_DIR)

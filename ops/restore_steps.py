@@ -1,0 +1,319 @@
+"""The restore runbook's steps and builder: a verified restore with an atomic swap (`inv restore`).
+
+1. download the backup, check its size and sha256, and restore it into a new database
+   `<db>__restore_<stamp>`; compare that database's row counts with the manifest;
+2. only then swap names: `<db>` → `<db>__old_<stamp>`, the restored copy → `<db>`,
+   dropping the old one unless --keep-old.
+
+Ownership: objects are restored with --no-owner, owned by the target's own database
+role (the user of its direct URL), so the app that connects as that role owns its
+tables whichever environment the dump came from. Across environments ACLs are
+dropped too (--no-acl): the source's grantees rarely exist on the target.
+An interruption before the swap leaves the target untouched; the scratch database is
+dropped on the way out, or by the next restore if the process was killed.
+
+Two ways to fill the scratch database (`--jobs`):
+- streamed (jobs 1, the default on machines with up to 2 CPUs): the download is decoded
+  straight into pg_restore, so downloading and restoring overlap; the checksum is
+  complete when the download ends, and a mismatch drops the scratch database;
+- parallel (jobs N > 1, the default with more CPUs): the dump is decoded into a private
+  file in the state dir and verified first, then `pg_restore -j N` loads it.
+"""
+
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ops import fetch, pg, restore_db
+from ops.backup_verify import identities_for, select
+from ops.cli import environment as load_environment
+from ops.clock import utc_now
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import StepFailed, UsageError
+from ops.output import ProgressLines, human_size
+from ops.restore_db import side_name
+from ops.storage import EarlyRead, open_storage
+
+if TYPE_CHECKING:
+    from ops.backup_manifest import Manifest
+    from ops.inventory import Environment
+    from ops.storage import Storage
+
+
+class Plan:
+    """What the steps share: the source, the chosen backup, the target's names."""
+
+    def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
+                 keep_old: bool, identity: str | None, jobs: int = 1):
+        self.target, self.source, self.backup, self.database = target, source, backup, database
+        self.keep_old, self.identity, self.jobs = keep_old, identity, jobs
+        self.scratch = side_name(database, "restore", stamp)
+        self.old = side_name(database, "old", stamp)
+        self._manifest: Manifest | None = None
+        self._tool: Any = None
+
+    @property
+    def cross_environment(self) -> bool:
+        return self.source.name != self.target.name
+
+    def storage(self, ctx: RunContext) -> Storage:
+        if not self.cross_environment:
+            return ctx.storage("backups")
+
+        return open_storage(self.source.storage_config("backups"))
+
+    def manifest(self, ctx: RunContext) -> Manifest:
+        """The chosen backup, resolved once per run ("latest" must not change between steps)."""
+        if self._manifest is None:
+            self._manifest = select(self.storage(ctx), self.backup)[0]
+        return self._manifest
+
+    def identities(self) -> list[Any] | None:
+        assert self._manifest is not None
+        return identities_for(self.source, self.identity, [self._manifest], required=True)
+
+    def archive(self, ctx: RunContext) -> Path:
+        return ctx.env.inventory.state_dir / "restore" / f"{ctx.run_id}.pgc"
+
+    def url(self, ctx: RunContext) -> Any:
+        return pg.with_database(ctx.env.database_url(direct=True), self.database)
+
+    def maintenance(self, ctx: RunContext) -> Any:
+        return restore_db.maintenance_connection(ctx.env.admin_url(), ctx.label)
+
+    def tool(self, ctx: RunContext) -> Any:
+        """pg_restore able to read this dump for this server; CheckFailed naming the versions otherwise."""
+        if self._tool is None:
+            self._tool = self._find_tool(ctx)
+        return self._tool
+
+    def _find_tool(self, ctx: RunContext) -> Any:
+        manifest = self.manifest(ctx)
+        with self.maintenance(ctx) as connection:
+            major = pg.server_version(connection)[0]
+        where = pg.parse_url(ctx.env.admin_url()).describe()
+        return pg.find_client_tool("pg_restore", restore_db.readable_by(manifest, major, where))
+
+
+    def create_scratch(self, ctx: RunContext) -> str:
+        """Drop scratch databases left by killed restores, create this run's; returns its owner."""
+        with self.maintenance(ctx) as connection:
+            for leftover in restore_db.leftovers(connection, self.database, "restore"):
+                ctx.log(f"dropping {leftover}, left by an interrupted restore")
+                pg.drop_database(connection, leftover)
+            owner = restore_db.database_owner(connection, self.database) or pg.parse_url(self.url(ctx)).user
+            pg.create_database(connection, self.scratch, owner=owner)
+        return owner
+
+    def drop_scratch(self, ctx: RunContext) -> None:
+        with self.maintenance(ctx) as connection:
+            pg.drop_database(connection, self.scratch)
+
+    def check_counts(self, ctx: RunContext) -> dict[str, int]:
+        counts = restore_db.check_row_counts(self.manifest(ctx), self.url(ctx), self.scratch, ctx.label)
+        ctx.log(f"{len(counts)} tables, {sum(counts.values())} rows: as in the manifest")
+        return counts
+
+    def scratch_exists(self, ctx: RunContext) -> None:
+        with self.maintenance(ctx) as connection:
+            if not pg.database_exists(connection, self.scratch):
+                raise StepFailed(f"{self.scratch} is missing after the restore")
+
+    def describe_source(self, ctx: RunContext) -> list[str]:
+        manifest = self.manifest(ctx)
+        tool = self.tool(ctx)
+        self.identities()  # an encrypted backup without its key is refused before the download
+        return [f"{self.storage(ctx).describe()}: {manifest.object.key}",
+                f"taken {manifest.started_at} from {manifest.database.target} "
+                f"(PostgreSQL {manifest.database.server_version}); restored with pg_restore {tool.version}"]
+
+
+class ScratchLoad(Step):
+    """Loading into the run's scratch database, dropped again on any failure: the target keeps no trace."""
+
+    name = "load"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def into_scratch(self, ctx: RunContext, change: Change, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Create the scratch database, `load()` into it and check its row counts."""
+        plan = self.plan
+        owner = plan.create_scratch(ctx)
+        try:
+            loaded = load()
+            counts = plan.check_counts(ctx)
+        except BaseException:  # interrupted, damaged or failed
+            self.undo(ctx, change)
+            raise
+        return {**loaded, "database": plan.scratch, "owner": owner, "tables": len(counts),
+                "rows": sum(counts.values())}
+
+    def verify(self, ctx: RunContext) -> None:
+        self.plan.scratch_exists(ctx)
+
+    def undo(self, ctx: RunContext, change: Change) -> None:
+        self.plan.drop_scratch(ctx)
+
+
+class StreamStep(ScratchLoad):
+    """Download, verify and restore in one pass (see the module's docstring)."""
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.title = (f"download backup {plan.backup} of {plan.source.name}, restore it into a new database "
+                      f"{plan.scratch} as it arrives, check its sha256 and row counts")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        manifest = self.plan.manifest(ctx)
+        return Change(f"download {manifest.id} ({human_size(manifest.size)}) from {self.plan.source.name}, "
+                      f"restoring it into {self.plan.scratch} as it arrives", [*self.plan.describe_source(ctx),
+                                               f"on {ctx.env.name}; the live database {self.plan.database} is "
+                                               "not touched (a checksum or row-count mismatch drops the copy)"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        plan = self.plan
+        manifest = plan.manifest(ctx)
+
+        def stream() -> dict[str, Any]:
+            fetched = restore_db.restore_streamed(
+                plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
+                identities=plan.identities(), cross_environment=plan.cross_environment,
+                on_progress=ProgressLines(ctx.log, "downloaded and restored"), opened=download)
+            ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
+            return {"backup_id": manifest.id, "sha256": fetched.sha256}
+
+        download = EarlyRead(plan.storage(ctx), manifest.object.key)  # the server's first byte, while we set up
+        try:
+            return self.into_scratch(ctx, change, stream)
+        finally:
+            download.close()  # already closed once read; here also when it never was
+
+
+class FetchStep(Step):
+    name = "fetch"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.title = f"download backup {plan.backup} of {plan.source.name} and check its sha256 before anything else"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        manifest = self.plan.manifest(ctx)
+        return Change(f"download {manifest.id} ({human_size(manifest.size)}) from {self.plan.source.name} "
+                      "and verify it", [*self.plan.describe_source(ctx),
+                                        f"decoded into {self.plan.archive(ctx)} "
+                                        f"({human_size(manifest.object.dump_size)})"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        manifest = self.plan.manifest(ctx)
+        archive = self.plan.archive(ctx)
+        _remove_stale_archives(archive.parent, keep=archive)
+        fetched = fetch.fetch_verified(self.plan.storage(ctx), manifest, path=archive,
+                                       identities=self.plan.identities(),
+                                       on_progress=ProgressLines(ctx.log, "downloaded"))
+        ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
+        return {"backup_id": manifest.id, "archive": str(archive), "sha256": fetched.sha256}
+
+    def verify(self, ctx: RunContext) -> None:
+        if not self.plan.archive(ctx).exists():
+            raise StepFailed(f"{self.plan.archive(ctx)} is missing after the download")
+
+    def undo(self, ctx: RunContext, change: Change) -> None:
+        self.plan.archive(ctx).unlink(missing_ok=True)
+
+
+def _remove_stale_archives(directory: Path, keep: Path) -> None:
+    """Decoded dumps of restores that were killed: they hold a whole database, do not let them pile up."""
+    for stale in directory.glob("*.pgc") if directory.exists() else []:
+        if stale != keep:
+            stale.unlink(missing_ok=True)
+
+
+class LoadStep(ScratchLoad):
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.title = f"restore into a new database {plan.scratch} and compare row counts with the manifest"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        return Change(f"create {self.plan.scratch} and pg_restore -j {self.plan.jobs} into it",
+                      [f"on {ctx.env.name}; the live database {self.plan.database} is not touched"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        plan = self.plan
+        archive = Path((ctx.state.get("fetch") or {}).get("archive") or plan.archive(ctx))
+
+        def load() -> dict[str, Any]:
+            restore_db.restore_archive(plan.tool(ctx), plan.url(ctx), plan.scratch, str(archive), jobs=plan.jobs,
+                                       cross_environment=plan.cross_environment)
+            return {}
+
+        try:
+            return self.into_scratch(ctx, change, load)
+        finally:
+            archive.unlink(missing_ok=True)
+
+
+class SwapStep(Step):
+    name = "swap"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        ending = f"kept as {plan.old}" if plan.keep_old else "dropped"
+        self.title = f"swap {plan.database} for the restored copy (its sessions are ended; the old one is {ending})"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        plan = self.plan
+        return Change(f"make {plan.scratch} the database {plan.database}",
+                      [f"end the sessions on {plan.database} and rename it {plan.old}",
+                       f"rename {plan.scratch} to {plan.database}",
+                       f"keep {plan.old}" if plan.keep_old else f"drop {plan.old}"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        plan = self.plan
+        with plan.maintenance(ctx) as connection:
+            had_old = restore_db.swap(connection, plan.database, plan.scratch, plan.old)
+            if had_old and not plan.keep_old:
+                pg.drop_database(connection, plan.old)
+        ctx.log(f"{plan.database} now holds backup {plan.manifest(ctx).id}"
+                + (f"; the previous one is {plan.old}" if had_old and plan.keep_old else ""))
+        return {"database": plan.database, "old": plan.old if had_old and plan.keep_old else None}
+
+    def verify(self, ctx: RunContext) -> None:
+        with self.plan.maintenance(ctx) as connection:
+            if pg.database_exists(connection, self.plan.scratch) or not pg.database_exists(connection,
+                                                                                           self.plan.database):
+                raise StepFailed(f"the swap of {self.plan.database} did not complete",
+                                 hint=f"look at the databases on the server: {self.plan.scratch}, {self.plan.old}")
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    source_name = arguments.get("source") or env.name
+    source = env if source_name == env.name else _environment(source_name)
+    database = arguments.get("database") or env.database_name()
+    jobs = restore_jobs(arguments.get("jobs"))
+    plan = Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
+                bool(arguments.get("keep_old")), arguments.get("identity"), jobs)
+    title = f"Restore {env.name} ({database}) from a backup of {source.name}"
+    loading: list[Step] = [StreamStep(plan)] if jobs == 1 else [FetchStep(plan), LoadStep(plan)]
+    return Runbook("restore", title, [*loading, SwapStep(plan)], arguments=arguments, locks=("environment",))
+
+
+def restore_jobs(requested: int | str | None) -> int:
+    """pg_restore jobs: 1 streams (best with up to 2 CPUs, where download and restore share them)."""
+    if requested not in (None, "", 0, "0", "auto"):
+        jobs = int(requested)
+        if jobs < 1:
+            raise UsageError(f"--jobs {requested}: give 1 (streamed) or more (parallel)")
+        return jobs
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 2 else min(4, cpus // 2)
+
+
+def _environment(name: str) -> Environment:
+    """The source may be decommissioned: its final backup is what one restores from."""
+    return load_environment(name, allow_decommissioned=True)
