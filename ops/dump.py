@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -277,8 +278,6 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
         raise StepFailed(f"cannot start {command[0]}: {error.strerror}",
                          hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
     with contextlib.suppress(OSError, ValueError):
-        import fcntl
-
         fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
     stderr = StderrTail(process.stderr)
     queue = ChunkQueue()

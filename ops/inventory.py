@@ -11,6 +11,7 @@ an undeclared `NAME-drill`, its drill target: a second database of the same clus
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
@@ -21,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ops.errors import InventoryError
+from ops.hosts import HostConfig
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
 from ops.inventory_schema import INVENTORY, SECRET_KEYS
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.pg import with_credentials
+from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret
+from ops.storage import StorageConfig
 
 if TYPE_CHECKING:
     from ops.hosts import HostConfig
@@ -183,7 +187,6 @@ class Environment:
         generated for the role, from the secret store, read at call time.
         """
         written = self._written_database_url(direct)
-        from ops.secret_store import SecretStore
 
         password = SecretStore(self.inventory.state_dir, self.name).get("DATABASE_PASSWORD")
         if not password or urlsplit(written.reveal()).password is not None:
@@ -203,8 +206,6 @@ class Environment:
 
     def storage_config(self, section: str = "storage") -> StorageConfig:
         """`storage` (the app's assets) or `backups` (dumps, audit, drills), inheriting connection settings."""
-        from ops.storage import StorageConfig
-
         if not self.has(section):
             raise self.missing(section)
         stored = self.stored_storage_keys()
@@ -230,8 +231,6 @@ class Environment:
 
     def stored_storage_keys(self) -> dict[str, Secret]:
         """After a key rotation the secret store holds the storage key pair; it wins over the inventory's."""
-        from ops.secret_store import SecretStore
-
         stored = SecretStore(self.inventory.state_dir, self.name).read()
         key_id, secret = stored.get("STORAGE_ACCESS_KEY_ID"), stored.get("STORAGE_SECRET_ACCESS_KEY")
         return {"access_key_id": key_id, "secret_access_key": secret} if key_id and secret else {}
@@ -245,8 +244,6 @@ class Environment:
 
     def host_configs(self, hosts: list[dict[str, Any]] | None = None) -> list[HostConfig]:
         """The app hosts (or `hosts` written the same way), the environment's `ssh` settings under their own."""
-        from ops.hosts import HostConfig
-
         ssh = plain(resolve(self.raw("ssh", {})))
         configs = []
         for host in plain(resolve(self.raw("hosts", []) if hosts is None else hosts)):
@@ -278,10 +275,6 @@ class Environment:
     def register_secrets(self) -> None:
         """Resolve every secret of the environment (inventory references and the secret store), so
         redaction knows them all, even those this task never uses: logs and messages can carry any."""
-        import contextlib
-
-        from ops.secret_store import SecretStore
-
         def walk(node: Any) -> None:
             if isinstance(node, dict | list):
                 for value in node.values() if isinstance(node, dict) else node:

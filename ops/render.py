@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import parse_time
 from ops.errors import InventoryError
+from ops.notify import Notice
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -140,8 +141,6 @@ def _redacted(node: Any) -> Any:
 
 def render_notice(state: str, notice_format: str, audience: str, context: dict[str, Any],
                   override_dir: str | Path | None = None) -> Notice:
-    from ops.notify import Notice
-
     name = notice_template(state, notice_format, audience)
     if notice_format == "webhook":
         payload = render_json(name, context, override_dir)

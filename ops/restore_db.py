@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ops import dump, fetch, pg
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
 from ops.secrets import Secret, redact
 
@@ -52,8 +53,6 @@ def side_pattern(database: str, kind: str) -> str:
 @contextmanager
 def maintenance_connection(url: Secret | str, label: str) -> Iterator[psycopg.Connection]:
     """An autocommit session on the server's maintenance database (not on the one we rename)."""
-    from ops import pg
-
     last: ConnectionFailed | None = None
     for name in MAINTENANCE_DATABASES:
         try:
@@ -92,8 +91,6 @@ def restore_options(*, cross_environment: bool) -> list[str]:
 def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive: str, *, jobs: int = 2,
                     cross_environment: bool = False) -> None:
     """pg_restore `archive` into `database` (on the server of `url`, as its user)."""
-    from ops import pg
-
     command = pg.restore_command(tool, dbname=database, archive=archive, jobs=jobs)
     command = [*command[:-1], *restore_options(cross_environment=cross_environment), command[-1]]
     environment = pg.child_environment(pg.with_database(url, database))
@@ -117,8 +114,6 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     it when this raises. A damaged object is reported as such (CheckFailed), whatever
     pg_restore made of it.
     """
-    from ops import dump, fetch, pg
-
     command = [*pg.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
     environment = pg.child_environment(pg.with_database(url, database))
     try:
@@ -150,8 +145,6 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
 
 
 def _restore_failed(database: str, url: Secret | str, status: int, stderr: str) -> StepFailed:
-    from ops import pg
-
     reason = " ".join(stderr.split())[-1500:]
     return StepFailed(f"pg_restore into {database} on {pg.parse_url(url).describe()} failed (exit {status}): "
                       f"{reason}", hint="the live database is untouched; fix the cause (missing extension, role, "
@@ -173,8 +166,6 @@ def compare_row_counts(expected: dict[str, int], actual: dict[str, int]) -> list
 
 def check_row_counts(manifest: Manifest, url: Secret | str, database: str, label: str) -> dict[str, int]:
     """Row counts of the restored `database`; CheckFailed naming each table that differs."""
-    from ops import pg
-
     with pg.connect(pg.with_database(url, database), application_name=label[:63]) as connection:
         counts = pg.table_row_counts(connection)
     problems = compare_row_counts(manifest.row_counts, counts)
@@ -206,8 +197,6 @@ def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bo
     ended and refused while the names move; both renames commit in one transaction, so a
     run killed at any point leaves `database` under its name (the live one or the restored one).
     """
-    from ops import pg
-
     if not pg.database_exists(conn, database):
         _rename(conn, restored, database)
         return False

@@ -33,6 +33,7 @@ from ops.migrations.state import (
     resolve_hint,
     use_prisma_schema,
 )
+from ops.pg import connect
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -63,8 +64,6 @@ def apply_pending(
     refuses unless `allow_edited`: the folder no longer describes the schema that was applied.
     """
     import psycopg
-
-    from ops.pg import connect
 
     emit = on_event or (lambda event, detail: None)
     local = read_local_migrations(source) if isinstance(source, Path) else list(source)
