@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops import yaml_text
 from ops.errors import StepFailed
 from ops.inventory import mask_tree
 from ops.secrets import redact
@@ -89,11 +90,9 @@ def runbook_members(checklists: Mapping[str, str]) -> list[Member]:
 
 
 def inventory_member(env: Environment) -> Member:
-    import yaml
-
     masked = mask_tree(env.inventory.data)
     header = f"# {env.inventory.file.name} of {env.inventory.project}, secrets masked (archived with {env.name})\n"
-    return Member("inventory.masked.yaml", (header + yaml.safe_dump(masked, sort_keys=False)).encode())
+    return Member("inventory.masked.yaml", (header + yaml_text.dump(masked)).encode())
 
 
 def repository_member(repository: Path, scratch: Path) -> Member | None:

@@ -9,6 +9,9 @@ part uploads, and memory stays bounded whatever the database size. pg_dump's exi
 status is checked before the last part is sent, so a failed dump never completes
 an upload. Only the stored bytes are hashed, so the manifest's sha256 is what
 anybody can recompute from the bucket with standard tools.
+
+The one module that imports zstandard and pyrage (age), inside the functions that use
+them: the stream's codec in both directions, and the age keys.
 """
 
 from __future__ import annotations
@@ -332,6 +335,21 @@ def _encode(source: CountingReader, queue: ChunkQueue, process: subprocess.Popen
                                           f"{error}"), hint="see the message; run the backup again"))
         return
     queue.close(_dump_failed(what, status, stderr.text()) if status != 0 else None)
+
+
+def decode_into(source: BinaryIO, sink: BinaryIO, identities: list[Any] | None) -> None:
+    """Decrypt (with `identities`) and decompress everything `source` holds into `sink`."""
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor().stream_writer(sink, closefd=False)
+    if identities:
+        import pyrage
+
+        pyrage.decrypt_io(source, decompressor, identities)
+    else:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            decompressor.write(chunk)
+    decompressor.flush()
 
 
 def _dump_failed(what: str, status: int, stderr: str) -> StepFailed:

@@ -29,12 +29,9 @@ def from_bucket(storage: Any, prefix: str, count: int) -> Sample:
 
 def from_database(url: Secret | str, query: str, count: int, label: str) -> Sample:
     """`query` (the inventory's drill.images_query) returns key [, size]; run read-only."""
-    from psycopg import sql
-
     with pg.connect(url, application_name=label[:63]) as connection:
         connection.execute("SET TRANSACTION READ ONLY")
-        statement = sql.SQL("SELECT * FROM ({}) AS images ORDER BY random() LIMIT %s").format(sql.SQL(query))
-        rows = connection.execute(statement, (count,)).fetchall()
+        rows = pg.random_rows(connection, query, count)
     return [(str(row[0]), int(row[1]) if len(row) > 1 and row[1] is not None else None) for row in rows]
 
 

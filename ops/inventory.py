@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ops import yaml_text
 from ops.errors import InventoryError
 from ops.hosts import HostConfig
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
-from ops.inventory_schema import INVENTORY, SECRET_KEYS
+from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.pg import with_credentials
 from ops.secret_store import SecretStore
@@ -318,45 +319,16 @@ def load(path: str | Path | None = None) -> Inventory:
 
 
 def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[str, int]]:
-    import yaml
-
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(file)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise InventoryError(f"YAML syntax error: {problem}", where=where,
-                             hint="fix the indentation or quoting at that line") from None
+    data, lines = yaml_text.load(text, file)
     if not isinstance(data, dict):
         raise InventoryError("the inventory must be a mapping with `project` and `envs`", where=str(file))
-    lines: dict[str, int] = {}
-    _record_lines(node, "", lines)
     return data, lines
-
-
-def _record_lines(node: Any, path: str, lines: dict[str, int]) -> None:
-    import yaml
-
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = f"{path}.{key_node.value}" if path else str(key_node.value)
-            lines[child] = key_node.start_mark.line + 1
-            _record_lines(value_node, child, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            child = f"{path}.{index}"
-            lines[child] = item.start_mark.line + 1
-            _record_lines(item, child, lines)
 
 
 def validate(data: dict[str, Any], lines: dict[str, int], file: Path) -> list[str]:
     """Every problem at once, each as `dotted.path: message (line N)`."""
-    from jsonschema import Draft202012Validator
-
     problems = []
-    for error in Draft202012Validator(INVENTORY).iter_errors(data):
+    for error in schema_errors(data):
         problems.extend(_describe(error, lines))
     problems.extend(_check_references(data, lines))
     problems.extend(_at(path, message, lines) for path, message in literal_url_problems(data))

@@ -261,12 +261,10 @@ class AwsIamProvider(KeyProvider):
                           settings={"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 3}})
 
     def _call(self, action: str, operation: str, **arguments: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         where = f"IAM user {self.user}" + (f" at {self.endpoint}" if self.endpoint else "")
         try:
             return getattr(self._client(), operation)(**arguments)
-        except ClientError as error:
+        except aws.ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             detail = redact(error.response.get("Error", {}).get("Message", code))
             if code == "NoSuchEntity":
@@ -279,7 +277,7 @@ class AwsIamProvider(KeyProvider):
                                             "inventory's key once they replace it: the key in use is in the secret "
                                             "store (.ops/secrets/) of the machine that ran them") from None
             raise StepFailed(f"{action}: {code}: {detail}", where=where, hint="retry; then check IAM") from None
-        except BotoCoreError as error:
+        except aws.BotoCoreError as error:
             raise ConnectionFailed(f"{action}: cannot reach IAM ({redact(error)})", where=where,
                                    hint="check keys.endpoint (or storage.endpoint) and the network") from None
 

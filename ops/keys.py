@@ -249,20 +249,18 @@ def _probe_once(storage: Storage) -> None:
 
 def key_refused(env: Environment, key_id: str, secret: Secret, section: str = "storage") -> bool:
     """Whether the `section` bucket refuses this key (revoked or unknown); errors other than a refusal raise."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     config = env.storage_config(section)
     client = aws.client("s3", endpoint=config.endpoint, region=S3Storage(config).region, access_key_id=key_id,
                         secret_access_key=secret.reveal(), settings=PROBE_SETTINGS)
     try:
         client.head_bucket(Bucket=config.bucket)
-    except ClientError as error:
+    except aws.ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in REFUSED_CODES:
             return True
         raise CheckFailed(f"bucket {config.bucket}: {code} while testing the key {mask_identifier(key_id)}",
                           hint=f"check {section}.bucket") from None
-    except BotoCoreError as error:
+    except aws.BotoCoreError as error:
         raise ConnectionFailed(f"cannot reach {config.endpoint or 'S3'}: {redact(error)}",
                                hint="check storage.endpoint and the network") from None
     return False

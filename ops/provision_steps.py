@@ -127,19 +127,13 @@ class RoleStep(Step):
                             f"(as ${{env:…}}) or in {secret_store(ctx.env).path} as {DATABASE_PASSWORD}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from psycopg import sql
-
         # The password is stored before the role exists: an interrupted run never loses it.
         password = secret_store(ctx.env).get_or_generate(DATABASE_PASSWORD)
-        statement = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(self.role), sql.Literal(password.reveal()))
-        ctx.database(admin=True).execute(statement)
+        pg.create_login_role(ctx.database(admin=True), self.role, password)
         return {"role": self.role}
 
     def undo(self, ctx: RunContext, change: Change) -> None:
-        from psycopg import sql
-
-        ctx.database(admin=True).execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.role)))
+        ctx.database(admin=True).execute(pg.identifiers("DROP ROLE IF EXISTS {}", self.role))
 
 
 class DatabaseStep(Step):

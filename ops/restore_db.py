@@ -213,8 +213,6 @@ def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bo
 def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old: str) -> None:
     """End the sessions on `database`, then both renames at once; new sessions are already refused,
     but one may have slipped in between: retry a few times."""
-    import psycopg
-
     for attempt in range(RENAME_ATTEMPTS):
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                      "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
@@ -223,7 +221,7 @@ def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old:
                 _rename(conn, database, old, translate=False)
                 _rename(conn, restored, database)
             return
-        except psycopg.errors.ObjectInUse:
+        except pg.ObjectInUse:
             if attempt == RENAME_ATTEMPTS - 1:
                 raise StepFailed(f"could not rename {database}: sessions keep connecting to it",
                                  hint="stop the app (or its pooler) for a moment and run the restore again; the "
@@ -232,32 +230,24 @@ def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old:
 
 
 def _rename(conn: psycopg.Connection, old: str, new: str, *, translate: bool = True) -> None:
-    import psycopg
-    from psycopg import sql
-
-    statement = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
     try:
-        conn.execute(statement)
-    except psycopg.errors.ObjectInUse:
+        conn.execute(pg.identifiers("ALTER DATABASE {} RENAME TO {}", old, new))
+    except pg.ObjectInUse:
         if not translate:
             raise
         raise StepFailed(f"could not rename database {old} to {new}: it is in use",
                          hint="run it again in a moment") from None
-    except psycopg.Error as error:
+    except pg.Error as error:
         raise StepFailed(f"could not rename database {old} to {new}: {redact(str(error).strip())}",
                          hint="the restoring user must own the databases (or be a superuser) and have "
                               "CREATEDB") from None
 
 
 def _allow_connections(conn: psycopg.Connection, database: str, allowed: bool) -> None:
-    import psycopg
-    from psycopg import sql
-
-    statement = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-        sql.Identifier(database), sql.SQL("true" if allowed else "false"))
+    setting = "true" if allowed else "false"
     try:
-        conn.execute(statement)
-    except psycopg.Error as error:
+        conn.execute(pg.identifiers(f"ALTER DATABASE {{}} WITH ALLOW_CONNECTIONS {setting}", database))
+    except pg.Error as error:
         raise StepFailed(f"could not {'allow' if allowed else 'refuse'} connections to {database}: "
                          f"{redact(str(error).strip())}",
                          hint="the restoring user must own the database or be a superuser") from None

@@ -110,8 +110,6 @@ def max_connections(connection: psycopg.Connection) -> dict[str, int]:
 def slowest_statements(connection: psycopg.Connection,
                        limit: int = SLOWEST_STATEMENTS) -> tuple[list[dict[str, Any]] | None, str | None]:
     """(statements by mean time, None) with pg_stat_statements; (None, why not) without it."""
-    import psycopg
-
     installed = connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'").fetchone()
     if not installed:
         return None, ("pg_stat_statements is not installed in this database: add it to shared_preload_libraries "
@@ -122,7 +120,7 @@ def slowest_statements(connection: psycopg.Connection,
                 "SELECT queryid, calls, mean_exec_time, total_exec_time, query FROM pg_stat_statements"
                 " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
                 " ORDER BY mean_exec_time DESC LIMIT %s", (limit,)).fetchall()
-    except psycopg.Error as error:
+    except pg.Error as error:
         return None, f"pg_stat_statements cannot be read: {redact(error).strip().splitlines()[0]}"
     return [{"queryid": str(queryid), "calls": int(calls), "mean_ms": round(float(mean), 3),
              "total_ms": round(float(total), 3), "query": redact_query(query)}

@@ -307,14 +307,12 @@ def prisma_schema(url: Secret | str) -> str:
 
 def use_prisma_schema(conn: psycopg.Connection, url: Secret | str, *, create: bool = False) -> None:
     """Point the session at the URL's Prisma schema, where its table and migrations live."""
-    from psycopg import sql
-
     name = prisma_schema(url)
     missing = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (name,))
     # As `prisma migrate deploy` does; checked first since CREATE SCHEMA needs a privilege the app may lack.
     if create and missing.fetchone()[0]:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
+        conn.execute(pg.identifiers("CREATE SCHEMA {}", name))
+    conn.execute(pg.identifiers("SET search_path TO {}", name))
 
 
 def resolve_hint(name: str) -> str:
@@ -438,12 +436,10 @@ def environment_status(env: Environment, dbname: str | None = None,
 
 def read_state(conn: psycopg.Connection, url: Secret | str, local: list[LocalMigration]) -> MigrationState:
     """classify() on conn's `_prisma_migrations` in the URL's Prisma schema; errors named, not raw."""
-    import psycopg
-
     try:
         use_prisma_schema(conn, url)
         return classify(local, read_applied(conn))
-    except psycopg.Error as error:
+    except pg.Error as error:
         info = conn.info
         reason = redact(" ".join(str(error).split()))
         raise ConnectionFailed(f"cannot read {MIGRATIONS_TABLE} in database {info.dbname} on "
