@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ops import pg
+from ops import hosts, pg
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
-from ops.hosts import connect
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
 from ops.locks import file_lock
 from ops.output import Output
@@ -174,7 +173,7 @@ class RunContext:
 
     def host(self, host: HostConfig) -> HostConnection:
         """One SSH connection per host for the whole run, closed with the run's other connections."""
-        return self.once(f"host:{host.name}", lambda: connect(host), close=lambda connection: connection.close())
+        return self.once(f"host:{host.name}", lambda: hosts.connect(host), close=lambda connection: connection.close())
 
     def once(self, key: str, make: Callable[[], T], *, close: Callable[[T], None] | None = None) -> T:
         """A value made once per run and shared by its steps: a connection, or a decision they must agree on."""

@@ -10,6 +10,8 @@ Commands (ops/remote_commands.py) run in a process group of their own on the hos
 here (SIGINT, or SIGTERM through the CLI), from any thread, or a timeout stops that group there.
 Secrets passed in `environment` travel on the command's stdin, never on its command line, so
 they do not show in `ps` on the host and need no `AcceptEnv`.
+
+With ops/remote_commands.py, the modules that import fabric and paramiko (inside functions).
 """
 
 from __future__ import annotations

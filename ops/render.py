@@ -4,6 +4,7 @@ A template that reads a field the context does not have is an error naming the
 template and the field, never a blank in a notice sent to customers. Operators
 override any template by putting a file with the same relative name in the
 folder named by the inventory (`incidents.templates_dir`): it is searched first.
+The one module that imports jinja2, inside the functions that use it.
 """
 
 from __future__ import annotations
