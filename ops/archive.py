@@ -10,7 +10,7 @@ The archive is one tarball with everything needed to understand the environment 
     LISTING.txt                each member's size and sha256 (also uploaded beside the tarball)
 
 The marker `<state>/decommissioned/<env>.json` (and `decommissioned.json` in the environment's backups
-storage) makes ops.cli.environment() refuse the environment. Only the standard library at import time:
+storage) makes ops.cli.environment() refuse the environment. No third-party library at import time:
 ops/cli.py reads the marker on every task.
 """
 
@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops import yaml_text
 from ops.errors import StepFailed
+from ops.inventory import mask_tree
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -88,13 +90,9 @@ def runbook_members(checklists: Mapping[str, str]) -> list[Member]:
 
 
 def inventory_member(env: Environment) -> Member:
-    import yaml
-
-    from ops.inventory import mask_tree
-
     masked = mask_tree(env.inventory.data)
     header = f"# {env.inventory.file.name} of {env.inventory.project}, secrets masked (archived with {env.name})\n"
-    return Member("inventory.masked.yaml", (header + yaml.safe_dump(masked, sort_keys=False)).encode())
+    return Member("inventory.masked.yaml", (header + yaml_text.dump(masked)).encode())
 
 
 def repository_member(repository: Path, scratch: Path) -> Member | None:

@@ -31,6 +31,8 @@ from ops.clock import iso_z, utc_now
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.output import human_size
 from ops.secrets import redact
+from ops.storage import ObjectNotFound
+from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
 
 if TYPE_CHECKING:
     from ops.storage import ObjectInfo, Storage
@@ -297,8 +299,6 @@ def copy_one(source: Storage, backups: Storage, info: ObjectInfo, dest_key: str)
     if _server_side_possible(source, backups, current.size):
         backups.server_side_copy(source, current, dest_key, metadata=metadata)
     else:
-        from ops.storage import ObjectNotFound
-
         try:
             with source.open_read(info.key) as reader:
                 backups.upload_stream(dest_key, reader, metadata=metadata, content_type=current.content_type)
@@ -308,8 +308,6 @@ def copy_one(source: Storage, backups: Storage, info: ObjectInfo, dest_key: str)
 
 
 def _server_side_possible(source: Storage, backups: Storage, size: int) -> bool:
-    from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
-
     return backups.same_account(source) and size <= MAX_COPY_OBJECT_SIZE
 
 

@@ -3,7 +3,9 @@
 Building a client loads botocore's models (a few hundred milliseconds, and again for
 each boto3 session), and a run reaches the same bucket or IAM user from several
 places. Clients are thread-safe; a new key pair gets its own. boto3 is imported here
-only when a client is first asked for, so importing this module stays cheap.
+only when a client is first asked for, so importing this module stays cheap; other modules
+(ops/storage/s3.py aside, the S3 backend) take boto3's clients and botocore's exceptions
+(`aws.ClientError`, `aws.BotoCoreError`) from here.
 """
 
 from __future__ import annotations
@@ -38,3 +40,16 @@ def client(service: str, *, endpoint: str | None, region: str, access_key_id: st
                                             aws_access_key_id=access_key_id,
                                             aws_secret_access_key=secret_access_key, config=config)
         return _clients[key]
+
+
+# botocore's exception classes for callers' `except` clauses: `except aws.ClientError:` looks the
+# class up (importing botocore) only when an exception reaches that clause.
+_EXCEPTIONS = frozenset({"BotoCoreError", "ClientError"})
+
+
+def __getattr__(name: str) -> type[Exception]:
+    if name in _EXCEPTIONS:
+        from botocore import exceptions
+
+        return getattr(exceptions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

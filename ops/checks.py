@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ops.engine import RunContext
 from ops.errors import CheckFailed, OpsError
 from ops.journal import host_name
 from ops.secrets import redact
@@ -75,8 +76,6 @@ def raise_on_failure(results: list[CheckResult], what: str) -> None:
 def checklist(env: Environment, output: Output, title: str, probes: list[tuple[str, Probe]]) -> None:
     """A whole read-only checklist as a task runs it: header, one line per check, counts, the --json
     result; CheckFailed (exit 3) when any check fails."""
-    from ops.engine import RunContext
-
     ctx = RunContext(env, output=output)
     output.info(f"{title} of {env.name} (run {ctx.run_id}):")
     results = run_checks(ctx, title, probes)

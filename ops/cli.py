@@ -14,10 +14,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from invoke import Task
+from invoke.exceptions import Exit, ParseError
+from invoke.parser.parser import ParseMachine
+from invoke.program import Program
 
-from ops import pings, processes, remote_commands
+from ops import inventory, pings, processes, remote_commands
+from ops.archive import decommission_marker
+from ops.engine import RunContext, Runner, check_confirm_name
 from ops.errors import Interrupted, OpsError, UsageError
-from ops.output import Output
+from ops.output import Output, results_printed
+from ops.sandbox import Sandbox
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -58,8 +64,6 @@ _POSITIONAL = re.compile(r"^'[^']*' did not receive required positional argument
 
 def install_usage_errors() -> None:
     """For invoke's own Program (`inv`): its parse steps exit 2 with one line."""
-    from invoke.program import Program
-
     install_parser_checks()
     if getattr(Program.parse_tasks, "opsbook", False):
         return  # tasks.py is executed again by each in-process Program.run
@@ -69,8 +73,6 @@ def install_usage_errors() -> None:
 
 def install_parser_checks() -> None:
     """invoke's parser builds its state machine inside Parser.parse_argv: its checks are extended in place."""
-    from invoke.parser.parser import ParseMachine
-
     if getattr(ParseMachine.see_value, "opsbook", False):
         return
     ParseMachine.see_value = _refusing_bad_values(ParseMachine.see_value)
@@ -126,8 +128,6 @@ def _exit_2_on_parse_error(parse: Callable[..., None]) -> Callable[..., None]:
 
 def parsing_exits_2(program: Any, parse: Callable[[], None]) -> None:
     """Runs one of the program's parse steps: a parse error becomes one line and exit 2."""
-    from invoke.exceptions import Exit, ParseError
-
     try:
         parse()
         sys.stdout.flush()  # a reader gone early (`inv --list | head`) shows here, not at exit
@@ -187,12 +187,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 def opstask(body: F, job: Callable[[], str | None] | None = None) -> F:
     """Runs a task body and turns every outcome into the documented exit code; `job()` names the task for the
     pings (ops/pings.py) that report its start and its exit code to the environment's monitor."""
-    from invoke.exceptions import Exit
-
     @functools.wraps(body)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ops.output import results_printed
-
         previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
         printed_before = results_printed()
         ping, code, detail = None, None, ""
@@ -271,8 +267,6 @@ def _report(error: OpsError, code: int, json_mode: bool) -> None:
 
 
 def load_inventory() -> Inventory:
-    from ops import inventory
-
     return inventory.load()
 
 
@@ -284,9 +278,6 @@ def environment(name: str | None, *, output: Output | None = None, allow_decommi
     before anything runs (the runner refuses it too). A decommissioned environment (inventory flag, or the
     marker `inv decommission` leaves in the state dir) is refused, exit 2, unless the task is a read-only
     listing (`allow_decommissioned`)."""
-    from ops.archive import decommission_marker
-    from ops.engine import check_confirm_name
-
     inventory = load_inventory()
     env = inventory.environment(name)
     check_confirm_name(env.name, confirm)
@@ -303,8 +294,6 @@ def environment(name: str | None, *, output: Output | None = None, allow_decommi
                               f"{marker.get('archive', '?')}; set `decommissioned: true` on envs.{env.name} in the "
                               "inventory; if `inv decommission` did not finish, run it again to finish it")
     if env.sandbox:
-        from ops.sandbox import Sandbox
-
         sandbox = Sandbox(inventory.state_dir / "sandbox")
         info = sandbox.ensure_running(log=(output or make_output(False)).info)
         env = env.with_overrides(sandbox.overrides(env, info))
@@ -320,8 +309,6 @@ def execute(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool
             result: Callable[[RunContext], dict[str, Any]] | None = None,
             on_failure: Callable[[RunContext, OpsError], None] | None = None) -> RunResult:
     """Runs a runbook and reports it; `result(ctx)` adds to the JSON result of a real run."""
-    from ops.engine import RunContext, Runner
-
     ctx = RunContext(env, output=output, run_id=run_id or (None if dry_run else pings.claim_run_id()))
     runner = Runner(runbook, ctx, confirm=confirm, prompt=input, resume=resume)
     try:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ops.clock import iso_z, parse_time
 from ops.errors import OpsError
 from ops.render import template_environment
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -159,7 +160,6 @@ def list_drills(env: Environment) -> list[dict[str, Any]]:
 def _drills_in_storage(env: Environment) -> list[dict[str, Any]] | None:
     if not env.has("backups"):
         return None
-    from ops.storage import open_storage
 
     storage = open_storage(env.storage_config("backups"))
     drills = []

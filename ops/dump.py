@@ -9,12 +9,16 @@ part uploads, and memory stays bounded whatever the database size. pg_dump's exi
 status is checked before the last part is sent, so a failed dump never completes
 an upload. Only the stored bytes are hashed, so the manifest's sha256 is what
 anybody can recompute from the bucket with standard tools.
+
+The one module that imports zstandard and pyrage (age), inside the functions that use
+them: the stream's codec in both directions, and the age keys.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -291,8 +295,6 @@ def _store_output(process: subprocess.Popen[bytes], storage: Storage, key: str, 
                   what: str) -> tuple[Any, DigestingReader, CountingReader]:
     """Compress (and encrypt) `process`'s output in a thread while the main thread uploads it."""
     with contextlib.suppress(OSError, ValueError):
-        import fcntl
-
         fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
     stderr = StderrTail(process.stderr)
     queue = ChunkQueue()
@@ -343,6 +345,21 @@ def _encode(source: CountingReader, queue: ChunkQueue, process: subprocess.Popen
                                           f"{error}"), hint="see the message; run the backup again"))
         return
     queue.close(_dump_failed(what, status, stderr.text()) if status != 0 else None)
+
+
+def decode_into(source: BinaryIO, sink: BinaryIO, identities: list[Any] | None) -> None:
+    """Decrypt (with `identities`) and decompress everything `source` holds into `sink`."""
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor().stream_writer(sink, closefd=False)
+    if identities:
+        import pyrage
+
+        pyrage.decrypt_io(source, decompressor, identities)
+    else:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            decompressor.write(chunk)
+    decompressor.flush()
 
 
 def _dump_failed(what: str, status: int, stderr: str) -> StepFailed:

@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ops import hosts, pg
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
+from ops.locks import file_lock
 from ops.output import Output
 from ops.secrets import redact
 from ops.step_apply import Applier, PlannedStep
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.hosts import HostConfig, HostConnection
@@ -158,8 +161,6 @@ class RunContext:
     def database(self, dbname: str | None = None, *, admin: bool = False) -> Any:
         """An autocommit connection over the direct (or admin) URL, shared by the run's steps."""
         def connect() -> Any:
-            from ops import pg
-
             url = self.env.admin_url() if admin else self.env.database_url(direct=True)
             if dbname:
                 url = pg.with_database(url, dbname)
@@ -168,15 +169,11 @@ class RunContext:
         return self.once(f"database:{dbname}:{admin}", connect, close=lambda connection: connection.close())
 
     def storage(self, section: str = "storage") -> Storage:
-        from ops.storage import open_storage
-
         return self.once(f"storage:{section}", lambda: open_storage(self.env.storage_config(section)))
 
     def host(self, host: HostConfig) -> HostConnection:
         """One SSH connection per host for the whole run, closed with the run's other connections."""
-        from ops.hosts import connect
-
-        return self.once(f"host:{host.name}", lambda: connect(host), close=lambda connection: connection.close())
+        return self.once(f"host:{host.name}", lambda: hosts.connect(host), close=lambda connection: connection.close())
 
     def once(self, key: str, make: Callable[[], T], *, close: Callable[[T], None] | None = None) -> T:
         """A value made once per run and shared by its steps: a connection, or a decision they must agree on."""
@@ -389,7 +386,6 @@ class Runner:
         if dry_run:  # a dry run changes nothing, so it does not keep others from working
             yield
             return
-        from ops.locks import file_lock
 
         holder = {"run_id": self.ctx.run_id, "runbook": self.runbook.name, "operator": self.ctx.operator,
                   "host": host_name(), "pid": os.getpid(), "since": iso_z_micro(utc_now())}
@@ -403,8 +399,6 @@ class Runner:
             yield
 
     def _database_lock(self) -> contextlib.AbstractContextManager[None]:
-        from ops import pg
-
         try:
             connection = pg.connect(self.ctx.env.database_url(direct=True), application_name=self.ctx.label[:63],
                                     autocommit=True)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ops.errors import InventoryError
+from ops.hosts import is_loopback
+from ops.inventory import resolve
 from ops.pg import with_credentials
 from ops.render import TEMPLATES_DIR, template_environment
+from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
 if TYPE_CHECKING:
@@ -72,8 +75,6 @@ def _tidy(text: str) -> str:
 
 def env_file_context(env: Environment, host_name: str | None = None) -> dict[str, Any]:
     """What the template sees: plain strings (real values) or None for what is not configured."""
-    from ops.secret_store import SecretStore
-
     stored = SecretStore(env.inventory.state_dir, env.name).read()
     app = env.app_settings(host_name)
     return {
@@ -120,10 +121,6 @@ def with_connection_parameters(url: str, *, require_tls: bool, pooled: bool) -> 
     """The app's URL as the runbook wants it: `sslmode=require` off the machine (a loopback or
     socket connection has nothing to encrypt), `pgbouncer=true` on the pooled URL (Prisma then
     avoids the prepared statements a transaction pooler breaks). Parameters already written win."""
-    from urllib.parse import parse_qsl, urlencode
-
-    from ops.hosts import is_loopback
-
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     written = dict(query)
@@ -155,8 +152,6 @@ def _storage_values(env: Environment, stored: dict[str, Secret]) -> dict[str, st
 
 
 def _app_env(env: Environment, values: dict[str, Any], host_name: str | None) -> dict[str, str]:
-    from ops.inventory import resolve
-
     where = f"envs.{env.name}" + (f".hosts[{host_name}]" if host_name else "") + ".app.env"
     rendered: dict[str, str] = {}
     for key, value in resolve(values).items():

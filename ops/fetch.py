@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ops.dump import CHUNK, ChunkQueue, Digest, Progress, ReaderGone
+from ops.dump import CHUNK, ChunkQueue, Digest, Progress, ReaderGone, decode_into
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.secrets import redact
 
@@ -98,19 +98,9 @@ def fetch_and_decode(storage: Storage, key: str, sink: Any, *, identities: list[
 
 
 def _decode(queue: ChunkQueue, sink: Any, identities: list[Any] | None, outcome: dict[str, Any]) -> None:
-    import zstandard
-
     counter = _CountingWriter(sink)
     try:
-        decompressor = zstandard.ZstdDecompressor().stream_writer(counter, closefd=False)
-        if identities:
-            import pyrage
-
-            pyrage.decrypt_io(queue, decompressor, identities)
-        else:
-            for chunk in iter(lambda: queue.read(CHUNK), b""):
-                decompressor.write(chunk)
-        decompressor.flush()
+        decode_into(queue, counter, identities)
         outcome["size"] = counter.size
     except ReaderGone:
         outcome["error"] = "the download stopped"

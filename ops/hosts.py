@@ -10,6 +10,8 @@ Commands (ops/remote_commands.py) run in a process group of their own on the hos
 here (SIGINT, or SIGTERM through the CLI), from any thread, or a timeout stops that group there.
 Secrets passed in `environment` travel on the command's stdin, never on its command line, so
 they do not show in `ps` on the host and need no `AcceptEnv`.
+
+With ops/remote_commands.py, the modules that import fabric and paramiko (inside functions).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import os
 import secrets
 import shlex
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlparse
 
 from ops import known_hosts, remote_commands
 from ops.errors import ConnectionFailed, Interrupted, OpsError, StepFailed, UsageError
@@ -447,17 +452,12 @@ def is_loopback(hostname: str | None) -> bool:
 
 def is_on_host(url: str) -> bool:
     """A URL on the host's loopback is only reachable from the host itself."""
-    from urllib.parse import urlparse
-
     hostname = urlparse(url).hostname
     return bool(hostname) and is_loopback(hostname)
 
 
 def fetch_from_here(url: str, timeout: float = 10) -> tuple[int, str]:
     """(HTTP status, the start of the body) from this machine; status 0 and the reason when nothing answers."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read(2048).decode(errors="replace")

@@ -7,9 +7,12 @@ the sample comes from it), then GET over HTTP through the storage's public base 
 from __future__ import annotations
 
 import random
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ops import pg
 from ops.errors import OpsError
 from ops.secrets import Secret, redact
 
@@ -26,14 +29,9 @@ def from_bucket(storage: Any, prefix: str, count: int) -> Sample:
 
 def from_database(url: Secret | str, query: str, count: int, label: str) -> Sample:
     """`query` (the inventory's drill.images_query) returns key [, size]; run read-only."""
-    from psycopg import sql
-
-    from ops import pg
-
     with pg.connect(url, application_name=label[:63]) as connection:
         connection.execute("SET TRANSACTION READ ONLY")
-        statement = sql.SQL("SELECT * FROM ({}) AS images ORDER BY random() LIMIT %s").format(sql.SQL(query))
-        rows = connection.execute(statement, (count,)).fetchall()
+        rows = pg.random_rows(connection, query, count)
     return [(str(row[0]), int(row[1]) if len(row) > 1 and row[1] is not None else None) for row in rows]
 
 
@@ -62,9 +60,6 @@ def probe_image(storage: Any, key: str, expected: int | None) -> str | None:
 
 
 def _probe_public(url: str, size: int) -> str | None:
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             received = len(response.read())

@@ -28,7 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import compact_z, iso_z, iso_z_micro, parse_time, utc_now
 from ops.errors import CheckFailed, OpsError, UsageError
+from ops.journal import host_name, operator_name
+from ops.locks import file_lock
 from ops.secrets import masked, redact
+from ops.storage import ObjectNotFound, open_storage
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -298,9 +301,6 @@ class IncidentStore:
     @contextmanager
     def lock(self, incident_id: str) -> Iterator[None]:
         """One operator at a time changes an incident; a second one is told who holds it (exit 75)."""
-        from ops.journal import host_name, operator_name
-        from ops.locks import file_lock
-
         holder = {"incident": incident_id, "operator": operator_name(), "host": host_name(), "pid": os.getpid(),
                   "since": iso_z_micro(utc_now())}
         with file_lock(self.env.inventory.state_dir / "locks" / f"{self.env.name}.{lock_resource(incident_id)}.lock",
@@ -311,7 +311,6 @@ class IncidentStore:
         """Copies the incident's files to the backups bucket; the reason as text when it could not."""
         if not self.env.has("backups"):
             return f"{self.env.name} has no backups bucket: the incident is not copied off this machine"
-        from ops.storage import open_storage
 
         folder = self.folder(incident.id)
         try:
@@ -331,7 +330,6 @@ class IncidentStore:
         hint = "`inv incident.list` shows the incidents known here"
         if not self.env.has("backups"):
             raise UsageError(f"no incident {incident_id} in {self.root}", hint=hint)
-        from ops.storage import ObjectNotFound, open_storage
 
         storage = open_storage(self.env.storage_config("backups"))
         try:

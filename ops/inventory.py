@@ -11,6 +11,7 @@ an undeclared `NAME-drill`, its drill target: a second database of the same clus
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
@@ -20,12 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ops import yaml_text
 from ops.errors import InventoryError
+from ops.hosts import HostConfig
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
-from ops.inventory_schema import INVENTORY, SECRET_KEYS
+from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.pg import parse_url, with_credentials
+from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret
+from ops.storage import StorageConfig
 
 if TYPE_CHECKING:
     from ops.hosts import HostConfig
@@ -184,7 +189,6 @@ class Environment:
         generated for the role, from the secret store, read at call time.
         """
         written = self._written_database_url(direct)
-        from ops.secret_store import SecretStore
 
         password = SecretStore(self.inventory.state_dir, self.name).get("DATABASE_PASSWORD")
         if not password or urlsplit(written.reveal()).password is not None:
@@ -208,8 +212,6 @@ class Environment:
 
     def storage_config(self, section: str = "storage") -> StorageConfig:
         """`storage` (the app's assets) or `backups` (dumps, audit, drills), inheriting connection settings."""
-        from ops.storage import StorageConfig
-
         if not self.has(section):
             raise self.missing(section)
         stored = self.stored_storage_keys()
@@ -235,8 +237,6 @@ class Environment:
 
     def stored_storage_keys(self) -> dict[str, Secret]:
         """After a key rotation the secret store holds the storage key pair; it wins over the inventory's."""
-        from ops.secret_store import SecretStore
-
         stored = SecretStore(self.inventory.state_dir, self.name).read()
         key_id, secret = stored.get("STORAGE_ACCESS_KEY_ID"), stored.get("STORAGE_SECRET_ACCESS_KEY")
         return {"access_key_id": key_id, "secret_access_key": secret} if key_id and secret else {}
@@ -250,8 +250,6 @@ class Environment:
 
     def host_configs(self, hosts: list[dict[str, Any]] | None = None) -> list[HostConfig]:
         """The app hosts (or `hosts` written the same way), the environment's `ssh` settings under their own."""
-        from ops.hosts import HostConfig
-
         ssh = plain(resolve(self.raw("ssh", {})))
         configs = []
         for host in plain(resolve(self.raw("hosts", []) if hosts is None else hosts)):
@@ -283,10 +281,6 @@ class Environment:
     def register_secrets(self) -> None:
         """Resolve every secret of the environment (inventory references and the secret store), so
         redaction knows them all, even those this task never uses: logs and messages can carry any."""
-        import contextlib
-
-        from ops.secret_store import SecretStore
-
         def walk(node: Any) -> None:
             if isinstance(node, dict | list):
                 for value in node.values() if isinstance(node, dict) else node:
@@ -330,45 +324,16 @@ def load(path: str | Path | None = None) -> Inventory:
 
 
 def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[str, int]]:
-    import yaml
-
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(file)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise InventoryError(f"YAML syntax error: {problem}", where=where,
-                             hint="fix the indentation or quoting at that line") from None
+    data, lines = yaml_text.load(text, file)
     if not isinstance(data, dict):
         raise InventoryError("the inventory must be a mapping with `project` and `envs`", where=str(file))
-    lines: dict[str, int] = {}
-    _record_lines(node, "", lines)
     return data, lines
-
-
-def _record_lines(node: Any, path: str, lines: dict[str, int]) -> None:
-    import yaml
-
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = f"{path}.{key_node.value}" if path else str(key_node.value)
-            lines[child] = key_node.start_mark.line + 1
-            _record_lines(value_node, child, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            child = f"{path}.{index}"
-            lines[child] = item.start_mark.line + 1
-            _record_lines(item, child, lines)
 
 
 def validate(data: dict[str, Any], lines: dict[str, int], file: Path) -> list[str]:
     """Every problem at once, each as `dotted.path: message (line N)`."""
-    from jsonschema import Draft202012Validator
-
     problems = []
-    for error in Draft202012Validator(INVENTORY).iter_errors(data):
+    for error in schema_errors(data):
         problems.extend(_describe(error, lines))
     problems.extend(_check_references(data, lines))
     problems.extend(_at(path, message, lines) for path, message in literal_url_problems(data))

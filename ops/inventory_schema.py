@@ -1,7 +1,9 @@
-"""JSON Schema of inventory.yaml. Unknown keys are errors (additionalProperties: false)."""
+"""JSON Schema of inventory.yaml, and its checker: the one module that imports jsonschema,
+inside `schema_errors`. Unknown keys are errors (additionalProperties: false)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 _STRING = {"type": "string", "minLength": 1}
@@ -169,3 +171,10 @@ INVENTORY = _object({
 SECRET_KEYS = frozenset({
     "url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id",
 })
+
+
+def schema_errors(data: Any) -> Iterator[Any]:
+    """Every way `data` breaks INVENTORY, as jsonschema's ValidationError objects."""
+    from jsonschema import Draft202012Validator
+
+    yield from Draft202012Validator(INVENTORY).iter_errors(data)

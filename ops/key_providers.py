@@ -8,16 +8,20 @@ never captured when the provider is built.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ops import aws
 from ops.clock import parse_time_or_none
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed, UsageError
 from ops.secrets import Secret, mask_identifier, redact, reveal
@@ -174,9 +178,6 @@ class CloudflareProvider(KeyProvider):
     def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, missing_ok: bool = False,
                 paged: bool = False) -> Any:
         """One API call; the envelope's `result` (and `result_info` when paged)."""
-        import urllib.error
-        import urllib.request
-
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.api_base}{path}", data=data, method=method, headers={
             "Authorization": f"Bearer {self.api_token.reveal()}", "Content-Type": "application/json"})
@@ -254,20 +255,16 @@ class AwsIamProvider(KeyProvider):
         self.retired = retired or set  # keys of the user the environment no longer uses
 
     def _client(self) -> BaseClient:
-        from ops import aws
-
         key_id, secret = self.credentials()
         return aws.client("iam", endpoint=self.endpoint, region="us-east-1", access_key_id=reveal(key_id),
                           secret_access_key=reveal(secret) if secret else None,
                           settings={"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 3}})
 
     def _call(self, action: str, operation: str, **arguments: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         where = f"IAM user {self.user}" + (f" at {self.endpoint}" if self.endpoint else "")
         try:
             return getattr(self._client(), operation)(**arguments)
-        except ClientError as error:
+        except aws.ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             detail = redact(error.response.get("Error", {}).get("Message", code))
             if code == "NoSuchEntity":
@@ -280,7 +277,7 @@ class AwsIamProvider(KeyProvider):
                                             "inventory's key once they replace it: the key in use is in the secret "
                                             "store (.ops/secrets/) of the machine that ran them") from None
             raise StepFailed(f"{action}: {code}: {detail}", where=where, hint="retry; then check IAM") from None
-        except BotoCoreError as error:
+        except aws.BotoCoreError as error:
             raise ConnectionFailed(f"{action}: cannot reach IAM ({redact(error)})", where=where,
                                    hint="check keys.endpoint (or storage.endpoint) and the network") from None
 
@@ -365,8 +362,6 @@ class StaticProvider(KeyProvider):
         key_id = os.environ.get(NEW_KEY_ID_VARIABLE, "").strip()
         secret = os.environ.get(NEW_SECRET_VARIABLE, "").strip()
         if not (key_id and secret) and self.prompt is not None and sys.stdin.isatty():
-            import getpass
-
             key_id = self.prompt("new access key id: ").strip()
             secret = getpass.getpass("new secret access key: ").strip()
         if not (key_id and secret):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops import aws
 from ops.clock import iso_z_or_none, parse_time_or_none
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError, OpsError
 from ops.key_providers import (
@@ -34,7 +35,10 @@ from ops.key_providers import (
     NewKey,
     StaticProvider,
 )
+from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier, redact, reveal
+from ops.storage import open_storage
+from ops.storage.s3 import S3Storage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -68,8 +72,6 @@ PROBE_SETTINGS = {"retries": {"max_attempts": 2}, "connect_timeout": 10, "read_t
 
 
 def secret_store(env: Environment) -> SecretStore:
-    from ops.secret_store import SecretStore
-
     return SecretStore(env.inventory.state_dir, env.name)
 
 
@@ -200,8 +202,6 @@ def fingerprint(key_id: str) -> str:
 
 
 def _storage_with(env: Environment, key_id: str, secret: Secret) -> Storage:
-    from ops.storage import open_storage
-
     config = dataclasses.replace(env.storage_config("storage"), access_key_id=key_id, secret_access_key=secret)
     return open_storage(config)
 
@@ -249,23 +249,18 @@ def _probe_once(storage: Storage) -> None:
 
 def key_refused(env: Environment, key_id: str, secret: Secret, section: str = "storage") -> bool:
     """Whether the `section` bucket refuses this key (revoked or unknown); errors other than a refusal raise."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from ops import aws
-    from ops.storage.s3 import S3Storage
-
     config = env.storage_config(section)
     client = aws.client("s3", endpoint=config.endpoint, region=S3Storage(config).region, access_key_id=key_id,
                         secret_access_key=secret.reveal(), settings=PROBE_SETTINGS)
     try:
         client.head_bucket(Bucket=config.bucket)
-    except ClientError as error:
+    except aws.ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in REFUSED_CODES:
             return True
         raise CheckFailed(f"bucket {config.bucket}: {code} while testing the key {mask_identifier(key_id)}",
                           hint=f"check {section}.bucket") from None
-    except BotoCoreError as error:
+    except aws.BotoCoreError as error:
         raise ConnectionFailed(f"cannot reach {config.endpoint or 'S3'}: {redact(error)}",
                                hint="check storage.endpoint and the network") from None
     return False
@@ -313,7 +308,6 @@ def read_history(env: Environment) -> list[dict[str, Any]]:
     local = _read_local(env)
     if local is not None or not env.has("backups"):
         return local or []
-    from ops.storage import open_storage
 
     with contextlib.suppress(OpsError):
         return _read_remote(open_storage(env.storage_config("backups")))
@@ -322,8 +316,6 @@ def read_history(env: Environment) -> list[dict[str, Any]]:
 
 def record_rotation(env: Environment, entry: dict[str, Any]) -> None:
     """Adds `entry` to the local record and to the backup bucket's copy (both merged)."""
-    from ops.storage import open_storage
-
     remote: Storage | None = open_storage(env.storage_config("backups")) if env.has("backups") else None
     entries = _merge(_read_local(env) or [], _read_remote(remote) if remote else [], [entry])
     payload = json.dumps({"env": env.name, "rotations": entries}, indent=2).encode()

@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import json
 import os
+import smtplib
+import socket
+import ssl
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlparse
 
 from ops.errors import OpsError
 from ops.hosts import is_loopback
+from ops.inventory import resolve
 from ops.output import Output
 from ops.secrets import Secret, redact, reveal
 
@@ -96,8 +103,6 @@ class SendFailed(OpsError):
 
 def channels(env: Environment) -> list[Channel | Delivery]:
     """The configured channels; a channel whose settings cannot be resolved comes back as a failed Delivery."""
-    from ops.inventory import resolve
-
     configured = env.raw("notify", []) or []
     found: list[Channel | Delivery] = []
     for index, raw in enumerate(configured):
@@ -202,9 +207,6 @@ def _to_webhook(env: Environment, channel: Channel, notice: Notice, stream: Text
 def post_json(url: str | Secret, payload: dict[str, Any], *, timeout: float = DEFAULT_TIMEOUT,
               retries: int = DEFAULT_RETRIES, label: str = "webhook") -> tuple[str, int]:
     """POST with retries on network errors, 429 and 5xx (backoff doubling); other 4xx fail at once."""
-    import urllib.error
-    import urllib.request
-
     data = json.dumps(payload).encode()
     delay = BACKOFF_SECONDS
     last = "not attempted"
@@ -244,10 +246,6 @@ def _failed(label: str, reason: str, attempts: int) -> SendFailed:
 
 
 def _to_smtp(env: Environment, channel: Channel, notice: Notice, stream: TextIO | None) -> tuple[str, int]:
-    import smtplib
-    import socket
-    from email.message import EmailMessage
-
     settings = channel.settings
     host, port = str(settings.get("host") or "localhost"), int(settings.get("port") or 25)
     recipients = [str(reveal(to)) for to in settings.get("to") or []]
@@ -266,8 +264,6 @@ def _to_smtp(env: Environment, channel: Channel, notice: Notice, stream: TextIO 
     try:
         with smtplib.SMTP(host, port, timeout=float(settings.get("timeout") or DEFAULT_TIMEOUT)) as client:
             if starttls:
-                import ssl
-
                 client.starttls(context=ssl.create_default_context())
             if settings.get("username") and password:
                 client.login(str(reveal(settings["username"])), str(reveal(password)))

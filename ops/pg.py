@@ -1,5 +1,9 @@
 """PostgreSQL: connections from URLs, client tool discovery, locks, databases, row counts.
 
+The one module that imports psycopg, inside the functions that use it: other modules take
+connections, composed statements (`identifiers`) and psycopg's exceptions (`pg.Error`,
+`pg.ObjectInUse`, ...) from here, so importing them, and listing tasks, loads no driver.
+
 Connection details come from one parser (`connection_params`) so that psycopg and
 child processes (pg_dump, pg_restore, psql) reach the same server with the same
 credentials. Child processes get them through libpq environment variables, never
@@ -25,7 +29,10 @@ from ops.errors import CheckFailed, ConnectionFailed, InventoryError, LockHeld, 
 from ops.secrets import Secret, redact, reveal
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
     import psycopg
+    from psycopg import sql
 
 DEFAULT_PORT = 5432
 URL_SCHEMES = ("postgresql", "postgres")
@@ -195,6 +202,24 @@ def child_environment(url: Secret | str, base: Mapping[str, str] | None = None) 
     inherited = os.environ if base is None else base
     clean = {key: value for key, value in inherited.items() if not key.startswith("PG")}
     return clean | libpq_environment(url)
+
+
+# psycopg's exception classes for callers' `except` clauses: `except pg.Error:` looks the class
+# up (importing psycopg) only when an exception reaches that clause.
+_EXCEPTIONS = {"Error": "psycopg", "OperationalError": "psycopg",
+               "ObjectInUse": "psycopg.errors", "LockNotAvailable": "psycopg.errors"}
+
+
+def __getattr__(name: str) -> type[Exception]:
+    if _EXCEPTIONS.get(name) == "psycopg":
+        import psycopg
+
+        return getattr(psycopg, name)
+    if _EXCEPTIONS.get(name) == "psycopg.errors":
+        from psycopg import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -525,6 +550,47 @@ def _database_ddl(conn: psycopg.Connection, statement: object, what: str) -> Non
         raise StepFailed(f"could not {what}: {reason}", where=_where(conn),
                          hint="check that the user may create databases (CREATEDB) and that "
                               "no one else is using or creating it") from None
+
+
+def identifiers(template: str, *names: str) -> sql.Composed:
+    """`template`, a constant, with each `{}` filled by a quoted identifier: names never reach SQL as text."""
+    from psycopg import sql
+
+    return sql.SQL(template).format(*(sql.Identifier(name) for name in names))
+
+
+def create_login_role(conn: psycopg.Connection, role: str, password: Secret) -> None:
+    from psycopg import sql
+
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
+                                                                    sql.Literal(password.reveal())))
+
+
+def random_rows(conn: psycopg.Connection, query: str, count: int) -> list[tuple]:
+    """Up to `count` rows of `query` in random order; `query` is SQL an operator wrote (the inventory's)."""
+    from psycopg import sql
+
+    statement = sql.SQL("SELECT * FROM ({}) AS sampled ORDER BY random() LIMIT %s").format(sql.SQL(query))
+    return conn.execute(statement, (count,)).fetchall()
+
+
+def copy_rows(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """COPY `rows` into `table` (`columns` in that order)."""
+    from psycopg import sql
+
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+    with conn.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def move_sequence_past_ids(conn: psycopg.Connection, table: str) -> None:
+    """Set the serial `id` sequence of `table` to its largest id: rows inserted with explicit ids."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), (SELECT max(id) FROM {}))").format(
+        sql.Literal(sql.Identifier(table).as_string(conn)), sql.Identifier(table)))
 
 
 def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:

@@ -12,10 +12,15 @@ from __future__ import annotations
 import secrets as random_tokens
 from typing import TYPE_CHECKING, Any
 
-from ops import keys
+from ops import keys, pg
+from ops.assets import describe_rule, desired_rules, merged_rules, rules_to_set
 from ops.engine import Change, RunContext, Step, WrappedStep
+from ops.envfile import parse_env_file, render_env_file
 from ops.errors import OpsError, StepFailed
 from ops.inventory import Environment
+from ops.migrations import shell_path
+from ops.rollout import host_named
+from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier, redact
 
 if TYPE_CHECKING:
@@ -32,8 +37,6 @@ LOG_LINES = 20
 
 
 def secret_store(env: Environment) -> SecretStore:
-    from ops.secret_store import SecretStore
-
     return SecretStore(env.inventory.state_dir, env.name)
 
 
@@ -60,15 +63,11 @@ class BucketStep(Step):
         self.title = f"create the {bucket_label(section)} bucket {bucket}"
 
     def _desired(self, ctx: RunContext) -> list[dict[str, Any]]:
-        from ops.assets import desired_rules
-
         if not self.lifecycle:
             return []
         return desired_rules(ctx.storage(self.section), abort_days=self.abort_days, archive_days=None)
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops.assets import describe_rule, rules_to_set
-
         storage = ctx.storage(self.section)
         exists = storage.bucket_exists()
         desired = self._desired(ctx)
@@ -82,8 +81,6 @@ class BucketStep(Step):
         return Change(" and ".join(actions), details, data={"create": not exists, "rules": bool(missing)})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.assets import merged_rules
-
         storage = ctx.storage(self.section)
         if change.data.get("create"):
             storage.create_bucket()
@@ -124,27 +121,19 @@ class RoleStep(Step):
             ctx.once(f"provision:role-warning:{self.role}", lambda: self._warning(ctx))
 
     def _warning(self, ctx: RunContext) -> None:
-        from ops import pg
-
         if "password" not in pg.connection_params(ctx.env.database_url(direct=False)):
             ctx.output.warn(f"role {self.role} already exists and neither the secret store nor database.url has "
                             "its password: the app's DATABASE_URL will have none; put it in database.url "
                             f"(as ${{env:…}}) or in {secret_store(ctx.env).path} as {DATABASE_PASSWORD}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from psycopg import sql
-
         # The password is stored before the role exists: an interrupted run never loses it.
         password = secret_store(ctx.env).get_or_generate(DATABASE_PASSWORD)
-        statement = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(self.role), sql.Literal(password.reveal()))
-        ctx.database(admin=True).execute(statement)
+        pg.create_login_role(ctx.database(admin=True), self.role, password)
         return {"role": self.role}
 
     def undo(self, ctx: RunContext, change: Change) -> None:
-        from psycopg import sql
-
-        ctx.database(admin=True).execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.role)))
+        ctx.database(admin=True).execute(pg.identifiers("DROP ROLE IF EXISTS {}", self.role))
 
 
 class DatabaseStep(Step):
@@ -155,21 +144,15 @@ class DatabaseStep(Step):
         self.title = f"create the database {database} owned by {owner}"
 
     def check(self, ctx: RunContext) -> Change | None:
-        from ops import pg
-
         if pg.database_exists(ctx.database(admin=True), self.database_name):
             return None
         return Change(f"create database {self.database_name} (owner {self.owner})")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops import pg
-
         pg.create_database(ctx.database(admin=True), self.database_name, owner=self.owner)
         return {"database": self.database_name}
 
     def verify(self, ctx: RunContext) -> None:
-        from ops import pg
-
         connection = ctx.database(admin=True)
         owner = connection.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
                                    (self.database_name,)).fetchone()
@@ -178,16 +161,12 @@ class DatabaseStep(Step):
                              f"({owner[0] if owner else 'missing'}) on {pg.parse_url(ctx.env.admin_url()).describe()}")
 
     def undo(self, ctx: RunContext, change: Change) -> None:
-        from ops import pg
-
         ctx.forget(f"database:{self.database_name}:True")  # its connection dies with the database
         pg.drop_database(ctx.database(admin=True), self.database_name)
 
 
 def database_state(ctx: RunContext, database: str) -> str:
     """"missing", "empty" (no table in any schema) or "used": what a migration step may assume."""
-    from ops import pg
-
     if not pg.database_exists(ctx.database(admin=True), database):
         return "missing"
     row = ctx.database(database, admin=True).execute(
@@ -352,10 +331,6 @@ class SeedStep(Step):
                       f"{secret_store(ctx.env).path.name}: it never runs again for this environment)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        from ops.envfile import parse_env_file, render_env_file
-        from ops.migrations import shell_path
-        from ops.rollout import host_named
-
         # The app's own environment, as its env file has it: what the seed would see on the host.
         environment = {key: Secret(value) for key, value in
                        parse_env_file(render_env_file(ctx.env, self.host_name)).items()}

@@ -4,6 +4,7 @@ A template that reads a field the context does not have is an error naming the
 template and the field, never a blank in a notice sent to customers. Operators
 override any template by putting a file with the same relative name in the
 folder named by the inventory (`incidents.templates_dir`): it is searched first.
+The one module that imports jinja2, inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import parse_time
 from ops.errors import InventoryError
+from ops.notify import Notice
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -140,8 +142,6 @@ def _redacted(node: Any) -> Any:
 
 def render_notice(state: str, notice_format: str, audience: str, context: dict[str, Any],
                   override_dir: str | Path | None = None) -> Notice:
-    from ops.notify import Notice
-
     name = notice_template(state, notice_format, audience)
     if notice_format == "webhook":
         payload = render_json(name, context, override_dir)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ops import processes
+from ops import dump, fetch, pg, processes
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
 from ops.secrets import Secret, redact
 
@@ -53,8 +53,6 @@ def side_pattern(database: str, kind: str) -> str:
 @contextmanager
 def maintenance_connection(url: Secret | str, label: str) -> Iterator[psycopg.Connection]:
     """An autocommit session on the server's maintenance database (not on the one we rename)."""
-    from ops import pg
-
     last: ConnectionFailed | None = None
     for name in MAINTENANCE_DATABASES:
         try:
@@ -93,8 +91,6 @@ def restore_options(*, cross_environment: bool) -> list[str]:
 def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive: str, *, jobs: int = 2,
                     cross_environment: bool = False) -> None:
     """pg_restore `archive` into `database` (on the server of `url`, as its user)."""
-    from ops import pg
-
     command = pg.restore_command(tool, dbname=database, archive=archive, jobs=jobs)
     command = [*command[:-1], *restore_options(cross_environment=cross_environment), command[-1]]
     environment = pg.child_environment(pg.with_database(url, database))
@@ -118,8 +114,6 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     it when this raises. A damaged object is reported as such (CheckFailed), whatever
     pg_restore made of it.
     """
-    from ops import dump, fetch, pg
-
     command = [*pg.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
     environment = pg.child_environment(pg.with_database(url, database))
     try:
@@ -146,8 +140,6 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
 
 
 def _restore_failed(database: str, url: Secret | str, status: int, stderr: str) -> StepFailed:
-    from ops import pg
-
     reason = " ".join(stderr.split())[-1500:]
     return StepFailed(f"pg_restore into {database} on {pg.parse_url(url).describe()} failed (exit {status}): "
                       f"{reason}", hint="the live database is untouched; fix the cause (missing extension, role, "
@@ -169,8 +161,6 @@ def compare_row_counts(expected: dict[str, int], actual: dict[str, int]) -> list
 
 def check_row_counts(manifest: Manifest, url: Secret | str, database: str, label: str) -> dict[str, int]:
     """Row counts of the restored `database`; CheckFailed naming each table that differs."""
-    from ops import pg
-
     with pg.connect(pg.with_database(url, database), application_name=label[:63]) as connection:
         counts = pg.table_row_counts(connection)
     problems = compare_row_counts(manifest.row_counts, counts)
@@ -202,8 +192,6 @@ def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bo
     ended and refused while the names move; both renames commit in one transaction, so a
     run killed at any point leaves `database` under its name (the live one or the restored one).
     """
-    from ops import pg
-
     if not pg.database_exists(conn, database):
         _rename(conn, restored, database)
         return False
@@ -220,8 +208,6 @@ def swap(conn: psycopg.Connection, database: str, restored: str, old: str) -> bo
 def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old: str) -> None:
     """End the sessions on `database`, then both renames at once; new sessions are already refused,
     but one may have slipped in between: retry a few times."""
-    import psycopg
-
     for attempt in range(RENAME_ATTEMPTS):
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                      "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
@@ -230,7 +216,7 @@ def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old:
                 _rename(conn, database, old, translate=False)
                 _rename(conn, restored, database)
             return
-        except psycopg.errors.ObjectInUse:
+        except pg.ObjectInUse:
             if attempt == RENAME_ATTEMPTS - 1:
                 raise StepFailed(f"could not rename {database}: sessions keep connecting to it",
                                  hint="stop the app (or its pooler) for a moment and run the restore again; the "
@@ -239,32 +225,24 @@ def _swap_when_free(conn: psycopg.Connection, database: str, restored: str, old:
 
 
 def _rename(conn: psycopg.Connection, old: str, new: str, *, translate: bool = True) -> None:
-    import psycopg
-    from psycopg import sql
-
-    statement = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
     try:
-        conn.execute(statement)
-    except psycopg.errors.ObjectInUse:
+        conn.execute(pg.identifiers("ALTER DATABASE {} RENAME TO {}", old, new))
+    except pg.ObjectInUse:
         if not translate:
             raise
         raise StepFailed(f"could not rename database {old} to {new}: it is in use",
                          hint="run it again in a moment") from None
-    except psycopg.Error as error:
+    except pg.Error as error:
         raise StepFailed(f"could not rename database {old} to {new}: {redact(str(error).strip())}",
                          hint="the restoring user must own the databases (or be a superuser) and have "
                               "CREATEDB") from None
 
 
 def _allow_connections(conn: psycopg.Connection, database: str, allowed: bool) -> None:
-    import psycopg
-    from psycopg import sql
-
-    statement = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-        sql.Identifier(database), sql.SQL("true" if allowed else "false"))
+    setting = "true" if allowed else "false"
     try:
-        conn.execute(statement)
-    except psycopg.Error as error:
+        conn.execute(pg.identifiers(f"ALTER DATABASE {{}} WITH ALLOW_CONNECTIONS {setting}", database))
+    except pg.Error as error:
         raise StepFailed(f"could not {'allow' if allowed else 'refuse'} connections to {database}: "
                          f"{redact(str(error).strip())}",
                          hint="the restoring user must own the database or be a superuser") from None

@@ -18,6 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops.backup_manifest import (
+    VERIFICATION_NAME,
+    backup_prefix,
+    list_backups,
+    manifest_key,
+    read_verifications,
+    verification_key,
+)
 from ops.clock import iso_z, parse_time, utc_now
 from ops.errors import OpsError
 from ops.output import human_size
@@ -262,8 +270,6 @@ def backup_info(manifest: Manifest, verifications: list[dict[str, Any]]) -> Back
 def read_backups(storage: Storage) -> tuple[list[BackupInfo], list[IncompleteBackup]]:
     """Complete backups (with their verifications) and incomplete ones. A damaged manifest does not
     stop retention: that backup comes back as incomplete with its `problem`, and is never deleted."""
-    from ops.backup_manifest import VERIFICATION_NAME, list_backups, read_verifications, verification_key
-
     complete, incomplete = list_backups(storage, strict=False)
     # One more listing tells which backups were ever verified: no request per backup for the others.
     verified_keys = {info.key for info in storage.list(BACKUPS_PREFIX) if info.key.endswith(VERIFICATION_NAME)}
@@ -292,8 +298,6 @@ def survey(storage: Storage, policy: RetentionPolicy, now: datetime, *, force: b
 
 def delete_backup(storage: Storage, backup_id: str) -> int:
     """Remove one backup: its manifest first, so a half-deleted backup is never listed as complete."""
-    from ops.backup_manifest import backup_prefix, manifest_key
-
     storage.delete(manifest_key(backup_id))
     keys = [info.key for info in storage.list(backup_prefix(backup_id))]
     storage.delete_many(keys)
@@ -302,8 +306,6 @@ def delete_backup(storage: Storage, backup_id: str) -> int:
 
 def remove_incomplete(storage: Storage, backup_id: str) -> int:
     """Remove what a failed backup left under its folder (listed again now: nothing is missed)."""
-    from ops.backup_manifest import backup_prefix
-
     keys = [info.key for info in storage.list(backup_prefix(backup_id))]
     storage.delete_many(keys)
     return len(keys)

@@ -12,6 +12,7 @@ that record (or that has none) runs an app older than its configuration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import secrets
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, InventoryError, OpsError
+from ops.hosts import connect, fetch_from_here, is_on_host
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -64,8 +66,6 @@ def required_app_setting(env: Environment, host_name: str, key: str) -> str:
 
 def fetch(connection: HostConnection, url: str, timeout: float) -> tuple[int, str]:
     """URLs on the host's loopback are fetched on the host itself, others from here."""
-    from ops.hosts import fetch_from_here, is_on_host
-
     return connection.fetch_url(url, timeout=timeout) if is_on_host(url) else fetch_from_here(url, timeout)
 
 
@@ -109,8 +109,6 @@ def gate_on(connection: HostConnection, app: dict[str, Any], timeout: float) -> 
 
 def health_gate(env: Environment, host: HostConfig, timeout: float) -> None:
     """Raise CheckFailed unless host's health_url and ready_url answer 200 within `timeout` seconds."""
-    from ops.hosts import connect
-
     with connect(host) as connection:
         gate_on(connection, env.app_settings(host.name), timeout)
 
@@ -149,8 +147,6 @@ def release_name(link: str | None) -> str | None:
 
 
 def read_host_state(connection: HostConnection, app: dict[str, Any]) -> HostState:
-    import hashlib
-
     env_text = connection.read_text(str(app["env_file"])) if app.get("env_file") else None
     env_sha256 = hashlib.sha256(env_text.encode()).hexdigest() if env_text is not None else None
     release = release_name(connection.readlink(posixpath.join(app["dir"], "current"))) if app.get("dir") else None
@@ -215,8 +211,6 @@ def roll(names: list[str], *, batch: int, max_fail: int, restart_one: Callable[[
 
 def restart_host(host: HostConfig, app: dict[str, Any], *, timeout: float, run_id: str) -> HostOutcome:
     """Restart one host with `app.restart`, gate it on health + ready, record what it now runs."""
-    from ops.hosts import connect
-
     began = time.monotonic()
     try:
         with connect(host) as connection:

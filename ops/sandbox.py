@@ -37,10 +37,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ops.demo import seed
 from ops.errors import OpsError, StepFailed
 from ops.inventory import SANDBOX_DRILL_SUFFIX, Environment
+from ops.migrations import apply_pending, migration_status
 from ops.output import Output
+from ops.pg import connect, create_database, database_exists, table_row_counts
 from ops.secrets import Secret, redact
+from ops.storage import StorageConfig, open_storage
 
 SERVER_USER = "postgres"  # the superuser inside the cluster, and the OS user when we are root
 APP_DATABASE = "app"
@@ -208,8 +212,6 @@ class Sandbox:
 
     def ensure_database(self, name: str, port: int | None = None) -> None:
         """An empty database `name` in the cluster, unless there is one (a restore may replace it)."""
-        from ops.pg import connect, create_database, database_exists
-
         with connect(self._url("postgres", port), application_name="opsbook sandbox", autocommit=True) as conn:
             if not database_exists(conn, name):
                 create_database(conn, name)
@@ -312,8 +314,6 @@ class Sandbox:
         return f"-k {shlex.quote(str(self.socket_dir))}"
 
     def _create_app_database(self, log: LogFunction) -> None:
-        from ops.pg import connect, create_database, database_exists
-
         with connect(self._url("postgres"), application_name="opsbook sandbox", autocommit=True) as conn:
             if database_exists(conn, APP_DATABASE):
                 log(f"sandbox: database {APP_DATABASE!r} already exists")
@@ -322,8 +322,6 @@ class Sandbox:
         log(f"sandbox: created database {APP_DATABASE!r}")
 
     def _migrate(self, log: LogFunction) -> None:
-        from ops.migrations import apply_pending
-
         applied = apply_pending(self._url(APP_DATABASE), _demo_migrations_dir())
         if applied:
             log(f"sandbox: applied {len(applied)} migrations: {', '.join(applied)}")
@@ -331,9 +329,6 @@ class Sandbox:
             log("sandbox: migrations already applied")
 
     def _seed_rows(self, log: LogFunction) -> None:
-        from ops.demo import seed
-        from ops.pg import connect
-
         with connect(self._url(APP_DATABASE), application_name="opsbook sandbox") as conn:
             if seed.has_demo_data(conn):
                 log("sandbox: demo rows already present")
@@ -349,8 +344,6 @@ class Sandbox:
             log(f"sandbox: buckets {APP_BUCKET} and {BACKUP_BUCKET} already exist")
 
     def _seed_images(self, log: LogFunction) -> None:
-        from ops.demo import seed
-
         storage = self.storage(APP_BUCKET)
         present = {item.key for item in storage.list("images/")}
         missing = [(key, data) for key, data in seed.image_objects() if key not in present]
@@ -366,8 +359,6 @@ class Sandbox:
 
     def storage(self, bucket: str = APP_BUCKET) -> Any:
         """The local storage backend for one of the sandbox buckets."""
-        from ops.storage import StorageConfig, open_storage
-
         return open_storage(StorageConfig(provider="local", bucket=bucket, path=str(self.storage_path)))
 
     def _ensure_bucket(self, name: str) -> bool:
@@ -383,9 +374,6 @@ class Sandbox:
         return sum(1 for _ in self.storage(APP_BUCKET).list("images/"))
 
     def _database_status(self) -> dict[str, Any]:
-        from ops.migrations import migration_status
-        from ops.pg import connect, database_exists, table_row_counts
-
         with connect(self._url("postgres"), application_name="opsbook sandbox", autocommit=True) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
             if not database_exists(conn, APP_DATABASE):
@@ -456,8 +444,6 @@ class Sandbox:
         self._run_server_tool(["pg_ctl", action, "-D", str(self.data_dir), *options])
 
     def _wait_until_accepting(self, port: int) -> None:
-        from ops.pg import connect
-
         # pg_ctl -w already waited for "ready"; one probe proves our credentials work.
         connect(self._url("postgres", port), application_name="opsbook sandbox", connect_timeout=5).close()
 

@@ -13,9 +13,14 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops import migrations, pg
+from ops.backup_manifest import last_verification, list_backups, read_verifications
 from ops.clock import iso_z_or_none
 from ops.errors import OpsError
+from ops.keys import key_status
+from ops.migrations import environment_status
 from ops.secrets import redact
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     import psycopg
@@ -105,8 +110,6 @@ def max_connections(connection: psycopg.Connection) -> dict[str, int]:
 def slowest_statements(connection: psycopg.Connection,
                        limit: int = SLOWEST_STATEMENTS) -> tuple[list[dict[str, Any]] | None, str | None]:
     """(statements by mean time, None) with pg_stat_statements; (None, why not) without it."""
-    import psycopg
-
     installed = connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'").fetchone()
     if not installed:
         return None, ("pg_stat_statements is not installed in this database: add it to shared_preload_libraries "
@@ -117,7 +120,7 @@ def slowest_statements(connection: psycopg.Connection,
                 "SELECT queryid, calls, mean_exec_time, total_exec_time, query FROM pg_stat_statements"
                 " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
                 " ORDER BY mean_exec_time DESC LIMIT %s", (limit,)).fetchall()
-    except psycopg.Error as error:
+    except pg.Error as error:
         return None, f"pg_stat_statements cannot be read: {redact(error).strip().splitlines()[0]}"
     return [{"queryid": str(queryid), "calls": int(calls), "mean_ms": round(float(mean), 3),
              "total_ms": round(float(total), 3), "query": redact_query(query)}
@@ -126,8 +129,6 @@ def slowest_statements(connection: psycopg.Connection,
 
 def database_facts(env: Environment) -> dict[str, Any]:
     """Size, connections against max_connections, deadlocks, slowest statements (through the direct URL)."""
-    from ops import pg
-
     url = env.database_url(direct=True)
     with pg.connect(url, application_name="opsbook status", autocommit=True, connect_timeout=5) as connection:
         name, size, deadlocks = connection.execute(
@@ -143,8 +144,6 @@ def database_facts(env: Environment) -> dict[str, Any]:
 
 def recent_migrations(connection: psycopg.Connection, url: Any, hours: float = 24) -> list[dict[str, Any]]:
     """`_prisma_migrations` rows finished in the last `hours`, and any failed ones, newest first."""
-    from ops import migrations
-
     migrations.use_prisma_schema(connection, url)
     since = datetime.now(UTC) - timedelta(hours=hours)
     recent = []
@@ -162,8 +161,6 @@ def recent_migrations(connection: psycopg.Connection, url: Any, hours: float = 2
 
 
 def bucket_usage(env: Environment, section: str, limit: int = BUCKET_LISTING_LIMIT) -> dict[str, Any]:
-    from ops.storage import open_storage
-
     storage = open_storage(env.storage_config(section))
     objects = size = 0
     for info in storage.list():
@@ -177,9 +174,6 @@ def bucket_usage(env: Environment, section: str, limit: int = BUCKET_LISTING_LIM
 
 def last_backup(env: Environment, storage: Storage | None = None) -> dict[str, Any] | None:
     """The newest complete backup with its age, and the newest backup that passed a verification."""
-    from ops.backup_manifest import last_verification, list_backups, read_verifications
-    from ops.storage import open_storage
-
     storage = storage or open_storage(env.storage_config("backups"))
     complete, _incomplete = list_backups(storage, strict=False)
     if not complete:
@@ -203,8 +197,6 @@ def last_backup(env: Environment, storage: Storage | None = None) -> dict[str, A
 
 def key_facts(env: Environment) -> dict[str, Any] | None:
     """keys.key_status as JSON; None for a local folder, which has no keys."""
-    from ops.keys import key_status
-
     if env.raw("storage.provider", "s3") == "local":
         return None
     return key_status(env).to_json()
@@ -212,8 +204,6 @@ def key_facts(env: Environment) -> dict[str, Any] | None:
 
 def migration_state(env: Environment) -> Any:
     """The MigrationState of the environment's database (InventoryError when no migrations are known)."""
-    from ops.migrations import environment_status
-
     return environment_status(env)
 
 

@@ -16,6 +16,7 @@ The report names each failing part.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,12 +24,24 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from ops import pg
 from ops.clock import compact_z, iso_z
 from ops.envfile import parse_env_file
 from ops.errors import OpsError
+from ops.hosts import connect, fetch_from_here, is_on_host
 from ops.inventory import plain
+from ops.journal import read_run
 from ops.secrets import Secret, redact
-from ops.status_facts import describe_error
+from ops.status_facts import (
+    blocked_sessions,
+    connections_by_state,
+    describe_error,
+    longest_queries,
+    max_connections,
+    recent_migrations,
+    redact_log_line,
+)
+from ops.storage import open_storage
 
 if TYPE_CHECKING:
     from ops.hosts import HostConfig, HostConnection
@@ -153,8 +166,6 @@ def run_triage(env: Environment, *, log_lines: int = 50) -> TriageReport:
 
 
 def _probe_host(env: Environment, host: HostConfig, log_lines: int) -> tuple[list[Finding], HostLogs | None]:
-    from ops.hosts import connect
-
     app = env.app_settings(host.name)
     try:
         connection = connect(host)
@@ -186,8 +197,6 @@ def _probe_url(connection: HostConnection, host: HostConfig, kind: str, url: str
 
 def fetch(connection: HostConnection, url: str) -> tuple[int, str]:
     """Loopback URLs are fetched on the host itself (over the open SSH connection), others from here."""
-    from ops.hosts import fetch_from_here, is_on_host
-
     return connection.fetch_url(url) if is_on_host(url) else fetch_from_here(url)
 
 
@@ -235,9 +244,6 @@ def _collect_logs(connection: HostConnection, host: HostConfig, command: str | N
 
 def _database_log(env: Environment, lines: int) -> tuple[list[Finding], HostLogs]:
     """`database.log_command` over SSH on `database.log_host`, or here when the database runs on this machine."""
-    from ops.hosts import connect
-    from ops.status_facts import redact_log_line
-
     command = str(plain(env.value("database.log_command")))
     host = env.database_log_host()
     if host is None:
@@ -255,8 +261,6 @@ def _database_log(env: Environment, lines: int) -> tuple[list[Finding], HostLogs
 
 
 def _local_log(command: str, lines: int, clean: Callable[[str], str]) -> HostLogs:
-    import subprocess
-
     try:
         result = subprocess.run(["sh", "-c", log_command(command, lines)], capture_output=True, text=True,
                                 timeout=LOG_TIMEOUT_SECONDS, check=False)
@@ -268,15 +272,6 @@ def _local_log(command: str, lines: int, clean: Callable[[str], str]) -> HostLog
 
 
 def _probe_database(env: Environment) -> tuple[list[Finding], dict[str, Any]]:
-    from ops import pg
-    from ops.status_facts import (
-        blocked_sessions,
-        connections_by_state,
-        longest_queries,
-        max_connections,
-        recent_migrations,
-    )
-
     findings: list[Finding] = []
     urls = [("database", env.database_url(direct=False))]
     if env.has("database.direct_url"):
@@ -313,8 +308,6 @@ def _locks_finding(blocked: list[dict[str, Any]], target: str) -> Finding:
 
 
 def _probe_storage(env: Environment) -> tuple[list[Finding], None]:
-    from ops.storage import open_storage
-
     storage = None
     try:
         storage = open_storage(env.storage_config("storage"))
@@ -334,8 +327,6 @@ def _probe_storage(env: Environment) -> tuple[list[Finding], None]:
 
 def recent_runs(env: Environment, hours: float = RECENT_HOURS) -> list[dict[str, Any]]:
     """Deploys, migrations, restores (and other changes) journaled on `env` in the last `hours`, newest first."""
-    from ops.journal import read_run
-
     since = compact_z(datetime.now(UTC) - timedelta(hours=hours))
     runs_dir = env.inventory.state_dir / "runs"
     found = []

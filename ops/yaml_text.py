@@ -1,9 +1,57 @@
-"""YAML out: documents (Kubernetes manifests) as YAML text. PyYAML is imported here, lazily, and only here
-for writing, so listing the tasks never imports it."""
+"""YAML text in and out: the one module that imports PyYAML, inside the functions that use it.
+
+Manifests (Kubernetes) are written in block style, their multi-line strings (an inventory inside a
+ConfigMap) as literal blocks, so they read as the files they are.
+
+`load` keeps the line of every dotted path, so inventory problems can name their line.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from ops.errors import InventoryError
+
+
+def load(text: str, file: Path) -> tuple[Any, dict[str, int]]:
+    """The document in `text` and the line of each dotted path (`envs.prod.hosts.0` -> 12)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(file)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise InventoryError(f"YAML syntax error: {problem}", where=where,
+                             hint="fix the indentation or quoting at that line") from None
+    lines: dict[str, int] = {}
+    _record_lines(node, "", lines)
+    return data, lines
+
+
+def _record_lines(node: Any, path: str, lines: dict[str, int]) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            lines[child] = key_node.start_mark.line + 1
+            _record_lines(value_node, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = f"{path}.{index}"
+            lines[child] = item.start_mark.line + 1
+            _record_lines(item, child, lines)
+
+
+def dump(data: Any, *, allow_unicode: bool = False) -> str:
+    """`data` as YAML, keys in their order."""
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=allow_unicode)
 
 
 class _Dumper:
@@ -30,13 +78,9 @@ class _Dumper:
         return cls._class
 
 
-def dump(document: Any) -> str:
-    """One document as YAML text (no leading `---`)."""
+def dump_manifest(document: Any) -> str:
+    """One document as YAML text (no leading `---`): block style, multi-line strings as literal blocks."""
     import yaml
 
     return yaml.dump(document, Dumper=_Dumper.get(), sort_keys=False, allow_unicode=True, width=100)
 
-
-def dump_all(documents: list[Any]) -> str:
-    """Several documents as one multi-document YAML text, each introduced by `---`."""
-    return "".join(f"---\n{dump(document)}" for document in documents)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
+from ops import yaml_text
 from ops.cli import OpsTask, load_inventory, make_output
+from ops.inventory import mask_tree
 
 
 @task(klass=OpsTask)
@@ -21,10 +23,6 @@ def check(c, json=False):
 @task(klass=OpsTask)
 def show(c, env=None, json=False):
     """Print the merged environment (defaults → env → host), secrets masked."""
-    import yaml
-
-    from ops.inventory import mask_tree
-
     output = make_output(json)
     environment = load_inventory().environment(env)
     merged = mask_tree(environment.data)
@@ -32,7 +30,7 @@ def show(c, env=None, json=False):
         output.result({"env": environment.name, "config": merged})
     else:
         output.document(f"# envs.{environment.name} merged (defaults → env → host), secrets masked")
-        output.document(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True).rstrip())
+        output.document(yaml_text.dump(merged, allow_unicode=True).rstrip())
 
 
 collection = Collection("inventory", check, show)

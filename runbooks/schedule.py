@@ -97,7 +97,7 @@ def render(env: Environment, schedule: jobs.Schedule, format: str) -> dict[str, 
         return {f"opsbook-{schedule.env}.crontab": jobs.crontab(schedule)}
     refuse_inline_secrets(env)
     manifests = jobs.kubernetes_manifests(schedule, env.inventory.file.read_text())
-    return {name: yaml_text.dump(manifest) for name, manifest in manifests.items()}
+    return {name: yaml_text.dump_manifest(manifest) for name, manifest in manifests.items()}
 
 
 def refuse_inline_secrets(env: Environment) -> None:

@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ops import pg
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -167,24 +169,13 @@ def has_demo_data(conn: psycopg.Connection) -> bool:
 
 def insert_demo_data(conn: psycopg.Connection) -> dict[str, int]:
     """COPY every demo row in one transaction; returns rows per table."""
-    from psycopg import sql
-
     counts = {}
     with conn.transaction():
         for table, columns, make_rows in TABLES:
             rows = make_rows()
-            statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
-            )
-            with conn.cursor() as cursor, cursor.copy(statement) as copy:
-                for row in rows:
-                    copy.write_row(row)
+            pg.copy_rows(conn, table, columns, rows)
             counts[table] = len(rows)
         for table in SERIAL_TABLES:
             # Rows came with explicit ids: move the sequence past them so the app can insert.
-            conn.execute(
-                sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), (SELECT max(id) FROM {}))").format(
-                    sql.Literal(sql.Identifier(table).as_string(conn)), sql.Identifier(table)
-                )
-            )
+            pg.move_sequence_past_ids(conn, table)
     return counts

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ops import pg
 from ops.errors import CheckFailed, LockHeld, StepFailed
 from ops.migrations.state import (
     CREATE_MIGRATIONS_TABLE,
@@ -62,13 +63,9 @@ def apply_pending(
     way they would under Prisma). Unlike Prisma's deploy, an edited migration also
     refuses unless `allow_edited`: the folder no longer describes the schema that was applied.
     """
-    import psycopg
-
-    from ops.pg import connect
-
     emit = on_event or (lambda event, detail: None)
     local = read_local_migrations(source) if isinstance(source, Path) else list(source)
-    with connect(conn_url, application_name=application_name[:63], autocommit=True) as conn:
+    with pg.connect(conn_url, application_name=application_name[:63], autocommit=True) as conn:
         where = describe(conn)
         if isinstance(source, Path):
             _check_provider(source, where)
@@ -78,7 +75,7 @@ def apply_pending(
                 return _apply_under_lock(conn, conn_url, local, where, emit, allow_edited)
             finally:
                 _release_prisma_lock(conn)
-        except psycopg.Error as error:  # bookkeeping failed: lost connection, missing privilege...
+        except pg.Error as error:  # bookkeeping failed: lost connection, missing privilege...
             raise StepFailed(
                 f"migrating {where} failed: {error_line(error)}",
                 hint="check the connection and that the user may create tables; then run migrate.status",
@@ -154,8 +151,6 @@ def _check_provider(directory: Path, where: str) -> None:
 
 
 def _acquire_prisma_lock(conn: psycopg.Connection, timeout: float, where: str, emit: EventCallback) -> None:
-    import psycopg
-
     got = conn.execute("SELECT pg_try_advisory_lock(%s)", (PRISMA_ADVISORY_LOCK_KEY,)).fetchone()
     if got and got[0]:
         return
@@ -163,7 +158,7 @@ def _acquire_prisma_lock(conn: psycopg.Connection, timeout: float, where: str, e
     try:
         conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
         conn.execute("SELECT pg_advisory_lock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
-    except psycopg.errors.LockNotAvailable:
+    except pg.LockNotAvailable:
         holder = lock_holder(conn) or "a session that has since gone"
         raise LockHeld(
             f"another migration holds the Prisma migration lock on {where}: {holder}",
@@ -195,10 +190,8 @@ def lock_holder(conn: psycopg.Connection) -> str | None:
 
 
 def _release_prisma_lock(conn: psycopg.Connection) -> None:
-    import psycopg
-
     # A lost session has released it already.
-    with contextlib.suppress(psycopg.Error):
+    with contextlib.suppress(pg.Error):
         conn.execute("SELECT pg_advisory_unlock(%s)", (PRISMA_ADVISORY_LOCK_KEY,))
 
 
@@ -229,8 +222,6 @@ def refuse_unsafe(state: MigrationState, where: str, *, allow_edited: bool = Fal
 
 
 def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback) -> None:
-    import psycopg
-
     row_id = str(uuid.uuid4())
     # Recorded before running, exactly like Prisma: a crash midway leaves a failed row.
     conn.execute(
@@ -241,9 +232,9 @@ def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, 
     emit("started", migration.name)
     try:
         conn.execute(migration.sql)
-    except psycopg.Error as error:
+    except pg.Error as error:
         logs = _failure_logs(migration.name, error)
-        with contextlib.suppress(psycopg.Error):  # connection lost: the row stays failed, without logs
+        with contextlib.suppress(pg.Error):  # connection lost: the row stays failed, without logs
             conn.execute("UPDATE _prisma_migrations SET logs = %s WHERE id = %s", (logs, row_id))
         emit("failed", migration.name)
         raise StepFailed(

@@ -24,7 +24,10 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from ops import pg
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError
+from ops.hosts import connect
+from ops.inventory import plain, resolve
 from ops.secrets import redact, reveal
 
 if TYPE_CHECKING:
@@ -304,14 +307,12 @@ def prisma_schema(url: Secret | str) -> str:
 
 def use_prisma_schema(conn: psycopg.Connection, url: Secret | str, *, create: bool = False) -> None:
     """Point the session at the URL's Prisma schema, where its table and migrations live."""
-    from psycopg import sql
-
     name = prisma_schema(url)
     missing = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (name,))
     # As `prisma migrate deploy` does; checked first since CREATE SCHEMA needs a privilege the app may lack.
     if create and missing.fetchone()[0]:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
+        conn.execute(pg.identifiers("CREATE SCHEMA {}", name))
+    conn.execute(pg.identifiers("SET search_path TO {}", name))
 
 
 def resolve_hint(name: str) -> str:
@@ -340,8 +341,6 @@ def load_migrations(env: Environment) -> list[LocalMigration]:
 def load_migration_source(env: Environment) -> MigrationSource:
     """From `app.repository` + `app.migrations.dir` when set; else from the first host's `app.dir`;
     else (no hosts, e.g. the sandbox) from `app.dir` on this machine."""
-    from ops.inventory import plain
-
     app = plain(env.value("app", {})) or {}
     subdir = str((app.get("migrations") or {}).get("dir") or DEFAULT_DIR)
     if app.get("repository"):
@@ -366,8 +365,6 @@ def load_migration_source(env: Environment) -> MigrationSource:
 
 
 def _resolved(node: Any) -> Any:
-    from ops.inventory import resolve
-
     return resolve(node)
 
 
@@ -399,8 +396,6 @@ def shell_path(path: str) -> str:
 
 def read_host_migrations(host: HostConfig, directory: str) -> MigrationSource:
     """Read `<directory>/<name>/migration.sql` on an app host (listing over SSH, files over SFTP)."""
-    from ops.hosts import connect
-
     where = f"host {host.name} ({host.target}) {directory}"
     with connect(host) as connection:
         listing = connection.run(f"cd {shell_path(directory)} && ls -1p", check=False)
@@ -431,8 +426,6 @@ def read_host_migrations(host: HostConfig, directory: str) -> MigrationSource:
 def environment_status(env: Environment, dbname: str | None = None,
                        migrations: list[LocalMigration] | None = None) -> MigrationState:
     """The environment's migration state through the direct URL (`dbname`: another database there)."""
-    from ops import pg
-
     local = load_migrations(env) if migrations is None else migrations
     url = env.database_url(direct=True)
     if dbname:
@@ -443,12 +436,10 @@ def environment_status(env: Environment, dbname: str | None = None,
 
 def read_state(conn: psycopg.Connection, url: Secret | str, local: list[LocalMigration]) -> MigrationState:
     """classify() on conn's `_prisma_migrations` in the URL's Prisma schema; errors named, not raw."""
-    import psycopg
-
     try:
         use_prisma_schema(conn, url)
         return classify(local, read_applied(conn))
-    except psycopg.Error as error:
+    except pg.Error as error:
         info = conn.info
         reason = redact(" ".join(str(error).split()))
         raise ConnectionFailed(f"cannot read {MIGRATIONS_TABLE} in database {info.dbname} on "

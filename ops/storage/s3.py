@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ops import aws
 from ops.errors import ConnectionFailed, OpsError, StepFailed
 from ops.secrets import redact, reveal
 from ops.storage.base import (
@@ -96,8 +98,6 @@ class S3Storage(Storage):
 
     @property
     def client(self) -> BaseClient:
-        from ops import aws
-
         endpoint = self.config.endpoint
         settings = {**CLIENT_SETTINGS, "s3": {"addressing_style": "path"}} if endpoint else CLIENT_SETTINGS
         return aws.client("s3", endpoint=endpoint, region=self.region, access_key_id=reveal(self.config.access_key_id),
@@ -310,8 +310,6 @@ class S3Storage(Storage):
         A part is read only once fewer than PARTS_IN_FLIGHT are being sent, so at most
         that many parts are in memory; the next part fills while the others travel.
         """
-        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-
         etags: dict[int, str] = {}
         sending: dict[Future[str], tuple[int, int]] = {}  # future -> (part number, bytes)
         progress = _StoredPrefix(on_progress)

@@ -7,6 +7,9 @@ each other as libraries (the package's registry, runbooks/__init__.py, is not a 
 
 The lists below name tolerated exceptions (none today); the tests fail on any edge or cycle
 not listed, and on a listed edge that is gone (delete it from the list then).
+
+Where imports are written: opsbook's own modules at the top, never inside a function; the
+heavy libraries only in their connector modules, inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -175,6 +178,94 @@ def test_runbooks_do_not_use_each_other_as_libraries() -> None:
 def test_every_allowed_edge_still_exists() -> None:
     gone = (ALLOWED_RUNBOOK_EDGES | ALLOWED_UPWARD_EDGES | ALLOWED_CYCLE_EDGES) - _edges(import_graph())
     assert not gone, f"edges no longer in the code: remove them from this test's allow-lists: {sorted(gone)}"
+
+
+# ---------------------------------------------------------------- where imports are written
+
+# The connectors: the only modules that import these libraries, each inside the functions that
+# use them (so listing tasks loads none), and nothing else inside a function (pyproject.toml
+# exempts exactly these from ruff's PLC0415).
+CONNECTORS = {
+    "ops.pg": {"psycopg"},
+    "ops.aws": {"boto3", "botocore"},
+    "ops.storage.s3": {"botocore", "urllib3"},
+    "ops.hosts": {"fabric", "paramiko"},
+    "ops.remote_commands": {"paramiko"},
+    "ops.render": {"jinja2"},
+    "ops.yaml_text": {"yaml"},
+    "ops.inventory_schema": {"jsonschema"},
+    "ops.dump": {"zstandard", "pyrage"},
+}
+HEAVY = set().union(*CONNECTORS.values()) | {"kubernetes_validate"}
+OURS = {*PACKAGES, "tasks"}
+
+
+def imported_libraries(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The top-level names an import reads from ("" for a relative import: always ours)."""
+    if isinstance(node, ast.Import):
+        return [alias.name.partition(".")[0] for alias in node.names]
+    return [""] if node.level else [(node.module or "").partition(".")[0]]
+
+
+def function_level_imports(tree: ast.AST, inside: bool = False) -> Iterator[tuple[int, str]]:
+    """(line, library) of each import inside a function or method body (`if TYPE_CHECKING:` skipped)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            for other in child.orelse:
+                yield from function_level_imports(ast.Module(body=[other], type_ignores=[]), inside)
+        elif isinstance(child, ast.Import | ast.ImportFrom):
+            if inside:
+                yield from ((child.lineno, library) for library in imported_libraries(child))
+        else:
+            function = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            yield from function_level_imports(child, inside or function)
+
+
+def runtime_imports(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """(line, library) of every import that can run: at any level, outside `if TYPE_CHECKING:`."""
+    for node in _import_nodes(tree):
+        yield from ((node.lineno, library) for library in imported_libraries(node))
+
+
+def _sources(root: Path = REPOSITORY) -> dict[str, ast.AST]:
+    files = {**module_files(root), "tasks": root / "tasks.py"}
+    return {module: ast.parse(path.read_text(), filename=str(path)) for module, path in files.items()}
+
+
+def _ours(library: str) -> bool:
+    return library in OURS or library == ""
+
+
+def test_no_function_level_import_of_opsbook_modules() -> None:
+    found = sorted(f"{module}:{line}" for module, tree in _sources().items()
+                   for line, library in function_level_imports(tree) if _ours(library))
+    assert not found, f"import opsbook's modules at the top of the module, not inside a function: {found}"
+
+
+def test_connectors_import_only_their_libraries_inside_functions() -> None:
+    sources = _sources()
+    found = sorted(f"{module}:{line} {library or 'relative'}" for module, allowed in CONNECTORS.items()
+                   for line, library in function_level_imports(sources[module]) if library not in allowed)
+    assert not found, f"a connector imports only its heavy libraries inside functions, the rest at the top: {found}"
+
+
+def test_heavy_libraries_only_in_their_connectors() -> None:
+    found = sorted(f"{module}:{line} {library}" for module, tree in _sources().items()
+                   for line, library in runtime_imports(tree)
+                   if library in HEAVY and library not in CONNECTORS.get(module, ()))
+    assert not found, (f"heavy libraries come through their connector ({sorted(CONNECTORS)}); "
+                       f"under `if TYPE_CHECKING:` for annotations only: {found}")
+
+
+def test_function_level_imports_read_from_the_source() -> None:
+    tree = ast.parse(
+        "import json\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import psycopg\n"
+        "def f():\n    from ops import pg\n    import yaml, os.path\n    if TYPE_CHECKING:\n        import fabric\n"
+        "class K:\n    import re\n    async def m(self):\n        from . import x\n"
+        "        def inner():\n            import jinja2\n")
+    assert sorted(function_level_imports(tree)) == [(6, "ops"), (7, "os"), (7, "yaml"), (13, ""), (15, "jinja2")]
+    assert sorted(runtime_imports(tree)) == [(1, "json"), (2, "typing"), (6, "ops"), (7, "os"), (7, "yaml"),
+                                             (11, "re"), (13, ""), (15, "jinja2")]
 
 
 # ---------------------------------------------------------------- the graph builder itself
