@@ -127,7 +127,9 @@ def test_open_update_twice_resolve_reaches_every_channel_with_no_secret(opsbook,
     assert {message["To"] for message in smtp_server.messages} == {"oncall@shop.example"}
     bodies = [message.get_content() for message in smtp_server.messages]
     assert "Postmortem: https://wiki.shop.example/pm/7" in bodies[3]
-    identified_at = datetime.fromisoformat(_timeline(opsbook, incident_id)[2]["at"].replace("Z", "+00:00"))
+    identified = next(entry for entry in _timeline(opsbook, incident_id)
+                      if entry["kind"] == "update" and entry.get("state") == "identified")
+    identified_at = datetime.fromisoformat(identified["at"].replace("Z", "+00:00"))
     expected_next = (identified_at + timedelta(minutes=45)).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
     assert NEXT_UPDATE.search(bodies[1])[1] == expected_next
 
