@@ -5,6 +5,7 @@ own pings; a decommissioned environment left out of `all`; the tasks that change
 from __future__ import annotations
 
 import shlex
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,14 @@ def test_a_healthy_and_a_broken_environment_one_line_each_and_the_worst_exit_cod
     assert summary(health)["prod"] == ["ok", "exit", "0"]
     assert summary(health)["staging"][:4] == ["check", "failed", "exit", "3"]
     assert "FAIL database" in health.stderr.split("== staging ==")[1]
-    assert "Traceback" not in checked.output + health.output
+
+    status = opsbook.run("status", "--env", "staging,prod", "--json")  # in the order given
+    assert status.exit_code == 3, status
+    assert [entry["env"] for entry in status.json()["environments"]] == ["staging", "prod"]
+    assert summary(status)["prod"] == ["ok", "exit", "0"], status
+    assert status.json()["environments"][1]["result"]["last_backup"]["id"] == fleet["ids"]["prod"]
+    assert "database" in status.json()["environments"][0]["result"]["errors"]
+    assert "Traceback" not in checked.output + health.output + status.output
     assert_no_secret(opsbook, *fleet["secrets"])
 
 
@@ -143,6 +151,32 @@ def test_each_environment_pings_its_own_monitor(opsbook, fleet, webhook_receiver
     assert "warning" not in result.stderr
     assert_no_secret(opsbook, *fleet["secrets"])
     assert_no_secret("\n".join(body for _path, _rid, body in seen), *fleet["secrets"])
+
+
+def test_keys_status_on_two_environments_with_their_own_providers(opsbook, s3_server):
+    """prod: an aws-iam key moto made just now (fresh); staging: a static key whose age nobody knows (due)."""
+    iam_user = f"opsbook-{uuid.uuid4().hex[:8]}"
+    key_id, secret = s3_server.create_access_key(iam_user)
+    bucket = s3_server.make_bucket().bucket
+    opsbook.environ.update({"FLEET_KEY_SECRET": secret.reveal(), "S3_ACCESS_KEY_ID": s3_server.access_key_id,
+                            "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal()})
+
+    def storage(key: str, secret_reference: str) -> dict[str, Any]:
+        return {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": bucket,
+                "access_key_id": key, "secret_access_key": secret_reference}
+
+    opsbook.write_inventory({"project": "fleet", "default_env": "prod", "envs": {
+        "prod": {"storage": storage(key_id, "${env:FLEET_KEY_SECRET}"),
+                 "keys": {"provider": "aws-iam", "iam_user": iam_user}},
+        "staging": {"storage": storage("${env:S3_ACCESS_KEY_ID}", "${env:S3_SECRET_ACCESS_KEY}")}}})
+    result = opsbook.run("keys.status", "--env", "all", "--json")
+    assert result.exit_code == 3, result
+    prod, staging = result.json()["environments"]
+    assert (prod["env"], prod["exit_code"], prod["result"]["provider"]) == ("prod", 0, "aws-iam"), result
+    assert prod["result"]["overdue"] is False and prod["result"]["age_days"] < 1
+    assert (staging["env"], staging["exit_code"], staging["result"]["overdue"]) == ("staging", 3, True)
+    assert summary(result)["prod"] == ["ok", "exit", "0"] and summary(result)["staging"][:2] == ["check", "failed"]
+    assert_no_secret(opsbook, secret.reveal(), s3_server.secret_access_key.reveal())
 
 
 @pytest.mark.parametrize("task", ["backup", "restore", "deploy.restart"])
