@@ -4,7 +4,10 @@ own pings; a decommissioned environment left out of `all`; the tasks that change
 
 from __future__ import annotations
 
+import select
 import shlex
+import signal
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,7 +71,7 @@ def summary(result: Any) -> dict[str, list[str]]:
     """The summary's line per environment (the block after the last blank line), split into its words:
     {env: [outcome words…, "exit", code, …]}."""
     block = result.stderr.rstrip().rsplit("\n\n", 1)[-1].splitlines()
-    assert block[0].startswith(f"{result.args[0]} on "), result.stderr
+    assert block[0].split()[1:2] == ["on"] and block[0].endswith(":"), result.stderr
     return {line.split()[0]: line.split()[1:] for line in block if line.startswith("  ")}
 
 
@@ -177,6 +180,33 @@ def test_keys_status_on_two_environments_with_their_own_providers(opsbook, s3_se
     assert (staging["env"], staging["exit_code"], staging["result"]["overdue"]) == ("staging", 3, True)
     assert summary(result)["prod"] == ["ok", "exit", "0"] and summary(result)["staging"][:2] == ["check", "failed"]
     assert_no_secret(opsbook, secret.reveal(), s3_server.secret_access_key.reveal())
+
+
+def test_an_interrupt_stops_the_run_and_pings_130_for_the_environment_it_stopped(opsbook, fleet, webhook_receiver):
+    """prod's database accepts the connection and never answers: health waits on it when the run is interrupted."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nobody reads them
+        inventory = yaml.safe_load(opsbook.inventory.read_text())
+        for env in ("prod", "staging"):
+            inventory["envs"][env]["monitor"] = {"jobs": {"health": webhook_receiver.url(f"/ping/{TOKEN}/{env}")}}
+        opsbook.write_inventory(inventory)
+        opsbook.environ["DB_URL_PROD"] = f"postgresql://app:{DEAD_PASSWORD}@127.0.0.1:{silent.getsockname()[1]}/shop"
+        process = opsbook.start("health", "--env", "prod,staging")
+        try:
+            assert select.select([silent], [], [], 60)[0], "health never connected to prod's database"
+            process.send_signal(signal.SIGINT)
+            result = opsbook.collect(process, timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert result.exit_code == 130, result
+    assert "== staging ==" not in result.stderr
+    assert summary(result)["prod"] == ["interrupted", "exit", "130"]
+    assert summary(result)["staging"] == ["not", "run"]
+    paths = [urlsplit(r.path).path.removeprefix(f"/ping/{TOKEN}") for r in webhook_receiver.requests]
+    assert paths == ["/prod/start", "/prod/130"], paths
+    assert_no_secret(opsbook, *fleet["secrets"])
 
 
 @pytest.mark.parametrize("task", ["backup", "restore", "deploy.restart"])
