@@ -270,7 +270,10 @@ def _each_environment(body: Callable[..., Any], job: str | None, args: tuple[Any
         return code
 
     def run(name: str) -> tuple[int, str]:
+        before = _interrupts
         _outcome, code, detail = _run_pinged(body, job, args, {**kwargs, "env": name})
+        if _interrupts != before and code != 130:
+            raise KeyboardInterrupt  # it arrived while the end was pinged: the next environment must not start
         return code or 0, detail
 
     try:
@@ -322,8 +325,13 @@ def name_jobs(collection: Any) -> None:
             task.job = min([name, *aliases], key=len)
 
 
+_interrupts = 0  # signals received so far: one that lands while an end is pinged (which swallows it) still counts
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGINT and SIGTERM: commands running on hosts (in any thread) are stopped there, then the run unwinds."""
+    global _interrupts
+    _interrupts += 1
     remote_commands.interrupt()
     if not processes.interrupt_held():  # else raised once the local child being started is owned
         raise KeyboardInterrupt
