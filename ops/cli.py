@@ -18,7 +18,7 @@ from invoke.exceptions import Exit, ParseError
 from invoke.parser.parser import ParseMachine
 from invoke.program import Program
 
-from ops import inventory, pings, processes, remote_commands
+from ops import inventory, multi_env, pings, processes, remote_commands
 from ops.archive import decommission_marker
 from ops.engine import RunContext, Runner, check_confirm_name
 from ops.errors import Interrupted, OpsError, UsageError
@@ -39,6 +39,8 @@ COMMON_HELP = {
     "confirm": "type the environment's name to confirm changes to a protected environment",
     "json": "print one JSON object with the result on stdout",
 }
+MULTI_ENV_HELP = ("environment name from the inventory, several (prod,staging), or all (but decommissioned ones "
+                  "and the sandbox); default: the inventory's default_env")
 
 
 # The shared flags' short letters, the same in every task; a task's own flags never take them.
@@ -184,41 +186,106 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def opstask(body: F, job: Callable[[], str | None] | None = None) -> F:
+def opstask(body: F, job: Callable[[], str | None] | None = None, multi: bool = False) -> F:
     """Runs a task body and turns every outcome into the documented exit code; `job()` names the task for the
-    pings (ops/pings.py) that report its start and its exit code to the environment's monitor."""
+    pings (ops/pings.py) that report its start and its exit code to the environment's monitor.
+
+    An --env list or `all` (ops/multi_env.py) runs a `multi` task's body once per environment, each run
+    pinged on its own; every other task refuses it, exit 2."""
     @functools.wraps(body)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-        printed_before = results_printed()
-        ping, code, detail = None, None, ""
-        try:
-            ping = pings.prepare(job() if job else None, kwargs)
-            pings.start(ping)
-            outcome, code = body(*args, **kwargs), 0
-            return outcome
-        except OpsError as error:
-            code, detail = error.exit_code, error.message
-            _report(error, error.exit_code, kwargs.get("json", False) and results_printed() == printed_before)
-            raise Exit(code=error.exit_code) from None
-        except KeyboardInterrupt:
-            code = 130
-            _report(Interrupted("interrupted"), 130, kwargs.get("json", False))
-            raise Exit(code=130) from None
-        except Exception as error:  # a traceback is a bug: say so plainly, show it only on request
-            if os.environ.get("OPS_DEBUG"):
-                Output().line(traceback.format_exc())
-            message = f"internal error: {type(error).__name__}: {error}"
-            code, detail = 1, message
-            _report(OpsError(message, hint="this is a bug in opsbook; re-run with OPS_DEBUG=1 for the traceback"),
-                    1, kwargs.get("json", False))
-            raise Exit(code=1) from None
-        finally:
+        name = job() if job else None
+
+        def restore() -> None:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            pings.finish(ping, code, detail)  # after the handlers: an interrupt now cannot unwind the task again
+
+        outcome = None
+        if not multi_env.requested(kwargs.get("env")):
+            # the handlers are restored before the end is pinged: an interrupt then cannot unwind the task again
+            outcome, code, _detail = _run_pinged(body, name, args, kwargs, restore)
+        elif multi:
+            try:
+                code = _each_environment(body, name, args, kwargs)
+            finally:
+                restore()
+        else:
+            restore()
+            code = _reporting(lambda: _refuse_env_list(name or body.__name__, kwargs["env"]),
+                              kwargs.get("json", False))[1]
+        if code:
+            raise Exit(code=code)
+        return outcome
 
     return wrapper  # type: ignore[return-value]
+
+
+def _run_pinged(body: Callable[..., Any], job: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+                before_finish: Callable[[], None] = lambda: None) -> tuple[Any, int | None, str]:
+    """One run of the body on one environment, its start and end pinged: (its value, exit code, error line)."""
+    ping = None
+
+    def call() -> Any:
+        nonlocal ping
+        ping = pings.prepare(job, kwargs)
+        pings.start(ping)
+        return body(*args, **kwargs)
+
+    outcome, code, detail = None, None, ""
+    try:
+        outcome, code, detail = _reporting(call, kwargs.get("json", False))
+    finally:
+        before_finish()
+        pings.finish(ping, code, detail)
+    return outcome, code, detail
+
+
+def _reporting(call: Callable[[], Any], json_mode: bool) -> tuple[Any, int, str]:
+    """Runs `call`; each error is reported in its one place: (its value, exit code, error line)."""
+    printed_before = results_printed()
+    try:
+        return call(), 0, ""
+    except OpsError as error:
+        _report(error, error.exit_code, json_mode and results_printed() == printed_before)
+        return None, error.exit_code, error.message
+    except KeyboardInterrupt:
+        _report(Interrupted("interrupted"), 130, json_mode)
+        return None, 130, ""
+    except Exception as error:  # a traceback is a bug: say so plainly, show it only on request
+        if os.environ.get("OPS_DEBUG"):
+            Output().line(traceback.format_exc())
+        message = f"internal error: {type(error).__name__}: {error}"
+        _report(OpsError(message, hint="this is a bug in opsbook; re-run with OPS_DEBUG=1 for the traceback"),
+                1, json_mode)
+        return None, 1, message
+
+
+def _each_environment(body: Callable[..., Any], job: str | None, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> int:
+    """A multi-environment task on each environment of an --env list: the worst exit code."""
+    json_mode = kwargs.get("json", False)
+    selection, code, _detail = _reporting(lambda: multi_env.selected(kwargs["env"]), json_mode)
+    if code:
+        return code
+
+    def run(name: str) -> tuple[int, str]:
+        before = _interrupts
+        _outcome, code, detail = _run_pinged(body, job, args, {**kwargs, "env": name})
+        if _interrupts != before and code != 130:
+            raise KeyboardInterrupt  # it arrived while the end was pinged: the next environment must not start
+        return code or 0, detail
+
+    try:
+        return multi_env.run_each(job or body.__name__, selection, json_mode, run)
+    except KeyboardInterrupt:  # between two environments
+        _report(Interrupted("interrupted"), 130, json_mode)
+        return 130
+
+
+def _refuse_env_list(task: str, env: str) -> None:
+    raise UsageError(f"{task}: --env takes one environment, not {env!r}: what changes things runs on one "
+                     f"environment at a time (only the read-only checks take a list or all); see `inv -h {task}`")
 
 
 class OpsTask(Task):
@@ -226,15 +293,20 @@ class OpsTask(Task):
     every outcome of its body turned into the documented exit code (opstask).
 
     `help` holds the task's own flags (and may reword a shared one); `short` gives one of its own flags a
-    letter of its choosing, instead of the first free letter of its name."""
+    letter of its choosing, instead of the first free letter of its name. `multi_env=True` (read-only tasks
+    only) lets --env name several environments or `all` (ops/multi_env.py)."""
 
     def __init__(self, body: Callable[..., Any], *args: Any, help: dict[str, str] | None = None,
-                 short: dict[str, str] | None = None, **kwargs: Any) -> None:
+                 short: dict[str, str] | None = None, multi_env: bool = False, **kwargs: Any) -> None:
         params = inspect.signature(body).parameters
         shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in params}
+        if multi_env and "env" in shared:
+            shared["env"] = MULTI_ENV_HELP
         self.short_flags = {**{name: SHORT_FLAGS[name] for name in shared}, **(short or {})}
         self.job: str | None = None  # its name in the collection (`backup.verify`), set by name_jobs()
-        super().__init__(opstask(body, job=lambda: self.job), *args, help={**shared, **(help or {})}, **kwargs)
+        self.multi_env = multi_env
+        super().__init__(opstask(body, job=lambda: self.job, multi=multi_env), *args,
+                         help={**shared, **(help or {})}, **kwargs)
 
     def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
         chosen = {*SHORT_FLAGS.values(), *self.short_flags.values()}
@@ -253,8 +325,13 @@ def name_jobs(collection: Any) -> None:
             task.job = min([name, *aliases], key=len)
 
 
+_interrupts = 0  # signals received so far: one that lands while an end is pinged (which swallows it) still counts
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGINT and SIGTERM: commands running on hosts (in any thread) are stopped there, then the run unwinds."""
+    global _interrupts
+    _interrupts += 1
     remote_commands.interrupt()
     if not processes.interrupt_held():  # else raised once the local child being started is owned
         raise KeyboardInterrupt

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from ops.secrets import Secret, masked, redact
 
 _printed_results = 0  # a task prints one JSON object: the error report is skipped after a result
+_captured: list[dict[str, Any]] | None = None  # results kept, not printed (one environment of several)
 
 SYMBOLS = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip", "info": "    "}
 
@@ -50,6 +52,9 @@ class Output:
         global _printed_results
         if self.json_mode:
             _printed_results += 1
+            if _captured is not None:
+                _captured.append(masked(payload))
+                return
             stream = self._result_stream or sys.stdout
             print(json.dumps(masked(payload), indent=2, default=str), file=stream, flush=True)
 
@@ -71,6 +76,18 @@ def human_size(size: float) -> str:
 
 def results_printed() -> int:
     return _printed_results
+
+
+@contextmanager
+def captured_results() -> Iterator[list[dict[str, Any]]]:
+    """The JSON results meanwhile are kept in the list it yields instead of printed: a run over several
+    environments prints one object holding each environment's result."""
+    global _captured
+    outer, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = outer
 
 
 class ProgressLines:

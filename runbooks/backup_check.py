@@ -42,7 +42,7 @@ def hours_flag(value: str | None) -> float | None:
     return hours
 
 
-@task(klass=OpsTask, name="check", help=HELP)
+@task(klass=OpsTask, name="check", help=HELP, multi_env=True)
 def check(c, env=None, max_age_hours=None, json=False, prometheus=None):
     """Exit 3 unless there is a fresh, recently verified backup of this environment's database."""
     output = make_output(json)

@@ -420,7 +420,8 @@ def history(c, env=None, json=False):
     output.result({"env": source.name, "drills": found})
 
 
-@task(klass=OpsTask, help=dict(env="the source environment"))
+@task(klass=OpsTask, multi_env=True, help=dict(env="the source environment; several (prod,staging), or all "
+                                                   "(but decommissioned ones and the sandbox)"))
 def due(c, env=None, json=False):
     """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
     output = make_output(json)

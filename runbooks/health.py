@@ -7,7 +7,7 @@ from ops.cli import OpsTask, environment, make_output
 from ops.health_probes import probes
 
 
-@task(klass=OpsTask)
+@task(klass=OpsTask, multi_env=True)
 def health(c, env=None, json=False):
     """Check the database, storage, hosts and app health/ready URLs; exit 3 if any fails."""
     output = make_output(json)

@@ -50,7 +50,7 @@ def rotate(c, env=None, dry_run=False, confirm=None, json=False):
             result=result)
 
 
-@task(klass=OpsTask)
+@task(klass=OpsTask, multi_env=True)
 def status(c, env=None, json=False):
     """The storage key in use: id (masked), created, age, due date, last rotation; exit 3 when overdue."""
     output = make_output(json)

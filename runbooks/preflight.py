@@ -362,7 +362,7 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
     return checks
 
 
-@task(klass=OpsTask)
+@task(klass=OpsTask, multi_env=True)
 def preflight(c, env=None, json=False):
     """The production readiness checklist: pass/warn/fail with the fix for each; exit 3 if any fails."""
     output = make_output(json)

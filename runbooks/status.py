@@ -238,7 +238,8 @@ def _show_rest(report: StatusReport, output: Output) -> None:
         output.check("fail", part, error)
 
 
-@task(klass=OpsTask, help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
+@task(klass=OpsTask, multi_env=True,
+      help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
 def status(c, env=None, json=False, prometheus=None):
     """Database size, connections, slow queries, buckets, last backup, key age, migrations, incidents."""
     output = make_output(json)
