@@ -76,6 +76,8 @@ def write_marker(state_dir: Path, env_name: str, record: dict[str, Any]) -> Path
 
 @dataclass(frozen=True)
 class Member:
+    """One file of the archive: its name in the tarball and its bytes."""
+
     name: str
     data: bytes
 

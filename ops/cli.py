@@ -6,7 +6,6 @@ import difflib
 import functools
 import inspect
 import os
-import re
 import signal
 import sys
 import traceback
@@ -23,6 +22,7 @@ from ops.archive import decommission_marker
 from ops.engine import RunContext, Runner, check_confirm_name
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.output import Output, results_printed
+from ops.patterns import Pattern
 from ops.sandbox import Sandbox
 from ops.secrets import redact
 
@@ -56,10 +56,10 @@ def helps(*common: str, **extra: str) -> dict[str, str]:
 # console tool (runbooks/program.py) through its Program's own methods, `inv` and `python -m invoke` through
 # install_usage_errors(), called from tasks.py. The parser's own checks are shared by both.
 
-_NEEDS_VALUE = re.compile(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")
-_TAKES_NO_VALUE = re.compile(r"^Flag <Argument: (\S+).*> doesn't take any value!$")
-_UNKNOWN = re.compile(r"^No idea what '(.*)' is!$")
-_POSITIONAL = re.compile(r"^'[^']*' did not receive required positional arguments: (.*)$")
+_NEEDS_VALUE = Pattern(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")
+_TAKES_NO_VALUE = Pattern(r"^Flag <Argument: (\S+).*> doesn't take any value!$")
+_UNKNOWN = Pattern(r"^No idea what '(.*)' is!$")
+_POSITIONAL = Pattern(r"^'[^']*' did not receive required positional arguments: (.*)$")
 
 
 def install_usage_errors() -> None:

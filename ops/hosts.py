@@ -45,6 +45,8 @@ STDERR_TAIL_LINES = 10
 
 @dataclass(frozen=True)
 class HostConfig:
+    """How to reach one app host over SSH."""
+
     name: str
     address: str
     user: str = "deploy"
@@ -63,6 +65,8 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class CommandResult:
+    """A command run on a host: its exit code and its redacted output."""
+
     command: str  # as given by the caller, redacted
     exit_code: int
     stdout: str  # redacted

@@ -39,6 +39,8 @@ NEW_SECRET_VARIABLE = "OPS_NEW_STORAGE_SECRET_ACCESS_KEY"
 
 @dataclass(frozen=True)
 class NewKey:
+    """A storage key just created, with its secret (a Secret: it never prints itself)."""
+
     key_id: str
     secret_access_key: Secret
     created_at: datetime
@@ -46,6 +48,8 @@ class NewKey:
 
 @dataclass(frozen=True)
 class KeyInfo:
+    """A storage key as the provider lists it."""
+
     key_id: str
     created_at: datetime | None
     active: bool

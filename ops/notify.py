@@ -55,6 +55,8 @@ class Notice:
 
 @dataclass(frozen=True)
 class Channel:
+    """A notice channel from the inventory's `notify` list."""
+
     index: int
     kind: str
     audience: str
@@ -79,6 +81,8 @@ class Channel:
 
 @dataclass
 class Delivery:
+    """What sending a notice to one channel did."""
+
     channel: str
     kind: str
     audience: str

@@ -44,6 +44,8 @@ OUTCOMES = {0: "succeeded", 1: "failed", 2: "refused (usage, inventory or confir
 
 @dataclass(frozen=True)
 class Monitor:
+    """Where an environment's job pings go, with their timeout and retries."""
+
     url: Secret
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES

@@ -106,6 +106,8 @@ class MigrationRow:
 
 @dataclass(frozen=True)
 class MigrationEntry:
+    """One migration as the database's migrations table records it."""
+
     name: str
     status: str
     started_at: datetime | None = None

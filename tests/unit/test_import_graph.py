@@ -203,6 +203,7 @@ STDLIB_CONNECTORS = {
     "ops.web": {"urllib.request", "http.client"},
     "ops.mail": {"smtplib", "email.message"},
     "ops.archive": {"tarfile"},
+    "ops.render": {"importlib.resources"},
 }
 OURS = {*PACKAGES, "tasks"}
 
@@ -251,8 +252,9 @@ def test_no_function_level_import_of_opsbook_modules() -> None:
 
 def test_connectors_import_only_their_libraries_inside_functions() -> None:
     sources = _sources()
-    connectors = {**CONNECTORS, **{module: {name.partition(".")[0] for name in names}
-                                   for module, names in STDLIB_CONNECTORS.items()}}
+    connectors = {module: CONNECTORS.get(module, set()) | {name.partition(".")[0]
+                                                           for name in STDLIB_CONNECTORS.get(module, ())}
+                  for module in {*CONNECTORS, *STDLIB_CONNECTORS}}
     found = sorted(f"{module}:{line} {library or 'relative'}" for module, allowed in connectors.items()
                    for line, library in function_level_imports(sources[module]) if library not in allowed)
     assert not found, f"a connector imports only its heavy libraries inside functions, the rest at the top: {found}"
