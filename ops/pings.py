@@ -17,12 +17,11 @@ from __future__ import annotations
 import socket
 import time
 import urllib.error
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ops import __version__, inventory, web
+from ops import __version__, ids, inventory, web
 from ops.errors import InventoryError, OpsError
 from ops.inventory_checks import url_problem
 from ops.journal import host_name, new_run_id, operator_name
@@ -59,7 +58,7 @@ class Ping:
     env: str
     monitor: Monitor
     run_id: str = field(default_factory=new_run_id)
-    rid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    rid: str = field(default_factory=ids.uuid4)
     started: float = field(default_factory=time.monotonic)
     run_id_claimed: bool = False
 

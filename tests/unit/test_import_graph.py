@@ -204,6 +204,9 @@ STDLIB_CONNECTORS = {
     "ops.mail": {"smtplib", "email.message"},
     "ops.archive": {"tarfile"},
     "ops.render": {"importlib.resources"},
+    "ops.ids": {"uuid"},
+    "ops.migrations.state": {"tomllib"},
+    "ops.storage.s3": {"email.utils"},
 }
 OURS = {*PACKAGES, "tasks"}
 
