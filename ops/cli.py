@@ -230,11 +230,21 @@ class OpsTask(Task):
 
     def __init__(self, body: Callable[..., Any], *args: Any, help: dict[str, str] | None = None,
                  short: dict[str, str] | None = None, **kwargs: Any) -> None:
-        params = inspect.signature(body).parameters
-        shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in params}
+        wrapper = opstask(body, job=lambda: self.job)
+        signature = inspect.signature(wrapper)  # the body's own (functools.wraps): read once, not once per use
+        shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in signature.parameters}
         self.short_flags = {**{name: SHORT_FLAGS[name] for name in shared}, **(short or {})}
         self.job: str | None = None  # its name in the collection (`backup.verify`), set by name_jobs()
-        super().__init__(opstask(body, job=lambda: self.job), *args, help={**shared, **(help or {})}, **kwargs)
+        self._signature = (wrapper, signature)
+        super().__init__(wrapper, *args, help={**shared, **(help or {})}, **kwargs)
+
+    def argspec(self, body: Callable[..., Any]) -> inspect.Signature:
+        """invoke's signature of the task without its context argument, from the one read in __init__ (invoke
+        asks twice per task, and listing tasks builds every task)."""
+        wrapper, signature = self._signature
+        if body is not wrapper or not signature.parameters:
+            return super().argspec(body)  # another body, or none to drop: invoke's own answer and error
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
         chosen = {*SHORT_FLAGS.values(), *self.short_flags.values()}
