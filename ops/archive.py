@@ -11,7 +11,8 @@ The archive is one tarball with everything needed to understand the environment 
 
 The marker `<state>/decommissioned/<env>.json` (and `decommissioned.json` in the environment's backups
 storage) makes ops.cli.environment() refuse the environment. No third-party library at import time:
-ops/cli.py reads the marker on every task.
+ops/cli.py reads the marker on every task. tarfile (costly to import) only inside the two functions
+that write and read the tarball.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hashlib
 import io
 import json
 import subprocess
-import tarfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,6 +76,8 @@ def write_marker(state_dir: Path, env_name: str, record: dict[str, Any]) -> Path
 
 @dataclass(frozen=True)
 class Member:
+    """One file of the archive: its name in the tarball and its bytes."""
+
     name: str
     data: bytes
 
@@ -161,6 +163,8 @@ def write_tarball(members: list[Member], path: Path) -> tuple[str, int]:
     """A gzip tarball of `members` plus LISTING.txt; (sha256, size) of the file written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
+    import tarfile
+
     everything = [*members, Member(LISTING_NAME, listing_text(members).encode())]
     with tarfile.open(temporary, "w:gz") as tar:
         for member in everything:
@@ -181,6 +185,8 @@ def file_sha256(path: Path) -> str:
 
 def read_listing(tarball: Path) -> list[tuple[str, int, str]]:
     """(name, size, sha256) of each member, recomputed from the tarball itself."""
+    import tarfile
+
     listed = []
     with tarfile.open(tarball, "r:gz") as tar:
         for info in tar.getmembers():

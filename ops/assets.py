@@ -62,6 +62,8 @@ def manifest_key(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class AssetEntry:
+    """One object of the app bucket as the copy last saw it, and where it stands."""
+
     key: str  # in the app bucket, relative to its prefix
     size: int
     etag: str | None  # the source object's ETag when it was copied
@@ -72,6 +74,8 @@ class AssetEntry:
 
 @dataclass
 class AssetManifest:
+    """What one asset copy found and copied, per key."""
+
     run_id: str
     env: str
     source: str  # the app bucket, described without secrets
@@ -114,6 +118,8 @@ def latest_manifest(backups: Storage) -> AssetManifest | None:
 
 @dataclass
 class CopyPlan:
+    """What an asset copy will do: the keys to copy, keep, adopt and mark deleted."""
+
     source: list[ObjectInfo]  # everything in the app bucket now
     to_copy: list[ObjectInfo]
     kept: dict[str, AssetEntry]  # unchanged, or adopted from an interrupted run: no data to move

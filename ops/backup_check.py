@@ -48,6 +48,8 @@ class Facts:
 
 @dataclass
 class Limits:
+    """How old the newest backup and its last verification may be, for one environment."""
+
     max_age: timedelta
     verify_max_age: timedelta
     database: str | None  # the inventory's database name; None: no database in the inventory
@@ -56,6 +58,8 @@ class Limits:
 
 @dataclass
 class Finding:
+    """One check of the backup bucket: passed or not, what it saw, what to do."""
+
     check: str  # newest | verification | database
     ok: bool
     text: str
@@ -64,6 +68,8 @@ class Finding:
 
 @dataclass
 class Verdict:
+    """Every finding of a backup check."""
+
     findings: list[Finding] = field(default_factory=list)
 
     @property

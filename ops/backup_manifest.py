@@ -54,6 +54,8 @@ def dump_key(backup_id: str, encrypted: bool) -> str:
 
 @dataclass
 class DatabaseInfo:
+    """The database a backup was taken from."""
+
     name: str
     target: str  # user@host:port/db, never a password
     server_version: str
@@ -62,12 +64,16 @@ class DatabaseInfo:
 
 @dataclass
 class ToolInfo:
+    """The pg_dump that wrote a backup."""
+
     version: str
     major: int
 
 
 @dataclass
 class StoredObject:
+    """The dump as stored: key, size, checksum, compression and encryption."""
+
     key: str
     size: int  # bytes stored (compressed, maybe encrypted)
     sha256: str  # of the stored bytes
@@ -78,6 +84,8 @@ class StoredObject:
 
 @dataclass
 class Manifest:
+    """Everything known about one backup, stored beside its dump."""
+
     id: str
     project: str
     env: str
@@ -291,6 +299,8 @@ def write_manifest(storage: Storage, manifest: Manifest) -> None:
 
 @dataclass
 class Verification:
+    """One verification of a backup: when, which kind (checksum or deep), whether it passed."""
+
     at: str
     kind: str  # "checksum" | "deep"
     ok: bool

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class CheckResult:
+    """The outcome of one check: its status, what it found and how to fix it."""
+
     name: str
     status: str  # pass | warn | fail
     detail: str = ""

@@ -6,7 +6,6 @@ import difflib
 import functools
 import inspect
 import os
-import re
 import signal
 import sys
 import traceback
@@ -23,6 +22,7 @@ from ops.archive import decommission_marker
 from ops.engine import RunContext, Runner, check_confirm_name
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.output import Output, results_printed
+from ops.patterns import Pattern
 from ops.sandbox import Sandbox
 from ops.secrets import redact
 
@@ -58,10 +58,10 @@ def helps(*common: str, **extra: str) -> dict[str, str]:
 # console tool (runbooks/program.py) through its Program's own methods, `inv` and `python -m invoke` through
 # install_usage_errors(), called from tasks.py. The parser's own checks are shared by both.
 
-_NEEDS_VALUE = re.compile(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")
-_TAKES_NO_VALUE = re.compile(r"^Flag <Argument: (\S+).*> doesn't take any value!$")
-_UNKNOWN = re.compile(r"^No idea what '(.*)' is!$")
-_POSITIONAL = re.compile(r"^'[^']*' did not receive required positional arguments: (.*)$")
+_NEEDS_VALUE = Pattern(r"^Flag <Argument: (\S+).*> needed value and was not given one!$")
+_TAKES_NO_VALUE = Pattern(r"^Flag <Argument: (\S+).*> doesn't take any value!$")
+_UNKNOWN = Pattern(r"^No idea what '(.*)' is!$")
+_POSITIONAL = Pattern(r"^'[^']*' did not receive required positional arguments: (.*)$")
 
 
 def install_usage_errors() -> None:
@@ -298,15 +298,24 @@ class OpsTask(Task):
 
     def __init__(self, body: Callable[..., Any], *args: Any, help: dict[str, str] | None = None,
                  short: dict[str, str] | None = None, multi_env: bool = False, **kwargs: Any) -> None:
-        params = inspect.signature(body).parameters
-        shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in params}
+        wrapper = opstask(body, job=lambda: self.job, multi=multi_env)
+        signature = inspect.signature(wrapper)  # the body's own (functools.wraps): read once, not once per use
+        shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in signature.parameters}
         if multi_env and "env" in shared:
             shared["env"] = MULTI_ENV_HELP
         self.short_flags = {**{name: SHORT_FLAGS[name] for name in shared}, **(short or {})}
         self.job: str | None = None  # its name in the collection (`backup.verify`), set by name_jobs()
         self.multi_env = multi_env
-        super().__init__(opstask(body, job=lambda: self.job, multi=multi_env), *args,
-                         help={**shared, **(help or {})}, **kwargs)
+        self._signature = (wrapper, signature)
+        super().__init__(wrapper, *args, help={**shared, **(help or {})}, **kwargs)
+
+    def argspec(self, body: Callable[..., Any]) -> inspect.Signature:
+        """invoke's signature of the task without its context argument, from the one read in __init__ (invoke
+        asks twice per task, and listing tasks builds every task)."""
+        wrapper, signature = self._signature
+        if body is not wrapper or not signature.parameters:
+            return super().argspec(body)  # another body, or none to drop: invoke's own answer and error
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
         chosen = {*SHORT_FLAGS.values(), *self.short_flags.values()}

@@ -68,6 +68,8 @@ class StepResult:
 
 @dataclass
 class DrillReport:
+    """One restore drill: what was restored where, how long it took, what was checked."""
+
     id: str
     source_env: str
     target_env: str
@@ -207,6 +209,8 @@ def quarter_bounds(moment: datetime) -> tuple[datetime, datetime]:
 
 @dataclass
 class DrillDue:
+    """Whether this quarter's drill is done, and by when the next one is due."""
+
     done_this_quarter: bool
     last: dict[str, Any] | None  # the newest drill, passed or not
     quarter: str  # "2026-Q4"

@@ -260,6 +260,8 @@ def load_identities(path: str | Path) -> list[Any]:
 
 @dataclass
 class Stored:
+    """What a dump's upload stored: its size and checksum, the dump's own size, the time taken."""
+
     size: int  # bytes stored
     sha256: str  # of the stored bytes
     dump_size: int  # bytes pg_dump wrote

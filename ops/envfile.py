@@ -16,8 +16,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ops.errors import InventoryError
 from ops.hosts import is_loopback
 from ops.inventory import resolve
+from ops.patterns import Pattern
 from ops.pg import with_credentials
-from ops.render import TEMPLATES_DIR, template_environment
+from ops.render import template_environment, templates_dir
 from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
@@ -33,11 +34,11 @@ STORAGE_SECRET_ACCESS_KEY = "STORAGE_SECRET_ACCESS_KEY"
 AUTH_SECRET = "AUTH_SECRET"
 ADMIN_PASSWORD_HASH = "ADMIN_PASSWORD_HASH"
 
-KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|HASH|PRIVATE|CREDENTIAL|SALT", re.IGNORECASE)
+KEY_NAME = Pattern(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_NAME = Pattern(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|HASH|PRIVATE|CREDENTIAL|SALT", re.IGNORECASE)
 # Written bare: no spaces, quotes, `#` (comment), `$` (dotenv-expand) or backslashes.
-_BARE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./~^!?*&<>()\[\]{}|-]*")
-_DOUBLE_QUOTED_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_BARE_VALUE = Pattern(r"[A-Za-z0-9_@%+=:,./~^!?*&<>()\[\]{}|-]*")
+_DOUBLE_QUOTED_ESCAPE = Pattern(r"\\(.)", re.DOTALL)
 _DOUBLE_QUOTED_MEANING = {"n": "\n", "r": "\r", "t": "\t"}
 SHOWN_LENGTH_LIMIT = 200  # longer values are described, not shown: a plan is read by people
 
@@ -58,7 +59,7 @@ def render_template_text(source: str, context: dict[str, Any]) -> str:
 
 
 def _template_source() -> str:
-    return (TEMPLATES_DIR / TEMPLATE_NAME).read_text(encoding="utf-8")
+    return (templates_dir() / TEMPLATE_NAME).read_text(encoding="utf-8")
 
 
 def _tidy(text: str) -> str:

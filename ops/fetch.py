@@ -42,6 +42,8 @@ class NullSink:
 
 @dataclass
 class Fetched:
+    """What reading a stored dump back found: size, checksum, decoded size, and why it stopped."""
+
     size: int  # bytes read from storage
     sha256: str
     decoded_size: int | None  # bytes of dump produced; None when decoding failed or was skipped

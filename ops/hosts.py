@@ -23,13 +23,12 @@ import secrets
 import shlex
 import socket
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
-from ops import known_hosts, remote_commands
+from ops import known_hosts, remote_commands, web
 from ops.errors import ConnectionFailed, Interrupted, OpsError, StepFailed, UsageError
 from ops.remote_commands import ENVIRONMENT_LOAD_FAILED, RemoteCommand, build_command, build_environment_script
 from ops.secrets import Secret, redact
@@ -46,6 +45,8 @@ STDERR_TAIL_LINES = 10
 
 @dataclass(frozen=True)
 class HostConfig:
+    """How to reach one app host over SSH."""
+
     name: str
     address: str
     user: str = "deploy"
@@ -64,6 +65,8 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class CommandResult:
+    """A command run on a host: its exit code and its redacted output."""
+
     command: str  # as given by the caller, redacted
     exit_code: int
     stdout: str  # redacted
@@ -459,7 +462,7 @@ def is_on_host(url: str) -> bool:
 def fetch_from_here(url: str, timeout: float = 10) -> tuple[int, str]:
     """(HTTP status, the start of the body) from this machine; status 0 and the reason when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with web.urlopen(url, timeout=timeout) as response:
             return response.status, response.read(2048).decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, error.read(2048).decode(errors="replace")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import random
 import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ops import pg
+from ops import pg, web
 from ops.errors import OpsError
 from ops.secrets import Secret, redact
 
@@ -61,7 +60,7 @@ def probe_image(storage: Any, key: str, expected: int | None) -> str | None:
 
 def _probe_public(url: str, size: int) -> str | None:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with web.urlopen(url, timeout=10) as response:
             received = len(response.read())
     except urllib.error.HTTPError as error:
         return f"{url}: HTTP {error.code}"

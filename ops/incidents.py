@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets as random_tokens
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from ops.clock import compact_z, iso_z, iso_z_micro, parse_time, utc_now
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.journal import host_name, operator_name
 from ops.locks import file_lock
+from ops.patterns import Pattern
 from ops.secrets import masked, redact
 from ops.storage import ObjectNotFound, open_storage
 
@@ -45,8 +45,8 @@ IMPACT_STATUS = {"none": "operational", "minor": "degraded_performance", "major"
                  "critical": "major_outage"}
 BUCKET_DIR = "incidents/"
 FILES = ("incident.json", "timeline.jsonl", "triage.md", "triage.json")
-_ID = re.compile(r"^\d{8}T\d{4}Z-[0-9a-f]{4}$")
-_DURATION = re.compile(r"(\d+)\s*([smhd])")
+_ID = Pattern(r"^\d{8}T\d{4}Z-[0-9a-f]{4}$")
+_DURATION = Pattern(r"(\d+)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
@@ -97,6 +97,8 @@ def parse_components(text: str | None, default_status: str, current: dict[str, s
 
 @dataclass
 class TimelineEntry:
+    """One event of an incident's timeline (opened, updated, resolved)."""
+
     at: str
     kind: str  # opened | triage | update | resolved | notice | rollback
     operator: str
@@ -116,6 +118,8 @@ class TimelineEntry:
 
 @dataclass
 class Incident:
+    """An incident's record: its state now and its timeline."""
+
     id: str
     env: str
     project: str

@@ -27,6 +27,7 @@ from ops.hosts import HostConfig
 from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
 from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
+from ops.patterns import Pattern
 from ops.pg import parse_url, with_credentials
 from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
 
 DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
-_REFERENCE = re.compile(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
+_REFERENCE = Pattern(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
 _MISSING = object()
-_MONITOR_URL = re.compile(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
+_MONITOR_URL = Pattern(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class Reference:
 
 @dataclass
 class Inventory:
+    """The inventory file as loaded: its data, its lines (for errors) and its digest."""
+
     file: Path
     data: dict[str, Any]
     lines: dict[str, int]
@@ -139,6 +142,8 @@ class Inventory:
 
 @dataclass
 class Environment:
+    """One environment of the inventory, defaults merged in."""
+
     name: str
     data: dict[str, Any]
     inventory: Inventory

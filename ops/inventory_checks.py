@@ -7,11 +7,11 @@ database URLs and webhook URLs carry credentials.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from ops.patterns import Pattern
 from ops.pg import URL_SCHEMES as DATABASE_SCHEMES
 
 _HTTP = ("https", "http")
@@ -23,7 +23,7 @@ URL_KEYS: dict[str, tuple[str, ...]] = {
     "app.health_url": _HTTP, "app.ready_url": _HTTP, "app.public_url": _HTTP,
     "notify.url": _HTTP, "keys.endpoint": _HTTP, "keys.api_base": _HTTP, "monitor.url": _HTTP,
 }
-_SETTING = re.compile(r"^(?:defaults|envs\.[^.]+)\.(?:hosts\.\d+\.)?(?P<section>\w+)(?:\.\d+)?\.(?P<key>\w+)$")
+_SETTING = Pattern(r"^(?:defaults|envs\.[^.]+)\.(?:hosts\.\d+\.)?(?P<section>\w+)(?:\.\d+)?\.(?P<key>\w+)$")
 
 
 def url_schemes(path: str) -> tuple[str, ...] | None:

@@ -67,6 +67,8 @@ class Journal:
 
 @dataclass(frozen=True)
 class RunRecord:
+    """The journal of one run: its id, its file and its entries."""
+
     run_id: str
     path: Path
     entries: list[dict[str, Any]]

@@ -14,14 +14,13 @@ import json
 import os
 import sys
 import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ops import aws
+from ops import aws, web
 from ops.clock import parse_time_or_none
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed, UsageError
 from ops.secrets import Secret, mask_identifier, redact, reveal
@@ -40,6 +39,8 @@ NEW_SECRET_VARIABLE = "OPS_NEW_STORAGE_SECRET_ACCESS_KEY"
 
 @dataclass(frozen=True)
 class NewKey:
+    """A storage key just created, with its secret (a Secret: it never prints itself)."""
+
     key_id: str
     secret_access_key: Secret
     created_at: datetime
@@ -47,6 +48,8 @@ class NewKey:
 
 @dataclass(frozen=True)
 class KeyInfo:
+    """A storage key as the provider lists it."""
+
     key_id: str
     created_at: datetime | None
     active: bool
@@ -179,11 +182,11 @@ class CloudflareProvider(KeyProvider):
                 paged: bool = False) -> Any:
         """One API call; the envelope's `result` (and `result_info` when paged)."""
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.api_base}{path}", data=data, method=method, headers={
+        request = web.request(f"{self.api_base}{path}", data=data, method=method, headers={
             "Authorization": f"Bearer {self.api_token.reveal()}", "Content-Type": "application/json"})
         where = f"Cloudflare API {method} {self.api_base}{masked_path(path)}"
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
+            with web.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
                 envelope = _envelope(response.read())
         except urllib.error.HTTPError as error:
             if error.code == 404 and missing_ok:

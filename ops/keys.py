@@ -343,6 +343,8 @@ def rotation_entry(env: Environment, key_id: str, previous_key_id: str | None, r
 
 @dataclass
 class KeyStatus:
+    """How old an environment's storage key is and when it is due for rotation."""
+
     env: str
     provider: str
     key_id_masked: str

@@ -33,6 +33,8 @@ _WRITING = threading.Lock()  # rolling restarts connect to several hosts at once
 
 @dataclass(frozen=True)
 class KnownKey:
+    """A host key: its type and its SHA256 fingerprint."""
+
     key_type: str
     fingerprint: str
 

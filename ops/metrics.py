@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ops.errors import UsageError
+from ops.patterns import Pattern
 
 TYPES = ("gauge", "counter")
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
-_SAMPLE = re.compile(r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?\s*$")
+_NAME = Pattern(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = Pattern(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_LABEL = Pattern(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
+_SAMPLE = Pattern(r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?\s*$")
 
 
 @dataclass(frozen=True)
 class Sample:
+    """One sample of a Prometheus metric: its value and labels."""
+
     value: float
     labels: tuple[tuple[str, str], ...] = ()
 

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import smtplib
 import socket
-import ssl
 import sys
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlparse
 
+from ops import mail, web
 from ops.errors import OpsError
 from ops.hosts import is_loopback
 from ops.inventory import resolve
@@ -58,6 +55,8 @@ class Notice:
 
 @dataclass(frozen=True)
 class Channel:
+    """A notice channel from the inventory's `notify` list."""
+
     index: int
     kind: str
     audience: str
@@ -82,6 +81,8 @@ class Channel:
 
 @dataclass
 class Delivery:
+    """What sending a notice to one channel did."""
+
     channel: str
     kind: str
     audience: str
@@ -211,10 +212,10 @@ def post_json(url: str | Secret, payload: dict[str, Any], *, timeout: float = DE
     delay = BACKOFF_SECONDS
     last = "not attempted"
     for attempt in range(1, retries + 2):
-        request = urllib.request.Request(str(reveal(url)), data=data, method="POST",
+        request = web.request(str(reveal(url)), data=data, method="POST",
                                          headers={"Content-Type": "application/json", "User-Agent": "opsbook"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with web.urlopen(request, timeout=timeout) as response:
                 return f"HTTP {response.status}", attempt
         except urllib.error.HTTPError as error:
             last = f"HTTP {error.code} {error.reason}"
@@ -256,20 +257,15 @@ def _to_smtp(env: Environment, channel: Channel, notice: Notice, stream: TextIO 
     if password and not starttls and not is_loopback(host):
         raise SendFailed(f"{channel.name}: refusing to send the SMTP password unencrypted to {host}",
                          hint="set starttls: true for this channel")
-    message = EmailMessage()
-    message["Subject"] = notice.subject
-    message["From"] = str(settings.get("from") or f"opsbook@{socket.gethostname()}")
-    message["To"] = ", ".join(recipients)
-    message.set_content(notice.body)
+    sender = str(settings.get("from") or f"opsbook@{socket.gethostname()}")
+    username = settings.get("username")
+    login = (str(reveal(username)), str(reveal(password))) if username and password else None
     try:
-        with smtplib.SMTP(host, port, timeout=float(settings.get("timeout") or DEFAULT_TIMEOUT)) as client:
-            if starttls:
-                client.starttls(context=ssl.create_default_context())
-            if settings.get("username") and password:
-                client.login(str(reveal(settings["username"])), str(reveal(password)))
-            refused = client.send_message(message)
-    except (smtplib.SMTPException, OSError) as error:
-        raise SendFailed(redact(f"{channel.name}: {type(error).__name__}: {error}")) from None
+        refused = mail.send(host, port, timeout=float(settings.get("timeout") or DEFAULT_TIMEOUT), starttls=starttls,
+                            login=login, subject=notice.subject, sender=sender, recipients=recipients,
+                            body=notice.body)
+    except mail.MailFailed as error:
+        raise SendFailed(redact(f"{channel.name}: {error}")) from None
     if refused:
         raise SendFailed(f"{channel.name}: refused recipients: {', '.join(sorted(refused))}")
     return f"sent to {len(recipients)} recipient(s)", 1

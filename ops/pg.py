@@ -17,7 +17,6 @@ import getpass
 import glob
 import hashlib
 import os
-import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError, LockHeld, StepFailed
+from ops.patterns import Pattern
 from ops.secrets import Secret, redact, reveal
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ CLIENT_TOOL_GLOBS = (
     "/usr/pgsql-*/bin",  # PGDG RPMs
     "/Applications/Postgres.app/Contents/Versions/*/bin",
 )
-_TOOL_VERSION = re.compile(r"\(PostgreSQL\)\s+(?P<major>\d+)(?P<rest>(?:\.\d+)*[A-Za-z0-9]*)")
+_TOOL_VERSION = Pattern(r"\(PostgreSQL\)\s+(?P<major>\d+)(?P<rest>(?:\.\d+)*[A-Za-z0-9]*)")
 
 
 # --- URLs ------------------------------------------------------------------------------------
@@ -284,6 +284,8 @@ def _where(conn: psycopg.Connection) -> str:
 
 @dataclass(frozen=True)
 class ClientTool:
+    """A PostgreSQL client tool found on this machine, with its version."""
+
     name: str
     path: str
     major: int

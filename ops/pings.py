@@ -17,13 +17,11 @@ from __future__ import annotations
 import socket
 import time
 import urllib.error
-import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ops import __version__, inventory
+from ops import __version__, ids, inventory, web
 from ops.errors import InventoryError, OpsError
 from ops.inventory_checks import url_problem
 from ops.journal import host_name, new_run_id, operator_name
@@ -45,6 +43,8 @@ OUTCOMES = {0: "succeeded", 1: "failed", 2: "refused (usage, inventory or confir
 
 @dataclass(frozen=True)
 class Monitor:
+    """Where an environment's job pings go, with their timeout and retries."""
+
     url: Secret
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
@@ -58,7 +58,7 @@ class Ping:
     env: str
     monitor: Monitor
     run_id: str = field(default_factory=new_run_id)
-    rid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    rid: str = field(default_factory=ids.uuid4)
     started: float = field(default_factory=time.monotonic)
     run_id_claimed: bool = False
 
@@ -163,13 +163,13 @@ def finish(ping: Ping | None, code: int | None, detail: str = "") -> None:
 def deliver(ping: Ping, suffix: str, body: str, *, start: bool = False) -> bool:
     """POST the ping, retried once; a failure is one warning line. An interrupt propagates (the run stops)."""
     monitor = ping.monitor
-    request = urllib.request.Request(ping_url(monitor.url.reveal(), suffix, ping.rid), data=redact(body).encode(),
+    request = web.request(ping_url(monitor.url.reveal(), suffix, ping.rid), data=redact(body).encode(),
                                      method="POST", headers={"Content-Type": "text/plain; charset=utf-8",
                                                              "User-Agent": f"opsbook/{__version__}"})
     reason = "not attempted"
     for attempt in range(monitor.retries + 1):
         try:
-            with urllib.request.urlopen(request, timeout=monitor.timeout) as response:
+            with web.urlopen(request, timeout=monitor.timeout) as response:
                 response.read()
             return True
         except urllib.error.HTTPError as error:

@@ -15,7 +15,6 @@ Secrets passed in `environment` travel on the command's stdin, never on its comm
 from __future__ import annotations
 
 import contextlib
-import re
 import shlex
 import threading
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ops.errors import UsageError
+from ops.patterns import Pattern
 from ops.secrets import Secret, reveal
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ OUTPUT_GRACE_SECONDS = 2  # after the exit status, how long the rest of the outp
 TERM_GRACE_SECONDS = 3  # between SIGTERM and SIGKILL of the command's process group
 SIGNAL_TIMEOUT_SECONDS = 3  # for the `kill` on the second channel
 STOP_SECONDS = 15  # the most an interrupted caller waits for the stop: the sum of the above, and then some
-_MARKER = re.compile(rb"opsbook-pgid (\d+)\n")
-_ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MARKER = Pattern(rb"opsbook-pgid (\d+)\n")
+_ENVIRONMENT_NAME = Pattern(r"[A-Za-z_][A-Za-z0-9_]*")
 _INTERRUPTED = threading.Event()
 
 
@@ -85,6 +85,8 @@ def build_signal_command(group: int, signal_name: str) -> str:
 
 @dataclass(frozen=True)
 class Outcome:
+    """How a remote command ended: exit code, output, and whether it was stopped."""
+
     exit_code: int  # -1 when the host reported none (killed by a signal)
     stdout: str
     stderr: str

@@ -4,13 +4,13 @@ A template that reads a field the context does not have is an error naming the
 template and the field, never a blank in a notice sent to customers. Operators
 override any template by putting a file with the same relative name in the
 folder named by the inventory (`incidents.templates_dir`): it is searched first.
-The one module that imports jinja2, inside the functions that use it.
+The one module that imports jinja2, inside the functions that use it (importlib.resources likewise).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +27,13 @@ if TYPE_CHECKING:
     from ops.incidents import Incident
     from ops.notify import Notice
 
-# package data, wherever the package is installed (a checkout, a wheel): Jinja and the drill report read it as files
-TEMPLATES_DIR = Path(str(resources.files("ops") / "templates"))
+@functools.cache
+def templates_dir() -> Path:
+    """The package data, wherever the package is installed (a checkout, a wheel): Jinja and the drill report
+    read it as files. importlib.resources (it pulls in zipfile) is imported on first use."""
+    from importlib import resources
+
+    return Path(str(resources.files("ops") / "templates"))
 
 
 class TemplateError(InventoryError):
@@ -43,7 +48,7 @@ def template_environment(override_dir: str | Path | None = None, *, trim_blocks:
 
     search = [str(override_dir)] if override_dir else []
     jinja = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([*search, str(TEMPLATES_DIR)]),
+        loader=jinja2.FileSystemLoader([*search, str(templates_dir())]),
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # Markdown, JSON, env files and plain text: JSON strings go through |tojson
         keep_trailing_newline=True,
@@ -64,7 +69,7 @@ def render_template(name: str, context: dict[str, Any], override_dir: str | Path
         return template.render(**context)
     except jinja2.TemplateNotFound as error:
         raise TemplateError(f"{where}: not found ({error.name})",
-                            hint=f"restore it under {TEMPLATES_DIR} or add it to the override folder") from None
+                            hint=f"restore it under {templates_dir()} or add it to the override folder") from None
     except jinja2.TemplateSyntaxError as error:
         raise TemplateError(f"{where}: syntax error at {error.filename or error.name}, line {error.lineno}: "
                             f"{redact(error.message)}", hint="fix the template at that line") from None

@@ -12,7 +12,6 @@ the older ones do not expire faster because of the gap.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +28,7 @@ from ops.backup_manifest import (
 from ops.clock import iso_z, parse_time, utc_now
 from ops.errors import OpsError
 from ops.output import human_size
+from ops.patterns import Pattern
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ BACKUPS_PREFIX = "backups/"
 # A backup (or a multipart upload) untouched for this long is no longer in progress.
 INCOMPLETE_GRACE = timedelta(days=1)
 DEFAULT_SCHEDULE_HOURS = 24.0
-_ID_TIME = re.compile(r"^(\d{8}T\d{6}Z)")
+_ID_TIME = Pattern(r"^(\d{8}T\d{6}Z)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class BackupInfo:
 
 @dataclass(frozen=True)
 class RetentionPolicy:
+    """How many backups to keep (the last ones, per day, week, month) and how old the newest may be."""
+
     keep_last: int = 7
     daily: int = 7
     weekly: int = 4
@@ -78,6 +80,8 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class Decision:
+    """What pruning does with one backup, and why."""
+
     backup: BackupInfo
     action: str  # keep | delete | held (outside every rule, but pruning is refused)
     reasons: tuple[str, ...]
@@ -100,6 +104,8 @@ class Decision:
 
 @dataclass(frozen=True)
 class RetentionPlan:
+    """Every pruning decision, the deletions refused, and whether the plan was forced."""
+
     decisions: tuple[Decision, ...]  # newest first
     refused: str | None = None  # why nothing may be deleted (backups are failing)
     forced: bool = False  # refused, but --force deletes anyway

@@ -118,6 +118,8 @@ def health_gate(env: Environment, host: HostConfig, timeout: float) -> None:
 
 @dataclass(frozen=True)
 class HostState:
+    """What the app on one host was started with: its env file's digest, its release."""
+
     env_sha256: str | None  # of the env file now on the host
     release: str | None  # where `current` points now
     marker: dict[str, Any] | None  # what the app was last started with by opsbook
@@ -175,6 +177,8 @@ def write_marker(connection: HostConnection, app: dict[str, Any], state: HostSta
 
 @dataclass
 class HostOutcome:
+    """How the rolling restart went on one host."""
+
     host: str
     status: str  # restarted | failed | not attempted
     seconds: float = 0.0

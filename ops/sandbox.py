@@ -71,6 +71,8 @@ def _to_stderr(line: str) -> None:
 
 @dataclass(frozen=True)
 class SandboxInfo:
+    """A sandbox environment's state: where it lives, what runs, how to reach it."""
+
     home: Path
     running: bool
     port: int | None

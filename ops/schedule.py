@@ -57,6 +57,8 @@ class Job:
 
 @dataclass(frozen=True)
 class Schedule:
+    """Everything the scheduled jobs of one environment are rendered from."""
+
     env: str
     project: str
     opsbook: str  # the console tool's absolute path (systemd, cron); in a pod it is `opsbook` on the PATH

@@ -11,6 +11,8 @@ import re
 import threading
 from typing import Any
 
+from ops.patterns import Pattern
+
 MASK = "***"
 # Shorter values would mask innocent words ("on", "app"); such values are weak
 # secrets anyway and preflight warns about them.
@@ -18,8 +20,8 @@ MIN_REDACTED_LENGTH = 4
 
 # scheme://user:PASSWORD@host — also the libpq keyword form password=...
 # The lookbehind anchors the scheme at its start: without it a long run of letters is quadratic.
-_URL_PASSWORD = re.compile(r"(?<![a-zA-Z0-9+.-])(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s/]+)(?P<tail>@)")
-_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'[^']*'|\S+)", re.IGNORECASE)
+_URL_PASSWORD = Pattern(r"(?<![a-zA-Z0-9+.-])(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s/]+)(?P<tail>@)")
+_KEYWORD_PASSWORD = Pattern(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'[^']*'|\S+)", re.IGNORECASE)
 
 
 class Secret:

@@ -19,6 +19,7 @@ from ops.clock import iso_z_or_none
 from ops.errors import OpsError
 from ops.keys import key_status
 from ops.migrations import environment_status
+from ops.patterns import Pattern
 from ops.secrets import redact
 from ops.storage import open_storage
 
@@ -32,8 +33,8 @@ QUERY_TEXT_LIMIT = 200
 LONGEST_QUERIES = 5
 SLOWEST_STATEMENTS = 5
 BUCKET_LISTING_LIMIT = 1_000_000  # beyond this a status run would take minutes: report "at least"
-_STRING_LITERAL = re.compile(r"(?:E|e)?'(?:[^']|'')*'")
-_DOLLAR_QUOTED = re.compile(r"\$([A-Za-z_]*)\$.*?\$\1\$", re.DOTALL)
+_STRING_LITERAL = Pattern(r"(?:E|e)?'(?:[^']|'')*'")
+_DOLLAR_QUOTED = Pattern(r"\$([A-Za-z_]*)\$.*?\$\1\$", re.DOTALL)
 
 
 def redact_query(text: str | None, limit: int = QUERY_TEXT_LIMIT) -> str:

@@ -35,6 +35,8 @@ def failure_text(error: BaseException, *, with_hint: bool = False) -> str:
 
 @dataclass
 class PlannedStep:
+    """A step of the plan, with what it would change and the steps nested under it."""
+
     index: int | str  # "2.1": the first step that step 2 runs
     step: Step
     change: Change | None

@@ -31,6 +31,7 @@ from ops.errors import OpsError
 from ops.hosts import connect, fetch_from_here, is_on_host
 from ops.inventory import plain
 from ops.journal import read_run
+from ops.patterns import Pattern
 from ops.secrets import Secret, redact
 from ops.status_facts import (
     blocked_sessions,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from ops.hosts import HostConfig, HostConnection
     from ops.inventory import Environment
 
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|HASH|SALT|PRIVATE|CREDENTIAL|DATABASE_URL|DIRECT_URL"
+SECRET_NAME = Pattern(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|HASH|SALT|PRIVATE|CREDENTIAL|DATABASE_URL|DIRECT_URL"
                          r"|DSN|WEBHOOK", re.IGNORECASE)
 RECENT_HOURS = 24
 CHANGE_RUNBOOKS = ("migrate", "deploy.", "restore", "incident.rollback", "keys.rotate", "secrets.rotate",
@@ -76,6 +77,8 @@ class Finding:
 
 @dataclass
 class HostLogs:
+    """The recent log lines of one host, or why they could not be read."""
+
     host: str
     command: str
     lines: list[str]
@@ -88,6 +91,8 @@ class DatabaseLog(HostLogs):
 
 @dataclass
 class TriageReport:
+    """What triage collected: findings, recent activity, runs, migrations and logs."""
+
     env: str
     started_at: datetime
     finished_at: datetime | None = None

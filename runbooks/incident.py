@@ -206,6 +206,8 @@ def list_(c, env=None, open=False, json=False):
 
 @dataclass
 class RestoreSafety:
+    """Whether restoring the last backup is safe during the incident, and why."""
+
     safe: bool
     reason: str
     backup_id: str | None = None

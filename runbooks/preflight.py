@@ -12,13 +12,12 @@ multipart uploads, the app's health and ready URLs, HSTS and CSP on the public U
 from __future__ import annotations
 
 import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops import pg
+from ops import pg, web
 from ops.checks import Warn, checklist
 from ops.cli import OpsTask, environment, make_output
 from ops.drills import drill_due
@@ -329,9 +328,9 @@ def headers_probe(url: str) -> Probe:
 
 
 def fetch_headers(url: str) -> dict[str, str]:
-    request = urllib.request.Request(url, headers={"User-Agent": "opsbook-preflight"})
+    request = web.request(url, headers={"User-Agent": "opsbook-preflight"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with web.urlopen(request, timeout=10) as response:
             return dict(response.headers.items())
     except urllib.error.HTTPError as error:
         return dict(error.headers.items())  # an error page still carries (or lacks) the headers

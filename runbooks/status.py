@@ -37,6 +37,8 @@ WORKERS = 6
 
 @dataclass
 class StatusReport:
+    """An environment's status: the parts collected, notes and errors."""
+
     env: str
     collected_at: float
     parts: dict[str, Any] = field(default_factory=dict)  # part -> facts (None: not configured/available)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import pg
+from ops import ids, pg
 
 if TYPE_CHECKING:
     import psycopg
@@ -101,7 +100,7 @@ def _password_hash(index: int) -> str:
 
 def user_ids() -> list[str]:
     rng = random.Random(SEED + 2)
-    return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(USER_COUNT)]
+    return [ids.uuid4_of(rng.getrandbits(128)) for _ in range(USER_COUNT)]
 
 
 def user_rows() -> list[tuple[Any, ...]]:
@@ -142,7 +141,7 @@ def draft_rows() -> list[tuple[Any, ...]]:
         version = i // (BRAND_COUNT * len(titles)) + 1
         status = rng.choice(["DRAFT", "DRAFT", "PUBLISHED", "DISCARDED"])
         rows.append((
-            str(uuid.UUID(int=rng.getrandbits(128), version=4)), brand_id, title,
+            ids.uuid4_of(rng.getrandbits(128)), brand_id, title,
             json.dumps(_menu(rng, brand_slug(brand_id))), status, version,
             _at(9000 + i) if status == "PUBLISHED" else None, authors[i % len(authors)],
             _at(8000 + i), _at(8500 + i),

@@ -9,12 +9,11 @@ Also the two `prisma migrate resolve` operations (--rolled-back, --applied).
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ops import pg
+from ops import ids, pg
 from ops.errors import CheckFailed, LockHeld, StepFailed
 from ops.migrations.state import (
     CREATE_MIGRATIONS_TABLE,
@@ -130,7 +129,7 @@ def mark_applied(conn: psycopg.Connection, migration: LocalMigration) -> None:
         conn.execute(
             "INSERT INTO _prisma_migrations (id, checksum, migration_name, started_at, finished_at,"
             " applied_steps_count) VALUES (%s, %s, %s, now(), now(), 0)",
-            (str(uuid.uuid4()), migration.checksum, migration.name))
+            (ids.uuid4(), migration.checksum, migration.name))
 
 
 # ---------------------------------------------------------------- helpers
@@ -222,7 +221,7 @@ def refuse_unsafe(state: MigrationState, where: str, *, allow_edited: bool = Fal
 
 
 def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback) -> None:
-    row_id = str(uuid.uuid4())
+    row_id = ids.uuid4()
     # Recorded before running, exactly like Prisma: a crash midway leaves a failed row.
     conn.execute(
         "INSERT INTO _prisma_migrations (id, checksum, migration_name, started_at, applied_steps_count)"

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ops.patterns import Pattern
+
 if TYPE_CHECKING:
     from ops.migrations.state import LocalMigration
 
@@ -25,23 +27,23 @@ IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
 QUALIFIED = rf"{IDENT}(?:\s*\.\s*{IDENT})?"
 _FLAGS = re.IGNORECASE | re.DOTALL
 
-DROP_TABLE = re.compile(rf"\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?P<names>{QUALIFIED}(?:\s*,\s*{QUALIFIED})*)", _FLAGS)
-ALTER_TABLE = re.compile(rf"\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?(?P<table>{QUALIFIED})\s+", _FLAGS)
-ALTER_TYPE_RENAME = re.compile(rf"\s*ALTER\s+TYPE\s+(?P<type>{QUALIFIED})\s+RENAME\s+TO\s+(?P<new>{IDENT})", _FLAGS)
-ALTER_TYPE_RENAME_VALUE = re.compile(rf"\s*ALTER\s+TYPE\s+(?P<type>{QUALIFIED})\s+RENAME\s+VALUE\s", _FLAGS)
-DROP_TYPE = re.compile(rf"\s*DROP\s+TYPE\s+(?:IF\s+EXISTS\s+)?(?P<names>{QUALIFIED}(?:\s*,\s*{QUALIFIED})*)", _FLAGS)
+DROP_TABLE = Pattern(rf"\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?P<names>{QUALIFIED}(?:\s*,\s*{QUALIFIED})*)", _FLAGS)
+ALTER_TABLE = Pattern(rf"\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?(?P<table>{QUALIFIED})\s+", _FLAGS)
+ALTER_TYPE_RENAME = Pattern(rf"\s*ALTER\s+TYPE\s+(?P<type>{QUALIFIED})\s+RENAME\s+TO\s+(?P<new>{IDENT})", _FLAGS)
+ALTER_TYPE_RENAME_VALUE = Pattern(rf"\s*ALTER\s+TYPE\s+(?P<type>{QUALIFIED})\s+RENAME\s+VALUE\s", _FLAGS)
+DROP_TYPE = Pattern(rf"\s*DROP\s+TYPE\s+(?:IF\s+EXISTS\s+)?(?P<names>{QUALIFIED}(?:\s*,\s*{QUALIFIED})*)", _FLAGS)
 
-ACTION_DROP_COLUMN = re.compile(rf"DROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?(?P<column>{IDENT})", _FLAGS)
-ACTION_RENAME_COLUMN = re.compile(rf"RENAME\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+TO\s+(?P<new>{IDENT})", _FLAGS)
-ACTION_RENAME_TABLE = re.compile(rf"RENAME\s+TO\s+(?P<new>{IDENT})", _FLAGS)
-ACTION_TYPE = re.compile(rf"ALTER\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+(?:SET\s+DATA\s+)?TYPE\s+(?P<type>{QUALIFIED})",
+ACTION_DROP_COLUMN = Pattern(rf"DROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?(?P<column>{IDENT})", _FLAGS)
+ACTION_RENAME_COLUMN = Pattern(rf"RENAME\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+TO\s+(?P<new>{IDENT})", _FLAGS)
+ACTION_RENAME_TABLE = Pattern(rf"RENAME\s+TO\s+(?P<new>{IDENT})", _FLAGS)
+ACTION_TYPE = Pattern(rf"ALTER\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+(?:SET\s+DATA\s+)?TYPE\s+(?P<type>{QUALIFIED})",
                          _FLAGS)
-ACTION_SET_NOT_NULL = re.compile(rf"ALTER\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+SET\s+NOT\s+NULL", _FLAGS)
-ACTION_ADD_COLUMN = re.compile(rf"ADD\s+(?:COLUMN\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(?P<column>{IDENT})\s+(?P<rest>.*)",
+ACTION_SET_NOT_NULL = Pattern(rf"ALTER\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+SET\s+NOT\s+NULL", _FLAGS)
+ACTION_ADD_COLUMN = Pattern(rf"ADD\s+(?:COLUMN\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(?P<column>{IDENT})\s+(?P<rest>.*)",
                                _FLAGS)
 NOT_COLUMNS = {"constraint", "primary", "foreign", "unique", "check", "exclude"}
-SELF_FILLING = re.compile(r"\b(?:DEFAULT|GENERATED|SMALLSERIAL|SERIAL|BIGSERIAL|SERIAL[248])\b", _FLAGS)
-NOT_NULL = re.compile(r"\bNOT\s+NULL\b", _FLAGS)
+SELF_FILLING = Pattern(r"\b(?:DEFAULT|GENERATED|SMALLSERIAL|SERIAL|BIGSERIAL|SERIAL[248])\b", _FLAGS)
+NOT_NULL = Pattern(r"\bNOT\s+NULL\b", _FLAGS)
 
 RULES = {
     "drop-table": "the running app still reads and writes it; data is lost",
@@ -58,6 +60,8 @@ RULES = {
 
 @dataclass(frozen=True)
 class Finding:
+    """One risky statement in a migration: where, which rule, what it does."""
+
     migration: str
     line: int
     rule: str

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,6 +105,8 @@ class MigrationRow:
 
 @dataclass(frozen=True)
 class MigrationEntry:
+    """One migration as the database's migrations table records it."""
+
     name: str
     status: str
     started_at: datetime | None = None
@@ -272,14 +273,22 @@ def _read_script(path: Path) -> str:
         ) from None
 
 
+def _lock_provider(text: str) -> Any:
+    """The `provider` named in a migration_lock.toml's text; a ValueError when it is not TOML. tomllib (its parser
+    compiles regular expressions at import) is imported here, on first use."""
+    import tomllib
+
+    return tomllib.loads(text).get("provider")
+
+
 def read_lock_provider(directory: Path) -> str | None:
     """The provider named in `migration_lock.toml`, or None when there is no such file."""
     lock_path = Path(directory) / LOCK_FILE
     if not lock_path.is_file():
         return None
     try:
-        return tomllib.loads(lock_path.read_text("utf-8")).get("provider")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        return _lock_provider(lock_path.read_text("utf-8"))
+    except ValueError as error:  # tomllib.TOMLDecodeError, UnicodeDecodeError
         raise CheckFailed(f"{lock_path} cannot be parsed: {error}", hint="fix or regenerate it") from None
 
 
@@ -415,8 +424,8 @@ def read_host_migrations(host: HostConfig, directory: str) -> MigrationSource:
         lock_text = connection.read_text(f"{directory.rstrip('/')}/{LOCK_FILE}")
     if lock_text is not None:
         try:
-            provider = tomllib.loads(lock_text).get("provider")
-        except tomllib.TOMLDecodeError as error:
+            provider = _lock_provider(lock_text)
+        except ValueError as error:  # tomllib.TOMLDecodeError
             raise CheckFailed(f"{LOCK_FILE} on host {host.name} cannot be parsed: {error}",
                               hint="fix or regenerate it") from None
         _check_provider_name(provider, f"{directory}/{LOCK_FILE} on host {host.name}")

@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import stat as stat_mode
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ops import ids
 from ops.errors import InventoryError, StepFailed, UsageError
 from ops.secrets import redact
 from ops.storage.base import (
@@ -219,7 +219,7 @@ class LocalStorage(Storage):
                           metadata=sidecar["metadata"], content_type=content_type)
 
     def _start_upload(self, full_key: str) -> Path:
-        upload_dir = self.root / INCOMPLETE_DIR / uuid.uuid4().hex
+        upload_dir = self.root / INCOMPLETE_DIR / ids.uuid4_hex()
         with self._errors(f"starting the upload of {full_key}"):
             upload_dir.mkdir(parents=True)
             (upload_dir / UPLOAD_FILE).write_text(json.dumps({"key": full_key}))

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops import aws
@@ -74,6 +73,8 @@ def _etag(raw: str | None) -> str | None:
 
 def _server_time(response: dict[str, Any]) -> datetime:
     """The server's Date header (what Last-Modified will say, to the second), else our clock."""
+    from email.utils import parsedate_to_datetime  # the email package: only when a server answers
+
     header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     try:
         return _utc(parsedate_to_datetime(header)) if header else datetime.now(UTC)

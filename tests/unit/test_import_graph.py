@@ -197,6 +197,17 @@ CONNECTORS = {
     "ops.dump": {"zstandard", "pyrage"},
 }
 HEAVY = set().union(*CONNECTORS.values()) | {"kubernetes_validate"}
+# Standard-library modules that import many others (they cost start-up): the same pattern, by dotted
+# name, in their own connectors (`import urllib.error` and `urllib.parse` stay cheap and free to use).
+STDLIB_CONNECTORS = {
+    "ops.web": {"urllib.request", "http.client"},
+    "ops.mail": {"smtplib", "email.message"},
+    "ops.archive": {"tarfile"},
+    "ops.render": {"importlib.resources"},
+    "ops.ids": {"uuid"},
+    "ops.migrations.state": {"tomllib"},
+    "ops.storage.s3": {"email.utils"},
+}
 OURS = {*PACKAGES, "tasks"}
 
 
@@ -244,7 +255,10 @@ def test_no_function_level_import_of_opsbook_modules() -> None:
 
 def test_connectors_import_only_their_libraries_inside_functions() -> None:
     sources = _sources()
-    found = sorted(f"{module}:{line} {library or 'relative'}" for module, allowed in CONNECTORS.items()
+    connectors = {module: CONNECTORS.get(module, set()) | {name.partition(".")[0]
+                                                           for name in STDLIB_CONNECTORS.get(module, ())}
+                  for module in {*CONNECTORS, *STDLIB_CONNECTORS}}
+    found = sorted(f"{module}:{line} {library or 'relative'}" for module, allowed in connectors.items()
                    for line, library in function_level_imports(sources[module]) if library not in allowed)
     assert not found, f"a connector imports only its heavy libraries inside functions, the rest at the top: {found}"
 
@@ -255,6 +269,26 @@ def test_heavy_libraries_only_in_their_connectors() -> None:
                    if library in HEAVY and library not in CONNECTORS.get(module, ()))
     assert not found, (f"heavy libraries come through their connector ({sorted(CONNECTORS)}); "
                        f"under `if TYPE_CHECKING:` for annotations only: {found}")
+
+
+def imported_modules(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The dotted modules an import can load: `from a.b import c` may load a.b.c as well as a.b."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = "" if node.level else node.module or ""
+    return [base, *(f"{base}.{alias.name}" for alias in node.names)] if base else []
+
+
+def _within(name: str, modules: set[str]) -> bool:
+    return any(name == module or name.startswith(f"{module}.") for module in modules)
+
+
+def test_costly_stdlib_modules_only_in_their_connectors() -> None:
+    costly = set().union(*STDLIB_CONNECTORS.values())
+    found = sorted(f"{module}:{node.lineno} {name}" for module, tree in _sources().items()
+                   for node in _import_nodes(tree) for name in imported_modules(node)
+                   if _within(name, costly) and not _within(name, STDLIB_CONNECTORS.get(module, set())))
+    assert not found, f"these standard-library modules come through their connector ({STDLIB_CONNECTORS}): {found}"
 
 
 def test_function_level_imports_read_from_the_source() -> None:

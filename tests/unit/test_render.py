@@ -13,13 +13,13 @@ from ops import incidents
 from ops.render import (
     NOTICE_AUDIENCES,
     NOTICE_FORMATS,
-    TEMPLATES_DIR,
     TemplateError,
     incident_notices,
     notice_context,
     notice_template,
     render_notice,
     render_template,
+    templates_dir,
 )
 from ops.secrets import Secret
 
@@ -48,7 +48,7 @@ CASES = [(state, notice_format, audience) for state in incidents.STATES for noti
 
 def test_one_template_per_state_format_and_audience() -> None:
     for state, notice_format, audience in CASES:
-        assert (TEMPLATES_DIR / notice_template(state, notice_format, audience)).is_file()
+        assert (templates_dir() / notice_template(state, notice_format, audience)).is_file()
 
 
 @pytest.mark.parametrize(("state", "notice_format", "audience"), CASES)
