@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ops import hosts, pg
+from ops import hosts, lease, pg
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
@@ -137,6 +137,8 @@ class RunContext:
         self._closers: list[Callable[[], None]] = []
         self._cache: dict[str, Any] = {}
         self._applier = Applier(self)
+        # Called before each step is applied: each raises when the run must not go on (a lease it lost).
+        self.guards: list[Callable[[], None]] = []
         # The runner copies the journal to the backup bucket at the end; a step that revokes the keys
         # that bucket is opened with copies it itself beforehand and turns this off.
         self.copy_journal = True
@@ -239,6 +241,7 @@ class Runner:
                     return self._finish("nothing to do", plan, started)
                 self._confirm(changes)
                 self._apply(plan)
+                self._check_guards()
                 return self._finish("succeeded", plan, started)
         except KeyboardInterrupt:
             current = self.applier.active[0] if self.applier.active else None
@@ -336,7 +339,8 @@ class Runner:
     def _step_failed(self, planned: PlannedStep, error: BaseException, applied: list[PlannedStep]) -> OpsError:
         reason = self.applier.failed(planned, error)
         hint = error.hint if isinstance(error, OpsError) else None
-        undone, kept = self.applier.undo(applied)
+        # A run that lost its lease undoes nothing: the run that holds it now may be applying.
+        undone, kept = ([], []) if isinstance(error, lease.LeaseLost) else self.applier.undo(applied)
         message = f"step {planned.index} ({planned.step.title}) failed: {reason}"
         if undone:
             message += f"\n  undone: {', '.join(undone)}"
@@ -396,7 +400,13 @@ class Runner:
                     continue
                 path = self.ctx.env.inventory.state_dir / "locks" / f"{self.ctx.env.name}.{resource}.lock"
                 stack.enter_context(file_lock(path, holder, on_takeover=self._took_over))
+                stack.enter_context(lease.held(self.ctx, resource, holder))  # the same, across machines
             yield
+
+    def _check_guards(self) -> None:
+        """After the last step, as before each: a run that lost its lease does not end as a success."""
+        for guard in self.ctx.guards:
+            guard()
 
     def _database_lock(self) -> contextlib.AbstractContextManager[None]:
         try:
