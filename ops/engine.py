@@ -7,6 +7,7 @@ mutating `apply`, and only the Runner decides which of them runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -399,8 +400,10 @@ class Runner:
                     stack.enter_context(self._database_lock())
                     continue
                 path = self.ctx.env.inventory.state_dir / "locks" / f"{self.ctx.env.name}.{resource}.lock"
-                stack.enter_context(file_lock(path, holder, on_takeover=self._took_over))
-                stack.enter_context(lease.held(self.ctx, resource, holder))  # the same, across machines
+                dead: list[dict[str, Any]] = []  # the file lock's holder, when it died without releasing it
+                stack.enter_context(file_lock(path, holder, on_takeover=functools.partial(self._took_over, dead=dead)))
+                stack.enter_context(lease.held(self.ctx, resource, holder,  # the same, across machines
+                                               dead_run=dead[0].get("run_id") if dead else None))
             yield
 
     def _check_guards(self) -> None:
@@ -419,7 +422,8 @@ class Runner:
         key = pg.lock_key("opsbook", self.ctx.env.inventory.project, self.ctx.env.name, "database")
         return pg.advisory_lock(connection, key, holder_label=self.ctx.label)
 
-    def _took_over(self, previous: dict[str, Any]) -> None:
+    def _took_over(self, previous: dict[str, Any], *, dead: list[dict[str, Any]]) -> None:
+        dead.append(previous)
         self.journal.write("lock_taken_over", previous=previous)
         self.output.warn(f"took over the lock of run {previous.get('run_id')} (pid {previous.get('pid')} "
                          f"on {previous.get('host')}), which ended without releasing it")

@@ -133,9 +133,13 @@ def lease_storage(env: Environment) -> Callable[[], Storage] | None:
 class Takeover:
     previous: LeaseRecord | None
     expired_since: datetime
+    died_here: bool = False  # its holder's file lock on this machine was left: it died, whatever the time
 
     def message(self) -> str:
         who = self.previous.who() if self.previous else "an unknown run"
+        if self.died_here:
+            return f"took over the lease of {who}, which died on this machine " \
+                   f"(last renewed {iso_z(self.expired_since)})"
         return f"took over the lease of {who}, expired since {iso_z(self.expired_since)}"
 
 
@@ -241,10 +245,11 @@ def held_by_other(resource: str, record: LeaseRecord | None, stored: StoredObjec
                     hint="wait for that run to finish; a lease whose holder died is taken over once it expires")
 
 
-def acquire(storage: Callable[[], Storage], resource: str, holder: dict[str, Any], seconds: float
-            ) -> tuple[Lease, Takeover | None]:
-    """Take the lease on `resource`, or take over an expired one; LockHeld when another run holds it.
-    BucketNotFound (the bucket is not made yet) and connection errors go to the caller."""
+def acquire(storage: Callable[[], Storage], resource: str, holder: dict[str, Any], seconds: float,
+            *, dead_run: str | None = None) -> tuple[Lease, Takeover | None]:
+    """Take the lease on `resource`, or take over an expired one, or one of `dead_run` (a run whose file lock
+    this run took over: it died on this machine); LockHeld when another run holds it. BucketNotFound (the
+    bucket is not made yet) and connection errors go to the caller."""
     key = lease_key(resource)
     bucket = storage()
     for _attempt in range(ACQUIRE_ATTEMPTS):
@@ -258,7 +263,8 @@ def acquire(storage: Callable[[], Storage], resource: str, holder: dict[str, Any
         if stored is None:
             continue  # released between our two requests: create it again
         previous = LeaseRecord.from_bytes(stored.data)
-        since = expired_since(previous, stored, seconds)
+        died_here = bool(dead_run) and previous is not None and previous.holder.get("run_id") == dead_run
+        since = stored.last_modified if died_here else expired_since(previous, stored, seconds)
         if since is None:
             raise held_by_other(resource, previous, stored, bucket.describe(), seconds)
         record, sent = new_record(holder, utc_now(), seconds), time.monotonic()
@@ -266,18 +272,19 @@ def acquire(storage: Callable[[], Storage], resource: str, holder: dict[str, Any
             etag = bucket.put_if_match(key, record.to_bytes(), stored.etag, content_type=CONTENT_TYPE)
         except PreconditionFailed:
             continue  # another run renewed or took it over first: look again
-        return Lease(storage, resource, record, etag, sent_at=sent), Takeover(previous, since)
+        return Lease(storage, resource, record, etag, sent_at=sent), Takeover(previous, since, died_here)
     raise LockHeld(f"{resource}: its lease {key} in {bucket.describe()} changed hands {ACQUIRE_ATTEMPTS} times "
                    "while this run tried to take it", hint="another run is starting: retry in a minute")
 
 
 @contextlib.contextmanager
-def held(ctx: RunContext, resource: str, holder: dict[str, Any]) -> Iterator[None]:
-    """Hold the lease on `resource` for the run of `ctx`, when its environment has one (see lease_storage)."""
+def held(ctx: RunContext, resource: str, holder: dict[str, Any], *, dead_run: str | None = None) -> Iterator[None]:
+    """Hold the lease on `resource` for the run of `ctx`, when its environment has one (see lease_storage);
+    `dead_run`: the run whose file lock this run took over (its lease is taken over at once)."""
     storage = lease_storage(ctx.env)
     lease = takeover = None
     if storage is not None:
-        lease, takeover = _take(storage, resource, holder, lease_seconds(ctx.env))
+        lease, takeover = _take(storage, resource, holder, lease_seconds(ctx.env), dead_run)
     if lease is None:
         if storage is not None:
             ctx.journal.write("lease_skipped", resource=resource,
@@ -317,11 +324,11 @@ def release_now(ctx: RunContext, why: str) -> None:
             ctx.journal.write("lease_released", resource=lease.resource, reason=why)
 
 
-def _take(storage: Callable[[], Storage], resource: str, holder: dict[str, Any], seconds: float
-          ) -> tuple[Lease | None, Takeover | None]:
+def _take(storage: Callable[[], Storage], resource: str, holder: dict[str, Any], seconds: float,
+          dead_run: str | None) -> tuple[Lease | None, Takeover | None]:
     """acquire(), with no lease (None) while the backup bucket does not exist yet (`inv provision` makes it)."""
     try:
-        return acquire(storage, resource, holder, seconds)
+        return acquire(storage, resource, holder, seconds, dead_run=dead_run)
     except BucketNotFound:
         return None, None
     except LockHeld:

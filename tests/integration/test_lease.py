@@ -154,3 +154,20 @@ def test_a_run_whose_lease_was_taken_over_stops_before_its_next_step(machines: d
     assert times(journal, state="undone") == [], journal  # the other run may be applying: nothing is undone
     # the lease is left to the run that took it over
     assert s3.get_object(Bucket=bucket, Key=LEASE_KEY)["Body"].read() == b'{"run_id": "other"}'
+
+
+def test_on_the_same_machine_the_lease_of_a_killed_run_is_taken_over_at_once(machines: dict[str, Any]) -> None:
+    """Its file lock, left by the dead run, proves that run dead: its resume need not wait for the lease to expire."""
+    first = machines["first"]
+    holder = first.start("backup", "--env", "staging")
+    try:
+        wait_for(lambda: dumping(first, holder), timeout=60, what="the backup to wait in its dump")
+        assert holder.poll() is None, first.collect(holder)
+    finally:
+        kill_machine(holder)
+        machines["unblock"]()
+    killed = first.latest_run_id()
+    resumed = first.run("runs.resume", killed)
+    assert resumed.exit_code == 0, resumed
+    assert (f"took over the lease of run {killed} by tester@{socket.gethostname()}, which died on this machine"
+            in resumed.stderr), resumed

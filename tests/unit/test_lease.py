@@ -85,3 +85,10 @@ def test_a_takeover_says_whose_lease_and_since_when_it_had_expired():
 
 def test_a_lost_lease_is_a_lock_error():
     assert LeaseLost("lost").exit_code == 75 and issubclass(LeaseLost, LockHeld)
+
+
+def test_a_takeover_of_a_run_that_died_here_says_so_rather_than_expired():
+    record = new_record(HOLDER, TAKEN, 120)
+    message = Takeover(record, TAKEN, died_here=True).message()
+    assert message == ("took over the lease of run 20261201T020000Z-ab12 by ops@cron1, which died on this machine "
+                       "(last renewed 2026-12-01T02:00:00Z)")
