@@ -7,6 +7,7 @@ mutating `apply`, and only the Runner decides which of them runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ops import hosts, pg
+from ops import hosts, lease, pg
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
@@ -137,6 +138,8 @@ class RunContext:
         self._closers: list[Callable[[], None]] = []
         self._cache: dict[str, Any] = {}
         self._applier = Applier(self)
+        # Called before each step is applied: each raises when the run must not go on (a lease it lost).
+        self.guards: list[Callable[[], None]] = []
         # The runner copies the journal to the backup bucket at the end; a step that revokes the keys
         # that bucket is opened with copies it itself beforehand and turns this off.
         self.copy_journal = True
@@ -239,6 +242,7 @@ class Runner:
                     return self._finish("nothing to do", plan, started)
                 self._confirm(changes)
                 self._apply(plan)
+                self._check_guards()
                 return self._finish("succeeded", plan, started)
         except KeyboardInterrupt:
             current = self.applier.active[0] if self.applier.active else None
@@ -336,7 +340,8 @@ class Runner:
     def _step_failed(self, planned: PlannedStep, error: BaseException, applied: list[PlannedStep]) -> OpsError:
         reason = self.applier.failed(planned, error)
         hint = error.hint if isinstance(error, OpsError) else None
-        undone, kept = self.applier.undo(applied)
+        # A run that lost its lease undoes nothing: the run that holds it now may be applying.
+        undone, kept = ([], []) if isinstance(error, lease.LeaseLost) else self.applier.undo(applied)
         message = f"step {planned.index} ({planned.step.title}) failed: {reason}"
         if undone:
             message += f"\n  undone: {', '.join(undone)}"
@@ -395,8 +400,16 @@ class Runner:
                     stack.enter_context(self._database_lock())
                     continue
                 path = self.ctx.env.inventory.state_dir / "locks" / f"{self.ctx.env.name}.{resource}.lock"
-                stack.enter_context(file_lock(path, holder, on_takeover=self._took_over))
+                dead: list[dict[str, Any]] = []  # the file lock's holder, when it died without releasing it
+                stack.enter_context(file_lock(path, holder, on_takeover=functools.partial(self._took_over, dead=dead)))
+                stack.enter_context(lease.held(self.ctx, resource, holder,  # the same, across machines
+                                               dead_run=dead[0].get("run_id") if dead else None))
             yield
+
+    def _check_guards(self) -> None:
+        """After the last step, as before each: a run that lost its lease does not end as a success."""
+        for guard in self.ctx.guards:
+            guard()
 
     def _database_lock(self) -> contextlib.AbstractContextManager[None]:
         try:
@@ -409,7 +422,8 @@ class Runner:
         key = pg.lock_key("opsbook", self.ctx.env.inventory.project, self.ctx.env.name, "database")
         return pg.advisory_lock(connection, key, holder_label=self.ctx.label)
 
-    def _took_over(self, previous: dict[str, Any]) -> None:
+    def _took_over(self, previous: dict[str, Any], *, dead: list[dict[str, Any]]) -> None:
+        dead.append(previous)
         self.journal.write("lock_taken_over", previous=previous)
         self.output.warn(f"took over the lock of run {previous.get('run_id')} (pid {previous.get('pid')} "
                          f"on {previous.get('host')}), which ended without releasing it")

@@ -151,6 +151,8 @@ ENVIRONMENT = _object({
                       "images_query": _STRING, "images_prefix": {"type": "string"}}),
     "incidents": _object({"templates_dir": _STRING, "log_lines": _POSITIVE}),
     "schedule": SCHEDULE,
+    # the lease a mutating run holds in the backup bucket (ops/lease.py): seconds it holds unless renewed
+    "locks": _object({"lease_seconds": {"type": "number", "minimum": 1}}),
 })
 
 # defaults: the same sections as an environment, none required

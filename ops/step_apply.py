@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ops.errors import OpsError
+from ops.lease import LeaseLost
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class Applier:
 
     def apply_one(self, planned: PlannedStep, change: Change) -> None:
         ctx, step, indent = self.ctx, planned.step, "   " * planned.depth
+        for guard in ctx.guards:  # e.g. the run lost its lease: stop before this step
+            guard()
         self.active.append(planned)
         ctx.output.info(f"{indent}  {planned.index}. {step.title}: {change.summary} …")
         ctx.journal.step(planned.index, planned.name, "started", change=change.summary)
@@ -127,7 +130,8 @@ class Applier:
                     applied.append(planned)
             except BaseException as error:
                 self.failed(planned, error)
-                self.undo(applied)
+                if not isinstance(error, LeaseLost):  # a lost lease: another run may be applying now
+                    self.undo(applied)
                 raise
             done.append(planned)
         return done

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 import runbooks
-from ops import archive, backup_steps, keys, pg, restore_db
+from ops import archive, backup_steps, keys, lease, pg, restore_db
 from ops.archive import ARCHIVE_DIR, MARKER_KEY, decommission_marker, write_marker
 from ops.backup_manifest import list_backups, read_verifications
 from ops.backup_verify import VerifyStep
@@ -278,6 +278,7 @@ class RevokeKeysStep(Step):
         if not ctx.env.has("backups") or str(reveal(ctx.env.storage_config("backups").access_key_id)) not in {
                 key.key_id for key in revocable}:
             return
+        lease.release_now(ctx, "the keys it is written with are revoked next")
         ctx.storage("backups").put_bytes(f"audit/{ctx.run_id}.jsonl", ctx.journal.path.read_bytes(),
                                          content_type="application/x-ndjson")
         ctx.copy_journal = False

@@ -52,7 +52,7 @@ def _describe(entry: dict) -> str:
     if entry["event"] == "finished":
         return f"  {time}  finished: {entry['status']} (exit {entry.get('exit_code')})" + (
             f" at {entry['stopped_at']}: {entry.get('reason', '')}" if entry.get("stopped_at") else "")
-    return f"  {time}  {entry['event']}"
+    return f"  {time}  {entry['event']}" + (f" — {entry['message']}" if entry.get("message") else "")
 
 
 @task(klass=OpsTask, help=dict(run_id="the interrupted or failed run to resume: the first argument, or --run-id ID"))

@@ -60,12 +60,27 @@ class IncompleteUpload:
     initiated: datetime  # timezone-aware UTC
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """A small object read whole, with what a conditional write needs: its ETag, and the server's clock."""
+
+    key: str  # relative to the prefix
+    data: bytes
+    etag: str
+    last_modified: datetime  # timezone-aware UTC, the server's
+    server_time: datetime  # the server's Date when it answered (our clock when it gave none)
+
+
 class BucketNotFound(CheckFailed):
     """The configured bucket does not exist (or is not visible with these keys)."""
 
 
 class ObjectNotFound(StepFailed):
     """The object asked for does not exist."""
+
+
+class PreconditionFailed(StepFailed):
+    """A conditional write found the object other than expected: there already, gone, or changed."""
 
 
 def validate_key(key: str) -> str:
@@ -213,6 +228,28 @@ class Storage(ABC):
     @abstractmethod
     def abort_incomplete_upload(self, upload: IncompleteUpload) -> None:
         """Drop a leftover partial upload; one already gone is not an error."""
+
+    # -- conditional writes (leases) ----------------------------------------
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether put_if_absent / put_if_match / delete_if_match work here (S3, R2; not a folder)."""
+        return False
+
+    def get_with_etag(self, key: str) -> StoredObject | None:
+        """The whole (small) object with its ETag and the server's time, or None when there is none."""
+        raise UsageError(f"{self.describe()}: no conditional writes here", hint="use an S3 or R2 bucket")
+
+    def put_if_absent(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+        """Create `key` only if no object has it (If-None-Match: *): its ETag; PreconditionFailed if there."""
+        raise UsageError(f"{self.describe()}: no conditional writes here", hint="use an S3 or R2 bucket")
+
+    def put_if_match(self, key: str, data: bytes, etag: str, *, content_type: str | None = None) -> str:
+        """Replace `key` only if its ETag is still `etag` (If-Match): the new ETag; PreconditionFailed if not."""
+        raise UsageError(f"{self.describe()}: no conditional writes here", hint="use an S3 or R2 bucket")
+
+    def delete_if_match(self, key: str, etag: str) -> None:
+        """Delete `key` only if its ETag is still `etag`; PreconditionFailed if it changed or is gone."""
+        raise UsageError(f"{self.describe()}: no conditional writes here", hint="use an S3 or R2 bucket")
 
     def same_account(self, other: Storage) -> bool:
         """Whether `server_side_copy` from `other` into this storage can work."""

@@ -29,6 +29,10 @@ from ops.storage.base import (
     validate_prefix,
 )
 from ops.storage.registry import register_backend
+from ops.storage.s3_conditional import ConditionalWrites
+from ops.storage.s3_conditional import bare_etag as _etag
+from ops.storage.s3_conditional import server_time as _server_time
+from ops.storage.s3_conditional import utc as _utc
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -51,10 +55,6 @@ CLIENT_SETTINGS: dict[str, Any] = {
 }
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC)
-
-
 def _server_said(error: Any) -> str:
     """What the server answered, for the operator: `InvalidAccessKeyId: The AWS Access Key Id you provided
     does not exist in our records. (HTTP 403 on ListObjectsV2)`; a HEAD has no body, only its status."""
@@ -67,23 +67,8 @@ def _server_said(error: Any) -> str:
     return redact(f"{': '.join(words) or 'no error text'} (HTTP {status} on {operation})")
 
 
-def _etag(raw: str | None) -> str | None:
-    return raw.strip('"') if raw else None
-
-
-def _server_time(response: dict[str, Any]) -> datetime:
-    """The server's Date header (what Last-Modified will say, to the second), else our clock."""
-    from email.utils import parsedate_to_datetime  # the email package: only when a server answers
-
-    header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    try:
-        return _utc(parsedate_to_datetime(header)) if header else datetime.now(UTC)
-    except (TypeError, ValueError):
-        return datetime.now(UTC)
-
-
 @register_backend("r2", "s3")
-class S3Storage(Storage):
+class S3Storage(ConditionalWrites, Storage):
     """A bucket on R2 or any S3-compatible service."""
 
     # -- connection -------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.cli import CliResult, Opsbook, wait_for
+from tests.fixtures.processes import children, command_name
 from tests.fixtures.ssh import AppHost, HangOnce, hang_once, process_alive
 
 STOPPED_WITHIN_SECONDS = 6  # "a few seconds": a hang lasts until the 300 s sleep of the remote command ends
@@ -127,29 +128,9 @@ def test_sigterm_during_a_rolling_restart_stops_the_remote_command_and_the_run_r
     assert web1.pid() is not None and web2.pid() is not None
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (this machine's /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def started(opsbook: Opsbook, step: str) -> bool:
     journal = opsbook.journal(opsbook.latest_run_id())
     return any(entry.get("step") == step and entry.get("state") == "started" for entry in journal)
-
-
-def command_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except FileNotFoundError:
-        return ""
 
 
 def test_ctrl_c_during_a_local_pg_dump_stops_it_and_the_backup_resumes(

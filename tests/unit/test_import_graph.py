@@ -206,7 +206,7 @@ STDLIB_CONNECTORS = {
     "ops.render": {"importlib.resources"},
     "ops.ids": {"uuid"},
     "ops.migrations.state": {"tomllib"},
-    "ops.storage.s3": {"email.utils"},
+    "ops.storage.s3_conditional": {"email.utils"},
 }
 OURS = {*PACKAGES, "tasks"}
 
