@@ -182,3 +182,52 @@ def test_a_held_lock_pings_exit_75_and_a_refused_confirmation_exit_2(opsbook, pi
     assert refused.exit_code == 2, refused
     assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", "/2"]
     assert_nothing_leaked(opsbook, webhook_receiver, pinged["secrets"])
+
+
+def test_the_systemd_units_own_command_line_pings_success_failure_and_interrupt(opsbook, pinged, webhook_receiver):
+    """The exact ExecStart `schedule.show --format systemd` renders for the nightly backup, run as a timer runs
+    it (no terminal, another directory, the inventory named on the command line): each outcome is pinged."""
+    shown = opsbook.run("schedule.show", "--env", "staging", "--format", "systemd", "--json")
+    assert shown.exit_code == 0, shown
+    command = next(job["command"] for job in shown.json()["jobs"] if job["task"] == "backup")
+    service = next(text for name, text in shown.json()["files"].items() if name == "opsbook-staging-backup.service")
+    assert f"ExecStart={' '.join(command)}" in service
+    environ = {k: v for k, v in opsbook.process_environment().items() if k != "OPS_INVENTORY"}
+
+    def run_unit(**changes: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, timeout=180, env={**environ, **changes},
+                              cwd="/", stdin=subprocess.DEVNULL)
+
+    webhook_receiver.reset()
+    succeeded = run_unit()
+    assert succeeded.returncode == 0, succeeded.stderr
+    assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", ""]
+
+    webhook_receiver.reset()
+    unreachable = run_unit(DB_URL_STAGING=f"postgresql://nobody:x@127.0.0.1:{free_port()}/nowhere")
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", "/3"]
+
+    webhook_receiver.reset()
+    with psycopg.connect(pinged["url"].reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS items AS SELECT g AS id FROM generate_series(1, 100) g")
+    blocker = psycopg.connect(pinged["url"].reveal())
+    blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it: the backup is mid-dump
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+                               cwd="/", stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: dump_waiting(pinged["url"]) or process.poll() is not None, timeout=60,
+                 what="the backup to wait for the table's lock")
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    (start, rid, _), (end, end_rid, _body) = pings(webhook_receiver)
+    assert (start, end, rid) == ("/start", "/130", end_rid)
+    for output in (succeeded.stdout + succeeded.stderr, unreachable.stdout + unreachable.stderr, err):
+        assert_no_secret(output, *pinged["secrets"])
