@@ -1,16 +1,6 @@
 """inv deploy.push-env / deploy.restart / deploy.rollback: the app hosts' configuration, restarts and releases.
 
-The steps live in ops.deploy_steps.
-
-- push-env renders ops/templates/app.env.j2 per host and writes it atomically (0600, the
-  previous file kept as `<env_file>.prev`); an unchanged file is left alone.
-- restart restarts the hosts in batches, each gated on its health and ready URLs,
-  and stops once more hosts failed than --max-fail allows.
-- rollback points every host's `current` at the previous release, then restarts rolling;
-  it warns when the database has migrations that release does not know.
-
-Steps read the inventory, the secret store and the hosts when they check, never
-when they are built: a step built before a secret changed writes the new value.
+The steps, and what each does, are in ops.deploy_steps.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
 """inv migrate.status / migrate / migrate.resolve: Prisma-compatible state and a gated deploy.
 
-The steps live in ops.migrate_steps.
-
-A deploy is: gate (no failed migration: Prisma's P3009; no edited one unless allowed)
-→ lint the pending migrations (backward-compatible changes only on protected
-environments unless --allow-destructive) → pre-migration backup (protected
-environments; the backup runbook's own steps, tagged `pre-migrate`) → deploy through
-the direct URL with the `native` engine or the app's own `command` on the first
-host → verify that nothing is pending or failed. Each step reads the state when it
-checks, so a plan made before another deploy ran is re-checked before applying.
+The steps, and what a deploy is, are in ops.migrate_steps.
 """
 
 from __future__ import annotations

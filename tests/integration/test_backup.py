@@ -14,21 +14,19 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from ops.secrets import Secret
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.postgres import row_counts
 from tests.fixtures.secrets import assert_no_secret
-from tests.fixtures.shop import databases_like, make_database
+from tests.fixtures.shop import databases_like, make_database, unprivileged_url
 
 
 def stored_keys(s3_server: Any, bucket: str) -> list[str]:
@@ -109,12 +107,7 @@ def test_backup_then_list_verify_and_deep_verify(opsbook, staging, postgres_serv
 
 
 def test_a_failing_dump_leaves_no_backup(opsbook, staging, postgres_server, s3_server):
-    role, password = f"nopriv_{uuid.uuid4().hex[:6]}", f"pw-{uuid.uuid4().hex}"
-    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
-                                                                              sql.Literal(password)))
-    opsbook.environ["DB_URL_STAGING"] = (f"postgresql://{role}:{password}@127.0.0.1:{postgres_server.port}/"
-                                         f"{staging['database']}")
+    opsbook.environ["DB_URL_STAGING"], password = unprivileged_url(postgres_server, staging["database"])
     failed = opsbook.run("backup", "--env", "staging")
     assert failed.exit_code == 1, failed
     assert "permission denied" in failed.stderr and "Traceback" not in failed.output

@@ -6,21 +6,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from ops.locks import file_lock
 from tests.cli import REPOSITORY, Opsbook, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.secrets import assert_no_secret
-from tests.fixtures.shop import make_database
+from tests.fixtures.shop import make_database, unprivileged_url
 from tests.fixtures.ssh import free_port
 
+T = TypeVar("T")
 TOKEN = "5f0c1d2e-ping-token-9a8b"  # the ping URL's path: a credential, never shown
 
 
@@ -78,12 +78,7 @@ def test_a_successful_backup_pings_start_then_success_with_its_run_id(opsbook, p
 
 def test_a_failing_step_pings_exit_1_and_a_refused_check_exit_3(opsbook, pinged, postgres_server,
                                                                 webhook_receiver):
-    role, password = f"nopriv_{uuid.uuid4().hex[:6]}", f"pw-{uuid.uuid4().hex}"
-    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
-                                                                              sql.Literal(password)))
-    opsbook.environ["DB_URL_STAGING"] = (f"postgresql://{role}:{password}@127.0.0.1:{postgres_server.port}/"
-                                         f"{pinged['database']}")
+    opsbook.environ["DB_URL_STAGING"], password = unprivileged_url(postgres_server, pinged["database"])
     failed = opsbook.run("backup", "--env", "staging")
     assert failed.exit_code == 1, failed
     (start, _, _), (end, _, body) = pings(webhook_receiver)
@@ -91,7 +86,7 @@ def test_a_failing_step_pings_exit_1_and_a_refused_check_exit_3(opsbook, pinged,
     assert "backup on staging: failed (exit 1)" in body and "permission denied" in body
 
     webhook_receiver.reset()
-    opsbook.environ["DB_URL_STAGING"] = f"postgresql://{role}:{password}@127.0.0.1:{free_port()}/nowhere"
+    opsbook.environ["DB_URL_STAGING"] = f"postgresql://nobody:{password}@127.0.0.1:{free_port()}/nowhere"
     unreachable = opsbook.run("backup", "--env", "staging")
     assert unreachable.exit_code == 3, unreachable
     assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", "/3"]
@@ -99,23 +94,30 @@ def test_a_failing_step_pings_exit_1_and_a_refused_check_exit_3(opsbook, pinged,
     assert_nothing_leaked(opsbook, webhook_receiver, [password, *pinged["secrets"]])
 
 
-def test_an_interrupted_backup_pings_exit_130(opsbook, pinged, webhook_receiver):
-    with psycopg.connect(pinged["url"].reveal(), autocommit=True) as connection:
-        connection.execute("CREATE TABLE items AS SELECT g AS id FROM generate_series(1, 100) g")
-    blocker = psycopg.connect(pinged["url"].reveal())
+def interrupted_mid_dump(url: Any, start: Callable[[], subprocess.Popen], finish: Callable[[subprocess.Popen], T]) -> T:
+    """Starts a backup with `start()` while a lock makes its pg_dump wait, sends it SIGINT once it waits, and returns
+    what `finish(process)` makes of it."""
+    with psycopg.connect(url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS items AS SELECT g AS id FROM generate_series(1, 100) g")
+    blocker = psycopg.connect(url.reveal())
     blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it: the backup is mid-dump
-    process = opsbook.start("backup", "--env", "staging")
+    process = start()
     try:
-        wait_for(lambda: dump_waiting(pinged["url"]) or process.poll() is not None, timeout=60,
+        wait_for(lambda: dump_waiting(url) or process.poll() is not None, timeout=60,
                  what="the backup to wait for the table's lock")
-        assert process.poll() is None, opsbook.collect(process)
+        assert process.poll() is None, finish(process)
         process.send_signal(signal.SIGINT)
-        result = opsbook.collect(process, timeout=60)
+        return finish(process)
     finally:
         blocker.rollback()
         blocker.close()
         if process.poll() is None:
             process.kill()
+
+
+def test_an_interrupted_backup_pings_exit_130(opsbook, pinged, webhook_receiver):
+    result = interrupted_mid_dump(pinged["url"], lambda: opsbook.start("backup", "--env", "staging"),
+                                  lambda process: opsbook.collect(process, timeout=60))
     assert result.exit_code == 130, result
     (start, rid, _), (end, end_rid, body) = pings(webhook_receiver)
     assert (start, end, rid) == ("/start", "/130", end_rid)
@@ -209,24 +211,10 @@ def test_the_systemd_units_own_command_line_pings_success_failure_and_interrupt(
     assert [path for path, _rid, _body in pings(webhook_receiver)] == ["/start", "/3"]
 
     webhook_receiver.reset()
-    with psycopg.connect(pinged["url"].reveal(), autocommit=True) as connection:
-        connection.execute("CREATE TABLE IF NOT EXISTS items AS SELECT g AS id FROM generate_series(1, 100) g")
-    blocker = psycopg.connect(pinged["url"].reveal())
-    blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it: the backup is mid-dump
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
-                               cwd="/", stdin=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: dump_waiting(pinged["url"]) or process.poll() is not None, timeout=60,
-                 what="the backup to wait for the table's lock")
-        assert process.poll() is None, process.communicate()
-        process.send_signal(signal.SIGINT)
-        _out, err = process.communicate(timeout=60)
-    finally:
-        blocker.rollback()
-        blocker.close()
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, err
+    err, code = interrupted_mid_dump(pinged["url"], lambda: subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd="/",
+        stdin=subprocess.DEVNULL), lambda process: (process.communicate(timeout=60)[1], process.returncode))
+    assert code == 130, err
     (start, rid, _), (end, end_rid, _body) = pings(webhook_receiver)
     assert (start, end, rid) == ("/start", "/130", end_rid)
     for output in (succeeded.stdout + succeeded.stderr, unreachable.stdout + unreachable.stderr, err):
