@@ -186,12 +186,40 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def opstask(body: F, job: Callable[[], str | None] | None = None, multi: bool = False) -> F:
+class TaskCall:
+    """What the task class hands a body in place of invoke's context: the run's output (JSON or lines, from
+    --json) and its environment, loaded on first use with the task's options, its --confirm checked."""
+
+    def __init__(self, context: Any, arguments: dict[str, Any], *, allow_decommissioned: bool = False) -> None:
+        self.context = context
+        self.output = Output(json_mode=bool(arguments.get("json")))
+        self.dry_run = bool(arguments.get("dry_run"))
+        self.confirm: str | None = arguments.get("confirm")
+        self._env_name: str | None = arguments.get("env")
+        self._allow_decommissioned = allow_decommissioned
+
+    @functools.cached_property
+    def environment(self) -> Environment:
+        return environment(self._env_name, output=self.output, confirm=self.confirm,
+                           allow_decommissioned=self._allow_decommissioned)
+
+    @functools.cached_property
+    def inventory_environment(self) -> Environment:
+        """The environment as the inventory declares it: a sandbox is not started, nothing is connected to."""
+        return load_inventory().environment(self._env_name)
+
+
+def opstask(body: F, job: Callable[[], str | None] | None = None, multi: bool = False,
+            allow_decommissioned: bool = False) -> F:
     """Runs a task body and turns every outcome into the documented exit code; `job()` names the task for the
-    pings (ops/pings.py) that report its start and its exit code to the environment's monitor.
+    pings (ops/pings.py) that report its start and its exit code to the environment's monitor. The body gets
+    a TaskCall for invoke's context.
 
     An --env list or `all` (ops/multi_env.py) runs a `multi` task's body once per environment, each run
     pinged on its own; every other task refuses it, exit 2."""
+    def calling(context: Any, *args: Any, **kwargs: Any) -> Any:
+        return body(TaskCall(context, kwargs, allow_decommissioned=allow_decommissioned), *args, **kwargs)
+
     @functools.wraps(body)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -204,10 +232,10 @@ def opstask(body: F, job: Callable[[], str | None] | None = None, multi: bool = 
         outcome = None
         if not multi_env.requested(kwargs.get("env")):
             # the handlers are restored before the end is pinged: an interrupt then cannot unwind the task again
-            outcome, code, _detail = _run_pinged(body, name, args, kwargs, restore)
+            outcome, code, _detail = _run_pinged(calling, name, args, kwargs, restore)
         elif multi:
             try:
-                code = _each_environment(body, name, args, kwargs)
+                code = _each_environment(calling, name, args, kwargs)
             finally:
                 restore()
         else:
@@ -294,11 +322,13 @@ class OpsTask(Task):
 
     `help` holds the task's own flags (and may reword a shared one); `short` gives one of its own flags a
     letter of its choosing, instead of the first free letter of its name. `multi_env=True` (read-only tasks
-    only) lets --env name several environments or `all` (ops/multi_env.py)."""
+    only) lets --env name several environments or `all` (ops/multi_env.py); `allow_decommissioned=True`
+    (read-only listings) loads a decommissioned environment too."""
 
     def __init__(self, body: Callable[..., Any], *args: Any, help: dict[str, str] | None = None,
-                 short: dict[str, str] | None = None, multi_env: bool = False, **kwargs: Any) -> None:
-        wrapper = opstask(body, job=lambda: self.job, multi=multi_env)
+                 short: dict[str, str] | None = None, multi_env: bool = False, allow_decommissioned: bool = False,
+                 **kwargs: Any) -> None:
+        wrapper = opstask(body, job=lambda: self.job, multi=multi_env, allow_decommissioned=allow_decommissioned)
         signature = inspect.signature(wrapper)  # the body's own (functools.wraps): read once, not once per use
         shared = {name: COMMON_HELP[name] for name in SHORT_FLAGS if name in signature.parameters}
         if multi_env and "env" in shared:
@@ -381,13 +411,9 @@ def environment(name: str | None, *, output: Output | None = None, allow_decommi
                               "inventory; if `inv decommission` did not finish, run it again to finish it")
     if env.sandbox:
         sandbox = Sandbox(inventory.state_dir / "sandbox")
-        info = sandbox.ensure_running(log=(output or make_output(False)).info)
+        info = sandbox.ensure_running(log=(output or Output()).info)
         env = env.with_overrides(sandbox.overrides(env, info))
     return env
-
-
-def make_output(json_mode: bool) -> Output:
-    return Output(json_mode=json_mode)
 
 
 def execute(runbook: Runbook, env: Environment, output: Output, *, dry_run: bool = False,

@@ -27,7 +27,7 @@ from ops.assets import (
     run_copy,
     timestamp,
 )
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
 from ops.output import ProgressLines
@@ -170,18 +170,16 @@ def _days(arguments: dict[str, Any]) -> tuple[int, int | None]:
     archive_after_days="with --lifecycle: archive cold copies after this many days; 0 = no archive rule "
                        "(default 30)",
     workers=f"objects copied in parallel (default {DEFAULT_WORKERS})"))
-def assets(c, env=None, dry_run=False, confirm=None, json=False, lifecycle=False, abort_after_days=7,
+def assets(call: TaskCall, env=None, dry_run=False, confirm=None, json=False, lifecycle=False, abort_after_days=7,
            archive_after_days=30, workers=DEFAULT_WORKERS):
     """Copy the app bucket's new and changed objects to cold storage (assets/ in the backup bucket)."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
     arguments = {"workers": workers, "lifecycle": lifecycle, "abort_after_days": abort_after_days,
                  "archive_after_days": archive_after_days}
-    runbook = build(environment_, **arguments)
+    runbook = build(call.environment, **arguments)
     if lifecycle:
-        for reason in lifecycle_steps(environment_, abort_days=1, archive_days=None)[1]:
-            output.warn(f"lifecycle rules unsupported: {reason}")
+        for reason in lifecycle_steps(call.environment, abort_days=1, archive_days=None)[1]:
+            call.output.warn(f"lifecycle rules unsupported: {reason}")
     else:
-        output.info("lifecycle rules not checked: --lifecycle sets the runbook's rules (abort incomplete "
-                    "uploads, archive the cold copies) where the provider supports them")
-    execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
+        call.output.info("lifecycle rules not checked: --lifecycle sets the runbook's rules (abort incomplete "
+                         "uploads, archive the cold copies) where the provider supports them")
+    execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm)

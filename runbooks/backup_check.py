@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from invoke import task
 
 from ops.backup_check import Verdict, families, judge, limits_for, read_facts, to_json
-from ops.cli import OpsTask, environment, make_output
+from ops.cli import OpsTask, TaskCall
 from ops.clock import utc_now
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.metrics import write_textfile
@@ -43,29 +43,29 @@ def hours_flag(value: str | None) -> float | None:
 
 
 @task(klass=OpsTask, name="check", help=HELP, multi_env=True)
-def check(c, env=None, max_age_hours=None, json=False, prometheus=None):
+def check(call: TaskCall, env=None, max_age_hours=None, json=False, prometheus=None):
     """Exit 3 unless there is a fresh, recently verified backup of this environment's database."""
-    output = make_output(json)
     limit = hours_flag(max_age_hours)
-    environment_ = environment(env, output=output)
-    storage = open_storage(environment_.storage_config("backups"))
-    limits = limits_for(environment_, limit)
+    storage = open_storage(call.environment.storage_config("backups"))
+    limits = limits_for(call.environment, limit)
     now = utc_now()
     metrics = Path(prometheus).expanduser() if prometheus else None
     try:
         facts = read_facts(storage)
     except OpsError:
         if metrics:  # the watchdog's own failure shows on the dashboard too
-            write_textfile(metrics, families(environment_.name, None, None, now), replace={"env": environment_.name})
+            write_textfile(metrics, families(call.environment.name, None, None, now),
+                           replace={"env": call.environment.name})
         raise
     verdict = judge(facts, limits, now)
-    show(output, environment_.name, storage.describe(), verdict)
+    show(call.output, call.environment.name, storage.describe(), verdict)
     if metrics:
-        write_textfile(metrics, families(environment_.name, facts, verdict, now), replace={"env": environment_.name})
-        output.info(f"wrote {metrics}")
-    output.result(to_json(environment_, storage, facts, limits, verdict, now))
+        write_textfile(metrics, families(call.environment.name, facts, verdict, now),
+                       replace={"env": call.environment.name})
+        call.output.info(f"wrote {metrics}")
+    call.output.result(to_json(call.environment, storage, facts, limits, verdict, now))
     if verdict.problems:
-        raise CheckFailed(f"backup.check of {environment_.name}: "
+        raise CheckFailed(f"backup.check of {call.environment.name}: "
                           + "; ".join(f"{p.check}: {p.text}" for p in verdict.problems),
                           hint="each FAIL line above says what to do")
 

@@ -30,7 +30,7 @@ from ops import archive, backup_steps, keys, lease, pg, restore_db
 from ops.archive import ARCHIVE_DIR, MARKER_KEY, decommission_marker, write_marker
 from ops.backup_manifest import list_backups, read_verifications
 from ops.backup_verify import VerifyStep
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.clock import iso_z_micro, utc_now
 from ops.engine import Change, Runbook, RunContext, Step, check_confirm_name
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, StepFailed
@@ -354,34 +354,32 @@ def _second_confirmation(env_name: str, confirm_drop: str | None) -> None:
                                hint=f"add --confirm-drop {env_name} (or answer the prompt from a terminal)")
 
 
-@task(klass=OpsTask, help=dict(env="the environment to decommission",
-                               confirm="type the environment's name: decommissioning always asks, protected or not",
-                               drop_database="drop the database once the final backup is deep-verified",
-                               confirm_drop="type the environment's name again to allow --drop-database",
-                               identity="age identity file to verify an encrypted final backup with"))
-def decommission(c, env=None, confirm=None, drop_database=False, confirm_drop=None, identity=None, dry_run=False,
-                 json=False):
+@task(klass=OpsTask, allow_decommissioned=True,  # a second run finishes the job
+      help=dict(env="the environment to decommission",
+                confirm="type the environment's name: decommissioning always asks, protected or not",
+                drop_database="drop the database once the final backup is deep-verified",
+                confirm_drop="type the environment's name again to allow --drop-database",
+                identity="age identity file to verify an encrypted final backup with"))
+def decommission(call: TaskCall, env=None, confirm=None, drop_database=False, confirm_drop=None, identity=None,
+                 dry_run=False, json=False):
     """Final backup (kept, deep-verified), archive, optional drop, mark decommissioned, revoke keys."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, allow_decommissioned=True,  # a second run finishes the job
-                               confirm=confirm)
-    name = environment_.name
+    name = call.environment.name
     check_confirm_name(name, confirm_drop, flag="--confirm-drop")
     if not dry_run and confirm != name:
         raise ConfirmationRequired(f"decommissioning {name} needs --confirm {name}",
                                    hint=f"re-run with --confirm {name}, or --dry-run to see everything it would do")
-    done = finished(environment_)
+    done = finished(call.environment)
     if done and not drop_database:  # its keys are revoked: there is nothing left to check with them
-        output.info(f"nothing to do: {name} was decommissioned on {done.get('at', '?')} (run "
-                    f"{done.get('finished_by', '?')}); its keys are revoked")
-        output.result({"status": "nothing to do", "decommissioned": done})
+        call.output.info(f"nothing to do: {name} was decommissioned on {done.get('at', '?')} (run "
+                         f"{done.get('finished_by', '?')}); its keys are revoked")
+        call.output.result({"status": "nothing to do", "decommissioned": done})
         return
     if drop_database and not dry_run:
         _second_confirmation(name, confirm_drop)
-    runbook = build(environment_, drop_database=drop_database, identity=identity)
-    execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm,
+    runbook = build(call.environment, drop_database=drop_database, identity=identity)
+    execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm,
             result=lambda ctx: {"decommissioned": ctx.state.get("mark"), "archive": ctx.state.get("archive"),
                                 "revoked": (ctx.state.get("revoke-keys") or {}).get("revoked")})
     if not dry_run:
-        output.info(redact(f"{name} is decommissioned; set `decommissioned: true` on envs.{name} in "
-                           f"{environment_.inventory.file.name} so every machine refuses it"))
+        call.output.info(redact(f"{name} is decommissioned; set `decommissioned: true` on envs.{name} in "
+                                f"{call.environment.inventory.file.name} so every machine refuses it"))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.deploy_steps import PROGRESS, build_push_env, build_restart, build_rollback
 from ops.engine import Runbook, RunContext
 from ops.errors import OpsError
@@ -40,33 +40,27 @@ def _run(runbook: Runbook, env: Environment, output: Any, *, dry_run: bool, conf
 
 @task(klass=OpsTask,
       help={**ROLLING, "restart": "then restart (rolling, health-gated) the hosts whose env file changed"})
-def push_env(c, env=None, restart=False, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
+def push_env(call: TaskCall, env=None, restart=False, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Render the app env file for each host and write it atomically (0600, previous kept as .prev)."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    runbook = build_push_env(environment_, restart=restart, batch=int(batch), max_fail=int(max_fail))
-    _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
+    runbook = build_push_env(call.environment, restart=restart, batch=int(batch), max_fail=int(max_fail))
+    _run(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm)
     if not restart and not dry_run:
-        output.info(f"the apps read the file when they start: `inv deploy.restart --env {environment_.name}`")
+        call.output.info(f"the apps read the file when they start: `inv deploy.restart --env {call.environment.name}`")
 
 
 @task(klass=OpsTask, help=ROLLING)
-def restart(c, env=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
+def restart(call: TaskCall, env=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Rolling restart: batches of hosts, each gated on its health and ready URLs; stops past --max-fail."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    runbook = build_restart(environment_, batch=int(batch), max_fail=int(max_fail))
-    _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
+    runbook = build_restart(call.environment, batch=int(batch), max_fail=int(max_fail))
+    _run(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm)
 
 
 @task(klass=OpsTask, help={**ROLLING,
                                "release": "roll back to this release id (default: the one before the current release)"})
-def rollback(c, env=None, release=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
+def rollback(call: TaskCall, env=None, release=None, batch=1, max_fail=0, dry_run=False, confirm=None, json=False):
     """Point `current` at the previous release on every host and restart rolling; warns on a newer schema."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    runbook = build_rollback(environment_, release=release, batch=int(batch), max_fail=int(max_fail))
-    _run(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
+    runbook = build_rollback(call.environment, release=release, batch=int(batch), max_fail=int(max_fail))
+    _run(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm)
 
 
 collection = Collection("deploy")

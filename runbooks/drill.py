@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops import drills, image_sample, restore_steps
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, environment, execute
 from ops.clock import iso_z, utc_now
 from ops.deploy_steps import health_gate, push_env_steps, restart_step
 from ops.drills import RTO_UNTIL_READY, NotApplicable, StepResult, duration_text
@@ -383,10 +383,9 @@ def _environment(name: str) -> Environment:
       help=dict(env="the SOURCE environment whose backup is restored",
                 target="the environment to restore into (default: the source's drill.target)",
                 backup="backup id of the source, or latest (default)"))
-def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None, json=False):
+def drill(call: TaskCall, env=None, target=None, backup="latest", dry_run=False, confirm=None, json=False):
     """The DR drill: restore, migrations, restart, health, image sample, RTO/RPO; writes the evidence report."""
-    output = make_output(json)
-    source = environment(env, output=output)
+    source = environment(env, output=call.output)
     target_name = target or source.value("drill.target", None)
     if not target_name:
         raise UsageError(f"no target environment for the drill of {source.name}",
@@ -394,47 +393,45 @@ def drill(c, env=None, target=None, backup="latest", dry_run=False, confirm=None
     if str(target_name) == source.name:
         raise UsageError(f"the drill would restore {source.name} over itself",
                          hint="choose a staging environment as --target")
-    target_env = environment(str(target_name), output=output, confirm=confirm)
+    target_env = environment(str(target_name), output=call.output, confirm=confirm)
     runbook = build(target_env, source=source.name, backup=backup)
 
     def on_failure(ctx: RunContext, error: OpsError) -> None:
         if "drill" in ctx.state:  # the report was written: it is the result, failed or not
-            output.result({"drill": ctx.state["drill"], "ok": False, "exit_code": error.exit_code})
+            call.output.result({"drill": ctx.state["drill"], "ok": False, "exit_code": error.exit_code})
 
-    execute(runbook, target_env, output, dry_run=dry_run, confirm=confirm, on_failure=on_failure,
+    execute(runbook, target_env, call.output, dry_run=dry_run, confirm=confirm, on_failure=on_failure,
             result=lambda ctx: {"drill": ctx.state.get("drill")})
 
 
-@task(klass=OpsTask, help=dict(env="the source environment whose drills to list"))
-def history(c, env=None, json=False):
+@task(klass=OpsTask, allow_decommissioned=True, help=dict(env="the source environment whose drills to list"))
+def history(call: TaskCall, env=None, json=False):
     """Past drills of an environment, newest first: result, target, backup, RTO and RPO."""
-    output = make_output(json)
-    source = environment(env, output=output, allow_decommissioned=True)
+    source = call.environment
     found = drills.list_drills(source)
-    output.table(["id", "started", "target", "result", "backup", "RTO", "RPO"], [
+    call.output.table(["id", "started", "target", "result", "backup", "RTO", "RPO"], [
         [d["id"], d.get("started_at"), d.get("target_env"), "passed" if d.get("passed") else "FAILED",
          d.get("backup_id") or "-", duration_text(d.get("rto_seconds")), duration_text(d.get("rpo_seconds"))]
         for d in found])
     if not found:
-        output.info(f"no drill of {source.name} on record")
-    output.result({"env": source.name, "drills": found})
+        call.output.info(f"no drill of {source.name} on record")
+    call.output.result({"env": source.name, "drills": found})
 
 
-@task(klass=OpsTask, multi_env=True, help=dict(env="the source environment; several (prod,staging), or all "
-                                                   "(but decommissioned ones and the sandbox)"))
-def due(c, env=None, json=False):
+@task(klass=OpsTask, multi_env=True, allow_decommissioned=True,
+      help=dict(env="the source environment; several (prod,staging), or all (but decommissioned ones and the sandbox)"))
+def due(call: TaskCall, env=None, json=False):
     """Whether this quarter's drill is done (a passed one); exit 3 when it is not, so a scheduler can nag."""
-    output = make_output(json)
-    source = environment(env, output=output, allow_decommissioned=True)
+    source = call.environment
     status = drills.drill_due(source)
     last = status.last_passed
     if status.done_this_quarter and last:
-        output.info(f"{status.quarter}: done — drill {last['id']} into {last.get('target_env')} passed")
-        output.result({"env": source.name, **status.to_json()})
+        call.output.info(f"{status.quarter}: done — drill {last['id']} into {last.get('target_env')} passed")
+        call.output.result({"env": source.name, **status.to_json()})
         return
     latest = f"; the last drill, {status.last['id']}, {'passed' if status.last.get('passed') else 'FAILED'}" \
         if status.last else "; no drill on record"
-    output.result({"env": source.name, **status.to_json()})
+    call.output.result({"env": source.name, **status.to_json()})
     raise CheckFailed(f"{status.quarter}: no passed drill of {source.name} yet (due by {iso_z(status.due_by)}){latest}",
                       hint=f"run `inv drill --env {source.name} --target STAGING`")
 

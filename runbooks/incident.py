@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops.backup_manifest import list_backups
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.deploy_steps import rollback_steps
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, OpsError, UsageError
@@ -98,11 +98,10 @@ def run_incident(runbook: Runbook, plan: IncidentPlan, output: Output, *, dry_ru
         output.info(done(plan.incident))
 
 
-def _changed(env: str | None, incident_id: str, change: Callable[[Incident], None], *, dry_run: bool,
-             json: bool, verb: str, title: str, done: Callable[[Incident], str]) -> None:
+def _changed(call: TaskCall, incident_id: str, change: Callable[[Incident], None], *, verb: str, title: str,
+             done: Callable[[Incident], str]) -> None:
     """update and resolve: the stored incident, loaded and changed under its lock while the run plans."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
+    environment_ = call.environment
     environment_.register_secrets()
 
     def make(store: IncidentStore) -> Incident:
@@ -115,7 +114,7 @@ def _changed(env: str | None, incident_id: str, change: Callable[[Incident], Non
     runbook = incident_runbook(f"incident.{name}", plan, incident_id=incident_id, record=f"record the {title}",
                                title=f"{name.capitalize()} incident {incident_id} on {environment_.name}",
                                locks=(lock_resource(incident_id),))
-    run_incident(runbook, plan, output, dry_run=dry_run, done=done)
+    run_incident(runbook, plan, call.output, dry_run=call.dry_run, done=done)
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -127,21 +126,19 @@ def _changed(env: str | None, incident_id: str, change: Callable[[Incident], Non
     message="what is known so far (goes into the notices)", next_update="when the next update is due "
     "(default 30m; none to leave it out)", log_lines="log lines per host for triage (default 50)",
     no_triage="skip triage (when you already know the scope)"))
-def open_(c, env=None, title=None, impact=None, components=None, message=None, next_update="30m", log_lines=None,
-          no_triage=False, dry_run=False, json=False):
+def open_(call: TaskCall, env=None, title=None, impact=None, components=None, message=None, next_update="30m",
+          log_lines=None, no_triage=False, dry_run=False, json=False):
     """Open an incident: record it, run triage (scope and logs), publish the first notice (investigating)."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    environment_.register_secrets()
-    incident = new_incident(environment_, title=title or "", impact=impact or "", components=components,
+    call.environment.register_secrets()
+    incident = new_incident(call.environment, title=title or "", impact=impact or "", components=components,
                             message=message, operator=_operator(), next_update=_no_next_update(next_update))
-    lines = None if no_triage else _log_lines(environment_, log_lines)
-    output.info(f"incident {incident.id} on {environment_.name}: {incident.title} (impact {incident.impact})")
-    plan = IncidentPlan(environment_, lambda store: incident, verb="opened", log_lines=lines)
+    lines = None if no_triage else _log_lines(call.environment, log_lines)
+    call.output.info(f"incident {incident.id} on {call.environment.name}: {incident.title} (impact {incident.impact})")
+    plan = IncidentPlan(call.environment, lambda store: incident, verb="opened", log_lines=lines)
     runbook = incident_runbook("incident.open", plan, incident_id=incident.id, record="record the incident",
-                               title=f"Open incident {incident.id} on {environment_.name}")
-    run_incident(runbook, plan, output, dry_run=dry_run,
-                 done=lambda opened: f"next: `inv incident.update {opened.id} --env {environment_.name} "
+                               title=f"Open incident {incident.id} on {call.environment.name}")
+    run_incident(runbook, plan, call.output, dry_run=dry_run,
+                 done=lambda opened: f"next: `inv incident.update {opened.id} --env {call.environment.name} "
                                      "--status identified --message …`")
 
 
@@ -149,56 +146,52 @@ def open_(c, env=None, title=None, impact=None, components=None, message=None, n
     id=INCIDENT_ID, status="identified, monitoring or investigating (default: unchanged)",
     message="what is known now", next_update="when the next update is due (default 30m; none)",
     components="components and their status: api=partial_outage,uploads=operational"))
-def update(c, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
+def update(call: TaskCall, id, env=None, status=None, message=None, next_update="30m", components=None, dry_run=False,
            json=False):
     """Post an update: new state, what is known, components, next update time; notices to every channel."""
     def change(incident: Incident) -> None:
         apply_update(incident, state=status or incident.state, message=message, components=components,
                      next_update=_no_next_update(next_update), operator=_operator())
 
-    _changed(env, id, change, dry_run=dry_run, json=json, verb="updated", title="update",
+    _changed(call, id, change, verb="updated", title="update",
              done=lambda incident: f"incident {incident.id} is now {incident.state}")
 
 
 @task(klass=OpsTask, short={"cause": "a"}, help=dict(
     id=INCIDENT_ID, message="summary: what happened, what fixed it", cause="the cause, when known",
     postmortem="link to the postmortem"))
-def resolve(c, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
+def resolve(call: TaskCall, id, env=None, message=None, cause=None, postmortem=None, dry_run=False, json=False):
     """Resolve an incident (all components operational); refused, exit 3, when it is already resolved."""
     def change(incident: Incident) -> None:
         apply_resolve(incident, message=message or "", cause=cause, postmortem=postmortem, operator=_operator())
 
-    _changed(env, id, change, dry_run=dry_run, json=json, verb="resolved", title="resolution",
+    _changed(call, id, change, verb="resolved", title="resolution",
              done=lambda incident: f"incident {incident.id} resolved at {incident.resolved_at}")
 
 
 @task(klass=OpsTask, help=dict(id=INCIDENT_ID))
-def show(c, id, env=None, json=False):
+def show(call: TaskCall, id, env=None, json=False):
     """The incident and its timeline: every update, triage, notice delivery and rollback, in order."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    store = IncidentStore(environment_)
+    store = IncidentStore(call.environment)
     incident = store.load(id)
-    output.info(f"incident {incident.id} on {incident.env}: {incident.title}")
-    output.info(f"  state {incident.state}, impact {incident.impact}, opened {incident.opened_at} by "
-                f"{incident.operator}" + (f", resolved {incident.resolved_at}" if incident.resolved_at else ""))
-    output.info("  components: " + ", ".join(f"{k} {v}" for k, v in incident.components.items()))
+    call.output.info(f"incident {incident.id} on {incident.env}: {incident.title}")
+    call.output.info(f"  state {incident.state}, impact {incident.impact}, opened {incident.opened_at} by "
+                     f"{incident.operator}" + (f", resolved {incident.resolved_at}" if incident.resolved_at else ""))
+    call.output.info("  components: " + ", ".join(f"{k} {v}" for k, v in incident.components.items()))
     for entry in incident.timeline:
-        output.info(f"  {entry.at}  {entry.kind:9} {entry.operator:12} {describe_entry(entry)}")
+        call.output.info(f"  {entry.at}  {entry.kind:9} {entry.operator:12} {describe_entry(entry)}")
     if store.triage_markdown(incident.id):
-        output.info(f"  triage: {store.folder(incident.id) / 'triage.md'}")
-    output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline]})
+        call.output.info(f"  triage: {store.folder(incident.id) / 'triage.md'}")
+    call.output.result({"incident": incident.record(), "timeline": [e.to_json() for e in incident.timeline]})
 
 
 @task(klass=OpsTask, name="list", help=dict(open="only the incidents not resolved yet"))
-def list_(c, env=None, open=False, json=False):
+def list_(call: TaskCall, env=None, open=False, json=False):
     """The environment's incidents, newest first: id, state, impact, title, opened, resolved."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    incidents = IncidentStore(environment_).list(open_only=open)
-    output.table(["incident", "state", "impact", "title", "opened", "resolved"],
-                 [[i.id, i.state, i.impact, i.title, i.opened_at, i.resolved_at or ""] for i in incidents])
-    output.result({"incidents": [i.record() for i in incidents]})
+    incidents = IncidentStore(call.environment).list(open_only=open)
+    call.output.table(["incident", "state", "impact", "title", "opened", "resolved"],
+                      [[i.id, i.state, i.impact, i.title, i.opened_at, i.resolved_at or ""] for i in incidents])
+    call.output.result({"incidents": [i.record() for i in incidents]})
 
 
 # --- rollback (outline step 3) ----------------------------------------------------------------
@@ -270,23 +263,21 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 
 @task(klass=OpsTask, help=dict(id=INCIDENT_ID,
                                restore="also restore the pre-migration backup (only offered when safe)"))
-def rollback(c, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
+def rollback(call: TaskCall, id, env=None, restore=False, dry_run=False, confirm=None, json=False):
     """Roll back the release (deploy.rollback) and, only when safe and asked, restore the pre-migration backup."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    environment_.register_secrets()
-    store = IncidentStore(environment_)
+    call.environment.register_secrets()
+    store = IncidentStore(call.environment)
     with store.lock(id):
         refuse_if_resolved(store.load(id), "rolled back")
-        safety = restore_safety(environment_)
-        output.info(f"restore of a backup: {'offered' if safety.safe else 'not offered'} — {safety.reason}")
+        safety = restore_safety(call.environment)
+        call.output.info(f"restore of a backup: {'offered' if safety.safe else 'not offered'} — {safety.reason}")
         if restore and not safety.safe:
-            raise CheckFailed(f"a restore is not safe on {environment_.name}: {safety.reason}",
+            raise CheckFailed(f"a restore is not safe on {call.environment.name}: {safety.reason}",
                               hint="run without --restore to roll back the release only")
         if safety.safe and not restore:
-            output.info(f"  add --restore to also restore backup {safety.backup_id} in this rollback")
-        runbook = build(environment_, incident=id, restore=restore, backup=safety.backup_id if restore else None)
-        execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
+            call.output.info(f"  add --restore to also restore backup {safety.backup_id} in this rollback")
+        runbook = build(call.environment, incident=id, restore=restore, backup=safety.backup_id if restore else None)
+        execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm)
 
 
 # RUNBOOKS: a failed open, update or resolve resumed (`inv runs.resume ID`) from what its run recorded.

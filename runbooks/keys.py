@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops import keys
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Runbook, RunContext, Step
 from ops.errors import CheckFailed
@@ -38,30 +38,27 @@ def build(env: Environment, rotation: str | None = None, **arguments: Any) -> Ru
 
 
 @task(klass=OpsTask)
-def rotate(c, env=None, dry_run=False, confirm=None, json=False):
+def rotate(call: TaskCall, env=None, dry_run=False, confirm=None, json=False):
     """Blue/green rotation of the storage key: new key, probe, switch the apps, revoke the old one."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
 
     def result(ctx: RunContext) -> dict[str, Any]:
-        return {"key": keys.key_status(environment_).to_json()}
+        return {"key": keys.key_status(call.environment).to_json()}
 
-    execute(build(environment_, rotation=new_run_id()), environment_, output, dry_run=dry_run, confirm=confirm,
-            result=result)
+    execute(build(call.environment, rotation=new_run_id()), call.environment, call.output, dry_run=dry_run,
+            confirm=confirm, result=result)
 
 
 @task(klass=OpsTask, multi_env=True)
-def status(c, env=None, json=False):
+def status(call: TaskCall, env=None, json=False):
     """The storage key in use: id (masked), created, age, due date, last rotation; exit 3 when overdue."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    report = keys.key_status(environment_)
+    report = keys.key_status(call.environment)
     for line in report.lines():
-        output.info(line)
-    output.result(report.to_json())
+        call.output.info(line)
+    call.output.result(report.to_json())
     if report.overdue:
-        raise CheckFailed(f"the storage key of {environment_.name} is due for rotation "
-                          f"(every {report.max_age_days} days)", hint=f"`inv keys.rotate --env {environment_.name}`")
+        name = call.environment.name
+        raise CheckFailed(f"the storage key of {name} is due for rotation (every {report.max_age_days} days)",
+                          hint=f"`inv keys.rotate --env {name}`")
 
 
 collection = Collection("keys")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops import pg
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, UsageError
 from ops.journal import new_run_id
@@ -49,20 +49,18 @@ def build_resolve(env: Environment, **arguments: Any) -> Runbook:
 
 
 @task(klass=OpsTask, name="status", help=dict(database="another database on the same server (default: the app's)"))
-def status(c, env=None, database=None, json=False):
+def status(call: TaskCall, env=None, database=None, json=False):
     """Prisma-compatible migration status: each migration and a verdict; exit 3 unless up to date."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    facts = MigrationFacts(environment_, database)
-    source = load_migration_source(environment_)
+    facts = MigrationFacts(call.environment, database)
+    source = load_migration_source(call.environment)
     with pg.connect(facts.url(), application_name="opsbook migrate.status", autocommit=True) as connection:
         state = read_state(connection, facts.url(), source.migrations)
-    show_status(output, state, source.where, facts.target())
-    output.result({"env": environment_.name, "database": facts.target(), "source": source.where,
-                   **state.to_json()})
+    show_status(call.output, state, source.where, facts.target())
+    call.output.result({"env": call.environment.name, "database": facts.target(), "source": source.where,
+                        **state.to_json()})
     if not state.up_to_date:
-        raise CheckFailed(f"{environment_.name}: {state.verdict}",
-                          hint=_status_hint(state, environment_.name))
+        raise CheckFailed(f"{call.environment.name}: {state.verdict}",
+                          hint=_status_hint(state, call.environment.name))
 
 
 def show_status(output: Output, state: MigrationState, source: str, target: str) -> None:
@@ -96,37 +94,33 @@ def _status_hint(state: MigrationState, env: str) -> str:
       help=dict(allow_edited="deploy even though applied migrations were edited since",
                 allow_destructive="allow breaking changes (DROP, RENAME, type changes...) on a protected env",
                 no_backup="skip the pre-migration backup (refused on protected environments)"))
-def migrate(c, env=None, allow_edited=False, allow_destructive=False, no_backup=False, dry_run=False,
+def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=False, no_backup=False, dry_run=False,
             confirm=None, json=False):
     """Deploy pending migrations: gate, lint, pre-migration backup (protected envs), deploy, verify."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
     arguments: dict[str, Any] = {"allow_edited": allow_edited, "allow_destructive": allow_destructive}
     if no_backup:
         arguments["backup"] = False
-    runbook = build(environment_, **arguments)
+    runbook = build(call.environment, **arguments)
 
     def result(ctx: RunContext) -> dict[str, Any]:
         deployed = ctx.state.get("deploy") or {}
         backup_id = (ctx.state.get("manifest") or {}).get("backup_id")
         return {"applied": deployed.get("applied", []), "engine": deployed.get("engine"), "backup_id": backup_id}
 
-    execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm, result=result)
+    execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm, result=result)
 
 
 @task(klass=OpsTask, name="resolve",
       help=dict(name="the migration's folder name",
                 rolled_back="its failed attempt was undone: mark it rolled back (pending again)",
                 applied="it was finished by hand: record it as applied"))
-def resolve(c, name, env=None, rolled_back=False, applied=False, dry_run=False, confirm=None, json=False):
+def resolve(call: TaskCall, name, env=None, rolled_back=False, applied=False, dry_run=False, confirm=None, json=False):
     """Like `prisma migrate resolve`: mark a failed migration --rolled-back, or one finished by hand --applied."""
     if rolled_back == applied:
         raise UsageError("say what happened to the migration: --rolled-back or --applied (one of them)",
                          hint="--rolled-back when its changes were undone, --applied when you finished it by hand")
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    runbook = build(environment_, migration=name, action="applied" if applied else "rolled-back")
-    execute(runbook, environment_, output, dry_run=dry_run, confirm=confirm)
+    runbook = build(call.environment, migration=name, action="applied" if applied else "rolled-back")
+    execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm)
 
 
 collection = Collection("migrate")

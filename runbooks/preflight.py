@@ -19,7 +19,7 @@ from invoke import task
 
 from ops import pg, web
 from ops.checks import Warn, checklist
-from ops.cli import OpsTask, environment, make_output
+from ops.cli import OpsTask, TaskCall
 from ops.drills import drill_due
 from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, InventoryError, OpsError
@@ -362,8 +362,6 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
 
 
 @task(klass=OpsTask, multi_env=True)
-def preflight(c, env=None, json=False):
+def preflight(call: TaskCall, env=None, json=False):
     """The production readiness checklist: pass/warn/fail with the fix for each; exit 3 if any fails."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    checklist(environment_, output, "preflight", probes(environment_))
+    checklist(call.environment, call.output, "preflight", probes(call.environment))

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from invoke import task
 
 from ops import pg
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Runbook
 from ops.errors import OpsError
@@ -175,12 +175,10 @@ def _say_left_out(env: Environment, output: Output) -> None:
 
 
 @task(klass=OpsTask)
-def provision(c, env=None, dry_run=False, confirm=None, json=False):
+def provision(call: TaskCall, env=None, dry_run=False, confirm=None, json=False):
     """Provision an environment: buckets, role, database, keys, app secrets and env files, migrate, seed, restart."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
     arguments: dict[str, Any] = {}
-    if environment_.protected:  # a pre-migration backup (of a database that has tables) keeps its id on resume
+    if call.environment.protected:  # a pre-migration backup (of a database that has tables) keeps its id on resume
         arguments["backup_id"] = new_run_id()
-    _say_left_out(environment_, output)
-    execute(build(environment_, **arguments), environment_, output, dry_run=dry_run, confirm=confirm)
+    _say_left_out(call.environment, call.output)
+    execute(build(call.environment, **arguments), call.environment, call.output, dry_run=dry_run, confirm=confirm)

@@ -14,7 +14,7 @@ from invoke import task
 
 from ops import retention
 from ops.backup_manifest import BACKUPS_DIR, backup_prefix
-from ops.cli import OpsTask, environment, make_output
+from ops.cli import OpsTask, TaskCall
 from ops.clock import utc_now
 from ops.engine import Change, Runbook, RunContext, Runner, Step
 from ops.errors import CheckFailed, StepFailed
@@ -164,9 +164,7 @@ def report(output: Output, result: RunResult, found: Survey | None) -> None:
 
 
 @task(klass=OpsTask, help=dict(force="prune even though the newest backup is older than the schedule allows"))
-def prune(c, env=None, dry_run=False, force=False, confirm=None, json=False):
+def prune(call: TaskCall, env=None, dry_run=False, force=False, confirm=None, json=False):
     """Apply the retention policy (keep_last, daily, weekly, monthly, min_keep); remove stale incomplete uploads."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    result, found = run_prune(environment_, output, dry_run=dry_run, confirm=confirm, force=force)
-    report(output, result, found)
+    result, found = run_prune(call.environment, call.output, dry_run=dry_run, confirm=confirm, force=force)
+    report(call.output, result, found)

@@ -12,7 +12,7 @@ from typing import Any
 
 from invoke import task
 
-from ops.cli import OpsTask, environment, make_output
+from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
 from ops.failure_notice import run_notifying
 from ops.restore_steps import build
@@ -27,11 +27,10 @@ __all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
     identity="age identity file to decrypt with (default: the source's backups.identity_file)",
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
          "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
-def restore(c, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None, jobs=0,
+def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None, jobs=0,
             dry_run=False, confirm=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
-    output = make_output(json)
-    target = environment(env, output=output, confirm=confirm)
+    target = call.environment
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
                     jobs=jobs)
 
@@ -39,4 +38,4 @@ def restore(c, env=None, from_=None, backup="latest", database=None, keep_old=Fa
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
                              **(ctx.state.get("swap") or {})}}
 
-    run_notifying(runbook, target, output, dry_run=dry_run, confirm=confirm, result=result)
+    run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)

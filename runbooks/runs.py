@@ -5,7 +5,7 @@ from __future__ import annotations
 from invoke import Collection, task
 
 import runbooks
-from ops.cli import OpsTask, environment, execute, load_inventory, make_output
+from ops.cli import OpsTask, TaskCall, environment, execute, load_inventory
 from ops.errors import UsageError
 from ops.journal import list_runs, read_run
 
@@ -15,30 +15,28 @@ def _runs_dir():
 
 
 @task(klass=OpsTask, help=dict(limit="how many runs to list, newest first (default 20)"))
-def list_(c, limit=20, json=False):
+def list_(call: TaskCall, limit=20, json=False):
     """The journaled runs, newest first: id, runbook, environment, operator, outcome."""
-    output = make_output(json)
     records = list_runs(_runs_dir(), limit=int(limit))
     rows = [[r.run_id, r.header.get("runbook", "?"), r.header.get("env", "?"), r.header.get("operator", "?"),
              ("dry run" if r.header.get("dry_run") else r.status), r.stopped_at() or ""] for r in records]
-    output.table(["run", "runbook", "env", "operator", "status", "stopped at"], rows)
-    output.result({"runs": [{"run_id": r.run_id, **{k: r.header.get(k) for k in ("runbook", "env", "operator")},
-                             "status": r.status, "stopped_at": r.stopped_at()} for r in records]})
+    call.output.table(["run", "runbook", "env", "operator", "status", "stopped at"], rows)
+    call.output.result({"runs": [{"run_id": r.run_id, **{k: r.header.get(k) for k in ("runbook", "env", "operator")},
+                                  "status": r.status, "stopped_at": r.stopped_at()} for r in records]})
 
 
 @task(klass=OpsTask, help=dict(run_id="the run's id (from `inv runs.list`): the first argument, or --run-id ID"))
-def show(c, run_id, json=False):
+def show(call: TaskCall, run_id, json=False):
     """One run's journal: header, each step's transitions with timings, the outcome."""
-    output = make_output(json)
     record = read_run(_runs_dir(), run_id)
     header = record.header
-    output.info(f"run {record.run_id}: {header.get('runbook')} on {header.get('env')} by {header.get('operator')}"
-                f"@{header.get('host')} (git {header.get('git_revision') or 'n/a'}, inventory "
-                f"{header.get('inventory_hash')}){' — dry run' if header.get('dry_run') else ''}")
+    call.output.info(f"run {record.run_id}: {header.get('runbook')} on {header.get('env')} by {header.get('operator')}"
+                     f"@{header.get('host')} (git {header.get('git_revision') or 'n/a'}, inventory "
+                     f"{header.get('inventory_hash')}){' — dry run' if header.get('dry_run') else ''}")
     for entry in record.entries[1:]:
-        output.info(_describe(entry))
-    output.info(f"status: {record.status}")
-    output.result({"run_id": record.run_id, "status": record.status, "entries": record.entries})
+        call.output.info(_describe(entry))
+    call.output.info(f"status: {record.status}")
+    call.output.result({"run_id": record.run_id, "status": record.status, "entries": record.entries})
 
 
 def _describe(entry: dict) -> str:
@@ -56,19 +54,18 @@ def _describe(entry: dict) -> str:
 
 
 @task(klass=OpsTask, help=dict(run_id="the interrupted or failed run to resume: the first argument, or --run-id ID"))
-def resume(c, run_id, confirm=None, json=False):
+def resume(call: TaskCall, run_id, confirm=None, json=False):
     """Resume a run: re-check each step, skip those verified already, apply the rest."""
-    output = make_output(json)
     record = read_run(_runs_dir(), run_id)
     header = record.header
     if record.status in {"succeeded", "nothing to do"}:
         raise UsageError(f"run {run_id} already {record.status}; there is nothing to resume")
     if header.get("runbook") not in runbooks.RUNBOOKS:
         raise UsageError(f"run {run_id} ({header.get('runbook')}) cannot be resumed: it is not a step runbook")
-    env = environment(header["env"], output=output, confirm=confirm)
+    env = environment(header["env"], output=call.output, confirm=confirm)
     runbook = runbooks.build(header["runbook"], env, **(header.get("arguments") or {}))
-    output.info(f"resuming run {run_id} ({runbook.name} on {env.name}, stopped at {record.stopped_at()})")
-    execute(runbook, env, output, confirm=confirm, resume=record)
+    call.output.info(f"resuming run {run_id} ({runbook.name} on {env.name}, stopped at {record.stopped_at()})")
+    execute(runbook, env, call.output, confirm=confirm, resume=record)
 
 
 runs = Collection("runs")
@@ -78,10 +75,9 @@ runs.add_task(resume)
 
 
 @task(klass=OpsTask, help=dict(name="the runbook's name, e.g. provision"))
-def show_runbook(c, name, env=None):
+def show_runbook(call: TaskCall, name, env=None):
     """Print the runbook as a numbered Markdown checklist, generated from the steps that run."""
-    environment_ = environment(env)
-    make_output(False).document(runbooks.build(name, environment_).checklist(environment_.name), end="")
+    call.output.document(runbooks.build(name, call.environment).checklist(call.environment.name), end="")
 
 
 runbook_collection = Collection("runbook")

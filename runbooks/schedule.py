@@ -12,7 +12,7 @@ from invoke import Collection, task
 
 from ops import schedule as jobs
 from ops import yaml_text
-from ops.cli import OpsTask, load_inventory, make_output
+from ops.cli import OpsTask, TaskCall
 from ops.errors import InventoryError, OpsError, UsageError
 from ops.inventory import plain
 from ops.secrets import Secret
@@ -30,35 +30,34 @@ RUNBOOK_ARGUMENTS: dict[str, dict[str, Any]] = {"backup": {}, "backup.verify": {
 
 @task(klass=OpsTask, help=dict(format="systemd, kubernetes or cron",
                                out="write one file per unit or manifest into this directory instead of printing"))
-def show(c, env=None, format=None, out=None, json=False):
+def show(call: TaskCall, env=None, format=None, out=None, json=False):
     """The jobs an environment needs (nightly backup, weekly deep verify, daily assets copy, weekly checks)
     as systemd units, Kubernetes CronJobs or crontab lines, from the inventory's schedule section."""
     if format not in jobs.FORMATS:
         raise UsageError(f"--format {format!r}: choose systemd, kubernetes or cron" if format else
                          "--format is required: systemd, kubernetes or cron",
                          hint="e.g. `inv schedule.show --env prod --format systemd`")
-    output = make_output(json)
-    environment = load_inventory().environment(env)  # nothing is started or connected to: this only renders
+    environment = call.inventory_environment  # nothing is started or connected to: this only renders
     if environment.decommissioned:
         raise UsageError(f"environment {environment.name} is decommissioned: it has nothing to schedule",
                          where=environment.inventory.location(f"envs.{environment.name}"),
                          hint="remove its units, CronJobs or crontab lines where they were installed")
-    schedule = plan(environment, output)
+    schedule = plan(environment, call.output)
     refuse_confirmation_prompts(environment, schedule)
     files = render(environment, schedule, format)
-    output.info(f"{len(schedule.jobs)} job(s) of {environment.name}: "
-                + "; ".join(f"{job.task} {job.when}" for job in schedule.jobs))
+    call.output.info(f"{len(schedule.jobs)} job(s) of {environment.name}: "
+                     + "; ".join(f"{job.task} {job.when}" for job in schedule.jobs))
     for key, reason in schedule.skipped:
-        output.info(f"not scheduled: {key} ({reason})")
-    written = write(Path(out), files, output) if out else None
+        call.output.info(f"not scheduled: {key} ({reason})")
+    written = write(Path(out), files, call.output) if out else None
     if written is None and not json:
-        show_files(format, files, output)
+        show_files(format, files, call.output)
     elif written is not None:
-        output.info(next_step(format, schedule, Path(out)))
+        call.output.info(next_step(format, schedule, Path(out)))
     listed = [describe(schedule, job) for job in schedule.jobs]
-    output.result({"env": environment.name, "format": format, "jobs": listed,
-                   "skipped": [{"job": key, "reason": reason} for key, reason in schedule.skipped],
-                   "files": files if written is None else None, "written": written})
+    call.output.result({"env": environment.name, "format": format, "jobs": listed,
+                        "skipped": [{"job": key, "reason": reason} for key, reason in schedule.skipped],
+                        "files": files if written is None else None, "written": written})
 
 
 def plan(env: Environment, output: Output) -> jobs.Schedule:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops import keys
-from ops.cli import OpsTask, environment, execute, make_output
+from ops.cli import OpsTask, TaskCall, execute
 from ops.clock import iso_z, utc_now
 from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Change, Runbook, RunContext, Step
@@ -88,11 +88,9 @@ def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None =
 
 
 @task(klass=OpsTask, help=dict(name="ADMIN_PASSWORD, or AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET)"))
-def rotate(c, name, env=None, dry_run=False, confirm=None, json=False):
+def rotate(call: TaskCall, name, env=None, dry_run=False, confirm=None, json=False):
     """Rotate an app secret: generate it, push the env files, rolling restart (the admin password shown once)."""
-    output = make_output(json)
-    environment_ = environment(env, output=output, confirm=confirm)
-    execute(build(environment_, name=name, rotation=new_run_id()), environment_, output, dry_run=dry_run,
+    execute(build(call.environment, name=name, rotation=new_run_id()), call.environment, call.output, dry_run=dry_run,
             confirm=confirm)
 
 

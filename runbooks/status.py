@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 from ops import status_facts as facts
-from ops.cli import OpsTask, environment, make_output
+from ops.cli import OpsTask, TaskCall
 from ops.errors import CheckFailed, InventoryError
 from ops.metrics import MetricFamily, write_textfile
 from ops.output import human_size
@@ -242,17 +242,15 @@ def _show_rest(report: StatusReport, output: Output) -> None:
 
 @task(klass=OpsTask, multi_env=True,
       help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
-def status(c, env=None, json=False, prometheus=None):
+def status(call: TaskCall, env=None, json=False, prometheus=None):
     """Database size, connections, slow queries, buckets, last backup, key age, migrations, incidents."""
-    output = make_output(json)
-    environment_ = environment(env, output=output)
-    report = collect(environment_)
-    show(report, output)
+    report = collect(call.environment)
+    show(report, call.output)
     if prometheus:
         path = Path(prometheus).expanduser()
-        write_textfile(path, families(report), replace={"env": environment_.name})
-        output.info(f"wrote {path}")
-    output.result(report.to_json())
+        write_textfile(path, families(report), replace={"env": call.environment.name})
+        call.output.info(f"wrote {path}")
+    call.output.result(report.to_json())
     if report.errors:
-        raise CheckFailed(f"status of {environment_.name}: could not read {', '.join(report.errors)}",
+        raise CheckFailed(f"status of {call.environment.name}: could not read {', '.join(report.errors)}",
                           hint="see the lines above; `inv health` checks connectivity")
