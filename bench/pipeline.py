@@ -84,13 +84,13 @@ def make_storage(sink: str, state: dict[str, Any]) -> Any:
 
 
 def one(arguments: argparse.Namespace) -> int:
-    from ops import dump, pg
+    from ops import dump, pg_url
 
     state = json.loads(Path(arguments.state).read_text())
     if arguments.parts_in_flight:
-        from ops.storage import s3 as storage_s3
+        from ops.storage import s3_multipart
 
-        storage_s3.PARTS_IN_FLIGHT = arguments.parts_in_flight
+        s3_multipart.PARTS_IN_FLIGHT = arguments.parts_in_flight
     if arguments.queue_mb:
         dump.QUEUE_BYTES = arguments.queue_mb * 1024 * 1024
         dump.ChunkQueue.__init__.__defaults__ = (dump.QUEUE_BYTES,)
@@ -105,7 +105,7 @@ def one(arguments: argparse.Namespace) -> int:
     began = time.monotonic()
 
     def run() -> Any:
-        return dump.dump_to_storage(command, pg.child_environment(state["url"]), storage, "dump.pgc.zst",
+        return dump.dump_to_storage(command, pg_url.child_environment(state["url"]), storage, "dump.pgc.zst",
                                     level=arguments.level, recipients=recipients, part_size=part_size)
 
     if arguments.profile:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     single.add_argument("--level", type=int, default=3)
     single.add_argument("--encrypt", action="store_true")
     single.add_argument("--profile", action="store_true")
-    single.add_argument("--parts-in-flight", type=int, help="override ops.storage.s3.PARTS_IN_FLIGHT")
+    single.add_argument("--parts-in-flight", type=int, help="override ops.storage.s3_multipart.PARTS_IN_FLIGHT")
     single.add_argument("--queue-mb", type=int, help="override ops.dump.QUEUE_BYTES")
     arguments = parser.parse_args(argv)
     return serve(arguments) if arguments.command == "serve" else one(arguments)

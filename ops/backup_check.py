@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ops import pg
+from ops import pg_url
 from ops.backup_manifest import (
     BACKUPS_DIR,
     VERIFICATION_NAME,
@@ -105,7 +105,7 @@ def inventory_database(env: Environment) -> str | None:
     if not env.has("database.url"):
         return None
     try:
-        return pg.parse_url(env.value("database.url")).dbname
+        return pg_url.parse_url(env.value("database.url")).dbname
     except OpsError:
         return None  # its ${env:…} is not set on this machine: nothing to compare with
 

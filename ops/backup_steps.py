@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, metrics, migrations, pg
+from ops import dump, metrics, migrations, pg, pg_tools, pg_url
 from ops.backup_manifest import (
     DatabaseInfo,
     Manifest,
@@ -67,7 +67,7 @@ class DumpStep(Step):
         connection = ctx.database()
         major, _minor = pg.server_version(connection)
         version = connection.execute("SHOW server_version").fetchone()[0].split()[0]
-        tool = pg.find_client_tool("pg_dump", major)  # CheckFailed naming both versions when too old
+        tool = pg_tools.find_client_tool("pg_dump", major)  # CheckFailed naming both versions when too old
         recipients = dump.parse_recipients(options["recipients"])
         storage = ctx.storage("backups")
         if not storage.bucket_exists():
@@ -75,7 +75,7 @@ class DumpStep(Step):
                                  hint=f"create it (`inv provision --env {ctx.env.name}`) or fix backups.bucket")
         size = connection.execute("SELECT pg_database_size(current_database())").fetchone()[0]
         key = self._key(ctx)
-        target = pg.parse_url(ctx.env.database_url(direct=True)).describe()
+        target = pg_url.parse_url(ctx.env.database_url(direct=True)).describe()
         encryption = f"age to {len(recipients)} recipient(s)" if recipients else "not encrypted"
         return Change(f"dump {connection.info.dbname} (about {human_size(size)} on disk) to {key}",
                       [f"from {target} (PostgreSQL {version}) with pg_dump {tool.version} ({tool.path})",
@@ -89,7 +89,7 @@ class DumpStep(Step):
         options = settings(ctx.env)
         url = ctx.env.database_url(direct=True)
         major, _minor = pg.server_version(ctx.database())
-        tool = pg.find_client_tool("pg_dump", major)
+        tool = pg_tools.find_client_tool("pg_dump", major)
         key = self._key(ctx)
         storage = ctx.storage("backups")
         snapshot_connection = pg.connect(url, application_name=ctx.label[:63], autocommit=True)
@@ -100,11 +100,11 @@ class DumpStep(Step):
             reader.start()
             try:
                 stored = dump.dump_to_storage(
-                    pg.dump_command(tool, snapshot=snapshot), pg.child_environment(url), storage, key,
+                    pg_tools.dump_command(tool, snapshot=snapshot), pg_url.child_environment(url), storage, key,
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
                     on_progress=ProgressLines(ctx.log, "uploaded"),
-                    what=f"pg_dump of {pg.parse_url(url).describe()}")
+                    what=f"pg_dump of {pg_url.parse_url(url).describe()}")
             except BaseException:
                 _stop_reader(snapshot_connection, reader)
                 raise
@@ -119,7 +119,7 @@ class DumpStep(Step):
         return {"backup_id": self.backup_id, "key": key, "size": stored.size, "sha256": stored.sha256,
                 "dump_size": stored.dump_size, "snapshot": snapshot, "started_at": iso_z(started),
                 "finished_at": iso_z(finished), "seconds": round((finished - started).total_seconds(), 3),
-                "database": ctx.database().info.dbname, "target": pg.parse_url(url).describe(),
+                "database": ctx.database().info.dbname, "target": pg_url.parse_url(url).describe(),
                 "server_version": version, "server_major": major, "pg_dump_version": tool.version,
                 "pg_dump_major": tool.major, "level": options["level"], "recipients": options["recipients"],
                 **facts}

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, fetch, pg, restore_db
+from ops import dump, fetch, pg, pg_tools, pg_url, restore_db
 from ops.backup_manifest import BACKUPS_DIR, Verification, append_verification, list_backups, read_verifications
 from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
@@ -136,9 +136,9 @@ def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, 
     """Stream the backup into `<db>__verify_<stamp>` on the environment's server, count rows, drop it."""
     url = ctx.env.admin_url()
     with restore_db.maintenance_connection(url, ctx.label) as connection:
-        where = pg.parse_url(url).describe()
-        tool = pg.find_client_tool("pg_restore", restore_db.readable_by(manifest, pg.server_version(connection)[0],
-                                                                         where))
+        where = pg_url.parse_url(url).describe()
+        readable = restore_db.readable_by(manifest, pg.server_version(connection)[0], where)
+        tool = pg_tools.find_client_tool("pg_restore", readable)
         for leftover in restore_db.leftovers(connection, manifest.database.name, "verify"):
             pg.drop_database(connection, leftover)  # left by a verification that was killed
         scratch = restore_db.side_name(manifest.database.name, "verify", utc_now())

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ops import hosts, lease, pg
+from ops import hosts, lease, pg, pg_url
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
@@ -166,7 +166,7 @@ class RunContext:
         def connect() -> Any:
             url = self.env.admin_url() if admin else self.env.database_url(direct=True)
             if dbname:
-                url = pg.with_database(url, dbname)
+                url = pg_url.with_database(url, dbname)
             return pg.connect(url, application_name=self.label[:63], autocommit=True)
 
         return self.once(f"database:{dbname}:{admin}", connect, close=lambda connection: connection.close())

@@ -17,7 +17,7 @@ from ops.errors import InventoryError
 from ops.hosts import is_loopback
 from ops.inventory import resolve
 from ops.patterns import Pattern
-from ops.pg import with_credentials
+from ops.pg_url import with_credentials
 from ops.render import template_environment, templates_dir
 from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal

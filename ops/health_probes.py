@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ops import pg
+from ops import pg, pg_url
 from ops.errors import CheckFailed
 from ops.hosts import connect, fetch_from_here, is_on_host
 from ops.storage import open_storage
@@ -20,7 +20,7 @@ def database_probe(env: Environment, direct: bool) -> Probe:
         url = env.database_url(direct=direct)
         with pg.connect(url, application_name="opsbook health", connect_timeout=5) as connection:
             major, minor = pg.server_version(connection)
-        return f"{pg.parse_url(url).describe()}, PostgreSQL {major}.{minor}"
+        return f"{pg_url.parse_url(url).describe()}, PostgreSQL {major}.{minor}"
 
     return probe
 

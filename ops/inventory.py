@@ -28,7 +28,7 @@ from ops.inventory_checks import duplicate_host_names, literal_url_problems, url
 from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.patterns import Pattern
-from ops.pg import parse_url, with_credentials
+from ops.pg_url import parse_url, with_credentials
 from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret
 from ops.storage import StorageConfig

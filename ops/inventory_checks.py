@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ops.patterns import Pattern
-from ops.pg import URL_SCHEMES as DATABASE_SCHEMES
+from ops.pg_url import URL_SCHEMES as DATABASE_SCHEMES
 
 _HTTP = ("https", "http")
 # `section.key` (an environment's, the defaults', a host's `app`, a `notify` item's) -> accepted schemes

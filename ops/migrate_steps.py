@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ops import pg
+from ops import pg, pg_url
 from ops.backup_steps import build as backup_runbook
 from ops.engine import Change, RunContext, Step, WrappedStep
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
@@ -64,10 +64,10 @@ class MigrationFacts:
 
     def url(self) -> Secret:
         url = self.env.database_url(direct=True)
-        return pg.with_database(url, self.dbname) if self.dbname else url
+        return pg_url.with_database(url, self.dbname) if self.dbname else url
 
     def target(self) -> str:
-        return pg.parse_url(self.url()).describe()
+        return pg_url.parse_url(self.url()).describe()
 
     def source(self, ctx: RunContext) -> MigrationSource:
         if ctx.run_id not in self._sources:

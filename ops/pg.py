@@ -1,32 +1,21 @@
-"""PostgreSQL: connections from URLs, client tool discovery, locks, databases, row counts.
+"""PostgreSQL through psycopg: connections, advisory locks, databases, row counts.
 
 The one module that imports psycopg, inside the functions that use it: other modules take
 connections, composed statements (`identifiers`) and psycopg's exceptions (`pg.Error`,
 `pg.ObjectInUse`, ...) from here, so importing them, and listing tasks, loads no driver.
-
-Connection details come from one parser (`connection_params`) so that psycopg and
-child processes (pg_dump, pg_restore, psql) reach the same server with the same
-credentials. Child processes get them through libpq environment variables, never
-on a command line, where `ps` would show the password.
+URLs are parsed by ops/pg_url.py, the client tools found by ops/pg_tools.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
-import glob
 import hashlib
-import os
-import subprocess
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
-from ops.errors import CheckFailed, ConnectionFailed, InventoryError, LockHeld, StepFailed
-from ops.patterns import Pattern
-from ops.secrets import Secret, redact, reveal
+from ops.errors import ConnectionFailed, LockHeld, StepFailed
+from ops.pg_url import DatabaseTarget, connection_params, parse_url
+from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -34,174 +23,6 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg import sql
 
-DEFAULT_PORT = 5432
-URL_SCHEMES = ("postgresql", "postgres")
-URL_EXAMPLE = "postgresql://USER:PASSWORD@HOST:5432/DBNAME?sslmode=require"
-
-# libpq keyword -> environment variable (libpq docs, "Environment Variables").
-ENVIRONMENT_VARIABLES: dict[str, str] = {
-    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE",
-    "user": "PGUSER", "password": "PGPASSWORD", "passfile": "PGPASSFILE",
-    "require_auth": "PGREQUIREAUTH", "channel_binding": "PGCHANNELBINDING", "service": "PGSERVICE",
-    "options": "PGOPTIONS", "application_name": "PGAPPNAME", "sslmode": "PGSSLMODE",
-    "requiressl": "PGREQUIRESSL", "sslnegotiation": "PGSSLNEGOTIATION",
-    "sslcompression": "PGSSLCOMPRESSION", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
-    "sslcertmode": "PGSSLCERTMODE", "sslrootcert": "PGSSLROOTCERT", "sslcrl": "PGSSLCRL",
-    "sslcrldir": "PGSSLCRLDIR", "sslsni": "PGSSLSNI", "requirepeer": "PGREQUIREPEER",
-    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
-    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION", "gssencmode": "PGGSSENCMODE",
-    "krbsrvname": "PGKRBSRVNAME", "gsslib": "PGGSSLIB", "gssdelegation": "PGGSSDELEGATION",
-    "connect_timeout": "PGCONNECT_TIMEOUT", "client_encoding": "PGCLIENTENCODING",
-    "target_session_attrs": "PGTARGETSESSIONATTRS", "load_balance_hosts": "PGLOADBALANCEHOSTS",
-}
-# libpq keywords with no environment variable: psycopg gets them, child processes do not.
-CONNECTION_ONLY_KEYWORDS = frozenset({
-    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
-    "tcp_user_timeout", "sslpassword", "fallback_application_name",
-})
-# pg_dump would otherwise wait forever on a black-holed address.
-CHILD_DEFAULT_CONNECT_TIMEOUT = "10"
-
-CLIENT_TOOL_GLOBS = (
-    "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu (postgresql-client-N)
-    "/opt/homebrew/opt/postgresql@*/bin",  # Homebrew, Apple silicon
-    "/usr/local/opt/postgresql@*/bin",  # Homebrew, Intel
-    "/opt/homebrew/opt/libpq/bin",
-    "/usr/local/opt/libpq/bin",
-    "/usr/pgsql-*/bin",  # PGDG RPMs
-    "/Applications/Postgres.app/Contents/Versions/*/bin",
-)
-_TOOL_VERSION = Pattern(r"\(PostgreSQL\)\s+(?P<major>\d+)(?P<rest>(?:\.\d+)*[A-Za-z0-9]*)")
-
-
-# --- URLs ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DatabaseTarget:
-    """Where a URL points, without its password: safe in messages and journals."""
-
-    host: str
-    port: int
-    dbname: str
-    user: str
-
-    def describe(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}/{self.dbname}"
-
-
-def connection_params(url: Secret | str) -> dict[str, str]:
-    """libpq keywords for `url`; host, port, user and dbname always present.
-
-    Query parameters libpq does not know (Prisma's `schema`, `connection_limit`,
-    `pgbouncer`...) are dropped: libpq would refuse the whole URL because of them.
-    """
-    text = reveal(url)
-    parts = urlsplit(text)
-    if parts.scheme not in URL_SCHEMES:
-        raise InventoryError(
-            f"database URL must start with postgresql:// (got scheme {parts.scheme or 'none'!r})",
-            hint=f"write it as {URL_EXAMPLE}",
-        )
-    params = _netloc_params(parts.netloc)
-    if parts.path.strip("/"):
-        params["dbname"] = unquote(parts.path.lstrip("/"))
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ENVIRONMENT_VARIABLES or key in CONNECTION_ONLY_KEYWORDS:
-            params[key] = value
-    params.setdefault("host", "localhost")
-    params.setdefault("port", str(DEFAULT_PORT))
-    params.setdefault("user", getpass.getuser())
-    params.setdefault("dbname", params["user"])
-    _check_port(params["port"])
-    return params
-
-
-def _netloc_params(netloc: str) -> dict[str, str]:
-    userinfo, _, hostport = netloc.rpartition("@")
-    params: dict[str, str] = {}
-    if userinfo:
-        user, has_password, password = userinfo.partition(":")
-        if user:
-            params["user"] = unquote(user)
-        if has_password:
-            params["password"] = unquote(password)
-    if "," in hostport:
-        raise InventoryError(
-            "database URL lists several hosts; opsbook needs the one primary to work on",
-            hint="use the primary's (direct) URL for admin work",
-        )
-    if hostport.startswith("["):  # IPv6 literal: [::1]:5432
-        host, _, rest = hostport[1:].partition("]")
-        port = rest.removeprefix(":")
-    else:
-        host, _, port = hostport.partition(":")
-    if host:
-        params["host"] = unquote(host)
-    if port:
-        params["port"] = port
-    return params
-
-
-def _check_port(port: str) -> None:
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise InventoryError(f"database URL has an invalid port {port!r}", hint=f"write it as {URL_EXAMPLE}")
-
-
-def parse_url(url: Secret | str) -> DatabaseTarget:
-    params = connection_params(url)
-    return DatabaseTarget(
-        host=params["host"], port=int(params["port"]), dbname=params["dbname"], user=params["user"]
-    )
-
-
-def with_database(url: Secret | str, dbname: str) -> Secret:
-    """The same server and credentials, another database."""
-    connection_params(url)  # validate before rebuilding
-    parts = urlsplit(reveal(url))
-    query = [(key, dbname if key == "dbname" else value)
-             for key, value in parse_qsl(parts.query, keep_blank_values=True)]
-    rebuilt = parts._replace(path="/" + quote(dbname, safe=""), query="&".join(
-        f"{quote(key, safe='')}={quote(value, safe='')}" for key, value in query))
-    return Secret(urlunsplit(rebuilt))
-
-
-def with_credentials(url: str, password: str, *, user: str | None = None) -> str:
-    """`url` with its password (and user, when given) replaced; both percent-encoded."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
-        hostport = parts.netloc
-    current_user = userinfo.partition(":")[0] if at else ""
-    name = quote(user, safe="") if user else current_user
-    if not name:
-        raise InventoryError("database.url has no user to go with the stored DATABASE_PASSWORD",
-                             hint="put the role in the URL (postgresql://ROLE@host/db) or set database.role")
-    netloc = f"{name}:{quote(password, safe='')}@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def libpq_environment(url: Secret | str) -> dict[str, str]:
-    """PG* variables for a child process (pg_dump, psql...). Values include the password:
-    give them to subprocess `env=`, never log them."""
-    environment = {
-        ENVIRONMENT_VARIABLES[key]: value
-        for key, value in connection_params(url).items()
-        if key in ENVIRONMENT_VARIABLES
-    }
-    environment.setdefault("PGCONNECT_TIMEOUT", CHILD_DEFAULT_CONNECT_TIMEOUT)
-    environment.setdefault("PGAPPNAME", "opsbook")
-    return environment
-
-
-def child_environment(url: Secret | str, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`base` (default os.environ) without inherited PG* settings, plus those of `url`.
-
-    An operator's own PGHOST/PGSSLMODE/PGSERVICE... must not redirect a child process."""
-    inherited = os.environ if base is None else base
-    clean = {key: value for key, value in inherited.items() if not key.startswith("PG")}
-    return clean | libpq_environment(url)
 
 
 # psycopg's exception classes for callers' `except` clauses: `except pg.Error:` looks the class
@@ -277,141 +98,6 @@ def server_version(conn: psycopg.Connection) -> tuple[int, int]:
 def _where(conn: psycopg.Connection) -> str:
     info = conn.info
     return f"{info.user}@{info.host}:{info.port}/{info.dbname}"
-
-
-# --- client tools ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientTool:
-    """A PostgreSQL client tool found on this machine, with its version."""
-
-    name: str
-    path: str
-    major: int
-    version: str
-
-
-def parse_tool_version(text: str) -> tuple[int, str] | None:
-    """(major, version) from `pg_dump --version` output: 'pg_dump (PostgreSQL) 15.14 (Debian…)'."""
-    match = _TOOL_VERSION.search(text)
-    if match is None:
-        return None
-    return int(match["major"]), match["major"] + match["rest"]
-
-
-def client_search_dirs() -> list[str]:
-    """Where find_client_tool looks by default, in order: OPS_PG_BIN, known install dirs, PATH."""
-    dirs = _operator_dirs()
-    for pattern in CLIENT_TOOL_GLOBS:
-        dirs += sorted(glob.glob(pattern))
-    dirs += [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
-    return dirs
-
-
-def _operator_dirs() -> list[str]:
-    value = os.environ.get("OPS_PG_BIN", "")
-    return [os.path.normpath(directory) for directory in value.split(os.pathsep) if directory]
-
-
-def find_client_tool(name: str, server_major: int, search_dirs: list[str] | None = None) -> ClientTool:
-    """The newest `name` (pg_dump, pg_restore, psql) whose major version >= server_major.
-
-    A tool in OPS_PG_BIN that fits wins: the operator chose it. `search_dirs`, when
-    given, replaces the whole default search (OPS_PG_BIN included).
-    """
-    preferred = _operator_dirs() if search_dirs is None else []
-    found = _installed_tools(name, client_search_dirs() if search_dirs is None else search_dirs)
-    fitting = [tool for tool in found if tool.major >= server_major]
-    chosen = [tool for tool in fitting if os.path.dirname(tool.path) in preferred] or fitting
-    if chosen:
-        return max(chosen, key=lambda tool: tool.major)  # max keeps the first of equals: search order
-    raise _no_fitting_tool(name, server_major, found)
-
-
-def _installed_tools(name: str, dirs: list[str]) -> list[ClientTool]:
-    tools: list[ClientTool] = []
-    seen: set[str] = set()
-    for directory in dirs:
-        path = os.path.join(directory, name)
-        real = os.path.realpath(path)
-        if real in seen or not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            continue
-        seen.add(real)
-        probed = _probe_version(path, os.stat(path).st_mtime)
-        if probed is not None:
-            tools.append(ClientTool(name=name, path=path, major=probed[0], version=probed[1]))
-    return tools
-
-
-@lru_cache(maxsize=64)
-def _probe_version(path: str, mtime: float) -> tuple[int, str] | None:
-    try:
-        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_tool_version(result.stdout) if result.returncode == 0 else None
-
-
-def _no_fitting_tool(name: str, server_major: int, found: list[ClientTool]) -> CheckFailed:
-    listing = ", ".join(f"{tool.name} {tool.version} at {tool.path}" for tool in found)
-    seen = f"found only: {listing}" if found else f"no {name} found at all"
-    return CheckFailed(
-        f"the server runs PostgreSQL {server_major} and {name} needs a client of version "
-        f"{server_major} or newer; {seen}",
-        hint=(f"install the PostgreSQL {server_major} client: Debian/Ubuntu: add the PGDG apt "
-              f"repository (https://wiki.postgresql.org/wiki/Apt), then apt-get install "
-              f"postgresql-client-{server_major}; macOS: brew install postgresql@{server_major}; "
-              f"or set OPS_PG_BIN to a directory holding {name} {server_major} or newer"),
-    )
-
-
-# --- command builders (pure) -----------------------------------------------------------------
-
-
-def _tool_path(tool: ClientTool | str) -> str:
-    return tool.path if isinstance(tool, ClientTool) else tool
-
-
-def dump_command(tool: ClientTool | str, *, snapshot: str | None = None, compress: int = 0,
-                 jobs: int | None = None, output: str | None = None) -> list[str]:
-    """pg_dump argv; the connection comes from libpq_environment().
-
-    Custom format on stdout by default (for streaming). `jobs` needs the directory
-    format, so it needs `output` (a directory).
-    """
-    if not 0 <= compress <= 9:
-        raise ValueError(f"compress must be 0-9, got {compress}")
-    if jobs is not None and output is None:
-        raise ValueError("pg_dump --jobs needs the directory format: pass output=DIRECTORY")
-    command = [_tool_path(tool), "--no-password", f"--compress={compress}"]
-    if jobs is not None:
-        command += ["--format=directory", f"--jobs={jobs}"]
-    else:
-        command.append("--format=custom")
-    if snapshot is not None:
-        command.append(f"--snapshot={snapshot}")
-    if output is not None:
-        command.append(f"--file={output}")
-    return command
-
-
-def restore_command(tool: ClientTool | str, *, dbname: str, archive: str | None = None,
-                    jobs: int | None = None, no_owner: bool = False) -> list[str]:
-    """pg_restore argv into `dbname` (on the server of libpq_environment()).
-
-    Reads stdin without `archive`; `jobs` needs a seekable archive file.
-    """
-    if jobs is not None and archive is None:
-        raise ValueError("pg_restore --jobs cannot read stdin: pass archive=PATH")
-    command = [_tool_path(tool), "--no-password", "--exit-on-error", f"--dbname={dbname}"]
-    if jobs is not None:
-        command.append(f"--jobs={jobs}")
-    if no_owner:
-        command += ["--no-owner", "--no-acl"]
-    if archive is not None:
-        command.append(archive)
-    return command
 
 
 # --- locks -----------------------------------------------------------------------------------

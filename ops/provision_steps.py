@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets as random_tokens
 from typing import TYPE_CHECKING, Any
 
-from ops import keys, pg
+from ops import keys, pg, pg_url
 from ops.assets import describe_rule, desired_rules, merged_rules, rules_to_set
 from ops.engine import Change, RunContext, Step, WrappedStep
 from ops.envfile import parse_env_file, render_env_file
@@ -121,7 +121,7 @@ class RoleStep(Step):
             ctx.once(f"provision:role-warning:{self.role}", lambda: self._warning(ctx))
 
     def _warning(self, ctx: RunContext) -> None:
-        if "password" not in pg.connection_params(ctx.env.database_url(direct=False)):
+        if "password" not in pg_url.connection_params(ctx.env.database_url(direct=False)):
             ctx.output.warn(f"role {self.role} already exists and neither the secret store nor database.url has "
                             "its password: the app's DATABASE_URL will have none; put it in database.url "
                             f"(as ${{env:…}}) or in {secret_store(ctx.env).path} as {DATABASE_PASSWORD}")
@@ -157,8 +157,9 @@ class DatabaseStep(Step):
         owner = connection.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
                                    (self.database_name,)).fetchone()
         if not owner or owner[0] != self.owner:
+            where = pg_url.parse_url(ctx.env.admin_url()).describe()
             raise StepFailed(f"database {self.database_name} is not owned by {self.owner} "
-                             f"({owner[0] if owner else 'missing'}) on {pg.parse_url(ctx.env.admin_url()).describe()}")
+                             f"({owner[0] if owner else 'missing'}) on {where}")
 
     def undo(self, ctx: RunContext, change: Change) -> None:
         ctx.forget(f"database:{self.database_name}:True")  # its connection dies with the database

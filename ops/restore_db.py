@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ops import dump, fetch, pg, processes
+from ops import dump, fetch, pg, pg_tools, pg_url, processes
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
 from ops.secrets import Secret, redact
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from ops.backup_manifest import Manifest
     from ops.fetch import Fetched
-    from ops.pg import ClientTool
+    from ops.pg_tools import ClientTool
     from ops.storage import Storage
 
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
@@ -56,7 +56,7 @@ def maintenance_connection(url: Secret | str, label: str) -> Iterator[psycopg.Co
     last: ConnectionFailed | None = None
     for name in MAINTENANCE_DATABASES:
         try:
-            connection = pg.connect(pg.with_database(url, name), application_name=label[:63], autocommit=True)
+            connection = pg.connect(pg_url.with_database(url, name), application_name=label[:63], autocommit=True)
         except ConnectionFailed as error:
             last = error
             continue
@@ -91,9 +91,9 @@ def restore_options(*, cross_environment: bool) -> list[str]:
 def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive: str, *, jobs: int = 2,
                     cross_environment: bool = False) -> None:
     """pg_restore `archive` into `database` (on the server of `url`, as its user)."""
-    command = pg.restore_command(tool, dbname=database, archive=archive, jobs=jobs)
+    command = pg_tools.restore_command(tool, dbname=database, archive=archive, jobs=jobs)
     command = [*command[:-1], *restore_options(cross_environment=cross_environment), command[-1]]
-    environment = pg.child_environment(pg.with_database(url, database))
+    environment = pg_url.child_environment(pg_url.with_database(url, database))
     try:
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=environment, check=False)
     except OSError as error:
@@ -114,8 +114,8 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     it when this raises. A damaged object is reported as such (CheckFailed), whatever
     pg_restore made of it.
     """
-    command = [*pg.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
-    environment = pg.child_environment(pg.with_database(url, database))
+    command = [*pg_tools.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
+    environment = pg_url.child_environment(pg_url.with_database(url, database))
     try:
         with processes.child_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=environment, bufsize=0) as process:
@@ -141,7 +141,7 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
 
 def _restore_failed(database: str, url: Secret | str, status: int, stderr: str) -> StepFailed:
     reason = " ".join(stderr.split())[-1500:]
-    return StepFailed(f"pg_restore into {database} on {pg.parse_url(url).describe()} failed (exit {status}): "
+    return StepFailed(f"pg_restore into {database} on {pg_url.parse_url(url).describe()} failed (exit {status}): "
                       f"{reason}", hint="the live database is untouched; fix the cause (missing extension, role, "
                                         "disk space) and run it again")
 
@@ -161,7 +161,7 @@ def compare_row_counts(expected: dict[str, int], actual: dict[str, int]) -> list
 
 def check_row_counts(manifest: Manifest, url: Secret | str, database: str, label: str) -> dict[str, int]:
     """Row counts of the restored `database`; CheckFailed naming each table that differs."""
-    with pg.connect(pg.with_database(url, database), application_name=label[:63]) as connection:
+    with pg.connect(pg_url.with_database(url, database), application_name=label[:63]) as connection:
         counts = pg.table_row_counts(connection)
     problems = compare_row_counts(manifest.row_counts, counts)
     if problems:

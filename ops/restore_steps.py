@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import fetch, pg, restore_db
+from ops import fetch, pg, pg_tools, pg_url, restore_db
 from ops.backup_verify import identities_for, select
 from ops.cli import environment as load_environment
 from ops.clock import utc_now
@@ -81,7 +81,7 @@ class Plan:
         return ctx.env.inventory.state_dir / "restore" / f"{ctx.run_id}.pgc"
 
     def url(self, ctx: RunContext) -> Any:
-        return pg.with_database(ctx.env.database_url(direct=True), self.database)
+        return pg_url.with_database(ctx.env.database_url(direct=True), self.database)
 
     def maintenance(self, ctx: RunContext) -> Any:
         return restore_db.maintenance_connection(ctx.env.admin_url(), ctx.label)
@@ -96,8 +96,8 @@ class Plan:
         manifest = self.manifest(ctx)
         with self.maintenance(ctx) as connection:
             major = pg.server_version(connection)[0]
-        where = pg.parse_url(ctx.env.admin_url()).describe()
-        return pg.find_client_tool("pg_restore", restore_db.readable_by(manifest, major, where))
+        where = pg_url.parse_url(ctx.env.admin_url()).describe()
+        return pg_tools.find_client_tool("pg_restore", restore_db.readable_by(manifest, major, where))
 
 
     def create_scratch(self, ctx: RunContext) -> str:
@@ -106,7 +106,7 @@ class Plan:
             for leftover in restore_db.leftovers(connection, self.database, "restore"):
                 ctx.log(f"dropping {leftover}, left by an interrupted restore")
                 pg.drop_database(connection, leftover)
-            owner = restore_db.database_owner(connection, self.database) or pg.parse_url(self.url(ctx)).user
+            owner = restore_db.database_owner(connection, self.database) or pg_url.parse_url(self.url(ctx)).user
             pg.create_database(connection, self.scratch, owner=owner)
         return owner
 

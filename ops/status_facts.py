@@ -13,7 +13,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ops import migrations, pg
+from ops import migrations, pg, pg_url
 from ops.backup_manifest import last_verification, list_backups, read_verifications
 from ops.clock import iso_z_or_none
 from ops.errors import OpsError
@@ -136,7 +136,7 @@ def database_facts(env: Environment) -> dict[str, Any]:
             "SELECT current_database(), pg_database_size(current_database()),"
             " (SELECT deadlocks FROM pg_stat_database WHERE datname = current_database())").fetchone()
         statements, note = slowest_statements(connection)
-        facts = {"database": name, "target": pg.parse_url(url).describe(), "size_bytes": int(size),
+        facts = {"database": name, "target": pg_url.parse_url(url).describe(), "size_bytes": int(size),
                  "deadlocks": int(deadlocks or 0), "connections": connections_by_state(connection),
                  **max_connections(connection), "slowest_statements": statements, "statements_note": note}
     facts["connections_total"] = sum(facts["connections"].values())

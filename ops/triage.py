@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from ops import pg
+from ops import pg, pg_url
 from ops.clock import compact_z, iso_z
 from ops.envfile import parse_env_file
 from ops.errors import OpsError
@@ -283,7 +283,7 @@ def _probe_database(env: Environment) -> tuple[list[Finding], dict[str, Any]]:
         urls.append(("database (direct)", env.database_url(direct=True)))
     extra: dict[str, Any] = {}
     for part, url in urls:
-        target = pg.parse_url(url).describe()
+        target = pg_url.parse_url(url).describe()
         try:
             with pg.connect(url, application_name="opsbook triage", autocommit=True, connect_timeout=5) as conn:
                 major, minor = pg.server_version(conn)

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops import pg, web
+from ops import pg_url, web
 from ops.checks import Warn, checklist
 from ops.cli import OpsTask, TaskCall
 from ops.drills import drill_due
@@ -195,7 +195,7 @@ def _database_urls(env: Environment) -> list[tuple[str, str]]:
 
 def tls_probe(env: Environment) -> Probe:
     def probe() -> str:
-        problems = [f"{path} ({pg.parse_url(url).describe()}): {problem}"
+        problems = [f"{path} ({pg_url.parse_url(url).describe()}): {problem}"
                     for path, url in _database_urls(env) if (problem := tls_problem(url))]
         if problems:
             raise CheckFailed("; ".join(problems), hint="add ?sslmode=require (or verify-full) to the URL")

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from invoke import task
 
-from ops import pg
+from ops import pg_url
 from ops.cli import OpsTask, TaskCall, execute
 from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Runbook
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 def database_names(env: Environment) -> tuple[str, str]:
     """(role, database) the app uses: `database.role`/`database.name`, else the URL's user and database."""
-    target = pg.parse_url(env.database_url(direct=True))
+    target = pg_url.parse_url(env.database_url(direct=True))
     return env.raw("database.role", None) or target.user, env.raw("database.name", None) or target.dbname
 
 

@@ -23,7 +23,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from ops import pg
+from ops import pg, pg_url
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError
 from ops.hosts import connect
 from ops.inventory import plain, resolve
@@ -438,7 +438,7 @@ def environment_status(env: Environment, dbname: str | None = None,
     local = load_migrations(env) if migrations is None else migrations
     url = env.database_url(direct=True)
     if dbname:
-        url = pg.with_database(url, dbname)
+        url = pg_url.with_database(url, dbname)
     with pg.connect(url, application_name="opsbook migrate.status", autocommit=True) as conn:
         return read_state(conn, url, local)
 

@@ -8,9 +8,8 @@ names provider, endpoint, bucket and key, passed through redact().
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -18,14 +17,11 @@ from ops import aws
 from ops.errors import ConnectionFailed, OpsError, StepFailed
 from ops.secrets import redact, reveal
 from ops.storage.base import (
-    DEFAULT_PART_SIZE,
-    MAX_PARTS,
     BucketNotFound,
     IncompleteUpload,
     ObjectInfo,
     ObjectNotFound,
     Storage,
-    check_part_size,
     validate_prefix,
 )
 from ops.storage.registry import register_backend
@@ -33,15 +29,13 @@ from ops.storage.s3_conditional import ConditionalWrites
 from ops.storage.s3_conditional import bare_etag as _etag
 from ops.storage.s3_conditional import server_time as _server_time
 from ops.storage.s3_conditional import utc as _utc
+from ops.storage.s3_multipart import MultipartUploads
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
 
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 MAX_COPY_OBJECT_SIZE = 5 * 1024**3  # CopyObject's limit; larger objects are streamed
-# Two parts travel at once: one waits on the server while the other is sent, and
-# memory holds at most two parts (one more would buy nothing on 2 cores).
-PARTS_IN_FLIGHT = 2
 AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                "ExpiredToken", "Unauthorized", "Forbidden", "403", "401", "AllAccessDisabled"}
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -68,7 +62,7 @@ def _server_said(error: Any) -> str:
 
 
 @register_backend("r2", "s3")
-class S3Storage(ConditionalWrites, Storage):
+class S3Storage(MultipartUploads, ConditionalWrites, Storage):
     """A bucket on R2 or any S3-compatible service."""
 
     # -- connection -------------------------------------------------------
@@ -263,86 +257,6 @@ class S3Storage(ConditionalWrites, Storage):
                           last_modified=_server_time(response), metadata=dict(metadata or {}),
                           content_type=content_type)
 
-    def upload_stream(self, key: str, source: BinaryIO, *, part_size: int = DEFAULT_PART_SIZE,
-                      metadata: dict[str, str] | None = None,
-                      on_progress: Callable[[int], None] | None = None,
-                      content_type: str | None = None) -> ObjectInfo:
-        check_part_size(part_size)
-        full_key = self.full_key(key)
-        first = _read_part(source, part_size)
-        second = _read_part(source, part_size) if len(first) == part_size else bytearray()
-        if not second:  # fits in one part: a plain PUT, no multipart bookkeeping
-            info = self.put_bytes(key, bytes(first), metadata=metadata, content_type=content_type)
-            if on_progress:
-                on_progress(len(first))
-            return info
-        with self._errors(f"starting the upload of {full_key}"):
-            upload_id = self.client.create_multipart_upload(
-                Bucket=self.config.bucket, Key=full_key,
-                **self._put_arguments(metadata, content_type))["UploadId"]
-        pending = [first, second]
-        del first, second  # only `pending` may hold parts, so each is freed once sent
-        try:
-            self._upload_parts(full_key, upload_id, pending, source, part_size, on_progress)
-        except BaseException:
-            self._abort_quietly(full_key, upload_id)
-            raise
-        return self._stored(key)
-
-    def _upload_parts(self, full_key: str, upload_id: str, pending: list[bytearray], source: BinaryIO,
-                      part_size: int, on_progress: Callable[[int], None] | None) -> None:
-        """Send the parts, PARTS_IN_FLIGHT at a time, then complete.
-
-        A part is read only once fewer than PARTS_IN_FLIGHT are being sent, so at most
-        that many parts are in memory; the next part fills while the others travel.
-        """
-        etags: dict[int, str] = {}
-        sending: dict[Future[str], tuple[int, int]] = {}  # future -> (part number, bytes)
-        progress = _StoredPrefix(on_progress)
-        pool = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="opsbook-upload")
-        try:
-            while True:
-                while len(sending) >= PARTS_IN_FLIGHT:
-                    self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, progress)
-                chunk = pending.pop(0) if pending else _read_part(source, part_size)
-                if not chunk:
-                    break
-                number = len(etags) + len(sending) + 1
-                if number > MAX_PARTS:
-                    raise StepFailed(f"{self.describe()}: uploading {full_key} failed: more than {MAX_PARTS} parts",
-                                     hint=f"use a part size above {part_size} bytes")
-                sending[pool.submit(self._upload_part, full_key, upload_id, number, chunk)] = (number, len(chunk))
-                del chunk  # only the future holds the part now: freed once sent
-            while sending:
-                self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, progress)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        parts = [{"PartNumber": number, "ETag": etags[number]} for number in sorted(etags)]
-        with self._errors(f"completing the upload of {full_key}"):
-            self.client.complete_multipart_upload(Bucket=self.config.bucket, Key=full_key,
-                                                  UploadId=upload_id, MultipartUpload={"Parts": parts})
-
-    def _upload_part(self, full_key: str, upload_id: str, number: int, body: bytes | bytearray) -> str:
-        with self._errors(f"uploading {full_key} (part {number})"):
-            response = self.client.upload_part(Bucket=self.config.bucket, Key=full_key, UploadId=upload_id,
-                                               PartNumber=number, Body=body)
-        return str(response["ETag"])
-
-    @staticmethod
-    def _collect(sending: dict[Any, tuple[int, int]], done: set[Any], etags: dict[int, str],
-                 progress: _StoredPrefix) -> None:
-        """Record the finished parts (raising the first failure) and report progress."""
-        for future in sorted(done, key=lambda finished: sending[finished][0]):
-            number, size = sending.pop(future)
-            etags[number] = future.result()
-            progress.stored(number, size)
-
-    def _abort_quietly(self, full_key: str, upload_id: str) -> None:
-        """Best effort while another error propagates; a leftover shows in list_incomplete_uploads."""
-        # The original error matters more than a failure to clean up after it.
-        with suppress(Exception):
-            self.client.abort_multipart_upload(Bucket=self.config.bucket, Key=full_key, UploadId=upload_id)
-
     def copy_object(self, source: Storage, key: str, dest_key: str) -> ObjectInfo:
         if not self.same_account(source):
             return super().copy_object(source, key, dest_key)
@@ -483,46 +397,9 @@ class _TranslatingReader(io.RawIOBase):
         super().close()
 
 
-def _read_part(source: BinaryIO, size: int) -> bytearray:
-    """Up to `size` bytes (fewer only at the end), read straight into one buffer: no join copy.
-
-    R2 needs every part but the last the same size, so a part is filled completely."""
-    part = bytearray(size)
-    view = memoryview(part)
-    filled = 0
-    with view:
-        while filled < size:
-            chunk = source.read(size - filled)
-            if not chunk:
-                break
-            view[filled:filled + len(chunk)] = chunk
-            filled += len(chunk)
-    del part[filled:]  # the last part: shrink in place
-    return part
-
-
 def _as_connection_error(error: Exception) -> Exception:
     from botocore.exceptions import BotoCoreError, ConnectionError
 
     if isinstance(error, BotoCoreError):
         return error
     return ConnectionError(error=redact(error))
-
-
-class _StoredPrefix:
-    """Progress as the bytes stored from the start of the object: parts can finish out of order (a
-    short last part before the one in flight beside it), and a report never counts past a gap."""
-
-    def __init__(self, on_progress: Callable[[int], None] | None):
-        self._on_progress = on_progress
-        self._finished: dict[int, int] = {}
-        self._next = 1
-        self._total = 0
-
-    def stored(self, number: int, size: int) -> None:
-        self._finished[number] = size
-        while self._next in self._finished:
-            self._total += self._finished.pop(self._next)
-            self._next += 1
-            if self._on_progress:
-                self._on_progress(self._total)

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ops import pg
+from ops import pg, pg_tools, pg_url
 from ops.errors import CheckFailed, ConnectionFailed, LockHeld, StepFailed
 from tests.fixtures.postgres import PostgresServer
 
@@ -60,7 +60,7 @@ def test_server_down_is_a_connection_failure(postgres_server: PostgresServer) ->
 
 def test_missing_database_says_so(postgres_server: PostgresServer) -> None:
     with pytest.raises(ConnectionFailed) as caught:
-        pg.connect(pg.with_database(postgres_server.url(), "no_such_db"))
+        pg.connect(pg_url.with_database(postgres_server.url(), "no_such_db"))
     assert "no_such_db" in str(caught.value) and "does not exist" in caught.value.hint
 
 
@@ -108,9 +108,9 @@ def _advisory_holders(conn: psycopg.Connection, key: int) -> list[str]:
 def test_finds_a_pg_dump_for_the_server(postgres_server: PostgresServer,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPS_PG_BIN", raising=False)
-    tool = pg.find_client_tool("pg_dump", postgres_server.major)
+    tool = pg_tools.find_client_tool("pg_dump", postgres_server.major)
     assert tool.major >= postgres_server.major and Path(tool.path).exists()
-    exact = pg.find_client_tool("pg_dump", postgres_server.major, [str(postgres_server.bin_dir)])
+    exact = pg_tools.find_client_tool("pg_dump", postgres_server.major, [str(postgres_server.bin_dir)])
     assert exact.path == str(postgres_server.bin_dir / "pg_dump")
     assert exact.version.startswith(f"{postgres_server.major}.")
 
@@ -121,15 +121,15 @@ def test_older_client_is_refused_for_a_newer_server(postgres_server: PostgresSer
         server_major = pg.server_version(conn)[0]
     assert server_major == 18
     with pytest.raises(CheckFailed) as caught:
-        pg.find_client_tool("pg_dump", server_major, [str(postgres_server.bin_dir)])
+        pg_tools.find_client_tool("pg_dump", server_major, [str(postgres_server.bin_dir)])
     text = str(caught.value)
     assert "PostgreSQL 18" in text and f"pg_dump {postgres_server.major}." in text
     assert str(postgres_server.bin_dir / "pg_dump") in text
     assert "postgresql-client-18" in text and "postgresql@18" in text and "OPS_PG_BIN" in text
     assert caught.value.exit_code == 3
     # The refusal is needed: that pg_dump really cannot dump the newer server.
-    dumped = subprocess.run(pg.dump_command(str(postgres_server.bin_dir / "pg_dump")),
-                            env=pg.child_environment(postgres18_server.url()), capture_output=True,
+    dumped = subprocess.run(pg_tools.dump_command(str(postgres_server.bin_dir / "pg_dump")),
+                            env=pg_url.child_environment(postgres18_server.url()), capture_output=True,
                             check=False)
     assert dumped.returncode != 0 and b"server version mismatch" in dumped.stderr
 
@@ -139,11 +139,11 @@ def test_default_search_ignores_the_wheel_but_honours_ops_pg_bin(postgres18_serv
     monkeypatch.delenv("OPS_PG_BIN", raising=False)
     wheel_tool = str(postgres18_server.bin_dir / "pg_dump")
     with contextlib.suppress(CheckFailed):  # this machine may have a real PostgreSQL 18 client
-        assert pg.find_client_tool("pg_dump", 18).path != wheel_tool
+        assert pg_tools.find_client_tool("pg_dump", 18).path != wheel_tool
     monkeypatch.setenv("OPS_PG_BIN", str(postgres18_server.bin_dir))
-    tool = pg.find_client_tool("pg_dump", 15)  # chosen by the operator, though older servers would do
+    tool = pg_tools.find_client_tool("pg_dump", 15)  # chosen by the operator, though older servers would do
     assert (tool.path, tool.major) == (wheel_tool, 18)
-    dumped = subprocess.run(pg.dump_command(tool), env=pg.child_environment(postgres18_server.url()),
+    dumped = subprocess.run(pg_tools.dump_command(tool), env=pg_url.child_environment(postgres18_server.url()),
                             capture_output=True, check=True)
     assert dumped.stdout.startswith(b"PGDMP")
 
@@ -164,7 +164,7 @@ def test_create_and_drop_database(postgres_server: PostgresServer) -> None:
         with pytest.raises(StepFailed) as caught:
             pg.create_database(admin, name)
         assert "already exists" in str(caught.value)
-        with pg.connect(pg.with_database(postgres_server.url(), name)) as user_of_it:
+        with pg.connect(pg_url.with_database(postgres_server.url(), name)) as user_of_it:
             pg.drop_database(admin, name)  # force: its open session does not block the drop
             assert user_of_it.closed or user_of_it.broken or _session_gone(user_of_it)
         assert not pg.database_exists(admin, name)
@@ -207,18 +207,18 @@ def test_table_row_counts(postgres_server: PostgresServer) -> None:
 def test_counts_and_dump_share_one_snapshot(postgres_server: PostgresServer) -> None:
     source_url = postgres_server.create_database()
     target_url = postgres_server.create_database()
-    tool = pg.find_client_tool("pg_dump", postgres_server.major, [str(postgres_server.bin_dir)])
-    restore = pg.find_client_tool("pg_restore", postgres_server.major, [str(postgres_server.bin_dir)])
+    tool = pg_tools.find_client_tool("pg_dump", postgres_server.major, [str(postgres_server.bin_dir)])
+    restore = pg_tools.find_client_tool("pg_restore", postgres_server.major, [str(postgres_server.bin_dir)])
     with pg.connect(source_url, autocommit=True) as writer, pg.connect(source_url) as reader:
         writer.execute("CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 10)")
         with pg.exported_snapshot(reader) as snapshot:
             counts = pg.table_row_counts(reader)
             writer.execute("INSERT INTO items SELECT generate_series(11, 15)")  # after the snapshot
-            dump = subprocess.run(pg.dump_command(tool, snapshot=snapshot),
-                                  env=pg.child_environment(source_url), capture_output=True, check=True)
+            dump = subprocess.run(pg_tools.dump_command(tool, snapshot=snapshot),
+                                  env=pg_url.child_environment(source_url), capture_output=True, check=True)
     assert counts == {"public.items": 10}
-    target = pg.parse_url(target_url).dbname
-    subprocess.run(pg.restore_command(restore, dbname=target), input=dump.stdout,
-                   env=pg.child_environment(target_url), capture_output=True, check=True)
+    target = pg_url.parse_url(target_url).dbname
+    subprocess.run(pg_tools.restore_command(restore, dbname=target), input=dump.stdout,
+                   env=pg_url.child_environment(target_url), capture_output=True, check=True)
     with pg.connect(target_url) as restored:
         assert pg.table_row_counts(restored) == counts

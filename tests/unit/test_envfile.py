@@ -8,7 +8,7 @@ import pytest
 
 from ops import inventory
 from ops.envfile import masked_diff, parse_env_file, quote_value, render_env_file
-from ops.pg import with_credentials
+from ops.pg_url import with_credentials
 from ops.rollout import (
     HostOutcome,
     batches,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ops import pg
+from ops import pg, pg_tools, pg_url
 from ops.errors import InventoryError
 from ops.secrets import Secret
 
@@ -24,7 +24,7 @@ from ops.secrets import Secret
     ],
 )
 def test_parse_url(url: str, expected: tuple[str, int, str, str]) -> None:
-    target = pg.parse_url(Secret(url))
+    target = pg_url.parse_url(Secret(url))
     assert (target.host, target.port, target.dbname, target.user) == expected
     assert "pw" not in target.describe()
 
@@ -32,11 +32,11 @@ def test_parse_url(url: str, expected: tuple[str, int, str, str]) -> None:
 @pytest.mark.parametrize(
     ("target", "text"),
     [
-        (pg.DatabaseTarget("127.0.0.1", 5432, "app", "postgres"), "postgres@127.0.0.1:5432/app"),
-        (pg.DatabaseTarget("::1", 5433, "app", "ops"), "ops@[::1]:5433/app"),
+        (pg_url.DatabaseTarget("127.0.0.1", 5432, "app", "postgres"), "postgres@127.0.0.1:5432/app"),
+        (pg_url.DatabaseTarget("::1", 5433, "app", "ops"), "ops@[::1]:5433/app"),
     ],
 )
-def test_describe(target: pg.DatabaseTarget, text: str) -> None:
+def test_describe(target: pg_url.DatabaseTarget, text: str) -> None:
     assert target.describe() == text
 
 
@@ -47,7 +47,7 @@ def test_describe(target: pg.DatabaseTarget, text: str) -> None:
 )
 def test_parse_url_rejects_without_leaking_the_password(url: str) -> None:
     with pytest.raises(InventoryError) as caught:
-        pg.parse_url(url)
+        pg_url.parse_url(url)
     assert "hunter2secret" not in str(caught.value)
     assert caught.value.hint
 
@@ -62,11 +62,11 @@ def test_parse_url_rejects_without_leaking_the_password(url: str) -> None:
     ],
 )
 def test_with_database(url: str, dbname: str, expected: str) -> None:
-    result = pg.with_database(Secret(url), dbname)
+    result = pg_url.with_database(Secret(url), dbname)
     assert isinstance(result, Secret)
     assert result.reveal() == expected
-    assert pg.parse_url(result).dbname == dbname
-    assert pg.connection_params(result)["password"] == pg.connection_params(url)["password"]
+    assert pg_url.parse_url(result).dbname == dbname
+    assert pg_url.connection_params(result)["password"] == pg_url.connection_params(url)["password"]
 
 
 @pytest.mark.parametrize(
@@ -82,12 +82,12 @@ def test_with_database(url: str, dbname: str, expected: str) -> None:
     ],
 )
 def test_libpq_environment(url: str, expected: dict[str, str]) -> None:
-    assert pg.libpq_environment(Secret(url)) == expected
+    assert pg_url.libpq_environment(Secret(url)) == expected
 
 
 def test_child_environment_drops_the_operators_pg_settings() -> None:
     base = {"PATH": "/usr/bin", "PGHOST": "elsewhere", "PGSERVICE": "prod", "PGSSLMODE": "disable"}
-    environment = pg.child_environment("postgresql://app:pw@db/shop", base)
+    environment = pg_url.child_environment("postgresql://app:pw@db/shop", base)
     assert environment["PATH"] == "/usr/bin"
     assert environment["PGHOST"] == "db"
     assert "PGSERVICE" not in environment
@@ -115,10 +115,10 @@ def test_lock_key_is_stable_distinct_and_63_bit() -> None:
     ],
 )
 def test_parse_tool_version(text: str, expected: tuple[int, str] | None) -> None:
-    assert pg.parse_tool_version(text) == expected
+    assert pg_tools.parse_tool_version(text) == expected
 
 
-TOOL = pg.ClientTool(name="pg_dump", path="/usr/lib/postgresql/15/bin/pg_dump", major=15, version="15.14")
+TOOL = pg_tools.ClientTool(name="pg_dump", path="/usr/lib/postgresql/15/bin/pg_dump", major=15, version="15.14")
 
 
 @pytest.mark.parametrize(
@@ -134,13 +134,13 @@ TOOL = pg.ClientTool(name="pg_dump", path="/usr/lib/postgresql/15/bin/pg_dump", 
     ],
 )
 def test_dump_command(options: dict, expected: list[str]) -> None:
-    assert pg.dump_command(TOOL, **options) == expected
+    assert pg_tools.dump_command(TOOL, **options) == expected
 
 
 @pytest.mark.parametrize("options", [{"jobs": 2}, {"compress": 10}, {"compress": -1}])
 def test_dump_command_refuses_impossible_options(options: dict) -> None:
     with pytest.raises(ValueError):
-        pg.dump_command(TOOL, **options)
+        pg_tools.dump_command(TOOL, **options)
 
 
 @pytest.mark.parametrize(
@@ -153,9 +153,9 @@ def test_dump_command_refuses_impossible_options(options: dict) -> None:
     ],
 )
 def test_restore_command(options: dict, expected: list[str]) -> None:
-    assert pg.restore_command("pg_restore", **options) == expected
+    assert pg_tools.restore_command("pg_restore", **options) == expected
 
 
 def test_restore_command_refuses_jobs_from_stdin() -> None:
     with pytest.raises(ValueError):
-        pg.restore_command("pg_restore", dbname="x", jobs=2)
+        pg_tools.restore_command("pg_restore", dbname="x", jobs=2)

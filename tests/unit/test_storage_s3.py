@@ -1,6 +1,6 @@
 """Multipart progress counts only the bytes stored from the start of the object."""
 
-from ops.storage.s3 import _StoredPrefix
+from ops.storage.s3_multipart import _StoredPrefix
 
 
 def test_a_part_finishing_early_is_reported_once_the_parts_before_it_are_stored():
