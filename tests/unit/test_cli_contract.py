@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,28 @@ def test_listing_tasks_imports_no_heavy_library():
             " if m in sys.modules]; print(','.join(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+
+@pytest.mark.parametrize("told_not_to", [False, True])
+def test_inv_keeps_the_bytecode_of_opsbook_modules_unless_python_is_told_not_to(tmp_path, told_not_to):
+    """invoke turns bytecode writing off before it loads tasks.py: without tasks.py turning Python's own setting
+    back on, every `inv` in a checkout compiles every opsbook module again."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("tasks.py", "ops", "runbooks"):
+        source = REPOSITORY / name
+        if source.is_dir():
+            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, checkout / name)
+    environ = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    if told_not_to:
+        environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(checkout), "--list"], env=environ,
+                   capture_output=True, check=True)
+    compiled = sorted(path.name for path in (checkout / "ops").glob("__pycache__/cli.*.pyc"))
+    assert compiled == ([] if told_not_to else [f"cli.{sys.implementation.cache_tag}.pyc"])
 
 
 # --- command-line errors: exit 2, one line, where to look; never a traceback ---------------------
