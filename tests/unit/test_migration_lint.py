@@ -8,27 +8,7 @@ import pytest
 
 from ops.migrations.lint import Finding, lint_migrations, lint_sql, mask
 from ops.migrations.state import LocalMigration, checksum_of
-
-# Prisma's own output when an enum loses a value (`prisma migrate dev`, PostgreSQL).
-PRISMA_ENUM_DROP = """\
-/*
-  Warnings:
-
-  - The values [ARCHIVED] on the enum `ImageStatus` will be removed. If these variants are still used in the
-    database, this will fail.
-
-*/
--- AlterEnum
-BEGIN;
-CREATE TYPE "ImageStatus_new" AS ENUM ('PENDING', 'READY');
-ALTER TABLE "Image" ALTER COLUMN "status" DROP DEFAULT;
-ALTER TABLE "Image" ALTER COLUMN "status" TYPE "ImageStatus_new" USING ("status"::text::"ImageStatus_new");
-ALTER TYPE "ImageStatus" RENAME TO "ImageStatus_old";
-ALTER TYPE "ImageStatus_new" RENAME TO "ImageStatus";
-DROP TYPE "ImageStatus_old";
-ALTER TABLE "Image" ALTER COLUMN "status" SET DEFAULT 'READY';
-COMMIT;
-"""
+from tests.fixtures.prisma_sql import PRISMA_ENUM_DROP
 
 CASES = [
     # (id, sql, [(line, rule), ...])

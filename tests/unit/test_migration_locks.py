@@ -20,7 +20,7 @@ from ops.migrations.locks import (
 )
 from ops.migrations.script import Script, Table
 from ops.migrations.state import LocalMigration, checksum_of
-from tests.unit.test_migration_lint import PRISMA_ENUM_DROP
+from tests.fixtures.prisma_sql import PRISMA_ENUM_DROP
 
 # A new model with an index and a relation to an existing one, as `prisma migrate dev` writes it.
 PRISMA_NEW_MODEL = """\
