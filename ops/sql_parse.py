@@ -15,6 +15,7 @@ from typing import Any
 
 COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 STRING_TOKENS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST"})
+SEMICOLON = "ASCII_59"
 
 
 @dataclass(frozen=True)
@@ -70,21 +71,38 @@ def _one_by_one(sql: str, chars: list[int] | None, whole: Exception) -> list[Sta
     from pglast import parser
 
     try:
-        pieces = parser.split(sql, with_parser=False, only_slices=True)
-    except parser.ParseError as error:  # the scanner fails too: nothing can be split
-        at = _error_offset(error, 0)
-        return [Statement(at, len(sql), error=_message(error))]
+        pieces = _pieces(parser.scan(sql))
+    except parser.ParseError as error:  # the scanner fails too (an unclosed quote): nothing can be split
+        return [Statement(_error_offset(error, 0), len(sql), error=_message(error))]
     found = []
-    for piece in pieces:
-        padding = " " * len(sql[:piece.start].encode())  # same byte offsets as in the whole script
+    for start, stop in pieces:
+        padding = " " * len(sql[:start].encode())  # the same byte offsets as in the whole script
         try:
-            tree = json.loads(parser.parse_sql_json(padding + sql[piece]))
+            tree = json.loads(parser.parse_sql_json(padding + sql[start:stop]))
         except parser.ParseError as error:
-            found.append(Statement(piece.start + _error_offset(error, len(padding)), piece.stop,
-                                   error=_message(error)))
+            found.append(Statement(start + _error_offset(error, len(padding)), stop, error=_message(error)))
             continue
         found += [_statement(sql, chars, raw) for raw in tree.get("stmts", [])]
     return found or [Statement(0, len(sql), error=_message(whole))]
+
+
+def _pieces(scanned: Any) -> list[tuple[int, int]]:
+    """(start, end) of each statement between semicolons, from the scanner's tokens (pglast's own
+    scanner-based split leaves out a statement whose first word is no keyword: a typo there)."""
+    pieces, start, last = [], None, 0
+    for token in scanned:
+        if token.name in COMMENT_TOKENS:
+            continue
+        if token.name == SEMICOLON:
+            if start is not None:
+                pieces.append((start, last))
+            start = None
+            continue
+        start = token.start if start is None else start
+        last = token.end + 1
+    if start is not None:
+        pieces.append((start, last))
+    return pieces
 
 
 def _statement(sql: str, chars: list[int] | None, raw: dict[str, Any]) -> Statement:

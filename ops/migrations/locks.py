@@ -39,7 +39,8 @@ REFUSE, WARN = "refuse", "warn"
 
 RULES: dict[str, tuple[str, str]] = {  # rule: (why it is dangerous, the safe form)
     "create-index": ("blocks writes to the table until the index is built",
-                     "CREATE INDEX CONCURRENTLY, alone in its migration (it cannot run in a transaction)"),
+                     "CREATE INDEX CONCURRENTLY (it cannot run in a transaction: the native engine runs such a "
+                     "migration statement by statement; for `prisma migrate deploy` keep it alone in its migration)"),
     "constraint-validates": ("checks every row while holding a lock that blocks writes",
                              "ADD CONSTRAINT … NOT VALID, then ALTER TABLE … VALIDATE CONSTRAINT … in a later "
                              "migration (it checks rows without blocking writes)"),

@@ -122,3 +122,26 @@ def walk(node: Any) -> Iterator[dict[str, Any]]:
     elif isinstance(node, list):
         for item in node:
             yield from walk(item)
+
+
+def outside_transaction(sql: str) -> list[str] | None:
+    """The script's statements, to run one by one, when one of them cannot run in a transaction block
+    (CREATE INDEX CONCURRENTLY and the like: the safe forms the lock linter recommends); None when the
+    script runs as it is, one implicit transaction. A BEGIN … COMMIT in the script still groups its part."""
+    statements = sql_parse.statements(sql)
+    if any(statement.error for statement in statements) or not any(map(_no_transaction, statements)):
+        return None  # unreadable: PostgreSQL reports it, as it would for the whole script
+    return [sql[statement.start:statement.end] for statement in statements]
+
+
+def _no_transaction(statement: Statement) -> bool:
+    fields = statement.fields
+    if statement.kind in ("IndexStmt", "DropStmt"):
+        return bool(fields.get("concurrent"))
+    if statement.kind == "ReindexStmt":
+        return any(param.get("DefElem", {}).get("defname") == "concurrently" for param in fields.get("params", []))
+    if statement.kind == "AlterTableStmt":
+        return any(command.get("AlterTableCmd", {}).get("subtype") == "AT_DetachPartition"
+                   and command["AlterTableCmd"].get("def", {}).get("PartitionCmd", {}).get("concurrent")
+                   for command in fields.get("cmds", []))
+    return statement.kind == "VacuumStmt" and bool(fields.get("is_vacuumcmd"))

@@ -104,3 +104,9 @@ def test_parser_cases(sql: str, expected: list[tuple[int, str]]):
 def test_cannot_parse_says_what_the_parser_said():
     (finding,) = lint_sql("m", "SELECT 1;\nALTER TABEL x ADD y int;")
     assert str(finding).startswith('m/migration.sql:2: cannot-parse: cannot parse: syntax error at or near "TABEL"')
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1;\nALTR TABLE a DROP COLUMN b;", "SELECT 1;\nFOO;\nSELECT 2;",
+                                 "DROPP TABLE a"])
+def test_a_typo_in_the_first_word_is_still_reported(sql: str):
+    assert [finding.rule for finding in lint_sql("m", sql)] == ["cannot-parse"]

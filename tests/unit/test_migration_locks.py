@@ -18,7 +18,7 @@ from ops.migrations.locks import (
     judge,
     lock_hazards,
 )
-from ops.migrations.script import Script, Table
+from ops.migrations.script import Script, Table, outside_transaction
 from ops.migrations.state import LocalMigration, checksum_of
 from tests.fixtures.prisma_sql import PRISMA_ENUM_DROP
 
@@ -144,8 +144,9 @@ def test_the_finding_names_line_size_why_and_safe_form():
     (finding,) = judge([index_hazard()], LiveFacts({IMAGE: TableSize(2_100_000, 1_503_238_554)}), Thresholds())
     assert str(finding) == ('20250301000000_idx/migration.sql:2: create-index: CREATE INDEX "Image_brandId_idx" on '
                             '"Image" (2.1 M rows, 1.4 GiB) blocks writes to the table until the index is built; '
-                            'safe: CREATE INDEX CONCURRENTLY, alone in its migration (it cannot run in a '
-                            'transaction)')
+                            'safe: CREATE INDEX CONCURRENTLY (it cannot run in a transaction: the native engine '
+                            'runs such a migration statement by statement; for `prisma migrate deploy` keep it alone '
+                            'in its migration)')
     assert finding.to_json()["severity"] == "refuse" and finding.to_json()["table"] == "Image"
 
 
@@ -194,3 +195,17 @@ def test_live_facts_clear_what_does_not_rewrite_or_scan():
 ])
 def test_binary_coercible(current: str, target: tuple[str, tuple[int, ...]], coercible: bool):
     assert binary_coercible(current, target) is coercible
+
+
+@pytest.mark.parametrize(("sql", "statements"), [
+    ('CREATE INDEX "i" ON "T"("a");\nALTER TABLE "T" ADD COLUMN "b" TEXT;', None),  # one implicit transaction
+    ('-- CreateIndex\nCREATE INDEX CONCURRENTLY "i" ON "T"("a");\nINSERT INTO "T" VALUES (\'x; y\');\n',
+     ['CREATE INDEX CONCURRENTLY "i" ON "T"("a")', "INSERT INTO \"T\" VALUES ('x; y')"]),
+    ('DROP INDEX CONCURRENTLY "i"; SELECT 1', ['DROP INDEX CONCURRENTLY "i"', "SELECT 1"]),
+    ('REINDEX INDEX CONCURRENTLY "i"; SELECT 1', ['REINDEX INDEX CONCURRENTLY "i"', "SELECT 1"]),
+    ('VACUUM "T"; SELECT 1', ['VACUUM "T"', "SELECT 1"]),
+    ('ANALYZE "T"; SELECT 1', None),
+    ('CREATE INDEX CONCURRENTLY "i" ON "T"("a"); SELEC 1', None),  # PostgreSQL reports the typo
+])
+def test_outside_transaction(sql: str, statements: list[str] | None):
+    assert outside_transaction(sql) == statements
