@@ -136,6 +136,7 @@ class LintStep(Step):
             return
         url = self.facts.url()
         with pg.connect(url, application_name=ctx.label[:63], autocommit=True) as connection:
+            use_prisma_schema(connection, url)  # unqualified names are the app's schema's (?schema=)
             found = judge(hazards, read_facts(connection, pending), lint_thresholds(ctx.env))
         refused = [finding for finding in found if finding.severity == REFUSE]
         # the drill's copy serves nobody: a lock there blocks no one

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -281,3 +283,52 @@ def test_lint_a_folder_without_an_environment(opsbook, tmp_path):
     assert allowed.exit_code == 3 and "cannot parse" in allowed.stderr, allowed  # never passed
     both = opsbook.run("migrate.lint", "--path", str(migrations), "--env", "staging")
     assert both.exit_code == 2, both
+
+
+CI_MARKER = "<!-- migrate-lint-ci:"
+
+
+def readme_ci_lines() -> str:
+    """The indented shell lines after the marker in the README's "Linting migrations"."""
+    text = (REPOSITORY / "README.md").read_text()
+    assert text.count(CI_MARKER) == 1
+    lines = []
+    for line in text.split(CI_MARKER, 1)[1].split("-->", 1)[1].splitlines()[1:]:
+        if not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    assert any(line.startswith("opsbook migrate.lint") for line in lines), lines
+    return "\n".join(lines) + "\n"
+
+
+def test_the_readme_ci_lines_lint_what_a_branch_adds(opsbook, tmp_path):
+    origin, checkout = tmp_path / "origin", tmp_path / "app"
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "-c", "init.defaultBranch=main"]
+
+    def run(*args: str, cwd: Path = checkout) -> None:
+        subprocess.run([*git, *args], cwd=cwd, check=True, capture_output=True)
+
+    shutil.copytree(DEMO_MIGRATIONS, origin / "prisma" / "migrations")
+    run("init", "-q", cwd=origin)
+    run("add", ".", cwd=origin)
+    run("commit", "-qm", "main", cwd=origin)
+    run("clone", "-q", str(origin), str(checkout), cwd=tmp_path)
+    run("checkout", "-qb", "feature")
+    add_migration(checkout / "prisma" / "migrations", "20250601000000_index",
+                  '-- CreateIndex\nCREATE INDEX "Image_alt_idx" ON "Image"("alt");\n')
+    environment = {**opsbook.process_environment(), "PYTHONPATH": str(REPOSITORY),
+                   "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    environment.pop("OPS_INVENTORY")  # CI has none
+
+    def lint() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-euc", readme_ci_lines()], cwd=checkout, env=environment,
+                              capture_output=True, text=True, timeout=120)
+
+    refused = lint()
+    assert refused.returncode == 3, refused.stderr
+    assert "20250601000000_index/migration.sql:2: create-index" in refused.stderr
+    assert "20250122110000_users" not in refused.stderr  # what main already has is not judged again
+    (checkout / "prisma" / "migrations" / "20250601000000_index" / "migration.sql").write_text(
+        '-- CreateIndex\nCREATE INDEX CONCURRENTLY "Image_alt_idx" ON "Image"("alt");\n')
+    clean = lint()
+    assert clean.returncode == 0 and "no refusal" in clean.stderr, clean.stderr
