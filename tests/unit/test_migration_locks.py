@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.migrate_lint import review
 from ops.migrations.locks import (
     REFUSE,
     WARN,
@@ -209,3 +210,16 @@ def test_binary_coercible(current: str, target: tuple[str, tuple[int, ...]], coe
 ])
 def test_outside_transaction(sql: str, statements: list[str] | None):
     assert outside_transaction(sql) == statements
+
+
+def test_review_judges_each_finding():
+    found = review(migrations('CREATE TABLE "Tag" ("id" INT);', 'CREATE INDEX "Tag_id" ON "Tag"("id");\n'
+                              'ALTER TABLE "Tag" DROP COLUMN "id";\nALTR TABLE "Tag";'),
+                   None, Thresholds(), refuse_breaking=False)
+    assert [(finding.rule, severity) for finding, severity in found.breaking] == \
+        [("drop-column", WARN), ("cannot-parse", REFUSE)]  # an unreadable statement is never only a warning
+    assert [finding.severity for finding in found.locks] == [REFUSE]
+    assert [line.split(": ")[0] for line in found.refusals] == ["002/migration.sql:1", "002/migration.sql:3"]
+    later = review(migrations('CREATE TABLE "Tag" ("id" INT);', 'CREATE INDEX "Tag_id" ON "Tag"("id");'),
+                   None, Thresholds(), refuse_breaking=True, since="002")
+    assert later.refusals == [] and later.to_json()["locks"] == []
