@@ -9,7 +9,9 @@ error instead of a tree, so that callers report it rather than pass it.
 
 from __future__ import annotations
 
+import functools
 import json
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,18 +55,20 @@ def statements(sql: str) -> list[Statement]:
         tree = json.loads(parser.parse_sql_json(sql))
     except parser.ParseError as error:
         return _one_by_one(sql, chars, error)
-    return [_statement(sql, chars, raw) for raw in tree.get("stmts", [])]
+    starts = _word_starts(tokens(sql))
+    return [_statement(sql, chars, raw, starts) for raw in tree.get("stmts", [])]
 
 
-def tokens(sql: str) -> list[Token]:
+@functools.lru_cache(maxsize=4)  # the statements' and the linters' look at the same script
+def tokens(sql: str) -> tuple[Token, ...]:
     """The scanner's tokens (comments included); none when the scanner itself fails (an unclosed quote)."""
     from pglast import parser
 
     try:
         scanned = parser.scan(sql)
     except parser.ParseError:
-        return []
-    return [Token(token.start, token.end + 1, token.name) for token in scanned]
+        return ()
+    return tuple(Token(token.start, token.end + 1, token.name) for token in scanned)
 
 
 def _one_by_one(sql: str, chars: list[int] | None, whole: Exception) -> list[Statement]:
@@ -82,7 +86,7 @@ def _one_by_one(sql: str, chars: list[int] | None, whole: Exception) -> list[Sta
         except parser.ParseError as error:
             found.append(Statement(start + _error_offset(error, len(padding)), stop, error=_message(error)))
             continue
-        found += [_statement(sql, chars, raw) for raw in tree.get("stmts", [])]
+        found += [_statement(sql, chars, raw, [start]) for raw in tree.get("stmts", [])]
     return found or [Statement(0, len(sql), error=_message(whole))]
 
 
@@ -105,23 +109,22 @@ def _pieces(scanned: Any) -> list[tuple[int, int]]:
     return pieces
 
 
-def _statement(sql: str, chars: list[int] | None, raw: dict[str, Any]) -> Statement:
+def _statement(sql: str, chars: list[int] | None, raw: dict[str, Any], starts: list[int]) -> Statement:
     tree = _to_chars(raw["stmt"], chars)
     start = _char(raw.get("stmt_location", 0), chars)
     length = raw.get("stmt_len", 0)
     end = _char(raw.get("stmt_location", 0) + length, chars) if length else len(sql)
-    return Statement(_first_token(sql, start, end), end, tree=tree)
+    index = bisect_left(starts, start)  # its first word: past the blanks and comments before it
+    return Statement(starts[index] if index < len(starts) and starts[index] < end else start, end, tree=tree)
 
 
-def _first_token(sql: str, start: int, end: int) -> int:
-    """Where the statement's first word is: past the blanks and comments before it."""
-    for token in tokens(sql[start:end]):
-        if token.name not in COMMENT_TOKENS:
-            return start + token.start
-    return start
+def _word_starts(scanned: tuple[Token, ...]) -> list[int]:
+    return [token.start for token in scanned if token.name not in COMMENT_TOKENS]
 
 
 def _to_chars(node: Any, chars: list[int] | None) -> Any:
+    if chars is None:  # ASCII: bytes are characters
+        return node
     if isinstance(node, dict):
         return {key: _char(value, chars) if key == "location" and isinstance(value, int) and value >= 0
                 else _to_chars(value, chars) for key, value in node.items()}

@@ -10,6 +10,7 @@ top-level comma), and names as written, unquoted.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -54,8 +55,12 @@ class Script:
         return sql_parse.statements(self.sql)
 
     @cached_property
-    def tokens(self) -> list[Token]:
+    def tokens(self) -> tuple[Token, ...]:
         return sql_parse.tokens(self.sql)
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        return [token.start for token in self.tokens]
 
     def line(self, offset: int) -> int:
         return self.sql.count("\n", 0, offset) + 1
@@ -74,8 +79,8 @@ class Script:
     def _action_starts(self, statement: Statement) -> Iterator[int]:
         relation = statement.fields.get("relation") or {}
         location = relation.get("location", statement.start)
-        inside = [token for token in self.tokens if statement.start <= token.start < statement.end
-                  and token.name not in sql_parse.COMMENT_TOKENS]
+        first, last = bisect_left(self._starts, statement.start), bisect_left(self._starts, statement.end)
+        inside = [token for token in self.tokens[first:last] if token.name not in sql_parse.COMMENT_TOKENS]
         index = next((i for i, token in enumerate(inside) if token.start >= location), len(inside))
         while index + 2 < len(inside) and inside[index + 1].name == DOT:  # schema.table
             index += 2
