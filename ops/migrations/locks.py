@@ -4,6 +4,7 @@ Each rule names the statement's line, why it is dangerous and the safe form:
 
   create-index            CREATE INDEX without CONCURRENTLY blocks writes while it builds
   constraint-validates    ADD CONSTRAINT … FOREIGN KEY / CHECK without NOT VALID scans every row under the lock
+  constraint-builds-index ADD CONSTRAINT … UNIQUE / PRIMARY KEY builds its index under the lock (no USING INDEX)
   alter-type-rewrites     ALTER COLUMN … TYPE rewrites the table (unless binary-coercible: widening a varchar…)
   set-not-null-scans      SET NOT NULL scans every row, unless a validated CHECK (col IS NOT NULL) exists
   volatile-default        ADD COLUMN … DEFAULT volatile() (or SERIAL) rewrites the table to fill each row
@@ -44,6 +45,9 @@ RULES: dict[str, tuple[str, str]] = {  # rule: (why it is dangerous, the safe fo
     "constraint-validates": ("checks every row while holding a lock that blocks writes",
                              "ADD CONSTRAINT … NOT VALID, then ALTER TABLE … VALIDATE CONSTRAINT … in a later "
                              "migration (it checks rows without blocking writes)"),
+    "constraint-builds-index": ("builds its index under an ACCESS EXCLUSIVE lock (reads and writes wait)",
+                                "CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT … UNIQUE (or PRIMARY KEY) "
+                                "USING INDEX …"),
     "alter-type-rewrites": ("rewrites the table and its indexes under an ACCESS EXCLUSIVE lock (reads and writes "
                             "wait)", "add a new column, backfill it in batches, switch the app to it, drop the old "
                                      "one later (widening a varchar or numeric, or varchar to text, needs no rewrite)"),
@@ -219,7 +223,12 @@ def _constraint_hazards(table: Table, constraint: dict[str, Any], seen: _Seen) -
         seen.pending_checks[(table.name, name)] = checked
     elif checked:
         seen.not_null_checks.add((table.name, checked))
-    if kind not in ("CONSTR_FOREIGN", "CONSTR_CHECK") or constraint.get("skip_validation") or _is_new(table, seen):
+    if _is_new(table, seen):
+        return
+    if kind in ("CONSTR_UNIQUE", "CONSTR_PRIMARY", "CONSTR_EXCLUSION") and not constraint.get("indexname"):
+        what = {"CONSTR_UNIQUE": "UNIQUE", "CONSTR_PRIMARY": "PRIMARY KEY", "CONSTR_EXCLUSION": "EXCLUDE"}[kind]
+        yield "constraint-builds-index", table, f"ADD CONSTRAINT {label}{what} on {table.quoted()}"
+    if kind not in ("CONSTR_FOREIGN", "CONSTR_CHECK") or constraint.get("skip_validation"):
         return
     if kind == "CONSTR_FOREIGN":
         referenced = Table.of(constraint.get("pktable", {}))

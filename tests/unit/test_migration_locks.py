@@ -58,8 +58,12 @@ CASES = [
     ("NOT VALID, then VALIDATE: the safe form",
      'ALTER TABLE "Image" ADD CONSTRAINT "fk" FOREIGN KEY ("brandId") REFERENCES "Brand"("id") NOT VALID;\n'
      'ALTER TABLE "Image" VALIDATE CONSTRAINT "fk";', []),
-    ("a primary key or unique constraint is no validation",
-     'ALTER TABLE "Image" DROP CONSTRAINT "Image_pkey", ADD CONSTRAINT "Image_pkey" PRIMARY KEY ("id");', []),
+    ("a primary key changed (Prisma): its index is built under the lock",
+     '-- AlterTable\nALTER TABLE "Image" DROP CONSTRAINT "Image_pkey",\nADD CONSTRAINT "Image_pkey" PRIMARY KEY '
+     '("uuid");', [(3, "constraint-builds-index")]),
+    ("a unique constraint on an index built concurrently is the safe form",
+     'CREATE UNIQUE INDEX CONCURRENTLY "Image_key_idx" ON "Image"("key");\n'
+     'ALTER TABLE "Image" ADD CONSTRAINT "Image_key" UNIQUE USING INDEX "Image_key_idx";', []),
     ("@db.VarChar(200): a type change", 'ALTER TABLE "Image" ALTER COLUMN "alt" SET DATA TYPE VARCHAR(200);',
      [(1, "alter-type-rewrites")]),
     ("an enum value dropped: the column is rewritten to the new enum", PRISMA_ENUM_DROP,
