@@ -39,8 +39,8 @@ RULES = {
     "drop-enum-value": "Prisma recreates the enum without the value: rows holding it make the migration fail "
                        "and the running app may still write it",
     "drop-type": "columns or the running app may still use the type",
-    "cannot-parse": "PostgreSQL's parser cannot read it, so nothing about it was checked; PostgreSQL will "
-                    "refuse it too",
+    "cannot-parse": "PostgreSQL's parser (libpg_query) cannot read it, so nothing about it was checked; the "
+                    "server will most likely refuse it too",
 }
 
 
