@@ -67,7 +67,8 @@ KEYS = _object({
     "endpoint": _STRING, "probe_timeout": {"type": "number", "exclusiveMinimum": 0},
 })
 
-MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING, "command": _STRING})
+MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING, "command": _STRING,
+                      "lock_rows": _POSITIVE, "lock_bytes": _POSITIVE})  # ops/migrations/locks.py
 
 APP = _object({
     "dir": _STRING, "env_file": _STRING, "restart": _STRING, "log_command": _STRING,

@@ -2,7 +2,8 @@
 
 A deploy is: gate (no failed migration: Prisma's P3009; no edited one unless allowed)
 → lint the pending migrations (backward-compatible changes only on protected
-environments unless --allow-destructive) → pre-migration backup (protected
+environments unless --allow-destructive; no heavy lock on a table the live sizes say is
+large unless --allow-locks, ops/migrations/locks.py) → pre-migration backup (protected
 environments; the backup runbook's own steps, tagged `pre-migrate`) → deploy through
 the direct URL with the `native` engine or the app's own `command` on the first
 host → verify that nothing is pending or failed. Each step reads the state when it
@@ -19,6 +20,8 @@ from ops.engine import Change, RunContext, Step, WrappedStep
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.hosts import connect
 from ops.inventory import plain, resolve
+from ops.migrate_lint import read_facts
+from ops.migrate_lint import thresholds as lint_thresholds
 from ops.migrations import (
     apply_pending,
     lint_migrations,
@@ -31,6 +34,7 @@ from ops.migrations import (
     shell_path,
     use_prisma_schema,
 )
+from ops.migrations.locks import REFUSE, judge, lock_hazards
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -115,14 +119,41 @@ class GateStep(Step):
 class LintStep(Step):
     name = "lint"
 
-    def __init__(self, facts: MigrationFacts, allow_destructive: bool):
-        self.facts, self.allow_destructive = facts, allow_destructive
-        self.title = "lint pending migrations for changes that break the running app"
+    def __init__(self, facts: MigrationFacts, allow_destructive: bool, allow_locks: bool = False):
+        self.facts, self.allow_destructive, self.allow_locks = facts, allow_destructive, allow_locks
+        self.title = "lint pending migrations for changes that break the running app or lock a large table"
 
     def check(self, ctx: RunContext) -> Change | None:
-        findings = lint_migrations(self.facts.pending(ctx, self.facts.state(ctx)))
+        pending = self.facts.pending(ctx, self.facts.state(ctx))
+        self._breaking(ctx, pending)
+        self._locks(ctx, pending)
+        return None
+
+    def _locks(self, ctx: RunContext, pending: list[LocalMigration]) -> None:
+        """Heavy locks judged by the live table sizes (ops/migrations/locks.py)."""
+        hazards = lock_hazards(pending)
+        if not hazards:
+            return
+        url = self.facts.url()
+        with pg.connect(url, application_name=ctx.label[:63], autocommit=True) as connection:
+            use_prisma_schema(connection, url)  # unqualified names are the app's schema's (?schema=)
+            found = judge(hazards, read_facts(connection, pending), lint_thresholds(ctx.env))
+        refused = [finding for finding in found if finding.severity == REFUSE]
+        # the drill's copy serves nobody: a lock there blocks no one
+        if refused and self.facts.dbname is None and not self.allow_locks:
+            lines = "\n".join(f"    {finding}" for finding in refused)
+            raise CheckFailed(
+                f"{len(refused)} statement(s) in the pending migrations lock a large table on {ctx.env.name} "
+                f"while they run:\n{lines}",
+                hint="use each finding's safe form in a new migration, or re-run with --allow-locks in a "
+                     "maintenance window")
+        for finding in found:
+            self.facts.warn_once(ctx, f"lock allowed here: {finding}")
+
+    def _breaking(self, ctx: RunContext, pending: list[LocalMigration]) -> None:
+        findings = lint_migrations(pending)
         if not findings:
-            return None
+            return
         lines = "\n".join(f"    {finding}" for finding in findings)
         # A copy being migrated (the drill's dbname) serves no running release: a warning is enough.
         if ctx.env.protected and self.facts.dbname is None and not self.allow_destructive:
@@ -133,7 +164,6 @@ class LintStep(Step):
                      "version uses it), or re-run with --allow-destructive when that is already so")
         for finding in findings:
             self.facts.warn_once(ctx, f"breaking change allowed here: {finding}")
-        return None
 
 
 class WhenPending(WrappedStep):
@@ -294,7 +324,7 @@ class ResolveStep(Step):
 
 
 def migrate_steps(env: Environment, *, allow_edited: bool = False, allow_destructive: bool = False,
-                  backup: bool | None = None, dbname: str | None = None,
+                  allow_locks: bool = False, backup: bool | None = None, dbname: str | None = None,
                   backup_id: str | None = None) -> list[Step]:
     """Gate, lint, pre-migration backup (protected environments), deploy + verify: for migrate,
     provision and the drill to compose. `dbname` migrates another database of the environment's
@@ -303,7 +333,7 @@ def migrate_steps(env: Environment, *, allow_edited: bool = False, allow_destruc
         raise UsageError(f"{env.name} is protected: a migration there always takes a backup first",
                          hint="drop --no-backup; the pre-migration backup is what makes a bad migration recoverable")
     facts = MigrationFacts(env, dbname)
-    steps: list[Step] = [GateStep(facts, allow_edited), LintStep(facts, allow_destructive)]
+    steps: list[Step] = [GateStep(facts, allow_edited), LintStep(facts, allow_destructive, allow_locks)]
     if backup if backup is not None else (env.protected and dbname is None):
         steps += [WhenPending(step, facts) for step in backup_steps(env, backup_id)]
     steps.append(DeployStep(facts, allow_edited))

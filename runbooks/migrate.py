@@ -1,21 +1,24 @@
-"""inv migrate.status / migrate / migrate.resolve: Prisma-compatible state and a gated deploy.
+"""inv migrate.status / migrate / migrate.lint / migrate.resolve: Prisma-compatible state and a gated deploy.
 
-The steps, and what a deploy is, are in ops.migrate_steps.
+The steps, and what a deploy is, are in ops.migrate_steps; what the lint judges, in ops.migrate_lint.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops import pg
+from ops import pg, pg_url
 from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, UsageError
 from ops.journal import new_run_id
+from ops.migrate_lint import Review, read_facts, review, thresholds
 from ops.migrate_steps import LOG_LINES, MigrationFacts, ResolveStep, migrate_steps
-from ops.migrations import load_migration_source, read_state, resolve_hint
+from ops.migrations import load_migration_source, read_local_migrations, read_state, resolve_hint
+from ops.migrations.locks import Thresholds
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -30,7 +33,8 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     if wants_backup is not False and (wants_backup or env.protected) and arguments.get("dbname") is None:
         arguments.setdefault("backup_id", new_run_id())  # kept in the journal: a resume reuses it
     steps = migrate_steps(env, allow_edited=bool(arguments.get("allow_edited")),
-                         allow_destructive=bool(arguments.get("allow_destructive")), backup=wants_backup,
+                          allow_destructive=bool(arguments.get("allow_destructive")),
+                          allow_locks=bool(arguments.get("allow_locks")), backup=wants_backup,
                           dbname=arguments.get("dbname"), backup_id=arguments.get("backup_id"))
     return Runbook("migrate", f"Deploy pending migrations to {env.name}", steps, arguments=arguments)
 
@@ -93,11 +97,13 @@ def _status_hint(state: MigrationState, env: str) -> str:
 @task(klass=OpsTask, name="deploy", default=True,
       help=dict(allow_edited="deploy even though applied migrations were edited since",
                 allow_destructive="allow breaking changes (DROP, RENAME, type changes...) on a protected env",
+                allow_locks="allow statements that lock a large table (a maintenance window)",
                 no_backup="skip the pre-migration backup (refused on protected environments)"))
-def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=False, no_backup=False, dry_run=False,
-            confirm=None, json=False):
+def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=False, allow_locks=False, no_backup=False,
+            dry_run=False, confirm=None, json=False):
     """Deploy pending migrations: gate, lint, pre-migration backup (protected envs), deploy, verify."""
-    arguments: dict[str, Any] = {"allow_edited": allow_edited, "allow_destructive": allow_destructive}
+    arguments: dict[str, Any] = {"allow_edited": allow_edited, "allow_destructive": allow_destructive,
+                                 "allow_locks": allow_locks}
     if no_backup:
         arguments["backup"] = False
     runbook = build(call.environment, **arguments)
@@ -108,6 +114,60 @@ def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=Fals
         return {"applied": deployed.get("applied", []), "engine": deployed.get("engine"), "backup_id": backup_id}
 
     execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm, result=result)
+
+
+@task(klass=OpsTask, name="lint",
+      help=dict(path="lint this migrations folder, with no environment (an app's CI): every lock rule refuses",
+                since="with --path: judge only the migrations after this one (those already deployed stay "
+                      "as they are); the earlier ones still say which tables exist",
+                allow_destructive="report breaking changes (DROP, RENAME...) as warnings, not refusals"))
+def lint(call: TaskCall, env=None, path=None, since=None, allow_destructive=False, json=False):
+    """Lint migrations, applying nothing: an env's pending ones by its live table sizes, or a folder (--path).
+
+    Exit 3 on a refusal (a statement the parser cannot read; a breaking change on a protected env or in a
+    folder; a heavy lock on a large table, or on any table in a folder), 0 when only warnings remain."""
+    if path is not None and env is not None:
+        raise UsageError("migrate.lint takes --env (its pending migrations) or --path (a folder), not both",
+                         hint="inv migrate.lint --path prisma/migrations in an app's CI; --env E before a deploy")
+    if since is not None and path is None:
+        raise UsageError("--since goes with --path (with --env the database says what is deployed)",
+                         hint="inv migrate.lint --path prisma/migrations --since LAST_DEPLOYED_MIGRATION")
+    if path is not None:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise UsageError(f"--path {path}: no such folder", hint="point it at the app's prisma/migrations")
+        migrations = read_local_migrations(folder)
+        if since is not None and since not in {migration.name for migration in migrations}:
+            raise UsageError(f"--since {since}: no migration of that name in {folder}",
+                             hint="name a migration folder, as migrate.status lists it")
+        found = review(migrations, None, Thresholds(), refuse_breaking=not allow_destructive, since=since)
+        linted = [migration.name for migration in migrations if since is None or migration.name > since]
+        report_lint(call.output, found, {"path": str(folder), "migrations": linted})
+        return
+    environment = call.environment
+    source = load_migration_source(environment)
+    url = environment.database_url(direct=True)
+    with pg.connect(url, application_name="opsbook migrate.lint", autocommit=True) as connection:
+        state = read_state(connection, url, source.migrations)
+        pending = [migration for migration in source.migrations if migration.name in set(state.pending)]
+        facts = read_facts(connection, pending)
+    found = review(pending, facts, thresholds(environment),
+                   refuse_breaking=environment.protected and not allow_destructive)
+    call.output.info(f"{len(pending)} pending migration(s) from {source.where}, judged by the sizes in "
+                     f"{pg_url.parse_url(url).describe()}")
+    report_lint(call.output, found, {"env": environment.name, "migrations": [m.name for m in pending]})
+
+
+def report_lint(output: Output, found: Review, about: dict[str, Any]) -> None:
+    for line in found.refusals:
+        output.info(f"refused: {line}")
+    for line in found.warnings:
+        output.warn(line)
+    output.result({**about, **found.to_json()})
+    if found.refusals:
+        raise CheckFailed(f"migrate.lint: {len(found.refusals)} refusal(s), {len(found.warnings)} warning(s)",
+                          hint="rewrite each refused statement in its safe form (shown after `safe:`)")
+    output.info(f"migrate.lint: no refusal ({len(found.warnings)} warning(s))")
 
 
 @task(klass=OpsTask, name="resolve",
@@ -126,4 +186,5 @@ def resolve(call: TaskCall, name, env=None, rolled_back=False, applied=False, dr
 collection = Collection("migrate")
 collection.add_task(migrate)
 collection.add_task(status)
+collection.add_task(lint)
 collection.add_task(resolve)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ops import ids, pg
 from ops.errors import CheckFailed, LockHeld, StepFailed
+from ops.migrations.script import outside_transaction
 from ops.migrations.state import (
     CREATE_MIGRATIONS_TABLE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
@@ -57,10 +58,12 @@ def apply_pending(
     `on_event(event, detail)` is called with ("waiting", holder), ("started", name),
     ("applied", name) and ("failed", name). Each script is sent as one simple-protocol
     query in autocommit mode, which PostgreSQL runs as one implicit transaction, as
-    Prisma does: a failing script leaves none of its statements behind (scripts that
-    need to run outside a transaction, e.g. CREATE INDEX CONCURRENTLY, fail the same
-    way they would under Prisma). Unlike Prisma's deploy, an edited migration also
-    refuses unless `allow_edited`: the folder no longer describes the schema that was applied.
+    Prisma does: a failing script leaves none of its statements behind. A script with a
+    statement that cannot run in a transaction block (CREATE INDEX CONCURRENTLY, the
+    lock linter's safe form) runs statement by statement instead, each in its own
+    transaction, and is recorded as applied only once its last one succeeded. Unlike
+    Prisma's deploy, an edited migration also refuses unless `allow_edited`: the folder no
+    longer describes the schema that was applied.
     """
     emit = on_event or (lambda event, detail: None)
     local = read_local_migrations(source) if isinstance(source, Path) else list(source)
@@ -229,17 +232,31 @@ def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, 
         (row_id, migration.checksum, migration.name),
     )
     emit("started", migration.name)
+    one_by_one = outside_transaction(migration.sql)
+    done = 0
     try:
-        conn.execute(migration.sql)
+        if one_by_one is None:
+            conn.execute(migration.sql)
+        for statement in one_by_one or []:
+            conn.execute(statement)
+            done += 1
     except pg.Error as error:
+        if one_by_one is not None and conn.info.transaction_status.name in ("INTRANS", "INERROR"):
+            with contextlib.suppress(pg.Error):  # a BEGIN of the script's own: end it, keep the session usable
+                conn.execute("ROLLBACK")
         logs = _failure_logs(migration.name, error)
         with contextlib.suppress(pg.Error):  # connection lost: the row stays failed, without logs
             conn.execute("UPDATE _prisma_migrations SET logs = %s WHERE id = %s", (logs, row_id))
         emit("failed", migration.name)
+        kept = "nothing of this migration was kept (it ran in one transaction)" if one_by_one is None else \
+            f"it ran statement by statement (it builds or drops something CONCURRENTLY): the {done} before the " \
+            "failing one were kept (but for a BEGIN … COMMIT of the script's that failed), and an index being " \
+            "built concurrently stays behind INVALID; drop what was kept (DROP INDEX CONCURRENTLY IF EXISTS …) " \
+            "or finish it by hand"
         raise StepFailed(
             f"migration {migration.name} failed on {where}: {error_line(error)}",
             hint=(
-                "nothing of this migration was kept (it ran in one transaction); fix the SQL or the data, "
+                f"{kept}; fix the SQL or the data, "
                 f"then `inv migrate.resolve --name {migration.name} --rolled-back` (or `prisma migrate resolve "
                 f"--rolled-back {migration.name}`) and migrate again; {RESOLVE_DOCS}"
             ),

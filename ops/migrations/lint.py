@@ -5,45 +5,29 @@ serving while (and after) the schema changes. Flagged, with the line each starts
 dropped tables and columns, renames, column type changes, SET NOT NULL, new NOT NULL
 columns without a default, and dropped enum values (PostgreSQL cannot drop a value,
 so Prisma recreates the type: `ALTER TYPE "T" RENAME TO "T_old"` … `DROP TYPE "T_old"`).
+A statement PostgreSQL's parser cannot read is a finding of its own (`cannot-parse`).
 
-A small scanner blanks out comments and string literals (keeping every newline, so
-offsets still give line numbers), splits statements on top-level semicolons and the
-actions of an ALTER TABLE on top-level commas; each rule is a regular expression.
+Statements are read by PostgreSQL's own parser (ops/migrations/script.py); the rules
+look at the parse trees, so comments, string literals and quoted names never mislead
+them. What locks a busy table is the other linter's (ops/migrations/locks.py).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ops.patterns import Pattern
+from ops.migrations.script import Script, Table, mask, strings, type_name
+from ops.sql_parse import Statement
 
 if TYPE_CHECKING:
     from ops.migrations.state import LocalMigration
 
-IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
-QUALIFIED = rf"{IDENT}(?:\s*\.\s*{IDENT})?"
-_FLAGS = re.IGNORECASE | re.DOTALL
+__all__ = ["RULES", "Finding", "lint_migrations", "lint_script", "lint_sql", "mask"]
 
-DROP_TABLE = Pattern(rf"\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?P<names>{QUALIFIED}(?:\s*,\s*{QUALIFIED})*)", _FLAGS)
-ALTER_TABLE = Pattern(rf"\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?(?P<table>{QUALIFIED})\s+", _FLAGS)
-ALTER_TYPE_RENAME = Pattern(rf"\s*ALTER\s+TYPE\s+(?P<type>{QUALIFIED})\s+RENAME\s+TO\s+(?P<new>{IDENT})", _FLAGS)
-ALTER_TYPE_RENAME_VALUE = Pattern(rf"\s*ALTER\s+TYPE\s+(?P<type>{QUALIFIED})\s+RENAME\s+VALUE\s", _FLAGS)
-DROP_TYPE = Pattern(rf"\s*DROP\s+TYPE\s+(?:IF\s+EXISTS\s+)?(?P<names>{QUALIFIED}(?:\s*,\s*{QUALIFIED})*)", _FLAGS)
-
-ACTION_DROP_COLUMN = Pattern(rf"DROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?(?P<column>{IDENT})", _FLAGS)
-ACTION_RENAME_COLUMN = Pattern(rf"RENAME\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+TO\s+(?P<new>{IDENT})", _FLAGS)
-ACTION_RENAME_TABLE = Pattern(rf"RENAME\s+TO\s+(?P<new>{IDENT})", _FLAGS)
-ACTION_TYPE = Pattern(rf"ALTER\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+(?:SET\s+DATA\s+)?TYPE\s+(?P<type>{QUALIFIED})",
-                         _FLAGS)
-ACTION_SET_NOT_NULL = Pattern(rf"ALTER\s+(?:COLUMN\s+)?(?P<column>{IDENT})\s+SET\s+NOT\s+NULL", _FLAGS)
-ACTION_ADD_COLUMN = Pattern(rf"ADD\s+(?:COLUMN\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(?P<column>{IDENT})\s+(?P<rest>.*)",
-                               _FLAGS)
-NOT_COLUMNS = {"constraint", "primary", "foreign", "unique", "check", "exclude"}
-SELF_FILLING = Pattern(r"\b(?:DEFAULT|GENERATED|SMALLSERIAL|SERIAL|BIGSERIAL|SERIAL[248])\b", _FLAGS)
-NOT_NULL = Pattern(r"\bNOT\s+NULL\b", _FLAGS)
+SELF_FILLING_TYPES = {"smallserial", "serial", "bigserial", "serial2", "serial4", "serial8"}
+SELF_FILLING = {"CONSTR_DEFAULT", "CONSTR_GENERATED", "CONSTR_IDENTITY"}
 
 RULES = {
     "drop-table": "the running app still reads and writes it; data is lost",
@@ -55,6 +39,8 @@ RULES = {
     "drop-enum-value": "Prisma recreates the enum without the value: rows holding it make the migration fail "
                        "and the running app may still write it",
     "drop-type": "columns or the running app may still use the type",
+    "cannot-parse": "PostgreSQL's parser (libpg_query) cannot read it, so nothing about it was checked; the "
+                    "server will most likely refuse it too",
 }
 
 
@@ -74,106 +60,17 @@ class Finding:
         return {"migration": self.migration, "line": self.line, "rule": self.rule, "what": self.what}
 
 
-@dataclass(frozen=True)
-class Piece:
-    """A statement or an ALTER TABLE action: masked text and its offset in the script."""
-
-    text: str
-    offset: int
-
-
-# ---------------------------------------------------------------- scanning
-
-
-def mask(sql: str) -> str:
-    """The script with comments and string literals blanked (newlines kept): same length, same lines."""
-    out = list(sql)
-    index, length = 0, len(sql)
-    while index < length:
-        end = _literal_end(sql, index)
-        if end is None:
-            index += 1
-            continue
-        for position in range(index, end):
-            if out[position] != "\n":
-                out[position] = " "
-        index = end
-    return "".join(out)
-
-
-def _literal_end(sql: str, index: int) -> int | None:
-    """Where the comment or string literal starting at `index` ends; None when none starts there."""
-    pair = sql[index:index + 2]
-    if pair == "--":
-        newline = sql.find("\n", index)
-        return len(sql) if newline < 0 else newline
-    if pair == "/*":
-        close = sql.find("*/", index + 2)
-        return len(sql) if close < 0 else close + 2
-    if sql[index] == "'":
-        position = index + 1
-        while True:
-            close = sql.find("'", position)
-            if close < 0:
-                return len(sql)
-            if sql[close + 1:close + 2] != "'":
-                return close + 1
-            position = close + 2
-    if sql[index] == "$":
-        tag = re.match(r"\$(?:[A-Za-z_]\w*)?\$", sql[index:])
-        if tag:
-            close = sql.find(tag.group(0), index + len(tag.group(0)))
-            return len(sql) if close < 0 else close + len(tag.group(0))
-    return None
-
-
-def split_top_level(text: str, separator: str, offset: int = 0) -> Iterator[Piece]:
-    """Pieces of masked `text` between top-level separators (outside parentheses and "quotes")."""
-    depth, quoted, start = 0, False, 0
-    for index, char in enumerate(text):
-        if char == '"':
-            quoted = not quoted
-        elif quoted:
-            continue
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth = max(0, depth - 1)
-        elif char == separator and depth == 0:
-            yield from _piece(text, start, index, offset)
-            start = index + 1
-    yield from _piece(text, start, len(text), offset)
-
-
-def _piece(text: str, start: int, end: int, offset: int) -> Iterator[Piece]:
-    chunk = text[start:end]
-    stripped = chunk.lstrip()
-    if stripped.strip():
-        yield Piece(stripped.rstrip(), offset + start + len(chunk) - len(stripped))
-
-
-def _line(sql: str, offset: int) -> int:
-    return sql.count("\n", 0, offset) + 1
-
-
-def _name(identifier: str) -> str:
-    """An identifier as written, unquoted; a schema-qualified one keeps only its last part."""
-    last = re.split(r'\s*\.\s*(?=(?:"|[A-Za-z_]))', identifier.strip())[-1]
-    return last[1:-1].replace('""', '"') if last.startswith('"') else last.lower()
-
-
-# ---------------------------------------------------------------- rules
-
-
 def lint_sql(migration: str, sql: str) -> list[Finding]:
     """Every breaking change in one migration script, in order."""
-    masked = mask(sql)
-    statements = list(split_top_level(masked, ";"))
-    recreated = _recreated_enums(statements)
+    return lint_script(migration, Script(sql))
+
+
+def lint_script(migration: str, script: Script) -> list[Finding]:
+    recreated = _recreated_enums(script.statements)
     findings: list[Finding] = []
-    for statement in statements:
-        for offset, rule, what in _statement_findings(statement, recreated):
-            findings.append(Finding(migration, _line(sql, offset), rule, what))
+    for statement in script.statements:
+        for offset, rule, what in _statement_findings(script, statement, recreated):
+            findings.append(Finding(migration, script.line(offset), rule, what))
     return findings
 
 
@@ -181,66 +78,93 @@ def lint_migrations(migrations: Iterable[LocalMigration]) -> list[Finding]:
     return [finding for migration in migrations for finding in lint_sql(migration.name, migration.sql)]
 
 
-def _recreated_enums(statements: list[Piece]) -> set[str]:
+def _recreated_enums(statements: list[Statement]) -> set[str]:
     """Types renamed to `<name>_old`: Prisma's way of dropping enum values."""
     names = set()
     for statement in statements:
-        match = ALTER_TYPE_RENAME.match(statement.text)
-        if match and _name(match["new"]) == f"{_name(match['type'])}_old":
-            names.add(_name(match["type"]))
+        old, new = _type_rename(statement)
+        if old and new == f"{old}_old":
+            names.add(old)
     return names
 
 
-def _statement_findings(statement: Piece, recreated: set[str]) -> Iterator[tuple[int, str, str]]:
-    text, offset = statement.text, statement.offset
-    if match := DROP_TABLE.match(text):
-        yield offset, "drop-table", f"drops table {', '.join(_names(match['names']))}"
-    elif match := ALTER_TYPE_RENAME.match(text):
-        yield from _type_rename(match, offset, recreated)
-    elif match := ALTER_TYPE_RENAME_VALUE.match(text):
-        yield offset, "rename", f"renames a value of enum {_name(match['type'])}"
-    elif match := DROP_TYPE.match(text):
-        kept = [name for name in _names(match["names"]) if name.removesuffix("_old") not in recreated]
+def _type_rename(statement: Statement) -> tuple[str | None, str | None]:
+    fields = statement.fields
+    if statement.kind != "RenameStmt" or fields.get("renameType") != "OBJECT_TYPE":
+        return None, None
+    parts = strings(fields.get("object", {}).get("List", {}).get("items", []))
+    return (parts[-1] if parts else "?"), fields.get("newname")
+
+
+def _statement_findings(script: Script, statement: Statement, recreated: set[str]) -> Iterator[tuple[int, str, str]]:
+    kind, fields, offset = statement.kind, statement.fields, statement.start
+    if statement.error is not None:
+        yield offset, "cannot-parse", f"cannot parse: {statement.error}"
+    elif kind == "DropStmt" and fields.get("removeType") == "OBJECT_TABLE":
+        yield offset, "drop-table", f"drops table {', '.join(_dropped_names(fields))}"
+    elif kind == "DropStmt" and fields.get("removeType") == "OBJECT_TYPE":
+        kept = [name for name in _dropped_names(fields) if name.removesuffix("_old") not in recreated]
         if kept:
             yield offset, "drop-type", f"drops type {', '.join(kept)}"
-    elif match := ALTER_TABLE.match(text):
-        table = _name(match["table"])
-        actions = split_top_level(text[match.end():], ",", offset + match.end())
-        for action in actions:
-            yield from _action_findings(table, action, recreated)
+    elif kind == "AlterEnumStmt" and fields.get("oldVal"):
+        yield offset, "rename", f"renames a value of enum {strings(fields.get('typeName', []))[-1]}"
+    elif kind == "RenameStmt":
+        yield from _rename_findings(script, statement, recreated)
+    elif kind == "AlterTableStmt" and fields.get("objtype") == "OBJECT_TABLE":
+        table = Table.of(fields.get("relation", {})).name
+        for start, command in script.actions(statement):
+            yield from _action_findings(table, start, command, recreated)
 
 
-def _names(listed: str) -> list[str]:
-    return [_name(part) for part in split_top_level_names(listed)]
+def _dropped_names(fields: dict[str, Any]) -> list[str]:
+    names = []
+    for item in fields.get("objects", []):
+        parts = strings(item.get("List", {}).get("items", [])) if "List" in item else \
+            strings(item.get("TypeName", {}).get("names", []))
+        names.append(parts[-1] if parts else "?")
+    return names
 
 
-def split_top_level_names(listed: str) -> list[str]:
-    return [piece.text for piece in split_top_level(listed, ",")]
+def _rename_findings(script: Script, statement: Statement, recreated: set[str]) -> Iterator[tuple[int, str, str]]:
+    fields = statement.fields
+    kind, new = fields.get("renameType"), fields.get("newname")
+    if kind == "OBJECT_TYPE":
+        old, _ = _type_rename(statement)
+        if old in recreated and new == f"{old}_old":
+            yield statement.start, "drop-enum-value", f"recreates enum {old} (renamed to {new}) to drop values"
+        elif not (old and old.endswith("_new") and old.removesuffix("_new") in recreated):
+            yield statement.start, "rename", f"renames type {old} to {new}"
+        return
+    # relationType is set for a column's rename only (a table's carries the field's zero value)
+    if kind != "OBJECT_TABLE" and not (kind == "OBJECT_COLUMN" and fields.get("relationType") == "OBJECT_TABLE"):
+        return
+    table = Table.of(fields.get("relation", {})).name
+    offset = script.first_action(statement)
+    if kind == "OBJECT_COLUMN":
+        yield offset, "rename", f"renames column {fields.get('subname')} of table {table} to {new}"
+    else:
+        yield offset, "rename", f"renames table {table} to {new}"
 
 
-def _type_rename(match: re.Match[str], offset: int, recreated: set[str]) -> Iterator[tuple[int, str, str]]:
-    old, new = _name(match["type"]), _name(match["new"])
-    if old in recreated and new == f"{old}_old":
-        yield offset, "drop-enum-value", f"recreates enum {old} (renamed to {new}) to drop values"
-    elif not (old.endswith("_new") and old.removesuffix("_new") in recreated):
-        yield offset, "rename", f"renames type {old} to {new}"
-
-
-def _action_findings(table: str, action: Piece, recreated: set[str]) -> Iterator[tuple[int, str, str]]:
-    text, offset = action.text, action.offset
-    if (match := ACTION_DROP_COLUMN.match(text)) and _name(match["column"]) not in NOT_COLUMNS | {"default"}:
-        yield offset, "drop-column", f"drops column {_name(match['column'])} of table {table}"
-    elif match := ACTION_RENAME_COLUMN.match(text):
-        yield offset, "rename", f"renames column {_name(match['column'])} of table {table} to {_name(match['new'])}"
-    elif match := ACTION_RENAME_TABLE.match(text):
-        yield offset, "rename", f"renames table {table} to {_name(match['new'])}"
-    elif match := ACTION_TYPE.match(text):
-        if _name(match["type"]).removesuffix("_new") not in recreated:
-            yield offset, "alter-column-type", f"changes the type of {table}.{_name(match['column'])}"
-    elif match := ACTION_SET_NOT_NULL.match(text):
-        yield offset, "set-not-null", f"makes {table}.{_name(match['column'])} NOT NULL"
-    elif (match := ACTION_ADD_COLUMN.match(text)) and _name(match["column"]) not in NOT_COLUMNS:
-        rest = match["rest"]
-        if NOT_NULL.search(rest) and not SELF_FILLING.search(rest):
-            yield offset, "add-not-null-without-default", f"adds {table}.{_name(match['column'])} NOT NULL " \
+def _action_findings(table: str, offset: int, command: dict[str, Any],
+                     recreated: set[str]) -> Iterator[tuple[int, str, str]]:
+    subtype, column = command.get("subtype"), command.get("name")
+    if subtype == "AT_DropColumn":
+        yield offset, "drop-column", f"drops column {column} of table {table}"
+    elif subtype == "AT_AlterColumnType":
+        new_type = type_name(command.get("def", {}).get("ColumnDef", {}).get("typeName", {}))
+        if new_type.removesuffix("_new") not in recreated:
+            yield offset, "alter-column-type", f"changes the type of {table}.{column}"
+    elif subtype == "AT_SetNotNull":
+        yield offset, "set-not-null", f"makes {table}.{column} NOT NULL"
+    elif subtype == "AT_AddColumn":
+        definition = command.get("def", {}).get("ColumnDef", {})
+        if _not_null_without_default(definition):
+            yield offset, "add-not-null-without-default", f"adds {table}.{definition.get('colname')} NOT NULL " \
                                                           "without a default"
+
+
+def _not_null_without_default(definition: dict[str, Any]) -> bool:
+    kinds = {constraint.get("Constraint", {}).get("contype") for constraint in definition.get("constraints", [])}
+    self_filling = kinds & SELF_FILLING or type_name(definition.get("typeName", {})) in SELF_FILLING_TYPES
+    return "CONSTR_NOTNULL" in kinds and not self_filling

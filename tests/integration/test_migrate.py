@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from ops.migrations import PRISMA_ADVISORY_LOCK_KEY
 from tests.cli import REPOSITORY, Opsbook, wait_for
@@ -205,3 +208,127 @@ def _yaml(path: Path) -> Any:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def set_lock_rows(opsbook: Opsbook, env: str, rows: int) -> None:
+    """A low threshold in the inventory: a few thousand rows are "large" without making a large table."""
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"][env]["app"]["migrations"] = {"lock_rows": rows}
+    opsbook.write_inventory(inventory)
+
+
+def test_lint_judges_pending_migrations_by_live_table_sizes(opsbook, shop):
+    url = shop["urls"]["staging"]
+    assert opsbook.run("migrate", "--env", "staging").exit_code == 0
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute('INSERT INTO "Brand" ("slug", "name", "updatedAt") '
+                           "SELECT 'b' || n, 'Brand ' || n, now() FROM generate_series(1, 3000) AS n")
+        connection.execute('ANALYZE "Brand"')
+    add_migration(shop["migrations"], "20250401000000_indexes",
+                  '-- CreateIndex\nCREATE INDEX "Brand_name_idx" ON "Brand"("name");\n\n'
+                  '-- CreateIndex\nCREATE INDEX "User_name_idx" ON "User"("name");\n')
+
+    small = opsbook.run("migrate.lint", "--env", "staging", "--json")  # the default: 100 000 rows
+    assert small.exit_code == 0, small
+    assert [(f["line"], f["table"], f["severity"]) for f in small.json()["locks"]] == \
+        [(2, "Brand", "warn"), (5, "User", "warn")]
+    assert small.json()["migrations"] == ["20250401000000_indexes"] and small.json()["refusals"] == 0
+
+    set_lock_rows(opsbook, "staging", 1000)
+    large = opsbook.run("migrate.lint", "--env", "staging", "--json")
+    assert large.exit_code == 3, large
+    brand, user = large.json()["locks"]
+    assert (brand["severity"], brand["size"].split(",")[0]) == ("refuse", "3000 rows")
+    assert user["severity"] == "warn" and user["size"].startswith("rows unknown (never analysed), ")
+    assert ('refused: 20250401000000_indexes/migration.sql:2: create-index: CREATE INDEX "Brand_name_idx" on '
+            '"Brand" (3000 rows, ') in large.stderr
+    assert "safe: CREATE INDEX CONCURRENTLY" in large.stderr
+    assert [row[0] for row in applied_rows(url)] == DEMO_NAMES  # the lint applied nothing
+
+    refused = opsbook.run("migrate", "--env", "staging")  # the deploy's own lint step, the same judgement
+    assert refused.exit_code == 3 and "lock a large table" in refused.stderr, refused
+    assert "--allow-locks" in refused.stderr and [row[0] for row in applied_rows(url)] == DEMO_NAMES
+    allowed = opsbook.run("migrate", "--env", "staging", "--allow-locks", "--json")
+    assert allowed.exit_code == 0 and allowed.json()["applied"] == ["20250401000000_indexes"], allowed
+    assert "lock allowed here" in allowed.stderr
+    done = opsbook.run("migrate.lint", "--env", "staging")
+    assert done.exit_code == 0 and "0 pending migration(s)" in done.stderr, done
+    assert_no_secret(opsbook, *shop["secrets"])
+
+
+def test_lint_a_folder_without_an_environment(opsbook, tmp_path):
+    migrations = Path(shutil.copytree(DEMO_MIGRATIONS, tmp_path / "migrations"))
+    opsbook.inventory.unlink(missing_ok=True)  # an app's CI has no inventory
+    whole = opsbook.run("migrate.lint", "--path", str(migrations), "--json")
+    assert whole.exit_code == 3, whole  # the demo indexes a table an earlier migration created
+    locks = whole.json()["locks"]
+    assert [(f["migration"], f["line"], f["rule"], f["severity"]) for f in locks] == [
+        ("20250122110000_users", 26, "create-index", "refuse"),
+        ("20250122110000_users", 32, "constraint-validates", "refuse")]
+    assert {f["size"] for f in locks} == {"size unknown: no database to ask"}
+
+    since = opsbook.run("migrate.lint", "--path", str(migrations), "--since", DEMO_NAMES[-1])
+    assert since.exit_code == 0 and "no refusal" in since.stderr, since
+    add_migration(migrations, "20250501000000_next", '-- AddForeignKey\nALTER TABLE "Image" ADD CONSTRAINT '
+                  '"Image_x_fkey" FOREIGN KEY ("x") REFERENCES "Brand"("id") NOT VALID;\n'
+                  "INSERT INTO \"Image\" (\"alt\") VALUES ('DROP TABLE \"Brand\"; VACUUM FULL');\n")
+    safe = opsbook.run("migrate.lint", "--path", str(migrations), "--since", DEMO_NAMES[-1], "--json")
+    assert safe.exit_code == 0 and safe.json()["migrations"] == ["20250501000000_next"], safe
+    add_migration(migrations, "20250502000000_typo", 'ALTER TABLE "Image" DROP COLUMN "alt";\nALTER TABEL "x";\n')
+    refused = opsbook.run("migrate.lint", "--path", str(migrations), "--since", DEMO_NAMES[-1], "--json")
+    assert refused.exit_code == 3, refused
+    assert [(f["line"], f["rule"]) for f in refused.json()["breaking"]] == [(1, "drop-column"), (2, "cannot-parse")]
+    allowed = opsbook.run("migrate.lint", "--path", str(migrations), "--since", DEMO_NAMES[-1],
+                          "--allow-destructive")
+    assert allowed.exit_code == 3 and "cannot parse" in allowed.stderr, allowed  # never passed
+    both = opsbook.run("migrate.lint", "--path", str(migrations), "--env", "staging")
+    assert both.exit_code == 2, both
+
+
+CI_MARKER = "<!-- migrate-lint-ci:"
+
+
+def readme_ci_lines() -> str:
+    """The indented shell lines after the marker in the README's "Linting migrations"."""
+    text = (REPOSITORY / "README.md").read_text()
+    assert text.count(CI_MARKER) == 1
+    lines = []
+    for line in text.split(CI_MARKER, 1)[1].split("-->", 1)[1].splitlines()[1:]:
+        if not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    assert any(line.startswith("opsbook migrate.lint") for line in lines), lines
+    return "\n".join(lines) + "\n"
+
+
+def test_the_readme_ci_lines_lint_what_a_branch_adds(opsbook, tmp_path):
+    origin, checkout = tmp_path / "origin", tmp_path / "app"
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "-c", "init.defaultBranch=main"]
+
+    def run(*args: str, cwd: Path = checkout) -> None:
+        subprocess.run([*git, *args], cwd=cwd, check=True, capture_output=True)
+
+    shutil.copytree(DEMO_MIGRATIONS, origin / "prisma" / "migrations")
+    run("init", "-q", cwd=origin)
+    run("add", ".", cwd=origin)
+    run("commit", "-qm", "main", cwd=origin)
+    run("clone", "-q", str(origin), str(checkout), cwd=tmp_path)
+    run("checkout", "-qb", "feature")
+    add_migration(checkout / "prisma" / "migrations", "20250601000000_index",
+                  '-- CreateIndex\nCREATE INDEX "Image_alt_idx" ON "Image"("alt");\n')
+    environment = {**opsbook.process_environment(), "PYTHONPATH": str(REPOSITORY),
+                   "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    environment.pop("OPS_INVENTORY")  # CI has none
+
+    def lint() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-euc", readme_ci_lines()], cwd=checkout, env=environment,
+                              capture_output=True, text=True, timeout=120)
+
+    refused = lint()
+    assert refused.returncode == 3, refused.stderr
+    assert "20250601000000_index/migration.sql:2: create-index" in refused.stderr
+    assert "20250122110000_users" not in refused.stderr  # what main already has is not judged again
+    (checkout / "prisma" / "migrations" / "20250601000000_index" / "migration.sql").write_text(
+        '-- CreateIndex\nCREATE INDEX CONCURRENTLY "Image_alt_idx" ON "Image"("alt");\n')
+    clean = lint()
+    assert clean.returncode == 0 and "no refusal" in clean.stderr, clean.stderr

@@ -316,3 +316,40 @@ def test_prisma_migrate_status_agrees_after_a_native_deploy(database, prisma_cli
     pending = prisma_status(project, database.reveal())
     assert pending.returncode == 1 and "20250201000000_more" in pending.stdout, pending
     assert "20250122110000_users" not in pending.stdout  # the applied ones are not listed as pending
+
+
+CONCURRENT = ('-- CreateIndex\nCREATE INDEX CONCURRENTLY "Brand_name_idx" ON "Brand"("name");\n\n'
+              'BEGIN;\nALTER TABLE "Brand" ADD COLUMN "motto" TEXT;\nCOMMIT;\n'
+              '-- a comment; with a semicolon\nCREATE INDEX CONCURRENTLY "Brand_motto_idx" ON "Brand"("motto");\n')
+
+
+def index_valid(conn, name: str) -> bool | None:
+    row = conn.execute("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+                       (f'"{name}"',)).fetchone()
+    return row[0] if row else None
+
+
+def test_a_concurrent_index_runs_outside_a_transaction(database, migrations):
+    """The lock linter's safe form: PostgreSQL refuses CREATE INDEX CONCURRENTLY in a transaction block."""
+    apply_pending(database, migrations)
+    add_migration(migrations, "20250301000000_index", CONCURRENT)
+    assert apply_pending(database, migrations) == ["20250301000000_index"]
+    with connect(database) as conn:
+        assert index_valid(conn, "Brand_name_idx") is True and index_valid(conn, "Brand_motto_idx") is True
+        row = next(r for r in read_applied(conn) if r.migration_name == "20250301000000_index")
+        assert row.finished_at is not None and row.applied_steps_count == 1 and row.logs is None
+        assert migration_status(conn, migrations).up_to_date
+
+
+def test_a_failing_concurrent_migration_is_recorded_failed_with_what_was_kept(database, migrations):
+    apply_pending(database, migrations)
+    add_migration(migrations, "20250301000000_index",
+                  'CREATE INDEX CONCURRENTLY "Brand_name_idx" ON "Brand"("name");\nSELECT * FROM "Missing";\n')
+    with pytest.raises(StepFailed) as failed:
+        apply_pending(database, migrations)
+    assert "the 1 before the failing one were kept" in failed.value.hint
+    with connect(database) as conn:
+        row = next(r for r in read_applied(conn) if r.migration_name == "20250301000000_index")
+        assert row.finished_at is None and "42P01" in row.logs
+        assert index_valid(conn, "Brand_name_idx") is True  # kept: it ran on its own
+        assert migration_status(conn, migrations).failed == ["20250301000000_index"]

@@ -195,6 +195,7 @@ CONNECTORS = {
     "ops.yaml_text": {"yaml"},
     "ops.inventory_schema": {"jsonschema"},
     "ops.dump": {"zstandard", "pyrage"},
+    "ops.sql_parse": {"pglast"},
 }
 HEAVY = set().union(*CONNECTORS.values()) | {"kubernetes_validate"}
 # Standard-library modules that import many others (they cost start-up): the same pattern, by dotted

@@ -8,27 +8,7 @@ import pytest
 
 from ops.migrations.lint import Finding, lint_migrations, lint_sql, mask
 from ops.migrations.state import LocalMigration, checksum_of
-
-# Prisma's own output when an enum loses a value (`prisma migrate dev`, PostgreSQL).
-PRISMA_ENUM_DROP = """\
-/*
-  Warnings:
-
-  - The values [ARCHIVED] on the enum `ImageStatus` will be removed. If these variants are still used in the
-    database, this will fail.
-
-*/
--- AlterEnum
-BEGIN;
-CREATE TYPE "ImageStatus_new" AS ENUM ('PENDING', 'READY');
-ALTER TABLE "Image" ALTER COLUMN "status" DROP DEFAULT;
-ALTER TABLE "Image" ALTER COLUMN "status" TYPE "ImageStatus_new" USING ("status"::text::"ImageStatus_new");
-ALTER TYPE "ImageStatus" RENAME TO "ImageStatus_old";
-ALTER TYPE "ImageStatus_new" RENAME TO "ImageStatus";
-DROP TYPE "ImageStatus_old";
-ALTER TABLE "Image" ALTER COLUMN "status" SET DEFAULT 'READY';
-COMMIT;
-"""
+from tests.fixtures.prisma_sql import PRISMA_ENUM_DROP
 
 CASES = [
     # (id, sql, [(line, rule), ...])
@@ -39,7 +19,7 @@ CASES = [
     ("drop column without keyword", "ALTER TABLE users DROP legacy;", [(1, "drop-column")]),
     ("drop constraint is fine", 'ALTER TABLE "Image" DROP CONSTRAINT "Image_brandId_fkey";', []),
     ("several actions, each on its line",
-     'ALTER TABLE "User" ADD COLUMN "nick" TEXT,\nDROP COLUMN "a",\nALTER COLUMN "b" SET DATA TYPE VARCHAR(10, 2);',
+     'ALTER TABLE "User" ADD COLUMN "nick" TEXT,\nDROP COLUMN "a",\nALTER COLUMN "b" SET DATA TYPE NUMERIC(10, 2);',
      [(2, "drop-column"), (3, "alter-column-type")]),
     ("rename column", 'ALTER TABLE "User" RENAME COLUMN "name" TO "fullName";', [(1, "rename")]),
     ("rename table", 'ALTER TABLE "User"\n  RENAME TO "Account";', [(2, "rename")]),
@@ -98,3 +78,35 @@ def test_mask_keeps_length_and_lines():
     masked = mask(sql)
     assert len(masked) == len(sql) and masked.count("\n") == sql.count("\n")
     assert "a" not in masked and "c" not in masked and "e" not in masked and masked.endswith(";")
+
+
+UNREADABLE = [
+    # (id, sql, [(line, rule), ...]): PostgreSQL's parser reads the statements, not a pattern
+    ("a typo is a finding of its own, the rest still linted",
+     'ALTER TABLE "A" ADD COLUMN "b" TEXT;\nALTER TABEL "A" DROP COLUMN "b";\nDROP TABLE "C";',
+     [(2, "cannot-parse"), (3, "drop-table")]),
+    ("an unclosed quote: the whole script", "SELECT 1;\nDROP TABLE a;\nSELECT 'oops;\n", [(3, "cannot-parse")]),
+    ("a statement after multi-byte text keeps its line", "INSERT INTO t VALUES ('é ü ✓');\n\nDROP TABLE a;",
+     [(3, "drop-table")]),
+    ("keywords as quoted names", 'ALTER TABLE "select" DROP COLUMN "table";', [(1, "drop-column")]),
+    ("schema-qualified", 'ALTER TABLE "public"."User"\n  DROP COLUMN "email";', [(2, "drop-column")]),
+    ("a function body holding DROP is no drop",
+     "CREATE FUNCTION f() RETURNS void AS $body$ BEGIN DROP TABLE x; END $body$ LANGUAGE plpgsql;", []),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected"), [case[1:] for case in UNREADABLE],
+                         ids=[case[0] for case in UNREADABLE])
+def test_parser_cases(sql: str, expected: list[tuple[int, str]]):
+    assert [(finding.line, finding.rule) for finding in lint_sql("m", sql)] == expected
+
+
+def test_cannot_parse_says_what_the_parser_said():
+    (finding,) = lint_sql("m", "SELECT 1;\nALTER TABEL x ADD y int;")
+    assert str(finding).startswith('m/migration.sql:2: cannot-parse: cannot parse: syntax error at or near "TABEL"')
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1;\nALTR TABLE a DROP COLUMN b;", "SELECT 1;\nFOO;\nSELECT 2;",
+                                 "DROPP TABLE a"])
+def test_a_typo_in_the_first_word_is_still_reported(sql: str):
+    assert [finding.rule for finding in lint_sql("m", sql)] == ["cannot-parse"]
