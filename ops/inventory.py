@@ -16,7 +16,7 @@ import difflib
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -29,7 +29,17 @@ from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.patterns import Pattern
 from ops.pg import parse_url, with_credentials
-from ops.secret_store import SecretStore
+from ops.secret_managers import (
+    DEFAULT_COMMAND_TIMEOUT_SECONDS,
+    AwsSettings,
+    ManagerError,
+    command_argv,
+    from_aws,
+    from_command,
+    parse_aws_reference,
+)
+from ops.secret_store import Store
+from ops.secret_stores import DEFAULT_STORE, StoreSettings, open_store
 from ops.secrets import MASK, Secret
 from ops.storage import StorageConfig
 
@@ -39,18 +49,24 @@ if TYPE_CHECKING:
 
 DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
-_REFERENCE = Pattern(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
+_REFERENCE = Pattern(r"\$\{(?P<kind>env|file|cmd|aws-sm):(?P<body>[^}]*)\}")
+REFERENCE_FORMS = ("${env:NAME}, ${env:NAME:-default}, ${file:PATH}, ${cmd:COMMAND}, ${aws-sm:NAME} "
+                   "or ${aws-sm:NAME#key}")
 _MISSING = object()
 _MONITOR_URL = Pattern(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
 
 
 @dataclass(frozen=True)
 class Reference:
-    """A string holding ${env:…}/${file:…} references; resolved only when used."""
+    """A string holding ${env:…}/${file:…}/${cmd:…}/${aws-sm:…} references; resolved only when used.
+
+    `managers` is the `secret_managers` section of the reference's scope (its environment, or
+    `defaults`), its own references unresolved until a manager is asked."""
 
     template: str
     path: str
     location: str
+    managers: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def resolve(self, environ: dict[str, str] | None = None) -> Secret:
         environ = os.environ if environ is None else environ
@@ -65,6 +81,8 @@ class Reference:
 
     def _substitute(self, match: re.Match[str], environ: dict[str, str]) -> str:
         body = match["body"]
+        if match["kind"] in {"cmd", "aws-sm"}:
+            return self._from_manager(match["kind"], body)
         if match["kind"] == "file":
             file = Path(os.path.expanduser(body))
             try:
@@ -79,6 +97,16 @@ class Reference:
         if has_default:
             return default
         raise self._error(f"${{env:{name}}} is not set", f"export {name}=… before running, or change {self.path}")
+
+    def _from_manager(self, kind: str, body: str) -> str:
+        try:
+            if kind == "cmd":
+                timeout = float(plain(resolve(self.managers.get("command_timeout_seconds")))
+                                or DEFAULT_COMMAND_TIMEOUT_SECONDS)
+                return from_command(body, timeout).reveal()
+            return from_aws(body, aws_settings(self.managers)).reveal()
+        except ManagerError as error:
+            raise self._error(f"${{{kind}:{body}}}: {error.message}", error.hint) from None
 
     def _error(self, message: str, hint: str) -> InventoryError:
         return InventoryError(f"{self.path}: {message}", where=self.location, hint=hint)
@@ -195,7 +223,7 @@ class Environment:
         """
         written = self._written_database_url(direct)
 
-        password = SecretStore(self.inventory.state_dir, self.name).get("DATABASE_PASSWORD")
+        password = self.secret_store().get("DATABASE_PASSWORD")
         if not password or urlsplit(written.reveal()).password is not None:
             return written
         return Secret(with_credentials(written.reveal(), password.reveal(), user=self.raw("database.role", None)))
@@ -242,7 +270,7 @@ class Environment:
 
     def stored_storage_keys(self) -> dict[str, Secret]:
         """After a key rotation the secret store holds the storage key pair; it wins over the inventory's."""
-        stored = SecretStore(self.inventory.state_dir, self.name).read()
+        stored = self.secret_store().read()
         key_id, secret = stored.get("STORAGE_ACCESS_KEY_ID"), stored.get("STORAGE_SECRET_ACCESS_KEY")
         return {"access_key_id": key_id, "secret_access_key": secret} if key_id and secret else {}
 
@@ -295,10 +323,26 @@ class Environment:
                     node.resolve()  # a Secret registers its value with the redactor
 
         walk(self.data)
-        SecretStore(self.inventory.state_dir, self.name).read()
+        self.secret_store().read()
 
     def masked(self) -> dict[str, Any]:
         return mask_tree(self.data)
+
+    @property
+    def store_kind(self) -> str:
+        return str(self.raw("secrets.store", None) or DEFAULT_STORE)
+
+    def secret_store(self, kind: str | None = None) -> Store:
+        """Where opsbook keeps what it generates for this environment: `secrets.store` (or `kind`)."""
+        kind = kind or self.store_kind
+        settings = StoreSettings(kind=kind, state_dir=self.inventory.state_dir, env_name=self.name,
+                                 project=self.inventory.project)
+        if kind == "aws-sm":  # references resolved only for the store in use
+            settings = replace(settings, aws=aws_settings(self.raw("secret_managers", {})),
+                               aws_secret=plain(resolve(self.raw("secrets.aws_secret", None))))
+        if kind == "kubernetes":
+            settings = replace(settings, kubernetes=resolve(self.raw("secrets.kubernetes", {})))
+        return open_store(settings)
 
     def _relative_to_inventory(self, path: str) -> Path:
         candidate = Path(os.path.expanduser(path))
@@ -323,7 +367,7 @@ def load(path: str | Path | None = None) -> Inventory:
     if problems:
         raise InventoryError(f"{file} has {len(problems)} problem(s)", problems=problems,
                              hint="fix each line above, then run `inv inventory.check`")
-    tree = _wrap_references(data, "", lines, file)
+    tree = _wrap_references(data, "", lines, file, _managers_by_scope(data, lines, file))
     return Inventory(file=file.resolve(), data=tree, lines=lines,
                      digest=hashlib.sha256(text.encode()).hexdigest()[:16])
 
@@ -370,6 +414,15 @@ def _describe(error: Any, lines: dict[str, int]) -> list[str]:
     return [_at(path, error.message, lines)]
 
 
+def aws_settings(managers: dict[str, Any]) -> AwsSettings:
+    """`secret_managers.aws` (references resolved now); unset fields fall to boto3's own chain."""
+    settings = resolve(managers.get("aws") or {})
+    secret = settings.get("secret_access_key")
+    return AwsSettings(region=plain(settings.get("region")), endpoint=plain(settings.get("endpoint")),
+                       access_key_id=plain(settings.get("access_key_id")),
+                       secret_access_key=as_secret(secret) if secret else None)
+
+
 def _check_references(node: Any, lines: dict[str, int], path: str = "") -> list[str]:
     problems = []
     if isinstance(node, dict):
@@ -381,8 +434,20 @@ def _check_references(node: Any, lines: dict[str, int], path: str = "") -> list[
     elif isinstance(node, str) and "${" in node:
         leftover = _REFERENCE.sub("", node)
         if "${" in leftover:
-            problems.append(_at(path, "malformed reference; use ${env:NAME}, ${env:NAME:-default} or ${file:PATH}",
-                                lines))
+            problems.append(_at(path, f"malformed reference; use {REFERENCE_FORMS}", lines))
+        problems += [_at(path, message, lines) for message in _manager_reference_problems(node)]
+    return problems
+
+
+def _manager_reference_problems(text: str) -> list[str]:
+    problems = []
+    for match in _REFERENCE.finditer(text):
+        check = command_argv if match["kind"] == "cmd" else parse_aws_reference if match["kind"] == "aws-sm" else None
+        try:
+            if check:
+                check(match["body"])
+        except ManagerError as error:
+            problems.append(f"{match[0]} {error.message}; {error.hint}")
     return problems
 
 
@@ -401,15 +466,29 @@ def _did_you_mean(word: str, choices: list[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path) -> Any:
+def _managers_by_scope(data: dict[str, Any], lines: dict[str, int], file: Path) -> dict[str, dict[str, Any]]:
+    """`secret_managers` of `defaults` (key "") and of each environment (defaults merged under it),
+    its own references wrapped: what a reference in that scope resolves with."""
+    defaults = (data.get("defaults") or {}).get("secret_managers") or {}
+    scopes = {"": _wrap_references(defaults, "defaults.secret_managers", lines, file, {})}
+    for name, env in (data.get("envs") or {}).items():
+        own = (env or {}).get("secret_managers") or {}
+        scopes[name] = _wrap_references(deep_merge(defaults, own), f"envs.{name}.secret_managers", lines, file, {})
+    return scopes
+
+
+def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path,
+                     managers: dict[str, dict[str, Any]]) -> Any:
     if isinstance(node, dict):
-        return {k: _wrap_references(v, f"{path}.{k}" if path else str(k), lines, file) for k, v in node.items()}
+        return {k: _wrap_references(v, f"{path}.{k}" if path else str(k), lines, file, managers)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_wrap_references(v, f"{path}.{i}", lines, file) for i, v in enumerate(node)]
+        return [_wrap_references(v, f"{path}.{i}", lines, file, managers) for i, v in enumerate(node)]
     key = path.rsplit(".", 1)[-1]
     if isinstance(node, str) and _REFERENCE.search(node):
         line = lines.get(path)
-        return Reference(node, path, f"{file.name}, line {line}" if line else file.name)
+        scope = path.split(".")[1] if path.startswith("envs.") else ""
+        return Reference(node, path, f"{file.name}, line {line}" if line else file.name, managers.get(scope, {}))
     if isinstance(node, str) and ((key in SECRET_KEYS and _looks_secret(key, node)) or _MONITOR_URL.match(path)):
         return Secret(node)
     return node
