@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
-_REFERENCE = Pattern(r"\$\{(?P<kind>env|file|cmd|aws-sm):(?P<body>[^}]*)\}")
+REFERENCE_PATTERN = _REFERENCE = Pattern(r"\$\{(?P<kind>env|file|cmd|aws-sm):(?P<body>[^}]*)\}")
 REFERENCE_FORMS = ("${env:NAME}, ${env:NAME:-default}, ${file:PATH}, ${cmd:COMMAND}, ${aws-sm:NAME} "
                    "or ${aws-sm:NAME#key}")
 _MISSING = object()

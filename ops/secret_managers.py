@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from ops import aws
@@ -152,3 +153,13 @@ def _json_key(text: str, name: str, json_key: str) -> Secret:
         raise ManagerError(f"secret {name!r} has no key {json_key!r}",
                            f"add {json_key} to the secret, or use one of its keys: {', '.join(sorted(document))}")
     return Secret(str(document[json_key]))
+
+
+def aws_last_changed(settings: AwsSettings, name: str) -> datetime | None:
+    """When the secret last changed, or None when it cannot be told (missing, refused, unreachable)."""
+    try:
+        answer = settings.client().describe_secret(SecretId=name)
+    except (aws.ClientError, aws.BotoCoreError):
+        return None
+    changed = answer.get("LastChangedDate") or answer.get("CreatedDate")
+    return changed.astimezone(UTC) if isinstance(changed, datetime) else None

@@ -11,8 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cli import Opsbook
+from ops.envfile import parse_env_file
+from ops.keys import verify_admin_password
+from ops.secrets import Secret, mask_identifier
+from tests.cli import Opsbook, wait_for
 from tests.fixtures.managers import manager_cli, manager_settings, secrets_manager
+from tests.fixtures.provision import iam_keys
+from tests.fixtures.s3 import refused
 from tests.fixtures.secrets import assert_no_secret
 
 
@@ -111,3 +116,107 @@ def test_a_missing_secret_or_json_key_names_the_reference(opsbook, referenced):
     assert "s3, unused" in no_key.stderr  # the keys it has, named, never their values
     assert "Traceback" not in "\n".join(opsbook.transcript)
     assert_no_secret(opsbook, *referenced["secrets"])
+
+
+# --- the aws-sm store: one secret per environment, the same state from every machine ------------------------
+
+LEASE_SECONDS = 2  # a killed run's lease is taken over 3 s after its last renewal
+STORE_KEYS = {"DATABASE_PASSWORD", "STORAGE_ACCESS_KEY_ID", "STORAGE_SECRET_ACCESS_KEY", "AUTH_SECRET",
+              "ADMIN_PASSWORD_HASH"}
+
+
+def kept(client: Any, name: str, stage: str = "AWSCURRENT") -> dict[str, str]:
+    return json.loads(client.get_secret_value(SecretId=name, VersionStage=stage)["SecretString"])
+
+
+def applied(workspace: Opsbook, step: str) -> bool:
+    journals = workspace.journals()
+    return bool(journals) and any(e.get("step") == step and e.get("state") == "applied"
+                                  for e in workspace.journal(journals[-1].stem))
+
+
+@pytest.fixture
+def managed(opsbook: Opsbook, fresh: dict[str, Any], s3_server: Any, tmp_path: Any) -> dict[str, Any]:
+    """`fresh` with its store in Secrets Manager (signed with the auditor's allow-all IAM key, as an
+    operator's or a job's role would), a value planted there for the app, and a second machine."""
+    name = f"opsbook-test/{fresh['role']}/staging"
+    client = secrets_manager(s3_server, fresh["auditor"])
+    planted = f"planted-{uuid.uuid4().hex}"
+    client.create_secret(Name=f"{name}-app", SecretString=json.dumps({"greeting": planted}))
+    opsbook.environ.update({"SM_KEY_ID": fresh["auditor"][0], "SM_SECRET": fresh["auditor"][1].reveal()})
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    staging = inventory["envs"]["staging"]
+    staging.update({"secret_managers": manager_settings(s3_server), "secrets": {"store": "aws-sm", "aws_secret": name},
+                    "locks": {"lease_seconds": LEASE_SECONDS}})
+    staging["hosts"][0]["app"]["env"]["GREETING"] = f"${{aws-sm:{name}-app#greeting}}"
+    opsbook.write_inventory(inventory)
+    second = Opsbook(tmp_path / "second")
+    second.root.mkdir()
+    second.environ.update(opsbook.environ)
+    second.write_inventory(inventory)
+    return {"name": name, "client": client, "planted": planted, "second": second}
+
+
+def test_the_aws_sm_store_is_shared_by_two_machines_and_resumes_a_killed_rotation(opsbook, fresh, managed,
+                                                                                    s3_server):
+    first, second, client, name, host = opsbook, managed["second"], managed["client"], managed["name"], fresh["host"]
+    provisioned = first.run("provision")
+    assert provisioned.exit_code == 0, provisioned
+    assert not (first.state_dir / "secrets").exists()
+    provisioned_map = kept(client, name)
+    assert set(provisioned_map) >= STORE_KEYS, sorted(provisioned_map)
+    versions = client.list_secret_version_ids(SecretId=name)["Versions"]
+    assert len(versions) > 1 and any("AWSPREVIOUS" in v["VersionStages"] for v in versions), versions
+    values = parse_env_file(host.env_file.read_text())
+    assert values["S3_ACCESS_KEY_ID"] == provisioned_map["STORAGE_ACCESS_KEY_ID"]
+    assert values["GREETING"] == managed["planted"]  # the app gets it; opsbook never shows it
+
+    # A rotation killed once its new key is in the manager, finished by the second machine from there.
+    process = first.start("keys.rotate")
+    wait_for(lambda: applied(first, "create-key") or process.poll() is not None, timeout=60, what="create-key")
+    process.kill()
+    first.collect(process)
+    during = kept(client, name)
+    assert {"STORAGE_NEXT_ACCESS_KEY_ID", "STORAGE_PREVIOUS_ACCESS_KEY_ID"} & set(during), sorted(during)
+    time.sleep(LEASE_SECONDS + 2)
+    finished = second.run("keys.rotate")
+    assert finished.exit_code == 0, finished
+    rotated_map = kept(client, name)
+    new_key = (rotated_map["STORAGE_ACCESS_KEY_ID"], rotated_map["STORAGE_SECRET_ACCESS_KEY"])
+    assert new_key[0] != provisioned_map["STORAGE_ACCESS_KEY_ID"]
+    assert not any(key.startswith(("STORAGE_NEXT", "STORAGE_PREVIOUS")) for key in rotated_map), sorted(rotated_map)
+    assert iam_keys(s3_server, fresh) == [new_key[0]]
+    assert refused(s3_server, fresh["bucket"], provisioned_map["STORAGE_ACCESS_KEY_ID"],
+                   Secret(provisioned_map["STORAGE_SECRET_ACCESS_KEY"])) == "InvalidAccessKeyId"
+    assert parse_env_file(host.env_file.read_text())["S3_ACCESS_KEY_ID"] == new_key[0]
+
+    # The admin password: a new hash, the one before kept as the previous version.
+    admin = first.run("secrets.rotate", "--name", "ADMIN_PASSWORD")
+    assert admin.exit_code == 0, admin
+    password = admin.stderr.split("password manager):", 1)[1].split()[0]
+    assert verify_admin_password(Secret(password), kept(client, name)["ADMIN_PASSWORD_HASH"])
+    assert kept(client, name, "AWSPREVIOUS")["ADMIN_PASSWORD_HASH"] == rotated_map["ADMIN_PASSWORD_HASH"]
+
+    # The second machine sees the same key and secrets, and backs up with the rotated key.
+    statuses = [workspace.run("keys.status", "--json") for workspace in (first, second)]
+    assert all(result.exit_code == 0 for result in statuses), statuses
+    assert statuses[0].json()["key_id"] == statuses[1].json()["key_id"] == mask_identifier(new_key[0])
+    backup = second.run("backup")
+    assert backup.exit_code == 0, backup
+    reports = [workspace.run("secrets.status", "--json") for workspace in (first, second)]
+    assert all(result.exit_code == 0 for result in reports), reports
+    assert reports[0].json() == reports[1].json()
+    listed = {entry["name"]: entry for entry in reports[1].json()["secrets"]}
+    assert set(listed) >= STORE_KEYS and reports[1].json()["store"] == {"kind": "aws-sm", "location": (
+        f"AWS Secrets Manager secret {name}")}
+    assert listed["ADMIN_PASSWORD_HASH"]["rotation"] == "secrets.rotate --name ADMIN_PASSWORD"
+    assert listed["STORAGE_ACCESS_KEY_ID"]["rotation"] == "keys.rotate"
+    assert listed["hosts.0.app.env.GREETING"]["source"] == f"${{aws-sm:{name}-app#greeting}}"
+
+    final = kept(client, name)
+    for workspace in (first, second):
+        assert not (workspace.state_dir / "secrets").exists()
+        produced = workspace.everything_produced()
+        assert produced.count(password) == (1 if workspace is first else 0)
+        assert_no_secret(produced, managed["planted"], *fresh["secrets"],
+                         *(value for value in {**provisioned_map, **during, **final}.values() if len(value) > 8))
