@@ -4,6 +4,7 @@ manager CLI, `${aws-sm:…}` and the aws-sm store on moto's Secrets Manager, rea
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -13,6 +14,7 @@ import yaml
 
 from ops.envfile import parse_env_file
 from ops.keys import verify_admin_password
+from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.managers import manager_cli, manager_settings, secrets_manager
@@ -220,3 +222,55 @@ def test_the_aws_sm_store_is_shared_by_two_machines_and_resumes_a_killed_rotatio
         assert produced.count(password) == (1 if workspace is first else 0)
         assert_no_secret(produced, managed["planted"], *fresh["secrets"],
                          *(value for value in {**provisioned_map, **during, **final}.values() if len(value) > 8))
+
+
+# --- secrets.status and secrets.move on the file store ------------------------------------------------------
+
+
+def test_secrets_status_and_moving_the_file_store_into_secrets_manager(opsbook, staging, s3_server):
+    values = {"DATABASE_PASSWORD": f"db-{uuid.uuid4().hex}", "AUTH_SECRET": f"auth-{uuid.uuid4().hex}"}
+    store = SecretStore(opsbook.state_dir, "prod")
+    store.update({key: Secret(value) for key, value in values.items()})
+    old = time.time() - 3 * 86400
+    os.utime(store.path, (old, old))
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["prod"]["secrets"] = {"max_age_days": {"AUTH_SECRET": 2}}
+    opsbook.write_inventory(inventory)
+
+    due = opsbook.run("secrets.status", "--env", "prod", "--json")
+    assert due.exit_code == 3, due
+    assert due.json()["overdue"] == ["AUTH_SECRET"] and "AUTH_SECRET of prod past its rotation age" in due.stderr
+    listed = {entry["name"]: entry for entry in due.json()["secrets"]}
+    assert listed["AUTH_SECRET"]["rotation"] == "secrets.rotate --name AUTH_SECRET"
+    assert listed["DATABASE_PASSWORD"]["source"] == "the store (prod.env)"
+    assert not listed["DATABASE_PASSWORD"]["overdue"]
+    assert listed["database.admin_url"]["source"] == "${env:ADMIN_DATABASE_URL}"
+    assert "AUTH_SECRET: from the store (prod.env); changed " in due.stderr and "3 days ago" in due.stderr
+
+    # The move needs the inventory to name the manager first: opsbook reads the store it names.
+    unnamed = opsbook.run("secrets.move", "--env", "prod", "--to", "aws-sm", "--confirm", "prod")
+    assert unnamed.exit_code == 2 and "secrets.store is file, not aws-sm" in unnamed.stderr, unnamed
+    name = f"opsbook-test/{uuid.uuid4().hex[:8]}/prod"
+    opsbook.environ.update({"SM_KEY_ID": s3_server.access_key_id, "SM_SECRET": s3_server.secret_access_key.reveal()})
+    inventory["envs"]["prod"].update({"secret_managers": manager_settings(s3_server),
+                                      "secrets": {"store": "aws-sm", "aws_secret": name}})
+    opsbook.write_inventory(inventory)
+    client = secrets_manager(s3_server)
+
+    planned = opsbook.run("secrets.move", "--env", "prod", "--to", "aws-sm", "--dry-run")
+    assert planned.exit_code == 0, planned
+    assert f"would copy 2 entries from prod.env into AWS Secrets Manager secret {name}" in planned.stderr, planned
+    assert "AUTH_SECRET (value never shown)" in planned.stderr and f"would remove {store.path}" in planned.stderr
+    assert store.path.exists() and name not in {s["Name"] for s in client.list_secrets()["SecretList"]}
+    refused = opsbook.run("secrets.move", "--env", "prod", "--to", "aws-sm")
+    assert refused.exit_code == 2 and "--confirm prod" in refused.stderr and store.path.exists(), refused
+
+    moved = opsbook.run("secrets.move", "--env", "prod", "--to", "aws-sm", "--confirm", "prod", "--json")
+    assert moved.exit_code == 0 and moved.json()["status"] == "succeeded", moved
+    assert kept(client, name) == values and not store.path.exists()
+    again = opsbook.run("secrets.move", "--env", "prod", "--to", "aws-sm", "--confirm", "prod", "--json")
+    assert again.exit_code == 0 and again.json()["status"] == "nothing to do", again
+    now_in_manager = opsbook.run("secrets.status", "--env", "prod", "--json")
+    assert now_in_manager.json()["store"]["kind"] == "aws-sm", now_in_manager
+    assert {e["name"] for e in now_in_manager.json()["secrets"]} >= set(values)
+    assert_no_secret(opsbook, *values.values(), *staging["secrets"])
