@@ -340,8 +340,9 @@ class Environment:
         if kind == "aws-sm":  # references resolved only for the store in use
             settings = replace(settings, aws=aws_settings(self.raw("secret_managers", {})),
                                aws_secret=plain(resolve(self.raw("secrets.aws_secret", None))))
-        if kind == "kubernetes":
-            settings = replace(settings, kubernetes=resolve(self.raw("secrets.kubernetes", {})))
+        if kind == "kubernetes":  # the Secret the scheduled CronJobs read, unless secrets.kubernetes names another
+            scheduled = {k: v for k, v in self.raw("schedule.kubernetes", {}).items() if k in {"namespace", "secret"}}
+            settings = replace(settings, kubernetes={**scheduled, **resolve(self.raw("secrets.kubernetes", {}))})
         return open_store(settings)
 
     def _relative_to_inventory(self, path: str) -> Path:

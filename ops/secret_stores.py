@@ -11,6 +11,7 @@ from ops.errors import InventoryError
 from ops.secret_managers import AwsSettings
 from ops.secret_store import SecretStore, Store
 from ops.secret_store_aws import AwsSecretStore
+from ops.secret_store_kubernetes import KubernetesSecretStore
 
 DEFAULT_STORE = "file"
 
@@ -36,7 +37,11 @@ def _aws(settings: StoreSettings) -> Store:
     return AwsSecretStore(settings.aws, settings.aws_secret or f"opsbook/{settings.project}/{settings.env_name}")
 
 
-BACKENDS: dict[str, Callable[[StoreSettings], Store]] = {"file": _file, "aws-sm": _aws}
+def _kubernetes(settings: StoreSettings) -> Store:
+    return KubernetesSecretStore(settings.kubernetes, settings.env_name)
+
+
+BACKENDS: dict[str, Callable[[StoreSettings], Store]] = {"file": _file, "aws-sm": _aws, "kubernetes": _kubernetes}
 
 
 def register(name: str, factory: Callable[[StoreSettings], Store]) -> None:

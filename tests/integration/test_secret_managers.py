@@ -3,12 +3,14 @@ manager CLI, `${aws-sm:…}` and the aws-sm store on moto's Secrets Manager, rea
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
 import uuid
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -17,7 +19,7 @@ from ops.keys import verify_admin_password
 from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier
 from tests.cli import Opsbook, wait_for
-from tests.fixtures.managers import manager_cli, manager_settings, secrets_manager
+from tests.fixtures.managers import manager_cli, manager_settings, secrets_manager, serve_kubernetes_api
 from tests.fixtures.provision import iam_keys
 from tests.fixtures.s3 import refused
 from tests.fixtures.secrets import assert_no_secret
@@ -274,3 +276,47 @@ def test_secrets_status_and_moving_the_file_store_into_secrets_manager(opsbook, 
     assert now_in_manager.json()["store"]["kind"] == "aws-sm", now_in_manager
     assert {e["name"] for e in now_in_manager.json()["secrets"]} >= set(values)
     assert_no_secret(opsbook, *values.values(), *staging["secrets"])
+
+
+# --- the kubernetes store: the Secret the CronJobs read, written through the API ----------------------------
+
+
+@pytest.fixture
+def kubernetes_api() -> Any:
+    api = serve_kubernetes_api(f"token-{uuid.uuid4().hex}")
+    yield api
+    api.server.shutdown()
+
+
+def test_moving_the_file_store_into_the_kubernetes_secret_the_cronjobs_read(opsbook, staging, kubernetes_api):
+    values = {"DATABASE_PASSWORD": f"db-{uuid.uuid4().hex}", "AUTH_SECRET": f"auth-{uuid.uuid4().hex}"}
+    SecretStore(opsbook.state_dir, "staging").update({key: Secret(value) for key, value in values.items()})
+    kubernetes_api.secrets[("shop", "opsbook-staging")] = {  # the Secret as `kubectl create secret` left it
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "opsbook-staging", "namespace": "shop", "resourceVersion": "1"},
+        "data": {"S3_SECRET_ACCESS_KEY": "b3BlcmF0b3ItcHV0LXRoaXM="}}
+    opsbook.environ["K8S_TOKEN"] = kubernetes_api.token
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["staging"].update({
+        "schedule": {"kubernetes": {"image": "ghcr.io/acme/opsbook:1", "namespace": "shop"}},
+        "secrets": {"store": "kubernetes", "kubernetes": {"api": kubernetes_api.url, "token": "${env:K8S_TOKEN}"}}})
+    opsbook.write_inventory(inventory)
+
+    moved = opsbook.run("secrets.move", "--to", "kubernetes", "--json")
+    assert moved.exit_code == 0 and moved.json()["status"] == "succeeded", moved
+    assert "Kubernetes Secret shop/opsbook-staging" in moved.stderr
+    assert not SecretStore(opsbook.state_dir, "staging").path.exists()
+    written = kubernetes_api.secrets[("shop", "opsbook-staging")]
+    data = {key: base64.b64decode(value).decode() for key, value in written["data"].items()}
+    assert data == {**values, "S3_SECRET_ACCESS_KEY": "operator-put-this"}  # the operator's key kept
+    assert kubernetes_api.received, "nothing was written through the API"
+    for document in kubernetes_api.received:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+
+    status = opsbook.run("secrets.status", "--json")
+    assert status.exit_code == 0 and status.json()["store"]["kind"] == "kubernetes", status
+    assert {e["name"] for e in status.json()["secrets"]} >= set(values)
+    opsbook.environ["K8S_TOKEN"] = "wrong-token"
+    refused = opsbook.run("secrets.status")
+    assert refused.exit_code == 1 and "the API answered 401" in refused.stderr, refused
+    assert_no_secret(opsbook, *values.values(), kubernetes_api.token, *staging["secrets"])
