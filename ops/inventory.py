@@ -22,25 +22,27 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ops import yaml_text
-from ops.errors import InventoryError
+from ops.errors import InventoryError, OpsError
 from ops.hosts import HostConfig
-from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
+from ops.inventory_checks import duplicate_host_names, literal_url_problems
 from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.patterns import Pattern
 from ops.pg import parse_url, with_credentials
-from ops.secret_managers import (
-    DEFAULT_COMMAND_TIMEOUT_SECONDS,
-    AwsSettings,
-    ManagerError,
-    command_argv,
-    from_aws,
-    from_command,
-    parse_aws_reference,
+from ops.references import (
+    REFERENCE_FORMS,
+    REFERENCE_PATTERN,
+    Reference,
+    as_secret,
+    aws_settings,
+    manager_reference_problems,
+    mask_tree,
+    plain,
+    resolve,
 )
 from ops.secret_store import Store
 from ops.secret_stores import DEFAULT_STORE, StoreSettings, open_store
-from ops.secrets import MASK, Secret
+from ops.secrets import Secret
 from ops.storage import StorageConfig
 
 if TYPE_CHECKING:
@@ -49,70 +51,8 @@ if TYPE_CHECKING:
 
 DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
-REFERENCE_PATTERN = _REFERENCE = Pattern(r"\$\{(?P<kind>env|file|cmd|aws-sm):(?P<body>[^}]*)\}")
-REFERENCE_FORMS = ("${env:NAME}, ${env:NAME:-default}, ${file:PATH}, ${cmd:COMMAND}, ${aws-sm:NAME} "
-                   "or ${aws-sm:NAME#key}")
 _MISSING = object()
 _MONITOR_URL = Pattern(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A string holding ${env:…}/${file:…}/${cmd:…}/${aws-sm:…} references; resolved only when used.
-
-    `managers` is the `secret_managers` section of the reference's scope (its environment, or
-    `defaults`), its own references unresolved until a manager is asked."""
-
-    template: str
-    path: str
-    location: str
-    managers: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def resolve(self, environ: dict[str, str] | None = None) -> Secret:
-        environ = os.environ if environ is None else environ
-        value = Secret(_REFERENCE.sub(lambda match: self._substitute(match, environ), self.template))
-        schemes = url_schemes(self.path)
-        problem = url_problem(value.reveal(), schemes) if schemes else None
-        if problem:  # the value is registered for redaction by now; the message names only the references
-            references = " ".join(match[0] for match in _REFERENCE.finditer(self.template))
-            raise InventoryError(f"{self.path} (from {references}): {problem}", where=self.location,
-                                 hint=f"set {references} to a full URL, or change {self.path}")
-        return value
-
-    def _substitute(self, match: re.Match[str], environ: dict[str, str]) -> str:
-        body = match["body"]
-        if match["kind"] in {"cmd", "aws-sm"}:
-            return self._from_manager(match["kind"], body)
-        if match["kind"] == "file":
-            file = Path(os.path.expanduser(body))
-            try:
-                return file.read_text().strip()
-            except OSError as error:
-                raise self._error(f"${{file:{body}}} cannot be read ({error.strerror})",
-                                  f"create {body} or change {self.path}") from None
-        name, has_default, default = body.partition(":-")
-        value = environ.get(name)
-        if value:
-            return value
-        if has_default:
-            return default
-        raise self._error(f"${{env:{name}}} is not set", f"export {name}=… before running, or change {self.path}")
-
-    def _from_manager(self, kind: str, body: str) -> str:
-        try:
-            if kind == "cmd":
-                timeout = float(plain(resolve(self.managers.get("command_timeout_seconds")))
-                                or DEFAULT_COMMAND_TIMEOUT_SECONDS)
-                return from_command(body, timeout).reveal()
-            return from_aws(body, aws_settings(self.managers)).reveal()
-        except ManagerError as error:
-            raise self._error(f"${{{kind}:{body}}}: {error.message}", error.hint) from None
-
-    def _error(self, message: str, hint: str) -> InventoryError:
-        return InventoryError(f"{self.path}: {message}", where=self.location, hint=hint)
-
-    def __str__(self) -> str:
-        return self.template
 
 
 @dataclass
@@ -323,7 +263,8 @@ class Environment:
                     node.resolve()  # a Secret registers its value with the redactor
 
         walk(self.data)
-        self.secret_store().read()
+        with contextlib.suppress(OpsError):  # a store out of reach: none of its values reached us either
+            self.secret_store().read()
 
     def masked(self) -> dict[str, Any]:
         return mask_tree(self.data)
@@ -415,15 +356,6 @@ def _describe(error: Any, lines: dict[str, int]) -> list[str]:
     return [_at(path, error.message, lines)]
 
 
-def aws_settings(managers: dict[str, Any]) -> AwsSettings:
-    """`secret_managers.aws` (references resolved now); unset fields fall to boto3's own chain."""
-    settings = resolve(managers.get("aws") or {})
-    secret = settings.get("secret_access_key")
-    return AwsSettings(region=plain(settings.get("region")), endpoint=plain(settings.get("endpoint")),
-                       access_key_id=plain(settings.get("access_key_id")),
-                       secret_access_key=as_secret(secret) if secret else None)
-
-
 def _check_references(node: Any, lines: dict[str, int], path: str = "") -> list[str]:
     problems = []
     if isinstance(node, dict):
@@ -433,22 +365,10 @@ def _check_references(node: Any, lines: dict[str, int], path: str = "") -> list[
         for index, value in enumerate(node):
             problems += _check_references(value, lines, f"{path}.{index}")
     elif isinstance(node, str) and "${" in node:
-        leftover = _REFERENCE.sub("", node)
+        leftover = REFERENCE_PATTERN.sub("", node)
         if "${" in leftover:
             problems.append(_at(path, f"malformed reference; use {REFERENCE_FORMS}", lines))
-        problems += [_at(path, message, lines) for message in _manager_reference_problems(node)]
-    return problems
-
-
-def _manager_reference_problems(text: str) -> list[str]:
-    problems = []
-    for match in _REFERENCE.finditer(text):
-        check = command_argv if match["kind"] == "cmd" else parse_aws_reference if match["kind"] == "aws-sm" else None
-        try:
-            if check:
-                check(match["body"])
-        except ManagerError as error:
-            problems.append(f"{match[0]} {error.message}; {error.hint}")
+        problems += [_at(path, message, lines) for message in manager_reference_problems(node)]
     return problems
 
 
@@ -486,7 +406,7 @@ def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path,
     if isinstance(node, list):
         return [_wrap_references(v, f"{path}.{i}", lines, file, managers) for i, v in enumerate(node)]
     key = path.rsplit(".", 1)[-1]
-    if isinstance(node, str) and _REFERENCE.search(node):
+    if isinstance(node, str) and REFERENCE_PATTERN.search(node):
         line = lines.get(path)
         scope = path.split(".")[1] if path.startswith("envs.") else ""
         return Reference(node, path, f"{file.name}, line {line}" if line else file.name, managers.get(scope, {}))
@@ -500,42 +420,6 @@ def _looks_secret(key: str, value: str) -> bool:
     if key in {"url", "direct_url", "admin_url"}:
         return "@" in value or "hooks." in value or "/webhook" in value
     return True
-
-
-def resolve(node: Any) -> Any:
-    if isinstance(node, Reference):
-        return node.resolve()
-    if isinstance(node, dict):
-        return {k: resolve(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [resolve(v) for v in node]
-    return node
-
-
-def plain(node: Any) -> Any:
-    """Resolved settings that are not credentials (bucket, endpoint, address) as plain values."""
-    if isinstance(node, dict):
-        return {k: plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [plain(v) for v in node]
-    return node.reveal() if isinstance(node, Secret) else node
-
-
-def as_secret(value: Any) -> Secret:
-    return value if isinstance(value, Secret) else Secret(str(value))
-
-
-def mask_tree(node: Any) -> Any:
-    """For display: Secrets and references masked, references named (`*** (${env:X})`)."""
-    if isinstance(node, dict):
-        return {k: mask_tree(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [mask_tree(v) for v in node]
-    if isinstance(node, Reference):
-        return f"{MASK} (from {node.template})"
-    if isinstance(node, Secret):
-        return MASK
-    return node
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

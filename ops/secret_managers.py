@@ -8,8 +8,11 @@ command's stderr (a CLI may echo what it read).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ops import aws
+from ops.processes import CannotStart, child_process
 from ops.secrets import Secret
 
 DEFAULT_COMMAND_TIMEOUT_SECONDS = 10.0
@@ -78,19 +82,25 @@ def from_command(command: str, timeout: float = DEFAULT_COMMAND_TIMEOUT_SECONDS)
 
 def _run(argv: list[str], timeout: float) -> Secret:
     try:
-        completed = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
-    except FileNotFoundError:
-        raise ManagerError(f"command {argv[0]!r} not found", f"install {argv[0]} or put it on PATH") from None
-    except PermissionError:
-        raise ManagerError(f"command {argv[0]!r} is not executable", f"check the permissions of {argv[0]}") from None
-    except subprocess.TimeoutExpired:
-        raise ManagerError(f"command {argv[0]!r} did not finish within {timeout:g}s (stopped)",
-                           "check that the manager is reachable and needs no prompt, or raise "
-                           "secret_managers.command_timeout_seconds") from None
-    output = Secret(completed.stdout.decode(errors="replace").rstrip("\r\n"))  # registered before any message
-    if completed.returncode != 0:
-        # stderr is dropped unread: a manager CLI may echo what it was asked for
-        raise ManagerError(f"command {argv[0]!r} exited {completed.returncode} (its output is not shown)",
+        with child_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                           start_new_session=True) as process:  # its own group: a timeout stops its children too
+            try:
+                stdout, _ = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                raise ManagerError(f"command {argv[0]!r} did not finish within {timeout:g}s (stopped)",
+                                   "check that the manager is reachable and needs no prompt, or raise "
+                                   "secret_managers.command_timeout_seconds") from None
+    except CannotStart as error:
+        missing = isinstance(error.error, FileNotFoundError)
+        raise ManagerError(f"command {argv[0]!r} {'not found' if missing else f'cannot start ({error})'}",
+                           f"install {argv[0]} or put it on PATH" if missing else f"check {argv[0]}") from None
+    output = Secret(stdout.decode(errors="replace").rstrip("\r\n"))  # registered before any message
+    if process.returncode != 0:
+        # stderr is never read: a manager CLI may echo what it was asked for
+        raise ManagerError(f"command {argv[0]!r} exited {process.returncode} (its output is not shown)",
                            "run the command yourself to see why (logged in? the item's name?)")
     if not output:
         raise ManagerError(f"command {argv[0]!r} printed nothing", "check the item the command names")

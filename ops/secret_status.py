@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ops import keys
 from ops.clock import iso_z_or_none, parse_time_or_none
 from ops.errors import OpsError
-from ops.inventory import REFERENCE_PATTERN, Reference, aws_settings
+from ops.references import REFERENCE_PATTERN, Reference, aws_settings
 from ops.secret_managers import aws_last_changed, parse_aws_reference
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@ file store into a manager (the status: ops.secret_status; the move's steps: ops.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
@@ -34,7 +34,8 @@ def status(c, env=None, json=False):
                           "the age)")
 
 
-def build(env: Environment, to: str) -> Runbook:
+def build(env: Environment, to: str | None = None, **arguments: Any) -> Runbook:
+    to = to or env.store_kind
     target_store(env, to)  # a usage error before any plan
     return Runbook("secrets.move", f"Move the secrets of {env.name} from the file store to {to}",
                    [CopyEntries(to), RemoveFile(to)], arguments={"to": to})
