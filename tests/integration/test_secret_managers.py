@@ -162,7 +162,7 @@ def managed(opsbook: Opsbook, fresh: dict[str, Any], s3_server: Any, tmp_path: A
 
 
 def test_the_aws_sm_store_is_shared_by_two_machines_and_resumes_a_killed_rotation(opsbook, fresh, managed,
-                                                                                    s3_server):
+                                                                                    s3_server, postgres_server):
     first, second, client, name, host = opsbook, managed["second"], managed["client"], managed["name"], fresh["host"]
     provisioned = first.run("provision")
     assert provisioned.exit_code == 0, provisioned
@@ -207,6 +207,15 @@ def test_the_aws_sm_store_is_shared_by_two_machines_and_resumes_a_killed_rotatio
     assert statuses[0].json()["key_id"] == statuses[1].json()["key_id"] == mask_identifier(new_key[0])
     backup = second.run("backup")
     assert backup.exit_code == 0, backup
+    notices = second.state_dir / "notices.md"  # a failed backup tells the channels: nothing leaks there either
+    broken = yaml.safe_load(second.inventory.read_text())
+    broken["envs"]["staging"]["notify"] = [{"kind": "file", "path": str(notices)}]
+    database = broken["envs"]["staging"]["database"]  # nothing listens there; the password comes from the store
+    database["url"] = database["url"].replace(f":{postgres_server.port}/", ":1/")
+    second.write_inventory(broken)
+    failed = second.run("backup")
+    assert failed.exit_code == 3 and "backup" in notices.read_text(), failed
+    second.write_inventory(yaml.safe_load(first.inventory.read_text()))
     reports = [workspace.run("secrets.status", "--json") for workspace in (first, second)]
     assert all(result.exit_code == 0 for result in reports), reports
     assert reports[0].json() == reports[1].json()
