@@ -41,8 +41,9 @@ def build(env: Environment, to: str | None = None, **arguments: Any) -> Runbook:
                    [CopyEntries(to), RemoveFile(to)], arguments={"to": to})
 
 
-@task(klass=OpsTask, help={"to": "the store the inventory's secrets.store names now: aws-sm or kubernetes"})
-def move(c, to, env=None, dry_run=False, confirm=None, json=False):
+@task(klass=OpsTask, help={"to": "aws-sm or kubernetes: the store the inventory's secrets.store names now (default: "
+                                 "that store)"})
+def move(c, to=None, env=None, dry_run=False, confirm=None, json=False):
     """Copy the file store's entries into the manager, read them back, then remove the file."""
     output = make_output(json)
     environment_ = environment(env, output=output, confirm=confirm)
