@@ -19,7 +19,6 @@ from ops.inventory import resolve
 from ops.patterns import Pattern
 from ops.pg_url import with_credentials
 from ops.render import template_environment, templates_dir
-from ops.secret_store import SecretStore
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
 if TYPE_CHECKING:
@@ -76,7 +75,7 @@ def _tidy(text: str) -> str:
 
 def env_file_context(env: Environment, host_name: str | None = None) -> dict[str, Any]:
     """What the template sees: plain strings (real values) or None for what is not configured."""
-    stored = SecretStore(env.inventory.state_dir, env.name).read()
+    stored = env.secret_store().read()
     app = env.app_settings(host_name)
     return {
         "project": env.inventory.project,

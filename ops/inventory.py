@@ -16,21 +16,33 @@ import difflib
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ops import yaml_text
-from ops.errors import InventoryError
+from ops.errors import InventoryError, OpsError
 from ops.hosts import HostConfig
-from ops.inventory_checks import duplicate_host_names, literal_url_problems, url_problem, url_schemes
+from ops.inventory_checks import duplicate_host_names, literal_url_problems
 from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.patterns import Pattern
 from ops.pg_url import parse_url, with_credentials
-from ops.secret_store import SecretStore
-from ops.secrets import MASK, Secret
+from ops.references import (
+    REFERENCE_FORMS,
+    REFERENCE_PATTERN,
+    Reference,
+    as_secret,
+    aws_settings,
+    manager_reference_problems,
+    mask_tree,
+    plain,
+    resolve,
+)
+from ops.secret_store import Store
+from ops.secret_stores import DEFAULT_STORE, StoreSettings, open_store
+from ops.secrets import Secret
 from ops.storage import StorageConfig
 
 if TYPE_CHECKING:
@@ -39,52 +51,8 @@ if TYPE_CHECKING:
 
 DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
-_REFERENCE = Pattern(r"\$\{(?P<kind>env|file):(?P<body>[^}]*)\}")
 _MISSING = object()
 _MONITOR_URL = Pattern(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A string holding ${env:…}/${file:…} references; resolved only when used."""
-
-    template: str
-    path: str
-    location: str
-
-    def resolve(self, environ: dict[str, str] | None = None) -> Secret:
-        environ = os.environ if environ is None else environ
-        value = Secret(_REFERENCE.sub(lambda match: self._substitute(match, environ), self.template))
-        schemes = url_schemes(self.path)
-        problem = url_problem(value.reveal(), schemes) if schemes else None
-        if problem:  # the value is registered for redaction by now; the message names only the references
-            references = " ".join(match[0] for match in _REFERENCE.finditer(self.template))
-            raise InventoryError(f"{self.path} (from {references}): {problem}", where=self.location,
-                                 hint=f"set {references} to a full URL, or change {self.path}")
-        return value
-
-    def _substitute(self, match: re.Match[str], environ: dict[str, str]) -> str:
-        body = match["body"]
-        if match["kind"] == "file":
-            file = Path(os.path.expanduser(body))
-            try:
-                return file.read_text().strip()
-            except OSError as error:
-                raise self._error(f"${{file:{body}}} cannot be read ({error.strerror})",
-                                  f"create {body} or change {self.path}") from None
-        name, has_default, default = body.partition(":-")
-        value = environ.get(name)
-        if value:
-            return value
-        if has_default:
-            return default
-        raise self._error(f"${{env:{name}}} is not set", f"export {name}=… before running, or change {self.path}")
-
-    def _error(self, message: str, hint: str) -> InventoryError:
-        return InventoryError(f"{self.path}: {message}", where=self.location, hint=hint)
-
-    def __str__(self) -> str:
-        return self.template
 
 
 @dataclass
@@ -195,7 +163,7 @@ class Environment:
         """
         written = self._written_database_url(direct)
 
-        password = SecretStore(self.inventory.state_dir, self.name).get("DATABASE_PASSWORD")
+        password = self.secret_store().get("DATABASE_PASSWORD")
         if not password or urlsplit(written.reveal()).password is not None:
             return written
         return Secret(with_credentials(written.reveal(), password.reveal(), user=self.raw("database.role", None)))
@@ -242,7 +210,7 @@ class Environment:
 
     def stored_storage_keys(self) -> dict[str, Secret]:
         """After a key rotation the secret store holds the storage key pair; it wins over the inventory's."""
-        stored = SecretStore(self.inventory.state_dir, self.name).read()
+        stored = self.secret_store().read()
         key_id, secret = stored.get("STORAGE_ACCESS_KEY_ID"), stored.get("STORAGE_SECRET_ACCESS_KEY")
         return {"access_key_id": key_id, "secret_access_key": secret} if key_id and secret else {}
 
@@ -295,10 +263,28 @@ class Environment:
                     node.resolve()  # a Secret registers its value with the redactor
 
         walk(self.data)
-        SecretStore(self.inventory.state_dir, self.name).read()
+        with contextlib.suppress(OpsError):  # a store out of reach: none of its values reached us either
+            self.secret_store().read()
 
     def masked(self) -> dict[str, Any]:
         return mask_tree(self.data)
+
+    @property
+    def store_kind(self) -> str:
+        return str(self.raw("secrets.store", None) or DEFAULT_STORE)
+
+    def secret_store(self, kind: str | None = None) -> Store:
+        """Where opsbook keeps what it generates for this environment: `secrets.store` (or `kind`)."""
+        kind = kind or self.store_kind
+        settings = StoreSettings(kind=kind, state_dir=self.inventory.state_dir, env_name=self.name,
+                                 project=self.inventory.project)
+        if kind == "aws-sm":  # references resolved only for the store in use
+            settings = replace(settings, aws=aws_settings(self.raw("secret_managers", {})),
+                               aws_secret=plain(resolve(self.raw("secrets.aws_secret", None))))
+        if kind == "kubernetes":  # the Secret the scheduled CronJobs read, unless secrets.kubernetes names another
+            scheduled = {k: v for k, v in self.raw("schedule.kubernetes", {}).items() if k in {"namespace", "secret"}}
+            settings = replace(settings, kubernetes={**scheduled, **resolve(self.raw("secrets.kubernetes", {}))})
+        return open_store(settings)
 
     def _relative_to_inventory(self, path: str) -> Path:
         candidate = Path(os.path.expanduser(path))
@@ -323,7 +309,7 @@ def load(path: str | Path | None = None) -> Inventory:
     if problems:
         raise InventoryError(f"{file} has {len(problems)} problem(s)", problems=problems,
                              hint="fix each line above, then run `inv inventory.check`")
-    tree = _wrap_references(data, "", lines, file)
+    tree = _wrap_references(data, "", lines, file, _managers_by_scope(data, lines, file))
     return Inventory(file=file.resolve(), data=tree, lines=lines,
                      digest=hashlib.sha256(text.encode()).hexdigest()[:16])
 
@@ -379,10 +365,10 @@ def _check_references(node: Any, lines: dict[str, int], path: str = "") -> list[
         for index, value in enumerate(node):
             problems += _check_references(value, lines, f"{path}.{index}")
     elif isinstance(node, str) and "${" in node:
-        leftover = _REFERENCE.sub("", node)
+        leftover = REFERENCE_PATTERN.sub("", node)
         if "${" in leftover:
-            problems.append(_at(path, "malformed reference; use ${env:NAME}, ${env:NAME:-default} or ${file:PATH}",
-                                lines))
+            problems.append(_at(path, f"malformed reference; use {REFERENCE_FORMS}", lines))
+        problems += [_at(path, message, lines) for message in manager_reference_problems(node)]
     return problems
 
 
@@ -401,15 +387,29 @@ def _did_you_mean(word: str, choices: list[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path) -> Any:
+def _managers_by_scope(data: dict[str, Any], lines: dict[str, int], file: Path) -> dict[str, dict[str, Any]]:
+    """`secret_managers` of `defaults` (key "") and of each environment (defaults merged under it),
+    its own references wrapped: what a reference in that scope resolves with."""
+    defaults = (data.get("defaults") or {}).get("secret_managers") or {}
+    scopes = {"": _wrap_references(defaults, "defaults.secret_managers", lines, file, {})}
+    for name, env in (data.get("envs") or {}).items():
+        own = (env or {}).get("secret_managers") or {}
+        scopes[name] = _wrap_references(deep_merge(defaults, own), f"envs.{name}.secret_managers", lines, file, {})
+    return scopes
+
+
+def _wrap_references(node: Any, path: str, lines: dict[str, int], file: Path,
+                     managers: dict[str, dict[str, Any]]) -> Any:
     if isinstance(node, dict):
-        return {k: _wrap_references(v, f"{path}.{k}" if path else str(k), lines, file) for k, v in node.items()}
+        return {k: _wrap_references(v, f"{path}.{k}" if path else str(k), lines, file, managers)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_wrap_references(v, f"{path}.{i}", lines, file) for i, v in enumerate(node)]
+        return [_wrap_references(v, f"{path}.{i}", lines, file, managers) for i, v in enumerate(node)]
     key = path.rsplit(".", 1)[-1]
-    if isinstance(node, str) and _REFERENCE.search(node):
+    if isinstance(node, str) and REFERENCE_PATTERN.search(node):
         line = lines.get(path)
-        return Reference(node, path, f"{file.name}, line {line}" if line else file.name)
+        scope = path.split(".")[1] if path.startswith("envs.") else ""
+        return Reference(node, path, f"{file.name}, line {line}" if line else file.name, managers.get(scope, {}))
     if isinstance(node, str) and ((key in SECRET_KEYS and _looks_secret(key, node)) or _MONITOR_URL.match(path)):
         return Secret(node)
     return node
@@ -420,42 +420,6 @@ def _looks_secret(key: str, value: str) -> bool:
     if key in {"url", "direct_url", "admin_url"}:
         return "@" in value or "hooks." in value or "/webhook" in value
     return True
-
-
-def resolve(node: Any) -> Any:
-    if isinstance(node, Reference):
-        return node.resolve()
-    if isinstance(node, dict):
-        return {k: resolve(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [resolve(v) for v in node]
-    return node
-
-
-def plain(node: Any) -> Any:
-    """Resolved settings that are not credentials (bucket, endpoint, address) as plain values."""
-    if isinstance(node, dict):
-        return {k: plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [plain(v) for v in node]
-    return node.reveal() if isinstance(node, Secret) else node
-
-
-def as_secret(value: Any) -> Secret:
-    return value if isinstance(value, Secret) else Secret(str(value))
-
-
-def mask_tree(node: Any) -> Any:
-    """For display: Secrets and references masked, references named (`*** (${env:X})`)."""
-    if isinstance(node, dict):
-        return {k: mask_tree(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [mask_tree(v) for v in node]
-    if isinstance(node, Reference):
-        return f"{MASK} (from {node.template})"
-    if isinstance(node, Secret):
-        return MASK
-    return node
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,23 @@ SCHEDULE = _object({
     "jobs": _object({name: SCHEDULE_JOB for name in SCHEDULE_JOBS}),
 })
 
+# where ${aws-sm:…} references and the aws-sm store reach Secrets Manager (unset: boto3's own chain), and how
+# long a ${cmd:…} reference's command may run
+SECRET_MANAGERS = _object({
+    "command_timeout_seconds": {"type": "number", "exclusiveMinimum": 0},
+    "aws": _object({"region": _STRING, "endpoint": _STRING, "access_key_id": _STRING, "secret_access_key": _STRING}),
+})
+
+# where what opsbook generates or rotates is kept (ops/secret_store.py); max_age_days per secret for secrets.status
+SECRETS = _object({
+    "store": {"enum": ["file", "aws-sm", "kubernetes"]},
+    "aws_secret": _STRING,  # aws-sm: the secret's name; default opsbook/PROJECT/ENV
+    # kubernetes: the API server, a bearer token, its CA; the Secret (default opsbook-ENV, as schedule's) and namespace
+    "kubernetes": _object({"api": _STRING, "token": _STRING, "ca_file": _STRING, "namespace": _K8S_NAME,
+                           "secret": _K8S_NAME}),
+    "max_age_days": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
+})
+
 ENVIRONMENT = _object({
     "sandbox": {"type": "boolean"},
     "protected": {"type": "boolean"},
@@ -154,6 +171,8 @@ ENVIRONMENT = _object({
     "schedule": SCHEDULE,
     # the lease a mutating run holds in the backup bucket (ops/lease.py): seconds it holds unless renewed
     "locks": _object({"lease_seconds": {"type": "number", "minimum": 1}}),
+    "secret_managers": SECRET_MANAGERS,
+    "secrets": SECRETS,
 })
 
 # defaults: the same sections as an environment, none required
@@ -172,7 +191,7 @@ INVENTORY = _object({
 
 # Keys whose literal values are secrets even when written inline (not only ${…} refs).
 SECRET_KEYS = frozenset({
-    "url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id",
+    "url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id", "token",
 })
 
 

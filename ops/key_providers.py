@@ -278,7 +278,8 @@ class AwsIamProvider(KeyProvider):
                                        hint="the storage key needs iam:CreateAccessKey, DeleteAccessKey and "
                                             "ListAccessKeys on its own user; provision and rotation revoke the "
                                             "inventory's key once they replace it: the key in use is in the secret "
-                                            "store (.ops/secrets/) of the machine that ran them") from None
+                                            "store (`inv secrets.status`; the file store is .ops/secrets/ of the "
+                                            "machine that ran them)") from None
             raise StepFailed(f"{action}: {code}: {detail}", where=where, hint="retry; then check IAM") from None
         except aws.BotoCoreError as error:
             raise ConnectionFailed(f"{action}: cannot reach IAM ({redact(error)})", where=where,

@@ -56,8 +56,7 @@ class CreateKey(Step):
         provider = keys.provider_for(ctx.env, log=ctx.log, prompt=input)
         new = provider.create_key(keys.new_label(ctx.env))
         store = keys.secret_store(ctx.env)  # kept at once: an interrupted run never loses the key
-        store.set(keys.NEXT_SECRET, new.secret_access_key)
-        store.set(keys.NEXT_KEY_ID, Secret(new.key_id))
+        store.update({keys.NEXT_SECRET: new.secret_access_key, keys.NEXT_KEY_ID: Secret(new.key_id)})
         return {"key_id": mask_identifier(new.key_id), "provider": provider.name}
 
     def undo(self, ctx: RunContext, change: Change) -> str | None:
@@ -144,14 +143,13 @@ class StoreKey(Step):
         if not new_id:
             return {}
         old_id, old_secret = keys.current_credentials(env)
-        # Each write is atomic and the order makes every crash point resumable: the previous key first,
-        # then the current one; the pending id goes last, so until it is gone this step is not done.
+        # One write (atomic in every store, one new version in a manager's): the old key kept as the previous
+        # one, the new one current, the pending one gone; a crash leaves the state before or after it.
+        changes: dict[str, Secret | None] = {keys.NEXT_SECRET: None, keys.NEXT_KEY_ID: None}
         if new_secret and old_id != new_id.reveal():
-            store.set(keys.PREVIOUS_SECRET, old_secret or Secret(""))
-            store.set(keys.PREVIOUS_KEY_ID, Secret(old_id))
-            store.set(keys.SECRET, new_secret)
-            store.set(keys.KEY_ID, new_id)
-        keys.clear(env, keys.NEXT_SECRET, keys.NEXT_KEY_ID)
+            changes.update({keys.PREVIOUS_SECRET: old_secret or Secret(""), keys.PREVIOUS_KEY_ID: Secret(old_id),
+                            keys.SECRET: new_secret, keys.KEY_ID: new_id})
+        store.update(changes)
         for cached in ("storage:storage", "storage:backups"):
             ctx.forget(cached)  # the rest of the run (and its journal upload) uses the new key
         return {"key_id": masked_key(new_id), "previous_key_id": mask_identifier(old_id)}

@@ -35,7 +35,6 @@ from ops.key_providers import (
     NewKey,
     StaticProvider,
 )
-from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier, redact, reveal
 from ops.storage import open_storage
 from ops.storage.s3 import S3Storage
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 
     from ops.inventory import Environment
     from ops.output import Output
-    from ops.secret_store import SecretStore
+    from ops.secret_store import Store
     from ops.storage import Storage
 
 __all__ = ["KeyInfo", "KeyProvider", "KeyStatus", "KnownKey", "NewKey", "current_key_id", "key_status", "known_keys",
@@ -71,8 +70,9 @@ PROBE_SETTINGS = {"retries": {"max_attempts": 2}, "connect_timeout": 10, "read_t
 # --- the secret store -------------------------------------------------------------
 
 
-def secret_store(env: Environment) -> SecretStore:
-    return SecretStore(env.inventory.state_dir, env.name)
+def secret_store(env: Environment) -> Store:
+    """The store the environment's `secrets.store` names (ops/secret_stores.py)."""
+    return env.secret_store()
 
 
 def stored(env: Environment, name: str) -> Secret | None:

@@ -20,11 +20,10 @@ from ops.errors import OpsError, StepFailed
 from ops.inventory import Environment
 from ops.migrations import shell_path
 from ops.rollout import host_named
-from ops.secret_store import SecretStore
 from ops.secrets import Secret, mask_identifier, redact
 
 if TYPE_CHECKING:
-    from ops.secret_store import SecretStore
+    from ops.secret_store import Store
 
 DATABASE_PASSWORD = "DATABASE_PASSWORD"
 AUTH_SECRET = "AUTH_SECRET"
@@ -36,8 +35,9 @@ SEED_TIMEOUT_SECONDS = 3600
 LOG_LINES = 20
 
 
-def secret_store(env: Environment) -> SecretStore:
-    return SecretStore(env.inventory.state_dir, env.name)
+def secret_store(env: Environment) -> Store:
+    """The store the environment's `secrets.store` names (ops/secret_stores.py)."""
+    return env.secret_store()
 
 
 # --- the database password the role was given ----------------------------------------------
@@ -113,7 +113,7 @@ class RoleStep(Step):
         if row:
             self._warn_without_password(ctx)
             return None
-        return Change(f"create role {self.role} (LOGIN; password generated into {secret_store(ctx.env).path.name})")
+        return Change(f"create role {self.role} (LOGIN; password generated into {secret_store(ctx.env).label})")
 
     def _warn_without_password(self, ctx: RunContext) -> None:
         """A role made elsewhere keeps its password: opsbook never changes one it did not set."""
@@ -124,7 +124,7 @@ class RoleStep(Step):
         if "password" not in pg_url.connection_params(ctx.env.database_url(direct=False)):
             ctx.output.warn(f"role {self.role} already exists and neither the secret store nor database.url has "
                             "its password: the app's DATABASE_URL will have none; put it in database.url "
-                            f"(as ${{env:…}}) or in {secret_store(ctx.env).path} as {DATABASE_PASSWORD}")
+                            f"(as ${{env:…}}) or in {secret_store(ctx.env).location} as {DATABASE_PASSWORD}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         # The password is stored before the role exists: an interrupted run never loses it.
@@ -287,7 +287,7 @@ class AuthSecretStep(Step):
     def check(self, ctx: RunContext) -> Change | None:
         if secret_store(ctx.env).get(AUTH_SECRET):
             return None
-        return Change(f"generate AUTH_SECRET into {secret_store(ctx.env).path.name} (never shown)")
+        return Change(f"generate AUTH_SECRET into {secret_store(ctx.env).label} (never shown)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         secret_store(ctx.env).set(AUTH_SECRET, Secret(random_tokens.token_urlsafe(AUTH_SECRET_BYTES)))
@@ -304,7 +304,7 @@ class AdminPasswordStep(Step):
         if secret_store(ctx.env).get(ADMIN_PASSWORD_HASH):
             return None
         return Change("generate the admin password (shown once on stderr when applied), store its salted "
-                      f"scrypt hash as ADMIN_PASSWORD_HASH in {secret_store(ctx.env).path.name}")
+                      f"scrypt hash as ADMIN_PASSWORD_HASH in {secret_store(ctx.env).label}")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         keys.issue_admin_password(ctx.env, ctx.output, f"Admin password for {ctx.env.name}")
@@ -329,7 +329,7 @@ class SeedStep(Step):
         if secret_store(ctx.env).get(SEEDED):
             return None
         return Change(f"run the seed command on {self.host_name} (then recorded as done in "
-                      f"{secret_store(ctx.env).path.name}: it never runs again for this environment)")
+                      f"{secret_store(ctx.env).label}: it never runs again for this environment)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         # The app's own environment, as its env file has it: what the seed would see on the host.

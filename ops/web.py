@@ -7,6 +7,7 @@ here, and catch urllib.error's exceptions (cheap to import) as before.
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,9 +23,18 @@ def request(url: str, *, data: bytes | None = None, method: str | None = None,
     return urllib.request.Request(url, data=data, method=method, headers=headers or {})
 
 
-def urlopen(target: str | urllib.request.Request, *, timeout: float) -> HTTPResponse:
+def urlopen(target: str | urllib.request.Request, *, timeout: float,
+            context: ssl.SSLContext | None = None) -> HTTPResponse:
     """urllib.request.urlopen: the response (a context manager); HTTPError for a non-2xx answer."""
     import urllib.request
 
-    response: Any = urllib.request.urlopen(target, timeout=timeout)
+    response: Any = urllib.request.urlopen(target, timeout=timeout, context=context)
     return response
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """Certificates checked against `ca_file` (a private CA, as a Kubernetes API server's), or None: the
+    system's."""
+    if not ca_file:
+        return None
+    return ssl.create_default_context(cafile=ca_file)

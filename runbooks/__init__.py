@@ -37,6 +37,7 @@ RUNBOOKS = {
     "incident.rollback": "runbooks.incident",
     "keys.rotate": "runbooks.keys",
     "secrets.rotate": "runbooks.secrets_rotate",
+    "secrets.move": "runbooks.secrets_store",
 }
 
 

@@ -24,12 +24,15 @@ from runbooks import (
     sandbox,
     schedule,
     secrets_rotate,
+    secrets_store,
     status,
 )
 
 backup.collection.add_task(prune.prune)
 backup.collection.add_task(assets.assets)
 backup.collection.add_task(backup_check.check)
+secrets_rotate.collection.add_task(secrets_store.status)
+secrets_rotate.collection.add_task(secrets_store.move)
 
 ns = Collection()
 ns.add_task(health.health)

@@ -58,7 +58,7 @@ class GenerateSecret(Step):
             return None
         stored_as = "ADMIN_PASSWORD_HASH" if self.secret == "ADMIN_PASSWORD" else "AUTH_SECRET"
         return Change(f"generate a new {self.secret} into the secret store as {stored_as}",
-                      [f"{keys.secret_store(ctx.env).path.name}: {stored_as} replaced; the env files get it next"])
+                      [f"{keys.secret_store(ctx.env).label}: {stored_as} replaced; the env files get it next"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         store = keys.secret_store(ctx.env)
