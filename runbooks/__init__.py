@@ -37,6 +37,8 @@ RUNBOOKS = {
     "incident.rollback": "runbooks.incident",
     "keys.rotate": "runbooks.keys",
     "secrets.rotate": "runbooks.secrets_rotate",
+    "pitr.setup": "runbooks.pitr:build_setup",
+    "pitr.base": "runbooks.pitr:build_base",
 }
 
 

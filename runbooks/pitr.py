@@ -1,0 +1,58 @@
+"""inv pitr.setup / pitr.base / pitr.list: point-in-time recovery through barman-cloud (ops/pitr_*.py).
+
+`inv restore --to-time T` (runbooks/restore.py) recovers a scratch cluster from these and moves its
+data into the target as a dump restore does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from invoke import Collection, task
+
+from ops import pitr_base, pitr_setup
+from ops.cli import OpsTask, environment, make_output
+from ops.engine import RunContext
+from ops.failure_notice import run_notifying
+from ops.storage import open_storage
+
+__all__ = ["build_base", "build_setup", "collection"]  # RUNBOOKS "pitr.setup", "pitr.base"
+
+build_setup = pitr_setup.build
+build_base = pitr_base.build
+
+
+@task(klass=OpsTask)
+def setup(c, env=None, dry_run=False, confirm=None, json=False):
+    """Turn on WAL archiving to the backup bucket (wal_level, archive_mode/command/timeout), restart, prove it."""
+    output = make_output(json)
+    environment_ = environment(env, output=output, confirm=confirm)
+    run_notifying(build_setup(environment_), environment_, output, dry_run=dry_run, confirm=confirm,
+                  result=lambda ctx: {"archive": ctx.state.get("archive")})
+
+
+@task(klass=OpsTask, help=dict(no_prune="do not apply the recovery window afterwards"))
+def base(c, env=None, no_prune=False, dry_run=False, confirm=None, json=False):
+    """Take a compressed base backup through the engine, then delete what the recovery window no longer needs."""
+    output = make_output(json)
+    environment_ = environment(env, output=output, confirm=confirm)
+
+    def result(ctx: RunContext) -> dict[str, Any]:
+        return {"base": ctx.state.get("base"), "retention": ctx.state.get("retention")}
+
+    run_notifying(build_base(environment_, no_prune=no_prune), environment_, output, dry_run=dry_run,
+                  confirm=confirm, result=result)
+
+
+@task(klass=OpsTask, name="list")
+def list_(c, env=None, json=False):
+    """The base backups, newest first, each with its earliest and latest recoverable time; WAL gaps named."""
+    output = make_output(json)
+    environment_ = environment(env, output=output, allow_decommissioned=True)
+    pitr_base.show(environment_, output, open_storage(environment_.storage_config("backups")))
+
+
+collection = Collection("pitr")
+collection.add_task(setup)
+collection.add_task(base)
+collection.add_task(list_)
