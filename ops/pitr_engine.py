@@ -184,6 +184,11 @@ class BaseBackup:
     end_wal: str | None
     timeline: int
     segment_size: int
+    server_version: int = 0  # PostgreSQL's version number: 150014
+
+    @property
+    def major(self) -> int:
+        return self.server_version // 10000
 
     @property
     def complete(self) -> bool:
@@ -205,7 +210,8 @@ def parse_backup_info(backup_id: str, text: str) -> BaseBackup:
     return BaseBackup(backup_id=backup_id, status=fields.get("status", "UNKNOWN"), begin_time=moment("begin_time"),
                       end_time=moment("end_time"), begin_wal=optional("begin_wal"), end_wal=optional("end_wal"),
                       timeline=int(optional("timeline") or 1),
-                      segment_size=int(segment_size) if segment_size else DEFAULT_SEGMENT_SIZE)
+                      segment_size=int(segment_size) if segment_size else DEFAULT_SEGMENT_SIZE,
+                      server_version=int(optional("version") or 0))
 
 
 def backup_info_keys(objects: Iterable[ObjectInfo], root: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import psycopg
@@ -85,3 +85,68 @@ def test_setup_then_base_backup_and_list(opsbook, pitr, s3_server, bucket):
     assert newest["backup_id"] == backup_id and newest["complete"] and newest["gap"] is None
     assert newest["earliest"] <= newest["latest"], newest
     assert_no_secret(opsbook, *pitr["secrets"])
+
+
+def ok(result: Any) -> Any:
+    assert result.exit_code == 0, str(result)
+    return result
+
+
+def archived(opsbook: Opsbook) -> None:
+    """archiving on and a base backup taken (whichever test runs first does it)."""
+    ok(opsbook.run("pitr.setup", "--env", "src"))
+    listed = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()
+    if not any(item["complete"] for item in listed["backups"]):
+        ok(opsbook.run("pitr.base", "--env", "src"))
+
+
+def switch_and_wait(server: Any) -> str:
+    """The current WAL segment closed and archived: what was committed so far is recoverable."""
+    with psycopg.connect(server.url().reveal(), autocommit=True) as connection:
+        segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        wait_for(lambda: connection.execute("SELECT last_archived_wal >= %s FROM pg_stat_archiver",
+                                            (segment,)).fetchone()[0], timeout=30, what=f"{segment} archived")
+    return segment
+
+
+def snapshot(url: Any) -> dict[str, Any]:
+    """The schema and a hash of each table's content."""
+    with psycopg.connect(url.reveal()) as connection:
+        columns = connection.execute("SELECT table_name, column_name, data_type FROM information_schema.columns "
+                                     "WHERE table_schema = 'public' ORDER BY 1, 2").fetchall()
+        brands = connection.execute("""SELECT md5(coalesce(string_agg(b::text, ',' ORDER BY id), ''))
+                                       FROM "Brand" b""").fetchone()[0]
+    return {"columns": columns, "Brand": brands}
+
+
+def test_restore_to_a_time_brings_back_what_was_deleted_after_it(opsbook, pitr, postgres_server):
+    source = pitr["source"]
+    archived(opsbook)
+    with psycopg.connect(source.url("shop").reveal(), autocommit=True) as connection:
+        connection.execute("""INSERT INTO "Brand" (name) SELECT 'at T1 ' || n FROM generate_series(1, 10) n""")
+        time.sleep(0.3)  # commit times apart from T on either side
+        moment = connection.execute("SELECT clock_timestamp()").fetchone()[0]
+        expected = snapshot(source.url("shop"))
+        time.sleep(0.3)
+        connection.execute("""DELETE FROM "Brand" WHERE name LIKE 'at T1 %'""")
+    switch_and_wait(source)
+    at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+    planned = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", at, "--dry-run"))
+    assert "base backup" in planned.stderr
+    assert not any(name.startswith("dst_") for name in databases(postgres_server)), "a dry run changed nothing"
+
+    restored = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", at, "--json"))
+    target = postgres_server.url(opsbook.environ["DST_URL"].rsplit("/", 1)[1])
+    assert snapshot(target) == expected
+    assert row_counts(target)["public.Brand"] == 60 != row_counts(source.url("shop"))["public.Brand"]
+    report = restored.json()["restored"]
+    assert report["to_time"] and report["base_backup"] and report["rows"] == 60
+    assert report["stopped_before"], "recovery stopped before the deletion's commit, after T"
+    assert list((opsbook.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
+    assert_no_secret(opsbook, *pitr["secrets"])
+
+
+def databases(server: Any) -> list[str]:
+    with psycopg.connect(server.url().reveal()) as connection:
+        return [row[0] for row in connection.execute("SELECT datname FROM pg_database")]
