@@ -73,6 +73,10 @@ def test_setup_then_base_backup_and_list(opsbook, pitr, s3_server, bucket):
             .get("Contents", [])]
     assert any(segment in key for key in keys), keys
 
+    command = setting(source, "archive_command")
+    scripts = [path.read_text() for path in (source.data_dir.parent / "opsbook-pitr-src").glob("*-wal")]
+    for secret in pitr["secrets"]:
+        assert secret not in command and not any(secret in text for text in scripts), "only the 0600 file has the key"
     again = opsbook.run("pitr.setup", "--env", "src", "--json")
     assert again.exit_code == 0 and again.json()["status"] == "nothing to do", again
 
@@ -150,3 +154,36 @@ def test_restore_to_a_time_brings_back_what_was_deleted_after_it(opsbook, pitr, 
 def databases(server: Any) -> list[str]:
     with psycopg.connect(server.url().reveal()) as connection:
         return [row[0] for row in connection.execute("SELECT datname FROM pg_database")]
+
+
+def test_a_wal_gap_is_refused_before_the_target_is_touched_naming_the_segment(opsbook, pitr, postgres_server,
+                                                                              s3_server, bucket):
+    source = pitr["source"]
+    archived(opsbook)
+    with psycopg.connect(source.url("shop").reveal(), autocommit=True) as connection:
+        segments = []
+        for round_ in range(3):
+            connection.execute("""INSERT INTO "Brand" (name) VALUES (%s)""", (f"gap {round_}",))
+            segments.append(switch_and_wait(source))
+        moment = connection.execute("SELECT clock_timestamp()").fetchone()[0]
+    client = s3_server.client()
+    lost = [item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="src/pitr/src/wals/")["Contents"]
+            if segments[1] in item["Key"]]
+    assert len(lost) == 1
+    client.delete_object(Bucket=bucket, Key=lost[0])
+    at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    before = databases(postgres_server)
+
+    for dry_run in (("--dry-run",), ()):
+        refused = opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", at, *dry_run)
+        assert refused.exit_code == 3, str(refused)
+        assert f"WAL segment {segments[1]} is missing" in refused.stderr
+        assert "nothing was changed" in refused.stderr
+    assert databases(postgres_server) == before, "the target was not touched"
+    gap = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"][0]["gap"]
+    assert gap["missing"] == segments[1] and gap["resumes"] == segments[2]
+
+    ok(opsbook.run("pitr.base", "--env", "src"))  # a new base backup: later times are recoverable again
+    latest = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"][0]
+    assert latest["gap"] is None and latest["latest"]
+    assert_no_secret(opsbook, *pitr["secrets"])
