@@ -1,4 +1,4 @@
-"""inv pitr.setup / pitr.base / pitr.list: point-in-time recovery through barman-cloud (ops/pitr_*.py).
+"""inv pitr.setup / pitr.base / pitr.list / pitr.status: point-in-time recovery through barman-cloud (ops/pitr_*.py).
 
 `inv restore --to-time T` (runbooks/restore.py) recovers a scratch cluster from these and moves its
 data into the target as a dump restore does.
@@ -6,14 +6,17 @@ data into the target as a dump restore does.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from invoke import Collection, task
 
-from ops import pitr_base, pitr_setup
+from ops import pitr_base, pitr_setup, pitr_status
 from ops.cli import OpsTask, environment, make_output
 from ops.engine import RunContext
+from ops.errors import CheckFailed
 from ops.failure_notice import run_notifying
+from ops.metrics import write_textfile
 from ops.storage import open_storage
 
 __all__ = ["build_base", "build_setup", "collection"]  # RUNBOOKS "pitr.setup", "pitr.base"
@@ -52,7 +55,27 @@ def list_(c, env=None, json=False):
     pitr_base.show(environment_, output, open_storage(environment_.storage_config("backups")))
 
 
+@task(klass=OpsTask, multi_env=True,
+      help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
+def status(c, env=None, json=False, prometheus=None):
+    """Archive lag, failed archive attempts, last base backup's age, recoverable window; exit 3 unless ok."""
+    output = make_output(json)
+    environment_ = environment(env, output=output)
+    report = pitr_status.collect(environment_, open_storage(environment_.storage_config("backups")))
+    for line in pitr_status.lines(report):
+        output.info(line)
+    if prometheus:
+        path = Path(prometheus).expanduser()
+        write_textfile(path, pitr_status.families(report), replace={"env": environment_.name})
+        output.info(f"wrote {path}")
+    output.result(report.to_json())
+    if report.verdict != "ok":
+        raise CheckFailed(f"point-in-time recovery of {environment_.name} is {report.verdict}: {report.reasons[0]}",
+                          hint="see the lines above")
+
+
 collection = Collection("pitr")
 collection.add_task(setup)
 collection.add_task(base)
 collection.add_task(list_)
+collection.add_task(status)

@@ -187,3 +187,32 @@ def test_a_wal_gap_is_refused_before_the_target_is_touched_naming_the_segment(op
     latest = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"][0]
     assert latest["gap"] is None and latest["latest"]
     assert_no_secret(opsbook, *pitr["secrets"])
+
+
+def test_status_reports_lag_failures_base_age_and_window(opsbook, pitr, tmp_path):
+    source = pitr["source"]
+    archived(opsbook)
+    switch_and_wait(source)
+    metrics = tmp_path / "pitr.prom"
+    report = ok(opsbook.run("pitr.status", "--env", "src", "--json", "--prometheus", str(metrics))).json()
+    assert report["verdict"] == "ok" and report["archive_lag_seconds"] is not None
+    assert report["last_base_age_seconds"] >= 0 and report["window"]["earliest"] < report["window"]["latest"]
+    assert 'opsbook_pitr_ok{env="src"} 1' in metrics.read_text()
+
+    with psycopg.connect(source.url().reveal(), autocommit=True) as connection:
+        connection.execute("ALTER SYSTEM SET archive_command = 'false'")
+        connection.execute("SELECT pg_reload_conf()")
+        try:
+            connection.execute("SELECT pg_logical_emit_message(false, 'test', 'x')")
+            segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            wait_for(lambda: connection.execute("SELECT last_failed_wal = %s FROM pg_stat_archiver",
+                                                (segment,)).fetchone()[0], timeout=30, what="a failed attempt")
+            failing = opsbook.run("pitr.status", "--env", "src", "--json")
+            assert failing.exit_code == 3 and failing.json()["verdict"] == "failing", str(failing)
+            assert segment in failing.stderr
+        finally:
+            connection.execute("ALTER SYSTEM RESET archive_command")
+            connection.execute("SELECT pg_reload_conf()")
+    ok(opsbook.run("pitr.setup", "--env", "src"))  # archive_command back: the waiting segment goes out
+    switch_and_wait(source)
+    assert ok(opsbook.run("pitr.status", "--env", "src", "--json")).json()["verdict"] == "ok"
