@@ -3,10 +3,14 @@ archiving is turned on by `inv pitr.setup`, which restarts it) and the session's
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -216,3 +220,42 @@ def test_status_reports_lag_failures_base_age_and_window(opsbook, pitr, tmp_path
     ok(opsbook.run("pitr.setup", "--env", "src"))  # archive_command back: the waiting segment goes out
     switch_and_wait(source)
     assert ok(opsbook.run("pitr.status", "--env", "src", "--json")).json()["verdict"] == "ok"
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            with contextlib.suppress(OSError):
+                found.append((child, (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ")
+                              .decode()))
+            todo.append(child)
+    return found
+
+
+def test_a_base_backup_killed_half_way_is_not_listed_complete_and_the_next_succeeds(opsbook, pitr):
+    archived(opsbook)
+    before = {item["backup_id"] for item in ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"]
+              if item["complete"]}
+    running = opsbook.start("pitr.base", "--env", "src")
+    engine = wait_for(lambda: [pid for pid, command in descendants(running.pid)
+                               if "barman-cloud-backup" in command and "runuser" not in command],
+                      timeout=30, interval=0.05, what="barman-cloud-backup running")
+    time.sleep(1)  # into the backup
+    os.kill(engine[0], signal.SIGKILL)
+    killed = opsbook.collect(running)
+    assert killed.exit_code == 1 and "barman-cloud-backup failed" in killed.stderr, str(killed)
+    listed = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"]
+    assert {item["backup_id"] for item in listed if item["complete"]} == before
+
+    ok(opsbook.run("pitr.base", "--env", "src"))
+    listed = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"]
+    assert len({item["backup_id"] for item in listed if item["complete"]} - before) == 1
+    assert_no_secret(opsbook, *pitr["secrets"])
