@@ -16,10 +16,13 @@ prints them with ctime(), without their time zone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -156,8 +159,12 @@ def run(command: list[str], archive: Archive, *, user: str | None = None, extra:
     environment = {**base, **archive.credentials(), **(extra or {})}
     try:
         with processes.child_process(as_user(command, user), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=environment) as process:
-            stdout, stderr = process.communicate(timeout=timeout)
+                                     stderr=subprocess.PIPE, env=environment, start_new_session=True) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except BaseException:
+                stop_group(process)  # runuser's child too: it would go on writing where we clean up
+                raise
     except processes.CannotStart as error:
         raise CheckFailed(f"cannot start {command[0]}: {error}", hint=INSTALL_HINT) from None
     except subprocess.TimeoutExpired:
@@ -167,6 +174,17 @@ def run(command: list[str], archive: Archive, *, user: str | None = None, extra:
         raise StepFailed(f"{what}: {command[0]} failed (exit {process.returncode}): {text or 'no output'}",
                          hint=f"the engine's own message is above; `{command[0]} --help` documents it")
     return stdout.decode(errors="replace")
+
+
+def stop_group(process: subprocess.Popen[bytes], seconds: float = 10) -> None:
+    """SIGKILL to the process group of `process` (started in its own session), then wait until it is gone."""
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+        while time.monotonic() < deadline:
+            process.poll()  # reaped: a zombie leader would keep the group alive
+            os.killpg(process.pid, 0)  # ProcessLookupError once every member has exited
+            time.sleep(0.05)  # bounded by the deadline
 
 
 # --- what is in the bucket (pure) -----------------------------------------------------------------------------------

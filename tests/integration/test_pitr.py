@@ -4,6 +4,7 @@ archiving is turned on by `inv pitr.setup`, which restarts it) and the session's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -289,6 +290,35 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_an_interrupted_restore_removes_its_scratch_cluster_and_leaves_the_target(opsbook, pitr, postgres_server):
+    archived(opsbook)
+    before = databases(postgres_server)
+    running = opsbook.start("restore", "--env", "dst", "--from", "src", "--to-time", "latest")
+    markers = opsbook.state_dir / "pitr" / "scratch"
+    marker = wait_for(lambda: next(iter(markers.glob("*.json")), None) if markers.is_dir() else None,
+                      timeout=60, interval=0.05, what="the scratch cluster")
+    directory = Path(json.loads(marker.read_text())["directory"])
+    wait_for(lambda: (directory / "data" / "PG_VERSION").exists(), timeout=60, interval=0.05,
+             what="the base backup restored")
+    running.send_signal(signal.SIGINT)
+    interrupted = opsbook.collect(running)
+    assert interrupted.exit_code == 130, str(interrupted)
+    assert not directory.exists() and not list(markers.glob("*.json")), "the scratch cluster is gone"
+    assert not [pid for pid, command in descendants(1) if str(directory) in command], "nothing of it runs"
+    assert databases(postgres_server) == before, "the target was not touched"
+
+
+def test_managed_databases_and_the_sandbox_are_refused_naming_what_to_use(opsbook, s3_server):
+    opsbook.write_inventory({"project": "pitrtest", "default_env": "neon", "envs": {
+        "neon": {"database": {"url": "postgresql://app@ep-cool-42.eu-central-1.aws.neon.tech/shop"},
+                 "backups": {"provider": "s3", "endpoint": s3_server.endpoint, "bucket": "b"},
+                 "pitr": {"data_dir": "/var/lib/postgresql/15/main"}}}})
+    refused = opsbook.run("pitr.setup", "--env", "neon")
+    assert refused.exit_code == 3, str(refused)
+    assert "managed by neon" in refused.stderr and "Neon's point-in-time restore" in refused.stderr
+    assert "Traceback" not in refused.output
 
 
 # Last in the module: the archive keeps its gap (a later test would need a new base backup).
