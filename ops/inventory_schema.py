@@ -114,6 +114,8 @@ _K8S_NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "ma
 # `drill.due`, `keys.status` and `backup.check`, one unit (CronJob, crontab line) each.
 SCHEDULE_JOBS = {
     "backup": {"enabled": True, "day": "daily", "time": "02:00", "jitter_minutes": 30, "timeout_minutes": 240},
+    # only where PITR is on (`pitr` set): a base backup through the engine, run as root or as pitr.os_user
+    "pitr_base": {"enabled": True, "day": "daily", "time": "01:00", "jitter_minutes": 30, "timeout_minutes": 240},
     "verify": {"enabled": True, "day": "sun", "time": "04:00", "jitter_minutes": 30, "timeout_minutes": 360},
     "assets": {"enabled": True, "day": "daily", "time": "03:00", "jitter_minutes": 30, "timeout_minutes": 240},
     "checks": {"enabled": True, "day": "mon", "time": "07:00", "jitter_minutes": 15, "timeout_minutes": 30},

@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.postgres import row_counts, running_cluster, system_bin_dir
@@ -308,6 +309,15 @@ def test_an_interrupted_restore_removes_its_scratch_cluster_and_leaves_the_targe
     assert not directory.exists() and not list(markers.glob("*.json")), "the scratch cluster is gone"
     assert not [pid for pid, command in descendants(1) if str(directory) in command], "nothing of it runs"
     assert databases(postgres_server) == before, "the target was not touched"
+
+def test_a_protected_environment_with_pitr_schedules_a_nightly_base_backup(opsbook, pitr):
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["src"]["protected"] = True
+    opsbook.write_inventory(inventory)
+    shown = ok(opsbook.run("schedule.show", "--env", "src", "--format", "cron", "--json")).json()
+    assert "pitr.base" in [job["task"] for job in shown["jobs"]]
+    assert "pitr.base" not in [job["task"] for job in ok(opsbook.run("schedule.show", "--env", "dst", "--format",
+                                                                      "cron", "--json")).json()["jobs"]]
 
 
 def test_managed_databases_and_the_sandbox_are_refused_naming_what_to_use(opsbook, s3_server):
