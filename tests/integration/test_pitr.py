@@ -191,9 +191,13 @@ def test_status_reports_lag_failures_base_age_and_window(opsbook, pitr, tmp_path
         finally:
             connection.execute("ALTER SYSTEM RESET archive_command")
             connection.execute("SELECT pg_reload_conf()")
+    checks = opsbook.run("preflight", "--env", "src", "--json").json()["checks"]
+    assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["fail"]
     ok(opsbook.run("pitr.setup", "--env", "src"))  # archive_command back: the waiting segment goes out
     switch_and_wait(source)
     assert ok(opsbook.run("pitr.status", "--env", "src", "--json")).json()["verdict"] == "ok"
+    checks = opsbook.run("preflight", "--env", "src", "--json").json()["checks"]
+    assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["pass"]
 
 
 def descendants(pid: int) -> list[tuple[int, str]]:
@@ -324,11 +328,14 @@ def test_managed_databases_and_the_sandbox_are_refused_naming_what_to_use(opsboo
     opsbook.write_inventory({"project": "pitrtest", "default_env": "neon", "envs": {
         "neon": {"database": {"url": "postgresql://app@ep-cool-42.eu-central-1.aws.neon.tech/shop"},
                  "backups": {"provider": "s3", "endpoint": s3_server.endpoint, "bucket": "b"},
-                 "pitr": {"data_dir": "/var/lib/postgresql/15/main"}}}})
+                 "pitr": {"data_dir": "/var/lib/postgresql/15/main"}},
+        "selfhosted": {"protected": True, "database": {"url": "postgresql://app@127.0.0.1:1/shop"}}}})
     refused = opsbook.run("pitr.setup", "--env", "neon")
     assert refused.exit_code == 3, str(refused)
     assert "managed by neon" in refused.stderr and "Neon's point-in-time restore" in refused.stderr
     assert "Traceback" not in refused.output
+    checks = opsbook.run("preflight", "--env", "selfhosted", "--json").json()["checks"]
+    assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["warn"]
 
 
 # Last in the module: the archive keeps its gap (a later test would need a new base backup).
