@@ -35,7 +35,7 @@ class BaseStep(Step):
         pitr_engine.check_installed()
         pitr_host.check_data_dir(self.host)
         target = pg.parse_url(self.env.admin_url())
-        return Change(f"base backup of {target.describe()} ({self.host.data_dir})",
+        return Change(f"take a base backup of {target.describe()} ({self.host.data_dir})",
                       [f"as the OS user {self.host.os_user}, connected as {target.user}; "
                        f"to {self.archive.url}/{self.archive.server}/base/"])
 

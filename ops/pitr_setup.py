@@ -155,7 +155,8 @@ class RestartStep(Step):
             stale = [name for name in RESTART_SETTINGS if setting(connection, name) != wanted[name]]
         if not stale:
             return None
-        return Change(f"restart the server: {' and '.join(stale)} take effect only then",
+        return Change(f"restart the server: {' and '.join(stale)} {'take' if len(stale) > 1 else 'takes'} effect "
+                      "only then",
                       ["its sessions are ended; the app reconnects"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:

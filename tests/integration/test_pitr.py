@@ -337,6 +337,30 @@ def test_managed_databases_and_the_sandbox_are_refused_naming_what_to_use(opsboo
     checks = opsbook.run("preflight", "--env", "selfhosted", "--json").json()["checks"]
     assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["warn"]
 
+def test_the_newest_commit_is_recoverable_within_archive_timeout_without_a_wal_switch(opsbook, pitr,
+                                                                                       postgres_server):
+    source = pitr["source"]
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["src"]["pitr"]["archive_timeout"] = 5  # the default, 60, would take a minute here
+    opsbook.write_inventory(inventory)
+    archived(opsbook)
+    try:
+        with psycopg.connect(source.url("shop").reveal(), autocommit=True) as connection:
+            connection.execute("""INSERT INTO "Brand" (name) VALUES ('newest')""")
+            committed = connection.execute("SELECT clock_timestamp()").fetchone()[0]
+            archived_at = wait_for(lambda: connection.execute(
+                "SELECT last_archived_time FROM pg_stat_archiver WHERE last_archived_time > %s",
+                (committed,)).fetchone(), timeout=30, interval=0.2, what="the commit archived")[0]
+        assert (archived_at - committed).total_seconds() <= 5 + 3, "archive_timeout bounds the loss"
+        ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", "latest"))
+        target = postgres_server.url(opsbook.environ["DST_URL"].rsplit("/", 1)[1])
+        with psycopg.connect(target.reveal()) as connection:
+            assert connection.execute("""SELECT count(*) FROM "Brand" WHERE name = 'newest'""").fetchone()[0] == 1
+    finally:
+        inventory["envs"]["src"]["pitr"]["archive_timeout"] = 60
+        opsbook.write_inventory(inventory)
+        ok(opsbook.run("pitr.setup", "--env", "src"))
+
 
 # Last in the module: the archive keeps its gap (a later test would need a new base backup).
 def test_a_wal_gap_is_refused_before_the_target_is_touched_naming_the_segment(opsbook, pitr, postgres_server,
