@@ -96,7 +96,16 @@ NOTIFY = _object({
 }, required=["kind"])
 
 TARGETS = _object({"rpo_hours": {"type": "number", "exclusiveMinimum": 0},
-                   "rto_minutes": {"type": "number", "exclusiveMinimum": 0}})
+                   "rto_minutes": {"type": "number", "exclusiveMinimum": 0},
+                   "rpo_seconds": {"type": "number", "exclusiveMinimum": 0}})  # PITR: the archive lag allowed
+
+# point-in-time recovery (ops/pitr_*.py): the database server's data directory on this machine (SSH hosts: later)
+PITR = _object({
+    "data_dir": _STRING, "os_user": _STRING, "bin_dir": _STRING, "config_dir": _STRING,
+    "restart": _STRING,  # how to restart the server (default: pg_ctl restart -D data_dir, as os_user)
+    "archive_timeout": {"type": "integer", "minimum": 1}, "window_days": {"type": "integer", "minimum": 1},
+    "server_name": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+}, required=["data_dir"])
 
 _K8S_NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
 
@@ -106,6 +115,8 @@ _K8S_NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "ma
 # `drill.due`, `keys.status` and `backup.check`, one unit (CronJob, crontab line) each.
 SCHEDULE_JOBS = {
     "backup": {"enabled": True, "day": "daily", "time": "02:00", "jitter_minutes": 30, "timeout_minutes": 240},
+    # only where PITR is on (`pitr` set): a base backup through the engine, run as root or as pitr.os_user
+    "pitr_base": {"enabled": True, "day": "daily", "time": "01:00", "jitter_minutes": 30, "timeout_minutes": 240},
     "verify": {"enabled": True, "day": "sun", "time": "04:00", "jitter_minutes": 30, "timeout_minutes": 360},
     "assets": {"enabled": True, "day": "daily", "time": "03:00", "jitter_minutes": 30, "timeout_minutes": 240},
     "checks": {"enabled": True, "day": "mon", "time": "07:00", "jitter_minutes": 15, "timeout_minutes": 30},
@@ -162,6 +173,7 @@ ENVIRONMENT = _object({
     "hosts": {"type": "array", "items": HOST},
     "app": APP,
     "targets": TARGETS,
+    "pitr": PITR,
     "notify": {"type": "array", "items": NOTIFY},
     "monitor": MONITOR,
     "drill": _object({"sample_images": _POSITIVE, "target": _STRING,
@@ -179,6 +191,7 @@ ENVIRONMENT = _object({
 DEFAULTS = {**ENVIRONMENT, "properties": dict(ENVIRONMENT["properties"])}
 DEFAULTS["properties"]["database"] = {**DATABASE, "required": []}
 DEFAULTS["properties"]["storage"] = {**STORAGE, "required": []}
+DEFAULTS["properties"]["pitr"] = {**PITR, "required": []}
 
 INVENTORY = _object({
     "project": _STRING,

@@ -308,3 +308,10 @@ def exported_snapshot(conn: psycopg.Connection) -> Iterator[str]:
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         yield conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+
+
+def alter_system(conn: psycopg.Connection, name: str, value: str) -> None:
+    """ALTER SYSTEM SET name = 'value' (it takes no bind parameters: the value is quoted as a literal)."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))

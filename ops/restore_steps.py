@@ -73,6 +73,10 @@ class Plan:
             self._manifest = select(self.storage(ctx), self.backup)[0]
         return self._manifest
 
+    def restored_what(self, ctx: RunContext) -> str:
+        """What the target holds after the swap, for its log line."""
+        return f"backup {self.manifest(ctx).id}"
+
     def identities(self) -> list[Any] | None:
         assert self._manifest is not None
         return identities_for(self.source, self.identity, [self._manifest], required=True)
@@ -279,7 +283,7 @@ class SwapStep(Step):
             had_old = restore_db.swap(connection, plan.database, plan.scratch, plan.old)
             if had_old and not plan.keep_old:
                 pg.drop_database(connection, plan.old)
-        ctx.log(f"{plan.database} now holds backup {plan.manifest(ctx).id}"
+        ctx.log(f"{plan.database} now holds {plan.restored_what(ctx)}"
                 + (f"; the previous one is {plan.old}" if had_old and plan.keep_old else ""))
         return {"database": plan.database, "old": plan.old if had_old and plan.keep_old else None}
 

@@ -22,6 +22,7 @@ FORMATS = ("systemd", "kubernetes", "cron")
 # environment belong here (runbooks/schedule.py checks the runbooks among them before it renders).
 COMMANDS: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
     "backup": (("backup", (), "back up the database"),),
+    "pitr_base": (("pitr.base", (), "take a base backup for point-in-time recovery"),),
     "verify": (("backup.verify", ("--latest", "--deep"), "verify the newest backup by restoring it"),),
     "assets": (("backup.assets", (), "copy the app bucket to cold storage"),),
     "checks": (("drill.due", (), "check that this quarter's DR drill is done"),
@@ -88,13 +89,15 @@ class Schedule:
 
 
 def plan(env: str, project: str, section: dict[str, Any], *, opsbook: str, inventory: str,
-         app_bucket: bool) -> Schedule:
+         app_bucket: bool, pitr: bool = False) -> Schedule:
     """The environment's schedule from its merged `schedule:` section (defaults in ops/inventory_schema.py)."""
     systemd, kubernetes, cron = (section.get(name) or {} for name in FORMATS)
     jobs: list[Job] = []
     skipped: list[tuple[str, str]] = []
     for key, defaults in SCHEDULE_JOBS.items():
         settings = {**defaults, **((section.get("jobs") or {}).get(key) or {})}
+        if key == "pitr_base" and not pitr:
+            continue  # PITR is off: no such job, nothing skipped
         if not settings["enabled"]:
             skipped.append((key, f"schedule.jobs.{key}.enabled is false"))
         elif key == "assets" and not app_bucket:

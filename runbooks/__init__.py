@@ -38,6 +38,8 @@ RUNBOOKS = {
     "keys.rotate": "runbooks.keys",
     "secrets.rotate": "runbooks.secrets_rotate",
     "secrets.move": "runbooks.secrets_store",
+    "pitr.setup": "runbooks.pitr:build_setup",
+    "pitr.base": "runbooks.pitr:build_base",
 }
 
 

@@ -16,6 +16,7 @@ from runbooks import (
     inventory,
     keys,
     migrate,
+    pitr,
     preflight,
     provision,
     prune,
@@ -54,5 +55,6 @@ ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)
 ns.add_collection(schedule.collection)
+ns.add_collection(pitr.collection)
 
 name_jobs(ns)  # the task names the monitor's pings use (ops/pings.py)

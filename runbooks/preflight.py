@@ -5,7 +5,8 @@ checks (seed notes, issue 6 §5): required app variables in each host's env file
 auth secret of at least 32 characters, TLS (`sslmode=require`) on non-local database
 URLs, `pgbouncer=true` on a pooled URL plus a direct URL for admin work, no pending
 or failed migrations, a verified backup younger than the RPO target, this quarter's
-DR drill, storage keys younger than 90 days, a lifecycle rule for incomplete
+DR drill, point-in-time recovery working within `targets.rpo_seconds` (a warning when a protected
+self-hosted environment has none), storage keys younger than 90 days, a lifecycle rule for incomplete
 multipart uploads, the app's health and ready URLs, HSTS and CSP on the public URL.
 """
 
@@ -17,9 +18,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops import pg_url, web
+from ops import pg_url, pitr_host, pitr_status, web
 from ops.checks import Warn, checklist
 from ops.cli import OpsTask, TaskCall
+from ops.clock import iso_z_or_none
 from ops.drills import drill_due
 from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, InventoryError, OpsError
@@ -259,6 +261,23 @@ def backup_probe(env: Environment) -> Probe:
     return probe
 
 
+def pitr_probe(env: Environment) -> Probe:
+    """Point-in-time recovery (ops/pitr_status.py): fails unless it works within targets.rpo_seconds; warns
+    when a protected, self-hosted environment does not have it."""
+    def probe() -> str:
+        if not env.has("pitr"):
+            raise Warn("point-in-time recovery is off: a crash loses everything since the last dump; set "
+                       f"pitr.data_dir, then `inv pitr.setup --env {env.name}` and `inv pitr.base --env {env.name}`")
+        report = pitr_status.collect(env, open_storage(env.storage_config("backups")))
+        if report.verdict != "ok":
+            raise CheckFailed(f"point-in-time recovery is {report.verdict}: {report.reasons[0]}",
+                              hint=f"`inv pitr.status --env {env.name}` for the details")
+        return (f"archive lag {report.archive_lag_seconds or 0:.0f} s (RPO {report.rpo_seconds:.0f} s); recoverable "
+                f"{iso_z_or_none(report.earliest)} .. {iso_z_or_none(report.latest)}")
+
+    return probe
+
+
 def drill_probe(env: Environment) -> Probe:
     def probe() -> str:
         due = drill_due(env)
@@ -350,6 +369,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
                ("migrations", migrations_probe(env))]
     if env.has("backups"):
         checks.append(("last backup", backup_probe(env)))
+    if env.has("pitr") or (env.protected and not env.sandbox and pitr_host.managed_provider(env) is None):
+        checks.append(("point-in-time recovery", pitr_probe(env)))
     checks += [("DR drill", drill_probe(env)), ("storage key age", key_age_probe(env))]
     checks += [(f"lifecycle rule ({section})", lifecycle_probe(env, section))
                for section in ("storage", "backups") if env.has(section)]

@@ -4,20 +4,34 @@
    `<db>__restore_<stamp>`; compare that database's row counts with the manifest;
 2. only then swap names: `<db>` → `<db>__old_<stamp>`, the restored copy → `<db>`,
    dropping the old one unless --keep-old.
+
+With --to-time T (or latest) the data comes from the PITR archive instead of a dump: a scratch cluster
+recovered to T, copied into the new database with pg_dump | pg_restore (ops/pitr_restore.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
+from ops import pitr_restore, restore_steps
 from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
 from ops.failure_notice import run_notifying
-from ops.restore_steps import build
+
+if TYPE_CHECKING:
+    from ops.engine import Runbook
+    from ops.inventory import Environment
 
 __all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    """A dump restore, or with --to-time a point-in-time recovery (ops/pitr_restore.py)."""
+    if arguments.get("to_time"):
+        return pitr_restore.build(env, **arguments)
+    return restore_steps.build(env, **arguments)
 
 
 @task(klass=OpsTask, help=dict(
@@ -25,14 +39,16 @@ __all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
     backup="backup id, or latest (default)", database="the database to replace (default: the target's)",
     keep_old="keep the replaced database as <db>__old_<stamp>",
     identity="age identity file to decrypt with (default: the source's backups.identity_file)",
+    to_time="point-in-time recovery: the source as it was at this ISO-8601 time (UTC unless it says), or latest; "
+            "from the PITR archive (`inv pitr.list`), through a scratch cluster on this machine",
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
          "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
-def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None, jobs=0,
-            dry_run=False, confirm=None, json=False):
+def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
+            jobs=0, to_time=None, dry_run=False, confirm=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
-                    jobs=jobs)
+                    jobs=jobs, **({"to_time": to_time} if to_time else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),

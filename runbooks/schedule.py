@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # The arguments each scheduled runbook is built with: its command line's, as the runbook's builder names them.
 RUNBOOK_ARGUMENTS: dict[str, dict[str, Any]] = {"backup": {}, "backup.verify": {"backup": "latest", "deep": True},
-                                                "backup.assets": {}}
+                                                "backup.assets": {}, "pitr.base": {}}
 
 
 @task(klass=OpsTask, help=dict(format="systemd, kubernetes or cron",
@@ -63,7 +63,8 @@ def show(call: TaskCall, env=None, format=None, out=None, json=False):
 def plan(env: Environment, output: Output) -> jobs.Schedule:
     section = plain(env.value("schedule", {})) or {}
     return jobs.plan(env.name, env.inventory.project, section, opsbook=console_tool(section, output),
-                     inventory=str(env.inventory.file), app_bucket=env.sandbox or env.has("storage"))
+                     inventory=str(env.inventory.file), app_bucket=env.sandbox or env.has("storage"),
+                     pitr=env.has("pitr"))
 
 
 def console_tool(section: dict[str, Any], output: Output) -> str:

@@ -7,9 +7,10 @@ import shlex
 from ops import schedule as jobs
 
 
-def plan(section: dict | None = None, *, app_bucket: bool = True, env: str = "prod") -> jobs.Schedule:
+def plan(section: dict | None = None, *, app_bucket: bool = True, env: str = "prod",
+         pitr: bool = False) -> jobs.Schedule:
     return jobs.plan(env, "acme", section or {}, opsbook="/opt/opsbook tools/opsbook",
-                     inventory="/etc/opsbook/inventory.yaml", app_bucket=app_bucket)
+                     inventory="/etc/opsbook/inventory.yaml", app_bucket=app_bucket, pitr=pitr)
 
 
 def test_defaults_schedule_every_job_and_assets_only_with_an_app_bucket():
@@ -23,6 +24,14 @@ def test_defaults_schedule_every_job_and_assets_only_with_an_app_bucket():
     without = plan(app_bucket=False)
     assert "backup.assets" not in [job.task for job in without.jobs]
     assert without.skipped == (("assets", "the environment has no app bucket (storage)"),)
+
+
+def test_with_pitr_on_a_nightly_base_backup_runs_before_the_dump():
+    tasks = [(job.task, job.minute) for job in plan(pitr=True).jobs]
+    assert tasks[:2] == [("backup", 120), ("pitr.base", 60)]
+    assert "pitr.base" not in [job.task for job in plan(pitr=False).jobs]
+    off = plan({"jobs": {"pitr_base": {"enabled": False}}}, pitr=True)
+    assert ("pitr_base", "schedule.jobs.pitr_base.enabled is false") in off.skipped
 
 
 def test_the_jitter_is_fixed_per_job_and_within_its_bound():

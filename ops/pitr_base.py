@@ -1,0 +1,118 @@
+"""`inv pitr.base`: a compressed base backup through the engine, then the engine's own retention by
+recovery window (`pitr.window_days`). `inv pitr.list`: the base backups and what each recovers to.
+
+The backup runs as the server's OS user (it reads PGDATA) and connects as the admin role, which needs
+EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal, pg_create_restore_point and pg_monitor
+(a superuser has them): without them the engine fails after uploading. A backup killed half-way
+stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ops import pg_url, pitr_catalog, pitr_engine, pitr_host
+from ops.clock import iso_z_or_none
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import StepFailed
+
+if TYPE_CHECKING:
+    from ops.inventory import Environment
+    from ops.output import Output
+
+
+class BaseStep(Step):
+    name = "base"
+
+    def __init__(self, env: Environment):
+        self.env = env
+        self.host = pitr_host.database_host(env)
+        self.archive = pitr_host.archive_of(env)
+        self.title = f"take a compressed base backup of {env.name} into {self.archive.url} (barman-cloud-backup)"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        pitr_engine.check_installed()
+        pitr_host.check_data_dir(self.host)
+        target = pg_url.parse_url(self.env.admin_url())
+        return Change(f"take a base backup of {target.describe()} ({self.host.data_dir})",
+                      [f"as the OS user {self.host.os_user}, connected as {target.user}; "
+                       f"to {self.archive.url}/{self.archive.server}/base/"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        before = {item.backup.backup_id for item in self.catalog(ctx).backups}
+        target = pg_url.parse_url(self.env.admin_url())
+        started = time.monotonic()
+        command = pitr_engine.backup_command(self.archive, host=target.host, port=target.port, user=target.user)
+        pitr_engine.run(command, self.archive, user=self.host.os_user,
+                        extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
+                        what=f"the base backup of {ctx.env.name}")
+        new = [item for item in self.catalog(ctx).backups if item.backup.backup_id not in before]
+        done = [item for item in new if item.backup.complete]
+        if not done:
+            raise StepFailed("barman-cloud-backup ended without a complete base backup in the bucket",
+                             hint=f"`inv pitr.list --env {ctx.env.name}` shows what is there")
+        backup = done[-1].backup
+        seconds = round(time.monotonic() - started, 2)
+        ctx.log(f"base backup {backup.backup_id}: WAL {backup.begin_wal} to {backup.end_wal}, {seconds} s")
+        return {"backup_id": backup.backup_id, "begin_wal": backup.begin_wal, "end_wal": backup.end_wal,
+                "end_time": iso_z_or_none(backup.end_time), "seconds": seconds}
+
+    def verify(self, ctx: RunContext) -> None:
+        backup_id = (ctx.state.get("base") or {}).get("backup_id")
+        if backup_id and not any(item.backup.backup_id == backup_id and item.backup.complete
+                                 for item in self.catalog(ctx).backups):
+            raise StepFailed(f"base backup {backup_id} is not complete in the bucket")
+
+    def catalog(self, ctx: RunContext) -> pitr_catalog.Catalog:
+        return pitr_catalog.read(ctx.storage("backups"), self.archive)
+
+
+class RetentionStep(Step):
+    name = "retention"
+
+    def __init__(self, env: Environment):
+        self.archive = pitr_host.archive_of(env)
+        self.window = pitr_host.database_host(env).window_days
+        self.title = (f"delete base backups and WAL no longer needed for a recovery window of {self.window} days "
+                      "(barman-cloud-backup-delete)")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        return Change(f"apply the recovery window of {self.window} days", [f"RECOVERY WINDOW OF {self.window} DAYS"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        pitr_engine.run(pitr_engine.retention_command(self.archive, self.window), self.archive,
+                        what=f"retention of {ctx.env.name}'s base backups")
+        return {"window_days": self.window}
+
+    def verify(self, ctx: RunContext) -> None:
+        return None  # the engine keeps what the window needs; nothing to re-check
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    steps: list[Step] = [BaseStep(env)]
+    if not arguments.get("no_prune"):
+        steps.append(RetentionStep(env))
+    return Runbook("pitr.base", f"Base backup of {env.name} for point-in-time recovery", steps,
+                   arguments=arguments, locks=("environment",), confirm_exempt="a base backup changes nothing that "
+                                                                              "serves users")
+
+
+def show(env: Environment, output: Output, storage: Any) -> dict[str, Any]:
+    """`inv pitr.list`: each base backup with its earliest and latest recoverable time, newest first."""
+    archive = pitr_host.archive_of(env)
+    catalog = pitr_catalog.read(storage, archive)
+    items = [item.to_json() for item in reversed(catalog.backups)]
+    output.info(f"{env.name}: {len(catalog.complete())} complete base backups in {archive.url}, "
+                f"{len(catalog.segments)} WAL segments")
+    for item in items:
+        if not item["complete"]:
+            output.info(f"  {item['backup_id']}  incomplete ({item['status']}): not restorable")
+            continue
+        gap = f"; gap at {item['gap']['missing']}" if item["gap"] else ""
+        output.info(f"  {item['backup_id']}  recoverable {item['earliest']} .. {item['latest'] or '(WAL missing)'}"
+                    f"{gap}")
+    result = {"env": env.name, "engine": pitr_engine.ENGINE, "archive": archive.url, "backups": items,
+              "segments": len(catalog.segments)}
+    output.result(result)
+    return result

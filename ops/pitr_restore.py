@@ -1,0 +1,169 @@
+"""`inv restore --to-time T` (or `--to-time latest`): the source as it was at T, into any target.
+
+1. recover: choose the base backup before T and check, from the bucket listing, that its WAL reaches T
+   without a gap (a gap is named: which segment, which span is lost) — before anything changes; then
+   recover a scratch cluster on this machine (ops/pitr_scratch.py) to T, and move its data into a new
+   database on the target with `pg_dump | pg_restore`, comparing row counts with the recovered cluster's;
+   the scratch cluster is removed on every way out;
+2. swap: the same name swap as a dump restore (ops/restore_steps.py), so the target can be any
+   PostgreSQL, managed or not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ops import dump, pg, pg_tools, pg_url, pitr_catalog, pitr_host, pitr_scratch, processes, restore_db
+from ops.cli import environment as load_environment
+from ops.clock import iso_z, iso_z_or_none, parse_time, utc_now
+from ops.engine import Change, Runbook, RunContext
+from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.restore_steps import Plan, ScratchLoad, SwapStep
+
+if TYPE_CHECKING:
+    from ops.inventory import Environment
+    from ops.pitr_catalog import Recoverable
+
+
+def target_time(text: str) -> datetime | None:
+    """--to-time: an ISO-8601 time (UTC unless it says otherwise), or `latest` (None)."""
+    if text == "latest":
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise UsageError(f"--to-time {text!r} is not a time",
+                         hint="give an ISO-8601 time such as 2026-11-23T17:00:00Z, or latest") from None
+
+
+class PitrPlan(Plan):
+    """A dump restore's plan whose data comes from a recovered scratch cluster instead of a dump."""
+
+    def __init__(self, target: Environment, source: Environment, database: str, moment: datetime | None,
+                 keep_old: bool):
+        super().__init__(target, source, "pitr", database, utc_now(), keep_old, None, 1)
+        self.moment = moment
+        self.archive = pitr_host.archive_of(source)
+        self.expected: dict[str, int] = {}
+        self._chosen: Recoverable | None = None
+
+    @property
+    def when(self) -> str:
+        return iso_z_or_none(self.moment) or "the latest recoverable point"
+
+    def chosen(self, ctx: RunContext) -> Recoverable:
+        """The base backup to recover from; CheckFailed (range, gap) before anything changes."""
+        if self._chosen is None:
+            catalog = pitr_catalog.read(self.storage(ctx), self.archive)
+            self._chosen = pitr_catalog.choose(catalog, self.moment, self.source.name)
+        return self._chosen
+
+    def restored_what(self, ctx: RunContext) -> str:
+        return f"{self.source.name} as of {self.when}"
+
+    def _find_tool(self, ctx: RunContext) -> Any:
+        with self.maintenance(ctx) as connection:
+            major = pg.server_version(connection)[0]
+        return pg_tools.find_client_tool("pg_restore", max(major, self.chosen(ctx).backup.major))
+
+    def check_counts(self, ctx: RunContext) -> dict[str, int]:
+        scratch_url = pg_url.with_database(self.url(ctx), self.scratch)
+        with pg.connect(scratch_url, application_name=ctx.label[:63]) as connection:
+            counts = pg.table_row_counts(connection)
+        problems = restore_db.compare_row_counts(self.expected, counts)
+        if problems:
+            raise CheckFailed(f"{self.scratch} does not match the recovered {self.source.name}: "
+                              f"{'; '.join(problems[:10])}", hint="the live database was not touched")
+        ctx.log(f"{len(counts)} tables, {sum(counts.values())} rows: as in the recovered cluster")
+        return counts
+
+
+class RecoverStep(ScratchLoad):
+    name = "load"
+
+    def __init__(self, plan: PitrPlan):
+        super().__init__(plan)
+        self.plan: PitrPlan = plan
+        self.title = (f"recover {plan.source.name} to {plan.when} in a scratch cluster, then pg_dump | pg_restore "
+                      f"it into a new database {plan.scratch} and compare row counts")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        chosen = self.plan.chosen(ctx)
+        pitr_scratch.server_bin_dir(chosen.backup.major)
+        self.plan.tool(ctx)
+        return Change(f"recover {self.plan.source.name} to {self.plan.when} and load it into {self.plan.scratch}",
+                      [f"base backup {chosen.backup.backup_id} (recoverable {iso_z_or_none(chosen.earliest)} .. "
+                       f"{iso_z_or_none(chosen.latest)}) from {self.plan.archive.url}",
+                       f"a scratch PostgreSQL {chosen.backup.major} cluster on this machine, removed afterwards",
+                       f"on {ctx.env.name}; the live database {self.plan.database} is not touched"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        plan = self.plan
+        chosen = plan.chosen(ctx)
+        bin_dir = pitr_scratch.server_bin_dir(chosen.backup.major)
+        os_user = pitr_host.default_os_user()
+        state_dir = ctx.env.inventory.state_dir
+        pitr_scratch.remove_leftovers(state_dir, ctx.log)
+        started = time.monotonic()
+        with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster:
+            pitr_scratch.restore_base(cluster, plan.archive, chosen.backup.backup_id)
+            ctx.log(f"base backup {chosen.backup.backup_id} restored; replaying WAL to {plan.when}")
+            reached = pitr_scratch.recover(cluster, plan.archive, plan.moment)
+            recovered = round(time.monotonic() - started, 2)
+            stopped = f", stopped before the commit at {reached['stopped_before']}" if reached["stopped_before"] else ""
+            ctx.log(f"recovered in {recovered} s: last transaction {reached['last_transaction'] or '?'}{stopped}")
+            source_url = cluster.url(pg_url.parse_url(plan.source.admin_url()).user, plan.source.database_name())
+            loaded = self.into_scratch(ctx, change, lambda: self._copy(ctx, source_url, chosen.backup.major))
+        return {**loaded, "to_time": iso_z_or_none(plan.moment), "base_backup": chosen.backup.backup_id,
+                **reached, "recover_seconds": recovered, "seconds": round(time.monotonic() - started, 2)}
+
+    def _copy(self, ctx: RunContext, source_url: Any, major: int) -> dict[str, Any]:
+        with pg.connect(source_url, application_name=ctx.label[:63]) as connection:
+            self.plan.expected = pg.table_row_counts(connection)
+        copy_database(pg_tools.find_client_tool("pg_dump", major), source_url, self.plan.tool(ctx), self.plan.url(ctx),
+             self.plan.scratch, cross_environment=self.plan.cross_environment)
+        return {}
+
+
+def copy_database(dump_tool: Any, source_url: Any, restore_tool: Any, target_url: Any, database: str, *,
+         cross_environment: bool) -> None:
+    """`pg_dump -Fc | pg_restore` from the recovered cluster into `database` on the target."""
+    dumping = pg_tools.dump_command(dump_tool)
+    restoring = [*pg_tools.restore_command(restore_tool, dbname=database),
+                 *restore_db.restore_options(cross_environment=cross_environment)]
+    target_database = pg_url.with_database(target_url, database)
+    try:
+        with processes.child_process(dumping, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=pg_url.child_environment(source_url)) as dumper, \
+             processes.child_process(restoring, stdin=dumper.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=pg_url.child_environment(target_database)) as restorer:
+            dumper.stdout.close()  # pg_restore holds it now
+            dump_errors, restore_errors = dump.StderrTail(dumper.stderr), dump.StderrTail(restorer.stderr)
+            restored, dumped = restorer.wait(), dumper.wait()
+    except processes.CannotStart as error:
+        raise StepFailed(f"cannot start pg_dump or pg_restore: {error}",
+                         hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
+    if dumped != 0 or restored != 0:
+        reason = dump_errors.text() if dumped != 0 else restore_errors.text()
+        raise StepFailed(f"copying the recovered database into {database} failed: {' '.join(reason.split())[-1500:]}",
+                         hint="the live database is untouched; fix the cause and run it again")
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    source_name = arguments.get("source") or env.name
+    source = env if source_name == env.name else load_environment(source_name, allow_decommissioned=True)
+    if str(arguments.get("backup") or "latest") != "latest":
+        raise UsageError("--backup names a dump; --to-time recovers from the PITR archive",
+                         hint="give one of them")
+    moment = target_time(str(arguments["to_time"]))
+    if moment is not None and moment > utc_now():
+        raise UsageError(f"--to-time {iso_z(moment)} is in the future", hint="give a past time, or latest")
+    database = arguments.get("database") or env.database_name()
+    plan = PitrPlan(env, source, database, moment, bool(arguments.get("keep_old")))
+    title = f"Restore {env.name} ({database}) to {plan.when} of {source.name} (point-in-time recovery)"
+    return Runbook("restore", title, [RecoverStep(plan), SwapStep(plan)], arguments=arguments,
+                   locks=("environment",))
+

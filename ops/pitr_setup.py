@@ -1,0 +1,243 @@
+"""`inv pitr.setup`: continuous WAL archiving to the backup bucket through the engine (ops/pitr_engine.py).
+
+1. files: the credentials file (0600) and the archive/restore scripts (0700), owned by the server's
+   OS user, outside the data directory;
+2. settings: wal_level (replica, or logical kept), archive_mode, archive_command, archive_timeout
+   through ALTER SYSTEM, then a reload;
+3. restart, when wal_level or archive_mode changed (they take effect only then);
+4. archive: proved by a WAL switch: the segment appears in the bucket and pg_stat_archiver shows no
+   failure since.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ops import pg, pg_url, pitr_engine, pitr_host
+from ops.engine import Change, Runbook, RunContext, Step
+from ops.errors import CheckFailed, StepFailed
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from ops.inventory import Environment
+    from ops.pitr_engine import Archive
+    from ops.pitr_host import DatabaseHost
+
+RESTART_SETTINGS = ("wal_level", "archive_mode")
+ARCHIVE_WAIT_SECONDS = 60.0
+POLL_SECONDS = 0.25
+
+
+class Setup:
+    """What the steps share: the environment's database host and archive."""
+
+    def __init__(self, env: Environment):
+        self.env = env
+        self.host: DatabaseHost = pitr_host.database_host(env)
+        self.archive: Archive = pitr_host.archive_of(env)
+
+    @contextlib.contextmanager
+    def connection(self, ctx: RunContext) -> Iterator[psycopg.Connection]:
+        """A fresh session each time: a restart ends the old ones."""
+        url = pg_url.with_database(self.env.admin_url(), "postgres")
+        with pg.connect(url, application_name=ctx.label[:63], autocommit=True) as connection:
+            yield connection
+
+    def wanted(self, connection: psycopg.Connection) -> dict[str, str]:
+        level = setting(connection, "wal_level")
+        mode = setting(connection, "archive_mode")
+        return {"wal_level": level if level == "logical" else "replica",
+                "archive_mode": mode if mode == "always" else "on",
+                "archive_command": self.host.archive_command(),
+                "archive_timeout": str(self.host.archive_timeout)}
+
+    def files(self) -> dict[Path, tuple[str, int]]:
+        """Each file the archive and restore commands need: (content, mode)."""
+        env_file = str(self.host.env_file)
+        return {
+            self.host.env_file: (pitr_engine.credentials_file(self.archive), 0o600),
+            self.host.archive_script: (pitr_engine.wrapper_script(pitr_engine.wal_archive_command(self.archive),
+                                                                  env_file, '"$1"'), 0o700),
+            self.host.restore_script: (pitr_engine.wrapper_script(pitr_engine.wal_restore_command(self.archive),
+                                                                  env_file, '"$1" "$2"'), 0o700),
+        }
+
+
+def setting(connection: psycopg.Connection, name: str) -> str:
+    """The value the server runs with."""
+    return connection.execute("SELECT setting FROM pg_settings WHERE name = %s", (name,)).fetchone()[0]
+
+
+def configured(connection: psycopg.Connection, name: str) -> str:
+    """The value the configuration files give (ALTER SYSTEM's included), else the running one. (A setting that
+    waits for a restart shows the error "setting could not be applied": it still is the configured one.)"""
+    row = connection.execute("SELECT setting FROM pg_file_settings WHERE name = %s ORDER BY seqno DESC LIMIT 1",
+                             (name,)).fetchone()
+    return row[0] if row else setting(connection, name)
+
+
+class FilesStep(Step):
+    name = "files"
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.title = (f"write the archive and restore scripts and the bucket's credentials (0600) in "
+                      f"{setup.host.config_dir}, owned by {setup.host.os_user}")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        pitr_engine.check_installed()
+        pitr_host.check_data_dir(self.setup.host)
+        with self.setup.connection(ctx) as connection:
+            running = Path(setting(connection, "data_directory"))
+        if running.resolve() != self.setup.host.data_dir.resolve():
+            raise CheckFailed(f"the server of {ctx.env.name} runs from {running}, not pitr.data_dir "
+                              f"{self.setup.host.data_dir}", hint="set pitr.data_dir to the server's data directory, "
+                                                                  "on the machine running opsbook")
+        stale = [path for path, (text, _mode) in self.setup.files().items() if pitr_host.read_private(path) != text]
+        if not stale:
+            return None
+        return Change(f"write {', '.join(path.name for path in stale)}",
+                      [f"{path} ({'0600, the key of ' + self.setup.archive.bucket if path.suffix else '0700'})"
+                       for path in stale])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        for path, (text, mode) in self.setup.files().items():
+            pitr_host.write_private(path, text, mode, self.setup.host.os_user)
+        return {"config_dir": str(self.setup.host.config_dir)}
+
+
+class SettingsStep(Step):
+    name = "settings"
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.title = (f"set wal_level, archive_mode, archive_command (to {setup.archive.url}) and archive_timeout "
+                      f"({setup.host.archive_timeout} s) with ALTER SYSTEM, then reload")
+
+    def differences(self, ctx: RunContext) -> dict[str, tuple[str, str]]:
+        with self.setup.connection(ctx) as connection:
+            wanted = self.setup.wanted(connection)
+            current = {name: configured(connection, name) for name in wanted}
+        return {name: (current[name], value) for name, value in wanted.items() if current[name] != value}
+
+    def check(self, ctx: RunContext) -> Change | None:
+        differences = self.differences(ctx)
+        if not differences:
+            return None
+        return Change(f"ALTER SYSTEM SET {', '.join(differences)}",
+                      [f"{name}: {old or '(empty)'} -> {new}" for name, (old, new) in differences.items()],
+                      {"settings": {name: new for name, (_old, new) in differences.items()}})
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        with self.setup.connection(ctx) as connection:
+            for name, value in change.data["settings"].items():
+                pg.alter_system(connection, name, value)
+            connection.execute("SELECT pg_reload_conf()")
+        return {"settings": change.data["settings"]}
+
+
+class RestartStep(Step):
+    name = "restart"
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        how = setup.host.restart or f"pg_ctl restart -D {setup.host.data_dir}"
+        self.title = f"restart PostgreSQL when wal_level or archive_mode changed ({how})"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        with self.setup.connection(ctx) as connection:
+            wanted = self.setup.wanted(connection)
+            stale = [name for name in RESTART_SETTINGS if setting(connection, name) != wanted[name]]
+        if not stale:
+            return None
+        return Change(f"restart the server: {' and '.join(stale)} {'take' if len(stale) > 1 else 'takes'} effect "
+                      "only then",
+                      ["its sessions are ended; the app reconnects"])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        pitr_host.restart(self.setup.host, pitr_host.server_bin_dir(self.setup.env, self.setup.host))
+        return {"restarted": True}
+
+
+class ArchiveStep(Step):
+    name = "archive"
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.title = "prove archiving: switch WAL, see the segment in the bucket and no failure in pg_stat_archiver"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        if not ctx.pending("settings") and not ctx.pending("restart") and self.proven(ctx):
+            return None
+        return Change("switch to a new WAL segment and wait for it in the bucket",
+                      [f"{self.setup.archive.url}/{self.setup.archive.server}/wals/"])
+
+    def proven(self, ctx: RunContext) -> bool:
+        with self.setup.connection(ctx) as connection:
+            if setting(connection, "archive_command") != self.setup.host.archive_command():
+                return False
+            stats = archiver(connection)
+        if stats["last_archived_wal"] is None or _failed_since(stats):
+            return False
+        return stats["last_archived_wal"] in segments(ctx, self.setup.archive)
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        started = time.monotonic()
+        with self.setup.connection(ctx) as connection:
+            connection.execute("SELECT pg_logical_emit_message(false, 'opsbook', 'pitr.setup')")  # WAL to switch
+            segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            deadline = started + ARCHIVE_WAIT_SECONDS
+            while segment not in segments(ctx, self.setup.archive):
+                stats = archiver(connection)
+                if stats["last_failed_wal"] == segment or time.monotonic() > deadline:
+                    raise StepFailed(archive_failure(segment, stats, time.monotonic() > deadline),
+                                     hint="read the server's log: the archive command is "
+                                          f"{self.setup.host.archive_script}")
+                time.sleep(POLL_SECONDS)  # polling the bucket, bounded by the deadline
+            stats = archiver(connection)
+        seconds = round(time.monotonic() - started, 2)
+        ctx.log(f"{segment} reached the bucket {seconds} s after the switch")
+        return {"segment": segment, "seconds": seconds, "failed_count": stats["failed_count"]}
+
+    def verify(self, ctx: RunContext) -> None:
+        with self.setup.connection(ctx) as connection:
+            stats = archiver(connection)
+        if _failed_since(stats):
+            raise StepFailed(f"pg_stat_archiver shows a failed attempt ({stats['last_failed_wal']}) after the last "
+                             "archived segment", hint="read the server's log")
+
+
+def archiver(connection: psycopg.Connection) -> dict[str, Any]:
+    row = connection.execute("SELECT archived_count, last_archived_wal, last_archived_time, failed_count, "
+                             "last_failed_wal, last_failed_time FROM pg_stat_archiver").fetchone()
+    names = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
+             "last_failed_time")
+    return dict(zip(names, row, strict=True))
+
+
+def _failed_since(stats: dict[str, Any]) -> bool:
+    failed, archived = stats["last_failed_time"], stats["last_archived_time"]
+    return failed is not None and (archived is None or failed > archived)
+
+
+def archive_failure(segment: str, stats: dict[str, Any], timed_out: bool) -> str:
+    if stats["last_failed_wal"] == segment:
+        return f"the archive command failed for {segment} ({stats['failed_count']} failed attempts so far)"
+    return f"{segment} did not reach the bucket within {ARCHIVE_WAIT_SECONDS:.0f} s"
+
+
+def segments(ctx: RunContext, archive: Archive) -> dict[str, Any]:
+    storage = ctx.storage("backups")
+    return pitr_engine.wal_segments(storage.list(archive.relative_root + "wals/"), archive.relative_root)
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    setup = Setup(env)
+    return Runbook("pitr.setup", f"Point-in-time recovery for {env.name}: WAL archiving to {setup.archive.url}",
+                   [FilesStep(setup), SettingsStep(setup), RestartStep(setup), ArchiveStep(setup)],
+                   arguments=arguments, locks=("environment",))
