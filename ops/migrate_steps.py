@@ -34,6 +34,7 @@ from ops.migrations import (
     shell_path,
     use_prisma_schema,
 )
+from ops.migrations.lock_wait import DEFAULT_LOCK_RETRIES, DEFAULT_TABLE_LOCK_TIMEOUT_SECONDS, LockPolicy
 from ops.migrations.locks import REFUSE, judge, lock_hazards
 from ops.secrets import redact
 
@@ -55,6 +56,13 @@ def engine_settings(env: Environment) -> tuple[str, str]:
     """(engine, command) from app.migrations; native unless told otherwise."""
     settings = plain(env.value("app.migrations", {})) or {}
     return str(settings.get("engine") or NATIVE), str(settings.get("command") or DEFAULT_COMMAND)
+
+
+def lock_policy(env: Environment) -> LockPolicy:
+    """app.migrations.lock_timeout_seconds / lock_retries: how long each statement waits for a table lock."""
+    settings = plain(env.value("app.migrations", {})) or {}
+    return LockPolicy(timeout=float(settings.get("lock_timeout_seconds", DEFAULT_TABLE_LOCK_TIMEOUT_SECONDS)),
+                      retries=int(settings.get("lock_retries", DEFAULT_LOCK_RETRIES)))
 
 
 class MigrationFacts:
@@ -194,7 +202,9 @@ class DeployStep(Step):
         pending = self.facts.pending(ctx, self.facts.state(ctx))
         if not pending:
             return None
-        how = self._describe_command() if self.engine == COMMAND else "native engine, Prisma's advisory lock"
+        policy = lock_policy(self.facts.env)
+        how = self._describe_command() if self.engine == COMMAND else \
+            f"native engine, Prisma's advisory lock, lock_timeout {policy.timeout:g} s, {policy.attempts} attempt(s)"
         details = [f"{migration.name}" for migration in pending]
         details += [f"into {self.facts.target()} ({how})", f"from {self.facts.source(ctx).where}"]
         return Change(f"apply {len(pending)} pending migration(s)", details)
@@ -213,14 +223,18 @@ class DeployStep(Step):
 
     def _native(self, ctx: RunContext) -> list[str]:
         def on_event(event: str, detail: str) -> None:
+            ctx.journal.write("migration", kind=event, detail=detail)  # each attempt of each migration
             if event == "waiting":
                 ctx.log(f"waiting for the Prisma migration lock, held by {detail}")
+            elif event == "lock-timeout":
+                ctx.output.warn(f"lock timeout: {detail}")
             else:
                 ctx.log(f"{event} {detail}")
 
         try:
             return apply_pending(self.facts.url(), self.facts.source(ctx).migrations, on_event=on_event,
-                                 allow_edited=self.allow_edited, application_name=ctx.label)
+                                 allow_edited=self.allow_edited, application_name=ctx.label,
+                                 policy=lock_policy(self.facts.env))
         except StepFailed as error:
             raise failure_report(self.facts.state(ctx), error.message, fallback=error) from None
 

@@ -332,3 +332,61 @@ def test_the_readme_ci_lines_lint_what_a_branch_adds(opsbook, tmp_path):
         '-- CreateIndex\nCREATE INDEX CONCURRENTLY "Image_alt_idx" ON "Image"("alt");\n')
     clean = lint()
     assert clean.returncode == 0 and "no refusal" in clean.stderr, clean.stderr
+
+
+def set_lock_wait(opsbook: Opsbook, env: str, seconds: float, retries: int) -> None:
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"][env]["app"]["migrations"] = {"lock_timeout_seconds": seconds, "lock_retries": retries}
+    opsbook.write_inventory(inventory)
+
+
+def migration_events(opsbook: Opsbook) -> list[tuple[str, str]]:
+    return [(entry["kind"], entry["detail"]) for entry in opsbook.journal(opsbook.latest_run_id())
+            if entry["event"] == "migration"]
+
+
+def test_a_migration_gives_up_a_held_lock_and_retries_until_it_is_released(opsbook, shop):
+    url = shop["urls"]["staging"]
+    assert opsbook.run("migrate").exit_code == 0
+    set_lock_wait(opsbook, "staging", 0.5, 2)
+    add_migration(shop["migrations"], "20250701000000_motto", 'ALTER TABLE "Brand" ADD COLUMN "motto" TEXT;\n')
+
+    with psycopg.connect(url, autocommit=True) as holder:  # held throughout: every attempt gives up
+        holder.execute("SET application_name = 'nightly export'")
+        holder.execute("BEGIN")
+        holder.execute('LOCK TABLE "Brand" IN ACCESS EXCLUSIVE MODE')
+        failed = opsbook.run("migrate")
+        holder_pid = holder.info.backend_pid
+    assert failed.exit_code == 1, failed
+    assert "could not take its locks" in failed.stderr and "in 3 attempt(s) of 0.5 s" in failed.stderr
+    assert f"pid {holder_pid} (nightly export" in failed.stderr and "AccessExclusiveLock" in failed.stderr
+    assert "pending again" in failed.stderr
+    assert [kind for kind, _ in migration_events(opsbook)] == ["started", "lock-timeout"] * 3
+    assert ("20250701000000_motto", True, False) not in applied_rows(url)  # never recorded applied
+    status = opsbook.run("migrate.status", "--json")
+    assert status.exit_code == 3 and status.json()["pending"] == ["20250701000000_motto"], status
+
+    def migration_waiting(connection: psycopg.Connection) -> bool:
+        return connection.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE NOT l.granted"
+            " AND l.relation = '\"Brand\"'::regclass AND a.application_name LIKE 'opsbook run%%'").fetchone()[0] > 0
+
+    with psycopg.connect(url, autocommit=True) as holder, psycopg.connect(url, autocommit=True) as reader:
+        holder.execute("BEGIN")
+        holder.execute('SELECT count(*) FROM "Brand"')  # a long read: ACCESS SHARE until it ends
+        process = opsbook.start("migrate")
+        # the reader asks: the holder's transaction sees pg_stat_activity as it was when it began
+        wait_for(lambda: migration_waiting(reader), timeout=20, what="the migration waiting for its lock")
+        # Readers queue behind the waiting ALTER TABLE, but only until its lock_timeout: this one gets through.
+        reader.execute("SET statement_timeout = '3s'")
+        assert reader.execute('SELECT count(*) FROM "Brand"').fetchone()[0] == 0
+        holder.execute("COMMIT")  # the read ends during the pause: the next attempt gets the lock
+        done = opsbook.collect(process)
+    assert done.exit_code == 0, done
+    assert "lock timeout: 20250701000000_motto: attempt 1 of 3 gave up waiting 0.5 s" in done.stderr
+    kinds = [kind for kind, _ in migration_events(opsbook)]
+    assert kinds[0] == "started" and kinds[1] == "lock-timeout" and kinds[-1] == "applied", kinds
+    assert ("20250701000000_motto", True, False) in applied_rows(url)
+    assert opsbook.run("migrate.status").exit_code == 0
+    assert_no_secret(opsbook, *shop["secrets"])
+
