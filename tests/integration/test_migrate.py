@@ -390,3 +390,53 @@ def test_a_migration_gives_up_a_held_lock_and_retries_until_it_is_released(opsbo
     assert opsbook.run("migrate.status").exit_code == 0
     assert_no_secret(opsbook, *shop["secrets"])
 
+
+def scratch_databases(url: str) -> list[str]:
+    with psycopg.connect(url) as connection:
+        return [row[0] for row in connection.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE '%\\_\\_drift\\_%'").fetchall()]
+
+
+def test_drift_lists_hand_made_changes_until_a_migration_matches_them(opsbook, shop):
+    url = shop["urls"]["staging"]
+    assert opsbook.run("migrate").exit_code == 0
+    clean = opsbook.run("migrate.drift", "--json")
+    assert clean.exit_code == 0 and clean.json()["drift"] == [], clean
+    assert "no drift" in clean.stderr
+
+    with psycopg.connect(url, autocommit=True) as connection:  # a hot fix made by hand
+        connection.execute('ALTER TABLE "Brand" ADD COLUMN "motto" TEXT NOT NULL DEFAULT \'\'')
+        connection.execute('CREATE INDEX "Brand_motto_idx" ON "Brand"("motto")')
+        connection.execute('ALTER TABLE "Image" ALTER COLUMN "alt" TYPE VARCHAR(500)')
+        connection.execute("ALTER TYPE \"Role\" ADD VALUE 'GUEST'")
+        connection.execute('DROP TABLE "NavigationDraft"')
+    drifted = opsbook.run("migrate.drift", "--json")
+    assert drifted.exit_code == 3, drifted
+    found = {(item["kind"], item["name"]): item for item in drifted.json()["drift"]}
+    assert found[("column", '"Brand".motto')]["database"] == "text NOT NULL DEFAULT ''::text"
+    assert found[("column", '"Brand".motto')]["migrations"] is None
+    assert found[("index", '"Brand_motto_idx"')]["migrations"] is None
+    alt = found[("column", '"Image".alt')]
+    assert alt["database"].startswith("character varying(500)") and alt["migrations"].startswith("text"), alt
+    assert found[("enum", '"Role"')]["database"] == "'ADMIN', 'EDITOR', 'VIEWER', 'GUEST'"
+    assert found[("table", '"NavigationDraft"')] == {
+        "kind": "table", "name": '"NavigationDraft"', "database": None, "migrations": "table",
+        "text": 'table "NavigationDraft": missing from the database (the migrations build: table)'}
+    # its columns, indexes and constraints are listed too
+    assert ("column", '"NavigationDraft".id') in found
+    assert ("constraint", '"NavigationDraft"."NavigationDraft_pkey"') in found
+    assert 'drift: column "Brand".motto: in the database only (text NOT NULL' in drifted.stderr
+    assert 'drift: table "NavigationDraft": missing from the database' in drifted.stderr
+    assert scratch_databases(url) == []  # dropped again
+
+    add_migration(shop["migrations"], "20250801000000_hotfix",
+                  'ALTER TABLE "Brand" ADD COLUMN "motto" TEXT NOT NULL DEFAULT \'\';\n'
+                  'CREATE INDEX "Brand_motto_idx" ON "Brand"("motto");\n'
+                  'ALTER TABLE "Image" ALTER COLUMN "alt" TYPE VARCHAR(500);\n'
+                  "ALTER TYPE \"Role\" ADD VALUE 'GUEST';\n"
+                  'DROP TABLE "NavigationDraft";\n')
+    assert opsbook.run("migrate.resolve", "--name", "20250801000000_hotfix", "--applied").exit_code == 0
+    matched = opsbook.run("migrate.drift", "--json")
+    assert matched.exit_code == 0 and matched.json()["drift"] == [], matched
+    assert scratch_databases(url) == []
+    assert_no_secret(opsbook, *shop["secrets"])
