@@ -440,3 +440,43 @@ def test_drift_lists_hand_made_changes_until_a_migration_matches_them(opsbook, s
     assert matched.exit_code == 0 and matched.json()["drift"] == [], matched
     assert scratch_databases(url) == []
     assert_no_secret(opsbook, *shop["secrets"])
+
+
+DEMO_SCHEMA = DEMO_MIGRATIONS.parent / "schema.prisma"
+
+
+def test_the_contract_gate_refuses_a_drop_while_a_hosts_current_release_uses_the_column(
+        opsbook, shop, app_host_factory):
+    url = shop["urls"]["staging"]
+    (web1,) = app_host_factory(["web1"])
+    schema = DEMO_SCHEMA.read_text()
+    assert "  lastLoginAt  DateTime?\n" in schema
+    releases = {"20250101000000": schema.replace("  lastLoginAt  DateTime?\n",
+                                                 '  lastSeen     DateTime? @map("lastLoginAt") // renamed\n'),
+                "20250201000000": schema.replace("  lastLoginAt  DateTime?\n", "")}
+    for release, text in releases.items():
+        (web1.app_dir / "releases" / release / "prisma").mkdir(parents=True)
+        (web1.app_dir / "releases" / release / "prisma" / "schema.prisma").write_text(text)
+    (web1.app_dir / "current").symlink_to("releases/20250101000000")
+    inventory = _yaml(opsbook.inventory)
+    inventory["envs"]["staging"]["hosts"] = [{"name": "web1", "address": "127.0.0.1", "port": web1.host.port,
+                                              "user": web1.host.user, "key_file": web1.host.key_filename}]
+    inventory["envs"]["staging"]["app"]["dir"] = str(web1.app_dir)  # migrations still from the checkout
+    opsbook.write_inventory(inventory)
+    assert opsbook.run("migrate").exit_code == 0
+    add_migration(shop["migrations"], "20250901000000_contract",
+                  '-- the last release stopped using it\nALTER TABLE "User" DROP COLUMN "lastLoginAt";\n')
+
+    refused = opsbook.run("migrate")
+    assert refused.exit_code == 3, refused
+    assert ('20250901000000_contract/migration.sql:2 drops column "User"."lastLoginAt" while release '
+            "20250101000000 on host web1 uses it (prisma/schema.prisma: model User, field lastSeen)") in refused.stderr
+    assert "expand/contract" in refused.stderr
+    assert opsbook.run("migrate", "--allow-destructive").exit_code == 3  # the release would break all the same
+    assert "20250901000000_contract" not in [row[0] for row in applied_rows(url)]
+
+    (web1.app_dir / "current").unlink()  # the rollout of a release that no longer uses it
+    (web1.app_dir / "current").symlink_to("releases/20250201000000")
+    allowed = opsbook.run("migrate", "--json")
+    assert allowed.exit_code == 0 and allowed.json()["applied"] == ["20250901000000_contract"], allowed
+    assert_no_secret(opsbook, *shop["secrets"])

@@ -19,6 +19,7 @@ from ops.migrations import (
     read_lock_provider,
     script_matches_checksum,
 )
+from ops.migrations.contract import conflicts, references, removals
 from ops.migrations.drift import compare, with_schema
 from ops.migrations.lock_wait import LockPolicy, tables_named
 from ops.secrets import Secret
@@ -289,3 +290,41 @@ def test_drift_compares_descriptions_tables_first(live, built, expected):
 def test_scratch_url_keeps_the_prisma_schema():
     url = with_schema(Secret("postgresql://u:p@h:5432/db__drift_1?sslmode=require&schema=other"), "tenant")
     assert url == "postgresql://u:p@h:5432/db__drift_1?sslmode=require&schema=tenant"
+
+
+PRISMA_MODELS = """\
+// model Ghost { id Int @id }
+model User {
+  id        String  @id
+  mail      String  @unique @map("email")
+  brand     Brand?  @relation(fields: [brandId], references: [id])
+  brandId   Int?
+  @@map("users")
+}
+
+model Brand {
+  id    Int    @id
+  users User[]
+}
+"""
+
+
+def test_a_release_schema_references_mapped_tables_and_columns_but_not_relations():
+    used = {(reference.table, reference.column): reference.where for reference in references(PRISMA_MODELS)}
+    assert used == {("users", None): "model User", ("users", "id"): "model User, field id",
+                    ("users", "email"): "model User, field mail", ("users", "brandId"): "model User, field brandId",
+                    ("Brand", None): "model Brand", ("Brand", "id"): "model Brand, field id"}
+
+
+def test_removals_are_drops_and_renames_of_tables_and_columns():
+    sql = ('DROP TABLE "public"."Brand";\nALTER TABLE "users" ADD COLUMN "x" TEXT,\n  DROP COLUMN "email";\n'
+           'ALTER TABLE "users" RENAME COLUMN "brandId" TO "b";\nALTER TABLE "Old" RENAME TO "New";\n'
+           "INSERT INTO t VALUES ('DROP TABLE \"users\"');\n")
+    (migration,) = local("001_init")
+    found = removals([LocalMigration("m", "", sql, migration.path)])
+    assert [str(removal) for removal in found] == [
+        'm/migration.sql:1 drops table "Brand"', 'm/migration.sql:3 drops column "users"."email"',
+        'm/migration.sql:4 renames column "users"."brandId"', 'm/migration.sql:5 renames table "Old"']
+    assert [(removal.what, reference.where) for removal, reference in conflicts(found, PRISMA_MODELS)] == [
+        ('table "Brand"', "model Brand"), ('column "users"."email"', "model User, field mail"),
+        ('column "users"."brandId"', "model User, field brandId")]
