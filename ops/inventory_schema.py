@@ -68,7 +68,10 @@ KEYS = _object({
 })
 
 MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING, "command": _STRING,
-                      "lock_rows": _POSITIVE, "lock_bytes": _POSITIVE})  # ops/migrations/locks.py
+                      "lock_rows": _POSITIVE, "lock_bytes": _POSITIVE,  # ops/migrations/locks.py
+                      # ops/migrations/lock_wait.py
+                      "lock_timeout_seconds": {"type": "number", "minimum": 0},
+                      "lock_retries": {"type": "integer", "minimum": 0, "maximum": 10}})
 
 APP = _object({
     "dir": _STRING, "env_file": _STRING, "restart": _STRING, "log_command": _STRING,

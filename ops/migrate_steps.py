@@ -3,7 +3,8 @@
 A deploy is: gate (no failed migration: Prisma's P3009; no edited one unless allowed)
 → lint the pending migrations (backward-compatible changes only on protected
 environments unless --allow-destructive; no heavy lock on a table the live sizes say is
-large unless --allow-locks, ops/migrations/locks.py) → pre-migration backup (protected
+large unless --allow-locks, ops/migrations/locks.py; no drop or rename of a table or
+column a host's current release still uses, ops/migrations/contract.py) → pre-migration backup (protected
 environments; the backup runbook's own steps, tagged `pre-migrate`) → deploy through
 the direct URL with the `native` engine or the app's own `command` on the first
 host → verify that nothing is pending or failed. Each step reads the state when it
@@ -12,6 +13,7 @@ checks, so a plan made before another deploy ran is re-checked before applying.
 
 from __future__ import annotations
 
+import posixpath
 from typing import TYPE_CHECKING, Any
 
 from ops import pg, pg_url
@@ -34,11 +36,14 @@ from ops.migrations import (
     shell_path,
     use_prisma_schema,
 )
+from ops.migrations.contract import Removal, conflicts, removals
+from ops.migrations.lock_wait import DEFAULT_LOCK_RETRIES, DEFAULT_TABLE_LOCK_TIMEOUT_SECONDS, LockPolicy
 from ops.migrations.locks import REFUSE, judge, lock_hazards
+from ops.rollout import release_name
 from ops.secrets import redact
 
 if TYPE_CHECKING:
-    from ops.hosts import HostConnection
+    from ops.hosts import HostConfig, HostConnection
     from ops.inventory import Environment
     from ops.migrations import LocalMigration, MigrationSource, MigrationState
     from ops.secrets import Secret
@@ -55,6 +60,13 @@ def engine_settings(env: Environment) -> tuple[str, str]:
     """(engine, command) from app.migrations; native unless told otherwise."""
     settings = plain(env.value("app.migrations", {})) or {}
     return str(settings.get("engine") or NATIVE), str(settings.get("command") or DEFAULT_COMMAND)
+
+
+def lock_policy(env: Environment) -> LockPolicy:
+    """app.migrations.lock_timeout_seconds / lock_retries: how long each statement waits for a table lock."""
+    settings = plain(env.value("app.migrations", {})) or {}
+    return LockPolicy(timeout=float(settings.get("lock_timeout_seconds", DEFAULT_TABLE_LOCK_TIMEOUT_SECONDS)),
+                      retries=int(settings.get("lock_retries", DEFAULT_LOCK_RETRIES)))
 
 
 class MigrationFacts:
@@ -121,13 +133,48 @@ class LintStep(Step):
 
     def __init__(self, facts: MigrationFacts, allow_destructive: bool, allow_locks: bool = False):
         self.facts, self.allow_destructive, self.allow_locks = facts, allow_destructive, allow_locks
-        self.title = "lint pending migrations for changes that break the running app or lock a large table"
+        self.title = ("lint pending migrations for changes that break the running app, lock a large table, or "
+                      "remove what a host's current release still uses")
 
     def check(self, ctx: RunContext) -> Change | None:
         pending = self.facts.pending(ctx, self.facts.state(ctx))
         self._breaking(ctx, pending)
         self._locks(ctx, pending)
+        self._contract(ctx, pending)
         return None
+
+    def _contract(self, ctx: RunContext, pending: list[LocalMigration]) -> None:
+        """Expand/contract by what runs: no drop or rename of what a host's current release still uses."""
+        found = removals(pending)
+        if not found or self.facts.dbname is not None:  # the drill's copy serves no release
+            return
+        refused = [line for host in self.facts.env.host_configs() for line in self._in_use(ctx, host, found)]
+        if refused:
+            lines = "\n".join(f"    {line}" for line in refused)
+            raise CheckFailed(
+                f"{len(refused)} removal(s) in the pending migrations are still used by a release serving "
+                f"{ctx.env.name}:\n{lines}",
+                hint="deploy a release that no longer uses them first (expand/contract), then migrate; "
+                     "--allow-destructive does not lift this: the release would break")
+
+    def _in_use(self, ctx: RunContext, host: HostConfig, found: list[Removal]) -> list[str]:
+        """The removals host's current release uses, read from its prisma/schema.prisma."""
+        app = plain(resolve(self.facts.env.app_settings(host.name))) or {}
+        if not app.get("dir"):
+            return []
+        directory = str(app["dir"]).rstrip("/")
+        subdir = str((app.get("migrations") or {}).get("dir") or "prisma/migrations").rstrip("/")
+        relative = f"{posixpath.dirname(subdir) or '.'}/schema.prisma"
+        connection = ctx.host(host)
+        link = connection.readlink(f"{directory}/current")
+        release = f"release {release_name(link)}" if link else f"{directory} (no releases layout)"
+        path = f"{directory}/current/{relative}" if link else f"{directory}/{relative}"
+        text = connection.read_text(path)
+        if text is None:
+            self.facts.warn_once(ctx, f"contract not checked on host {host.name}: no {path} ({release})")
+            return []
+        return [f"{removal} while {release} on host {host.name} uses it ({relative}: {reference.where})"
+                for removal, reference in conflicts(found, text)]
 
     def _locks(self, ctx: RunContext, pending: list[LocalMigration]) -> None:
         """Heavy locks judged by the live table sizes (ops/migrations/locks.py)."""
@@ -194,7 +241,9 @@ class DeployStep(Step):
         pending = self.facts.pending(ctx, self.facts.state(ctx))
         if not pending:
             return None
-        how = self._describe_command() if self.engine == COMMAND else "native engine, Prisma's advisory lock"
+        policy = lock_policy(self.facts.env)
+        how = self._describe_command() if self.engine == COMMAND else \
+            f"native engine, Prisma's advisory lock, lock_timeout {policy.timeout:g} s, {policy.attempts} attempt(s)"
         details = [f"{migration.name}" for migration in pending]
         details += [f"into {self.facts.target()} ({how})", f"from {self.facts.source(ctx).where}"]
         return Change(f"apply {len(pending)} pending migration(s)", details)
@@ -213,14 +262,18 @@ class DeployStep(Step):
 
     def _native(self, ctx: RunContext) -> list[str]:
         def on_event(event: str, detail: str) -> None:
+            ctx.journal.write("migration", kind=event, detail=detail)  # each attempt of each migration
             if event == "waiting":
                 ctx.log(f"waiting for the Prisma migration lock, held by {detail}")
+            elif event == "lock-timeout":
+                ctx.output.warn(f"lock timeout: {detail}")
             else:
                 ctx.log(f"{event} {detail}")
 
         try:
             return apply_pending(self.facts.url(), self.facts.source(ctx).migrations, on_event=on_event,
-                                 allow_edited=self.allow_edited, application_name=ctx.label)
+                                 allow_edited=self.allow_edited, application_name=ctx.label,
+                                 policy=lock_policy(self.facts.env))
         except StepFailed as error:
             raise failure_report(self.facts.state(ctx), error.message, fallback=error) from None
 

@@ -1,4 +1,5 @@
-"""inv migrate.status / migrate / migrate.lint / migrate.resolve: Prisma-compatible state and a gated deploy.
+"""inv migrate.status / migrate / migrate.lint / migrate.drift / migrate.resolve: Prisma-compatible state, a gated
+deploy, and drift between the schema and the migrations.
 
 The steps, and what a deploy is, are in ops.migrate_steps; what the lint judges, in ops.migrate_lint.
 """
@@ -18,6 +19,7 @@ from ops.journal import new_run_id
 from ops.migrate_lint import Review, read_facts, review, thresholds
 from ops.migrate_steps import LOG_LINES, MigrationFacts, ResolveStep, migrate_steps
 from ops.migrations import load_migration_source, read_local_migrations, read_state, resolve_hint
+from ops.migrations.drift import environment_drift
 from ops.migrations.locks import Thresholds
 
 if TYPE_CHECKING:
@@ -170,6 +172,26 @@ def report_lint(output: Output, found: Review, about: dict[str, Any]) -> None:
     output.info(f"migrate.lint: no refusal ({len(found.warnings)} warning(s))")
 
 
+@task(klass=OpsTask, name="drift")
+def drift(call: TaskCall, env=None, json=False):
+    """Compare the live schema with what the migrations build in a scratch database; exit 3 listing each
+    difference (a table, column, index, constraint or enum value on one side only, or different), 0 when none."""
+    environment = call.environment
+    where = pg_url.parse_url(environment.database_url(direct=True)).describe()
+    source, differences = environment_drift(environment, f"opsbook migrate.drift {environment.name}")
+    call.output.info(f"{len(source.migrations)} migration(s) from {source.where} applied to a scratch database, "
+                     f"compared with {where}")
+    for difference in differences:
+        call.output.info(f"drift: {difference}")
+    call.output.result({"env": environment.name, "database": where, "source": source.where,
+                        "drift": [difference.to_json() for difference in differences]})
+    if differences:
+        raise CheckFailed(f"{environment.name}: {len(differences)} difference(s) between the schema and the "
+                          "migrations", hint="put a hand-made change into a new migration (prisma migrate diff "
+                                             "writes it), or undo it")
+    call.output.info("no drift: the schema is what the migrations build")
+
+
 @task(klass=OpsTask, name="resolve",
       help=dict(name="the migration's folder name",
                 rolled_back="its failed attempt was undone: mark it rolled back (pending again)",
@@ -187,4 +209,5 @@ collection = Collection("migrate")
 collection.add_task(migrate)
 collection.add_task(status)
 collection.add_task(lint)
+collection.add_task(drift)
 collection.add_task(resolve)

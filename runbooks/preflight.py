@@ -1,13 +1,14 @@
 """inv preflight: the production readiness checklist, each item pass/warn/fail with its fix.
 
-Read-only. Every check runs even when another fails; exit 3 when any fails. The
-checks (seed notes, issue 6 §5): required app variables in each host's env file, an
-auth secret of at least 32 characters, TLS (`sslmode=require`) on non-local database
-URLs, `pgbouncer=true` on a pooled URL plus a direct URL for admin work, no pending
-or failed migrations, a verified backup younger than the RPO target, this quarter's
-DR drill, point-in-time recovery working within `targets.rpo_seconds` (a warning when a protected
-self-hosted environment has none), storage keys younger than 90 days, a lifecycle rule for incomplete
-multipart uploads, the app's health and ready URLs, HSTS and CSP on the public URL.
+Read-only (but for the drift check's scratch database, dropped again). Every check runs
+even when another fails; exit 3 when any fails. The checks (seed notes, issue 6 §5):
+required app variables in each host's env file, an auth secret of at least 32 characters,
+TLS (`sslmode=require`) on non-local database URLs, `pgbouncer=true` on a pooled URL plus a
+direct URL for admin work, no pending or failed migrations, no schema drift (a warning:
+ops/migrations/drift.py), a verified backup younger than the RPO target, this quarter's DR
+drill, point-in-time recovery working within `targets.rpo_seconds` (a warning when a protected
+self-hosted environment has none), storage keys younger than 90 days, a lifecycle rule for
+incomplete multipart uploads, the app's health and ready URLs, HSTS and CSP on the public URL.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.health_probes import app_url_probes
 from ops.hosts import connect, is_loopback
 from ops.keys import key_status
+from ops.migrations.drift import environment_drift
 from ops.output import human_size
 from ops.secrets import reveal
 from ops.status_facts import last_backup, migration_state
@@ -239,6 +241,25 @@ def migrations_probe(env: Environment) -> Probe:
     return probe
 
 
+def drift_probe(env: Environment) -> Probe:
+    """What `inv migrate.drift` finds, as a warning: a hand-made change is not always wrong, but it is unrecorded."""
+    def probe() -> str:
+        try:
+            state = migration_state(env)
+            if state is None or not state.up_to_date:
+                raise Warn("not compared until the migrations are up to date (see migrations)")
+            source, differences = environment_drift(env, f"opsbook preflight {env.name}")
+        except (InventoryError, CheckFailed) as error:  # no migrations known, or no role to create the scratch db
+            raise Warn(error.message) from None
+        if differences:
+            listed = "; ".join(map(str, differences[:5])) + ("; …" if len(differences) > 5 else "")
+            raise Warn(f"{len(differences)} difference(s) from what the migrations build: {listed} "
+                       f"(`inv migrate.drift --env {env.name}` lists them)")
+        return f"the schema is what the {len(source.migrations)} migration(s) build"
+
+    return probe
+
+
 def backup_probe(env: Environment) -> Probe:
     def probe() -> str:
         rpo_hours = float(env.raw("targets.rpo_hours", DEFAULT_RPO_HOURS))
@@ -366,7 +387,7 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
         checks += [(f"env file on {host.name}", env_file_probe(env, files, host)),
                    (f"auth secret on {host.name}", auth_secret_probe(env, files, host))]
     checks += [("database TLS", tls_probe(env)), ("database pooler", pooler_probe(env)),
-               ("migrations", migrations_probe(env))]
+               ("migrations", migrations_probe(env)), ("schema drift", drift_probe(env))]
     if env.has("backups"):
         checks.append(("last backup", backup_probe(env)))
     if env.has("pitr") or (env.protected and not env.sandbox and pitr_host.managed_provider(env) is None):

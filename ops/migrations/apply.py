@@ -9,12 +9,14 @@ Also the two `prisma migrate resolve` operations (--rolled-back, --applied).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ops import ids, pg
 from ops.errors import CheckFailed, LockHeld, StepFailed
+from ops.migrations.lock_wait import LockPolicy, lock_holders, tables_named, timed_out
 from ops.migrations.script import outside_transaction
 from ops.migrations.state import (
     CREATE_MIGRATIONS_TABLE,
@@ -50,6 +52,7 @@ def apply_pending(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
     allow_edited: bool = False,
     application_name: str = "opsbook migrate",
+    policy: LockPolicy | None = None,
 ) -> list[str]:
     """Apply pending migrations in order, as `prisma migrate deploy` does; return their names.
 
@@ -63,7 +66,9 @@ def apply_pending(
     lock linter's safe form) runs statement by statement instead, each in its own
     transaction, and is recorded as applied only once its last one succeeded. Unlike
     Prisma's deploy, an edited migration also refuses unless `allow_edited`: the folder no
-    longer describes the schema that was applied.
+    longer describes the schema that was applied. `lock_timeout` is the wait for Prisma's
+    advisory lock; `policy` the wait for each table lock and the attempts (ops/migrations/lock_wait.py):
+    ("lock-timeout", text) is called for each attempt that gave up.
     """
     emit = on_event or (lambda event, detail: None)
     local = read_local_migrations(source) if isinstance(source, Path) else list(source)
@@ -74,7 +79,8 @@ def apply_pending(
         try:
             _acquire_prisma_lock(conn, lock_timeout, where, emit)
             try:
-                return _apply_under_lock(conn, conn_url, local, where, emit, allow_edited)
+                return _apply_under_lock(conn, conn_url, local, where, emit, allow_edited,
+                                         policy or LockPolicy())
             finally:
                 _release_prisma_lock(conn)
         except pg.Error as error:  # bookkeeping failed: lost connection, missing privilege...
@@ -85,15 +91,17 @@ def apply_pending(
 
 
 def _apply_under_lock(conn: psycopg.Connection, url: Secret | str, local: list[LocalMigration], where: str,
-                      emit: EventCallback, allow_edited: bool) -> list[str]:
+                      emit: EventCallback, allow_edited: bool, policy: LockPolicy) -> list[str]:
     use_prisma_schema(conn, url, create=True)
     _ensure_migrations_table(conn)
     state = classify(local, read_applied(conn))  # re-read under the lock: another deploy may have run
     refuse_unsafe(state, where, allow_edited=allow_edited)
     pending_names = set(state.pending)
     pending = [migration for migration in local if migration.name in pending_names]
+    for setting in policy.session_settings():
+        conn.execute(setting)
     for migration in pending:
-        _apply_one(conn, migration, where, emit)
+        _apply_one(conn, migration, where, emit, policy)
     return [migration.name for migration in pending]
 
 
@@ -223,7 +231,17 @@ def refuse_unsafe(state: MigrationState, where: str, *, allow_edited: bool = Fal
         )
 
 
-def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback) -> None:
+def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback,
+               policy: LockPolicy) -> None:
+    one_by_one = outside_transaction(migration.sql)
+    if one_by_one is None:
+        _apply_script(conn, migration, where, emit, policy)
+    else:
+        _apply_statements(conn, migration, one_by_one, where, emit, policy)
+    emit("applied", migration.name)
+
+
+def _start_row(conn: psycopg.Connection, migration: LocalMigration, emit: EventCallback) -> str:
     row_id = ids.uuid4()
     # Recorded before running, exactly like Prisma: a crash midway leaves a failed row.
     conn.execute(
@@ -232,41 +250,109 @@ def _apply_one(conn: psycopg.Connection, migration: LocalMigration, where: str, 
         (row_id, migration.checksum, migration.name),
     )
     emit("started", migration.name)
-    one_by_one = outside_transaction(migration.sql)
-    done = 0
-    try:
-        if one_by_one is None:
-            conn.execute(migration.sql)
-        for statement in one_by_one or []:
-            conn.execute(statement)
-            done += 1
-    except pg.Error as error:
-        if one_by_one is not None and conn.info.transaction_status.name in ("INTRANS", "INERROR"):
-            with contextlib.suppress(pg.Error):  # a BEGIN of the script's own: end it, keep the session usable
-                conn.execute("ROLLBACK")
-        logs = _failure_logs(migration.name, error)
-        with contextlib.suppress(pg.Error):  # connection lost: the row stays failed, without logs
-            conn.execute("UPDATE _prisma_migrations SET logs = %s WHERE id = %s", (logs, row_id))
-        emit("failed", migration.name)
-        kept = "nothing of this migration was kept (it ran in one transaction)" if one_by_one is None else \
-            f"it ran statement by statement (it builds or drops something CONCURRENTLY): the {done} before the " \
-            "failing one were kept (but for a BEGIN … COMMIT of the script's that failed), and an index being " \
-            "built concurrently stays behind INVALID; drop what was kept (DROP INDEX CONCURRENTLY IF EXISTS …) " \
-            "or finish it by hand"
-        raise StepFailed(
-            f"migration {migration.name} failed on {where}: {error_line(error)}",
-            hint=(
-                f"{kept}; fix the SQL or the data, "
-                f"then `inv migrate.resolve --name {migration.name} --rolled-back` (or `prisma migrate resolve "
-                f"--rolled-back {migration.name}`) and migrate again; {RESOLVE_DOCS}"
-            ),
-        ) from None
+    return row_id
+
+
+def _finish_row(conn: psycopg.Connection, row_id: str) -> None:
     conn.execute(
         "UPDATE _prisma_migrations SET finished_at = now(), applied_steps_count = applied_steps_count + 1"
         " WHERE id = %s",
         (row_id,),
     )
-    emit("applied", migration.name)
+
+
+def _record_failure(conn: psycopg.Connection, row_id: str, name: str, error: Exception, *,
+                    rolled_back: bool = False) -> None:
+    # rolled_back: nothing of the attempt was kept, as `prisma migrate resolve --rolled-back` records it
+    logs = _failure_logs(name, error)
+    with contextlib.suppress(pg.Error):  # connection lost: the row stays failed, without logs
+        conn.execute("UPDATE _prisma_migrations SET logs = %s,"
+                     " rolled_back_at = CASE WHEN %s THEN now() END WHERE id = %s", (logs, rolled_back, row_id))
+
+
+def _apply_script(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback,
+                  policy: LockPolicy) -> None:
+    """The script as one implicit transaction; a lock timeout leaves nothing behind, so its attempt is
+    recorded rolled back and the whole script is tried again."""
+    for attempt in range(1, policy.attempts + 1):
+        row_id = _start_row(conn, migration, emit)
+        try:
+            conn.execute(migration.sql)
+        except pg.Error as error:
+            if not timed_out(error):
+                _record_failure(conn, row_id, migration.name, error)
+                emit("failed", migration.name)
+                raise _failure(migration.name, where, error,
+                               "nothing of this migration was kept (it ran in one transaction)") from None
+            _record_failure(conn, row_id, migration.name, error, rolled_back=True)
+            _lock_timed_out(conn, migration, where, emit, policy, attempt, error,
+                            "nothing of it was kept (it ran in one transaction) and it is pending again")
+            continue
+        _finish_row(conn, row_id)
+        return
+
+
+def _apply_statements(conn: psycopg.Connection, migration: LocalMigration, statements: list[str], where: str,
+                      emit: EventCallback, policy: LockPolicy) -> None:
+    """Statement by statement (something CONCURRENTLY in it): a lock timeout retries from the statement that
+    timed out, or from the BEGIN of the script's own transaction it was in; what ran before is kept."""
+    row_id = _start_row(conn, migration, emit)
+    index = group = 0
+    attempt = 1
+    while index < len(statements):
+        if conn.info.transaction_status.name == "IDLE":
+            group = index
+        try:
+            conn.execute(statements[index])
+            index += 1
+            continue
+        except pg.Error as error:
+            if conn.info.transaction_status.name in ("INTRANS", "INERROR"):
+                with contextlib.suppress(pg.Error):  # a BEGIN of the script's own: end it, keep the session usable
+                    conn.execute("ROLLBACK")
+            kept = f"it ran statement by statement (it builds or drops something CONCURRENTLY): the {index} " \
+                "before the failing one were kept (but for a BEGIN … COMMIT of the script's that failed), and an " \
+                "index being built concurrently stays behind INVALID; drop what was kept (DROP INDEX " \
+                "CONCURRENTLY IF EXISTS …) or finish it by hand"
+            if not timed_out(error) or attempt == policy.attempts:
+                _record_failure(conn, row_id, migration.name, error)
+                emit("failed", migration.name)
+                if timed_out(error):
+                    _lock_timed_out(conn, migration, where, emit, policy, attempt, error, kept)
+                raise _failure(migration.name, where, error, kept) from None
+            _lock_timed_out(conn, migration, where, emit, policy, attempt, error, kept)
+            attempt, index = attempt + 1, group
+    _finish_row(conn, row_id)
+
+
+def _lock_timed_out(conn: psycopg.Connection, migration: LocalMigration, where: str, emit: EventCallback,
+                    policy: LockPolicy, attempt: int, error: Exception, kept: str) -> None:
+    """Report a lock timeout; pause before the next attempt, or raise after the last one."""
+    holders = lock_holders(conn, tables_named(migration.sql))
+    held = f"held by {'; '.join(holders)}" if holders else "its holder has released it since"
+    last = attempt == policy.attempts
+    pause = policy.backoff(attempt)
+    emit("lock-timeout", f"{migration.name}: attempt {attempt} of {policy.attempts} gave up waiting "
+                         f"{policy.timeout:g} s for a lock ({held}); "
+                         + ("no attempt left" if last else f"trying again in {pause:g} s"))
+    if last:
+        raise StepFailed(
+            f"migration {migration.name} could not take its locks on {where} in {policy.attempts} attempt(s) of "
+            f"{policy.timeout:g} s each: {error_line(error)}; {held}",
+            hint=f"{kept}; wait for that session to finish (or end it with pg_terminate_backend(pid)), then migrate "
+                 "again; app.migrations.lock_timeout_seconds and lock_retries set the wait and the attempts")
+    time.sleep(pause)
+
+
+def _failure(name: str, where: str, error: Exception, kept: str) -> StepFailed:
+    return StepFailed(
+        f"migration {name} failed on {where}: {error_line(error)}",
+        hint=(
+            f"{kept}; fix the SQL or the data, "
+            f"then `inv migrate.resolve --name {name} --rolled-back` (or `prisma migrate resolve "
+            f"--rolled-back {name}`) and migrate again; {RESOLVE_DOCS}"
+        ),
+    )
 
 
 def error_line(error: Exception) -> str:

@@ -332,3 +332,151 @@ def test_the_readme_ci_lines_lint_what_a_branch_adds(opsbook, tmp_path):
         '-- CreateIndex\nCREATE INDEX CONCURRENTLY "Image_alt_idx" ON "Image"("alt");\n')
     clean = lint()
     assert clean.returncode == 0 and "no refusal" in clean.stderr, clean.stderr
+
+
+def set_lock_wait(opsbook: Opsbook, env: str, seconds: float, retries: int) -> None:
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"][env]["app"]["migrations"] = {"lock_timeout_seconds": seconds, "lock_retries": retries}
+    opsbook.write_inventory(inventory)
+
+
+def migration_events(opsbook: Opsbook) -> list[tuple[str, str]]:
+    return [(entry["kind"], entry["detail"]) for entry in opsbook.journal(opsbook.latest_run_id())
+            if entry["event"] == "migration"]
+
+
+def test_a_migration_gives_up_a_held_lock_and_retries_until_it_is_released(opsbook, shop):
+    url = shop["urls"]["staging"]
+    assert opsbook.run("migrate").exit_code == 0
+    set_lock_wait(opsbook, "staging", 0.5, 2)
+    add_migration(shop["migrations"], "20250701000000_motto", 'ALTER TABLE "Brand" ADD COLUMN "motto" TEXT;\n')
+
+    with psycopg.connect(url, autocommit=True) as holder:  # held throughout: every attempt gives up
+        holder.execute("SET application_name = 'nightly export'")
+        holder.execute("BEGIN")
+        holder.execute('LOCK TABLE "Brand" IN ACCESS EXCLUSIVE MODE')
+        failed = opsbook.run("migrate")
+        holder_pid = holder.info.backend_pid
+    assert failed.exit_code == 1, failed
+    assert "could not take its locks" in failed.stderr and "in 3 attempt(s) of 0.5 s" in failed.stderr
+    assert f"pid {holder_pid} (nightly export" in failed.stderr and "AccessExclusiveLock" in failed.stderr
+    assert "pending again" in failed.stderr
+    assert [kind for kind, _ in migration_events(opsbook)] == ["started", "lock-timeout"] * 3
+    assert ("20250701000000_motto", True, False) not in applied_rows(url)  # never recorded applied
+    status = opsbook.run("migrate.status", "--json")
+    assert status.exit_code == 3 and status.json()["pending"] == ["20250701000000_motto"], status
+
+    def migration_waiting(connection: psycopg.Connection) -> bool:
+        return connection.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE NOT l.granted"
+            " AND l.relation = '\"Brand\"'::regclass AND a.application_name LIKE 'opsbook run%%'").fetchone()[0] > 0
+
+    with psycopg.connect(url, autocommit=True) as holder, psycopg.connect(url, autocommit=True) as reader:
+        holder.execute("BEGIN")
+        holder.execute('SELECT count(*) FROM "Brand"')  # a long read: ACCESS SHARE until it ends
+        process = opsbook.start("migrate")
+        # the reader asks: the holder's transaction sees pg_stat_activity as it was when it began
+        wait_for(lambda: migration_waiting(reader), timeout=20, what="the migration waiting for its lock")
+        # Readers queue behind the waiting ALTER TABLE, but only until its lock_timeout: this one gets through.
+        reader.execute("SET statement_timeout = '3s'")
+        assert reader.execute('SELECT count(*) FROM "Brand"').fetchone()[0] == 0
+        holder.execute("COMMIT")  # the read ends during the pause: the next attempt gets the lock
+        done = opsbook.collect(process)
+    assert done.exit_code == 0, done
+    assert "lock timeout: 20250701000000_motto: attempt 1 of 3 gave up waiting 0.5 s" in done.stderr
+    kinds = [kind for kind, _ in migration_events(opsbook)]
+    assert kinds[0] == "started" and kinds[1] == "lock-timeout" and kinds[-1] == "applied", kinds
+    assert ("20250701000000_motto", True, False) in applied_rows(url)
+    assert opsbook.run("migrate.status").exit_code == 0
+    assert_no_secret(opsbook, *shop["secrets"])
+
+
+def scratch_databases(url: str) -> list[str]:
+    with psycopg.connect(url) as connection:
+        return [row[0] for row in connection.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE '%\\_\\_drift\\_%'").fetchall()]
+
+
+def test_drift_lists_hand_made_changes_until_a_migration_matches_them(opsbook, shop):
+    url = shop["urls"]["staging"]
+    assert opsbook.run("migrate").exit_code == 0
+    clean = opsbook.run("migrate.drift", "--json")
+    assert clean.exit_code == 0 and clean.json()["drift"] == [], clean
+    assert "no drift" in clean.stderr
+
+    with psycopg.connect(url, autocommit=True) as connection:  # a hot fix made by hand
+        connection.execute('ALTER TABLE "Brand" ADD COLUMN "motto" TEXT NOT NULL DEFAULT \'\'')
+        connection.execute('CREATE INDEX "Brand_motto_idx" ON "Brand"("motto")')
+        connection.execute('ALTER TABLE "Image" ALTER COLUMN "alt" TYPE VARCHAR(500)')
+        connection.execute("ALTER TYPE \"Role\" ADD VALUE 'GUEST'")
+        connection.execute('DROP TABLE "NavigationDraft"')
+    drifted = opsbook.run("migrate.drift", "--json")
+    assert drifted.exit_code == 3, drifted
+    found = {(item["kind"], item["name"]): item for item in drifted.json()["drift"]}
+    assert found[("column", '"Brand".motto')]["database"] == "text NOT NULL DEFAULT ''::text"
+    assert found[("column", '"Brand".motto')]["migrations"] is None
+    assert found[("index", '"Brand_motto_idx"')]["migrations"] is None
+    alt = found[("column", '"Image".alt')]
+    assert alt["database"].startswith("character varying(500)") and alt["migrations"].startswith("text"), alt
+    assert found[("enum", '"Role"')]["database"] == "'ADMIN', 'EDITOR', 'VIEWER', 'GUEST'"
+    assert found[("table", '"NavigationDraft"')] == {
+        "kind": "table", "name": '"NavigationDraft"', "database": None, "migrations": "table",
+        "text": 'table "NavigationDraft": missing from the database (the migrations build: table)'}
+    # its columns, indexes and constraints are listed too
+    assert ("column", '"NavigationDraft".id') in found
+    assert ("constraint", '"NavigationDraft"."NavigationDraft_pkey"') in found
+    assert 'drift: column "Brand".motto: in the database only (text NOT NULL' in drifted.stderr
+    assert 'drift: table "NavigationDraft": missing from the database' in drifted.stderr
+    assert scratch_databases(url) == []  # dropped again
+
+    add_migration(shop["migrations"], "20250801000000_hotfix",
+                  'ALTER TABLE "Brand" ADD COLUMN "motto" TEXT NOT NULL DEFAULT \'\';\n'
+                  'CREATE INDEX "Brand_motto_idx" ON "Brand"("motto");\n'
+                  'ALTER TABLE "Image" ALTER COLUMN "alt" TYPE VARCHAR(500);\n'
+                  "ALTER TYPE \"Role\" ADD VALUE 'GUEST';\n"
+                  'DROP TABLE "NavigationDraft";\n')
+    assert opsbook.run("migrate.resolve", "--name", "20250801000000_hotfix", "--applied").exit_code == 0
+    matched = opsbook.run("migrate.drift", "--json")
+    assert matched.exit_code == 0 and matched.json()["drift"] == [], matched
+    assert scratch_databases(url) == []
+    assert_no_secret(opsbook, *shop["secrets"])
+
+
+DEMO_SCHEMA = DEMO_MIGRATIONS.parent / "schema.prisma"
+
+
+def test_the_contract_gate_refuses_a_drop_while_a_hosts_current_release_uses_the_column(
+        opsbook, shop, app_host_factory):
+    url = shop["urls"]["staging"]
+    (web1,) = app_host_factory(["web1"])
+    schema = DEMO_SCHEMA.read_text()
+    assert "  lastLoginAt  DateTime?\n" in schema
+    releases = {"20250101000000": schema.replace("  lastLoginAt  DateTime?\n",
+                                                 '  lastSeen     DateTime? @map("lastLoginAt") // renamed\n'),
+                "20250201000000": schema.replace("  lastLoginAt  DateTime?\n", "")}
+    for release, text in releases.items():
+        (web1.app_dir / "releases" / release / "prisma").mkdir(parents=True)
+        (web1.app_dir / "releases" / release / "prisma" / "schema.prisma").write_text(text)
+    (web1.app_dir / "current").symlink_to("releases/20250101000000")
+    inventory = _yaml(opsbook.inventory)
+    inventory["envs"]["staging"]["hosts"] = [{"name": "web1", "address": "127.0.0.1", "port": web1.host.port,
+                                              "user": web1.host.user, "key_file": web1.host.key_filename}]
+    inventory["envs"]["staging"]["app"]["dir"] = str(web1.app_dir)  # migrations still from the checkout
+    opsbook.write_inventory(inventory)
+    assert opsbook.run("migrate").exit_code == 0
+    add_migration(shop["migrations"], "20250901000000_contract",
+                  '-- the last release stopped using it\nALTER TABLE "User" DROP COLUMN "lastLoginAt";\n')
+
+    refused = opsbook.run("migrate")
+    assert refused.exit_code == 3, refused
+    assert ('20250901000000_contract/migration.sql:2 drops column "User"."lastLoginAt" while release '
+            "20250101000000 on host web1 uses it (prisma/schema.prisma: model User, field lastSeen)") in refused.stderr
+    assert "expand/contract" in refused.stderr
+    assert opsbook.run("migrate", "--allow-destructive").exit_code == 3  # the release would break all the same
+    assert "20250901000000_contract" not in [row[0] for row in applied_rows(url)]
+
+    (web1.app_dir / "current").unlink()  # the rollout of a release that no longer uses it
+    (web1.app_dir / "current").symlink_to("releases/20250201000000")
+    allowed = opsbook.run("migrate", "--json")
+    assert allowed.exit_code == 0 and allowed.json()["applied"] == ["20250901000000_contract"], allowed
+    assert_no_secret(opsbook, *shop["secrets"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql as pg_sql
 
 from ops.errors import CheckFailed, LockHeld, StepFailed
 from ops.migrations import (
@@ -25,6 +26,7 @@ from ops.migrations import (
     read_local_migrations,
     use_prisma_schema,
 )
+from ops.migrations.lock_wait import LockPolicy
 
 DEMO_MIGRATIONS = Path(__file__).resolve().parents[2] / "ops" / "demo" / "prisma" / "migrations"
 
@@ -353,3 +355,106 @@ def test_a_failing_concurrent_migration_is_recorded_failed_with_what_was_kept(da
         assert row.finished_at is None and "42P01" in row.logs
         assert index_valid(conn, "Brand_name_idx") is True  # kept: it ran on its own
         assert migration_status(conn, migrations).failed == ["20250301000000_index"]
+
+
+# --- lock timeouts and retries -------------------------------------------------------------------
+
+FAST = LockPolicy(timeout=0.3, retries=3)
+ADD_MOTTO = 'ALTER TABLE "Brand" ADD COLUMN "motto" TEXT;\n'
+
+
+def holding(database, mode: str = "ACCESS EXCLUSIVE"):
+    """A session of the test's holding a lock on "Brand" in an open transaction."""
+    holder = connect(database)
+    holder.execute("SET application_name = 'a long report'")
+    holder.execute("BEGIN")
+    holder.execute(f'LOCK TABLE "Brand" IN {mode} MODE')
+    return holder
+
+
+def has_column(conn, table: str, column: str) -> bool:
+    return conn.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
+                        (f'"{table}"', column)).fetchone()[0] == 1
+
+
+def test_a_lock_timeout_is_retried_and_succeeds_once_the_lock_is_gone(database, migrations):
+    apply_pending(database, migrations)
+    add_migration(migrations, "20250301000000_motto", ADD_MOTTO)
+    holder = holding(database)
+    holder_pid = holder.info.backend_pid
+    events: list[tuple[str, str]] = []
+
+    def on_event(event: str, detail: str) -> None:
+        events.append((event, detail))
+        if event == "lock-timeout":
+            holder.execute("ROLLBACK")  # the report finishes during the pause
+
+    with holder:
+        assert apply_pending(database, migrations, on_event=on_event, policy=FAST) == ["20250301000000_motto"]
+    assert [event for event, _ in events] == ["started", "lock-timeout", "started", "applied"]
+    timeout = events[1][1]
+    assert "attempt 1 of 4 gave up waiting 0.3 s" in timeout and "trying again in 0.3 s" in timeout
+    assert f"pid {holder_pid} (a long report" in timeout and 'LOCK TABLE "Brand"' in timeout
+    assert 'AccessExclusiveLock on "Brand"' in timeout
+    with connect(database) as conn:
+        rows = [row for row in read_applied(conn) if row.migration_name == "20250301000000_motto"]
+        # the timed-out attempt is recorded rolled back, as `prisma migrate resolve --rolled-back` would
+        assert [(row.finished_at is None, row.rolled_back_at is None) for row in rows] == [(True, False),
+                                                                                          (False, True)]
+        assert "55P03" in rows[0].logs and rows[1].logs is None
+        assert has_column(conn, "Brand", "motto") and migration_status(conn, migrations).up_to_date
+
+
+def test_a_lock_held_throughout_fails_after_every_attempt_with_nothing_recorded_applied(database, migrations):
+    apply_pending(database, migrations)
+    add_migration(migrations, "20250301000000_motto", ADD_MOTTO)
+    add_migration(migrations, "20250302000000_after", 'CREATE TABLE "After" ("id" INTEGER);\n')
+    events: list[str] = []
+    with holding(database) as holder:
+        with pytest.raises(StepFailed) as failed:
+            apply_pending(database, migrations, on_event=lambda event, detail: events.append(event),
+                          policy=LockPolicy(timeout=0.2, retries=2))
+        assert f"pid {holder.info.backend_pid} (a long report" in str(failed.value)
+    assert "could not take its locks" in str(failed.value) and "in 3 attempt(s) of 0.2 s" in str(failed.value)
+    assert "55P03" in str(failed.value) and "pending again" in failed.value.hint
+    assert events == ["started", "lock-timeout"] * 3
+    with connect(database) as conn:
+        rows = [row for row in read_applied(conn) if row.migration_name == "20250301000000_motto"]
+        assert len(rows) == 3 and all(row.rolled_back_at is not None and row.finished_at is None for row in rows)
+        assert not has_column(conn, "Brand", "motto")
+        state = migration_status(conn, migrations)
+    assert state.pending == ["20250301000000_motto", "20250302000000_after"] and not state.failed
+    assert apply_pending(database, migrations, policy=FAST) == ["20250301000000_motto", "20250302000000_after"]
+
+
+def test_a_statement_by_statement_migration_retries_from_the_statement_that_timed_out(database, migrations):
+    apply_pending(database, migrations)
+    add_migration(migrations, "20250301000000_index", CONCURRENT)
+    holder = holding(database, "SHARE UPDATE EXCLUSIVE")  # what CREATE INDEX CONCURRENTLY itself takes
+    events: list[str] = []
+
+    def on_event(event: str, detail: str) -> None:
+        events.append(event)
+        if event == "lock-timeout":
+            holder.execute("ROLLBACK")
+
+    with holder:
+        assert apply_pending(database, migrations, on_event=on_event, policy=FAST) == ["20250301000000_index"]
+    assert events == ["started", "lock-timeout", "applied"]  # one attempt row, the statement tried again
+    with connect(database) as conn:
+        assert index_valid(conn, "Brand_name_idx") is True and index_valid(conn, "Brand_motto_idx") is True
+        rows = [row for row in read_applied(conn) if row.migration_name == "20250301000000_index"]
+        assert len(rows) == 1 and rows[0].finished_at is not None
+
+
+def test_statement_timeout_is_off_and_lock_timeout_set_for_the_migration(database, tmp_path: Path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    add_migration(directory, "001_settings", "CREATE TABLE settings AS SELECT current_setting('lock_timeout') AS l,"
+                                             " current_setting('statement_timeout') AS s;\n")
+    with connect(database) as conn:  # a default of the database's (as a role's would be) is overridden
+        conn.execute(pg_sql.SQL("ALTER DATABASE {} SET statement_timeout = '1s'").format(
+            pg_sql.Identifier(conn.info.dbname)))
+    apply_pending(database, directory, policy=LockPolicy(timeout=2.5))
+    with connect(database) as conn:
+        assert conn.execute("SELECT l, s FROM settings").fetchone() == ("2500ms", "0")

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import yaml
 
@@ -254,13 +255,13 @@ def test_each_check_passes_on_a_ready_environment_and_fails_when_what_it_checks_
     assert result.exit_code == 0, result
     names = [check["name"] for check in result.json()["checks"]]
     assert names == ["env file on web1", "auth secret on web1", "database TLS", "database pooler", "migrations",
-                     "last backup", "DR drill", "storage key age", "lifecycle rule (storage)",
+                     "schema drift", "last backup", "DR drill", "storage key age", "lifecycle rule (storage)",
                      "lifecycle rule (backups)", "app health on web1", "app ready on web1", "security headers"]
     assert {check["status"] for check in result.json()["checks"]} == {"pass"}, result
     assert "fix:" not in result.stderr
 
     cases = break_cases(ready)
-    assert {case[0] for case in cases} | {"lifecycle rule (backups)", "storage key age"} == set(names)
+    assert {case[0] for case in cases} | {"lifecycle rule (backups)", "storage key age", "schema drift"} == set(names)
     for name, break_it, repair, expected in cases:
         broken_env = break_it()
         status, detail = status_of(broken_env, name)
@@ -269,10 +270,17 @@ def test_each_check_passes_on_a_ready_environment_and_fails_when_what_it_checks_
         repair()
         assert status_of(env, name)[0] == "pass", (name, status_of(env, name))
 
+    with psycopg.connect(env.database_url(direct=True).reveal(), autocommit=True) as connection:
+        connection.execute('ALTER TABLE "Brand" ADD COLUMN "motto" TEXT')  # by hand: drift is a warning
+        status, detail = status_of(env, "schema drift")
+        assert status == "warn" and 'column "Brand".motto: in the database only (text)' in detail, detail
+        connection.execute('ALTER TABLE "Brand" DROP COLUMN "motto"')
+    assert status_of(env, "schema drift")[0] == "pass"
+
     ready["host"].stop()
     result = opsbook.run("preflight", "--env", "web", "--json")
     assert result.exit_code == 3, result
     failed = [check["name"] for check in result.json()["checks"] if check["status"] == "fail"]
     assert failed == ["app health on web1", "app ready on web1"]
-    assert "2 of 13 checks failed" in result.stderr and "deploy.restart" in result.stderr
+    assert "2 of 14 checks failed" in result.stderr and "deploy.restart" in result.stderr
     assert ready["env_text"].split("S3_SECRET_ACCESS_KEY=")[1].split("\n")[0] not in result.output

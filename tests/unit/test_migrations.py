@@ -19,6 +19,10 @@ from ops.migrations import (
     read_lock_provider,
     script_matches_checksum,
 )
+from ops.migrations.contract import conflicts, references, removals
+from ops.migrations.drift import compare, with_schema
+from ops.migrations.lock_wait import LockPolicy, tables_named
+from ops.secrets import Secret
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 T1 = datetime(2025, 1, 1, 12, 1, tzinfo=UTC)
@@ -250,3 +254,77 @@ def test_migrate_steps_compose_the_backup_on_protected_envs(tmp_path: Path, prot
     if "dump" in expected and "dbname" not in arguments:
         assert runbook.arguments["backup_id"]  # journaled, so a resumed run finishes the same backup
         assert "pre-migration backup" in runbook.steps[2].title
+
+
+# --- lock waits and drift (pure parts) -------------------------------------------------------------
+
+
+def test_lock_policy_backs_off_from_the_timeout_and_sets_the_session():
+    policy = LockPolicy(timeout=5, retries=3)
+    assert policy.attempts == 4 and [policy.backoff(n) for n in (1, 2, 3)] == [5, 10, 20]
+    assert policy.session_settings() == ["SET lock_timeout = 5000", "SET statement_timeout = 0"]
+    assert LockPolicy(timeout=0).backoff(1) == 0.1  # no timeout (wait forever): still a short pause
+
+
+def test_tables_named_reads_the_parse_trees():
+    sql = ('-- ALTER TABLE "Comment" in a comment\nALTER TABLE "public"."Brand" ADD COLUMN "x" TEXT;\n'
+           "INSERT INTO \"Image\" (\"alt\") VALUES ('UPDATE \"Literal\" SET x = 1');\n")
+    assert tables_named(sql) == ["Brand", "Image"]
+
+
+@pytest.mark.parametrize(("live", "built", "expected"), [
+    ({("table", '"A"'): "table"}, {("table", '"A"'): "table"}, []),
+    ({("column", '"A".x'): "text"}, {}, ['column "A".x: in the database only (text)']),
+    ({}, {("index", '"A_x_idx"'): "CREATE INDEX …"},
+     ['index "A_x_idx": missing from the database (the migrations build: CREATE INDEX …)']),
+    ({("enum", '"Role"'): "'A', 'B'", ("table", '"A"'): "table"},
+     {("enum", '"Role"'): "'A'", ("table", '"A"'): "table"},
+     ["enum \"Role\" differs: the database has 'A', 'B'; the migrations build 'A'"]),
+    ({("constraint", "c"): "x", ("table", "t"): "table"}, {}, ['table t: in the database only (table)',
+                                                               "constraint c: in the database only (x)"]),
+])
+def test_drift_compares_descriptions_tables_first(live, built, expected):
+    assert [str(difference) for difference in compare(live, built)] == expected
+
+
+def test_scratch_url_keeps_the_prisma_schema():
+    url = with_schema(Secret("postgresql://u:p@h:5432/db__drift_1?sslmode=require&schema=other"), "tenant")
+    assert url == "postgresql://u:p@h:5432/db__drift_1?sslmode=require&schema=tenant"
+
+
+PRISMA_MODELS = """\
+// model Ghost { id Int @id }
+model User {
+  id        String  @id
+  mail      String  @unique @map("email")
+  brand     Brand?  @relation(fields: [brandId], references: [id])
+  brandId   Int?
+  @@map("users")
+}
+
+model Brand {
+  id    Int    @id
+  users User[]
+}
+"""
+
+
+def test_a_release_schema_references_mapped_tables_and_columns_but_not_relations():
+    used = {(reference.table, reference.column): reference.where for reference in references(PRISMA_MODELS)}
+    assert used == {("users", None): "model User", ("users", "id"): "model User, field id",
+                    ("users", "email"): "model User, field mail", ("users", "brandId"): "model User, field brandId",
+                    ("Brand", None): "model Brand", ("Brand", "id"): "model Brand, field id"}
+
+
+def test_removals_are_drops_and_renames_of_tables_and_columns():
+    sql = ('DROP TABLE "public"."Brand";\nALTER TABLE "users" ADD COLUMN "x" TEXT,\n  DROP COLUMN "email";\n'
+           'ALTER TABLE "users" RENAME COLUMN "brandId" TO "b";\nALTER TABLE "Old" RENAME TO "New";\n'
+           "INSERT INTO t VALUES ('DROP TABLE \"users\"');\n")
+    (migration,) = local("001_init")
+    found = removals([LocalMigration("m", "", sql, migration.path)])
+    assert [str(removal) for removal in found] == [
+        'm/migration.sql:1 drops table "Brand"', 'm/migration.sql:3 drops column "users"."email"',
+        'm/migration.sql:4 renames column "users"."brandId"', 'm/migration.sql:5 renames table "Old"']
+    assert [(removal.what, reference.where) for removal, reference in conflicts(found, PRISMA_MODELS)] == [
+        ('table "Brand"', "model Brand"), ('column "users"."email"', "model User, field mail"),
+        ('column "users"."brandId"', "model User, field brandId")]
