@@ -37,6 +37,7 @@ RUNBOOKS = {
     "incident.rollback": "runbooks.incident",
     "keys.rotate": "runbooks.keys",
     "secrets.rotate": "runbooks.secrets_rotate",
+    "status-page.publish": "runbooks.status_page",
 }
 
 

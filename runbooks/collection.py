@@ -25,6 +25,7 @@ from runbooks import (
     schedule,
     secrets_rotate,
     status,
+    status_page,
 )
 
 backup.collection.add_task(prune.prune)
@@ -47,6 +48,7 @@ ns.add_collection(deploy.collection)
 ns.add_collection(incident.collection)
 ns.add_task(preflight.preflight)
 ns.add_task(status.status)
+ns.add_collection(status_page.collection)
 ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)
