@@ -1,16 +1,21 @@
 """The status page in a real browser: incident.open → update → resolve through the CLI publish it to the moto
 bucket under its prefix; each stage is fetched back over HTTP and opened in headless Chromium (Debian's
 `chromium`), its DOM checked, screenshots taken at phone and desktop widths; the page loads nothing from
-anywhere (its HTML references no resource), the feed parses as Atom, index.json matches the shipped schema."""
+anywhere (its HTML references no resource), axe-core (from the npm registry, injected into a copy of the page)
+finds no serious violation in light or dark mode, the feed parses as Atom, index.json matches the shipped schema."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+import tarfile
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ElementTree
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,23 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--disable-sync", "--no-first-run")
 ATOM = "{http://www.w3.org/2005/Atom}"
 PREFIX = "status/"
+AXE_VERSION = "4.11.0"
+# axe runs in the page and writes its violations into it, for --dump-dom (no driver needed)
+AXE_RUN = """<script>%s</script>
+<script>
+axe.run(document, {resultTypes: ["violations"]}).then(function (result) {
+  var out = document.createElement("pre"); out.id = "axe-result";
+  out.textContent = JSON.stringify(result.violations.map(function (v) {
+    return {id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(function (n) { return n.target.join(" "); })};
+  }));
+  document.documentElement.appendChild(out);
+}, function (error) {
+  var out = document.createElement("pre"); out.id = "axe-result"; out.textContent = JSON.stringify(String(error));
+  document.documentElement.appendChild(out);
+});
+</script>
+"""
+AXE_RESULT = re.compile(r'<pre id="axe-result">(.*?)</pre>', re.DOTALL)
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (./opsbook pytest "
                                                          "installs it)")
@@ -39,6 +61,38 @@ def chromium(tmp_path: Path, *arguments: str) -> str:
                                capture_output=True, text=True, timeout=90)
     assert completed.returncode == 0, completed.stderr[-2000:]
     return completed.stdout
+
+
+@pytest.fixture(scope="session")
+def axe_source() -> str:
+    """axe.min.js from the npm registry (`npm pack`), kept in the user's cache after the first run."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "opsbook-tests"
+    package = cache / f"axe-core-{AXE_VERSION}.tgz"
+    if not package.exists():
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed: axe-core comes from the npm registry")
+        cache.mkdir(parents=True, exist_ok=True)
+        packed = subprocess.run(["npm", "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", str(cache)],
+                                capture_output=True, text=True, timeout=180, cwd=cache)
+        if packed.returncode != 0 or not package.exists():
+            pytest.skip(f"npm pack axe-core@{AXE_VERSION} failed: {packed.stderr.strip()[-300:]}")
+    with tarfile.open(package) as archive:
+        source = archive.extractfile("package/axe.min.js")
+        assert source is not None
+        return source.read().decode()
+
+
+def axe_violations(tmp_path: Path, html: bytes, axe: str, *, dark: bool) -> list[dict[str, Any]]:
+    """axe-core's violations of the page, run in headless Chromium (dark: prefers-color-scheme dark)."""
+    copy = tmp_path / f"axe-{'dark' if dark else 'light'}.html"
+    copy.write_text(html.decode().replace("</body>", AXE_RUN % axe.replace("</script", "<\\/script") + "</body>"))
+    dom = chromium(tmp_path, "--virtual-time-budget=30000", *(["--force-dark-mode"] if dark else []),
+                   "--dump-dom", copy.as_uri())
+    found = AXE_RESULT.search(dom)
+    assert found, "axe-core did not report (it did not run in the page)"
+    result = json.loads(unescape(found.group(1)))
+    assert isinstance(result, list), f"axe-core failed: {result}"
+    return result
 
 
 class Page(HTMLParser):
@@ -108,7 +162,7 @@ def ok(result: Any) -> Any:
     return result
 
 
-def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp_path):
+def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp_path, axe_source):
     stages = [("incident.open", "--title", "Uploads failing", "--impact", "major", "--components",
                "uploads,api=degraded_performance", "--message", f"Uploads fail with key {shop['secret']}",
                "--no-triage", "--json"),
@@ -135,6 +189,10 @@ def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp
         assert incident["updates"] == ["investigating", "identified", "resolved"][:number]
         assert incident["messages"][0] == "Uploads fail with key ***"
         assert incident_id not in html.decode()
+        for dark in (False, True) if number > 1 else ():  # an open incident, then a past one
+            serious = [v for v in axe_violations(tmp_path, html, axe_source, dark=dark)
+                       if v["impact"] in {"serious", "critical"}]
+            assert serious == [], serious
 
     for width, height in ((390, 844), (1280, 900)):
         shot = tmp_path / f"status-{width}.png"
