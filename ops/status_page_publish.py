@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import utc_now
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import InventoryError
-from ops.incidents import IncidentStore
+from ops.errors import InventoryError, OpsError
+from ops.incidents import BUCKET_DIR, IncidentStore
 from ops.secrets import redact
 from ops.status_page import FILES, StatusPageConfig, render_files, status_page_config
 from ops.storage import ObjectNotFound, open_storage
@@ -83,9 +83,26 @@ def publish_target(env: Environment, config: StatusPageConfig) -> FolderTarget |
     return BucketTarget(open_storage(env.storage_config("storage")), config.prefix)
 
 
+def recorded_incidents(env: Environment) -> list[Incident]:
+    """The environment's incidents known here and, fetched, those only in the backups bucket (opened or last
+    changed from another machine): a page published from here must not leave them out."""
+    store = IncidentStore(env)
+    known = {incident.id: incident for incident in store.list()}
+    if env.has("backups"):
+        for prefix in open_storage(env.storage_config("backups")).list_prefixes(BUCKET_DIR):
+            incident_id = prefix.rstrip("/").rpartition("/")[2]
+            if incident_id in known:
+                continue
+            try:
+                known[incident_id] = store.load(incident_id)
+            except (OpsError, ValueError, OSError):
+                continue  # another environment's, or a damaged copy: not this page's business
+    return list(known.values())
+
+
 def incidents_with(env: Environment, current: Incident | None) -> list[Incident]:
-    """The environment's incidents recorded here, with `current` (the one a run is changing) as it will be."""
-    stored = [incident for incident in IncidentStore(env).list() if current is None or incident.id != current.id]
+    """The environment's incidents, with `current` (the one a run is changing) as the run will leave it."""
+    stored = [incident for incident in recorded_incidents(env) if current is None or incident.id != current.id]
     return [*stored, current] if current is not None else stored
 
 

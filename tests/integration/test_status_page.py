@@ -214,6 +214,11 @@ def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp
     jsonschema.Draft202012Validator(schema).validate(document)
     assert document["status"]["indicator"] == "operational" and document["recent_incidents"][0]["state"] == "resolved"
     assert_no_secret((html + feed + index).decode(), shop["secret"])
+
+    # from another machine, which knows the incident only from the backups bucket: the same page
+    shutil.rmtree(opsbook.state_dir / "incidents")
+    assert "nothing to do" in ok(opsbook.run("status-page.publish")).stderr
+    assert fetched(shop["base"] + "index.html")[1] == html
     assert_no_secret(opsbook, shop["secret"])
 
 
