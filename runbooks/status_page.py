@@ -19,7 +19,8 @@ __all__ = ["build", "collection"]  # build: RUNBOOKS "status-page.publish"
 @task(klass=OpsTask)
 def publish(call: TaskCall, env=None, dry_run=False, json=False):
     """Render the status page from the incident records and write the files that changed (--dry-run: the plan)."""
-    execute(build(call.environment), call.environment, call.output, dry_run=dry_run)
+    execute(build(call.environment), call.environment, call.output, dry_run=dry_run,
+            result=lambda ctx: {"status_page": ctx.state.get("status-page")})
 
 
 collection = Collection("status_page")

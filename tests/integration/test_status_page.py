@@ -242,3 +242,15 @@ def test_a_page_that_cannot_be_published_never_fails_the_incident(opsbook, shop)
                             "--no-triage"))
     assert "the status page was not published: " in opened.stderr
     assert ok(opsbook.run("incident.list", "--json")).json()["incidents"][0]["title"] == "Slow pages"
+
+
+def test_a_folder_gets_the_page_and_a_section_without_storage_is_refused(opsbook):
+    opsbook.write_inventory({"project": "shop", "default_env": "prod", "envs": {
+        "prod": {"status_page": {"title": "Shop status", "folder": "public", "components": [{"name": "api"}]}},
+        "bare": {"status_page": {"title": "Shop status", "components": [{"name": "api"}]}}}})
+    published = ok(opsbook.run("status-page.publish", "--json")).json()["status_page"]
+    assert published["files"] == ["feed.atom", "index.html", "index.json"]
+    assert published["page"] == str(opsbook.root / "public" / "index.html")
+    assert b"All systems operational" in (opsbook.root / "public" / "index.html").read_bytes()
+    refused = opsbook.run("status-page.publish", "--env", "bare")
+    assert refused.exit_code == 2 and "publishing to the app bucket needs `storage`" in refused.stderr, str(refused)
