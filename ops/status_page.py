@@ -29,6 +29,7 @@ from ops.secrets import redact
 if TYPE_CHECKING:
     from ops.incidents import Incident
     from ops.inventory import Environment
+    from ops.maintenance import Window
 
 DEFAULT_PREFIX = "status/"
 DEFAULT_HISTORY_DAYS = 90
@@ -36,9 +37,12 @@ PUBLIC_KINDS = ("opened", "update", "resolved")
 # (file name, content type), in the order they are written: the page last, once what it links to is there
 FILES = (("index.json", "application/json"), ("feed.atom", "application/atom+xml"),
          ("index.html", "text/html; charset=utf-8"))
-RANK = {status: rank for rank, status in enumerate(COMPONENT_STATUSES)}
-OVERALL_LABELS = {"operational": "All systems operational", "degraded_performance": "Degraded performance",
-                  "partial_outage": "Partial outage", "major_outage": "Major outage"}
+MAINTENANCE = "under_maintenance"  # a running maintenance window's components, unless an incident is worse
+RANK = {status: rank for rank, status in enumerate((COMPONENT_STATUSES[0], MAINTENANCE, *COMPONENT_STATUSES[1:]))}
+LABELS = {**STATUS_LABELS, MAINTENANCE: "Under maintenance"}
+OVERALL_LABELS = {"operational": "All systems operational", MAINTENANCE: "Under maintenance",
+                  "degraded_performance": "Degraded performance", "partial_outage": "Partial outage",
+                  "major_outage": "Major outage"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def _worst(statuses: list[str]) -> str:
 
 
 def _components(components: dict[str, str] | None) -> list[dict[str, str]]:
-    return [{"name": redact(name), "status": status, "status_label": STATUS_LABELS[status]}
+    return [{"name": redact(name), "status": status, "status_label": LABELS[status]}
             for name, status in (components or {}).items()]
 
 
@@ -150,11 +154,23 @@ def _history(config: StatusPageConfig, incidents: list[Incident], today: datetim
         for name, status in _affected(incident).items():
             for day in (d for d in days if first <= d <= last and name in history):
                 history[name][day] = _worst([history[name][day], status])
-    return {name: [{"date": day.isoformat(), "status": status, "status_label": STATUS_LABELS[status]}
+    return {name: [{"date": day.isoformat(), "status": status, "status_label": LABELS[status]}
                    for day, status in per_day.items()] for name, per_day in history.items()}
 
 
-def page_model(config: StatusPageConfig, incidents: list[Incident], now: datetime) -> dict[str, Any]:
+def public_window(window: Window) -> dict[str, Any]:
+    """A maintenance window as the page shows it: no id, environment or operator."""
+    return {"id": "maintenance-" + hashlib.sha256(window.id.encode()).hexdigest()[:12], "title": redact(window.title),
+            "state": window.state, "state_label": window.state.replace("_", " ").capitalize(),
+            "start": window.start, "end": window.end, "start_label": human_time(window.start),
+            "end_label": human_time(window.end), "components": [redact(name) for name in window.components],
+            "message": redact(window.message),
+            "updates": [{"at": entry["at"], "state": entry["state"], "message": redact(entry["message"])}
+                        for entry in window.timeline]}
+
+
+def page_model(config: StatusPageConfig, incidents: list[Incident], now: datetime,
+               windows: list[Window] | tuple[Window, ...] = ()) -> dict[str, Any]:
     """Everything the three files show, built from public fields only."""
     since = now - timedelta(days=config.history_days)
     recent = [i for i in incidents if i.open or (i.resolved_at and parse_time(i.resolved_at) >= since)]
@@ -164,19 +180,27 @@ def page_model(config: StatusPageConfig, incidents: list[Incident], now: datetim
     for incident in open_incidents:
         for name, status in incident.components.items():
             current.setdefault(name, []).append(status)
+    running = [w for w in windows if w.state == "in_progress"]
+    upcoming = sorted((w for w in windows if w.state == "scheduled" and parse_time(w.end) > now), key=lambda w: w.start)
+    for window in running:
+        for name in window.components:
+            current.setdefault(name, []).append(MAINTENANCE)
     overall = _worst([status for statuses in current.values() for status in statuses])
     history = _history(config, recent, now)
     components = [{"name": c.name, "description": c.description, "group": c.group,
-                   "status": (status := _worst(current.get(c.name, []))), "status_label": STATUS_LABELS[status],
+                   "status": (status := _worst(current.get(c.name, []))), "status_label": LABELS[status],
                    "history": history[c.name],
                    "history_summary": _summary(history[c.name], config.history_days)} for c in config.components]
     views = [public_incident(i) for i in (*open_incidents, *past)]
-    updated = max((view["updated_at"] for view in views), default=None)
+    recent_windows = [public_window(w) for w in windows if parse_time(w.end) >= since or w.active]
+    updated = max([*(view["updated_at"] for view in views),
+                   *(w["updates"][-1]["at"] for w in recent_windows if w["updates"])], default=None)
     return {"title": redact(config.title), "description": redact(config.description),
             "public_base": config.public_base, "status": overall, "status_label": OVERALL_LABELS[overall],
             "updated_at": updated, "updated_label": human_time(updated), "history_days": config.history_days,
             "components": components, "groups": _groups(components),
             "open_incidents": views[:len(open_incidents)], "past_incidents": views[len(open_incidents):],
+            "maintenance": [public_window(w) for w in (*running, *upcoming)], "recent_maintenance": recent_windows,
             "feed_updated": updated or iso_z(now.replace(hour=0, minute=0, second=0, microsecond=0))}
 
 
@@ -213,6 +237,8 @@ def index_json(model: dict[str, Any]) -> dict[str, Any]:
             "components": [{"name": c["name"], "description": c["description"], "group": c["group"],
                             "status": c["status"]} for c in model["components"]],
             "incidents": [incident(view) for view in model["open_incidents"]],
+            "maintenance": [{k: w[k] for k in ("id", "title", "state", "start", "end", "components", "message")}
+                            for w in model["maintenance"]],
             "recent_incidents": [incident(view) for view in model["past_incidents"]]}
 
 
@@ -228,12 +254,18 @@ def feed_entries(model: dict[str, Any]) -> list[dict[str, Any]]:
             entries.append({"id": f"{view['id']}-{number}", "anchor": view["id"], "at": update["at"],
                             "title": f"{update['state_label']}: {view['title']}", "message": update["message"],
                             "components": update["components"]})
+    for window in model["recent_maintenance"]:
+        for number, update in enumerate(window["updates"], start=1):
+            entries.append({"id": f"{window['id']}-{number}", "anchor": "maintenance", "at": update["at"],
+                            "title": f"Maintenance {update['state'].replace('_', ' ')}: {window['title']}",
+                            "message": update["message"], "components": []})
     return sorted(entries, key=lambda entry: entry["at"], reverse=True)
 
 
-def render_files(config: StatusPageConfig, incidents: list[Incident], now: datetime) -> dict[str, bytes]:
-    """index.json, feed.atom and index.html for `incidents` as they stand at `now`."""
-    model = page_model(config, incidents, now)
+def render_files(config: StatusPageConfig, incidents: list[Incident], now: datetime,
+                 windows: list[Window] | tuple[Window, ...] = ()) -> dict[str, bytes]:
+    """index.json, feed.atom and index.html for `incidents` and maintenance `windows` as they stand at `now`."""
+    model = page_model(config, incidents, now, windows)
     host = urlsplit(config.public_base).hostname if config.public_base else None
     context = {"page": model, "entries": feed_entries(model), "feed_id": _feed_id(config, host),
                "page_url": _link(config.public_base, "index.html"),

@@ -18,6 +18,8 @@ from ops.clock import utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import InventoryError, OpsError
 from ops.incidents import BUCKET_DIR, IncidentStore
+from ops.maintenance import BUCKET_DIR as MAINTENANCE_DIR
+from ops.maintenance import MaintenanceStore
 from ops.secrets import redact
 from ops.status_page import FILES, StatusPageConfig, render_files, status_page_config
 from ops.storage import ObjectNotFound, open_storage
@@ -25,6 +27,7 @@ from ops.storage import ObjectNotFound, open_storage
 if TYPE_CHECKING:
     from ops.incidents import Incident
     from ops.inventory import Environment
+    from ops.maintenance import Window
     from ops.storage import Storage
 
 CONTENT_TYPES = dict(FILES)
@@ -100,6 +103,23 @@ def recorded_incidents(env: Environment) -> list[Incident]:
     return list(known.values())
 
 
+def windows_with(env: Environment, current: Window | None) -> list[Window]:
+    """The environment's maintenance windows (here, and fetched from the backups bucket), `current` as it will be."""
+    store = MaintenanceStore(env)
+    known = {window.id: window for window in store.list()}
+    if env.has("backups"):
+        for info in open_storage(env.storage_config("backups")).list(MAINTENANCE_DIR):
+            window_id = info.key.rpartition("/")[2].removesuffix(".json")
+            if window_id not in known:
+                try:
+                    known[window_id] = store.load(window_id)
+                except (OpsError, ValueError, TypeError, OSError):
+                    continue
+    if current is not None:
+        known[current.id] = current
+    return list(known.values())
+
+
 def incidents_with(env: Environment, current: Incident | None) -> list[Incident]:
     """The environment's incidents, with `current` (the one a run is changing) as the run will leave it."""
     stored = [incident for incident in recorded_incidents(env) if current is None or incident.id != current.id]
@@ -107,16 +127,18 @@ def incidents_with(env: Environment, current: Incident | None) -> list[Incident]
 
 
 class PublishStatusPage(Step):
-    """Render the page from the incident records and write what changed; `current` is the incident a run is
-    changing (taken as the run will leave it, recorded or not yet); `tolerant`: problems warn, never fail."""
+    """Render the page from the incident and maintenance records and write what changed; `current` (`window`) is
+    the incident (maintenance window) a run is changing, taken as the run will leave it, recorded or not yet;
+    `tolerant`: problems warn, never fail."""
 
     name = "status-page"
     title = "publish the status page"
 
     def __init__(self, env: Environment, *, current: Callable[[], Incident] | None = None, tolerant: bool = False,
-                 now: datetime | None = None):
+                 now: datetime | None = None, window: Callable[[], Window] | None = None):
         self.env = env
         self.current = current
+        self.window = window
         self.tolerant = tolerant
         self.now = now or utc_now()  # one time for the run: the plan and the apply render the same bytes
         self._warned = False
@@ -127,7 +149,8 @@ class PublishStatusPage(Step):
             raise InventoryError(f"envs.{self.env.name}.status_page: required for this task but not set",
                                  hint="add a status_page section (README: the status page)")
         target = publish_target(self.env, config)
-        files = render_files(config, incidents_with(self.env, self.current() if self.current else None), self.now)
+        files = render_files(config, incidents_with(self.env, self.current() if self.current else None), self.now,
+                             windows_with(self.env, self.window() if self.window else None))
         changed = {}
         details = []
         for name, _ in FILES:

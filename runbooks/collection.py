@@ -15,6 +15,7 @@ from runbooks import (
     incident,
     inventory,
     keys,
+    maintenance,
     migrate,
     preflight,
     provision,
@@ -49,6 +50,7 @@ ns.add_collection(incident.collection)
 ns.add_task(preflight.preflight)
 ns.add_task(status.status)
 ns.add_collection(status_page.collection)
+ns.add_collection(maintenance.collection)
 ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)

@@ -254,3 +254,47 @@ def test_a_folder_gets_the_page_and_a_section_without_storage_is_refused(opsbook
     assert b"All systems operational" in (opsbook.root / "public" / "index.html").read_bytes()
     refused = opsbook.run("status-page.publish", "--env", "bare")
     assert refused.exit_code == 2 and "publishing to the app bucket needs `storage`" in refused.stderr, str(refused)
+
+
+def test_a_maintenance_window_shows_on_the_page_and_in_the_notices(opsbook, tmp_path, axe_source):
+    opsbook.write_inventory({"project": "shop", "default_env": "prod", "envs": {"prod": {
+        "notify": [{"kind": "file", "path": "public.md", "audience": "public"},
+                   {"kind": "file", "path": "internal.md", "audience": "internal"}],
+        "status_page": {"title": "Shop status", "folder": "public",
+                        "components": [{"name": "api"}, {"name": "uploads"}]},
+    }}})
+    page, schema = opsbook.root / "public" / "index.html", json.loads(
+        (templates_dir() / "status_page" / "index.schema.json").read_text())
+    scheduled = ok(opsbook.run("maintenance.schedule", "--title", "Database upgrade", "--start", "2030-01-01T02:00Z",
+                               "--duration", "2h", "--components", "api", "--message", "The API will be read-only",
+                               "--json"))
+    window_id = scheduled.json()["maintenance"]["id"]
+    index = json.loads((opsbook.root / "public" / "index.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(index)
+    assert [(w["state"], w["start"], w["components"]) for w in index["maintenance"]] == [
+        ("scheduled", "2030-01-01T02:00:00Z", ["api"])]
+    assert index["status"]["indicator"] == "operational"
+
+    ok(opsbook.run("maintenance.start", window_id))
+    dom = Page(chromium(tmp_path, "--dump-dom", page.as_uri()))
+    assert dom.overall == "under_maintenance"
+    assert dom.components == {"api": "under_maintenance", "uploads": "operational"}
+    assert [i["state"] for i in dom.incidents] == ["in_progress"]
+    assert [v for v in axe_violations(tmp_path, page.read_bytes(), axe_source, dark=True)
+            if v["impact"] in {"serious", "critical"}] == []
+
+    ok(opsbook.run("maintenance.complete", window_id, "--message", "Upgraded to PostgreSQL 17"))
+    index = json.loads((opsbook.root / "public" / "index.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(index)
+    assert index["maintenance"] == [] and index["status"]["indicator"] == "operational"
+    feed = ElementTree.fromstring((opsbook.root / "public" / "feed.atom").read_bytes())
+    assert [entry.findtext(f"{ATOM}title") for entry in feed.findall(f"{ATOM}entry")] == [
+        "Maintenance completed: Database upgrade", "Maintenance in progress: Database upgrade",
+        "Maintenance scheduled: Database upgrade"]
+    refused = opsbook.run("maintenance.cancel", window_id)
+    assert refused.exit_code == 3 and "is completed: it cannot be cancelled" in refused.stderr, str(refused)
+
+    public, internal = ((opsbook.root / name).read_text() for name in ("public.md", "internal.md"))
+    assert re.findall(r"\*\*Maintenance: (.+)\*\*", public) == ["Scheduled", "In progress", "Completed"]
+    assert "Upgraded to PostgreSQL 17" in public and window_id not in public + page.read_text()
+    assert f"Internal: maintenance {window_id} on prod" in internal

@@ -12,8 +12,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from ops import incidents, inventory
-from ops.errors import InventoryError
+from ops import incidents, inventory, maintenance
+from ops.errors import CheckFailed, InventoryError
 from ops.render import templates_dir
 from ops.secrets import Secret
 from ops.status_page import page_model, render_files, status_page_config
@@ -165,3 +165,21 @@ def test_the_page_is_self_contained_and_escapes_what_it_shows(env) -> None:
     assert "url(" not in html and "@import" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt; Uploads" in html
     assert "prefers-color-scheme: dark" in html and 'name="viewport"' in html
+
+
+def test_a_running_window_puts_its_components_under_maintenance_unless_an_incident_is_worse(env) -> None:
+    window = maintenance.new_window(env, title="Database upgrade", start="2026-11-23T11:00Z", duration="2h",
+                                    components="api,uploads", message=None, operator="ann", now=NOW)
+    config = status_page_config(env)
+    upcoming = page_model(config, [], NOW - timedelta(hours=2), [window])
+    assert upcoming["status"] == "operational" and [w["state"] for w in upcoming["maintenance"]] == ["scheduled"]
+    maintenance.transition(window, "in_progress", message=None, operator="ann", now=NOW)
+    running = page_model(config, [story(env, resolved=False)], NOW, [window])
+    assert {c["name"]: c["status"] for c in running["components"]} == {
+        "api": "degraded_performance", "uploads": "partial_outage", "website": "operational"}
+    alone = page_model(config, [], NOW, [window])
+    assert alone["status"] == "under_maintenance" and alone["status_label"] == "Under maintenance"
+    maintenance.transition(window, "completed", message="Done", operator="ann", now=NOW)
+    assert page_model(config, [], NOW, [window])["maintenance"] == []
+    with pytest.raises(CheckFailed):
+        maintenance.transition(window, "cancelled", message=None, operator="ann", now=NOW)
