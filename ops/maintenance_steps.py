@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ops.cli import execute
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import StepFailed
-from ops.maintenance import STATE_LABELS, MaintenanceStore, Window, notices
+from ops.errors import OpsError, StepFailed
+from ops.incident_steps import IncidentPlan, incident_runbook
+from ops.incidents import new_incident
+from ops.journal import operator_name
+from ops.maintenance import STATE_LABELS, MaintenanceStore, Window, new_window, notices, transition
 from ops.notify import Delivery, failed, preview_text, route, send
+from ops.output import captured_results
+from ops.secrets import redact
 from ops.status_page_publish import PublishStatusPage
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
+    from ops.output import Output
+
+T = TypeVar("T")
 
 
 class MaintenancePlan:
@@ -107,3 +116,64 @@ def maintenance_runbook(name: str, plan: MaintenancePlan, window_id: str, title:
     return Runbook(name, title, steps, arguments={"window": window_id}, locks=(f"maintenance-{window_id}",),
                    confirm_exempt="it records the maintenance window and tells the notify channels; it changes "
                                   "nothing that serves users")
+
+
+# --- a runbook that causes planned downtime, inside a window (`inv migrate --maintenance "title"`) -----------------
+
+
+def _affected(env: Environment) -> str:
+    """Planned downtime of the app takes every component the status page shows (else: "app")."""
+    components = [item["name"] for item in env.raw("status_page.components", None) or []]
+    return ",".join(components) or "app"
+
+
+def _announce(env: Environment, output: Output, name: str, window: Window) -> None:
+    """One window runbook; a failure only warns: the work it announces matters more."""
+    plan = MaintenancePlan(env, lambda store: window)
+    try:
+        with captured_results():  # the task's own result is the one --json prints
+            execute(maintenance_runbook(name, plan, window.id, f"{name} {window.id} on {env.name}"), env, output)
+    except OpsError as error:
+        output.warn(f"the maintenance window was not fully announced: {redact(error.message)}")
+
+
+def with_maintenance(env: Environment, output: Output, title: str, work: Callable[[], T], *,
+                     duration: str = "1h") -> T:
+    """Start a window, run `work`; complete the window when it succeeds, else open an incident for the
+    failure (its components down) and end the window, then raise the failure."""
+    env.register_secrets()
+    operator = operator_name()
+    window = new_window(env, title=title, start=None, duration=duration, components=_affected(env),
+                        message="We are carrying out planned maintenance.", operator=operator)
+    transition(window, "in_progress", message="The maintenance has started.", operator=operator)
+    _announce(env, output, "maintenance.start", window)
+    try:
+        outcome = work()
+    except OpsError as failure:
+        _turn_into_incident(env, output, window, operator)
+        transition(window, "completed", message="The maintenance ended early: a problem is being investigated.",
+                   operator=operator)
+        _announce(env, output, "maintenance.complete", window)
+        raise failure from None
+    transition(window, "completed", message="The maintenance is complete.", operator=operator)
+    _announce(env, output, "maintenance.complete", window)
+    return outcome
+
+
+def _turn_into_incident(env: Environment, output: Output, window: Window, operator: str) -> None:
+    incident = new_incident(env, title=f"{window.title} did not complete", impact="major",
+                            components=window_components(window), operator=operator,
+                            message="The planned maintenance ran into a problem; we are investigating.")
+    plan = IncidentPlan(env, lambda store: incident, verb="opened")
+    try:
+        with captured_results():
+            execute(incident_runbook("incident.open", plan, incident_id=incident.id, record="record the incident",
+                                     title=f"Open incident {incident.id} on {env.name}"), env, output)
+    except OpsError as error:
+        output.warn(f"the incident for the failed maintenance was not fully opened: {redact(error.message)}")
+    output.warn(f"incident {incident.id} opened for the failed maintenance: `inv incident.show {incident.id} "
+                f"--env {env.name}`")
+
+
+def window_components(window: Window) -> str:
+    return ",".join(window.components)

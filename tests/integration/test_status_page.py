@@ -26,6 +26,7 @@ import pytest
 from ops.render import templates_dir
 from tests.cli import Opsbook
 from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.shop import DEMO_MIGRATIONS
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -298,3 +299,30 @@ def test_a_maintenance_window_shows_on_the_page_and_in_the_notices(opsbook, tmp_
     assert re.findall(r"\*\*Maintenance: (.+)\*\*", public) == ["Scheduled", "In progress", "Completed"]
     assert "Upgraded to PostgreSQL 17" in public and window_id not in public + page.read_text()
     assert f"Internal: maintenance {window_id} on prod" in internal
+
+
+def test_migrate_in_a_maintenance_window_and_a_failed_one_becomes_an_incident(opsbook, postgres_server, tmp_path):
+    checkout = tmp_path / "app"
+    migrations = Path(shutil.copytree(DEMO_MIGRATIONS, checkout / "prisma" / "migrations"))
+    opsbook.environ["DB_URL"] = postgres_server.create_database().reveal()
+    opsbook.write_inventory({"project": "shop", "default_env": "staging", "envs": {"staging": {
+        "database": {"url": "${env:DB_URL}"}, "app": {"repository": str(checkout)},
+        "notify": [{"kind": "file", "path": "public.md", "audience": "public"}],
+        "status_page": {"title": "Shop status", "folder": "public", "components": [{"name": "api"}]}}}})
+    migrated = ok(opsbook.run("migrate", "--maintenance", "Schema upgrade", "--json"))
+    assert migrated.json()["applied"]  # the task's own result, not the window's
+    notices = (opsbook.root / "public.md").read_text()
+    assert re.findall(r"\*\*Maintenance: (.+)\*\*", notices) == ["In progress", "Completed"]
+    windows = ok(opsbook.run("maintenance.list", "--json")).json()["maintenance"]
+    assert [(w["title"], w["state"], w["components"]) for w in windows] == [("Schema upgrade", "completed", ["api"])]
+
+    (migrations / "99999999999999_broken").mkdir()
+    (migrations / "99999999999999_broken" / "migration.sql").write_text("ALTER TABLE no_such_table ADD x int;\n")
+    failed_run = opsbook.run("migrate", "--maintenance", "Second upgrade")
+    assert failed_run.exit_code == 1, str(failed_run)
+    assert "opened for the failed maintenance" in failed_run.stderr
+    (incident,) = ok(opsbook.run("incident.list", "--json")).json()["incidents"]
+    assert (incident["title"], incident["state"], incident["components"]) == (
+        "Second upgrade did not complete", "investigating", {"api": "partial_outage"})
+    index = json.loads((opsbook.root / "public" / "index.json").read_text())
+    assert index["status"]["indicator"] == "partial_outage" and index["maintenance"] == []
