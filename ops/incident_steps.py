@@ -20,6 +20,7 @@ from ops.journal import operator_name
 from ops.notify import Delivery, failed, preview_text, route, send
 from ops.render import incident_notices
 from ops.secrets import redact
+from ops.status_page_publish import PublishStatusPage
 from ops.triage import run_triage as triage_report
 
 if TYPE_CHECKING:
@@ -244,6 +245,8 @@ def incident_runbook(name: str, plan: IncidentPlan, *, incident_id: str, title: 
     if plan.log_lines is not None:
         steps.append(RecordTriage(plan))
     steps.append(SendNotices(plan))
+    if plan.env.has("status_page"):  # last, and tolerant: a page that cannot be published only warns
+        steps.append(PublishStatusPage(plan.env, current=lambda: plan.incident, tolerant=True))
     arguments: dict[str, Any] = {"incident": incident_id}
     if plan.log_lines is not None:
         arguments["log_lines"] = plan.log_lines

@@ -110,6 +110,16 @@ PITR = _object({
     "server_name": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
 }, required=["data_dir"])
 
+# the public status page (ops/status_page.py): published to the app bucket under `prefix` (default status/)
+# or to `folder`; components in the order shown, each with an optional group heading
+STATUS_PAGE = _object({
+    "title": _STRING, "description": {"type": "string"}, "public_base": _STRING,
+    "prefix": {"type": "string"}, "folder": _STRING,
+    "history_days": {"type": "integer", "minimum": 1, "maximum": 366},
+    "components": {"type": "array", "minItems": 1, "items": _object(
+        {"name": _STRING, "description": {"type": "string"}, "group": _STRING}, required=["name"])},
+}, required=["title", "components"])
+
 _K8S_NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
 
 # `inv schedule.show`: the jobs an environment needs, when each runs (UTC), what each scheduler needs.
@@ -184,6 +194,7 @@ ENVIRONMENT = _object({
                       "images_query": _STRING, "images_prefix": {"type": "string"}}),
     "incidents": _object({"templates_dir": _STRING, "log_lines": _POSITIVE}),
     "schedule": SCHEDULE,
+    "status_page": STATUS_PAGE,
     # the lease a mutating run holds in the backup bucket (ops/lease.py): seconds it holds unless renewed
     "locks": _object({"lease_seconds": {"type": "number", "minimum": 1}}),
     "secret_managers": SECRET_MANAGERS,

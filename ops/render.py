@@ -41,16 +41,18 @@ class TemplateError(InventoryError):
 
 
 def template_environment(override_dir: str | Path | None = None, *, trim_blocks: bool = True,
-                         filters: dict[str, Callable[..., Any]] | None = None) -> jinja2.Environment:
+                         filters: dict[str, Callable[..., Any]] | None = None,
+                         autoescape: bool = False) -> jinja2.Environment:
     """Templates from the override folder first, then the package's; `trim_blocks=False` for templates
-    written without block trimming (the env file, the drill report), whose output must stay byte for byte."""
+    written without block trimming (the env file, the drill report), whose output must stay byte for byte;
+    `autoescape=True` for HTML and XML (the status page), where every value is escaped."""
     import jinja2
 
     search = [str(override_dir)] if override_dir else []
     jinja = jinja2.Environment(
         loader=jinja2.FileSystemLoader([*search, str(templates_dir())]),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,  # Markdown, JSON, env files and plain text: JSON strings go through |tojson
+        autoescape=autoescape,  # off for Markdown, JSON, env files and plain text: JSON strings go through |tojson
         keep_trailing_newline=True,
         trim_blocks=trim_blocks,
         lstrip_blocks=trim_blocks,
@@ -59,13 +61,14 @@ def template_environment(override_dir: str | Path | None = None, *, trim_blocks:
     return jinja
 
 
-def render_template(name: str, context: dict[str, Any], override_dir: str | Path | None = None) -> str:
+def render_template(name: str, context: dict[str, Any], override_dir: str | Path | None = None, *,
+                    autoescape: bool = False) -> str:
     """`name` (relative to ops/templates/, e.g. "incident/resolved/email.public.txt.j2") rendered with `context`."""
     import jinja2
 
     where = f"template {name}" + (f" (overrides searched first in {override_dir})" if override_dir else "")
     try:
-        template = template_environment(override_dir).get_template(name)
+        template = template_environment(override_dir, autoescape=autoescape).get_template(name)
         return template.render(**context)
     except jinja2.TemplateNotFound as error:
         raise TemplateError(f"{where}: not found ({error.name})",
@@ -77,6 +80,11 @@ def render_template(name: str, context: dict[str, Any], override_dir: str | Path
         raise TemplateError(f"{where}: a field it uses is missing: {redact(error.message)}",
                             hint="pass that field in the context, or fix the template (a field is never "
                                  "left blank)") from None
+
+
+def render_markup(name: str, context: dict[str, Any]) -> str:
+    """An HTML or XML template (the status page, its feed): every value escaped, no operator overrides."""
+    return render_template(name, context, autoescape=True)
 
 
 def render_json(name: str, context: dict[str, Any], override_dir: str | Path | None = None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ RUNBOOKS = {
     "secrets.move": "runbooks.secrets_store",
     "pitr.setup": "runbooks.pitr:build_setup",
     "pitr.base": "runbooks.pitr:build_base",
+    "status-page.publish": "runbooks.status_page",
 }
 
 

@@ -15,6 +15,7 @@ from runbooks import (
     incident,
     inventory,
     keys,
+    maintenance,
     migrate,
     pitr,
     preflight,
@@ -27,6 +28,7 @@ from runbooks import (
     secrets_rotate,
     secrets_store,
     status,
+    status_page,
 )
 
 backup.collection.add_task(prune.prune)
@@ -51,6 +53,8 @@ ns.add_collection(deploy.collection)
 ns.add_collection(incident.collection)
 ns.add_task(preflight.preflight)
 ns.add_task(status.status)
+ns.add_collection(status_page.collection)
+ns.add_collection(maintenance.collection)
 ns.add_collection(keys.collection)
 ns.add_collection(secrets_rotate.collection)
 ns.add_collection(hosts.collection)

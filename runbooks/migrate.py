@@ -16,6 +16,7 @@ from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, UsageError
 from ops.journal import new_run_id
+from ops.maintenance_steps import with_maintenance
 from ops.migrate_lint import Review, read_facts, review, thresholds
 from ops.migrate_steps import LOG_LINES, MigrationFacts, ResolveStep, migrate_steps
 from ops.migrations import load_migration_source, read_local_migrations, read_state, resolve_hint
@@ -100,9 +101,11 @@ def _status_hint(state: MigrationState, env: str) -> str:
       help=dict(allow_edited="deploy even though applied migrations were edited since",
                 allow_destructive="allow breaking changes (DROP, RENAME, type changes...) on a protected env",
                 allow_locks="allow statements that lock a large table (a maintenance window)",
-                no_backup="skip the pre-migration backup (refused on protected environments)"))
+                no_backup="skip the pre-migration backup (refused on protected environments)",
+                maintenance="announce a maintenance window with this title around the migration (completed when "
+                            "it succeeds; an incident when it fails)"))
 def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=False, allow_locks=False, no_backup=False,
-            dry_run=False, confirm=None, json=False):
+            dry_run=False, confirm=None, maintenance=None, json=False):
     """Deploy pending migrations: gate, lint, pre-migration backup (protected envs), deploy, verify."""
     arguments: dict[str, Any] = {"allow_edited": allow_edited, "allow_destructive": allow_destructive,
                                  "allow_locks": allow_locks}
@@ -115,7 +118,13 @@ def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=Fals
         backup_id = (ctx.state.get("manifest") or {}).get("backup_id")
         return {"applied": deployed.get("applied", []), "engine": deployed.get("engine"), "backup_id": backup_id}
 
-    execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm, result=result)
+    def run() -> Any:
+        return execute(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm, result=result)
+
+    if maintenance and not dry_run:
+        with_maintenance(call.environment, call.output, maintenance, run)
+    else:
+        run()
 
 
 @task(klass=OpsTask, name="lint",

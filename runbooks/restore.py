@@ -19,6 +19,7 @@ from ops import pitr_restore, restore_steps
 from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
 from ops.failure_notice import run_notifying
+from ops.maintenance_steps import with_maintenance
 
 if TYPE_CHECKING:
     from ops.engine import Runbook
@@ -42,9 +43,11 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     to_time="point-in-time recovery: the source as it was at this ISO-8601 time (UTC unless it says), or latest; "
             "from the PITR archive (`inv pitr.list`), through a scratch cluster on this machine",
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
-         "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
+         "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)",
+    maintenance="announce a maintenance window with this title around the restore (completed when it succeeds; "
+                "an incident when it fails)"))
 def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
-            jobs=0, to_time=None, dry_run=False, confirm=None, json=False):
+            jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
@@ -54,4 +57,10 @@ def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
                              **(ctx.state.get("swap") or {})}}
 
-    run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)
+    def run() -> Any:
+        return run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)
+
+    if maintenance and not dry_run:
+        with_maintenance(target, call.output, maintenance, run)
+    else:
+        run()
