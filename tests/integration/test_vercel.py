@@ -1,0 +1,154 @@
+"""The app on Vercel (app.platform: vercel): push-env, restart, rollback and incident.rollback against the fake
+Vercel API, whose deployments are the test app started with the project's variables and PostgreSQL behind it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.cli import Opsbook
+from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.vercel import FakeProject, FakeVercel
+
+
+@pytest.fixture
+def vercel_env(opsbook: Opsbook, postgres_server: Any, vercel_api: FakeVercel) -> Callable[..., dict[str, Any]]:
+    """make(protected=False) -> `prod` on a fake Vercel project already serving the app, and its secrets."""
+
+    def make(*, protected: bool = False, pushed: bool = True) -> dict[str, Any]:
+        database_url = postgres_server.create_database(f"vercel_{uuid.uuid4().hex[:8]}")
+        initial = {"DATABASE_URL": database_url.reveal(), "NODE_ENV": "production", "STALE_FLAG": "1"}
+        project = vercel_api.new_project(initial if pushed else {"DATABASE_URL": database_url.reveal()})
+        opsbook.environ.update({"APP_DATABASE_URL": database_url.reveal(), "VERCEL_TOKEN": project.token})
+        prod = {
+            "protected": protected,
+            "database": {"url": "${env:APP_DATABASE_URL}"},
+            "app": {"platform": "vercel", "health_timeout": 10,
+                    "vercel": {"project_id": project.id, "team_id": project.team_id, "token": "${env:VERCEL_TOKEN}",
+                               "api": vercel_api.base_url, "build_timeout": 20},
+                    "health_url": vercel_api.url(project, "/api/health"),
+                    "ready_url": vercel_api.url(project, "/api/ready"),
+                    "env": {"NODE_ENV": "production", "FEATURE_LABEL": "blue", "API_TOKEN": "tok-very-secret-1"}},
+        }
+        opsbook.write_inventory({"project": "verceltest", "default_env": "prod", "envs": {"prod": prod}})
+        return {"project": project, "database_url": database_url,
+                "secrets": [project.token, postgres_server.password.reveal(), "tok-very-secret-1"]}
+
+    return make
+
+
+def serving_variables(project: FakeProject) -> dict[str, str]:
+    return project.variables("production")
+
+
+def test_push_env_sets_the_project_variables_once_with_a_masked_plan(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    setup = vercel_env()
+    project: FakeProject = setup["project"]
+    before = serving_variables(project)
+
+    dry = opsbook.run("deploy.push-env", "--dry-run")
+    assert dry.exit_code == 0, dry
+    assert "2 to create, 0 to update, 1 to remove" in dry.stderr, dry
+    assert "+ API_TOKEN=***" in dry.stderr and "+ FEATURE_LABEL=blue" in dry.stderr and "- STALE_FLAG" in dry.stderr
+    assert serving_variables(project) == before
+
+    first = opsbook.run("deploy.push-env", "--json")
+    assert first.exit_code == 0, first
+    assert first.json()["status"] == "succeeded"
+    variables = serving_variables(project)
+    assert variables["FEATURE_LABEL"] == "blue" and variables["API_TOKEN"] == "tok-very-secret-1"
+    assert "STALE_FLAG" not in variables
+    assert variables["DATABASE_URL"].startswith(setup["database_url"].reveal().split("?")[0])
+    assert all(v["type"] == "encrypted" and v["target"] == ["production"] for v in project.env.values())
+
+    again = opsbook.run("deploy.push-env", "--dry-run")
+    assert again.exit_code == 0, again
+    assert "to create" not in again.stderr, again
+    calls = len(project.calls)
+    second = opsbook.run("deploy.push-env", "--json")
+    assert second.exit_code == 0, second
+    assert not [c for c in project.calls[calls:] if not c.startswith("GET ")], "a second run changed something"
+    assert "deploy.restart" in second.stderr  # the variables take effect in a new deployment
+
+    assert_no_secret(opsbook, *setup["secrets"])
+
+
+def test_push_env_with_restart_redeploys_with_the_new_variables_and_checks_health(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    setup = vercel_env(protected=True)
+    project: FakeProject = setup["project"]
+    serving = project.production
+
+    refused = opsbook.run("deploy.push-env", "--restart", stdin="")
+    assert refused.exit_code == 2, refused
+    assert len(project.deployments) == 2 and project.production == serving
+
+    result = opsbook.run("deploy.push-env", "--restart", "--confirm", "prod", "--json")
+    assert result.exit_code == 0, result
+    assert project.production != serving and len(project.deployments) == 3
+    assert project.serving() is not None and project.serving().state == "READY"
+
+    health = opsbook.run("health")
+    assert health.exit_code == 0, health
+    assert "vercel deployment" in health.stdout + health.stderr
+    assert_no_secret(opsbook, *setup["secrets"])
+
+
+def test_a_redeploy_that_fails_to_become_ready_stops_the_run_and_says_so(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    setup = vercel_env(protected=True)
+    project: FakeProject = setup["project"]
+    serving = project.production
+    project.fail_builds = True
+
+    unconfirmed = opsbook.run("deploy.restart", stdin="")
+    assert unconfirmed.exit_code == 2, unconfirmed
+    assert len(project.deployments) == 2
+
+    failed = opsbook.run("deploy.restart", "--confirm", "prod")
+    assert failed.exit_code == 1, failed
+    assert "failed to become ready (ERROR)" in failed.stderr, failed
+    assert "Traceback" not in failed.stderr
+    assert project.production == serving  # production still serves the previous deployment
+    assert_no_secret(opsbook, *setup["secrets"])
+
+
+def test_rollback_promotes_the_previous_ready_deployment_after_confirmation(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]], vercel_api: FakeVercel) -> None:
+    setup = vercel_env(protected=True)
+    project: FakeProject = setup["project"]
+    project.page_size = 1  # the listing pages through every READY deployment
+    older, newest = project.deployments[0].id, project.deployments[1].id
+    assert project.production == newest
+
+    dry = opsbook.run("deploy.rollback", "--dry-run")
+    assert dry.exit_code == 0, dry
+    assert f"promote {older}" in dry.stderr and f"replacing {newest}" in dry.stderr, dry
+
+    unconfirmed = opsbook.run("deploy.rollback", stdin="")
+    assert unconfirmed.exit_code == 2, unconfirmed
+    assert project.production == newest
+
+    rolled = opsbook.run("deploy.rollback", "--confirm", "prod", "--json")
+    assert rolled.exit_code == 0, rolled
+    assert project.production == older
+    assert "POST /v10/projects/" + project.id + "/promote/" + older in project.calls
+
+    none_older = opsbook.run("deploy.rollback", "--confirm", "prod")
+    assert none_older.exit_code == 3, none_older
+    assert "no READY production deployment older than" in none_older.stderr
+    assert_no_secret(opsbook, *setup["secrets"])
+
+
+def test_a_wrong_token_is_refused_without_showing_it(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    setup = vercel_env()
+    opsbook.environ["VERCEL_TOKEN"] = "wrong-token-value-123"
+    result = opsbook.run("deploy.push-env", "--dry-run")
+    assert result.exit_code == 3, result
+    assert "Vercel refused app.vercel.token" in result.stderr, result
+    assert_no_secret(opsbook, "wrong-token-value-123", *setup["secrets"])
