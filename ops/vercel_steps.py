@@ -281,6 +281,20 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def serving_problem(env: Environment, key: str, expected: str, shown: str) -> str | None:
+    """None when the project's variable `key` is `expected`, the serving deployment was built after it was
+    set, and health and ready answer; else what is wrong (`shown`: how to name the value)."""
+    client = VercelApi(settings(env))
+    variables = {str(v["key"]): v for v in client.list_env() if client.config.target in (v.get("target") or [])}
+    variable = variables.get(key)
+    if variable is None or client.env_value(str(variable["id"])) != expected:
+        return f"the project's {key} is not {shown}"
+    serving = production_deployment(client)
+    if (serving.get("created") or 0) < (variable.get("updatedAt") or variable.get("createdAt") or 0):
+        return f"deployment {serving['uid']} was built before {key} changed: redeploy it"
+    return probe(env)
+
+
 # --- health and preflight ------------------------------------------------------------------
 
 

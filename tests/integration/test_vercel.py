@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.cli import Opsbook
@@ -152,3 +153,51 @@ def test_a_wrong_token_is_refused_without_showing_it(
     assert result.exit_code == 3, result
     assert "Vercel refused app.vercel.token" in result.stderr, result
     assert_no_secret(opsbook, "wrong-token-value-123", *setup["secrets"])
+
+
+MIGRATIONS_TABLE = """
+CREATE TABLE _prisma_migrations (
+    id varchar(36) PRIMARY KEY, checksum varchar(64) NOT NULL, finished_at timestamptz,
+    migration_name varchar(255) NOT NULL, logs text, rolled_back_at timestamptz,
+    started_at timestamptz NOT NULL DEFAULT now(), applied_steps_count int NOT NULL DEFAULT 0);
+INSERT INTO _prisma_migrations (id, checksum, finished_at, migration_name, applied_steps_count)
+VALUES ('a', repeat('0', 64), now() - interval '1 day', '20250101120000_init', 1),
+       ('b', repeat('1', 64), now(), '20250301120000_add_column', 1);
+"""
+
+
+def test_incident_rollback_promotes_and_warns_of_migrations_newer_than_the_deployment(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    setup = vercel_env(protected=True)
+    project: FakeProject = setup["project"]
+    older = project.deployments[0].id
+    with psycopg.connect(setup["database_url"].reveal(), autocommit=True) as connection:
+        connection.execute(MIGRATIONS_TABLE)  # one migration finished after every deployment was built
+
+    opened = opsbook.run("incident.open", "--title", "Checkout errors", "--impact", "major",
+                         "--components", "api", "--message", "Checkout returns 500", "--json")
+    assert opened.exit_code == 0, opened
+    incident_id = opened.json()["incident"]["id"]
+
+    planned = opsbook.run("incident.rollback", incident_id, "--dry-run")
+    assert planned.exit_code == 0, planned
+    assert f"promote {older}" in planned.stderr, planned
+    assert "the database has 1 migration(s) applied after deployment" in planned.stderr
+    assert "20250301120000_add_column" in planned.stderr and "20250101120000_init" not in planned.stderr
+
+    unconfirmed = opsbook.run("incident.rollback", incident_id, stdin="")
+    assert unconfirmed.exit_code == 2, unconfirmed
+    rolled = opsbook.run("incident.rollback", incident_id, "--confirm", "prod")
+    assert rolled.exit_code == 0, rolled
+    assert project.production == older
+    assert_no_secret(opsbook, *setup["secrets"])
+
+
+def test_runbook_show_lists_the_vercel_steps(opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    vercel_env()
+    shown = opsbook.run("runbook.show", "deploy.rollback")
+    assert shown.exit_code == 0, shown
+    assert "promote the previous ready production deployment" in shown.stdout, shown
+    assert "current" not in shown.stdout  # no release symlinks on Vercel
+    pushed = opsbook.run("runbook.show", "deploy.push-env")
+    assert "set the Vercel project's production environment variables" in pushed.stdout, pushed
