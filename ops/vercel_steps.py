@@ -198,13 +198,24 @@ class PromoteStep(Step):
     """Promote the previous READY production deployment; undo promotes the one that served before."""
 
     name = "promote-previous"
-    title = "promote the previous ready production deployment (Promote to Production), check health"
+
+    def __init__(self, release: str | None = None):
+        self.release = release  # a deployment id (--release); default: the previous ready one
+        self.title = (f"promote deployment {release}" if release else
+                      "promote the previous ready production deployment") + " (Promote to Production), check health"
 
     def check(self, ctx: RunContext) -> Change | None:
         client = api(ctx)
         current = production_deployment(client)
-        older = [d for d in client.ready_deployments()
-                 if d.get("uid") != current["uid"] and (d.get("created") or 0) < (current.get("created") or 0)]
+        if self.release == current["uid"]:
+            return None
+        ready = client.ready_deployments()
+        older = ([d for d in ready if d.get("uid") == self.release] if self.release else
+                 [d for d in ready
+                  if d.get("uid") != current["uid"] and (d.get("created") or 0) < (current.get("created") or 0)])
+        if self.release and not older:
+            raise CheckFailed(f"deployment {self.release} is not a READY {client.config.target} deployment of the "
+                              "project", where=client.config.where(), hint="pick one from the Vercel dashboard")
         if not older:
             raise CheckFailed(f"no READY production deployment older than {current['uid']} to roll back to",
                               where=client.config.where(), hint="nothing older is ready on Vercel")
@@ -338,7 +349,7 @@ class Vercel:
 
     def rollback_steps(self, env: Environment, *, release: str | None = None, batch: int = 1,
                        max_fail: int = 0) -> list[Step]:
-        return [PromoteStep()]
+        return [PromoteStep(release)]
 
     def probes(self, env: Environment) -> list[tuple[str, Probe]]:
         return probes(env)

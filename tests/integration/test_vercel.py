@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.cli import Opsbook
-from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.secrets import assert_no_secret, stored
 from tests.fixtures.vercel import FakeProject, FakeVercel
 
 
@@ -139,6 +139,13 @@ def test_rollback_promotes_the_previous_ready_deployment_after_confirmation(
     assert project.production == older
     assert "POST /v10/projects/" + project.id + "/promote/" + older in project.calls
 
+    forward = opsbook.run("deploy.rollback", "--release", newest, "--confirm", "prod")
+    assert forward.exit_code == 0, forward
+    assert project.production == newest
+    unknown = opsbook.run("deploy.rollback", "--release", "dpl_nothing", "--confirm", "prod")
+    assert unknown.exit_code == 3 and "dpl_nothing is not a READY production deployment" in unknown.stderr, unknown
+    assert opsbook.run("deploy.rollback", "--release", older, "--confirm", "prod").exit_code == 0
+
     none_older = opsbook.run("deploy.rollback", "--confirm", "prod")
     assert none_older.exit_code == 3, none_older
     assert "no READY production deployment older than" in none_older.stderr
@@ -201,3 +208,16 @@ def test_runbook_show_lists_the_vercel_steps(opsbook: Opsbook, vercel_env: Calla
     assert "current" not in shown.stdout  # no release symlinks on Vercel
     pushed = opsbook.run("runbook.show", "deploy.push-env")
     assert "set the Vercel project's production environment variables" in pushed.stdout, pushed
+
+
+def test_secrets_rotate_switches_the_app_through_vercel(
+        opsbook: Opsbook, vercel_env: Callable[..., dict[str, Any]]) -> None:
+    setup = vercel_env()
+    project: FakeProject = setup["project"]
+    serving = project.production
+    rotated = opsbook.run("secrets.rotate", "--name", "AUTH_SECRET", "--json")
+    assert rotated.exit_code == 0, rotated
+    secret = stored(opsbook, "prod")["AUTH_SECRET"]
+    assert serving_variables(project)["AUTH_SECRET"] == secret
+    assert project.production != serving and project.serving().state == "READY"  # redeployed with it
+    assert_no_secret(opsbook, secret, *setup["secrets"])
