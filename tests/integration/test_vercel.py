@@ -96,6 +96,10 @@ def test_push_env_with_restart_redeploys_with_the_new_variables_and_checks_healt
     health = opsbook.run("health")
     assert health.exit_code == 0, health
     assert "vercel deployment" in health.stdout + health.stderr
+    preflight = opsbook.run("preflight", "--json")
+    checks = {check["name"]: check for check in preflight.json()["checks"]}
+    assert checks["vercel deployment"]["status"] == "pass", checks
+    assert checks["app health"]["status"] == "pass" and checks["app ready"]["status"] == "pass", checks
     assert_no_secret(opsbook, *setup["secrets"])
 
 
