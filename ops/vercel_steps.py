@@ -110,7 +110,8 @@ def production_deployment(client: VercelApi) -> dict[str, Any]:
         if pointer and deployment.get("uid") == pointer:
             return deployment
     if pointer:
-        return client.deployment(pointer) | {"uid": pointer}
+        detail = client.deployment(pointer)  # v13's shape: `id`, `createdAt`; the listing's: `uid`, `created`
+        return detail | {"uid": pointer, "created": detail.get("createdAt")}
     if not ready:
         raise CheckFailed(f"{client.config.where()} has no READY {client.config.target} deployment",
                           hint="deploy the app once (git push or `vercel --prod`), then run this again")
