@@ -225,3 +225,40 @@ def test_secrets_rotate_switches_the_app_through_vercel(
     assert serving_variables(project)["AUTH_SECRET"] == secret
     assert project.production != serving and project.serving().state == "READY"  # redeployed with it
     assert_no_secret(opsbook, secret, *setup["secrets"])
+
+
+def test_the_drill_points_a_vercel_staging_at_the_restored_database(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any, vercel_api: FakeVercel) -> None:
+    prod_url = postgres_server.create_database(f"vprod_{uuid.uuid4().hex[:8]}")
+    staging_url = postgres_server.create_database(f"vstaging_{uuid.uuid4().hex[:8]}")
+    with psycopg.connect(prod_url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 7)")
+    project = vercel_api.new_project({"DATABASE_URL": prod_url.reveal()})  # staging's app still on prod's data
+    backups = s3_server.make_bucket().bucket
+    opsbook.environ.update({"PROD_DB": prod_url.reveal(), "STAGING_DB": staging_url.reveal(),
+                            "VERCEL_TOKEN": project.token, "S3_SECRET": s3_server.secret_access_key.reveal()})
+
+    def bucket(prefix: str) -> dict[str, Any]:
+        return {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": backups,
+                "access_key_id": s3_server.access_key_id, "secret_access_key": "${env:S3_SECRET}", "prefix": prefix}
+
+    opsbook.write_inventory({"project": "vdrill", "default_env": "prod", "envs": {
+        "prod": {"database": {"url": "${env:PROD_DB}"}, "backups": bucket("prod/"), "storage": bucket("images/"),
+                 "drill": {"target": "staging"}},
+        "staging": {"database": {"url": "${env:STAGING_DB}"}, "backups": bucket("staging/"),
+                    "app": {"platform": "vercel", "health_timeout": 10,
+                            "vercel": {"project_id": project.id, "team_id": project.team_id,
+                                       "token": "${env:VERCEL_TOKEN}", "api": vercel_api.base_url},
+                            "health_url": vercel_api.url(project, "/api/health"),
+                            "ready_url": vercel_api.url(project, "/api/ready")}},
+    }})
+    assert opsbook.run("backup", "--env", "prod").exit_code == 0
+    serving = project.production
+    result = opsbook.run("drill", "--env", "prod", "--json")
+    assert "drill" in result.json(), result
+    report = result.json()["drill"]
+    staging = next(step for step in report["steps"] if step["name"] == "staging")
+    assert staging["status"] == "passed", report
+    assert project.production != serving  # redeployed with the restored database's URL
+    assert project.variables("production")["DATABASE_URL"].startswith(staging_url.reveal().split("?")[0])
+    assert_no_secret(opsbook, project.token, postgres_server.password.reveal())
