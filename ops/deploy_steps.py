@@ -18,9 +18,11 @@ import posixpath
 from typing import TYPE_CHECKING, Any
 
 from ops import migrations, pg
-from ops.engine import Change, Runbook, RunContext, Step
+from ops.engine import Change, RunContext, Step
 from ops.envfile import masked_diff, render_env_file
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.health_probes import app_url_probes
+from ops.platforms import register
 from ops.rollout import (
     build_switch_command,
     health_timeout,
@@ -39,6 +41,7 @@ from ops.rollout import rollback_target as choose
 from ops.secrets import redact
 
 if TYPE_CHECKING:
+    from ops.checks import Probe
     from ops.hosts import HostConfig, HostConnection
     from ops.inventory import Environment
 
@@ -328,32 +331,32 @@ def rollback_steps(env: Environment, *, release: str | None = None, batch: int =
     return [*steps, restart_step(env, batch=batch, max_fail=max_fail)]
 
 
-# --- runbooks ----------------------------------------------------------------------------------
+# --- the platform ----------------------------------------------------------------------------
 
 
-def _require_hosts(env: Environment) -> None:
-    if not env.host_configs():
-        raise env.missing("hosts")
+class Ssh:
+    """App hosts over SSH: env files, restarts and the releases layout (the default platform)."""
+
+    name = "ssh"
+    describe = "hosts over SSH: push-env writes each host's env file, restart restarts them rolling, " \
+               "rollback switches `current` to the previous release"
+
+    def require(self, env: Environment) -> None:
+        if not env.host_configs():
+            raise env.missing("hosts")
+
+    def push_env_steps(self, env: Environment) -> list[Step]:
+        return push_env_steps(env)
+
+    def restart_step(self, env: Environment, *, batch: int = 1, max_fail: int = 0, always: bool = False) -> Step:
+        return restart_step(env, batch=batch, max_fail=max_fail, always=always)
+
+    def rollback_steps(self, env: Environment, *, release: str | None = None, batch: int = 1,
+                       max_fail: int = 0) -> list[Step]:
+        return rollback_steps(env, release=release, batch=batch, max_fail=max_fail)
+
+    def probes(self, env: Environment) -> list[tuple[str, Probe]]:
+        return [probe for host in env.host_configs() for probe in app_url_probes(env, host)]
 
 
-def build_push_env(env: Environment, *, restart: bool = False, batch: int = 1, max_fail: int = 0,
-                   **arguments: Any) -> Runbook:
-    _require_hosts(env)
-    steps = push_env_steps(env) + ([restart_step(env, batch=batch, max_fail=max_fail)] if restart else [])
-    return Runbook("deploy.push-env", f"Push the app env file to {env.name}'s hosts", steps,
-                   arguments={"restart": restart, "batch": batch, "max_fail": max_fail, **arguments})
-
-
-def build_restart(env: Environment, *, batch: int = 1, max_fail: int = 0, **arguments: Any) -> Runbook:
-    _require_hosts(env)
-    return Runbook("deploy.restart", f"Rolling restart of {env.name}'s hosts",
-                   [restart_step(env, batch=batch, max_fail=max_fail, always=True)],
-                   arguments={"batch": batch, "max_fail": max_fail, **arguments})
-
-
-def build_rollback(env: Environment, *, release: str | None = None, batch: int = 1, max_fail: int = 0,
-                   **arguments: Any) -> Runbook:
-    _require_hosts(env)
-    return Runbook("deploy.rollback", f"Roll {env.name} back to the previous release",
-                   rollback_steps(env, release=release, batch=batch, max_fail=max_fail),
-                   arguments={"release": release, "batch": batch, "max_fail": max_fail, **arguments})
+register(Ssh())

@@ -73,7 +73,13 @@ MIGRATIONS = _object({"engine": {"enum": ["native", "command"]}, "dir": _STRING,
                       "lock_timeout_seconds": {"type": "number", "minimum": 0},
                       "lock_retries": {"type": "integer", "minimum": 0, "maximum": 10}})
 
+# app.platform vercel (ops/vercel_steps.py): the project, its team, the API token, the variables' target
+VERCEL = _object({"project_id": _STRING, "team_id": _STRING, "token": _STRING,
+                  "target": {"enum": ["production", "preview"]}, "api": _STRING,
+                  "build_timeout": {"type": "number", "exclusiveMinimum": 0}}, required=["project_id", "token"])
+
 APP = _object({
+    "platform": {"enum": ["ssh", "vercel"]}, "vercel": VERCEL,
     "dir": _STRING, "env_file": _STRING, "restart": _STRING, "log_command": _STRING,
     "health_url": _STRING, "ready_url": _STRING, "public_url": _STRING, "repository": _STRING,
     "seed": _STRING,  # provision runs it once on the first host, in app.dir, with the app's environment

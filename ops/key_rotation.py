@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ops import keys
+from ops import keys, vercel_steps
 from ops.engine import Change, RunContext, Step, WrappedStep
 from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, OpsError, StepFailed
+from ops.platforms import platform_name
 from ops.rollout import health_gate, health_timeout, host_named, probe_once, required_app_setting
 from ops.secrets import Secret, mask_identifier
 
@@ -200,6 +201,9 @@ class ConfirmServing(Step):
     def problems(self, ctx: RunContext) -> list[str]:
         key_id = keys.current_key_id(ctx.env)
         problems = []
+        if platform_name(ctx.env) == vercel_steps.Vercel.name:
+            problem = vercel_steps.serving_problem(ctx.env, "S3_ACCESS_KEY_ID", str(key_id), mask_identifier(key_id))
+            return [problem] if problem else []
         for host in ctx.env.host_configs():
             app = ctx.env.app_settings(host.name)
             held = self._key_on(ctx, host.name)
@@ -219,6 +223,13 @@ class ConfirmServing(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         key_id = keys.current_key_id(ctx.env)
+        if platform_name(ctx.env) == vercel_steps.Vercel.name:
+            problem = vercel_steps.serving_problem(ctx.env, "S3_ACCESS_KEY_ID", str(key_id), mask_identifier(key_id))
+            if problem:
+                raise StepFailed(problem, where=f"envs.{ctx.env.name}.app.vercel",
+                                 hint=f"`inv deploy.push-env --env {ctx.env.name} --restart`, then run the rotation "
+                                      "again; the old key stays until then")
+            return {"vercel": "serving with the new key"}
         for host in ctx.env.host_configs():
             if self._key_on(ctx, host.name) != key_id:
                 raise StepFailed(f"the env file on {host.name} does not hold the new key {mask_identifier(key_id)}",

@@ -1,6 +1,6 @@
 """inv deploy.push-env / deploy.restart / deploy.rollback: the app hosts' configuration, restarts and releases.
 
-The steps, and what each does, are in ops.deploy_steps.
+The steps, and what each does, are in ops.deploy_steps (hosts over SSH) and ops.vercel_steps (Vercel).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 from invoke import Collection, task
 
 from ops.cli import OpsTask, TaskCall, execute
-from ops.deploy_steps import PROGRESS, build_push_env, build_restart, build_rollback
+from ops.deploy_steps import PROGRESS
 from ops.engine import Runbook, RunContext
 from ops.errors import OpsError
+from ops.platform_steps import build_push_env, build_restart, build_rollback
 from ops.secrets import redact
 
 if TYPE_CHECKING:

@@ -28,13 +28,15 @@ from invoke import Collection, task
 from ops import drills, image_sample, restore_steps
 from ops.cli import OpsTask, TaskCall, environment, execute
 from ops.clock import iso_z, utc_now
-from ops.deploy_steps import health_gate, push_env_steps, restart_step
+from ops.deploy_steps import health_gate
 from ops.drills import RTO_UNTIL_READY, NotApplicable, StepResult, duration_text
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
 from ops.inventory import plain
 from ops.migrate_steps import migrate_steps
 from ops.migrations import environment_status
+from ops.platform_steps import has_app, push_env_steps, restart_step
+from ops.platforms import platform_name
 from ops.secrets import redact
 from ops.step_apply import failure_text
 from ops.storage import open_storage
@@ -202,8 +204,10 @@ class StagingCheck(DrillCheck):
 
     def plan(self, ctx: RunContext) -> list[str]:
         hosts = ctx.env.host_configs()
-        if not hosts:
+        if not has_app(ctx.env):
             return [self._no_hosts(ctx)]
+        if not hosts:
+            return [f"platform: {platform_name(ctx.env)}"]
         return [f"hosts: {', '.join(host.name for host in hosts)}"]
 
     def _no_hosts(self, ctx: RunContext) -> str:
@@ -212,7 +216,7 @@ class StagingCheck(DrillCheck):
 
     def run(self, ctx: RunContext) -> str:
         hosts = ctx.env.host_configs()
-        if not hosts:
+        if not has_app(ctx.env):
             self.session.ready_after = self.session.elapsed()
             raise NotApplicable(self._no_hosts(ctx))
         pushed = ctx.run_steps(push_env_steps(ctx.env))
@@ -222,6 +226,9 @@ class StagingCheck(DrillCheck):
             health_gate(ctx.env, host, timeout)
         self.session.ready_after = self.session.elapsed()
         changed = sum(1 for planned in pushed if planned.change is not None)
+        if not hosts:  # a managed platform: its restart step redeployed and checked health and ready
+            return (f"variables {'updated' if changed else 'unchanged'} on {platform_name(ctx.env)}; redeployed; "
+                    "health and ready URLs answer 200")
         return (f"env file {'pushed to ' + str(changed) + ' host(s)' if changed else 'unchanged'}; restarted "
                 f"{', '.join(host.name for host in hosts)}; health and ready URLs answer 200")
 

@@ -25,7 +25,6 @@ from invoke import Collection, task
 
 from ops.backup_manifest import list_backups
 from ops.cli import OpsTask, TaskCall, execute
-from ops.deploy_steps import rollback_steps
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.incident_steps import IncidentPlan, describe_entry, incident_runbook, recorded_runbook, rollback_runbook
@@ -39,6 +38,7 @@ from ops.incidents import (
     refuse_if_resolved,
 )
 from ops.journal import list_runs, operator_name
+from ops.platform_steps import rollback_steps
 from ops.restore_steps import build as restore_runbook
 from ops.storage import open_storage
 

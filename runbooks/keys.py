@@ -17,11 +17,11 @@ from invoke import Collection, task
 
 from ops import keys
 from ops.cli import OpsTask, TaskCall, execute
-from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Runbook, RunContext, Step
 from ops.errors import CheckFailed
 from ops.journal import new_run_id
 from ops.key_rotation import AfterSwitch, ConfirmServing, CreateKey, ProbeKey, RecordRotation, RevokeOld, StoreKey
+from ops.platform_steps import has_app, push_env_steps, restart_step
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 def build(env: Environment, rotation: str | None = None, **arguments: Any) -> Runbook:
     steps: list[Step] = [CreateKey(rotation), ProbeKey(), StoreKey()]
-    if env.host_configs():
+    if has_app(env):
         steps += [AfterSwitch(step, f"{step.title} with the new key") for step in push_env_steps(env)]
         steps.append(AfterSwitch(restart_step(env), "restart the hosts whose env file changes"))
     steps += [ConfirmServing(), RevokeOld(), RecordRotation(rotation)]

@@ -31,6 +31,8 @@ from ops.hosts import connect, is_loopback
 from ops.keys import key_status
 from ops.migrations.drift import environment_drift
 from ops.output import human_size
+from ops.platform_steps import app_probes
+from ops.platforms import platform_name
 from ops.secrets import reveal
 from ops.status_facts import last_backup, migration_state
 from ops.storage import open_storage
@@ -397,6 +399,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
                for section in ("storage", "backups") if env.has(section)]
     for host in hosts:
         checks += app_url_probes(env, host)
+    if platform_name(env) != "ssh":
+        checks += app_probes(env)
     public_url = env.raw("app.public_url", None)
     if public_url:
         checks.append(("security headers", headers_probe(str(public_url))))

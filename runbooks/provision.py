@@ -27,7 +27,6 @@ from invoke import task
 
 from ops import pg_url
 from ops.cli import OpsTask, TaskCall, execute
-from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Runbook
 from ops.errors import OpsError
 from ops.hosts import is_loopback
@@ -35,6 +34,7 @@ from ops.inventory import as_secret
 from ops.journal import new_run_id
 from ops.key_rotation import retire_bootstrap_steps
 from ops.migrate_steps import migrate_steps
+from ops.platform_steps import push_env_steps, restart_step
 from ops.provision_steps import (
     AdminPasswordStep,
     AuthSecretStep,

@@ -16,11 +16,11 @@ from invoke import Collection, task
 from ops import keys
 from ops.cli import OpsTask, TaskCall, execute
 from ops.clock import iso_z, utc_now
-from ops.deploy_steps import push_env_steps, restart_step
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import UsageError
 from ops.journal import new_run_id
 from ops.key_rotation import AfterSwitch
+from ops.platform_steps import has_app, push_env_steps, restart_step
 from ops.secrets import Secret
 
 if TYPE_CHECKING:
@@ -80,8 +80,8 @@ def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None =
     secret = canonical(name)
     after = ("generate-secret",)
     steps: list[Step] = [GenerateSecret(secret, rotation)]
-    steps += [AfterSwitch(step, f"{step.title} with the new {secret}", after) for step in push_env_steps(env)]
-    if env.host_configs():
+    if has_app(env):
+        steps += [AfterSwitch(step, f"{step.title} with the new {secret}", after) for step in push_env_steps(env)]
         steps.append(AfterSwitch(restart_step(env), "restart the hosts whose env file changes", after))
     return Runbook("secrets.rotate", f"Rotate {secret} on {env.name}", steps,
                    arguments={"name": secret, "rotation": rotation, **arguments})
