@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.notify",
     "tests.fixtures.cloudflare",
     "tests.fixtures.provision",
+    "tests.fixtures.neon",
 ]

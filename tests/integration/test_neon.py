@@ -1,0 +1,130 @@
+"""A `database.provider: neon` environment through the real CLI against the fake Neon API, whose branches are
+real databases of the session's PostgreSQL server: the DR drill into a fresh branch (the dump restored into it,
+or the branch itself with --provider-pitr), the history window refused, no secret in any output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from ops.demo.seed import MIGRATIONS_DIR, insert_demo_data
+from tests.cli import Opsbook
+from tests.fixtures.postgres import row_counts
+from tests.fixtures.secrets import assert_no_secret
+
+STEPS = ("branch", "restore", "migrations", "staging", "images", "rto", "rpo", "cleanup")
+
+
+@pytest.fixture(scope="module")
+def neon_setup(neon_api: Any, postgres_server: Any, s3_server: Any,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from ops.migrations import apply_pending
+
+    root = tmp_path_factory.mktemp("neon")
+    workspace = Opsbook(root / "workspace")
+    workspace.root.mkdir()
+    repository = root / "repository"
+    shutil.copytree(MIGRATIONS_DIR, repository / "prisma" / "migrations")
+    project = neon_api.new_project()
+    main_url = neon_api.url(project, project.main)
+    apply_pending(main_url.reveal(), MIGRATIONS_DIR)
+    with psycopg.connect(main_url.reveal(), autocommit=True) as connection:
+        insert_demo_data(connection)
+    buckets = {name: s3_server.make_bucket().bucket for name in ("prod", "prod-backups")}
+    workspace.environ.update({"NEON_DB": main_url.reveal(), "NEON_API_KEY": project.api_key.reveal(),
+                              "S3_ACCESS_KEY_ID": s3_server.access_key_id,
+                              "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal()})
+
+    def storage(bucket: str, **extra: Any) -> dict[str, Any]:
+        return {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": bucket,
+                "access_key_id": "${env:S3_ACCESS_KEY_ID}", "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}",
+                **extra}
+
+    workspace.write_inventory({"project": "neontest", "default_env": "prod", "envs": {"prod": {
+        "protected": True,
+        "database": {"provider": "neon", "url": "${env:NEON_DB}", "project_id": project.id,
+                     "api_key": "${env:NEON_API_KEY}", "api_base": neon_api.base_url, "branch": "main"},
+        "storage": storage(buckets["prod"]), "backups": storage(buckets["prod-backups"], prefix="prod/"),
+        "targets": {"rpo_hours": 24, "rto_minutes": 10},
+        "drill": {"target": "neon-branch"},
+        "app": {"repository": str(repository), "migrations": {"engine": "native", "dir": "prisma/migrations"}},
+    }}})
+    made = workspace.run("backup", "--env", "prod", "--confirm", "prod", "--json")
+    assert made.exit_code == 0, made
+    yield {"workspace": workspace, "project": project, "backup": made.json()["backup"], "main_url": main_url,
+           "secrets": [project.api_key.reveal(), project.password.reveal(), postgres_server.password.reveal(),
+                       s3_server.secret_access_key.reveal()]}
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {step["name"]: step["status"] for step in report["steps"]}
+
+
+def test_the_drill_restores_the_backup_into_a_fresh_branch_and_deletes_it(neon_setup, neon_api):
+    workspace, project = neon_setup["workspace"], neon_setup["project"]
+    before = neon_api.databases()
+    planned = workspace.run("drill", "--env", "prod", "--dry-run")
+    assert planned.exit_code == 0, planned
+    assert "would create Neon branch drill-prod-" in planned.stderr
+    assert not any(call.startswith("POST") for call in neon_api.calls(project))
+
+    result = workspace.run("drill", "--env", "prod", "--json")
+    assert result.exit_code == 0, result
+    report = result.json()["drill"]
+    assert report["passed"] is True and report["target_env"] == "prod-neon-branch"
+    assert statuses(report) == {**{name: "passed" for name in STEPS}, "staging": "not applicable"}
+    assert report["backup_id"] == neon_setup["backup"]["backup_id"]
+    details = {step["name"]: step["detail"] for step in report["steps"]}
+    assert "rows as in the manifest" in details["restore"]
+    assert details["cleanup"].startswith("deleted branch drill-prod-")
+    assert neon_api.calls(project).count("POST /branches") == 1
+    assert list(project.branches.values()) == [project.main]  # the drill's branch is gone
+    assert neon_api.databases() == before  # its database too, and no scratch copy left
+    assert_no_secret(workspace, *neon_setup["secrets"])  # outputs, journals, reports
+
+
+def test_provider_pitr_takes_the_branch_at_the_backups_time_as_the_restore(neon_setup, neon_api):
+    workspace, project = neon_setup["workspace"], neon_setup["project"]
+    expected = row_counts(neon_setup["main_url"])
+    # What the backup holds is the branch's state at its time; later writes must not be in the branch.
+    neon_api.snapshot(project, project.main, datetime.now(UTC) - timedelta(hours=1))  # unchanged since then
+    neon_api.execute(project, project.main,
+                     """INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('late', 'after the backup', now())""")
+    try:
+        result = workspace.run("drill", "--env", "prod", "--provider-pitr", "--keep", "--json")
+        assert result.exit_code == 0, result
+        report = result.json()["drill"]
+        assert statuses(report)["restore"] == "passed", report
+        details = {step["name"]: step["detail"] for step in report["steps"]}
+        assert "as in its manifest" in details["restore"] and "kept branch" in details["cleanup"]
+        [kept] = [b for b in project.branches.values() if not b.primary]
+        assert row_counts(neon_api.url(project, kept)) == expected
+        assert_no_secret(workspace, *neon_setup["secrets"])
+    finally:
+        for branch in [b for b in project.branches.values() if not b.primary]:
+            neon_api.handle("DELETE", f"/api/v2/projects/{project.id}/branches/{branch.id}",
+                            {"Authorization": f"Bearer {project.api_key.reveal()}"}, b"")
+        project.main.snapshots.clear()
+
+
+def test_a_backup_outside_the_history_window_fails_the_branch_check_and_creates_nothing(neon_setup, neon_api):
+    workspace, project = neon_setup["workspace"], neon_setup["project"]
+    calls = len(neon_api.calls(project))
+    retention, project.history_retention_seconds = project.history_retention_seconds, 0
+    try:
+        result = workspace.run("drill", "--env", "prod", "--json")
+    finally:
+        project.history_retention_seconds = retention
+    assert result.exit_code == 3, result
+    report = json.loads(result.stdout)["drill"]
+    assert statuses(report)["branch"] == "failed" and statuses(report)["restore"] == "skipped"
+    assert statuses(report)["cleanup"] == "not applicable"
+    assert "outside Neon project" in {s["name"]: s["detail"] for s in report["steps"]}["branch"]
+    assert not any(call == "POST /branches" for call in neon_api.calls(project)[calls:])
+    assert_no_secret(workspace, *neon_setup["secrets"])
