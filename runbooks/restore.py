@@ -8,16 +8,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
+from ops import neon, neon_restore, restore_steps
 from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
+from ops.errors import UsageError
 from ops.failure_notice import run_notifying
-from ops.restore_steps import build
+
+if TYPE_CHECKING:
+    from ops.engine import Runbook
+    from ops.inventory import Environment
 
 __all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    """A dump restore, or with --to-time on a Neon environment Neon's branch restore (ops/neon_restore.py)."""
+    if arguments.get("to_time"):
+        if neon.is_neon(env):
+            return neon_restore.build(env, **arguments)
+        raise UsageError("--to-time needs database.provider: neon here",
+                         hint="restore a backup instead (`inv backup.list`)")
+    return restore_steps.build(env, **arguments)
 
 
 @task(klass=OpsTask, help=dict(
@@ -26,16 +41,19 @@ __all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
     keep_old="keep the replaced database as <db>__old_<stamp>",
     identity="age identity file to decrypt with (default: the source's backups.identity_file)",
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
-         "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)"))
+         "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)",
+    to_time="point-in-time recovery: the database as it was at this ISO-8601 time (UTC unless it says), or "
+            "latest; on Neon through the branch restore, the current state kept as a branch"))
 def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None, jobs=0,
-            dry_run=False, confirm=None, json=False):
+            to_time=None, dry_run=False, confirm=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
-                    jobs=jobs)
+                    jobs=jobs, **({"to_time": to_time} if to_time else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
-                             **(ctx.state.get("swap") or {})}}
+                             **(ctx.state.get("swap") or {}), **(ctx.state.get("verify") or {}),
+                             **(ctx.state.get("restore") or {})}}
 
     run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)

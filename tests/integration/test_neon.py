@@ -128,3 +128,45 @@ def test_a_backup_outside_the_history_window_fails_the_branch_check_and_creates_
     assert "outside Neon project" in {s["name"]: s["detail"] for s in report["steps"]}["branch"]
     assert not any(call == "POST /branches" for call in neon_api.calls(project)[calls:])
     assert_no_secret(workspace, *neon_setup["secrets"])
+
+
+def brands(url: Any) -> int:
+    with psycopg.connect(url.reveal()) as connection:
+        return connection.execute('SELECT count(*) FROM "Brand"').fetchone()[0]
+
+
+def test_restore_to_time_outside_the_history_window_is_refused_before_anything(neon_setup, neon_api):
+    workspace, project = neon_setup["workspace"], neon_setup["project"]
+    calls = len(neon_api.calls(project))
+    for extra in (["--dry-run"], ["--confirm", "prod"]):
+        result = workspace.run("restore", "--env", "prod", "--to-time", "2020-01-01T00:00:00Z", *extra)
+        assert result.exit_code == 3, result
+        assert "2020-01-01T00:00:00Z is outside Neon project" in result.stderr
+        assert "history_retention_seconds 86400" in result.stderr
+    assert all(call.startswith("GET") for call in neon_api.calls(project)[calls:])
+    not_a_time = workspace.run("restore", "--env", "prod", "--to-time", "yesterday-ish", "--dry-run")
+    assert not_a_time.exit_code == 2 and "is not a time" in not_a_time.stderr
+    assert_no_secret(workspace, *neon_setup["secrets"])
+
+
+def test_restore_to_time_checks_a_branch_at_that_time_then_restores_keeping_the_current_state(neon_setup, neon_api):
+    workspace, project, main_url = neon_setup["workspace"], neon_setup["project"], neon_setup["main_url"]
+    moment = (datetime.now(UTC) - timedelta(minutes=10)).replace(microsecond=0)
+    neon_api.snapshot(project, project.main, moment)
+    then = brands(main_url)
+    neon_api.execute(project, project.main,
+                     """INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('later', 'after T', now())""")
+    stamp = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    unconfirmed = workspace.run("restore", "--env", "prod", "--to-time", stamp)
+    assert unconfirmed.exit_code == 2, unconfirmed
+    assert brands(main_url) == then + 1
+
+    result = workspace.run("restore", "--env", "prod", "--to-time", stamp, "--confirm", "prod", "--json")
+    assert result.exit_code == 0, result
+    restored = result.json()["restored"]
+    assert restored["to_time"] == stamp and restored["manifest"] == neon_setup["backup"]["backup_id"]
+    assert brands(main_url) == then  # the URL is unchanged, the data is T's
+    [preserved] = [b for b in project.branches.values() if b.name == restored["preserved"]]
+    assert preserved.name.startswith("main-before-restore-") and brands(neon_api.url(project, preserved)) == then + 1
+    assert not any(b.name.startswith("restore-check-") for b in project.branches.values())  # the scratch one went
+    assert_no_secret(workspace, *neon_setup["secrets"])
