@@ -46,7 +46,7 @@ def neon_setup(neon_api: Any, postgres_server: Any, s3_server: Any,
                 "access_key_id": "${env:S3_ACCESS_KEY_ID}", "secret_access_key": "${env:S3_SECRET_ACCESS_KEY}",
                 **extra}
 
-    workspace.write_inventory({"project": "neontest", "default_env": "prod", "envs": {"prod": {
+    inventory = {"project": "neontest", "default_env": "prod", "envs": {"prod": {
         "protected": True,
         "database": {"provider": "neon", "url": "${env:NEON_DB}", "project_id": project.id,
                      "api_key": "${env:NEON_API_KEY}", "api_base": neon_api.base_url, "branch": "main"},
@@ -54,10 +54,12 @@ def neon_setup(neon_api: Any, postgres_server: Any, s3_server: Any,
         "targets": {"rpo_hours": 24, "rto_minutes": 10},
         "drill": {"target": "neon-branch"},
         "app": {"repository": str(repository), "migrations": {"engine": "native", "dir": "prisma/migrations"}},
-    }}})
+    }}}
+    workspace.write_inventory(inventory)
     made = workspace.run("backup", "--env", "prod", "--confirm", "prod", "--json")
     assert made.exit_code == 0, made
-    yield {"workspace": workspace, "project": project, "backup": made.json()["backup"], "main_url": main_url,
+    yield {"workspace": workspace, "project": project, "inventory": inventory, "storage": storage,
+           "backup": made.json()["backup"], "main_url": main_url,
            "secrets": [project.api_key.reveal(), project.password.reveal(), postgres_server.password.reveal(),
                        s3_server.secret_access_key.reveal()]}
 
@@ -170,3 +172,39 @@ def test_restore_to_time_checks_a_branch_at_that_time_then_restores_keeping_the_
     assert preserved.name.startswith("main-before-restore-") and brands(neon_api.url(project, preserved)) == then + 1
     assert not any(b.name.startswith("restore-check-") for b in project.branches.values())  # the scratch one went
     assert_no_secret(workspace, *neon_setup["secrets"])
+
+
+def test_rotating_database_password_resets_it_through_the_api_and_stores_it(neon_setup, neon_api, postgres_server):
+    from tests.fixtures.secrets import stored
+
+    workspace = neon_setup["workspace"]
+    project = neon_api.new_project(dbname="rot")
+    old = project.password.reveal()
+    inventory = json.loads(json.dumps(neon_setup["inventory"]))
+    inventory["envs"]["rot"] = {
+        "database": {"provider": "neon", "project_id": project.id, "api_key": "${env:ROT_NEON_KEY}",
+                     "api_base": neon_api.base_url,
+                     "url": f"postgresql://{project.role}@{postgres_server.host}:{postgres_server.port}/"
+                            f"{project.main.database}"},
+        "backups": neon_setup["storage"](neon_setup["inventory"]["envs"]["prod"]["backups"]["bucket"], prefix="rot/")}
+    workspace.write_inventory(inventory)
+    workspace.environ["ROT_NEON_KEY"] = project.api_key.reveal()
+    try:
+        refused = workspace.run("secrets.rotate", "--env", "prod", "--name", "DATABASE_PASSWORD", "--dry-run")
+        assert refused.exit_code == 2 and "carries a password" in refused.stderr, refused
+        planned = workspace.run("secrets.rotate", "--env", "rot", "--name", "DATABASE_PASSWORD", "--dry-run")
+        assert planned.exit_code == 0 and "reset role" in planned.stderr, planned
+        assert not any("reset_password" in call for call in neon_api.calls(project))
+
+        result = workspace.run("secrets.rotate", "--env", "rot", "--name", "DATABASE_PASSWORD", "--json")
+        assert result.exit_code == 0, result
+        new = stored(workspace, "rot")["DATABASE_PASSWORD"]
+        assert new == project.password.reveal() and new != old
+        assert [c for c in neon_api.calls(project) if c.endswith("reset_password")] == \
+            [f"POST /branches/{project.main.id}/roles/{project.role}/reset_password"]
+        steps = {e["step"]: e["state"] for e in workspace.journal(result.json()["run_id"]) if e["event"] == "step"}
+        assert steps["reset-password"] == "verified"  # verified by connecting with the stored new password
+        for text in (result.stdout + result.stderr, planned.stdout + planned.stderr):
+            assert_no_secret(text, new, old, project.api_key.reveal())
+    finally:
+        workspace.write_inventory(neon_setup["inventory"])
