@@ -17,13 +17,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops import pg_url, web
+from ops import neon, pg_url, web
 from ops.checks import Warn, checklist
 from ops.cli import OpsTask, TaskCall
 from ops.drills import drill_due
 from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, InventoryError, OpsError
-from ops.health_probes import app_url_probes
+from ops.health_probes import app_url_probes, neon_branch_probe
 from ops.hosts import connect, is_loopback
 from ops.keys import key_status
 from ops.output import human_size
@@ -210,6 +210,8 @@ def pooler_probe(env: Environment) -> Probe:
     def probe() -> str:
         url = reveal(env.value("database.url"))
         direct = reveal(env.value("database.direct_url")) if env.has("database.direct_url") else None
+        if direct is None and (derived := pg_url.direct_from_pooled(url)) is not None:
+            direct = derived.reveal()  # Neon's pooler: the direct endpoint is derived for admin work
         problems = pooler_problems(url, direct)
         if problems:
             raise CheckFailed("; ".join(problems), hint="append &pgbouncer=true to the pooled URL and set "
@@ -348,6 +350,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
                    (f"auth secret on {host.name}", auth_secret_probe(env, files, host))]
     checks += [("database TLS", tls_probe(env)), ("database pooler", pooler_probe(env)),
                ("migrations", migrations_probe(env))]
+    if neon.is_neon(env):
+        checks.append(("neon branch", neon_branch_probe(env)))
     if env.has("backups"):
         checks.append(("last backup", backup_probe(env)))
     checks += [("DR drill", drill_probe(env)), ("storage key age", key_age_probe(env))]

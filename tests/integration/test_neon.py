@@ -208,3 +208,20 @@ def test_rotating_database_password_resets_it_through_the_api_and_stores_it(neon
             assert_no_secret(text, new, old, project.api_key.reveal())
     finally:
         workspace.write_inventory(neon_setup["inventory"])
+
+
+def test_health_checks_the_branch_and_both_endpoints(neon_setup):
+    workspace, project = neon_setup["workspace"], neon_setup["project"]
+    result = workspace.run("health", "--env", "prod", "--json")
+    assert result.exit_code == 0, result
+    assert "neon branch" in result.stdout and f"branch main ({project.main.id})" in result.stdout
+    assert "database (direct)" in result.stdout
+    inventory = json.loads(json.dumps(neon_setup["inventory"]))
+    inventory["envs"]["prod"]["database"]["branch"] = "gone"
+    workspace.write_inventory(inventory)
+    try:
+        missing = workspace.run("health", "--env", "prod")
+    finally:
+        workspace.write_inventory(neon_setup["inventory"])
+    assert missing.exit_code == 3 and "has no branch 'gone'" in missing.output, missing
+    assert_no_secret(workspace, *neon_setup["secrets"])
