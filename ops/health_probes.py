@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ops import pg, pg_url
+from ops import neon, pg, pg_url
 from ops.errors import CheckFailed
 from ops.hosts import connect, fetch_from_here, is_on_host
 from ops.storage import open_storage
@@ -21,6 +21,22 @@ def database_probe(env: Environment, direct: bool) -> Probe:
         with pg.connect(url, application_name="opsbook health", connect_timeout=5) as connection:
             major, minor = pg.server_version(connection)
         return f"{pg_url.parse_url(url).describe()}, PostgreSQL {major}.{minor}"
+
+    return probe
+
+
+def neon_branch_probe(env: Environment) -> Probe:
+    """The environment's Neon branch exists and has a compute endpoint (the pooled and direct ones are probed
+    by connecting, as any database)."""
+    def probe() -> str:
+        api = neon.client(env)
+        branch = api.require_branch(neon.branch_name(env))
+        endpoints = api.endpoints(branch.id)
+        if not endpoints:
+            raise CheckFailed(f"Neon branch {branch.name} has no compute endpoint",
+                              hint="add a read-write compute to the branch in the Neon console")
+        shown = ", ".join(f"{e.get('type', '?')} {e.get('current_state', '?')}" for e in endpoints)
+        return f"project {api.project_id}: branch {branch.name} ({branch.id}), endpoints: {shown}"
 
     return probe
 
@@ -69,8 +85,10 @@ def fetch(host: HostConfig, url: str) -> tuple[int, str]:
 
 def probes(env: Environment) -> list[tuple[str, Probe]]:
     checks: list[tuple[str, Probe]] = [("database", database_probe(env, direct=False))]
-    if env.has("database.direct_url"):
+    if env.has("database.direct_url") or neon.is_neon(env):  # Neon: the direct endpoint beside the pooler
         checks.append(("database (direct)", database_probe(env, direct=True)))
+    if neon.is_neon(env):
+        checks.append(("neon branch", neon_branch_probe(env)))
     for section in ("storage", "backups"):
         if env.has(section):
             checks.append((f"{section} bucket", storage_probe(env, section)))

@@ -28,7 +28,7 @@ from ops.inventory_checks import duplicate_host_names, literal_url_problems
 from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
 from ops.patterns import Pattern
-from ops.pg_url import parse_url, with_credentials
+from ops.pg_url import direct_from_pooled, parse_url, with_credentials
 from ops.references import (
     REFERENCE_FORMS,
     REFERENCE_PATTERN,
@@ -181,7 +181,8 @@ class Environment:
     def _written_database_url(self, direct: bool) -> Secret:
         if direct and self.has("database.direct_url"):
             return as_secret(self.value("database.direct_url"))
-        return as_secret(self.value("database.url"))
+        written = as_secret(self.value("database.url"))
+        return (direct_from_pooled(written) or written) if direct else written
 
     def storage_config(self, section: str = "storage") -> StorageConfig:
         """`storage` (the app's assets) or `backups` (dumps, audit, drills), inheriting connection settings."""

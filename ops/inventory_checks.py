@@ -23,6 +23,7 @@ URL_KEYS: dict[str, tuple[str, ...]] = {
     "app.health_url": _HTTP, "app.ready_url": _HTTP, "app.public_url": _HTTP,
     "notify.url": _HTTP, "keys.endpoint": _HTTP, "keys.api_base": _HTTP, "monitor.url": _HTTP,
     "status_page.public_base": _HTTP,
+    "database.api_base": _HTTP,
 }
 _SETTING = Pattern(r"^(?:defaults|envs\.[^.]+)\.(?:hosts\.\d+\.)?(?P<section>\w+)(?:\.\d+)?\.(?P<key>\w+)$")
 

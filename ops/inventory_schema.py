@@ -54,6 +54,9 @@ MONITOR = _object({
 })
 
 DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING, "name": _STRING, "role": _STRING,
+                    # a managed database: Neon's API (ops/neon.py) makes branches, restores and passwords
+                    "provider": {"enum": ["postgres", "neon"]}, "project_id": _STRING, "api_key": _STRING,
+                    "branch": _STRING, "api_base": _STRING,
                     # triage: the last lines of log_command, run over SSH on log_host (else on this machine)
                     "log_command": _STRING,
                     "log_host": _object({"name": _STRING, "address": _STRING, "user": _STRING, "port": _PORT,
@@ -225,6 +228,7 @@ INVENTORY = _object({
 # Keys whose literal values are secrets even when written inline (not only ${…} refs).
 SECRET_KEYS = frozenset({
     "url", "direct_url", "admin_url", "secret_access_key", "api_token", "password", "access_key_id", "token",
+    "api_key",
 })
 
 

@@ -43,6 +43,8 @@ CONNECTION_ONLY_KEYWORDS = frozenset({
 })
 # pg_dump would otherwise wait forever on a black-holed address.
 CHILD_DEFAULT_CONNECT_TIMEOUT = "10"
+# Neon's connection pooler: the endpoint's first host label with this suffix (Neon docs, "Connection pooling").
+NEON_POOLER_SUFFIX = "-pooler"
 
 
 # --- URLs ------------------------------------------------------------------------------------
@@ -151,6 +153,24 @@ def with_credentials(url: str, password: str, *, user: str | None = None) -> str
                              hint="put the role in the URL (postgresql://ROLE@host/db) or set database.role")
     netloc = f"{name}:{quote(password, safe='')}@{hostport}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def direct_from_pooled(url: Secret | str) -> Secret | None:
+    """The direct URL behind a Neon pooled one (`ep-x-pooler.region.aws.neon.tech` -> `ep-x.region...`),
+    or None when `url` is not a pooler's. Admin work needs the direct endpoint: a transaction pooler
+    breaks advisory locks and session settings. Prisma's `pgbouncer` parameter is dropped with it."""
+    connection_params(url)  # validate first
+    parts = urlsplit(reveal(url))
+    host = parts.hostname or ""
+    label, dot, _ = host.partition(".")
+    if not label.endswith(NEON_POOLER_SUFFIX) or label == NEON_POOLER_SUFFIX:
+        return None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}{at}{hostport.replace(label + dot, label.removesuffix(NEON_POOLER_SUFFIX) + dot, 1)}"
+    query = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key != "pgbouncer"]
+    rebuilt = parts._replace(netloc=netloc, query="&".join(
+        f"{quote(key, safe='')}={quote(value, safe='')}" for key, value in query))
+    return Secret(urlunsplit(rebuilt))
 
 
 def libpq_environment(url: Secret | str) -> dict[str, str]:

@@ -20,119 +20,34 @@ is saved under <state>/drills/<id>/ and uploaded to the source's backups storage
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops import drills, image_sample, restore_steps
+from ops import drill_neon, drills, image_sample, restore_steps
 from ops.cli import OpsTask, TaskCall, environment, execute
 from ops.clock import iso_z, utc_now
 from ops.deploy_steps import health_gate
-from ops.drills import RTO_UNTIL_READY, NotApplicable, StepResult, duration_text
+from ops.drill_checks import DrillCheck, Session
+from ops.drills import NotApplicable, duration_text
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
-from ops.inventory import plain
+from ops.errors import CheckFailed, OpsError, UsageError
 from ops.migrate_steps import migrate_steps
 from ops.migrations import environment_status
 from ops.platform_steps import has_app, push_env_steps, restart_step
 from ops.platforms import platform_name
 from ops.secrets import redact
-from ops.step_apply import failure_text
 from ops.storage import open_storage
 
 if TYPE_CHECKING:
-    from datetime import datetime
 
     from ops.backup_manifest import Manifest
     from ops.inventory import Environment
-    from ops.restore_steps import Plan
 
 DEFAULT_SAMPLE = 50
 DEFAULT_HEALTH_TIMEOUT = 30.0
 PROBLEMS_SHOWN = 5
-
-
-class Session:
-    """What the drill's checks share: the environments, the clock, the backup used, each check's result."""
-
-    def __init__(self, source: Environment, target: Environment, backup: str):
-        self.source, self.target, self.backup = source, target, backup
-        self.results: dict[str, StepResult] = {}
-        self.started_at: datetime | None = None
-        self._started: float | None = None
-        self.ready_after: float | None = None  # seconds from the drill's start to staging ready
-        self.restore_plan: Plan | None = None
-        self.manifest: Manifest | None = None
-        # Without app hosts there is nothing to restart: the RTO ends when the restored database is migrated.
-        self.has_hosts = bool(target.raw("hosts", None))
-        self.rto_until = RTO_UNTIL_READY if self.has_hosts else "database restored and migrated; no app hosts"
-
-    def begin(self) -> None:
-        if self._started is None:
-            self.started_at, self._started = utc_now(), time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - (self._started or time.monotonic())
-
-    def passed(self, name: str) -> bool:
-        result = self.results.get(name)
-        return result is not None and result.passed
-
-    def target_value(self, name: str) -> float | None:
-        value = plain(self.source.value(f"targets.{name}", None))
-        return float(value) if value is not None else None
-
-
-# --- the checks ---------------------------------------------------------------------------------
-
-
-class DrillCheck(Step):
-    """A measured check: apply records passed/failed/skipped and never stops the drill; the report step does."""
-
-    needs: tuple[str, ...] = ()
-    summary = "run this check"
-
-    def __init__(self, session: Session):
-        self.session = session
-
-    def check(self, ctx: RunContext) -> Change | None:
-        try:
-            details = self.plan(ctx)
-        except OpsError as error:
-            if error.exit_code == 2:  # the inventory or the arguments are wrong: no drill can run
-                raise
-            details = [f"cannot be checked now: {redact(error.message)} (the drill will report it)"]
-        return Change(self.summary, details)
-
-    def plan(self, ctx: RunContext) -> list[str]:
-        return []
-
-    def run(self, ctx: RunContext) -> str:
-        raise NotImplementedError
-
-    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        self.session.begin()
-        began = time.monotonic()
-        blocked = [name for name in self.needs if not self.session.passed(name)]
-        if blocked:
-            result = StepResult(self.name, drills.SKIPPED, 0.0, f"not run: {', '.join(blocked)} did not pass")
-        else:
-            try:
-                result = StepResult(self.name, drills.PASSED, 0.0, self.run(ctx))
-            except NotApplicable as reason:
-                result = StepResult(self.name, drills.NOT_APPLICABLE, 0.0, str(reason))
-            except (OpsError, Exception) as error:
-                result = StepResult(self.name, drills.FAILED, 0.0, failure_text(error, with_hint=True))
-        result.seconds = time.monotonic() - began
-        self.session.results[self.name] = result
-        shown = result.detail if result.status == drills.NOT_APPLICABLE else f"{result.status.upper()}: {result.detail}"
-        ctx.log(shown)
-        return result.to_json()
-
-    def verify(self, ctx: RunContext) -> None:
-        if self.name not in self.session.results:  # a resumed drill measures everything again
-            raise StepFailed(f"the {self.name} check has not run in this drill")
+NEON_BRANCH = drill_neon.TARGET  # drill.target: a fresh branch of a Neon source (ops/drill_neon.py)
 
 
 class RestoreCheck(DrillCheck):
@@ -339,8 +254,8 @@ class ReportStep(Step):
     def report(self, ctx: RunContext) -> dict[str, Any]:
         session = self.session
         manifest = session.manifest or (session.restore_plan and getattr(session.restore_plan, "_manifest", None))
-        results = [session.results[step] for step in ("restore", "migrations", "staging", "images", "rto", "rpo")
-                   if step in session.results]
+        results = [session.results[step] for step in ("branch", "restore", "migrations", "staging", "images", "rto",
+                                                      "rpo", "cleanup") if step in session.results]
         rpo = None
         started = session.started_at or utc_now()
         if manifest is not None:
@@ -365,6 +280,9 @@ class ReportStep(Step):
 def build(env: Environment, **arguments: Any) -> Runbook:
     """`env` is the target; with no `source` argument and a `drill.target` set, `env` is the source."""
     source_name = arguments.get("source")
+    if source_name is None and env.value("drill.target", None) == NEON_BRANCH:
+        target = drill_neon.target_environment(env)
+        return build_neon_branch(env, target, backup=str(arguments.get("backup") or "latest"))
     if source_name is None and env.has("drill.target"):
         source, target = env, _environment(str(env.value("drill.target")))
     else:
@@ -379,6 +297,26 @@ def build(env: Environment, **arguments: Any) -> Runbook:
                    locks=("environment",))
 
 
+def build_neon_branch(source: Environment, target: Environment, *, backup: str = "latest",
+                      provider_pitr: bool = False, keep: bool = False) -> Runbook:
+    """The drill into a fresh Neon branch (ops/drill_neon.py); it runs on `target`, whose database becomes the
+    branch's."""
+    session = drill_neon.NeonSession(source, target, backup, keep=keep)
+    restore: DrillCheck = RestoreCheck(session)
+    if provider_pitr:
+        restore = drill_neon.BranchRestoreCheck(session)  # the restore plan above still picks the backup
+    else:
+        restore.needs = ("branch",)
+    steps: list[Step] = [drill_neon.BranchStep(session), restore, MigrationsCheck(session), StagingCheck(session),
+                         ImagesCheck(session), ObjectiveCheck(session, "rto"), ObjectiveCheck(session, "rpo"),
+                         drill_neon.CleanupStep(session), ReportStep(session)]
+    how = "take the branch itself as the restore" if provider_pitr else "restore the backup into it"
+    title = f"DR drill: a fresh Neon branch of {source.name}, {how}, and prove it serves"
+    return Runbook("drill", title, steps, arguments={"source": source.name, "backup": backup,
+                                                      "target": drill_neon.TARGET, "provider_pitr": provider_pitr,
+                                                      "keep": keep}, locks=("environment",))
+
+
 def _environment(name: str) -> Environment:
     return environment(name)
 
@@ -389,8 +327,11 @@ def _environment(name: str) -> Environment:
 @task(klass=OpsTask, name="run", default=True,
       help=dict(env="the SOURCE environment whose backup is restored",
                 target="the environment to restore into (default: the source's drill.target)",
-                backup="backup id of the source, or latest (default)"))
-def drill(call: TaskCall, env=None, target=None, backup="latest", dry_run=False, confirm=None, json=False):
+                backup="backup id of the source, or latest (default)",
+                provider_pitr=f"with --target {NEON_BRANCH}: the branch itself is the restore (no dump loaded)",
+                keep=f"with --target {NEON_BRANCH}: keep the drill's branch afterwards"))
+def drill(call: TaskCall, env=None, target=None, backup="latest", provider_pitr=False, keep=False, dry_run=False,
+          confirm=None, json=False):
     """The DR drill: restore, migrations, restart, health, image sample, RTO/RPO; writes the evidence report."""
     source = environment(env, output=call.output)
     target_name = target or source.value("drill.target", None)
@@ -400,8 +341,14 @@ def drill(call: TaskCall, env=None, target=None, backup="latest", dry_run=False,
     if str(target_name) == source.name:
         raise UsageError(f"the drill would restore {source.name} over itself",
                          hint="choose a staging environment as --target")
-    target_env = environment(str(target_name), output=call.output, confirm=confirm)
-    runbook = build(target_env, source=source.name, backup=backup)
+    if str(target_name) == NEON_BRANCH:
+        target_env = drill_neon.target_environment(source)
+        runbook = build_neon_branch(source, target_env, backup=backup, provider_pitr=provider_pitr, keep=keep)
+    elif provider_pitr or keep:
+        raise UsageError(f"--provider-pitr and --keep apply to a drill into --target {NEON_BRANCH} only")
+    else:
+        target_env = environment(str(target_name), output=call.output, confirm=confirm)
+        runbook = build(target_env, source=source.name, backup=backup)
 
     def on_failure(ctx: RunContext, error: OpsError) -> None:
         if "drill" in ctx.state:  # the report was written: it is the result, failed or not

@@ -19,14 +19,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops import pg_url, pitr_host, pitr_status, web
+from ops import neon, pg_url, pitr_host, pitr_status, web
 from ops.checks import Warn, checklist
 from ops.cli import OpsTask, TaskCall
 from ops.clock import iso_z_or_none
 from ops.drills import drill_due
 from ops.envfile import parse_env_file
 from ops.errors import CheckFailed, InventoryError, OpsError
-from ops.health_probes import app_url_probes
+from ops.health_probes import app_url_probes, neon_branch_probe
 from ops.hosts import connect, is_loopback
 from ops.keys import key_status
 from ops.migrations.drift import environment_drift
@@ -216,6 +216,8 @@ def pooler_probe(env: Environment) -> Probe:
     def probe() -> str:
         url = reveal(env.value("database.url"))
         direct = reveal(env.value("database.direct_url")) if env.has("database.direct_url") else None
+        if direct is None and (derived := pg_url.direct_from_pooled(url)) is not None:
+            direct = derived.reveal()  # Neon's pooler: the direct endpoint is derived for admin work
         problems = pooler_problems(url, direct)
         if problems:
             raise CheckFailed("; ".join(problems), hint="append &pgbouncer=true to the pooled URL and set "
@@ -390,6 +392,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
                    (f"auth secret on {host.name}", auth_secret_probe(env, files, host))]
     checks += [("database TLS", tls_probe(env)), ("database pooler", pooler_probe(env)),
                ("migrations", migrations_probe(env)), ("schema drift", drift_probe(env))]
+    if neon.is_neon(env):
+        checks.append(("neon branch", neon_branch_probe(env)))
     if env.has("backups"):
         checks.append(("last backup", backup_probe(env)))
     if env.has("pitr") or (env.protected and not env.sandbox and pitr_host.managed_provider(env) is None):

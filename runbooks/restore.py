@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops import pitr_restore, restore_steps
+from ops import neon, neon_restore, pitr_restore, restore_steps
 from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
 from ops.failure_notice import run_notifying
@@ -29,8 +29,11 @@ __all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    """A dump restore, or with --to-time a point-in-time recovery (ops/pitr_restore.py)."""
+    """A dump restore, or with --to-time a point-in-time recovery: on a Neon environment Neon's branch restore
+    (ops/neon_restore.py), elsewhere the PITR archive (ops/pitr_restore.py)."""
     if arguments.get("to_time"):
+        if neon.is_neon(env):
+            return neon_restore.build(env, **arguments)
         return pitr_restore.build(env, **arguments)
     return restore_steps.build(env, **arguments)
 
@@ -41,7 +44,8 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     keep_old="keep the replaced database as <db>__old_<stamp>",
     identity="age identity file to decrypt with (default: the source's backups.identity_file)",
     to_time="point-in-time recovery: the source as it was at this ISO-8601 time (UTC unless it says), or latest; "
-            "from the PITR archive (`inv pitr.list`), through a scratch cluster on this machine",
+            "from the PITR archive (`inv pitr.list`) through a scratch cluster on this machine, or on Neon through "
+            "the branch restore, the current state kept as a branch",
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
          "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)",
     maintenance="announce a maintenance window with this title around the restore (completed when it succeeds; "
@@ -55,7 +59,8 @@ def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
-                             **(ctx.state.get("swap") or {})}}
+                             **(ctx.state.get("swap") or {}), **(ctx.state.get("verify") or {}),
+                             **(ctx.state.get("restore") or {})}}
 
     def run() -> Any:
         return run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops import keys
+from ops import keys, neon_password
 from ops.cli import OpsTask, TaskCall, execute
 from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ops.inventory import Environment
 
 ALIASES = {"ADMIN_PASSWORD": "ADMIN_PASSWORD", "ADMIN_PASSWORD_HASH": "ADMIN_PASSWORD",
-           "AUTH_SECRET": "AUTH_SECRET", "NEXTAUTH_SECRET": "AUTH_SECRET", "BETTER_AUTH_SECRET": "AUTH_SECRET"}
+           "AUTH_SECRET": "AUTH_SECRET", "NEXTAUTH_SECRET": "AUTH_SECRET", "BETTER_AUTH_SECRET": "AUTH_SECRET",
+           "DATABASE_PASSWORD": "DATABASE_PASSWORD"}  # Neon only: reset through its API (ops/neon_password.py)
 AUTH_SECRET_BYTES = 48  # 64 characters once encoded; the libraries ask for at least 32
 
 
@@ -80,6 +81,9 @@ def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None =
     secret = canonical(name)
     after = ("generate-secret",)
     steps: list[Step] = [GenerateSecret(secret, rotation)]
+    if secret == neon_password.SECRET:
+        neon_password.check_rotatable(env)
+        after, steps = ("reset-password",), [neon_password.ResetPassword(env, rotation)]
     if has_app(env):
         steps += [AfterSwitch(step, f"{step.title} with the new {secret}", after) for step in push_env_steps(env)]
         steps.append(AfterSwitch(restart_step(env), "restart the hosts whose env file changes", after))
@@ -87,7 +91,8 @@ def build(env: Environment, name: str = "ADMIN_PASSWORD", rotation: str | None =
                    arguments={"name": secret, "rotation": rotation, **arguments})
 
 
-@task(klass=OpsTask, help=dict(name="ADMIN_PASSWORD, or AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET)"))
+@task(klass=OpsTask, help=dict(name="ADMIN_PASSWORD, AUTH_SECRET (alias NEXTAUTH_SECRET / BETTER_AUTH_SECRET), or "
+                                    "DATABASE_PASSWORD (database.provider: neon)"))
 def rotate(call: TaskCall, name, env=None, dry_run=False, confirm=None, json=False):
     """Rotate an app secret: generate it, push the env files, rolling restart (the admin password shown once)."""
     execute(build(call.environment, name=name, rotation=new_run_id()), call.environment, call.output, dry_run=dry_run,

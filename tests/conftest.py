@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.cloudflare",
     "tests.fixtures.provision",
     "tests.fixtures.vercel",
+    "tests.fixtures.neon",
 ]

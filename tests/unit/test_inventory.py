@@ -195,3 +195,22 @@ def test_a_reference_that_resolves_to_a_broken_url_names_reference_and_key(tmp_p
     assert "resolved-pw" not in message and "://app" not in message
     monkeypatch.setenv("STAGING_URL", "postgresql://app:resolved-pw@db/app")
     assert env.database_url().reveal() == "postgresql://app:resolved-pw@db/app"
+
+
+def test_a_neon_pooler_url_gives_the_direct_one_for_admin_work_unless_written(tmp_path, monkeypatch):
+    pooled = "postgresql://app:pw@ep-calm-1-pooler.us-east-2.aws.neon.tech/shop?sslmode=require&pgbouncer=true"
+    monkeypatch.setenv("NEON_POOLED", pooled)
+    inv = inventory.load(write(tmp_path, """\
+project: acme
+envs:
+  prod:
+    database: {url: "${env:NEON_POOLED}", provider: neon, project_id: p-1, api_key: "${env:NEON_API_KEY}"}
+  given:
+    database: {url: "${env:NEON_POOLED}", direct_url: "postgresql://admin:pw@db.internal/shop"}
+"""))
+    prod = inv.environment("prod")
+    direct = "postgresql://app:pw@ep-calm-1.us-east-2.aws.neon.tech/shop?sslmode=require"
+    assert prod.admin_url().reveal() == direct
+    assert prod.database_url(direct=True).reveal() == direct
+    assert prod.database_url(direct=False).reveal() == pooled
+    assert inv.environment("given").admin_url().reveal() == "postgresql://admin:pw@db.internal/shop"

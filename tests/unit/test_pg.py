@@ -159,3 +159,25 @@ def test_restore_command(options: dict, expected: list[str]) -> None:
 def test_restore_command_refuses_jobs_from_stdin() -> None:
     with pytest.raises(ValueError):
         pg_tools.restore_command("pg_restore", dbname="x", jobs=2)
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("postgresql://app:pw@ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech/shop?sslmode=require&pgbouncer=true",
+     "postgresql://app:pw@ep-cool-darkness-123456.us-east-2.aws.neon.tech/shop?sslmode=require"),
+    ("postgresql://app@ep-a-pooler.eu-central-1.aws.neon.tech:5432/shop",
+     "postgresql://app@ep-a.eu-central-1.aws.neon.tech:5432/shop"),
+    ("postgresql://ep-x-pooler-user:pw@ep-x-pooler.neon.tech/d", "postgresql://ep-x-pooler-user:pw@ep-x.neon.tech/d"),
+])
+def test_direct_from_pooled_strips_the_neon_pooler_suffix(url: str, expected: str) -> None:
+    derived = pg_url.direct_from_pooled(url)
+    assert derived is not None and derived.reveal() == expected
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app:pw@ep-cool-darkness-123456.us-east-2.aws.neon.tech/shop",
+    "postgresql://app:pw@pgbouncer.internal:6432/shop?pgbouncer=true",
+    "postgresql://app:pw@db-pooler-two.internal/shop",
+    "postgresql://app:pw@[::1]:5432/shop",
+])
+def test_direct_from_pooled_leaves_other_hosts_alone(url: str) -> None:
+    assert pg_url.direct_from_pooled(url) is None
