@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops import drill_neon, drills, image_sample, restore_steps
+from ops import drill_neon, drills, image_sample, pg_url, restore_steps
 from ops.cli import OpsTask, TaskCall, environment, execute
 from ops.clock import iso_z, utc_now
 from ops.deploy_steps import health_gate
@@ -33,7 +33,8 @@ from ops.drills import NotApplicable, duration_text
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.migrate_steps import migrate_steps
-from ops.migrations import environment_status
+from ops.migrations import environment_status, load_migration_source
+from ops.migrations.drift import find_drift
 from ops.platform_steps import has_app, push_env_steps, restart_step
 from ops.platforms import platform_name
 from ops.secrets import redact
@@ -79,22 +80,42 @@ class RestoreCheck(DrillCheck):
 class MigrationsCheck(DrillCheck):
     name = "migrations"
     needs = ("restore",)
-    title = "migrations: up to date on the restored database, or the repository's pending ones apply cleanly"
-    summary = "compare the restored database's migrations with the repository's"
+    title = ("migrations: up to date on the restored database, or the repository's pending ones apply cleanly; "
+             "its schema is what they build")
+    summary = "compare the restored database's migrations and schema with the repository's"
 
     def run(self, ctx: RunContext) -> str:
         database = self.session.restore_plan.database  # the restored copy, whatever the app's URL says
         state = environment_status(ctx.env, dbname=database)
         self._refuse_unsafe(state)
         if state.up_to_date:
-            return (f"up to date: {len(state.applied)} migrations applied, as in the repository; "
+            done = (f"up to date: {len(state.applied)} migrations applied, as in the repository; "
                     "applying them is a no-op")
-        pending = list(state.pending)
-        ctx.run_steps(migrate_steps(ctx.env, backup=False, dbname=database))
-        after = environment_status(ctx.env, dbname=database)
-        if not after.up_to_date:
-            raise CheckFailed(f"after applying, migrate.status says: {after.verdict}")
-        return f"the repository is ahead: {len(pending)} pending migration(s) applied cleanly: {', '.join(pending)}"
+        else:
+            pending = list(state.pending)
+            ctx.run_steps(migrate_steps(ctx.env, backup=False, dbname=database))
+            after = environment_status(ctx.env, dbname=database)
+            if not after.up_to_date:
+                raise CheckFailed(f"after applying, migrate.status says: {after.verdict}")
+            done = f"the repository is ahead: {len(pending)} pending migration(s) applied cleanly: {', '.join(pending)}"
+        return f"{done}; {self._schema(ctx, database)}"
+
+    def _schema(self, ctx: RunContext, database: str) -> str:
+        """What `inv migrate.drift` finds on the restored copy: a hand-made change on the source comes back with
+        every restore, and a database built from the migrations alone would lack it."""
+        source = load_migration_source(ctx.env)
+        try:
+            differences = find_drift(pg_url.with_database(ctx.env.database_url(direct=True), database),
+                                     ctx.env.admin_url(), source.migrations, ctx.label)
+        except CheckFailed as error:  # no role here may create the scratch database: said, not failed
+            return f"schema not compared: {error.message}"
+        if differences:
+            listed = "; ".join(map(str, differences[:5])) + ("; …" if len(differences) > 5 else "")
+            raise CheckFailed(f"the restored schema differs from what the {len(source.migrations)} migration(s) "
+                              f"build: {listed}",
+                              hint=f"`inv migrate.drift --env {self.session.source.name}` lists the differences on "
+                                   "the source; record the hand-made change in a migration")
+        return f"schema: what the {len(source.migrations)} migration(s) build"
 
     @staticmethod
     def _refuse_unsafe(state: Any) -> None:

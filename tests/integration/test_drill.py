@@ -191,3 +191,23 @@ def test_an_edited_migration_and_a_missing_image_are_both_named(drill_setup):
     assert "FAILED" in markdown and f"{key}: missing" in markdown
     produced = workspace.everything_produced()
     assert not any(secret in produced for secret in drill_setup["secrets"])
+
+
+def test_a_hand_made_change_on_the_source_fails_the_drills_migrations_check(drill_setup):
+    """What `inv migrate.drift` finds on prod comes back with its backup: the drill's migrations check names it."""
+    workspace = drill_setup["workspace"]
+    prod = workspace.environ["PROD_DB"]
+    with psycopg.connect(prod, autocommit=True) as connection:
+        connection.execute('ALTER TABLE "Brand" ADD COLUMN "hotfix" text')
+    try:
+        assert workspace.run("backup", "--env", "prod", "--confirm", "prod").exit_code == 0
+        result = workspace.run("drill", "--env", "prod", "--json")
+    finally:
+        with psycopg.connect(prod, autocommit=True) as connection:
+            connection.execute('ALTER TABLE "Brand" DROP COLUMN "hotfix"')
+        assert workspace.run("backup", "--env", "prod", "--confirm", "prod").exit_code == 0
+    assert result.exit_code == 3, result
+    report = report_of(workspace, result)
+    assert statuses(report)["migrations"] == "failed" and statuses(report)["restore"] == "passed"
+    failures = " ".join(report["failures"])
+    assert "hotfix" in failures and "migrate.drift --env prod" in failures, failures
