@@ -35,14 +35,20 @@ if TYPE_CHECKING:
     import psycopg
 
     from ops.inventory import Environment
+    from ops.migrations.drift import Difference
     from ops.migrations.lint import Finding
     from ops.migrations.state import LocalMigration
 
 
 @dataclass(frozen=True)
 class Review:
+    """Both linters' findings, judged; with an environment, also the removals a live release still uses
+    (refusals) and how the live schema differs from what the applied migrations build (warnings)."""
+
     breaking: list[tuple[Finding, str]]  # (finding, severity)
     locks: list[LockFinding]
+    contract: tuple[str, ...] = ()
+    drift: tuple[Difference, ...] = ()
 
     def _lines(self, severity: str) -> list[str]:
         found = [(finding.migration, finding.line, str(finding)) for finding, judged in self.breaking
@@ -53,16 +59,17 @@ class Review:
 
     @property
     def refusals(self) -> list[str]:
-        return self._lines(REFUSE)
+        return self._lines(REFUSE) + list(self.contract)
 
     @property
     def warnings(self) -> list[str]:
-        return self._lines(WARN)
+        return self._lines(WARN) + [f"drift: {difference}" for difference in self.drift]
 
     def to_json(self) -> dict[str, Any]:
         return {"refusals": len(self.refusals), "warnings": len(self.warnings),
                 "breaking": [{**finding.to_json(), "severity": severity} for finding, severity in self.breaking],
-                "locks": [finding.to_json() for finding in self.locks]}
+                "locks": [finding.to_json() for finding in self.locks], "contract": list(self.contract),
+                "drift": [difference.to_json() for difference in self.drift]}
 
 
 def review(migrations: list[LocalMigration], facts: LiveFacts | None, thresholds: Thresholds, *,

@@ -14,6 +14,7 @@ checks, so a plan made before another deploy ran is re-checked before applying.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ops import pg, pg_url
@@ -145,10 +146,9 @@ class LintStep(Step):
 
     def _contract(self, ctx: RunContext, pending: list[LocalMigration]) -> None:
         """Expand/contract by what runs: no drop or rename of what a host's current release still uses."""
-        found = removals(pending)
-        if not found or self.facts.dbname is not None:  # the drill's copy serves no release
+        if self.facts.dbname is not None:  # the drill's copy serves no release
             return
-        refused = [line for host in self.facts.env.host_configs() for line in self._in_use(ctx, host, found)]
+        refused = contract_refusals(self.facts.env, pending, ctx.host, lambda text: self.facts.warn_once(ctx, text))
         if refused:
             lines = "\n".join(f"    {line}" for line in refused)
             raise CheckFailed(
@@ -157,24 +157,6 @@ class LintStep(Step):
                 hint="deploy a release that no longer uses them first (expand/contract), then migrate; "
                      "--allow-destructive does not lift this: the release would break")
 
-    def _in_use(self, ctx: RunContext, host: HostConfig, found: list[Removal]) -> list[str]:
-        """The removals host's current release uses, read from its prisma/schema.prisma."""
-        app = plain(resolve(self.facts.env.app_settings(host.name))) or {}
-        if not app.get("dir"):
-            return []
-        directory = str(app["dir"]).rstrip("/")
-        subdir = str((app.get("migrations") or {}).get("dir") or "prisma/migrations").rstrip("/")
-        relative = f"{posixpath.dirname(subdir) or '.'}/schema.prisma"
-        connection = ctx.host(host)
-        link = connection.readlink(f"{directory}/current")
-        release = f"release {release_name(link)}" if link else f"{directory} (no releases layout)"
-        path = f"{directory}/current/{relative}" if link else f"{directory}/{relative}"
-        text = connection.read_text(path)
-        if text is None:
-            self.facts.warn_once(ctx, f"contract not checked on host {host.name}: no {path} ({release})")
-            return []
-        return [f"{removal} while {release} on host {host.name} uses it ({relative}: {reference.where})"
-                for removal, reference in conflicts(found, text)]
 
     def _locks(self, ctx: RunContext, pending: list[LocalMigration]) -> None:
         """Heavy locks judged by the live table sizes (ops/migrations/locks.py)."""
@@ -211,6 +193,37 @@ class LintStep(Step):
                      "version uses it), or re-run with --allow-destructive when that is already so")
         for finding in findings:
             self.facts.warn_once(ctx, f"breaking change allowed here: {finding}")
+
+
+def contract_refusals(env: Environment, pending: list[LocalMigration], host: Callable[[HostConfig], Any],
+                      warn: Callable[[str], None]) -> list[str]:
+    """Each drop or rename in `pending` that a host's current release still uses (its prisma/schema.prisma,
+    read through `host(config)`, a connection), as one line naming host and release."""
+    found = removals(pending)
+    if not found:
+        return []
+    return [line for config in env.host_configs() for line in _in_use(env, host, config, found, warn)]
+
+
+def _in_use(env: Environment, connect_to: Callable[[HostConfig], Any], host: HostConfig, found: list[Removal],
+            warn: Callable[[str], None]) -> list[str]:
+    """The removals host's current release uses, read from its prisma/schema.prisma."""
+    app = plain(resolve(env.app_settings(host.name))) or {}
+    if not app.get("dir"):
+        return []
+    directory = str(app["dir"]).rstrip("/")
+    subdir = str((app.get("migrations") or {}).get("dir") or "prisma/migrations").rstrip("/")
+    relative = f"{posixpath.dirname(subdir) or '.'}/schema.prisma"
+    connection = connect_to(host)
+    link = connection.readlink(f"{directory}/current")
+    release = f"release {release_name(link)}" if link else f"{directory} (no releases layout)"
+    path = f"{directory}/current/{relative}" if link else f"{directory}/{relative}"
+    text = connection.read_text(path)
+    if text is None:
+        warn(f"contract not checked on host {host.name}: no {path} ({release})")
+        return []
+    return [f"{removal} while {release} on host {host.name} uses it ({relative}: {reference.where})"
+            for removal, reference in conflicts(found, text)]
 
 
 class WhenPending(WrappedStep):

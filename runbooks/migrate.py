@@ -6,6 +6,8 @@ The steps, and what a deploy is, are in ops.migrate_steps; what the lint judges,
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,18 +17,22 @@ from ops import pg, pg_url
 from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Runbook, RunContext
 from ops.errors import CheckFailed, UsageError
+from ops.hosts import connect
 from ops.journal import new_run_id
 from ops.maintenance_steps import with_maintenance
 from ops.migrate_lint import Review, read_facts, review, thresholds
-from ops.migrate_steps import LOG_LINES, MigrationFacts, ResolveStep, migrate_steps
+from ops.migrate_steps import LOG_LINES, MigrationFacts, ResolveStep, contract_refusals, migrate_steps
 from ops.migrations import load_migration_source, read_local_migrations, read_state, resolve_hint
-from ops.migrations.drift import environment_drift
+from ops.migrations.drift import environment_drift, find_drift
 from ops.migrations.locks import Thresholds
 
 if TYPE_CHECKING:
+    from ops.hosts import HostConfig, HostConnection
     from ops.inventory import Environment
-    from ops.migrations import MigrationState
+    from ops.migrations import LocalMigration, MigrationState
+    from ops.migrations.drift import Difference
     from ops.output import Output
+    from ops.secrets import Secret
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
@@ -135,8 +141,10 @@ def migrate(call: TaskCall, env=None, allow_edited=False, allow_destructive=Fals
 def lint(call: TaskCall, env=None, path=None, since=None, allow_destructive=False, json=False):
     """Lint migrations, applying nothing: an env's pending ones by its live table sizes, or a folder (--path).
 
-    Exit 3 on a refusal (a statement the parser cannot read; a breaking change on a protected env or in a
-    folder; a heavy lock on a large table, or on any table in a folder), 0 when only warnings remain."""
+    With --env, also the deploy's contract gate (a drop or rename a host's current release still uses: refused)
+    and migrate.drift against the applied migrations (a warning). Exit 3 on a refusal (a statement the parser
+    cannot read; a breaking change on a protected env or in a folder; a heavy lock on a large table, or on any
+    table in a folder; a removal a live release uses), 0 when only warnings remain."""
     if path is not None and env is not None:
         raise UsageError("migrate.lint takes --env (its pending migrations) or --path (a folder), not both",
                          hint="inv migrate.lint --path prisma/migrations in an app's CI; --env E before a deploy")
@@ -164,9 +172,32 @@ def lint(call: TaskCall, env=None, path=None, since=None, allow_destructive=Fals
         facts = read_facts(connection, pending)
     found = review(pending, facts, thresholds(environment),
                    refuse_breaking=environment.protected and not allow_destructive)
+    applied = [migration for migration in source.migrations if migration.name in set(state.applied)]
+    found = replace(found, contract=tuple(_releases_using(environment, pending, call.output)),
+                    drift=tuple(_drift(environment, url, applied, call.output)))
     call.output.info(f"{len(pending)} pending migration(s) from {source.where}, judged by the sizes in "
-                     f"{pg_url.parse_url(url).describe()}")
+                     f"{pg_url.parse_url(url).describe()}, the releases on its hosts and its schema")
     report_lint(call.output, found, {"env": environment.name, "migrations": [m.name for m in pending]})
+
+
+def _releases_using(environment: Environment, pending: list[LocalMigration], output: Output) -> list[str]:
+    """The deploy's contract gate: removals a host's current release still uses."""
+    with ExitStack() as connections:
+        def host(config: HostConfig) -> HostConnection:
+            connection = connect(config)
+            connections.callback(connection.close)
+            return connection
+
+        return contract_refusals(environment, pending, host, output.warn)
+
+
+def _drift(environment: Environment, url: Secret, applied: list[LocalMigration], output: Output) -> list[Difference]:
+    """migrate.drift against the applied migrations (the pending ones are not in the schema yet)."""
+    try:
+        return find_drift(url, environment.admin_url(), applied, f"opsbook migrate.lint {environment.name}")
+    except CheckFailed as error:  # no role here may create the scratch database: said, not refused
+        output.warn(f"schema not compared: {error.message}")
+        return []
 
 
 def report_lint(output: Output, found: Review, about: dict[str, Any]) -> None:

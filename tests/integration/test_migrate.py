@@ -427,6 +427,10 @@ def test_drift_lists_hand_made_changes_until_a_migration_matches_them(opsbook, s
     assert ("constraint", '"NavigationDraft"."NavigationDraft_pkey"') in found
     assert 'drift: column "Brand".motto: in the database only (text NOT NULL' in drifted.stderr
     assert 'drift: table "NavigationDraft": missing from the database' in drifted.stderr
+    linted = opsbook.run("migrate.lint", "--json")  # the same comparison, as warnings beside the lints
+    assert linted.exit_code == 0, linted
+    assert ("column", '"Brand".motto') in {(item["kind"], item["name"]) for item in linted.json()["drift"]}
+    assert 'drift: column "Brand".motto: in the database only' in linted.stderr
     assert scratch_databases(url) == []  # dropped again
 
     add_migration(shop["migrations"], "20250801000000_hotfix",
@@ -473,10 +477,17 @@ def test_the_contract_gate_refuses_a_drop_while_a_hosts_current_release_uses_the
             "20250101000000 on host web1 uses it (prisma/schema.prisma: model User, field lastSeen)") in refused.stderr
     assert "expand/contract" in refused.stderr
     assert opsbook.run("migrate", "--allow-destructive").exit_code == 3  # the release would break all the same
+    linted = opsbook.run("migrate.lint", "--json")  # the lint before a deploy says so too
+    assert linted.exit_code == 3, linted
+    [in_use] = linted.json()["contract"]
+    assert in_use.startswith('20250901000000_contract/migration.sql:2 drops column "User"."lastLoginAt" while '
+                             "release 20250101000000 on host web1 uses it"), in_use
     assert "20250901000000_contract" not in [row[0] for row in applied_rows(url)]
 
     (web1.app_dir / "current").unlink()  # the rollout of a release that no longer uses it
     (web1.app_dir / "current").symlink_to("releases/20250201000000")
+    linted = opsbook.run("migrate.lint", "--json")
+    assert linted.exit_code == 0 and linted.json()["contract"] == [], linted
     allowed = opsbook.run("migrate", "--json")
     assert allowed.exit_code == 0 and allowed.json()["applied"] == ["20250901000000_contract"], allowed
     assert_no_secret(opsbook, *shop["secrets"])
