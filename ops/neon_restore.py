@@ -15,25 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from ops import neon, pg, pg_url, restore_db
 from ops.backup_manifest import list_backups
-from ops.clock import compact_z, iso_z, parse_time, utc_now
+from ops.clock import compact_z, iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed, UsageError
 from ops.migrations import environment_status
+from ops.pitr_restore import target_time
 
 if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
     from ops.inventory import Environment
-
-
-def target_time(text: str) -> datetime:
-    """--to-time: an ISO-8601 time (UTC unless it says otherwise), or `latest` (now)."""
-    if text == "latest":
-        return utc_now()
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise UsageError(f"--to-time {text!r} is not a time",
-                         hint="give an ISO-8601 time such as 2026-11-23T17:00:00Z, or latest") from None
 
 
 def nearest_manifest(manifests: list[Manifest], moment: datetime) -> Manifest | None:
@@ -169,7 +159,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     if arguments.get("source") not in (None, env.name):
         raise UsageError("restore --to-time on a Neon environment restores its own branch; --from does not apply",
                          hint="leave out --from")
-    plan = Plan(env, target_time(str(arguments["to_time"])))
+    plan = Plan(env, target_time(str(arguments["to_time"])) or utc_now())  # latest: now
     title = f"Restore {env.name}'s Neon branch {plan.branch} to {iso_z(plan.moment)}"
     return Runbook("restore", title, [WindowStep(plan), VerifyStep(plan), RestoreStep(plan)],
                    arguments={"to_time": iso_z(plan.moment)}, locks=("environment",))
