@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, metrics, migrations, pg, pg_tools, pg_url
+from ops import dump, metrics, migrations, pg, pg_tools, pg_url, processes
 from ops.backup_manifest import (
     DatabaseInfo,
     Manifest,
@@ -97,18 +97,21 @@ class DumpStep(Step):
             started = utc_now()
             facts: dict[str, Any] = {}
             reader = threading.Thread(target=_read_facts, args=(snapshot_connection, url, facts), daemon=True)
-            reader.start()
             try:
+                # Ctrl-C from here on stops the reader first: the snapshot's transaction cannot end while the
+                # reader's savepoint is open on the same connection.
+                reader.start()
                 stored = dump.dump_to_storage(
                     pg_tools.dump_command(tool, snapshot=snapshot), pg_url.child_environment(url), storage, key,
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
                     on_progress=ProgressLines(ctx.log, "uploaded"),
                     what=f"pg_dump of {pg_url.parse_url(url).describe()}")
+                reader.join()
             except BaseException:
-                _stop_reader(snapshot_connection, reader)
+                with processes.interrupts_held():  # a second Ctrl-C waits until the reader has stopped
+                    _stop_reader(snapshot_connection, reader)
                 raise
-            reader.join()
         if "error" in facts:
             storage.delete(key)
             raise facts["error"]

@@ -5,8 +5,10 @@ stopped on the host, the journal says "interrupted" at that step, the exit code 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -172,3 +174,62 @@ def test_ctrl_c_during_a_local_pg_dump_stops_it_and_the_backup_resumes(
     assert resumed.exit_code == 0, resumed
     assert resumed.json()["status"] == "succeeded" and "stored" in resumed.stderr, resumed
 
+
+
+class _SignalAfterStart(threading.Thread):
+    """The snapshot reader's thread; once it waits inside its savepoint, Ctrl-C reaches the main thread
+    while it is still in `Thread.start()`: where a real signal lands most often, since start() waits."""
+
+    def start(self) -> None:
+        super().start()
+        wait_for(lambda: _waiting_for_lock(self.probe_url), timeout=30, interval=0.02, what="the reader to wait")
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _waiting_for_lock(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as connection:
+        return connection.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND query LIKE 'SELECT count(*)%'").fetchone()[0] > 0
+
+
+def test_ctrl_c_while_the_snapshot_reader_starts_ends_the_dump_step_as_an_interrupt(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dump's row counts run in a thread on the snapshot's connection, inside a savepoint. Ctrl-C as that
+    thread starts must stop it before the snapshot's transaction ends, and surface as the interrupt it is,
+    not as psycopg's "transaction rollback at the wrong nesting level"."""
+    from ops import backup_steps, cli
+    from ops.engine import RunContext
+    from ops.inventory import load
+    from ops.output import Output
+
+    database_url = postgres_server.create_database()
+    with psycopg.connect(database_url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE items AS SELECT g AS id FROM generate_series(1, 100) g")
+    bucket = s3_server.make_bucket()
+    monkeypatch.setenv("DB_URL", database_url.reveal())
+    monkeypatch.setenv("S3_SECRET", s3_server.secret_access_key.reveal())
+    monkeypatch.setenv("OPS_HOME", str(opsbook.state_dir))
+    opsbook.write_inventory({"project": "interrupttest", "default_env": "staging", "envs": {"staging": {
+        "database": {"url": "${env:DB_URL}"},
+        "backups": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                    "bucket": bucket.bucket, "prefix": "staging/", "access_key_id": s3_server.access_key_id,
+                    "secret_access_key": "${env:S3_SECRET}"}}}})
+    _SignalAfterStart.probe_url = database_url.reveal()
+    monkeypatch.setattr(backup_steps, "threading", type("threading", (), {"Thread": _SignalAfterStart}))
+    previous = signal.signal(signal.SIGINT, cli._interrupt)
+    blocker = psycopg.connect(database_url.reveal())
+    blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")  # the reader (and pg_dump) wait for it
+    release = threading.Timer(2, blocker.rollback)  # so that a snapshot waiting for its reader is not stuck
+    release.start()
+    ctx = RunContext(load(opsbook.inventory).environment("staging"), output=Output())
+    try:
+        step = backup_steps.DumpStep("20261201T000000Z")
+        change = step.check(ctx)
+        with pytest.raises(KeyboardInterrupt):
+            step.apply(ctx, change)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.cancel()
+        blocker.rollback()
+        blocker.close()
+        ctx.close()
