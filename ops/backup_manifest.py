@@ -102,6 +102,8 @@ class Manifest:
     extensions: list[dict[str, str]] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     keep: bool = False
+    # "schema.table" whose rows pg_dump left out (backups.exclude_table_data); row_counts keeps their live counts
+    excluded_table_data: list[str] = field(default_factory=list)
     format: int = FORMAT
 
     @property
@@ -123,6 +125,11 @@ class Manifest:
     @property
     def size(self) -> int:
         return self.object.size
+
+    @property
+    def expected_row_counts(self) -> dict[str, int]:
+        """The rows a restore of this backup holds: the snapshot's counts, zero for the tables left out."""
+        return {table: 0 if table in self.excluded_table_data else count for table, count in self.row_counts.items()}
 
     @property
     def sha256(self) -> str:
@@ -197,6 +204,8 @@ def validate(data: dict[str, Any]) -> list[str]:
     encryption = stored.get("encryption")
     if encryption is not None and not (isinstance(encryption, dict) and isinstance(encryption.get("recipients"), list)):
         problems.append("object.encryption: must be null or {algorithm, recipients: [...]}")
+    if not isinstance(data.get("excluded_table_data", []), list):
+        problems.append("excluded_table_data: must be a list of table names")
     counts = data.get("row_counts")
     if isinstance(counts, dict) and not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         problems.append("row_counts: every value must be an integer")

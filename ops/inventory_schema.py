@@ -43,6 +43,8 @@ BACKUPS = _object({
     "metrics_file": _STRING,
     "schedule_hours": {"type": "number", "exclusiveMinimum": 0},
     "verify_max_age_days": {"type": "number", "exclusiveMinimum": 0},  # backup.check: a passed verification as recent
+    # tables whose rows are left out ("Session" in the app's schema, or "schema.Table"); definitions are kept
+    "exclude_table_data": {"type": "array", "items": _STRING, "uniqueItems": True},
 })
 
 # pings to a dead man's switch (ops/pings.py): `url` for the scheduled jobs, `jobs.<task>` per task (false: none)
