@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, metrics, migrations, pg, pg_tools, pg_url
+from ops import backup_lock, dump, metrics, migrations, pg, pg_tools, pg_url
 from ops.backup_manifest import (
     DatabaseInfo,
     Manifest,
@@ -106,6 +106,7 @@ class DumpStep(Step):
         snapshot_connection = pg.connect(url, application_name=ctx.label[:63], autocommit=True)
         with snapshot_connection, pg.exported_snapshot(snapshot_connection) as snapshot:
             started = utc_now()
+            lock = backup_lock.object_lock(ctx.env, started)
             facts: dict[str, Any] = {}
             reader = threading.Thread(target=_read_facts, args=(snapshot_connection, url, facts), daemon=True)
             reader.start()
@@ -116,7 +117,7 @@ class DumpStep(Step):
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
                     on_progress=ProgressLines(ctx.log, "uploaded"),
-                    what=f"pg_dump of {pg_url.parse_url(url).describe()}")
+                    what=f"pg_dump of {pg_url.parse_url(url).describe()}", lock=lock)
             except BaseException:
                 _stop_reader(snapshot_connection, reader)
                 raise
@@ -137,7 +138,8 @@ class DumpStep(Step):
                 "database": ctx.database().info.dbname, "target": pg_url.parse_url(url).describe(),
                 "server_version": version, "server_major": major, "pg_dump_version": tool.version,
                 "pg_dump_major": tool.major, "level": options["level"], "recipients": options["recipients"],
-                "excluded_table_data": excluded, **facts}
+                "excluded_table_data": excluded, "lock": backup_lock.manifest_record(ctx.env, started, finished),
+                **facts}
 
     def verify(self, ctx: RunContext) -> None:
         outputs = ctx.state.get(self.name) or {}
@@ -193,8 +195,11 @@ class ManifestStep(Step):
                                                                f"keep: {'yes' if self.keep else 'no'}"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        manifest = build_manifest(ctx, ctx.state["dump"], self.tags, self.keep)
-        write_manifest(ctx.storage("backups"), manifest)
+        dumped = ctx.state["dump"]
+        manifest = build_manifest(ctx, dumped, self.tags, self.keep)
+        # the dump's retention: the backup's objects are held until the same moment
+        write_manifest(ctx.storage("backups"), manifest,
+                       lock=backup_lock.object_lock(ctx.env, parse_time(dumped["started_at"])))
         return {"backup_id": manifest.id}
 
     def verify(self, ctx: RunContext) -> None:
@@ -213,7 +218,8 @@ def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], kee
         object=StoredObject(dumped["key"], dumped["size"], dumped["sha256"], dumped["dump_size"],
                             {"algorithm": "zstd", "level": dumped["level"]}, encryption),
         row_counts=dumped["row_counts"], migrations=dumped["migrations"], extensions=dumped["extensions"],
-        tags=list(tags), keep=keep, excluded_table_data=list(dumped.get("excluded_table_data") or []))
+        tags=list(tags), keep=keep, excluded_table_data=list(dumped.get("excluded_table_data") or []),
+        lock=dumped.get("lock"))
 
 
 class MetricsStep(Step):
@@ -274,6 +280,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     backup_id = arguments.setdefault("backup_id", new_run_id())
     tags = list(arguments.get("tags") or [])
     steps: list[Step] = [DumpStep(backup_id), ManifestStep(backup_id, tags, bool(arguments.get("keep")))]
+    days = backup_lock.lock_days(env)
+    if days is not None:
+        steps.insert(0, backup_lock.LockStep(days))
     metrics_file = settings(env)["metrics_file"]
     if metrics_file:
         path = Path(os.path.expanduser(metrics_file))

@@ -106,6 +106,44 @@ def test_backup_then_list_verify_and_deep_verify(opsbook, staging, postgres_serv
     assert_no_secret(opsbook, *staging["secrets"])
 
 
+def test_a_locked_backup_survives_a_delete_and_a_prune(opsbook, postgres_server, s3_server):
+    _name, url = make_database(postgres_server)
+    bucket = s3_server.unique_bucket_name("locked")
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    single = {"keep_last": 1, "daily": 1, "weekly": 1, "monthly": 1, "min_keep": 1}
+    write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(
+        s3_server.endpoint, bucket, "staging/", lock_days=2, retention=single)}}, {"staging": url})
+    first = opsbook.run("backup", "--env", "staging", "--json")
+    assert first.exit_code == 0, first
+    first_id = first.json()["backup"]["backup_id"]
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"staging/backups/{first_id}/manifest.json")
+                          ["Body"].read())
+    assert manifest["lock"]["mode"] == "governance"
+    until = manifest["lock"]["retain_until"]
+    for name in ("dump.pgc.zst", "manifest.json"):
+        head = client.head_object(Bucket=bucket, Key=f"staging/backups/{first_id}/{name}")
+        assert (head["ObjectLockMode"], head["ObjectLockRetainUntilDate"].strftime("%Y-%m-%dT%H:%M:%SZ")) == (
+            "GOVERNANCE", until)
+
+    # what a leaked key would try: delete the dump's very version (a plain delete only adds a marker)
+    dump = f"staging/backups/{first_id}/dump.pgc.zst"
+    version = client.head_object(Bucket=bucket, Key=dump)["VersionId"]
+    with pytest.raises(client.exceptions.ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=bucket, Key=dump, VersionId=version)
+
+    second = opsbook.run("backup", "--env", "staging", "--json")  # its retention leaves the first held
+    assert second.exit_code == 0, second
+    pruned = opsbook.run("backup.prune", "--env", "staging", "--json")
+    assert pruned.exit_code == 0, pruned
+    assert f"held   {first_id}" in pruned.stderr and f"held until {until} by the object lock" in pruned.stderr
+    held = {d["id"]: d["decision"] for d in pruned.json()["decisions"]}
+    assert held == {first_id: "held", second.json()["backup"]["backup_id"]: "keep"}
+    assert client.get_object(Bucket=bucket, Key=dump, VersionId=version)["VersionId"] == version
+    listed = opsbook.run("backup.list", "--env", "staging")
+    assert first_id in listed.stdout + listed.stderr
+
+
 def test_a_failing_dump_leaves_no_backup(opsbook, staging, postgres_server, s3_server):
     opsbook.environ["DB_URL_STAGING"], password = unprivileged_url(postgres_server, staging["database"])
     failed = opsbook.run("backup", "--env", "staging")
