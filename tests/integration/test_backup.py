@@ -144,6 +144,40 @@ def test_a_locked_backup_survives_a_delete_and_a_prune(opsbook, postgres_server,
     assert first_id in listed.stdout + listed.stderr
 
 
+def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3_server, cloudflare_api):
+    _name, url = make_database(postgres_server)
+    account = cloudflare_api.new_account()
+    bucket = s3_server.make_bucket().bucket
+    single = {"keep_last": 1, "daily": 1, "weekly": 1, "monthly": 1, "min_keep": 1}
+    write_inventory(opsbook, s3_server, {"staging": {
+        "backups": backups_section(s3_server.endpoint, bucket, "staging/", provider="r2", lock_days=3,
+                                   retention=single),
+        "keys": {"provider": "cloudflare", "account_id": account.account_id,
+                 "api_token": "${env:CLOUDFLARE_API_TOKEN}", "api_base": cloudflare_api.base_url}}},
+        {"staging": url})
+    opsbook.environ["CLOUDFLARE_API_TOKEN"] = account.api_token.reveal()
+    cloudflare_api.bucket_locks[account.account_id][bucket] = [  # someone else's rule: kept as it is
+        {"id": "uploads", "enabled": True, "prefix": "uploads/", "condition": {"type": "Indefinite"}}]
+    first = opsbook.run("backup", "--env", "staging", "--json")
+    assert first.exit_code == 0, first
+    rule = {"id": "opsbook-backups-staging", "enabled": True, "prefix": "staging/backups/",
+            "condition": {"type": "Age", "maxAgeSeconds": 3 * 86400}}
+    assert [r["id"] for r in cloudflare_api.bucket_locks[account.account_id][bucket]] == ["uploads", rule["id"]]
+    assert cloudflare_api.bucket_locks[account.account_id][bucket][1] == rule
+    second = opsbook.run("backup", "--env", "staging", "--json")
+    assert second.exit_code == 0, second
+    assert [call for call in cloudflare_api.calls(account.account_id) if call.startswith("PUT")] == [
+        f"PUT /r2/buckets/{bucket}/lock"]  # the rule was there: set once
+    first_id = first.json()["backup"]["backup_id"]
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=bucket, Key=f"staging/backups/{first_id}/manifest.json")["Body"].read())
+    assert manifest["lock"]["mode"] == "r2-bucket-lock"
+    pruned = opsbook.run("backup.prune", "--env", "staging", "--json")
+    assert pruned.exit_code == 0, pruned
+    assert f"held until {manifest['lock']['retain_until']} by the object lock" in pruned.stderr
+    assert first_id in {d["id"] for d in pruned.json()["decisions"] if d["decision"] == "held"}
+
+
 def test_a_failing_dump_leaves_no_backup(opsbook, staging, postgres_server, s3_server):
     opsbook.environ["DB_URL_STAGING"], password = unprivileged_url(postgres_server, staging["database"])
     failed = opsbook.run("backup", "--env", "staging")
