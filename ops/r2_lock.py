@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.backup_manifest import BACKUPS_DIR
 from ops.engine import Change
-from ops.errors import CheckFailed
+from ops.errors import CheckFailed, ConnectionFailed
 from ops.key_providers import CLOUDFLARE_API, CloudflareProvider
 from ops.secrets import Secret, reveal
 
@@ -58,8 +58,18 @@ class BucketLocks:
     def path(self) -> str:
         return f"/accounts/{self.api.account_id}/r2/buckets/{self.bucket}/lock"
 
+    def _call(self, method: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            return self.api.request(method, self.path, body)
+        except ConnectionFailed as error:
+            if "refused keys.api_token" not in error.message:
+                raise
+            raise ConnectionFailed(error.message, where=error.where,
+                                   hint=f"bucket locks need a token allowed Workers R2 Storage: Edit on account "
+                                        f"{self.api.account_id}; check keys.api_token and keys.account_id") from None
+
     def rules(self) -> list[dict[str, Any]]:
-        return list((self.api.request("GET", self.path) or {}).get("rules") or [])
+        return list((self._call("GET") or {}).get("rules") or [])
 
     def change(self, prefix: str, days: int) -> Change | None:
         """None when a rule already holds the backups long enough; else the rule to add."""
@@ -75,7 +85,7 @@ class BucketLocks:
 
     def apply(self, change: Change) -> None:
         kept = [rule for rule in self.rules() if rule.get("id") != change.data["id"]]
-        self.api.request("PUT", self.path, {"rules": [*kept, change.data]})
+        self._call("PUT", {"rules": [*kept, change.data]})
 
     def require(self, prefix: str, days: int) -> str:
         """What holds the backups; CheckFailed when no enabled rule holds them `days` days."""

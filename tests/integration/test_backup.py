@@ -160,6 +160,10 @@ def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3
         "keys": {"provider": "cloudflare", "account_id": account.account_id,
                  "api_token": "${env:CLOUDFLARE_API_TOKEN}", "api_base": cloudflare_api.base_url}}},
         {"staging": url})
+    opsbook.environ["CLOUDFLARE_API_TOKEN"] = "not-a-token"
+    refused = opsbook.run("backup", "--env", "staging")
+    assert refused.exit_code == 3 and "Workers R2 Storage: Edit" in refused.stderr, refused  # a failed check
+    assert stored_keys(s3_server, bucket) == []
     opsbook.environ["CLOUDFLARE_API_TOKEN"] = account.api_token.reveal()
     cloudflare_api.bucket_locks[account.account_id][bucket] = [  # someone else's rule: kept as it is
         {"id": "uploads", "enabled": True, "prefix": "uploads/", "condition": {"type": "Indefinite"}}]
