@@ -141,5 +141,11 @@ def _probe_s3(env: Environment, storage: Storage, days: int) -> str:
                           where=storage.describe(),
                           hint="deny s3:BypassGovernanceRetention to the backup key's IAM user, or set "
                                "backups.lock_mode: compliance")
-    return (f"each backup is held {days} day(s) in {mode} mode; the backup key's delete of a locked probe "
+    held = (f"each backup is held {days} day(s) in {mode} mode; the backup key's delete of a locked probe "
             "version was refused")
+    if not any(rule.get("Status") == "Enabled" and rule.get("NoncurrentVersionExpiration")
+               for rule in storage.lifecycle_rules()):
+        # an Object Lock bucket is versioned: a deletion only adds a marker, the old version stays billed
+        raise Warn(f"{held}; but no lifecycle rule expires noncurrent versions, so pruned backups stay stored "
+                   "(add NoncurrentVersionExpiration to the bucket's lifecycle rules)")
+    return held

@@ -288,8 +288,13 @@ def test_each_check_passes_on_a_ready_environment_and_fails_when_what_it_checks_
     governance = env.with_overrides({"backups": {"bucket": locked, "lock_days": 7}})
     status, detail = status_of(governance, "backup lock")  # moto grants every key the bypass
     assert status == "fail" and "bypassing governance retention" in detail, detail
-    status, detail = status_of(env.with_overrides({"backups": {"bucket": locked, "lock_days": 7,
-                                                               "lock_mode": "compliance"}}), "backup lock")
+    compliance = env.with_overrides({"backups": {"bucket": locked, "lock_days": 7, "lock_mode": "compliance"}})
+    status, detail = status_of(compliance, "backup lock")
+    assert status == "warn" and "no lifecycle rule expires noncurrent versions" in detail, detail
+    ready["s3"].client().put_bucket_lifecycle_configuration(Bucket=locked, LifecycleConfiguration={"Rules": [
+        *LIFECYCLE["Rules"], {"ID": "old-versions", "Status": "Enabled", "Filter": {"Prefix": ""},
+                              "NoncurrentVersionExpiration": {"NoncurrentDays": 7}}]})
+    status, detail = status_of(compliance, "backup lock")
     assert status == "pass" and "delete of a locked probe version was refused" in detail, detail
 
     ready["host"].stop()
