@@ -22,7 +22,7 @@ from ops.clock import parse_time
 from ops.errors import CheckFailed
 
 if TYPE_CHECKING:
-    from ops.storage import Storage
+    from ops.storage import ObjectLock, Storage
 
 FORMAT = 1
 BACKUPS_DIR = "backups/"
@@ -102,6 +102,10 @@ class Manifest:
     extensions: list[dict[str, str]] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     keep: bool = False
+    # "schema.table" whose rows pg_dump left out (backups.exclude_table_data); row_counts keeps their live counts
+    excluded_table_data: list[str] = field(default_factory=list)
+    # the object lock every stored object of this backup was written with: {"mode", "retain_until"}
+    lock: dict[str, str] | None = None
     format: int = FORMAT
 
     @property
@@ -123,6 +127,16 @@ class Manifest:
     @property
     def size(self) -> int:
         return self.object.size
+
+    @property
+    def expected_row_counts(self) -> dict[str, int]:
+        """The rows a restore of this backup holds: the snapshot's counts, zero for the tables left out."""
+        return {table: 0 if table in self.excluded_table_data else count for table, count in self.row_counts.items()}
+
+    @property
+    def locked_until(self) -> datetime | None:
+        """Until when the storage refuses to delete this backup's objects, when it was written locked."""
+        return parse_time(self.lock["retain_until"]) if self.lock else None
 
     @property
     def sha256(self) -> str:
@@ -197,6 +211,12 @@ def validate(data: dict[str, Any]) -> list[str]:
     encryption = stored.get("encryption")
     if encryption is not None and not (isinstance(encryption, dict) and isinstance(encryption.get("recipients"), list)):
         problems.append("object.encryption: must be null or {algorithm, recipients: [...]}")
+    if not isinstance(data.get("excluded_table_data", []), list):
+        problems.append("excluded_table_data: must be a list of table names")
+    lock = data.get("lock")
+    if lock is not None and not (isinstance(lock, dict) and isinstance(lock.get("retain_until"), str)
+                                 and _is_time(lock["retain_until"])):
+        problems.append("lock: must be null or {mode, retain_until: ISO-8601 time}")
     counts = data.get("row_counts")
     if isinstance(counts, dict) and not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         problems.append("row_counts: every value must be an integer")
@@ -290,8 +310,8 @@ def read_manifest(storage: Storage, backup_id: str) -> Manifest:
     return Manifest.from_json(storage.get_bytes(manifest_key(backup_id)), backup_id=backup_id)
 
 
-def write_manifest(storage: Storage, manifest: Manifest) -> None:
-    storage.put_bytes(manifest_key(manifest.id), manifest.dumps(), content_type="application/json")
+def write_manifest(storage: Storage, manifest: Manifest, *, lock: ObjectLock | None = None) -> None:
+    storage.put_bytes(manifest_key(manifest.id), manifest.dumps(), content_type="application/json", lock=lock)
 
 
 # --- verifications -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, metrics, migrations, pg, pg_tools, pg_url, processes
+from ops import backup_lock, dump, metrics, migrations, pg, pg_tools, pg_url, processes
 from ops.backup_manifest import (
     DatabaseInfo,
     Manifest,
@@ -48,7 +48,14 @@ def settings(env: Environment) -> dict[str, Any]:
     section = plain(env.value("backups", {})) or {}
     return {"level": int(section.get("compression_level") or DEFAULT_LEVEL),
             "recipients": [str(r) for r in section.get("encrypt_to") or []],
-            "identity_file": section.get("identity_file"), "metrics_file": section.get("metrics_file")}
+            "identity_file": section.get("identity_file"), "metrics_file": section.get("metrics_file"),
+            "exclude_table_data": [str(name) for name in section.get("exclude_table_data") or []]}
+
+
+def excluded_tables(env: Environment) -> list[str]:
+    """backups.exclude_table_data as "schema.table": a bare name is a table of the app's (Prisma) schema."""
+    schema = migrations.prisma_schema(env.database_url(direct=True))
+    return sorted(name if "." in name else f"{schema}.{name}" for name in settings(env)["exclude_table_data"])
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -77,9 +84,12 @@ class DumpStep(Step):
         key = self._key(ctx)
         target = pg_url.parse_url(ctx.env.database_url(direct=True)).describe()
         encryption = f"age to {len(recipients)} recipient(s)" if recipients else "not encrypted"
-        return Change(f"dump {connection.info.dbname} (about {human_size(size)} on disk) to {key}",
-                      [f"from {target} (PostgreSQL {version}) with pg_dump {tool.version} ({tool.path})",
-                       f"to {storage.describe()}", f"zstd level {options['level']}, {encryption}"],
+        excluded = excluded_tables(ctx.env)
+        details = [f"from {target} (PostgreSQL {version}) with pg_dump {tool.version} ({tool.path})",
+                   f"to {storage.describe()}", f"zstd level {options['level']}, {encryption}"]
+        if excluded:
+            details.append(f"without the rows of {', '.join(excluded)} (backups.exclude_table_data)")
+        return Change(f"dump {connection.info.dbname} (about {human_size(size)} on disk) to {key}", details,
                       {"size": size})
 
     def _key(self, ctx: RunContext) -> str:
@@ -92,9 +102,11 @@ class DumpStep(Step):
         tool = pg_tools.find_client_tool("pg_dump", major)
         key = self._key(ctx)
         storage = ctx.storage("backups")
+        excluded = excluded_tables(ctx.env)
         snapshot_connection = pg.connect(url, application_name=ctx.label[:63], autocommit=True)
         with snapshot_connection, pg.exported_snapshot(snapshot_connection) as snapshot:
             started = utc_now()
+            lock = backup_lock.object_lock(ctx.env, started)
             facts: dict[str, Any] = {}
             reader = threading.Thread(target=_read_facts, args=(snapshot_connection, url, facts), daemon=True)
             try:
@@ -102,11 +114,12 @@ class DumpStep(Step):
                 # reader's savepoint is open on the same connection.
                 reader.start()
                 stored = dump.dump_to_storage(
-                    pg_tools.dump_command(tool, snapshot=snapshot), pg_url.child_environment(url), storage, key,
+                    pg_tools.dump_command(tool, snapshot=snapshot, exclude_table_data=excluded),
+                    pg_url.child_environment(url), storage, key,
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
                     on_progress=ProgressLines(ctx.log, "uploaded"),
-                    what=f"pg_dump of {pg_url.parse_url(url).describe()}")
+                    what=f"pg_dump of {pg_url.parse_url(url).describe()}", lock=lock)
                 reader.join()
             except BaseException:
                 with processes.interrupts_held():  # a second Ctrl-C waits until the reader has stopped
@@ -116,6 +129,9 @@ class DumpStep(Step):
             storage.delete(key)
             raise facts["error"]
         finished = utc_now()
+        for name in excluded:
+            if name not in facts["row_counts"]:  # a typo or a dropped table: its rows would be kept if it came back
+                ctx.output.warn(f"backups.exclude_table_data: there is no table {name} in the database")
         ctx.log(f"stored {human_size(stored.size)} (dump {human_size(stored.dump_size)}) "
                 f"in {stored.seconds:.1f}s; sha256 {stored.sha256}")
         version = ctx.database().execute("SHOW server_version").fetchone()[0].split()[0]
@@ -125,6 +141,7 @@ class DumpStep(Step):
                 "database": ctx.database().info.dbname, "target": pg_url.parse_url(url).describe(),
                 "server_version": version, "server_major": major, "pg_dump_version": tool.version,
                 "pg_dump_major": tool.major, "level": options["level"], "recipients": options["recipients"],
+                "excluded_table_data": excluded, "lock": backup_lock.manifest_record(ctx.env, started, finished),
                 **facts}
 
     def verify(self, ctx: RunContext) -> None:
@@ -181,8 +198,11 @@ class ManifestStep(Step):
                                                                f"keep: {'yes' if self.keep else 'no'}"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        manifest = build_manifest(ctx, ctx.state["dump"], self.tags, self.keep)
-        write_manifest(ctx.storage("backups"), manifest)
+        dumped = ctx.state["dump"]
+        manifest = build_manifest(ctx, dumped, self.tags, self.keep)
+        # the dump's retention: the backup's objects are held until the same moment
+        write_manifest(ctx.storage("backups"), manifest,
+                       lock=backup_lock.object_lock(ctx.env, parse_time(dumped["started_at"])))
         return {"backup_id": manifest.id}
 
     def verify(self, ctx: RunContext) -> None:
@@ -201,7 +221,8 @@ def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], kee
         object=StoredObject(dumped["key"], dumped["size"], dumped["sha256"], dumped["dump_size"],
                             {"algorithm": "zstd", "level": dumped["level"]}, encryption),
         row_counts=dumped["row_counts"], migrations=dumped["migrations"], extensions=dumped["extensions"],
-        tags=list(tags), keep=keep)
+        tags=list(tags), keep=keep, excluded_table_data=list(dumped.get("excluded_table_data") or []),
+        lock=dumped.get("lock"))
 
 
 class MetricsStep(Step):
@@ -262,6 +283,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     backup_id = arguments.setdefault("backup_id", new_run_id())
     tags = list(arguments.get("tags") or [])
     steps: list[Step] = [DumpStep(backup_id), ManifestStep(backup_id, tags, bool(arguments.get("keep")))]
+    days = backup_lock.lock_days(env)
+    if days is not None:
+        steps.insert(0, backup_lock.LockStep(days))
     metrics_file = settings(env)["metrics_file"]
     if metrics_file:
         path = Path(os.path.expanduser(metrics_file))

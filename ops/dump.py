@@ -34,7 +34,7 @@ from ops.errors import InventoryError, StepFailed, UsageError
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
-    from ops.storage import Storage
+    from ops.storage import ObjectLock, Storage
 
 CHUNK = 1024 * 1024
 QUEUE_BYTES = 8 * 1024 * 1024  # how far encoding may run ahead of the upload
@@ -270,8 +270,10 @@ class Stored:
 
 def dump_to_storage(command: list[str], environment: dict[str, str], storage: Storage, key: str, *,
                     level: int = 3, recipients: list[Any] | None = None, part_size: int = MIN_PART,
-                    on_progress: Progress | None = None, what: str = "pg_dump") -> Stored:
-    """Run `command` (pg_dump to stdout) and store its output, compressed (and encrypted), under `key`.
+                    on_progress: Progress | None = None, what: str = "pg_dump",
+                    lock: ObjectLock | None = None) -> Stored:
+    """Run `command` (pg_dump to stdout) and store its output, compressed (and encrypted), under `key`
+    (with `lock`'s retention when given).
 
     On any failure, of pg_dump, the encoder or the storage, the upload is aborted
     (no object under `key`), pg_dump is stopped, and the error says which side failed.
@@ -281,7 +283,7 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
         with processes.child_process(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=environment) as process:
             info, stored, raw = _store_output(process, storage, key, level=level, recipients=recipients,
-                                              part_size=part_size, on_progress=on_progress, what=what)
+                                              part_size=part_size, on_progress=on_progress, what=what, lock=lock)
     except processes.CannotStart as error:
         raise StepFailed(f"cannot start {command[0]}: {error}",
                          hint="check the PostgreSQL client installation (OPS_PG_BIN)") from None
@@ -294,7 +296,7 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
 
 def _store_output(process: subprocess.Popen[bytes], storage: Storage, key: str, *, level: int,
                   recipients: list[Any] | None, part_size: int, on_progress: Progress | None,
-                  what: str) -> tuple[Any, DigestingReader, CountingReader]:
+                  what: str, lock: ObjectLock | None = None) -> tuple[Any, DigestingReader, CountingReader]:
     """Compress (and encrypt) `process`'s output in a thread while the main thread uploads it."""
     with contextlib.suppress(OSError, ValueError):
         fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
@@ -307,7 +309,7 @@ def _store_output(process: subprocess.Popen[bytes], storage: Storage, key: str, 
     stored = DigestingReader(queue)
     try:
         info = storage.upload_stream(key, stored, part_size=part_size, on_progress=on_progress,
-                                     content_type="application/octet-stream")
+                                     content_type="application/octet-stream", lock=lock)
     except BaseException:
         queue.abandon()
         processes.stop(process)  # before the join: the encoder may be blocked reading its output

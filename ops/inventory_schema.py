@@ -43,6 +43,11 @@ BACKUPS = _object({
     "metrics_file": _STRING,
     "schedule_hours": {"type": "number", "exclusiveMinimum": 0},
     "verify_max_age_days": {"type": "number", "exclusiveMinimum": 0},  # backup.check: a passed verification as recent
+    # tables whose rows are left out ("Session" in the app's schema, or "schema.Table"); definitions are kept
+    "exclude_table_data": {"type": "array", "items": _STRING, "uniqueItems": True},
+    # object lock: each stored object of a backup is held this many days (S3 Object Lock, R2 bucket lock rule)
+    "lock_days": {"type": "integer", "minimum": 1, "maximum": 36500},
+    "lock_mode": {"enum": ["governance", "compliance"]},
 })
 
 # pings to a dead man's switch (ops/pings.py): `url` for the scheduled jobs, `jobs.<task>` per task (false: none)

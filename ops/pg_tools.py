@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -119,12 +120,21 @@ def _tool_path(tool: ClientTool | str) -> str:
     return tool.path if isinstance(tool, ClientTool) else tool
 
 
+def table_pattern(qualified: str) -> str:
+    """A pg_dump pattern matching exactly the table "schema.table": each part double-quoted, so case,
+    dots and the pattern characters * ? inside a name are taken literally."""
+    schema, _, table = qualified.partition(".")
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, table))
+
+
 def dump_command(tool: ClientTool | str, *, snapshot: str | None = None, compress: int = 0,
-                 jobs: int | None = None, output: str | None = None) -> list[str]:
+                 jobs: int | None = None, output: str | None = None,
+                 exclude_table_data: Sequence[str] = ()) -> list[str]:
     """pg_dump argv; the connection comes from libpq_environment().
 
     Custom format on stdout by default (for streaming). `jobs` needs the directory
-    format, so it needs `output` (a directory).
+    format, so it needs `output` (a directory). `exclude_table_data` ("schema.table" names):
+    those tables' definitions are kept, their rows left out.
     """
     if not 0 <= compress <= 9:
         raise ValueError(f"compress must be 0-9, got {compress}")
@@ -139,6 +149,7 @@ def dump_command(tool: ClientTool | str, *, snapshot: str | None = None, compres
         command.append(f"--snapshot={snapshot}")
     if output is not None:
         command.append(f"--file={output}")
+    command += [f"--exclude-table-data={table_pattern(name)}" for name in exclude_table_data]
     return command
 
 

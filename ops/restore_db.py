@@ -163,7 +163,7 @@ def check_row_counts(manifest: Manifest, url: Secret | str, database: str, label
     """Row counts of the restored `database`; CheckFailed naming each table that differs."""
     with pg.connect(pg_url.with_database(url, database), application_name=label[:63]) as connection:
         counts = pg.table_row_counts(connection)
-    problems = compare_row_counts(manifest.row_counts, counts)
+    problems = compare_row_counts(manifest.expected_row_counts, counts)
     if problems:
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise CheckFailed(f"backup {manifest.id} restored into {database} does not match its manifest: {shown}",

@@ -54,6 +54,7 @@ class BackupInfo:
     keep: bool = False
     verified_at: datetime | None = None  # latest successful verification
     tags: tuple[str, ...] = ()
+    locked_until: datetime | None = None  # the storage refuses to delete its objects until then
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,10 @@ def plan_retention(backups: list[BackupInfo], policy: RetentionPolicy, now: date
     for backup in ordered:
         if reasons[backup.id]:
             decisions.append(Decision(backup, "keep", tuple(reasons[backup.id])))
+        elif backup.locked_until is not None and backup.locked_until > now:
+            # a delete would be refused (S3) or only hide the objects behind delete markers: never try
+            decisions.append(Decision(backup, "held", (f"outside every retention rule, held until "
+                                                       f"{iso_z(backup.locked_until)} by the object lock",)))
         elif held:
             decisions.append(Decision(backup, "held", ("outside every retention rule, but pruning is refused "
                                                        "while backups are failing",)))
@@ -270,7 +275,8 @@ def policy_for(env: Environment) -> RetentionPolicy:
 def backup_info(manifest: Manifest, verifications: list[dict[str, Any]]) -> BackupInfo:
     verified = [parse_time(record["at"]) for record in verifications if record.get("ok") and record.get("at")]
     return BackupInfo(id=manifest.id, finished_at=manifest.finished, size=manifest.size, keep=manifest.keep,
-                      verified_at=max(verified, default=None), tags=tuple(manifest.tags))
+                      verified_at=max(verified, default=None), tags=tuple(manifest.tags),
+                      locked_until=manifest.locked_until)
 
 
 def read_backups(storage: Storage) -> tuple[list[BackupInfo], list[IncompleteBackup]]:

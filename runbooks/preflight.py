@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from invoke import task
 
-from ops import neon, pg_url, pitr_host, pitr_status, web
+from ops import backup_lock, neon, pg_url, pitr_host, pitr_status, web
 from ops.checks import Warn, checklist
 from ops.cli import OpsTask, TaskCall
 from ops.clock import iso_z_or_none
@@ -396,6 +396,8 @@ def probes(env: Environment) -> list[tuple[str, Probe]]:
         checks.append(("neon branch", neon_branch_probe(env)))
     if env.has("backups"):
         checks.append(("last backup", backup_probe(env)))
+        if env.protected or backup_lock.lock_days(env) is not None:
+            checks.append(("backup lock", backup_lock.lock_probe(env)))
     if env.has("pitr") or (env.protected and not env.sandbox and pitr_host.managed_provider(env) is None):
         checks.append(("point-in-time recovery", pitr_probe(env)))
     checks += [("DR drill", drill_probe(env)), ("storage key age", key_age_probe(env))]

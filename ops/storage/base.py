@@ -51,6 +51,17 @@ class ObjectInfo:
     last_modified: datetime  # timezone-aware UTC
     metadata: dict[str, str] = field(default_factory=dict)  # head() fills it; list() leaves it empty
     content_type: str | None = None  # head() only
+    retain_until: datetime | None = None  # head() only: the object lock's retention, when it has one
+
+
+@dataclass(frozen=True)
+class ObjectLock:
+    """The retention a write asks for (S3 Object Lock): this version of the object cannot be deleted or
+    overwritten until `retain_until`; GOVERNANCE yields to keys allowed s3:BypassGovernanceRetention,
+    COMPLIANCE to nobody."""
+
+    mode: str  # "GOVERNANCE" | "COMPLIANCE"
+    retain_until: datetime  # timezone-aware UTC
 
 
 @dataclass(frozen=True)
@@ -194,7 +205,7 @@ class Storage(ABC):
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
-                  content_type: str | None = None) -> ObjectInfo: ...
+                  content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo: ...
 
     @abstractmethod
     def open_read(self, key: str) -> AbstractContextManager[BinaryIO]:
@@ -209,11 +220,11 @@ class Storage(ABC):
     def upload_stream(self, key: str, source: BinaryIO, *, part_size: int = DEFAULT_PART_SIZE,
                       metadata: dict[str, str] | None = None,
                       on_progress: Callable[[int], None] | None = None,
-                      content_type: str | None = None) -> ObjectInfo:
+                      content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo:
         """Upload `source` read `part_size` bytes at a time; memory stays around
         one or two parts. The object exists only once complete: on any failure,
         interrupts included, the partial upload is removed before re-raising.
-        `on_progress` gets the total number of bytes stored so far."""
+        `on_progress` gets the total number of bytes stored so far; `lock` is kept with the object."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -250,6 +261,16 @@ class Storage(ABC):
     def delete_if_match(self, key: str, etag: str) -> None:
         """Delete `key` only if its ETag is still `etag`; PreconditionFailed if it changed or is gone."""
         raise UsageError(f"{self.describe()}: no conditional writes here", hint="use an S3 or R2 bucket")
+
+    # -- object lock ----------------------------------------------------------
+    def object_lock_enabled(self) -> bool:
+        """Whether the bucket takes per-object retention (S3 Object Lock); a folder never does."""
+        return False
+
+    def delete_locked_version(self, key: str, *, bypass_governance: bool) -> bool:
+        """Try to delete the current version of `key` for good (not a delete marker): True when the
+        storage did, False when its object lock refused."""
+        raise UsageError(f"{self.describe()}: this provider has no object lock", hint="use an S3 bucket")
 
     def same_account(self, other: Storage) -> bool:
         """Whether `server_side_copy` from `other` into this storage can work."""

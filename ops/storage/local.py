@@ -30,6 +30,7 @@ from ops.storage.base import (
     EtagBuilder,
     IncompleteUpload,
     ObjectInfo,
+    ObjectLock,
     ObjectNotFound,
     Storage,
     StorageConfig,
@@ -187,15 +188,22 @@ class LocalStorage(Storage):
 
     # -- writing ----------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
-                  content_type: str | None = None) -> ObjectInfo:
+                  content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo:
+        self._refuse_lock(lock)
         return self._write(key, io.BytesIO(data), max(len(data), 1), metadata, content_type, None)
 
     def upload_stream(self, key: str, source: BinaryIO, *, part_size: int = DEFAULT_PART_SIZE,
                       metadata: dict[str, str] | None = None,
                       on_progress: Callable[[int], None] | None = None,
-                      content_type: str | None = None) -> ObjectInfo:
+                      content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo:
         check_part_size(part_size)  # same rule as S3, so code tried here works there
+        self._refuse_lock(lock)
         return self._write(key, source, part_size, metadata, content_type, on_progress)
+
+    def _refuse_lock(self, lock: ObjectLock | None) -> None:
+        if lock is not None:  # a folder cannot refuse a deletion: never pretend it holds the object
+            raise UsageError(f"{self.describe()}: a folder cannot lock objects",
+                             hint="unset backups.lock_days, or keep backups in an S3 or R2 bucket")
 
     def _write(self, key: str, source: BinaryIO, part_size: int, metadata: dict[str, str] | None,
                content_type: str | None, on_progress: Callable[[int], None] | None) -> ObjectInfo:

@@ -20,6 +20,7 @@ from ops.storage.base import (
     BucketNotFound,
     IncompleteUpload,
     ObjectInfo,
+    ObjectLock,
     ObjectNotFound,
     Storage,
     validate_prefix,
@@ -29,6 +30,7 @@ from ops.storage.s3_conditional import ConditionalWrites
 from ops.storage.s3_conditional import bare_etag as _etag
 from ops.storage.s3_conditional import server_time as _server_time
 from ops.storage.s3_conditional import utc as _utc
+from ops.storage.s3_lock import ObjectLocks, content_md5
 from ops.storage.s3_multipart import MultipartUploads
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ def _server_said(error: Any) -> str:
 
 
 @register_backend("r2", "s3")
-class S3Storage(MultipartUploads, ConditionalWrites, Storage):
+class S3Storage(MultipartUploads, ConditionalWrites, ObjectLocks, Storage):
     """A bucket on R2 or any S3-compatible service."""
 
     # -- connection -------------------------------------------------------
@@ -192,7 +194,9 @@ class S3Storage(MultipartUploads, ConditionalWrites, Storage):
         return ObjectInfo(key=key, size=response["ContentLength"], etag=_etag(response.get("ETag")),
                           last_modified=_utc(response["LastModified"]),
                           metadata=dict(response.get("Metadata") or {}),
-                          content_type=response.get("ContentType"))
+                          content_type=response.get("ContentType"),
+                          retain_until=_utc(response["ObjectLockRetainUntilDate"])
+                          if response.get("ObjectLockRetainUntilDate") else None)
 
     def _pages(self, operation: str, action: str, **arguments: Any) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator(operation)
@@ -231,8 +235,9 @@ class S3Storage(MultipartUploads, ConditionalWrites, Storage):
             yield reader
 
     # -- writing ----------------------------------------------------------
-    def _put_arguments(self, metadata: dict[str, str] | None, content_type: str | None) -> dict[str, Any]:
-        arguments: dict[str, Any] = {}
+    def _put_arguments(self, metadata: dict[str, str] | None, content_type: str | None,
+                       lock: ObjectLock | None = None) -> dict[str, Any]:
+        arguments: dict[str, Any] = self.lock_arguments(lock)
         if metadata:
             arguments["Metadata"] = dict(metadata)
         if content_type:
@@ -247,12 +252,14 @@ class S3Storage(MultipartUploads, ConditionalWrites, Storage):
         return info
 
     def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
-                  content_type: str | None = None) -> ObjectInfo:
+                  content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo:
         """One PUT; the info comes from its response (no extra round trip)."""
         full_key = self.full_key(key)
+        arguments = self._put_arguments(metadata, content_type, lock)
+        if lock is not None:
+            arguments["ContentMD5"] = content_md5(data)
         with self._errors(f"writing {full_key}"):
-            response = self.client.put_object(Bucket=self.config.bucket, Key=full_key, Body=data,
-                                              **self._put_arguments(metadata, content_type))
+            response = self.client.put_object(Bucket=self.config.bucket, Key=full_key, Body=data, **arguments)
         return ObjectInfo(key=key, size=len(data), etag=_etag(response.get("ETag")),
                           last_modified=_server_time(response), metadata=dict(metadata or {}),
                           content_type=content_type)

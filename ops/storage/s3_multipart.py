@@ -12,7 +12,8 @@ from contextlib import AbstractContextManager, suppress
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.errors import StepFailed
-from ops.storage.base import DEFAULT_PART_SIZE, MAX_PARTS, ObjectInfo, StorageConfig, check_part_size
+from ops.storage.base import DEFAULT_PART_SIZE, MAX_PARTS, ObjectInfo, ObjectLock, StorageConfig, check_part_size
+from ops.storage.s3_lock import content_md5
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -32,43 +33,45 @@ class MultipartUploads:
         def full_key(self, key: str) -> str: ...
         def describe(self) -> str: ...
         def _errors(self, action: str) -> AbstractContextManager[None]: ...
-        def _put_arguments(self, metadata: dict[str, str] | None, content_type: str | None) -> dict[str, Any]: ...
+        def _put_arguments(self, metadata: dict[str, str] | None, content_type: str | None,
+                           lock: ObjectLock | None = None) -> dict[str, Any]: ...
         def _stored(self, key: str) -> ObjectInfo: ...
         def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
-                      content_type: str | None = None) -> ObjectInfo: ...
+                      content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo: ...
 
     def upload_stream(self, key: str, source: BinaryIO, *, part_size: int = DEFAULT_PART_SIZE,
                       metadata: dict[str, str] | None = None,
                       on_progress: Callable[[int], None] | None = None,
-                      content_type: str | None = None) -> ObjectInfo:
+                      content_type: str | None = None, lock: ObjectLock | None = None) -> ObjectInfo:
         check_part_size(part_size)
         full_key = self.full_key(key)
         first = _read_part(source, part_size)
         second = _read_part(source, part_size) if len(first) == part_size else bytearray()
         if not second:  # fits in one part: a plain PUT, no multipart bookkeeping
-            info = self.put_bytes(key, bytes(first), metadata=metadata, content_type=content_type)
+            info = self.put_bytes(key, bytes(first), metadata=metadata, content_type=content_type, lock=lock)
             if on_progress:
                 on_progress(len(first))
             return info
         with self._errors(f"starting the upload of {full_key}"):
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.config.bucket, Key=full_key,
-                **self._put_arguments(metadata, content_type))["UploadId"]
+                **self._put_arguments(metadata, content_type, lock))["UploadId"]
         pending = [first, second]
         del first, second  # only `pending` may hold parts, so each is freed once sent
         try:
-            self._upload_parts(full_key, upload_id, pending, source, part_size, on_progress)
+            self._upload_parts(full_key, upload_id, pending, source, part_size, on_progress, checksum=lock is not None)
         except BaseException:
             self._abort_quietly(full_key, upload_id)
             raise
         return self._stored(key)
 
     def _upload_parts(self, full_key: str, upload_id: str, pending: list[bytearray], source: BinaryIO,
-                      part_size: int, on_progress: Callable[[int], None] | None) -> None:
+                      part_size: int, on_progress: Callable[[int], None] | None, *, checksum: bool = False) -> None:
         """Send the parts, PARTS_IN_FLIGHT at a time, then complete.
 
         A part is read only once fewer than PARTS_IN_FLIGHT are being sent, so at most
-        that many parts are in memory; the next part fills while the others travel.
+        that many parts are in memory; the next part fills while the others travel. `checksum`: each
+        part carries its Content-MD5, which S3 wants for an upload under an object lock.
         """
         etags: dict[int, str] = {}
         sending: dict[Future[str], tuple[int, int]] = {}  # future -> (part number, bytes)
@@ -85,7 +88,8 @@ class MultipartUploads:
                 if number > MAX_PARTS:
                     raise StepFailed(f"{self.describe()}: uploading {full_key} failed: more than {MAX_PARTS} parts",
                                      hint=f"use a part size above {part_size} bytes")
-                sending[pool.submit(self._upload_part, full_key, upload_id, number, chunk)] = (number, len(chunk))
+                sending[pool.submit(self._upload_part, full_key, upload_id, number, chunk,
+                                    checksum)] = (number, len(chunk))
                 del chunk  # only the future holds the part now: freed once sent
             while sending:
                 self._collect(sending, wait(sending, return_when=FIRST_COMPLETED).done, etags, progress)
@@ -96,10 +100,12 @@ class MultipartUploads:
             self.client.complete_multipart_upload(Bucket=self.config.bucket, Key=full_key,
                                                   UploadId=upload_id, MultipartUpload={"Parts": parts})
 
-    def _upload_part(self, full_key: str, upload_id: str, number: int, body: bytes | bytearray) -> str:
+    def _upload_part(self, full_key: str, upload_id: str, number: int, body: bytes | bytearray,
+                     checksum: bool = False) -> str:
+        arguments = {"ContentMD5": content_md5(body)} if checksum else {}
         with self._errors(f"uploading {full_key} (part {number})"):
             response = self.client.upload_part(Bucket=self.config.bucket, Key=full_key, UploadId=upload_id,
-                                               PartNumber=number, Body=body)
+                                               PartNumber=number, Body=body, **arguments)
         return str(response["ETag"])
 
     @staticmethod

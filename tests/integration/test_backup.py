@@ -106,6 +106,87 @@ def test_backup_then_list_verify_and_deep_verify(opsbook, staging, postgres_serv
     assert_no_secret(opsbook, *staging["secrets"])
 
 
+def test_a_locked_backup_survives_a_delete_and_a_prune(opsbook, postgres_server, s3_server):
+    _name, url = make_database(postgres_server)
+    bucket = s3_server.unique_bucket_name("locked")
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    single = {"keep_last": 1, "daily": 1, "weekly": 1, "monthly": 1, "min_keep": 1}
+    unlockable = s3_server.make_bucket().bucket
+    for name in (unlockable, bucket):
+        write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(
+            s3_server.endpoint, name, "staging/", lock_days=2, retention=single)}}, {"staging": url})
+        if name == unlockable:  # refused before anything is dumped
+            refused = opsbook.run("backup", "--env", "staging")
+            assert refused.exit_code == 3 and "the bucket has no Object Lock" in refused.stderr, refused
+            assert stored_keys(s3_server, unlockable) == []
+    first = opsbook.run("backup", "--env", "staging", "--json")
+    assert first.exit_code == 0, first
+    first_id = first.json()["backup"]["backup_id"]
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"staging/backups/{first_id}/manifest.json")
+                          ["Body"].read())
+    assert manifest["lock"]["mode"] == "governance"
+    until = manifest["lock"]["retain_until"]
+    for name in ("dump.pgc.zst", "manifest.json"):
+        head = client.head_object(Bucket=bucket, Key=f"staging/backups/{first_id}/{name}")
+        assert (head["ObjectLockMode"], head["ObjectLockRetainUntilDate"].strftime("%Y-%m-%dT%H:%M:%SZ")) == (
+            "GOVERNANCE", until)
+
+    # what a leaked key would try: delete the dump's very version (a plain delete only adds a marker)
+    dump = f"staging/backups/{first_id}/dump.pgc.zst"
+    version = client.head_object(Bucket=bucket, Key=dump)["VersionId"]
+    with pytest.raises(client.exceptions.ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=bucket, Key=dump, VersionId=version)
+
+    second = opsbook.run("backup", "--env", "staging", "--json")  # its retention leaves the first held
+    assert second.exit_code == 0, second
+    pruned = opsbook.run("backup.prune", "--env", "staging", "--json")
+    assert pruned.exit_code == 0, pruned
+    assert f"held   {first_id}" in pruned.stderr and f"held until {until} by the object lock" in pruned.stderr
+    held = {d["id"]: d["decision"] for d in pruned.json()["decisions"]}
+    assert held == {first_id: "held", second.json()["backup"]["backup_id"]: "keep"}
+    assert client.get_object(Bucket=bucket, Key=dump, VersionId=version)["VersionId"] == version
+    assert client.head_object(Bucket=bucket, Key=f"staging/backups/{first_id}/manifest.json")  # still listed
+
+
+def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3_server, cloudflare_api):
+    _name, url = make_database(postgres_server)
+    account = cloudflare_api.new_account()
+    bucket = s3_server.make_bucket().bucket
+    single = {"keep_last": 1, "daily": 1, "weekly": 1, "monthly": 1, "min_keep": 1}
+    write_inventory(opsbook, s3_server, {"staging": {
+        "backups": backups_section(s3_server.endpoint, bucket, "staging/", provider="r2", lock_days=3,
+                                   retention=single),
+        "keys": {"provider": "cloudflare", "account_id": account.account_id,
+                 "api_token": "${env:CLOUDFLARE_API_TOKEN}", "api_base": cloudflare_api.base_url}}},
+        {"staging": url})
+    opsbook.environ["CLOUDFLARE_API_TOKEN"] = "not-a-token"
+    refused = opsbook.run("backup", "--env", "staging")
+    assert refused.exit_code == 3 and "Workers R2 Storage: Edit" in refused.stderr, refused  # a failed check
+    assert stored_keys(s3_server, bucket) == []
+    opsbook.environ["CLOUDFLARE_API_TOKEN"] = account.api_token.reveal()
+    cloudflare_api.bucket_locks[account.account_id][bucket] = [  # someone else's rule: kept as it is
+        {"id": "uploads", "enabled": True, "prefix": "uploads/", "condition": {"type": "Indefinite"}}]
+    first = opsbook.run("backup", "--env", "staging", "--json")
+    assert first.exit_code == 0, first
+    rule = {"id": "opsbook-backups-staging", "enabled": True, "prefix": "staging/backups/",
+            "condition": {"type": "Age", "maxAgeSeconds": 3 * 86400}}
+    assert [r["id"] for r in cloudflare_api.bucket_locks[account.account_id][bucket]] == ["uploads", rule["id"]]
+    assert cloudflare_api.bucket_locks[account.account_id][bucket][1] == rule
+    second = opsbook.run("backup", "--env", "staging", "--json")
+    assert second.exit_code == 0, second
+    assert [call for call in cloudflare_api.calls(account.account_id) if call.startswith("PUT")] == [
+        f"PUT /r2/buckets/{bucket}/lock"]  # the rule was there: set once
+    first_id = first.json()["backup"]["backup_id"]
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=bucket, Key=f"staging/backups/{first_id}/manifest.json")["Body"].read())
+    assert manifest["lock"]["mode"] == "r2-bucket-lock"
+    pruned = opsbook.run("backup.prune", "--env", "staging", "--json")
+    assert pruned.exit_code == 0, pruned
+    assert f"held until {manifest['lock']['retain_until']} by the object lock" in pruned.stderr
+    assert first_id in {d["id"] for d in pruned.json()["decisions"] if d["decision"] == "held"}
+
+
 def test_a_failing_dump_leaves_no_backup(opsbook, staging, postgres_server, s3_server):
     opsbook.environ["DB_URL_STAGING"], password = unprivileged_url(postgres_server, staging["database"])
     failed = opsbook.run("backup", "--env", "staging")

@@ -277,6 +277,26 @@ def test_each_check_passes_on_a_ready_environment_and_fails_when_what_it_checks_
         connection.execute('ALTER TABLE "Brand" DROP COLUMN "motto"')
     assert status_of(env, "schema drift")[0] == "pass"
 
+    # the backup lock: only a warning where it is missing, then proved against the backup key itself
+    assert "backup lock" not in dict(preflight.probes(env))  # neither protected nor locked: not a concern
+    status, detail = status_of(env.with_overrides({"protected": True}), "backup lock")
+    assert status == "warn" and "not locked" in detail, detail
+    status, detail = status_of(env.with_overrides({"backups": {"lock_days": 7}}), "backup lock")
+    assert status == "fail" and "no Object Lock" in detail, detail
+    locked = ready["s3"].unique_bucket_name("locked")
+    ready["s3"].client().create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    governance = env.with_overrides({"backups": {"bucket": locked, "lock_days": 7}})
+    status, detail = status_of(governance, "backup lock")  # moto grants every key the bypass
+    assert status == "fail" and "bypassing governance retention" in detail, detail
+    compliance = env.with_overrides({"backups": {"bucket": locked, "lock_days": 7, "lock_mode": "compliance"}})
+    status, detail = status_of(compliance, "backup lock")
+    assert status == "warn" and "no lifecycle rule expires noncurrent versions" in detail, detail
+    ready["s3"].client().put_bucket_lifecycle_configuration(Bucket=locked, LifecycleConfiguration={"Rules": [
+        *LIFECYCLE["Rules"], {"ID": "old-versions", "Status": "Enabled", "Filter": {"Prefix": ""},
+                              "NoncurrentVersionExpiration": {"NoncurrentDays": 7}}]})
+    status, detail = status_of(compliance, "backup lock")
+    assert status == "pass" and "delete of a locked probe version was refused" in detail, detail
+
     ready["host"].stop()
     result = opsbook.run("preflight", "--env", "web", "--json")
     assert result.exit_code == 3, result

@@ -104,6 +104,35 @@ def test_restore_into_another_environment_swaps_only_a_matching_copy(opsbook, en
     assert_no_secret(opsbook, *envs["secrets"])
 
 
+def test_excluded_table_data_is_left_out_and_every_check_expects_none(opsbook, envs, postgres_server, s3_server):
+    (_name, source_url), (_target_name, target_url) = envs["source"], envs["target"]
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute('CREATE TABLE "Session" (id serial PRIMARY KEY, "userId" uuid REFERENCES "User"(id));'
+                           'INSERT INTO "Session" ("userId") SELECT id FROM "User";'
+                           'CREATE SCHEMA audit; CREATE TABLE audit."AuditLog" (id serial PRIMARY KEY, note text);'
+                           "INSERT INTO audit.\"AuditLog\" (note) SELECT 'event ' || g FROM generate_series(1, 30) g")
+    configure(opsbook, s3_server, envs, exclude_table_data=["Session", "audit.AuditLog"])
+    planned = opsbook.run("backup", "--env", "staging", "--dry-run")
+    assert "without the rows of audit.AuditLog, public.Session" in planned.stderr, planned
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    backup_id = made.json()["backup"]["backup_id"]
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=envs["buckets"]["staging"], Key=f"staging/backups/{backup_id}/manifest.json")["Body"].read())
+    assert manifest["excluded_table_data"] == ["audit.AuditLog", "public.Session"]
+    assert manifest["row_counts"]["public.Session"] == 50 and manifest["row_counts"]["audit.AuditLog"] == 30
+
+    deep = opsbook.run("backup.verify", "--env", "staging", "--id", backup_id, "--deep")
+    assert deep.exit_code == 0, deep
+    restored = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    assert restored.exit_code == 0, restored
+    counts = row_counts(target_url)  # the public schema's
+    assert counts["public.Session"] == 0 and rows(target_url, 'SELECT count(*) FROM audit."AuditLog"') == [(0,)]
+    assert {**row_counts(source_url), "public.Session": 0} == counts
+    for query in SAMPLES.values():
+        assert rows(target_url, query) == rows(source_url, query)
+
+
 def test_a_damaged_backup_is_refused_before_the_target_is_touched(opsbook, envs, postgres_server, s3_server):
     configure(opsbook, s3_server, envs)
     made = opsbook.run("backup", "--env", "staging", "--json")

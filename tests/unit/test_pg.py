@@ -137,6 +137,11 @@ def test_dump_command(options: dict, expected: list[str]) -> None:
     assert pg_tools.dump_command(TOOL, **options) == expected
 
 
+def test_excluded_table_data_patterns_match_exactly_one_table() -> None:
+    command = pg_tools.dump_command(TOOL, exclude_table_data=["public.Session", 'audit.Odd"Name*'])
+    assert command[-2:] == ['--exclude-table-data="public"."Session"', '--exclude-table-data="audit"."Odd""Name*"']
+
+
 @pytest.mark.parametrize("options", [{"jobs": 2}, {"compress": 10}, {"compress": -1}])
 def test_dump_command_refuses_impossible_options(options: dict) -> None:
     with pytest.raises(ValueError):

@@ -218,3 +218,14 @@ def test_dangling_uploads_go_after_a_day() -> None:
 def test_id_time() -> None:
     assert id_time("20261123T020000Z-7f3a") == at("2026-11-23T02:00")
     assert id_time("nightly") is None
+
+
+def test_a_locked_backup_is_held_until_its_lock_ends_then_deleted():
+    old = BackupInfo(id="old", finished_at=at("2026-11-01T02:00"), locked_until=at("2026-12-01T02:00"))
+    new = BackupInfo(id="new", finished_at=at("2026-11-20T02:00"))
+    policy = RetentionPolicy(keep_last=1, daily=1, weekly=1, monthly=1, min_keep=1, max_age_hours=1e6)
+    held = plan_retention([old, new], policy, at("2026-11-20T03:00"))
+    assert [(d.backup.id, d.action) for d in held.decisions] == [("new", "keep"), ("old", "held")]
+    assert held.deletions == [] and "held until 2026-12-01T02:00:00Z by the object lock" in held.decisions[1].line()
+    later = plan_retention([old, new], policy, at("2026-12-01T02:01"))
+    assert [d.backup.id for d in later.deletions] == ["old"]
