@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -225,3 +226,58 @@ def test_health_checks_the_branch_and_both_endpoints(neon_setup):
         workspace.write_inventory(neon_setup["inventory"])
     assert missing.exit_code == 3 and "has no branch 'gone'" in missing.output, missing
     assert_no_secret(workspace, *neon_setup["secrets"])
+
+
+def test_provision_creates_the_branch_role_and_database_and_stores_the_urls(neon_setup, neon_api):
+    from tests.fixtures.secrets import stored
+
+    workspace = neon_setup["workspace"]
+    project = neon_api.new_project(dbname="prov")
+    role = f"shop_{project.id[5:]}"
+    inventory = json.loads(json.dumps(neon_setup["inventory"]))
+    bucket = inventory["envs"]["prod"]["backups"]["bucket"]
+    fresh = {"database": {"provider": "neon", "project_id": project.id, "api_key": "${env:PROV_NEON_KEY}",
+                          "api_base": neon_api.base_url, "branch": "staging", "role": role,
+                          "name": f"shopdb_{project.id[5:]}"},
+             "backups": neon_setup["storage"](bucket, prefix="fresh/"), "app": inventory["envs"]["prod"]["app"]}
+    inventory["envs"]["fresh"] = fresh
+    inventory["envs"]["guarded"] = {**json.loads(json.dumps(fresh)), "protected": True,
+                                    "backups": neon_setup["storage"](bucket, prefix="guarded/")}
+    workspace.write_inventory(inventory)
+    workspace.environ["PROV_NEON_KEY"] = project.api_key.reveal()
+
+    def changes() -> list[str]:
+        return [call for call in neon_api.calls(project) if not call.startswith("GET")]
+
+    try:
+        planned = workspace.run("provision", "--env", "fresh", "--dry-run")
+        assert planned.exit_code == 0, planned
+        for said in ("create Neon branch staging", f"create role {role} on Neon branch staging",
+                     f"create database shopdb_{project.id[5:]}", "store DATABASE_URL and DIRECT_URL"):
+            assert said in planned.stderr, planned
+        refused = workspace.run("provision", "--env", "guarded")
+        assert refused.exit_code == 2 and "--confirm guarded" in refused.output, refused
+        assert changes() == [] and [b.name for b in project.branches.values()] == ["main"]
+
+        result = workspace.run("provision", "--env", "fresh", "--json")
+        assert result.exit_code == 0, result.stderr
+        branch = project.branch("staging")
+        assert changes() == ["POST /branches", f"POST /branches/{branch.id}/roles",
+                             f"POST /branches/{branch.id}/databases"]
+        secrets = stored(workspace, "fresh")
+        assert secrets["DATABASE_PASSWORD"] == project.role_passwords[role]
+        pooled, direct = (urlsplit(secrets[name]) for name in ("DATABASE_URL", "DIRECT_URL"))
+        assert pooled.hostname == neon_api.endpoint_host(branch, pooled=True) and pooled.password is None
+        assert direct.hostname == neon_api.endpoint_host(branch, pooled=False) and direct.password is None
+        assert pooled.username == direct.username == role
+        # The migrations ran on the new database, as its owner, through the direct URL.
+        assert branch.databases[fresh["database"]["name"]] == (fresh["database"]["name"], role)
+        assert brands(neon_api.server.url(fresh["database"]["name"])) == 0
+
+        again = workspace.run("provision", "--env", "fresh", "--json")
+        assert again.exit_code == 0 and again.json()["status"] == "nothing to do", again.stderr
+        assert "warning" not in again.stderr  # the stored URLs have sslmode, and pgbouncer=true on the pooler's
+        assert len(changes()) == 3
+        assert_no_secret(workspace, *neon_setup["secrets"], project.api_key.reveal(), secrets["DATABASE_PASSWORD"])
+    finally:
+        workspace.write_inventory(neon_setup["inventory"])
