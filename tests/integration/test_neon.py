@@ -281,3 +281,48 @@ def test_provision_creates_the_branch_role_and_database_and_stores_the_urls(neon
         assert_no_secret(workspace, *neon_setup["secrets"], project.api_key.reveal(), secrets["DATABASE_PASSWORD"])
     finally:
         workspace.write_inventory(neon_setup["inventory"])
+
+
+def test_the_app_gets_the_pooled_url_and_migrations_and_dumps_the_direct_one(neon_setup, neon_api, vercel_api,
+                                                                            postgres_server):
+    """database.url on Neon's pooler (`-pooler` host), no direct_url: the app's variables get the pooled URL
+    (pgbouncer=true) and the direct one as DIRECT_URL; migrate and backup connect to the direct endpoint."""
+    workspace = neon_setup["workspace"]
+    project = neon_api.new_project(dbname="pool")
+    pooler, direct = (neon_api.endpoint_host(project.main, pooled=pooled) for pooled in (True, False))
+    app = vercel_api.new_project({}, deployments=0)
+    inventory = json.loads(json.dumps(neon_setup["inventory"]))
+    inventory["envs"]["pooled"] = {
+        "database": {"provider": "neon", "url": "${env:POOLED_DB}", "project_id": project.id,
+                     "api_key": "${env:POOLED_NEON_KEY}", "api_base": neon_api.base_url},
+        "backups": neon_setup["storage"](inventory["envs"]["prod"]["backups"]["bucket"], prefix="pooled/"),
+        "app": {**inventory["envs"]["prod"]["app"], "platform": "vercel",
+                "vercel": {"project_id": app.id, "team_id": app.team_id, "token": "${env:POOLED_VERCEL_TOKEN}",
+                           "api": vercel_api.base_url}}}
+    workspace.write_inventory(inventory)
+    workspace.environ.update({
+        "POOLED_DB": f"postgresql://{project.role}:{project.password.reveal()}@{pooler}:{postgres_server.port}/"
+                     f"{project.main.database}?sslmode=prefer&hostaddr={postgres_server.host}",
+        "POOLED_NEON_KEY": project.api_key.reveal(), "POOLED_VERCEL_TOKEN": app.token})
+    try:
+        migrated = workspace.run("migrate", "--env", "pooled", "--json")
+        assert migrated.exit_code == 0, migrated
+        assert f"@{direct}:" in migrated.stderr and "-pooler" not in migrated.stderr, migrated.stderr
+        assert brands(neon_api.url(project, project.main)) == 0  # the migrations really ran there
+
+        dumped = workspace.run("backup", "--env", "pooled", "--json")
+        assert dumped.exit_code == 0, dumped
+        [dump] = [e["outputs"] for e in workspace.journal(dumped.json()["run_id"])
+                  if e["event"] == "step" and e["state"] == "applied" and "target" in (e.get("outputs") or {})]
+        assert dump["target"].startswith(f"{project.role}@{direct}:"), dump
+        assert "-pooler" not in dumped.stderr
+
+        pushed = workspace.run("deploy.push-env", "--env", "pooled", "--json")
+        assert pushed.exit_code == 0, pushed
+        variables = app.variables("production")
+        app_url, direct_url = urlsplit(variables["DATABASE_URL"]), urlsplit(variables["DIRECT_URL"])
+        assert app_url.hostname == pooler and "pgbouncer=true" in app_url.query
+        assert direct_url.hostname == direct and "pgbouncer" not in direct_url.query
+        assert_no_secret(workspace, *neon_setup["secrets"], project.password.reveal(), app.token)
+    finally:
+        workspace.write_inventory(neon_setup["inventory"])
