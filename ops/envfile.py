@@ -17,7 +17,7 @@ from ops.errors import InventoryError
 from ops.hosts import is_loopback
 from ops.inventory import resolve
 from ops.patterns import Pattern
-from ops.pg_url import with_credentials
+from ops.pg_url import direct_from_pooled, with_credentials
 from ops.render import template_environment, templates_dir
 from ops.secrets import MASK, Secret, mask_url_passwords, redact, reveal
 
@@ -95,26 +95,28 @@ def _stored(stored: dict[str, Secret], key: str) -> str | None:
 
 
 def _database_values(env: Environment, stored: dict[str, Secret]) -> dict[str, str | None]:
+    """DATABASE_URL (pooled when there is a pooler) and DIRECT_URL: the written one, else the one behind a Neon
+    pooler's URL (ops.pg_url.direct_from_pooled), as opsbook's own admin work uses."""
     if not env.has("database.url"):
         return {"url": None, "direct_url": None}
     password = stored.get(DATABASE_PASSWORD)
     role = env.raw("database.role", None)
+    written = str(reveal(env.value("database.url")))
+    derived = direct_from_pooled(written)
+    direct = str(reveal(env.value("database.direct_url"))) if env.has("database.direct_url") \
+        else derived.reveal() if derived else None
+    pooled = direct is not None and direct != written
 
-    pooled = env.has("database.direct_url") and (str(reveal(env.value("database.direct_url")))
-                                                 != str(reveal(env.value("database.url"))))
-
-    def url(path: str) -> str | None:
-        if not env.has(path):
+    def url(value: str | None, *, pool: bool) -> str | None:
+        if value is None:
             return None
-        value = str(reveal(env.value(path)))
         if password:
             value = with_credentials(value, password.reveal(), user=role)
-        value = with_connection_parameters(value, require_tls=not env.sandbox,
-                                           pooled=pooled and path == "database.url")
+        value = with_connection_parameters(value, require_tls=not env.sandbox, pooled=pool)
         Secret(value)  # the assembled URL is a secret too: register it for redaction
         return value
 
-    return {"url": url("database.url"), "direct_url": url("database.direct_url")}
+    return {"url": url(written, pool=pooled), "direct_url": url(direct, pool=False)}
 
 
 def with_connection_parameters(url: str, *, require_tls: bool, pooled: bool) -> str:

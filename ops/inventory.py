@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 DEFAULT_FILE = "inventory.yaml"
 SANDBOX_DRILL_SUFFIX = "-drill"  # `local-drill`: the drill target a sandbox env `local` gets (ops/sandbox.py)
 _MISSING = object()
+# Written by `inv provision` on a Neon environment whose inventory has no URL (ops/neon_provision.py).
+PROVISIONED_URLS = {"database.url": "DATABASE_URL", "database.direct_url": "DIRECT_URL"}
 _MONITOR_URL = Pattern(r"^(?:defaults|envs\.[^.]+)\.monitor\.(?:url$|jobs\.)")  # a ping URL is a credential
 
 
@@ -140,11 +142,19 @@ class Environment:
         node: Any = self.data
         for part in path.split("."):
             if not isinstance(node, dict) or part not in node:
+                if (stored := self._provisioned_url(path)) is not None:
+                    return stored
                 if default is _MISSING:
                     raise self.missing(path)
                 return default
             node = node[part]
         return node
+
+    def _provisioned_url(self, path: str) -> Secret | None:
+        """A Neon environment's URLs `inv provision` stored, where the inventory writes none (ops/neon_provision.py)."""
+        if path not in PROVISIONED_URLS or (self.data.get("database") or {}).get("provider") != "neon":
+            return None
+        return self.secret_store().get(PROVISIONED_URLS[path])
 
     def value(self, path: str, default: Any = _MISSING) -> Any:
         """The value at a dotted path, references resolved (to Secrets) now."""
@@ -176,6 +186,8 @@ class Environment:
         """A role that may create roles and databases: `database.admin_url`, else the direct URL as written."""
         if self.has("database.admin_url"):
             return as_secret(self.value("database.admin_url"))
+        if "url" not in (self.raw("database", {}) or {}) and self._provisioned_url("database.url") is not None:
+            return self.database_url(direct=True)  # the role Neon made owns the database: it is the admin here
         return self._written_database_url(direct=True)
 
     def _written_database_url(self, direct: bool) -> Secret:

@@ -61,12 +61,14 @@ MONITOR = _object({
 DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING, "name": _STRING, "role": _STRING,
                     # a managed database: Neon's API (ops/neon.py) makes branches, restores and passwords
                     "provider": {"enum": ["postgres", "neon"]}, "project_id": _STRING, "api_key": _STRING,
-                    "branch": _STRING, "api_base": _STRING,
+                    "branch": _STRING, "api_base": _STRING, "pooled": {"type": "boolean"},
                     # triage: the last lines of log_command, run over SSH on log_host (else on this machine)
                     "log_command": _STRING,
                     "log_host": _object({"name": _STRING, "address": _STRING, "user": _STRING, "port": _PORT,
-                                         "key_file": _STRING}, required=["address"])},
-                   required=["url"])
+                                         "key_file": _STRING}, required=["address"])})
+# A Neon environment may leave the URL to `inv provision`, which stores the new branch's (ops/neon_provision.py).
+DATABASE.update({"if": {"properties": {"provider": {"const": "neon"}}, "required": ["provider"]},
+                 "else": {"required": ["url"]}})
 
 KEYS = _object({
     "provider": {"enum": ["cloudflare", "aws-iam", "static"]},
@@ -217,7 +219,7 @@ ENVIRONMENT = _object({
 
 # defaults: the same sections as an environment, none required
 DEFAULTS = {**ENVIRONMENT, "properties": dict(ENVIRONMENT["properties"])}
-DEFAULTS["properties"]["database"] = {**DATABASE, "required": []}
+DEFAULTS["properties"]["database"] = {key: value for key, value in DATABASE.items() if key not in {"if", "else"}}
 DEFAULTS["properties"]["storage"] = {**STORAGE, "required": []}
 DEFAULTS["properties"]["pitr"] = {**PITR, "required": []}
 

@@ -14,7 +14,7 @@ import urllib.error
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from ops import web
 from ops.clock import as_utc, iso_z
@@ -125,6 +125,27 @@ class NeonApi:
     def databases(self, branch_id: str) -> list[str]:
         answer = self.request("GET", self._project(f"/branches/{quote(branch_id, safe='')}/databases"))
         return [str(database["name"]) for database in answer.get("databases") or []]
+
+    def primary_branch(self) -> Branch:
+        branch = next((b for b in self.branches() if b.primary), None)
+        if branch is None:
+            raise CheckFailed(f"Neon project {self.project_id} has no default branch", where=self.api_base,
+                              hint="set one in the Neon console (Branches → Set as default)")
+        return branch
+
+    def reveal_password(self, branch_id: str, role: str) -> Secret:
+        path = f"/branches/{quote(branch_id, safe='')}/roles/{quote(role, safe='')}/reveal_password"
+        return Secret(str(self.request("GET", self._project(path)).get("password") or ""))
+
+    def connection_uri(self, branch_id: str, database: str, role: str, *, pooled: bool) -> Secret:
+        """The URL of `database` as `role` on the branch's read-write endpoint (its `-pooler` host when pooled)."""
+        query = urlencode({"branch_id": branch_id, "database_name": database, "role_name": role,
+                           "pooled": "true" if pooled else "false"})
+        uri = self.request("GET", self._project(f"/connection_uri?{query}")).get("uri")
+        if not uri:
+            raise StepFailed(f"Neon gave no connection URI for {role}@{database} on branch {branch_id}",
+                             where=self.api_base, hint="check the branch has a read-write compute endpoint")
+        return Secret(str(uri))
 
     # --- changes (each waits for its operations) ---
 

@@ -168,6 +168,8 @@ class DatabaseStep(Step):
 
 def database_state(ctx: RunContext, database: str) -> str:
     """"missing", "empty" (no table in any schema) or "used": what a migration step may assume."""
+    if not ctx.env.has("database.url"):  # a Neon branch's URL, stored once provision has made it
+        return "missing"
     if not pg.database_exists(ctx.database(admin=True), database):
         return "missing"
     row = ctx.database(database, admin=True).execute(

@@ -1,6 +1,7 @@
 """inv provision: the provisioning checklist as idempotent steps, from nothing to a running app.
 
-    1. buckets (app, backups), the database role (generated password) and the database
+    1. buckets (app, backups), the database role (generated password) and the database; on Neon
+       the branch, role and database through its API, and the branch's URLs (ops/neon_provision.py)
     2. each bucket's lifecycle rule (abort incomplete multipart uploads) where the provider
        has them, set by its bucket step; the app's storage key through the key provider
        (`keys`), probed, kept in the secret store
@@ -25,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from invoke import task
 
-from ops import pg_url
+from ops import neon, neon_provision, pg_url
 from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Runbook
 from ops.errors import OpsError
@@ -56,8 +57,13 @@ if TYPE_CHECKING:
 
 def database_names(env: Environment) -> tuple[str, str]:
     """(role, database) the app uses: `database.role`/`database.name`, else the URL's user and database."""
+    role, name = env.raw("database.role", None), env.raw("database.name", None)
+    if role and name:
+        return role, name
+    if neon.is_neon(env) and not env.has("database.url"):
+        raise env.missing("database.role" if not role else "database.name")
     target = pg_url.parse_url(env.database_url(direct=True))
-    return env.raw("database.role", None) or target.user, env.raw("database.name", None) or target.dbname
+    return role or target.user, name or target.dbname
 
 
 def _first_host_app(env: Environment) -> tuple[str | None, dict[str, Any]]:
@@ -156,7 +162,8 @@ def switches_every_app(env: Environment) -> bool:
 def build(env: Environment, **arguments: Any) -> Runbook:
     role, database = database_names(env)
     steps = bucket_steps(env)
-    steps += [RoleStep(role), DatabaseStep(database, role)]
+    steps += neon_provision.provision_steps(env, role, database) if neon.is_neon(env) \
+        else [RoleStep(role), DatabaseStep(database, role)]
     key_step = StorageKeyStep(str(env.raw("keys.provider")), retire=switches_every_app(env)) \
         if uses_key_provider(env) else None
     if key_step:  # after the buckets: the new key is probed on the app bucket

@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) and SIGTERM stop a run within seconds, wherever it is: in a command on an app host
-(the main thread's seed, a rolling restart's worker thread) or in a local pg_dump. The remote command is
+(the main thread's seed, a rolling restart's worker thread), in a local pg_dump, or waiting on a platform's
+API (a Vercel build, a Neon operation). The remote command is
 stopped on the host, the journal says "interrupted" at that step, the exit code is 130, and
 `inv runs.resume ID` finishes the run."""
 
@@ -233,3 +234,74 @@ def test_ctrl_c_while_the_snapshot_reader_starts_ends_the_dump_step_as_an_interr
         blocker.rollback()
         blocker.close()
         ctx.close()
+
+
+def test_ctrl_c_while_a_vercel_redeploy_builds_stops_the_wait_and_the_run_resumes(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any, vercel_api: Any) -> None:
+    database_url = postgres_server.create_database()
+    project = vercel_api.new_project({"DATABASE_URL": database_url.reveal()}, deployments=1)
+    serving = project.production
+    opsbook.environ.update({"VERCEL_TOKEN": project.token, "DB_URL": database_url.reveal(),
+                            "S3_SECRET": s3_server.secret_access_key.reveal()})
+    opsbook.write_inventory({"project": "interrupttest", "default_env": "prod", "envs": {"prod": {
+        "database": {"url": "${env:DB_URL}"},
+        "backups": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                    "bucket": s3_server.make_bucket().bucket, "prefix": "prod/",
+                    "access_key_id": s3_server.access_key_id, "secret_access_key": "${env:S3_SECRET}"},
+        "app": {"platform": "vercel", "health_timeout": 10,
+                "vercel": {"project_id": project.id, "team_id": project.team_id, "token": "${env:VERCEL_TOKEN}",
+                           "api": vercel_api.base_url, "build_timeout": 60},
+                "health_url": vercel_api.url(project, "/api/health"),
+                "ready_url": vercel_api.url(project, "/api/ready")}}}})
+    project.hold_builds = True
+    try:
+        result, seconds, _ = interrupt_when(
+            opsbook, ("deploy.restart", "--env", "prod"),
+            lambda _: len(project.deployments) == 2 and project.deployments[-1].state == "BUILDING", signal.SIGINT)
+    finally:
+        project.hold_builds = False
+    assert result.exit_code == 130, result
+    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
+    assert "Traceback" not in result.output and "runs.resume" in result.stderr, result
+    run_id = opsbook.latest_run_id()
+    assert_interrupted_at(opsbook, run_id, "restart")
+
+    resumed = opsbook.run("runs.resume", run_id, "--json")
+    assert resumed.exit_code == 0, resumed
+    assert resumed.json()["status"] == "succeeded", resumed
+    assert project.production != serving and project.serving().state == "READY"
+
+
+def test_ctrl_c_while_neon_creates_a_branch_stops_the_wait_and_provision_resumes(
+        opsbook: Opsbook, s3_server: Any, neon_api: Any) -> None:
+    project = neon_api.new_project(dbname="held")
+    opsbook.environ.update({"NEON_API_KEY": project.api_key.reveal(),
+                            "S3_SECRET": s3_server.secret_access_key.reveal()})
+    opsbook.write_inventory({"project": "interrupttest", "default_env": "staging", "envs": {"staging": {
+        "database": {"provider": "neon", "project_id": project.id, "api_key": "${env:NEON_API_KEY}",
+                     "api_base": neon_api.base_url, "branch": "staging", "role": f"held_{project.id[5:]}",
+                     "name": f"held_{project.id[5:]}"},
+        "backups": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
+                    "bucket": s3_server.make_bucket().bucket, "prefix": "staging/",
+                    "access_key_id": s3_server.access_key_id, "secret_access_key": "${env:S3_SECRET}"}}}})
+    project.hold_operations = True
+    try:
+        result, seconds, _ = interrupt_when(
+            opsbook, ("provision", "--env", "staging"),
+            lambda _: sum(call.startswith("GET /operations/") for call in neon_api.calls(project)) >= 2,
+            signal.SIGINT)
+    finally:
+        project.hold_operations = False
+    assert result.exit_code == 130, result
+    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
+    assert "Traceback" not in result.output and "runs.resume" in result.stderr, result
+    run_id = opsbook.latest_run_id()
+    assert_interrupted_at(opsbook, run_id, "neon-branch")
+    assert not any(call.endswith("/roles") and call.startswith("POST") for call in neon_api.calls(project))
+
+    resumed = opsbook.run("runs.resume", run_id, "--json")
+    assert resumed.exit_code == 0, resumed
+    assert resumed.json()["status"] == "succeeded", resumed
+    branch = project.branch("staging")
+    assert f"held_{project.id[5:]}" in branch.databases
+    assert neon_api.calls(project).count("POST /branches") == 1  # the branch made before the interrupt is used

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -225,3 +226,103 @@ def test_health_checks_the_branch_and_both_endpoints(neon_setup):
         workspace.write_inventory(neon_setup["inventory"])
     assert missing.exit_code == 3 and "has no branch 'gone'" in missing.output, missing
     assert_no_secret(workspace, *neon_setup["secrets"])
+
+
+def test_provision_creates_the_branch_role_and_database_and_stores_the_urls(neon_setup, neon_api):
+    from tests.fixtures.secrets import stored
+
+    workspace = neon_setup["workspace"]
+    project = neon_api.new_project(dbname="prov")
+    role = f"shop_{project.id[5:]}"
+    inventory = json.loads(json.dumps(neon_setup["inventory"]))
+    bucket = inventory["envs"]["prod"]["backups"]["bucket"]
+    fresh = {"database": {"provider": "neon", "project_id": project.id, "api_key": "${env:PROV_NEON_KEY}",
+                          "api_base": neon_api.base_url, "branch": "staging", "role": role,
+                          "name": f"shopdb_{project.id[5:]}"},
+             "backups": neon_setup["storage"](bucket, prefix="fresh/"), "app": inventory["envs"]["prod"]["app"]}
+    inventory["envs"]["fresh"] = fresh
+    inventory["envs"]["guarded"] = {**json.loads(json.dumps(fresh)), "protected": True,
+                                    "backups": neon_setup["storage"](bucket, prefix="guarded/")}
+    workspace.write_inventory(inventory)
+    workspace.environ["PROV_NEON_KEY"] = project.api_key.reveal()
+
+    def changes() -> list[str]:
+        return [call for call in neon_api.calls(project) if not call.startswith("GET")]
+
+    try:
+        planned = workspace.run("provision", "--env", "fresh", "--dry-run")
+        assert planned.exit_code == 0, planned
+        for said in ("create Neon branch staging", f"create role {role} on Neon branch staging",
+                     f"create database shopdb_{project.id[5:]}", "store DATABASE_URL and DIRECT_URL"):
+            assert said in planned.stderr, planned
+        refused = workspace.run("provision", "--env", "guarded")
+        assert refused.exit_code == 2 and "--confirm guarded" in refused.output, refused
+        assert changes() == [] and [b.name for b in project.branches.values()] == ["main"]
+
+        result = workspace.run("provision", "--env", "fresh", "--json")
+        assert result.exit_code == 0, result.stderr
+        branch = project.branch("staging")
+        assert changes() == ["POST /branches", f"POST /branches/{branch.id}/roles",
+                             f"POST /branches/{branch.id}/databases"]
+        secrets = stored(workspace, "fresh")
+        assert secrets["DATABASE_PASSWORD"] == project.role_passwords[role]
+        pooled, direct = (urlsplit(secrets[name]) for name in ("DATABASE_URL", "DIRECT_URL"))
+        assert pooled.hostname == neon_api.endpoint_host(branch, pooled=True) and pooled.password is None
+        assert direct.hostname == neon_api.endpoint_host(branch, pooled=False) and direct.password is None
+        assert pooled.username == direct.username == role
+        # The migrations ran on the new database, as its owner, through the direct URL.
+        assert branch.databases[fresh["database"]["name"]] == (fresh["database"]["name"], role)
+        assert brands(neon_api.server.url(fresh["database"]["name"])) == 0
+
+        again = workspace.run("provision", "--env", "fresh", "--json")
+        assert again.exit_code == 0 and again.json()["status"] == "nothing to do", again.stderr
+        assert "warning" not in again.stderr  # the stored URLs have sslmode, and pgbouncer=true on the pooler's
+        assert len(changes()) == 3
+        assert_no_secret(workspace, *neon_setup["secrets"], project.api_key.reveal(), secrets["DATABASE_PASSWORD"])
+    finally:
+        workspace.write_inventory(neon_setup["inventory"])
+
+
+def test_the_app_gets_the_pooled_url_and_migrations_and_dumps_the_direct_one(neon_setup, neon_api, vercel_api,
+                                                                            postgres_server):
+    """database.url on Neon's pooler (`-pooler` host), no direct_url: the app's variables get the pooled URL
+    (pgbouncer=true) and the direct one as DIRECT_URL; migrate and backup connect to the direct endpoint."""
+    workspace = neon_setup["workspace"]
+    project = neon_api.new_project(dbname="pool")
+    pooler, direct = (neon_api.endpoint_host(project.main, pooled=pooled) for pooled in (True, False))
+    app = vercel_api.new_project({}, deployments=0)
+    inventory = json.loads(json.dumps(neon_setup["inventory"]))
+    inventory["envs"]["pooled"] = {
+        "database": {"provider": "neon", "url": "${env:POOLED_DB}", "project_id": project.id,
+                     "api_key": "${env:POOLED_NEON_KEY}", "api_base": neon_api.base_url},
+        "backups": neon_setup["storage"](inventory["envs"]["prod"]["backups"]["bucket"], prefix="pooled/"),
+        "app": {**inventory["envs"]["prod"]["app"], "platform": "vercel",
+                "vercel": {"project_id": app.id, "team_id": app.team_id, "token": "${env:POOLED_VERCEL_TOKEN}",
+                           "api": vercel_api.base_url}}}
+    workspace.write_inventory(inventory)
+    workspace.environ.update({
+        "POOLED_DB": f"postgresql://{project.role}:{project.password.reveal()}@{pooler}:{postgres_server.port}/"
+                     f"{project.main.database}?sslmode=prefer&hostaddr={postgres_server.host}",
+        "POOLED_NEON_KEY": project.api_key.reveal(), "POOLED_VERCEL_TOKEN": app.token})
+    try:
+        migrated = workspace.run("migrate", "--env", "pooled", "--json")
+        assert migrated.exit_code == 0, migrated
+        assert f"@{direct}:" in migrated.stderr and "-pooler" not in migrated.stderr, migrated.stderr
+        assert brands(neon_api.url(project, project.main)) == 0  # the migrations really ran there
+
+        dumped = workspace.run("backup", "--env", "pooled", "--json")
+        assert dumped.exit_code == 0, dumped
+        [dump] = [e["outputs"] for e in workspace.journal(dumped.json()["run_id"])
+                  if e["event"] == "step" and e["state"] == "applied" and "target" in (e.get("outputs") or {})]
+        assert dump["target"].startswith(f"{project.role}@{direct}:"), dump
+        assert "-pooler" not in dumped.stderr
+
+        pushed = workspace.run("deploy.push-env", "--env", "pooled", "--json")
+        assert pushed.exit_code == 0, pushed
+        variables = app.variables("production")
+        app_url, direct_url = urlsplit(variables["DATABASE_URL"]), urlsplit(variables["DIRECT_URL"])
+        assert app_url.hostname == pooler and "pgbouncer=true" in app_url.query
+        assert direct_url.hostname == direct and "pgbouncer" not in direct_url.query
+        assert_no_secret(workspace, *neon_setup["secrets"], project.password.reveal(), app.token)
+    finally:
+        workspace.write_inventory(neon_setup["inventory"])

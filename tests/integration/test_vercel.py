@@ -10,7 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.cli import Opsbook
+from ops.secrets import Secret
+from tests.cli import Opsbook, http_status
+from tests.fixtures.s3 import iam_keys, refused
 from tests.fixtures.secrets import assert_no_secret, stored
 from tests.fixtures.vercel import FakeProject, FakeVercel
 
@@ -262,3 +264,54 @@ def test_the_drill_points_a_vercel_staging_at_the_restored_database(
     assert project.production != serving  # redeployed with the restored database's URL
     assert project.variables("production")["DATABASE_URL"].startswith(staging_url.reveal().split("?")[0])
     assert_no_secret(opsbook, project.token, postgres_server.password.reveal())
+
+
+def test_keys_rotate_pushes_the_new_key_redeploys_checks_and_revokes_the_old(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any, vercel_api: FakeVercel) -> None:
+    """aws-iam keys (moto, signatures and permissions enforced) for an app on Vercel: the new key becomes the
+    project's variables, a redeploy serves with it (its ready check reaches the bucket), then the old key goes."""
+    user = f"app-{uuid.uuid4().hex[:8]}"
+    old = s3_server.create_access_key(user)
+    assets, backups = s3_server.make_bucket().bucket, s3_server.make_bucket().bucket
+    database_url = postgres_server.create_database(f"vercel_{uuid.uuid4().hex[:8]}")
+    serving_with_old_key = {"DATABASE_URL": database_url.reveal(), "S3_ENDPOINT": s3_server.endpoint,
+                            "S3_REGION": "us-east-1", "S3_BUCKET": assets,
+                            "S3_ACCESS_KEY_ID": old[0], "S3_SECRET_ACCESS_KEY": old[1].reveal()}
+    with s3_server.enforce_auth():
+        project = vercel_api.new_project(serving_with_old_key, deployments=1)
+        opsbook.environ.update({"APP_DATABASE_URL": database_url.reveal(), "VERCEL_TOKEN": project.token,
+                                "S3_KEY_ID": old[0], "S3_SECRET": old[1].reveal()})
+        ready_url = vercel_api.url(project, "/api/ready")
+        opsbook.write_inventory({"project": "verceltest", "default_env": "prod", "envs": {"prod": {
+            "database": {"url": "${env:APP_DATABASE_URL}"},
+            "storage": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1", "bucket": assets,
+                        "access_key_id": "${env:S3_KEY_ID}", "secret_access_key": "${env:S3_SECRET}"},
+            "backups": {"bucket": backups, "prefix": "prod/"},
+            "keys": {"provider": "aws-iam", "iam_user": user, "probe_timeout": 2},
+            "app": {"platform": "vercel", "health_timeout": 10,
+                    "vercel": {"project_id": project.id, "team_id": project.team_id, "token": "${env:VERCEL_TOKEN}",
+                               "api": vercel_api.base_url, "build_timeout": 20},
+                    "health_url": vercel_api.url(project, "/api/health"), "ready_url": ready_url}}}})
+        assert http_status(ready_url) == 200
+        serving = project.production
+
+        dry = opsbook.run("keys.rotate", "--dry-run")
+        assert dry.exit_code == 0, dry
+        assert "would create a new aws-iam key" in dry.stderr and "would revoke the old key" in dry.stderr, dry
+        assert not [c for c in project.calls if not c.startswith("GET ")] and project.production == serving
+
+        result = opsbook.run("keys.rotate", "--json")
+        assert result.exit_code == 0, result
+        steps = {e["step"]: e["state"] for e in opsbook.journal(result.json()["run_id"]) if e["event"] == "step"}
+        assert [name for name in steps if name.startswith(("push-env", "restart"))], steps
+        secrets = stored(opsbook, "prod")
+        new = (secrets["STORAGE_ACCESS_KEY_ID"], secrets["STORAGE_SECRET_ACCESS_KEY"])
+        assert new[0] != old[0]
+        variables = serving_variables(project)
+        assert (variables["S3_ACCESS_KEY_ID"], variables["S3_SECRET_ACCESS_KEY"]) == new
+        assert project.production != serving and project.serving().state == "READY"
+        assert http_status(ready_url) == 200  # the redeployed app reaches the bucket with the new key
+        assert refused(s3_server, assets, old[0], old[1]) == "InvalidAccessKeyId"
+        assert refused(s3_server, assets, new[0], Secret(new[1])) is None
+        assert iam_keys(s3_server, user, (new[0], Secret(new[1]))) == [new[0]]
+    assert_no_secret(opsbook, project.token, old[1].reveal(), new[1], postgres_server.password.reveal())

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 import textwrap
+from urllib.parse import urlsplit
 
 import yaml
 
+from ops import inventory, neon
 from ops.inventory_schema import schema_errors
 from ops.platform_steps import REGISTERED
 from ops.platforms import PLATFORMS, Platform
+from ops.platforms import platform as platform_of
 from tests.cli import REPOSITORY
 
 CONTRACT = ("require", "push_env_steps", "restart_step", "rollback_steps", "probes")
@@ -42,3 +45,20 @@ def test_the_schema_refuses_an_unknown_platform_and_a_vercel_section_without_its
     no_project = {"project": "shop", "envs": {"prod": {"database": {"url": "x"},
                                                         "app": {"platform": "vercel", "vercel": {"token": "t"}}}}}
     assert any("project_id" in error.message for error in schema_errors(no_project))
+
+
+def test_the_readme_vercel_and_neon_example_loads_as_an_environment_of_both(tmp_path, monkeypatch) -> None:
+    """Through the inventory loader (schema and checks), then read as the runbooks read it."""
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump({"project": "shop", "envs": readme_vercel_environment()}))
+    monkeypatch.setenv("NEON_API_KEY", "napi_example")
+    monkeypatch.setenv("VERCEL_TOKEN", "vercel_example")
+    monkeypatch.setenv("OPS_HOME", str(tmp_path / ".ops"))
+    env = inventory.load(path).environment("prod")
+    assert platform_of(env).name == "vercel" and neon.is_neon(env) and env.protected
+    platform_of(env).require(env)
+    assert neon.client(env).project_id == "calm-sky-123456" and neon.branch_name(env) == "main"
+    assert env.raw("drill.target") == "neon-branch"
+    direct = urlsplit(env.database_url(direct=True).reveal())
+    assert direct.hostname == "ep-calm-1.us-east-2.aws.neon.tech"  # admin work: the direct endpoint
+    assert urlsplit(env.database_url(direct=False).reveal()).hostname == "ep-calm-1-pooler.us-east-2.aws.neon.tech"
