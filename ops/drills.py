@@ -31,7 +31,7 @@ from ops.errors import OpsError
 from ops.output import human_size
 from ops.render import render_markup, template_environment
 from ops.storage import open_storage
-from ops.svg_chart import Point, bar_chart, line_chart
+from ops.svg_chart import BYTES, SECONDS, Axes, Point, bar_chart, line_chart
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -175,15 +175,14 @@ def render_html(report: dict[str, Any], history: list[dict[str, Any]]) -> str:
         {"name": "rpo", "label": "RPO (age of the backup used)", "measured": duration_text(report.get("rpo_seconds")),
          "target": f"{rpo_target:g} h" if rpo_target is not None else "none set",
          "status": statuses.get("rpo", "not checked")}]
+    durations = Axes(duration_text, SECONDS)
     charts = {
-        "rto": line_chart("rto-chart", "RTO of every drill", _points(drills, "rto_seconds"),
-                          unit=duration_text, target=rto_target * 60 if rto_target is not None else None,
-                          target_label="RTO target"),
-        "rpo": line_chart("rpo-chart", "RPO of every drill", _points(drills, "rpo_seconds"),
-                          unit=duration_text, target=rpo_target * 3600 if rpo_target is not None else None,
-                          target_label="RPO target"),
+        "rto": line_chart("rto-chart", "RTO of every drill", _points(drills, "rto_seconds"), durations,
+                          target=rto_target * 60 if rto_target is not None else None, target_label="RTO target"),
+        "rpo": line_chart("rpo-chart", "RPO of every drill", _points(drills, "rpo_seconds"), durations,
+                          target=rpo_target * 3600 if rpo_target is not None else None, target_label="RPO target"),
         "size": bar_chart("size-chart", "Restored size of every drill (the dump, before compression)",
-                          _points(drills, "restored_bytes"), unit=human_size)}
+                          _points(drills, "restored_bytes"), Axes(human_size, BYTES))}
     restored = report.get("restored_bytes")
     size = f"{human_size(restored)} restored, {report.get('restored_rows')} rows" if restored is not None else ""
     return render_markup(HTML_TEMPLATE, {"report": {**report, "restored_size": size}, "objectives": objectives,
