@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
-from ops import multi_env
 from ops import status_facts as facts
 from ops.cli import OpsTask, TaskCall
 from ops.drills import list_drills
@@ -261,11 +260,8 @@ def dashboard(env: Environment, report: StatusReport) -> str:
     return render_dashboard(report.to_json(), history, list_drills(env), now, history_error=error)
 
 
-def html_path(html: str, env: str | None, env_name: str) -> Path:
-    """FILE with `{env}` replaced; several environments need `{env}` in it, or each would overwrite the last."""
-    if multi_env.requested(env) and "{env}" not in html:
-        raise UsageError(f"--html {html} with several environments: each would overwrite the last",
-                         hint="put {env} in the file name, e.g. --html 'status-{env}.html'")
+def html_path(html: str, env_name: str) -> Path:
+    """FILE with `{env}` replaced by the environment's name: one page each when --env names several."""
     path = Path(html.replace("{env}", env_name)).expanduser()
     if not path.parent.is_dir():
         raise UsageError(f"--html {path}: the folder {path.parent} does not exist",
@@ -282,10 +278,11 @@ def write_page(path: Path, page: str) -> None:
 
 @task(klass=OpsTask, multi_env=True,
       help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)",
-                html="also write an operator's dashboard (charts of backups, retention, key age, drills) to FILE"))
+                html="also write an operator's dashboard (charts of backups, retention, key age, drills) to FILE "
+                     "({env} in it: the environment's name)"))
 def status(call: TaskCall, env=None, json=False, prometheus=None, html=None):
     """Database size, connections, slow queries, buckets, last backup, key age, migrations, incidents."""
-    page = html_path(html, env, call.environment.name) if html else None
+    page = html_path(html, call.environment.name) if html else None
     report = collect(call.environment)
     show(report, call.output)
     if prometheus:
