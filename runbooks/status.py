@@ -26,7 +26,7 @@ from invoke import task
 from ops import status_facts as facts
 from ops.cli import OpsTask, TaskCall
 from ops.drills import list_drills
-from ops.errors import CheckFailed, InventoryError, OpsError, UsageError
+from ops.errors import CheckFailed, InventoryError, OpsError, StepFailed, UsageError
 from ops.metrics import MetricFamily, write_textfile
 from ops.output import human_size
 from ops.status_facts import describe_error, migration_state, open_incidents
@@ -272,8 +272,12 @@ def html_path(html: str, env_name: str) -> Path:
 def write_page(path: Path, page: str) -> None:
     """Atomically: a browser or a web server never reads half a page."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(page)
-    partial.replace(path)
+    try:
+        partial.write_text(page)
+        partial.replace(path)
+    except OSError as error:
+        raise StepFailed(f"--html {path}: cannot be written ({error.strerror})",
+                         hint="check the folder's permissions and free space") from None
 
 
 @task(klass=OpsTask, multi_env=True,
