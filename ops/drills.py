@@ -1,12 +1,14 @@
 """DR drill records: the evidence a drill leaves, where it is kept, and whether this quarter's is done.
 
-A drill's evidence is two files, `report.md` (from ops/templates/drill_report.md.j2) and
-`report.json`, kept under `<state>/drills/<id>/` and uploaded to the SOURCE
-environment's backups storage at `drills/<id>/`. report.json:
+A drill's evidence is three files, `report.md` (from ops/templates/drill_report.md.j2),
+`report.html` (ops/templates/reports/drill.html.j2: the same facts, and charts of every drill
+of the source so far) and `report.json`, kept under `<state>/drills/<id>/` and uploaded to
+the SOURCE environment's backups storage at `drills/<id>/`. report.json:
 
     {id, source_env, target_env, operator, started_at, finished_at (ISO UTC "…Z"), backup_id,
      passed, rto_seconds, rpo_seconds, rto_until, targets: {rto_minutes, rpo_hours},
-     steps: [{name, passed, seconds, detail, status}], failures: [...]}
+     restored_bytes, restored_rows (the dump's size before compression and its rows; null when
+     the restore did not pass), steps: [{name, passed, seconds, detail, status}], failures: [...]}
 
 A step is passed, failed, skipped (a check it needs did not pass) or not applicable (the
 target has nothing it could check, e.g. no app hosts to restart); the drill passes when
@@ -26,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z, parse_time
 from ops.errors import OpsError
-from ops.render import template_environment
+from ops.output import human_size
+from ops.render import render_markup, template_environment
 from ops.storage import open_storage
+from ops.svg_chart import BYTES, SECONDS, Axes, Point, bar_chart, line_chart
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -36,7 +40,9 @@ if TYPE_CHECKING:
 DRILLS_DIR = "drills/"
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
+REPORT_HTML = "report.html"
 TEMPLATE = "drill_report.md.j2"
+HTML_TEMPLATE = "reports/drill.html.j2"
 PASSED, FAILED, SKIPPED, NOT_APPLICABLE = "passed", "failed", "skipped", "not applicable"
 RTO_UNTIL_READY = "staging ready"
 
@@ -82,6 +88,8 @@ class DrillReport:
     targets: dict[str, float | None]
     steps: list[StepResult] = field(default_factory=list)
     rto_until: str = RTO_UNTIL_READY  # what the RTO is measured up to
+    restored_bytes: int | None = None  # the dump restored, before compression
+    restored_rows: int | None = None
 
     @property
     def failures(self) -> list[str]:
@@ -96,7 +104,8 @@ class DrillReport:
                 "operator": self.operator, "started_at": self.started_at, "finished_at": self.finished_at,
                 "backup_id": self.backup_id, "passed": self.passed,
                 "rto_seconds": _rounded(self.rto_seconds), "rpo_seconds": _rounded(self.rpo_seconds),
-                "rto_until": self.rto_until,
+                "rto_until": self.rto_until, "restored_bytes": self.restored_bytes,
+                "restored_rows": self.restored_rows,
                 "targets": dict(self.targets), "steps": [step.to_json() for step in self.steps],
                 "failures": self.failures}
 
@@ -126,22 +135,67 @@ def render_markdown(report: dict[str, Any]) -> str:
         report={"rto_until": RTO_UNTIL_READY, **report, "objectives": objectives})
 
 
-def save_report(state_dir: Path, report: dict[str, Any], markdown: str) -> Path:
-    """`<state>/drills/<id>/report.json|md`; returns the folder."""
+def save_report(state_dir: Path, report: dict[str, Any], markdown: str, html: str) -> Path:
+    """`<state>/drills/<id>/report.json|md|html`; returns the folder."""
     folder = state_dir / "drills" / report["id"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (folder / REPORT_MARKDOWN).write_text(markdown)
+    (folder / REPORT_HTML).write_text(html)
     return folder
 
 
-def upload_report(storage: Storage, report: dict[str, Any], markdown: str) -> list[str]:
-    """Markdown first, JSON last: a listing only shows drills whose report.json (the record) is complete."""
+def upload_report(storage: Storage, report: dict[str, Any], markdown: str, html: str) -> list[str]:
+    """Markdown and HTML first, JSON last: a listing only shows drills whose report.json (the record) is complete."""
     prefix = f"{DRILLS_DIR}{report['id']}/"
     storage.put_bytes(prefix + REPORT_MARKDOWN, markdown.encode(), content_type="text/markdown; charset=utf-8")
+    storage.put_bytes(prefix + REPORT_HTML, html.encode(), content_type="text/html; charset=utf-8")
     storage.put_bytes(prefix + REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode(),
                       content_type="application/json")
-    return [prefix + REPORT_MARKDOWN, prefix + REPORT_JSON]
+    return [prefix + REPORT_MARKDOWN, prefix + REPORT_HTML, prefix + REPORT_JSON]
+
+
+# --- the HTML report ------------------------------------------------------------------------------
+
+
+def render_html(report: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """The report as a page, with charts of RTO, RPO and restored size over `history` (the source's past
+    drills, any order; this one is added when missing), oldest first."""
+    drills = sorted([d for d in history if d.get("id") != report["id"]] + [report],
+                    key=lambda d: (d.get("started_at") or "", d.get("id") or ""))
+    targets = report.get("targets") or {}
+    rto_target = targets.get("rto_minutes")
+    rpo_target = targets.get("rpo_hours")
+    statuses = {step["name"]: step["status"] for step in report["steps"]}
+    objectives = [
+        {"name": "rto", "label": f"RTO (drill start → {report.get('rto_until', RTO_UNTIL_READY)})",
+         "measured": duration_text(report.get("rto_seconds")),
+         "target": f"{rto_target:g} min" if rto_target is not None else "none set",
+         "status": statuses.get("rto", "not checked")},
+        {"name": "rpo", "label": "RPO (age of the backup used)", "measured": duration_text(report.get("rpo_seconds")),
+         "target": f"{rpo_target:g} h" if rpo_target is not None else "none set",
+         "status": statuses.get("rpo", "not checked")}]
+    durations = Axes(duration_text, SECONDS)
+    charts = {
+        "rto": line_chart("rto-chart", "RTO of every drill", _points(drills, "rto_seconds"), durations,
+                          target=rto_target * 60 if rto_target is not None else None, target_label="RTO target"),
+        "rpo": line_chart("rpo-chart", "RPO of every drill", _points(drills, "rpo_seconds"), durations,
+                          target=rpo_target * 3600 if rpo_target is not None else None, target_label="RPO target"),
+        "size": bar_chart("size-chart", "Restored size of every drill (the dump, before compression)",
+                          _points(drills, "restored_bytes"), Axes(human_size, BYTES))}
+    restored = report.get("restored_bytes")
+    size = f"{human_size(restored)} restored, {report.get('restored_rows')} rows" if restored is not None else ""
+    return render_markup(HTML_TEMPLATE, {"report": {**report, "restored_size": size}, "objectives": objectives,
+                                         "charts": charts, "history_count": len(drills)})
+
+
+def _points(drills: list[dict[str, Any]], field_name: str) -> list[Point]:
+    def label(drill: dict[str, Any]) -> str:
+        started = drill.get("started_at") or ""
+        return started[5:16].replace("T", " ") or str(drill.get("id"))
+
+    return [Point(label(d), d.get(field_name), kind="passed" if d.get("passed") else "failed",
+                  note=f"drill {d.get('id')} {'passed' if d.get('passed') else 'failed'}") for d in drills]
 
 
 # --- history ------------------------------------------------------------------------------------

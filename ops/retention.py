@@ -282,12 +282,18 @@ def backup_info(manifest: Manifest, verifications: list[dict[str, Any]]) -> Back
 def read_backups(storage: Storage) -> tuple[list[BackupInfo], list[IncompleteBackup]]:
     """Complete backups (with their verifications) and incomplete ones. A damaged manifest does not
     stop retention: that backup comes back as incomplete with its `problem`, and is never deleted."""
+    complete, incomplete = read_manifests(storage)
+    return [info for _manifest, info in complete], incomplete
+
+
+def read_manifests(storage: Storage) -> tuple[list[tuple[Manifest, BackupInfo]], list[IncompleteBackup]]:
+    """read_backups with each backup's manifest beside what retention knows of it (`status --html` charts
+    their durations)."""
     complete, incomplete = list_backups(storage, strict=False)
     # One more listing tells which backups were ever verified: no request per backup for the others.
     verified_keys = {info.key for info in storage.list(BACKUPS_PREFIX) if info.key.endswith(VERIFICATION_NAME)}
-    infos = [backup_info(m, read_verifications(storage, m.id) if verification_key(m.id) in verified_keys else [])
-             for m in complete]
-    return infos, incomplete
+    return [(m, backup_info(m, read_verifications(storage, m.id) if verification_key(m.id) in verified_keys else []))
+            for m in complete], incomplete
 
 
 def survey(storage: Storage, policy: RetentionPolicy, now: datetime, *, force: bool = False) -> Survey:

@@ -20,6 +20,7 @@ from ops.errors import OpsError
 from ops.keys import key_status
 from ops.migrations import environment_status
 from ops.patterns import Pattern
+from ops.retention import plan_retention, policy_for, read_manifests
 from ops.secrets import redact
 from ops.storage import open_storage
 
@@ -191,6 +192,19 @@ def last_backup(env: Environment, storage: Storage | None = None) -> dict[str, A
             "age_seconds": round((now - newest.finished).total_seconds(), 3), "size_bytes": newest.size,
             "duration_seconds": newest.seconds, "finished_timestamp": newest.finished.timestamp(),
             "newest_verified": verified, "count": len(complete)}
+
+
+def backup_history(env: Environment, now: datetime | None = None) -> dict[str, Any]:
+    """Every complete backup, newest first (size, duration, last verification), and what retention keeps of
+    them and why: what `status --html` draws."""
+    storage = open_storage(env.storage_config("backups"))
+    complete, _incomplete = read_manifests(storage)
+    policy = policy_for(env)
+    plan = plan_retention([info for _manifest, info in complete], policy, now or datetime.now(UTC))
+    backups = [{"id": manifest.id, "finished_at": manifest.finished_at, "size_bytes": manifest.size,
+                "seconds": manifest.seconds, "verified_at": iso_z_or_none(info.verified_at)}
+               for manifest, info in complete]
+    return {"backups": backups, "retention": {"policy": policy.describe(), **plan.to_json()}}
 
 
 # --- keys, migrations, incidents (other modules' data) ----------------------------------------

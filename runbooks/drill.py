@@ -14,7 +14,7 @@
              of the backup used, against the source's `targets`.
 
 Each check runs even when an earlier one failed, unless it needs that one (the app cannot be pointed at a
-restore that did not happen), so the report names every cause. The report (Markdown and JSON, ops/drills.py)
+restore that did not happen), so the report names every cause. The report (Markdown, HTML, JSON: ops/drills.py)
 is saved under <state>/drills/<id>/ and uploaded to the source's backups storage; any failed check exits 3.
 """
 
@@ -250,7 +250,7 @@ class ReportStep(Step):
 
     def __init__(self, session: Session):
         self.session = session
-        self.title = (f"write the evidence report (Markdown and JSON) to .ops/drills/ and to "
+        self.title = (f"write the evidence report (Markdown, HTML with charts, JSON) to .ops/drills/ and to "
                       f"{session.source.name}'s backups storage under drills/")
 
     def check(self, ctx: RunContext) -> Change | None:
@@ -259,8 +259,9 @@ class ReportStep(Step):
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         report = self.report(ctx)
         markdown = drills.render_markdown(report)
-        folder = drills.save_report(ctx.env.inventory.state_dir, report, markdown)
-        uploaded = self._upload(ctx, report, markdown)
+        html = drills.render_html(report, drills.list_drills(self.session.source))
+        folder = drills.save_report(ctx.env.inventory.state_dir, report, markdown, html)
+        uploaded = self._upload(ctx, report, markdown, html)
         ctx.state["drill"] = {**report, "folder": str(folder), "uploaded": uploaded}
         ctx.log(f"report: {folder / drills.REPORT_MARKDOWN}" + (f" and {uploaded[0]} …" if uploaded else ""))
         if not report["passed"]:
@@ -281,17 +282,21 @@ class ReportStep(Step):
         started = session.started_at or utc_now()
         if manifest is not None:
             rpo = max((started - manifest.finished).total_seconds(), 0.0)
+        restored = manifest is not None and session.passed("restore")
         return drills.DrillReport(
             id=ctx.run_id, source_env=session.source.name, target_env=session.target.name, operator=ctx.operator,
             started_at=iso_z(started), finished_at=iso_z(utc_now()), backup_id=manifest.id if manifest else None,
             rto_seconds=session.ready_after, rpo_seconds=rpo, rto_until=session.rto_until,
             targets={"rto_minutes": session.target_value("rto_minutes"),
                      "rpo_hours": session.target_value("rpo_hours")},
+            restored_bytes=manifest.object.dump_size if restored else None,
+            restored_rows=sum(manifest.row_counts.values()) if restored else None,
             steps=results).to_json()
 
-    def _upload(self, ctx: RunContext, report: dict[str, Any], markdown: str) -> list[str]:
+    def _upload(self, ctx: RunContext, report: dict[str, Any], markdown: str, html: str) -> list[str]:
         try:
-            return drills.upload_report(open_storage(self.session.source.storage_config("backups")), report, markdown)
+            return drills.upload_report(open_storage(self.session.source.storage_config("backups")), report,
+                                        markdown, html)
         except OpsError as error:
             ctx.output.warn(f"the drill report was not uploaded to {self.session.source.name}'s backups storage: "
                             f"{redact(error.message)}; it is kept in the state dir")

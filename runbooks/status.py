@@ -4,7 +4,9 @@ Database size, connections by state against max_connections, the slowest stateme
 (pg_stat_statements, or a note saying how to get them), bucket object counts and
 bytes, the last backup's age and size, the storage key's age, pending migrations and
 open incidents. `--json` prints them as one object; `--prometheus FILE` writes them as
-a node_exporter textfile (atomically; other environments' samples in FILE are kept).
+a node_exporter textfile (atomically; other environments' samples in FILE are kept);
+`--html FILE` writes them as an operator's dashboard with charts (ops/status_html.py):
+backups over 90 days, the retention plan, the key's age, the last drills.
 A part that cannot be read is reported and exported as opsbook_status_success 0;
 the task then exits 3 after writing everything else.
 """
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +25,12 @@ from invoke import task
 
 from ops import status_facts as facts
 from ops.cli import OpsTask, TaskCall
-from ops.errors import CheckFailed, InventoryError
+from ops.drills import list_drills
+from ops.errors import CheckFailed, InventoryError, OpsError, StepFailed, UsageError
 from ops.metrics import MetricFamily, write_textfile
 from ops.output import human_size
 from ops.status_facts import describe_error, migration_state, open_incidents
+from ops.status_html import render_dashboard
 
 if TYPE_CHECKING:
     from ops.inventory import Environment
@@ -240,16 +245,57 @@ def _show_rest(report: StatusReport, output: Output) -> None:
         output.check("fail", part, error)
 
 
+# --- the HTML dashboard -------------------------------------------------------------------------
+
+
+def dashboard(env: Environment, report: StatusReport) -> str:
+    """The page: the report's facts with the backups' history, the retention plan and the drills read now."""
+    now = datetime.fromtimestamp(report.collected_at, UTC)
+    history, error = None, None
+    if env.has("backups"):
+        try:
+            history = facts.backup_history(env, now)
+        except OpsError as failure:
+            error = f"the backups could not be read: {describe_error(failure)}"
+    return render_dashboard(report.to_json(), history, list_drills(env), now, history_error=error)
+
+
+def html_path(html: str, env_name: str) -> Path:
+    """FILE with `{env}` replaced by the environment's name: one page each when --env names several."""
+    path = Path(html.replace("{env}", env_name)).expanduser()
+    if not path.parent.is_dir():
+        raise UsageError(f"--html {path}: the folder {path.parent} does not exist",
+                         hint="create it, or name another file")
+    return path
+
+
+def write_page(path: Path, page: str) -> None:
+    """Atomically: a browser or a web server never reads half a page."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(page)
+        partial.replace(path)
+    except OSError as error:
+        raise StepFailed(f"--html {path}: cannot be written ({error.strerror})",
+                         hint="check the folder's permissions and free space") from None
+
+
 @task(klass=OpsTask, multi_env=True,
-      help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)"))
-def status(call: TaskCall, env=None, json=False, prometheus=None):
+      help=dict(prometheus="also write the numbers to this Prometheus textfile (node_exporter)",
+                html="also write an operator's dashboard (charts of backups, retention, key age, drills) to FILE "
+                     "({env} in it: the environment's name)"))
+def status(call: TaskCall, env=None, json=False, prometheus=None, html=None):
     """Database size, connections, slow queries, buckets, last backup, key age, migrations, incidents."""
+    page = html_path(html, call.environment.name) if html else None
     report = collect(call.environment)
     show(report, call.output)
     if prometheus:
         path = Path(prometheus).expanduser()
         write_textfile(path, families(report), replace={"env": call.environment.name})
         call.output.info(f"wrote {path}")
+    if page:
+        write_page(page, dashboard(call.environment, report))
+        call.output.info(f"wrote {page}")
     call.output.result(report.to_json())
     if report.errors:
         raise CheckFailed(f"status of {call.environment.name}: could not read {', '.join(report.errors)}",

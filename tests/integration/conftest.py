@@ -10,6 +10,13 @@ from typing import Any
 import pytest
 
 from tests.cli import Opsbook
+from tests.fixtures.browser import load_axe
+
+
+@pytest.fixture(scope="session")
+def axe_source() -> str:
+    """axe-core's script, for the tests that open pages in Chromium (tests/fixtures/browser.py)."""
+    return load_axe()
 
 
 @pytest.fixture

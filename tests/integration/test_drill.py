@@ -5,6 +5,7 @@ in place, and every failing drill must exit 3 with a report naming the cause."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import uuid
@@ -16,6 +17,7 @@ import pytest
 
 from ops.demo.seed import MIGRATIONS_DIR, image_objects, insert_demo_data
 from tests.cli import Opsbook
+from tests.fixtures.browser import CHROMIUM, Fetches, chromium, screenshots, serious_violations
 from tests.fixtures.ssh import make_app_host
 
 IMAGES = 12
@@ -118,6 +120,8 @@ def test_a_full_drill_passes_and_leaves_its_evidence(drill_setup):
     folder = workspace.state_dir / "drills" / report["id"]
     markdown = (folder / "report.md").read_text()
     assert "PASSED" in markdown and drill_setup["backup"]["backup_id"] in markdown
+    assert 'id="verdict" data-passed="true"' in (folder / "report.html").read_text()
+    assert report["restored_bytes"] > 0 and report["restored_rows"] > 3000
     stored = drill_setup["client"].get_object(Bucket=buckets["prod-backups"],
                                               Key=f"prod/drills/{report['id']}/report.json")
     assert json.loads(stored["Body"].read())["passed"] is True
@@ -211,3 +215,46 @@ def test_a_hand_made_change_on_the_source_fails_the_drills_migrations_check(dril
     assert statuses(report)["migrations"] == "failed" and statuses(report)["restore"] == "passed"
     failures = " ".join(report["failures"])
     assert "hotfix" in failures and "migrate.drift --env prod" in failures, failures
+
+
+def chart_points(dom: str, chart_id: str) -> list[tuple[str, str]]:
+    """(class, data-value) of each mark of one chart, from the DOM Chromium built."""
+    chart = re.search(rf'<figure class="chart" id="{chart_id}".*?</figure>', dom, re.DOTALL)
+    assert chart, f"no chart {chart_id} in the page"
+    return re.findall(r'<(?:circle|rect) class="((?:bar )?point[^"]*)" data-value="([^"]*)"', chart.group(0))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (./opsbook pytest installs it)")
+def test_the_html_report_charts_every_drill_in_a_browser(drill_setup, tmp_path, axe_source):
+    """The drills above left their reports (this one runs more only when run alone): the newest one's page,
+    fetched back from the bucket, charts every drill of prod; opened in Chromium it loads nothing, axe-core finds
+    no serious violation, and screenshots at phone and desktop widths are kept with the test's output."""
+    workspace, client = drill_setup["workspace"], drill_setup["client"]
+    drills = workspace.run("drill.history", "--env", "prod", "--json").json()["drills"]
+    while len(drills) < 3:
+        workspace.run("drill", "--env", "prod")
+        drills = workspace.run("drill.history", "--env", "prod", "--json").json()["drills"]
+    newest = drills[0]
+    stored = client.get_object(Bucket=drill_setup["buckets"]["prod-backups"],
+                               Key=f"prod/drills/{newest['id']}/report.html")
+    assert stored["ContentType"].startswith("text/html")
+    html = stored["Body"].read()
+    assert html == (workspace.state_dir / "drills" / newest["id"] / "report.html").read_bytes()
+    page = tmp_path / "report.html"
+    page.write_bytes(html)
+
+    dom = chromium(tmp_path, "--dump-dom", page.as_uri())
+    oldest_first = list(reversed(drills))
+    for chart_id, field in (("rto-chart", "rto_seconds"), ("rpo-chart", "rpo_seconds"),
+                            ("size-chart", "restored_bytes")):
+        marks = chart_points(dom, chart_id)
+        assert len(marks) == len(drills), (chart_id, marks)
+        assert [value != "" for _, value in marks] == [d.get(field) is not None for d in oldest_first], chart_id
+        assert ["failed" not in kind for kind, _ in marks] == [d["passed"] for d in oldest_first], chart_id
+    assert re.search(r'<line class="target"[^>]*><title>RTO target: 10m</title>', dom)
+    assert re.search(r'<line class="target"[^>]*><title>RPO target: 1d</title>', dom)
+    statuses_shown = dict(re.findall(r'data-check="([a-z ]+)" data-status="([a-z ]+)"', dom))
+    assert statuses_shown == {step["name"]: step["status"] for step in newest["steps"]}
+    assert Fetches(dom).found == []
+    assert serious_violations(tmp_path, html, axe_source) == []
+    screenshots(tmp_path, page.as_uri(), "drill-report")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,60 @@ def rename_waiting(server: Any, database: str) -> bool:
         return bool(connection.execute(
             "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'ALTER DATABASE%%RENAME%%'"
             " AND query LIKE %s", (f'%"{database}"%',)).fetchall())
+
+
+def runs_on(opsbook: Opsbook, env: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(runbook, journal) of each run on `env`, in the order they started."""
+    runs = [opsbook.journal(path.stem) for path in opsbook.journals()]
+    return [(events[0]["runbook"], events) for events in sorted(runs, key=lambda events: events[0]["time"])
+            if events[0]["env"] == env]
+
+
+def test_restore_in_a_maintenance_window_and_a_failed_one_becomes_an_incident(opsbook, envs, s3_server):
+    """`restore --maintenance` on a protected environment: the window starts before the restore applies and
+    completes once its verify passed; a restore that fails turns it into an incident on the page."""
+    configure(opsbook, s3_server, envs)
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    opsbook.write_inventory(opsbook.inventory.read_text().replace("  prod:\n", (
+        "  prod:\n    notify:\n    - {kind: file, path: public.md, audience: public}\n"
+        "    status_page: {title: Shop status, folder: public, components: [{name: api}]}\n"), 1))
+    restored = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod",
+                           "--maintenance", "Database restore", "--json")
+    assert restored.exit_code == 0, restored
+    assert restored.json()["restored"]  # the task's own result, not the window's
+    assert marker_gone(envs["target"][1])
+    (start_name, start), (restore_name, restore), (complete_name, complete) = runs_on(opsbook, "prod")
+    assert (start_name, restore_name, complete_name) == ("maintenance.start", "restore", "maintenance.complete")
+    applied = [e["time"] for e in restore if e["event"] == "step" and e["state"] == "applied"]
+    verified = [e for e in restore if e["event"] == "step" and e["state"] == "verified"]
+    assert start[-1]["status"] == "succeeded" and start[-1]["time"] < min(applied)  # announced before it applies
+    assert {e["step"] for e in verified} == {"load", "swap"} and max(e["time"] for e in verified) < complete[0]["time"]
+    notices = (opsbook.root / "public.md").read_text()
+    assert re.findall(r"\*\*Maintenance: (.+)\*\*", notices) == ["In progress", "Completed"]
+    windows = opsbook.run("maintenance.list", "--env", "prod", "--json").json()["maintenance"]
+    assert [(w["title"], w["state"], w["components"]) for w in windows] == [("Database restore", "completed", ["api"])]
+
+    key, bucket = f"staging/{made.json()['backup']['key']}", envs["buckets"]["staging"]
+    client = s3_server.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    failed = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod",
+                         "--maintenance", "Second restore")
+    assert failed.exit_code == 3 and "is damaged" in failed.stderr, failed
+    assert "opened for the failed maintenance" in failed.stderr
+    (incident,) = opsbook.run("incident.list", "--env", "prod", "--json").json()["incidents"]
+    assert (incident["title"], incident["state"], incident["components"]) == (
+        "Second restore did not complete", "investigating", {"api": "partial_outage"})
+    index = json.loads((opsbook.root / "public" / "index.json").read_text())
+    assert index["status"]["indicator"] == "partial_outage" and index["maintenance"] == []
+    assert re.findall(r"\*\*Maintenance: (.+)\*\*", (opsbook.root / "public.md").read_text()) == [
+        "In progress", "Completed", "In progress", "Completed"]
+    assert_no_secret(opsbook, *envs["secrets"])
+
+
+def marker_gone(url: Secret) -> bool:
+    """The restored database is the backup's: the target's own `marker` table is gone."""
+    with psycopg.connect(url.reveal()) as connection:
+        return connection.execute("SELECT to_regclass('marker')").fetchone()[0] is None

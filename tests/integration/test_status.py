@@ -4,6 +4,7 @@ checked with prometheus_client's parser."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.storage import open_storage
 from tests.cli import Opsbook
 from tests.fixtures.backups import store_backup
+from tests.fixtures.browser import CHROMIUM, Fetches, chromium, screenshots, serious_violations
 from tests.fixtures.shop import DEMO_MIGRATIONS
 
 OBJECT_SIZES = (10, 200, 3000)
@@ -40,7 +42,7 @@ def monitored(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> dict[st
         "database": {"url": "${env:STATUS_DATABASE_URL}"},
         "storage": {"provider": "s3", "endpoint": s3_server.endpoint, "region": "us-east-1",
                     "bucket": assets.bucket, "access_key_id": key_id, "secret_access_key": "${env:STATUS_SECRET}"},
-        "backups": {"bucket": backups.bucket, "prefix": "web/"},
+        "backups": {"bucket": backups.bucket, "prefix": "web/", "retention": {"daily": 40}},
         "keys": {"provider": "aws-iam", "iam_user": iam_user},
         "app": {"repository": str(repository), "migrations": {"engine": "native", "dir": "prisma/migrations"}},
     }}})
@@ -50,7 +52,8 @@ def monitored(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> dict[st
         folder = opsbook.state_dir / "incidents" / name
         folder.mkdir(parents=True)
         (folder / "incident.json").write_text(json.dumps({"id": name, "env": "web", "state": state, "title": name}))
-    return {"backup_id": backup_id, "secrets": [secret.reveal(), postgres_server.password.reveal()]}
+    return {"backup_id": backup_id, "secrets": [secret.reveal(), postgres_server.password.reveal()],
+            "backups": backup_storage}
 
 
 def samples(text: str) -> dict[str, dict[tuple, float]]:
@@ -115,6 +118,48 @@ def test_status_json_and_prometheus_textfile_and_an_unreadable_part(opsbook, mon
     assert found["opsbook_status_success"][(("env", "web"), ("part", "database"))] == 0
     assert found["opsbook_status_success"][(("env", "web"), ("part", "storage_bucket"))] == 1
     assert "opsbook_database_size_bytes" not in found and found["opsbook_incidents_open"][(("env", "web"),)] == 2
+
+
+def chart_marks(dom: str, chart_id: str) -> list[str]:
+    """The classes of one chart's marks, from the DOM Chromium built."""
+    chart = re.search(rf'<figure class="chart" id="{chart_id}".*?</figure>', dom, re.DOTALL)
+    assert chart, f"no chart {chart_id} in the page"
+    return re.findall(r'<(?:circle|rect) class="(?:bar )?point ([^"]*)"', chart.group(0))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (./opsbook pytest installs it)")
+def test_status_html_draws_the_backups_the_plan_and_the_key_in_a_browser(opsbook, monitored, tmp_path, axe_source):
+    """Thirty-one backups over 90 days (29 written as backup writes them, every other one verified, and a real
+    run): the dashboard charts each, says why retention keeps each, and the key's age against its rotation."""
+    now = datetime.now(UTC)
+    for n in range(29):
+        store_backup(monitored["backups"], now - timedelta(days=3 * n + 1), verified=n % 2 == 0)
+    made = opsbook.run("backup", "--env", "web")
+    assert made.exit_code == 0, made
+    page = opsbook.root / "status.html"
+    result = opsbook.run("status", "--env", "web", "--json", "--html", str(page))
+    assert result.exit_code == 0, result
+    assert result.json()["last_backup"]["count"] == 31 and f"wrote {page}" in result.stderr  # --json as before
+    assert page.read_text().startswith("<!doctype html>")
+
+    dom = chromium(tmp_path, "--dump-dom", page.as_uri())
+    sizes = chart_marks(dom, "backup-size-chart")
+    assert len(sizes) == len(chart_marks(dom, "backup-duration-chart")) == 31
+    assert sizes.count("unverified") == 14 + (sizes[-1] == "unverified")  # oldest first: the real run last
+    assert sizes[-2] == "verified"  # the one the fixture left two hours ago
+    decisions = re.findall(r'<tr class="decision" data-backup="([^"]+)" data-decision="(\w+)"', dom)
+    assert len(decisions) == 31 and {decision for _, decision in decisions} == {"keep"}  # daily 40 keeps each day
+    assert re.search(r"keep_last 1/7; daily \d{4}-\d\d-\d\d", dom)
+    assert len(chart_marks(dom, "key-age-chart")) == 1
+    assert re.search(r'<line class="target"[^>]*><title>rotate by: 90 days</title>', dom)
+    assert "No drill on record" in dom and 'data-part="migrations"' in dom
+    assert Fetches(dom).found == []
+    assert serious_violations(tmp_path, page.read_bytes(), axe_source) == []
+    screenshots(tmp_path, page.as_uri(), "status")
+    assert all(secret not in opsbook.everything_produced() + page.read_text() for secret in monitored["secrets"])
+
+    missing = opsbook.run("status", "--env", "web", "--html", str(opsbook.root / "no" / "{env}.html"))
+    assert missing.exit_code == 2 and f"the folder {opsbook.root / 'no'} does not exist" in missing.stderr, missing
 
 
 def test_a_failed_part_is_exported_as_unreadable_and_nothing_else_about_it():

@@ -7,15 +7,11 @@ finds no serious violation in light or dark mode, the feed parses as Atom, index
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import tarfile
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ElementTree
-from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -25,75 +21,14 @@ import pytest
 
 from ops.render import templates_dir
 from tests.cli import Opsbook
+from tests.fixtures.browser import axe_violations, chromium, requires_chromium
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import DEMO_MIGRATIONS
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run")
 ATOM = "{http://www.w3.org/2005/Atom}"
 PREFIX = "status/"
-AXE_VERSION = "4.11.0"
-# axe runs in the page and writes its violations into it, for --dump-dom (no driver needed)
-AXE_RUN = """<script>%s</script>
-<script>
-axe.run(document, {resultTypes: ["violations"]}).then(function (result) {
-  var out = document.createElement("pre"); out.id = "axe-result";
-  out.textContent = JSON.stringify(result.violations.map(function (v) {
-    return {id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(function (n) { return n.target.join(" "); })};
-  }));
-  document.documentElement.appendChild(out);
-}, function (error) {
-  var out = document.createElement("pre"); out.id = "axe-result"; out.textContent = JSON.stringify(String(error));
-  document.documentElement.appendChild(out);
-});
-</script>
-"""
-AXE_RESULT = re.compile(r'<pre id="axe-result">(.*?)</pre>', re.DOTALL)
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (./opsbook pytest "
-                                                         "installs it)")
-
-
-def chromium(tmp_path: Path, *arguments: str) -> str:
-    """One headless Chromium run with a fresh profile; its stdout."""
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    completed = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],
-                               capture_output=True, text=True, timeout=90)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    return completed.stdout
-
-
-@pytest.fixture(scope="session")
-def axe_source() -> str:
-    """axe.min.js from the npm registry (`npm pack`), kept in the user's cache after the first run."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "opsbook-tests"
-    package = cache / f"axe-core-{AXE_VERSION}.tgz"
-    if not package.exists():
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed: axe-core comes from the npm registry")
-        cache.mkdir(parents=True, exist_ok=True)
-        packed = subprocess.run(["npm", "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", str(cache)],
-                                capture_output=True, text=True, timeout=180, cwd=cache)
-        if packed.returncode != 0 or not package.exists():
-            pytest.skip(f"npm pack axe-core@{AXE_VERSION} failed: {packed.stderr.strip()[-300:]}")
-    with tarfile.open(package) as archive:
-        source = archive.extractfile("package/axe.min.js")
-        assert source is not None
-        return source.read().decode()
-
-
-def axe_violations(tmp_path: Path, html: bytes, axe: str, *, dark: bool) -> list[dict[str, Any]]:
-    """axe-core's violations of the page, run in headless Chromium (dark: prefers-color-scheme dark)."""
-    copy = tmp_path / f"axe-{'dark' if dark else 'light'}.html"
-    copy.write_text(html.decode().replace("</body>", AXE_RUN % axe.replace("</script", "<\\/script") + "</body>"))
-    dom = chromium(tmp_path, "--virtual-time-budget=30000", *(["--force-dark-mode"] if dark else []),
-                   "--dump-dom", copy.as_uri())
-    found = AXE_RESULT.search(dom)
-    assert found, "axe-core did not report (it did not run in the page)"
-    result = json.loads(unescape(found.group(1)))
-    assert isinstance(result, list), f"axe-core failed: {result}"
-    return result
+pytestmark = requires_chromium
 
 
 class Page(HTMLParser):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -17,6 +18,7 @@ from ops.drills import (
     duration_text,
     quarter_bounds,
     quarter_of,
+    render_html,
     render_markdown,
 )
 
@@ -92,3 +94,33 @@ def test_a_step_that_is_not_applicable_does_not_fail_the_drill():
     text = render_markdown(report)
     assert "| 2 | staging | not applicable | 0.0 s | not applicable: no hosts in local-drill |" in text
     assert "| RTO (drill start → database restored and migrated; no app hosts) | 12s | none set | passed |" in text
+
+
+def past_drill(day: int, rto: float | None, passed: bool = True) -> dict:
+    return {"id": f"202611{day:02d}T040000Z-past", "source_env": "prod", "started_at": f"2026-11-{day:02d}T04:00:00Z",
+            "passed": passed, "rto_seconds": rto, "rpo_seconds": 3600.0 * day, "restored_bytes": 1000 * day}
+
+
+def test_the_html_report_holds_the_checks_the_objectives_and_a_chart_of_every_drill():
+    report = DrillReport(
+        id="20261123T040000Z-abcd", source_env="prod", target_env="staging", operator="ana <ops>",
+        started_at="2026-11-23T04:00:00Z", finished_at="2026-11-23T04:05:00Z", backup_id="20261123T020000Z-0001",
+        rto_seconds=300.0, rpo_seconds=7200.0, targets={"rto_minutes": 10, "rpo_hours": 24}, restored_bytes=2048,
+        restored_rows=30, steps=[StepResult("restore", PASSED, 12.5, "swapped <in>"),
+                                 StepResult("rto", PASSED, 0.0, "5m"), StepResult("rpo", PASSED, 0.0, "2h")]).to_json()
+    history = [past_drill(20, 700.0, passed=False), past_drill(2, 240.0), past_drill(9, None, passed=False), report]
+    html = render_html(report, history)
+    assert "<script" not in html and "http" not in html.replace("http://www.w3.org", "")
+    assert "swapped &lt;in&gt;" in html and "ana &lt;ops&gt;" in html  # every value escaped
+    assert 'data-check="restore" data-status="passed"' in html and 'id="verdict" data-passed="true"' in html
+    assert "2.0 KiB restored, 30 rows" in html
+    rto_chart = html[html.index('id="rto-chart"'):html.index('id="rpo-chart"')]
+    assert 'data-points="4"' in rto_chart  # this drill once, the three before it
+    titles = re.findall(r'<circle class="point ([a-z ]+)" data-value="([^"]*)".*?<title>(.*?)</title>', rto_chart)
+    assert [(kind, value) for kind, value, _ in titles] == [("passed", "240"), ("failed missing", ""),
+                                                            ("failed", "700"), ("passed", "300")]
+    assert titles[-1][2] == "11-23 04:00: 5m, drill 20261123T040000Z-abcd passed"
+    assert "<title>RTO target: 10m</title>" in rto_chart
+    assert "<title>RPO target: 1d</title>" in html
+    size_chart = html[html.index('id="size-chart"'):]
+    assert len(re.findall(r"<rect class=\"bar point", size_chart)) == 4 and "target" not in size_chart
