@@ -43,7 +43,7 @@ SOURCE_ETAG = "opsbook-source-etag"  # S3 lowercases metadata names: keep it low
 FORMAT = 1
 DEFAULT_WORKERS = 10  # botocore keeps 10 connections per client: more threads would wait or reconnect
 
-Progress = Callable[[int, int], None]  # (objects done, objects to do)
+Progress = Callable[..., None]  # (objects done, objects to do, size=bytes of those done): ops.output.Progress
 
 
 def timestamp(moment: datetime | None = None) -> str:
@@ -254,6 +254,7 @@ def copy_objects(source: Storage, backups: Storage, objects: list[ObjectInfo], *
                  workers: int = DEFAULT_WORKERS, on_progress: Progress | None = None) -> dict[str, AssetEntry]:
     """Copy `objects` under assets/<run_id>/; the first failure stops the rest and is raised."""
     copied: dict[str, AssetEntry] = {}
+    size = 0
     if not objects:
         return copied
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="asset-copy") as pool:
@@ -270,8 +271,9 @@ def copy_objects(source: Storage, backups: Storage, objects: list[ObjectInfo], *
                 entry = future.result()
                 if entry is not None:
                     copied[entry.key] = entry
+                size += futures[future].size
             if on_progress:
-                on_progress(len(objects) - len(pending), len(objects))
+                on_progress(len(objects) - len(pending), len(objects), size=size)
     return copied
 
 
