@@ -74,7 +74,7 @@ class Opsbook:
         return result
 
     def run_on_terminal(self, *args: str, timeout: float = 180) -> CliResult:
-        """Like run, with stderr on a pseudo-terminal (as when a person watches): its bytes, as the terminal got them."""
+        """Like run, with stderr on a pseudo-terminal (as when a person watches): its bytes as the terminal got them."""
         controller, terminal = os.openpty()
         environ = {**self.process_environment(), "TERM": "xterm-256color", "COLUMNS": "120"}
         environ.pop("NO_COLOR", None)
@@ -125,7 +125,7 @@ class Opsbook:
 
 
 def terminal_lines(text: str) -> list[str]:
-    """What a terminal shows, line by line, as plain text: colours and cursor moves left out, each redraw its own line."""
+    """What a terminal shows, as plain text lines: colours and cursor moves left out, each redraw its own line."""
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
     return [line.strip() for line in re.split(r"[\r\n]+", plain) if line.strip()]
 
