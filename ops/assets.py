@@ -21,7 +21,6 @@ CopyObject pinned to the listed ETag, metadata kept as is) is cheap to redo.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z, utc_now
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
-from ops.output import human_size
+from ops.output import Progress, human_size  # called with (objects done, to do, size=bytes done)
 from ops.secrets import redact
 from ops.storage import ObjectNotFound
 from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
@@ -42,8 +41,6 @@ MANIFESTS = "assets/manifests/"
 SOURCE_ETAG = "opsbook-source-etag"  # S3 lowercases metadata names: keep it lower case
 FORMAT = 1
 DEFAULT_WORKERS = 10  # botocore keeps 10 connections per client: more threads would wait or reconnect
-
-Progress = Callable[..., None]  # (objects done, objects to do, size=bytes of those done): ops.output.Progress
 
 
 def timestamp(moment: datetime | None = None) -> str:
