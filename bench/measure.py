@@ -17,6 +17,7 @@ class Sample:
     peak_rss_mb: float  # the largest single process of the tree (Linux ru_maxrss semantics)
     exit_code: int
     error: str = ""
+    cpu_seconds: float = 0.0  # user + system of the whole tree
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Series:
         return statistics.median(sample.seconds for sample in self.samples)
 
     @property
+    def median_cpu_seconds(self) -> float:
+        return statistics.median(sample.cpu_seconds for sample in self.samples)
+
+    @property
     def peak_rss_mb(self) -> float:
         return max(sample.peak_rss_mb for sample in self.samples)
 
@@ -46,8 +51,9 @@ class Series:
         return {"label": self.label, "failed": self.failed, "stored_bytes": self.stored_bytes,
                 "median_seconds": None if self.failed else round(self.median_seconds, 3),
                 "peak_rss_mb": None if not self.samples else round(self.peak_rss_mb, 1),
-                "samples": [{"seconds": round(s.seconds, 3), "peak_rss_mb": round(s.peak_rss_mb, 1),
-                             "exit_code": s.exit_code} for s in self.samples]}
+                "samples": [{"seconds": round(s.seconds, 3), "cpu_seconds": round(s.cpu_seconds, 3),
+                             "peak_rss_mb": round(s.peak_rss_mb, 1), "exit_code": s.exit_code}
+                            for s in self.samples]}
 
 
 def gnu_time() -> str | None:
@@ -82,10 +88,14 @@ def run_measured(command: list[str] | str, *, env: dict[str, str], cwd: str | No
         tail = errors.read()[-2000:].decode(errors="replace")
         reported = rss.read().strip().splitlines()
     peak_kb = int(reported[-1]) if TIME and reported and reported[-1].isdigit() else usage.ru_maxrss
-    return Sample(seconds, peak_kb / 1024, process.returncode, tail if process.returncode else "")
+    return Sample(seconds, peak_kb / 1024, process.returncode, tail if process.returncode else "",
+                  cpu_seconds=usage.ru_utime + usage.ru_stime)
 
 
-def ratio(numerator: Series, denominator: Series) -> float | None:
-    if numerator.failed or denominator.failed or denominator.median_seconds == 0:
+def ratio(numerator: Series, denominator: Series, *, cpu: bool = False) -> float | None:
+    """Of the median wall times, or with `cpu` of the median CPU times."""
+    if numerator.failed or denominator.failed:
         return None
-    return numerator.median_seconds / denominator.median_seconds
+    top, bottom = ((numerator.median_cpu_seconds, denominator.median_cpu_seconds) if cpu
+                   else (numerator.median_seconds, denominator.median_seconds))
+    return top / bottom if bottom else None

@@ -21,7 +21,6 @@ CopyObject pinned to the listed ETag, metadata kept as is) is cheap to redo.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z, utc_now
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
-from ops.output import human_size
+from ops.output import Progress, human_size  # called with (objects done, to do, size=bytes done)
 from ops.secrets import redact
 from ops.storage import ObjectNotFound
 from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
@@ -42,8 +41,6 @@ MANIFESTS = "assets/manifests/"
 SOURCE_ETAG = "opsbook-source-etag"  # S3 lowercases metadata names: keep it lower case
 FORMAT = 1
 DEFAULT_WORKERS = 10  # botocore keeps 10 connections per client: more threads would wait or reconnect
-
-Progress = Callable[[int, int], None]  # (objects done, objects to do)
 
 
 def timestamp(moment: datetime | None = None) -> str:
@@ -254,6 +251,7 @@ def copy_objects(source: Storage, backups: Storage, objects: list[ObjectInfo], *
                  workers: int = DEFAULT_WORKERS, on_progress: Progress | None = None) -> dict[str, AssetEntry]:
     """Copy `objects` under assets/<run_id>/; the first failure stops the rest and is raised."""
     copied: dict[str, AssetEntry] = {}
+    size = 0
     if not objects:
         return copied
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="asset-copy") as pool:
@@ -270,8 +268,9 @@ def copy_objects(source: Storage, backups: Storage, objects: list[ObjectInfo], *
                 entry = future.result()
                 if entry is not None:
                     copied[entry.key] = entry
+                size += futures[future].size
             if on_progress:
-                on_progress(len(objects) - len(pending), len(objects))
+                on_progress(len(objects) - len(pending), len(objects), size=size)
     return copied
 
 

@@ -32,7 +32,7 @@ from ops.errors import StepFailed
 from ops.inventory import plain
 from ops.journal import new_run_id
 from ops.metrics import gauges, write_textfile
-from ops.output import ProgressLines, human_size
+from ops.output import human_size
 from ops.retention import prune_after_backup
 from ops.secrets import redact
 from ops.storage import BucketNotFound
@@ -118,7 +118,7 @@ class DumpStep(Step):
                     pg_url.child_environment(url), storage, key,
                     level=options["level"], recipients=dump.parse_recipients(options["recipients"]),
                     part_size=dump.part_size_for(change.data.get("size", 0)),
-                    on_progress=ProgressLines(ctx.log, "uploaded"),
+                    on_progress=ctx.progress("uploaded"),
                     what=f"pg_dump of {pg_url.parse_url(url).describe()}", lock=lock)
                 reader.join()
             except BaseException:

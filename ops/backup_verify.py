@@ -19,7 +19,7 @@ from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, UsageError
 from ops.inventory import plain
-from ops.output import ProgressLines, human_size
+from ops.output import human_size
 from ops.storage import open_storage
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class VerifyStep(Step):
 
 def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
     storage = ctx.storage("backups")
-    progress = ProgressLines(ctx.log, f"{manifest.id}: read")
+    progress = ctx.progress(f"{manifest.id}: read", total_bytes=manifest.size)
     if not deep:
         fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from invoke import Task
 from invoke.exceptions import Exit, ParseError
+from invoke.parser import Parser, ParserContext, ParseResult
 from invoke.parser.parser import ParseMachine
 from invoke.program import Program
 
@@ -69,7 +70,7 @@ def install_usage_errors() -> None:
     install_parser_checks()
     if getattr(Program.parse_tasks, "opsbook", False):
         return  # tasks.py is executed again by each in-process Program.run
-    Program.parse_tasks = _exit_2_on_parse_error(Program.parse_tasks)
+    Program.parse_tasks = _exit_2_on_parse_error(_listing_parses_no_task(Program.parse_tasks))
     Program.parse_cleanup = _exit_2_on_parse_error(Program.parse_cleanup)
 
 
@@ -115,6 +116,20 @@ def _refusing_flags_as_positionals(see_positional_arg: Callable[..., None]) -> C
         if str(value).startswith("-"):
             machine.error(f"No idea what {value!r} is!")
         see_positional_arg(machine, value)
+
+    return wrapper
+
+
+def _listing_parses_no_task(parse_tasks: Callable[..., None]) -> Callable[..., None]:
+    """`inv --list` names no task: building the parser of every task's flags (invoke deep-copies them all) is
+    a tenth of its start-up. Anything after the core flags (`inv --list backup`, `inv --help backup`) parses."""
+    @functools.wraps(parse_tasks)
+    def wrapper(program: Any) -> None:
+        if program.args.list.value and not program.args.help.value and not program.core.unparsed:
+            program.parser = Parser(initial=program.initial_context, contexts=[])
+            program.core_via_tasks, program.tasks = ParserContext(), ParseResult()
+            return
+        parse_tasks(program)
 
     return wrapper
 

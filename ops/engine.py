@@ -20,7 +20,7 @@ from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
 from ops.locks import file_lock
-from ops.output import Output
+from ops.output import Output, Progress
 from ops.secrets import redact
 from ops.step_apply import Applier, PlannedStep
 from ops.storage import open_storage
@@ -136,6 +136,7 @@ class RunContext:
         self.journal = Journal(env.inventory.state_dir / "runs", self.run_id)
         self._pending: set[str] = set()
         self._closers: list[Callable[[], None]] = []
+        self._progress: Progress | None = None
         self._cache: dict[str, Any] = {}
         self._applier = Applier(self)
         # Called before each step is applied: each raises when the run must not go on (a lease it lost).
@@ -155,6 +156,18 @@ class RunContext:
 
     def log(self, text: str) -> None:
         self.output.info(f"     {text}")
+
+    def progress(self, verb: str, *, total_bytes: int | None = None) -> Progress:
+        """The reporter of one long transfer of the step being applied (a bar on a terminal, lines in the
+        log otherwise); closed when that step's apply returns or raises, or when the next one starts."""
+        self.end_progress()
+        self._progress = self.output.progress(self.log, verb, total_bytes=total_bytes)
+        return self._progress
+
+    def end_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def run_steps(self, steps: list[Step]) -> list[PlannedStep]:
         """From a step's apply: apply `steps` as the runner applies its own, journaled as that step's

@@ -7,8 +7,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
+from ops.progress_bar import ProgressBar
 from ops.secrets import Secret, masked, redact
 
 _printed_results = 0  # a task prints one JSON object: the error report is skipped after a result
@@ -58,6 +59,13 @@ class Output:
             stream = self._result_stream or sys.stdout
             print(json.dumps(masked(payload), indent=2, default=str), file=stream, flush=True)
 
+    def progress(self, log: Callable[[str], None], verb: str, *, total_bytes: int | None = None) -> Progress:
+        """The reporter of one long transfer: a bar when a person watches stderr (a terminal, no --json),
+        otherwise the plain periodic lines in `log` that cron logs and tests read."""
+        if not self.json_mode and _is_terminal(self.stream):
+            return ProgressBar(self.stream, verb, total_bytes=total_bytes)
+        return ProgressLines(log, verb)
+
     def table(self, headers: list[str], rows: list[list[Any]]) -> None:
         cells = [[redact(str(cell)) for cell in row] for row in rows]
         widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
@@ -90,8 +98,24 @@ def captured_results() -> Iterator[list[dict[str, Any]]]:
         _captured = outer
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream: no bar
+        return False
+
+
+class Progress(Protocol):
+    """The progress reporter of long transfers: bytes so far, or a count done of its total
+    (`size`: the bytes of those done); `close` when the transfer ends, however it ends."""
+
+    def __call__(self, done: int, total: int | None = None, *, size: int | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ProgressLines:
-    """The one progress reporter of long transfers: plain lines in the run's log, never a flood.
+    """The progress reporter without a terminal: plain lines in the run's log, never a flood.
 
     Called with bytes so far ("uploaded 512 MiB (95 MiB/s)"), it writes at most every `every` seconds;
     called with a count and its total ("120/400 objects copied"), once per tenth done, for 20 items or more.
@@ -102,7 +126,7 @@ class ProgressLines:
         self._started = self._last = time.monotonic()
         self._tenth = 0
 
-    def __call__(self, done: int, total: int | None = None) -> None:
+    def __call__(self, done: int, total: int | None = None, *, size: int | None = None) -> None:
         if total is not None:
             self._count(done, total)
             return
@@ -117,3 +141,6 @@ class ProgressLines:
         if tenth > self._tenth and total >= 20:
             self._tenth = tenth
             self._log(f"{done}/{total} {self._verb}")
+
+    def close(self) -> None:
+        """Nothing is pending: every line is written when it is due."""

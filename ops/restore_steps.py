@@ -35,7 +35,7 @@ from ops.cli import environment as load_environment
 from ops.clock import utc_now
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
-from ops.output import ProgressLines, human_size
+from ops.output import human_size
 from ops.restore_db import side_name
 from ops.storage import EarlyRead, open_storage
 
@@ -188,7 +188,8 @@ class StreamStep(ScratchLoad):
             fetched = restore_db.restore_streamed(
                 plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
                 identities=plan.identities(), cross_environment=plan.cross_environment,
-                on_progress=ProgressLines(ctx.log, "downloaded and restored"), opened=download)
+                on_progress=ctx.progress("downloaded and restored", total_bytes=manifest.size),
+                opened=download)
             ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
             return {"backup_id": manifest.id, "sha256": fetched.sha256}
 
@@ -219,7 +220,7 @@ class FetchStep(Step):
         _remove_stale_archives(archive.parent, keep=archive)
         fetched = fetch.fetch_verified(self.plan.storage(ctx), manifest, path=archive,
                                        identities=self.plan.identities(),
-                                       on_progress=ProgressLines(ctx.log, "downloaded"))
+                                       on_progress=ctx.progress("downloaded", total_bytes=manifest.size))
         ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
         return {"backup_id": manifest.id, "archive": str(archive), "sha256": fetched.sha256}
 

@@ -69,7 +69,10 @@ class Applier:
         ctx.output.info(f"{indent}  {planned.index}. {step.title}: {change.summary} …")
         ctx.journal.step(planned.index, planned.name, "started", change=change.summary)
         began = time.monotonic()
-        outputs = step.apply(ctx, change) or {}
+        try:
+            outputs = step.apply(ctx, change) or {}
+        finally:
+            ctx.end_progress()  # a bar stops drawing before the step's next lines
         ctx.state[step.name] = outputs
         ctx.journal.step(planned.index, planned.name, "applied", seconds=round(time.monotonic() - began, 3),
                          outputs=outputs)

@@ -30,7 +30,6 @@ from ops.assets import (
 from ops.cli import OpsTask, TaskCall, execute
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed, UsageError
-from ops.output import ProgressLines
 from ops.storage import open_storage
 
 if TYPE_CHECKING:
@@ -72,7 +71,7 @@ class CopyAssetsStep(Step):
         plan = change.data["plan"]
         manifest = run_copy(ctx.storage("storage"), ctx.storage("backups"), plan, run_id=ctx.run_id,
                             env=ctx.env.name, started_at=timestamp(), workers=self.workers,
-                            on_progress=ProgressLines(ctx.log, "objects copied"))
+                            on_progress=ctx.progress("objects copied", total_bytes=plan.bytes_to_copy))
         self._written = manifest_key(ctx.run_id)
         copied = [e for e in manifest.entries.values() if e.stored.startswith(f"assets/{ctx.run_id}/")]
         deleted = [e for e in manifest.entries.values() if e.deleted_at_source]

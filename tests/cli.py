@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -71,6 +73,28 @@ class Opsbook:
         self.transcript.append(result.output)
         return result
 
+    def run_on_terminal(self, *args: str, timeout: float = 180) -> CliResult:
+        """Like run, with stderr on a pseudo-terminal (as when a person watches): its bytes as the terminal got them."""
+        controller, terminal = os.openpty()
+        environ = {**self.process_environment(), "TERM": "xterm-256color", "COLUMNS": "120"}
+        environ.pop("NO_COLOR", None)
+        received: list[bytes] = []
+        try:
+            process = subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=terminal,
+                                       stdin=subprocess.DEVNULL, env=environ, cwd=self.root)
+        finally:
+            os.close(terminal)  # the child holds its own copy: reading ends when the child exits
+        reader = threading.Thread(target=_drain, args=(controller, received), daemon=True)
+        reader.start()  # a terminal left unread would block the child once its buffer is full
+        try:
+            stdout, _ = process.communicate(timeout=timeout)
+            reader.join(timeout)
+        finally:
+            os.close(controller)
+        result = CliResult(args, process.returncode, stdout.decode(), b"".join(received).decode(errors="replace"))
+        self.transcript.append(result.output)
+        return result
+
     def start(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.process_environment(), cwd=self.root, stdin=subprocess.DEVNULL)
@@ -98,6 +122,23 @@ class Opsbook:
             if path.is_file() and "secrets" not in path.relative_to(self.state_dir).parts:
                 parts.append(path.read_bytes().decode(errors="replace"))
         return "\n".join(parts)
+
+
+def terminal_lines(text: str) -> list[str]:
+    """What a terminal shows, as plain text lines: colours and cursor moves left out, each redraw its own line."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    return [line.strip() for line in re.split(r"[\r\n]+", plain) if line.strip()]
+
+
+def _drain(controller: int, into: list[bytes]) -> None:
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: every copy of the terminal's other end is closed
+            return
+        if not chunk:
+            return
+        into.append(chunk)
 
 
 def task_arguments(task: Any) -> list[Any]:

@@ -13,7 +13,7 @@ import yaml
 
 from ops.assets import SOURCE_ETAG, AssetManifest, copy_objects
 from ops.storage import StorageConfig, open_storage
-from tests.cli import Opsbook
+from tests.cli import Opsbook, terminal_lines
 
 MIB = 1024 * 1024
 IMAGES = {f"images/{n:02d}.jpg": f"jpeg bytes of image {n} ".encode() * (n + 1) for n in range(5)}
@@ -111,6 +111,21 @@ def test_copy_is_incremental_keeps_deleted_objects_and_each_manifest_stays_resto
 
     assert opsbook.run("backup.assets", "--json").json()["status"] == "nothing to do"
     assert buckets["secret"] not in opsbook.everything_produced()
+
+
+def test_plain_lines_in_a_pipe_a_bar_of_objects_and_bytes_on_a_terminal(opsbook, buckets, s3_server):
+    for number in range(14):
+        s3_server.client().put_object(Bucket=buckets["app"], Key=f"thumbs/{number:02}.jpg", Body=b"t" * 1000)
+    piped = opsbook.run("backup.assets")
+    assert piped.exit_code == 0, piped
+    assert "20/20 objects copied" in piped.stderr and "━" not in piped.stderr, piped
+    for number in range(14):
+        s3_server.client().put_object(Bucket=buckets["app"], Key=f"thumbs/{number:02}.jpg", Body=b"T" * 1000)
+    shown = opsbook.run_on_terminal("backup.assets")
+    assert shown.exit_code == 0, shown
+    bars = [line for line in terminal_lines(shown.stderr) if line.startswith("objects copied") and "━" in line]
+    assert bars and "100%" in bars[-1] and "14/14 objects" in bars[-1] and "14.0 kB" in bars[-1], shown.stderr
+    assert not [line for line in terminal_lines(shown.stderr) if line.endswith("objects copied")], shown.stderr
 
 
 def test_streamed_copies_of_an_interrupted_run_are_adopted_not_copied_again(opsbook, buckets, s3_server):

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from ops.secrets import Secret
-from tests.cli import Opsbook, wait_for
+from tests.cli import Opsbook, terminal_lines, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.postgres import row_counts
 from tests.fixtures.secrets import assert_no_secret
@@ -185,6 +185,17 @@ def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3
     assert pruned.exit_code == 0, pruned
     assert f"held until {manifest['lock']['retain_until']} by the object lock" in pruned.stderr
     assert first_id in {d["id"] for d in pruned.json()["decisions"] if d["decision"] == "held"}
+
+
+def test_on_a_terminal_the_upload_shows_a_progress_bar_and_with_json_none(opsbook, staging):
+    shown = opsbook.run_on_terminal("backup", "--env", "staging")
+    assert shown.exit_code == 0, shown
+    bars = [line for line in terminal_lines(shown.stderr) if line.startswith("uploaded") and "━" in line]
+    assert bars and " kB" in bars[-1] and "kB/s" in bars[-1], shown.stderr  # bytes so far, the rate
+    as_json = opsbook.run_on_terminal("backup", "--env", "staging", "--json")  # a script reads it: no bar
+    assert as_json.exit_code == 0, as_json
+    assert "━" not in as_json.stderr and "\x1b[" not in as_json.stderr, as_json
+    assert_no_secret(opsbook, *staging["secrets"])
 
 
 def test_a_failing_dump_leaves_no_backup(opsbook, staging, postgres_server, s3_server):

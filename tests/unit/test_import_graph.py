@@ -196,6 +196,7 @@ CONNECTORS = {
     "ops.inventory_schema": {"jsonschema"},
     "ops.dump": {"zstandard", "pyrage"},
     "ops.sql_parse": {"pglast"},
+    "ops.progress_bar": {"rich"},
 }
 HEAVY = set().union(*CONNECTORS.values()) | {"kubernetes_validate"}
 # Standard-library modules that import many others (they cost start-up): the same pattern, by dotted

@@ -1,4 +1,8 @@
-from ops.output import ProgressLines
+import io
+import os
+
+from ops.output import Output, ProgressLines
+from ops.progress_bar import ProgressBar
 
 
 def test_counts_report_once_per_tenth_and_bytes_at_most_every_interval():
@@ -13,3 +17,23 @@ def test_counts_report_once_per_tenth_and_bytes_at_most_every_interval():
     small = ProgressLines(lines.append, "objects copied")
     small(5, 5)
     assert len(lines) == 1  # fewer than 20 items: no lines
+
+
+def test_a_terminal_gets_the_bar_json_runs_and_pipes_the_plain_lines():
+    controller, terminal = os.openpty()
+    try:
+        with open(terminal, "w", closefd=False) as stream:
+            assert isinstance(Output(stream=stream).progress(print, "uploaded"), ProgressBar)
+            assert isinstance(Output(stream=stream, json_mode=True).progress(print, "uploaded"), ProgressLines)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert isinstance(Output(stream=io.StringIO()).progress(print, "uploaded"), ProgressLines)
+
+
+def test_the_plain_lines_ignore_the_bytes_of_a_count():
+    lines: list[str] = []
+    counted = ProgressLines(lines.append, "objects copied")
+    counted(40, 40, size=4096)
+    counted.close()
+    assert lines == ["40/40 objects copied"]
