@@ -6,7 +6,11 @@ environment's backups storage at `drills/<id>/`. report.json:
 
     {id, source_env, target_env, operator, started_at, finished_at (ISO UTC "…Z"), backup_id,
      passed, rto_seconds, rpo_seconds, rto_until, targets: {rto_minutes, rpo_hours},
-     steps: [{name, passed, seconds, detail, status}], failures: [...]}
+     steps: [{name, passed, seconds, detail, status}], failures: [...], pitr}
+
+A drill through point-in-time recovery (ops/drill_pitr.py) has the base backup's id as backup_id,
+targets {rto_minutes, rpo_seconds}, and pitr: {to_time, newest_commit, stopped_before}; rpo_seconds
+is then to_time − newest_commit. A dump drill's pitr is null.
 
 A step is passed, failed, skipped (a check it needs did not pass) or not applicable (the
 target has nothing it could check, e.g. no app hosts to restart); the drill passes when
@@ -82,6 +86,7 @@ class DrillReport:
     targets: dict[str, float | None]
     steps: list[StepResult] = field(default_factory=list)
     rto_until: str = RTO_UNTIL_READY  # what the RTO is measured up to
+    pitr: dict[str, Any] | None = None  # a drill through point-in-time recovery: what it recovered to
 
     @property
     def failures(self) -> list[str]:
@@ -98,7 +103,7 @@ class DrillReport:
                 "rto_seconds": _rounded(self.rto_seconds), "rpo_seconds": _rounded(self.rpo_seconds),
                 "rto_until": self.rto_until,
                 "targets": dict(self.targets), "steps": [step.to_json() for step in self.steps],
-                "failures": self.failures}
+                "failures": self.failures, "pitr": self.pitr}
 
 
 def _rounded(value: float | None) -> float | None:
