@@ -430,6 +430,35 @@ def test_status_reports_lag_failures_base_age_and_window(opsbook, pitr, archived
     assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["pass"]
 
 
+def test_pitr_setup_on_a_protected_environment_needs_its_name(opsbook, pitr, archived):
+    """A change of archive_timeout (ALTER SYSTEM and a reload, no restart) is a change to a protected server:
+    without a terminal only --confirm NAME allows it; a name of another environment is refused before the plan;
+    a dry run needs no name."""
+    source = pitr["source"]
+    inventory = yaml.safe_load(opsbook.inventory.read_text())
+    inventory["envs"]["src"]["protected"] = True
+    inventory["envs"]["src"]["pitr"]["archive_timeout"] = 61
+    opsbook.write_inventory(inventory)
+    try:
+        unconfirmed = opsbook.run("pitr.setup", "--env", "src", stdin="")
+        assert unconfirmed.exit_code == 2 and "--confirm src" in unconfirmed.stderr, str(unconfirmed)
+        assert setting(source, "archive_timeout") == "60", "refused: nothing changed"
+        journals = opsbook.journals()
+        wrong = opsbook.run("pitr.setup", "--env", "src", "--confirm", "dst", stdin="")
+        assert wrong.exit_code == 2, str(wrong)
+        assert "--confirm 'dst' does not match the environment 'src'" in wrong.stderr
+        assert opsbook.journals() == journals and setting(source, "archive_timeout") == "60", "refused before the plan"
+        planned = ok(opsbook.run("pitr.setup", "--env", "src", "--dry-run", stdin=""))
+        assert "archive_timeout: 60 -> 61" in planned.stderr and setting(source, "archive_timeout") == "60"
+        confirmed = ok(opsbook.run("pitr.setup", "--env", "src", "--confirm", "src", "--json", stdin=""))
+        assert setting(source, "archive_timeout") == "61" and confirmed.json()["archive"]["segment"]
+        assert "Traceback" not in unconfirmed.output + wrong.output
+    finally:
+        with psycopg.connect(source.url().reveal(), autocommit=True) as connection:
+            connection.execute("ALTER SYSTEM SET archive_timeout = 60")
+            connection.execute("SELECT pg_reload_conf()")
+
+
 def test_a_protected_environment_with_pitr_schedules_a_nightly_base_backup(opsbook, pitr):
     inventory = yaml.safe_load(opsbook.inventory.read_text())
     inventory["envs"]["src"]["protected"] = True
