@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from ops.backup_manifest import Manifest
     from ops.inventory import Environment
+    from ops.pitr_restore import PitrPlan
     from ops.restore_steps import Plan
 
 
@@ -36,6 +37,8 @@ class Session:
         self.ready_after: float | None = None  # seconds from the drill's start to staging ready
         self.restore_plan: Plan | None = None
         self.manifest: Manifest | None = None
+        self.pitr_plan: PitrPlan | None = None  # a drill through point-in-time recovery (ops/drill_pitr.py)
+        self.recovery: dict[str, Any] | None = None  # what its recovery reached
         # Without app hosts there is nothing to restart: the RTO ends when the restored database is migrated.
         self.has_hosts = bool(target.raw("hosts", None))
         self.rto_until = RTO_UNTIL_READY if self.has_hosts else "database restored and migrated; no app hosts"

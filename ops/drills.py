@@ -8,7 +8,11 @@ the SOURCE environment's backups storage at `drills/<id>/`. report.json:
     {id, source_env, target_env, operator, started_at, finished_at (ISO UTC "…Z"), backup_id,
      passed, rto_seconds, rpo_seconds, rto_until, targets: {rto_minutes, rpo_hours},
      restored_bytes, restored_rows (the dump's size before compression and its rows; null when
-     the restore did not pass), steps: [{name, passed, seconds, detail, status}], failures: [...]}
+     the restore did not pass), steps: [{name, passed, seconds, detail, status}], failures: [...], pitr}
+
+A drill through point-in-time recovery (ops/drill_pitr.py) has the base backup's id as backup_id,
+targets {rto_minutes, rpo_seconds}, and pitr: {to_time, newest_commit, stopped_before}; rpo_seconds
+is then to_time − newest_commit. A dump drill's pitr is null.
 
 A step is passed, failed, skipped (a check it needs did not pass) or not applicable (the
 target has nothing it could check, e.g. no app hosts to restart); the drill passes when
@@ -90,6 +94,7 @@ class DrillReport:
     rto_until: str = RTO_UNTIL_READY  # what the RTO is measured up to
     restored_bytes: int | None = None  # the dump restored, before compression
     restored_rows: int | None = None
+    pitr: dict[str, Any] | None = None  # a drill through point-in-time recovery: what it recovered to
 
     @property
     def failures(self) -> list[str]:
@@ -107,7 +112,7 @@ class DrillReport:
                 "rto_until": self.rto_until, "restored_bytes": self.restored_bytes,
                 "restored_rows": self.restored_rows,
                 "targets": dict(self.targets), "steps": [step.to_json() for step in self.steps],
-                "failures": self.failures}
+                "failures": self.failures, "pitr": self.pitr}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -165,22 +170,25 @@ def render_html(report: dict[str, Any], history: list[dict[str, Any]]) -> str:
                     key=lambda d: (d.get("started_at") or "", d.get("id") or ""))
     targets = report.get("targets") or {}
     rto_target = targets.get("rto_minutes")
-    rpo_target = targets.get("rpo_hours")
+    # A dump drill's RPO target is in hours, a point-in-time drill's in seconds (targets.rpo_seconds).
+    rpo_hours, rpo_seconds = targets.get("rpo_hours"), targets.get("rpo_seconds")
+    rpo_target = rpo_seconds if rpo_seconds is not None else rpo_hours * 3600 if rpo_hours is not None else None
+    rpo_label = "RPO (target time − newest commit recovered)" if report.get("pitr") else "RPO (age of the backup used)"
     statuses = {step["name"]: step["status"] for step in report["steps"]}
     objectives = [
         {"name": "rto", "label": f"RTO (drill start → {report.get('rto_until', RTO_UNTIL_READY)})",
          "measured": duration_text(report.get("rto_seconds")),
          "target": f"{rto_target:g} min" if rto_target is not None else "none set",
          "status": statuses.get("rto", "not checked")},
-        {"name": "rpo", "label": "RPO (age of the backup used)", "measured": duration_text(report.get("rpo_seconds")),
-         "target": f"{rpo_target:g} h" if rpo_target is not None else "none set",
+        {"name": "rpo", "label": rpo_label, "measured": duration_text(report.get("rpo_seconds")),
+         "target": duration_text(rpo_target) if rpo_target is not None else "none set",
          "status": statuses.get("rpo", "not checked")}]
     durations = Axes(duration_text, SECONDS)
     charts = {
         "rto": line_chart("rto-chart", "RTO of every drill", _points(drills, "rto_seconds"), durations,
                           target=rto_target * 60 if rto_target is not None else None, target_label="RTO target"),
         "rpo": line_chart("rpo-chart", "RPO of every drill", _points(drills, "rpo_seconds"), durations,
-                          target=rpo_target * 3600 if rpo_target is not None else None, target_label="RPO target"),
+                          target=rpo_target, target_label="RPO target"),
         "size": bar_chart("size-chart", "Restored size of every drill (the dump, before compression)",
                           _points(drills, "restored_bytes"), Axes(human_size, BYTES))}
     restored = report.get("restored_bytes")

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ops import pg, pitr_engine
+from ops.clock import iso_z_micro
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed
 from ops.patterns import Pattern
 from ops.sandbox import find_server_bindir
@@ -181,7 +182,8 @@ def recover(cluster: ScratchCluster, archive: pitr_engine.Archive, target: datet
     """Start the cluster in recovery to `target` (None: the end of the archive) and wait until it is promoted.
 
     PostgreSQL stops with a FATAL error when the archive ends before the target: that is reported, with the
-    log's reason, as a failed check. Returns where recovery stopped, from the server's log."""
+    log's reason, as a failed check. Returns where recovery stopped, from the server's log, and the commit
+    time of the newest transaction it replayed (`newest_commit`)."""
     options = start_options(cluster, recovery_settings(pitr_engine.wal_restore_command(archive), target))
     command = pitr_engine.as_user([str(cluster.bin_dir / "pg_ctl"), "start", "-D", str(cluster.data_dir), "-w",
                                    "-t", str(START_TIMEOUT_SECONDS), "-l", str(cluster.log_file), "-o", options],
@@ -192,7 +194,17 @@ def recover(cluster: ScratchCluster, archive: pitr_engine.Archive, target: datet
     if started.returncode != 0 and not _running(cluster):
         raise _recovery_failed(cluster, target)
     _wait_promoted(cluster, target)
-    return reached(cluster.log_file.read_text(errors="replace"))
+    return {**reached(cluster.log_file.read_text(errors="replace")), "newest_commit": newest_commit(cluster)}
+
+
+def newest_commit(cluster: ScratchCluster) -> str | None:
+    """The commit time of the last transaction recovery replayed (UTC, to the microsecond): the newest data
+    present. pg_last_xact_replay_timestamp() keeps it after the promotion; unlike a row's commit time it
+    needs no track_commit_timestamp on the source."""
+    with pg.connect(cluster.url("postgres", "postgres"), application_name="opsbook pitr", autocommit=True,
+                    connect_timeout=5) as connection:
+        replayed = connection.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()[0]
+    return iso_z_micro(replayed) if replayed is not None else None
 
 
 def _wait_promoted(cluster: ScratchCluster, target: datetime | None) -> None:

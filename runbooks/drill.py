@@ -13,6 +13,10 @@
 5. rto / rpo drill start → staging ready (without hosts: → the restored database is migrated), and the age
              of the backup used, against the source's `targets`.
 
+When the source has point-in-time recovery (`pitr`), or with --to-time T, step 1 recovers the source to T
+(default: a minute before the drill) through `inv restore --to-time`'s steps, and the RPO is the target
+time minus the newest commit recovered, against `targets.rpo_seconds` (ops/drill_pitr.py).
+
 Each check runs even when an earlier one failed, unless it needs that one (the app cannot be pointed at a
 restore that did not happen), so the report names every cause. The report (Markdown, HTML, JSON: ops/drills.py)
 is saved under <state>/drills/<id>/ and uploaded to the source's backups storage; any failed check exits 3.
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
 
-from ops import drill_neon, drills, image_sample, pg_url, restore_steps
+from ops import drill_neon, drill_pitr, drills, image_sample, pg_url, restore_steps
 from ops.cli import OpsTask, TaskCall, environment, execute
 from ops.clock import iso_z, utc_now
 from ops.deploy_steps import health_gate
@@ -213,17 +217,24 @@ class ObjectiveCheck(DrillCheck):
     def __init__(self, session: Session, objective: str):
         super().__init__(session)
         self.name = objective
-        self.target_key = "rto_minutes" if objective == "rto" else "rpo_hours"
-        unit = 60 if objective == "rto" else 3600
-        limit = session.target_value(self.target_key)
-        self.limit_seconds = limit * unit if limit is not None else None
-        what = f"drill start → {session.rto_until}" if objective == "rto" else "age of the backup used"
+        self.pitr = objective == "rpo" and session.pitr_plan is not None
+        if self.pitr:  # the newest commit recovered against the target time (ops/drill_pitr.py)
+            self.target_key, what = "rpo_seconds", "target time − newest commit recovered"
+            self.limit_seconds: float | None = drill_pitr.rpo_limit(session)
+        else:
+            self.target_key = "rto_minutes" if objective == "rto" else "rpo_hours"
+            unit = 60 if objective == "rto" else 3600
+            limit = session.target_value(self.target_key)
+            self.limit_seconds = limit * unit if limit is not None else None
+            what = f"drill start → {session.rto_until}" if objective == "rto" else "age of the backup used"
         self.title = f"{objective.upper()} ({what}) within targets.{self.target_key}"
         self.summary = f"measure the {objective.upper()}"
 
     def measured(self) -> float | None:
         if self.name == "rto":
             return self.session.ready_after
+        if self.pitr:
+            return drill_pitr.measured_rpo(self.session)
         manifest = self.session.manifest or self._chosen_manifest()
         if manifest is None or self.session.started_at is None:
             return None
@@ -236,10 +247,13 @@ class ObjectiveCheck(DrillCheck):
     def run(self, ctx: RunContext) -> str:
         value = self.measured()
         if value is None:
-            cause = "staging never became ready" if self.name == "rto" else "no backup could be chosen"
+            cause = "staging never became ready" if self.name == "rto" else (
+                "nothing was recovered" if self.pitr else "no backup could be chosen")
             raise CheckFailed(f"{self.name.upper()} not measured: {cause}")
         limit = self.limit_seconds
         text = f"{duration_text(value)} (target {duration_text(limit) if limit is not None else 'none set'})"
+        if self.pitr:
+            text += f": {drill_pitr.rpo_detail(self.session)}"
         if limit is not None and value > limit:
             raise CheckFailed(f"{self.name.upper()} {text}: over the target")
         return text
@@ -283,15 +297,18 @@ class ReportStep(Step):
         if manifest is not None:
             rpo = max((started - manifest.finished).total_seconds(), 0.0)
         restored = manifest is not None and session.passed("restore")
+        measured: dict[str, Any] = {
+            "backup_id": manifest.id if manifest else None, "rpo_seconds": rpo,
+            "targets": {"rto_minutes": session.target_value("rto_minutes"),
+                        "rpo_hours": session.target_value("rpo_hours")},
+            "restored_bytes": manifest.object.dump_size if restored else None,
+            "restored_rows": sum(manifest.row_counts.values()) if restored else None}
+        if session.pitr_plan is not None:
+            measured = drill_pitr.report_fields(session)
         return drills.DrillReport(
             id=ctx.run_id, source_env=session.source.name, target_env=session.target.name, operator=ctx.operator,
-            started_at=iso_z(started), finished_at=iso_z(utc_now()), backup_id=manifest.id if manifest else None,
-            rto_seconds=session.ready_after, rpo_seconds=rpo, rto_until=session.rto_until,
-            targets={"rto_minutes": session.target_value("rto_minutes"),
-                     "rpo_hours": session.target_value("rpo_hours")},
-            restored_bytes=manifest.object.dump_size if restored else None,
-            restored_rows=sum(manifest.row_counts.values()) if restored else None,
-            steps=results).to_json()
+            started_at=iso_z(started), finished_at=iso_z(utc_now()), rto_seconds=session.ready_after,
+            rto_until=session.rto_until, steps=results, **measured).to_json()
 
     def _upload(self, ctx: RunContext, report: dict[str, Any], markdown: str, html: str) -> list[str]:
         try:
@@ -315,11 +332,18 @@ def build(env: Environment, **arguments: Any) -> Runbook:
         source = env if source_name in (None, env.name) else _environment(source_name)
         target = env
     session = Session(source, target, str(arguments.get("backup") or "latest"))
-    steps: list[Step] = [RestoreCheck(session), MigrationsCheck(session), StagingCheck(session),
+    to_time = drill_pitr.drill_target_time(source, arguments.get("to_time"), session.backup)
+    restore: DrillCheck = RestoreCheck(session) if to_time is None else drill_pitr.PitrRestoreCheck(session, to_time)
+    steps: list[Step] = [restore, MigrationsCheck(session), StagingCheck(session),
                          ImagesCheck(session), ObjectiveCheck(session, "rto"), ObjectiveCheck(session, "rpo"),
                          ReportStep(session)]
-    title = f"DR drill: restore {source.name} into {target.name} and prove it serves"
-    return Runbook("drill", title, steps, arguments={"source": source.name, "backup": session.backup},
+    if session.pitr_plan is None:
+        title = f"DR drill: restore {source.name} into {target.name} and prove it serves"
+    else:
+        title = (f"DR drill: recover {source.name} to {session.pitr_plan.when} into {target.name} and prove it "
+                 "serves")
+    return Runbook("drill", title, steps, arguments={"source": source.name, "backup": session.backup,
+                                                      **({"to_time": to_time} if to_time else {})},
                    locks=("environment",))
 
 
@@ -355,9 +379,11 @@ def _environment(name: str) -> Environment:
                 target="the environment to restore into (default: the source's drill.target)",
                 backup="backup id of the source, or latest (default)",
                 provider_pitr=f"with --target {NEON_BRANCH}: the branch itself is the restore (no dump loaded)",
-                keep=f"with --target {NEON_BRANCH}: keep the drill's branch afterwards"))
-def drill(call: TaskCall, env=None, target=None, backup="latest", provider_pitr=False, keep=False, dry_run=False,
-          confirm=None, json=False):
+                keep=f"with --target {NEON_BRANCH}: keep the drill's branch afterwards",
+                to_time="recover the source to this ISO-8601 time (UTC unless it says), or latest, from its PITR "
+                        "archive; the default when the source has `pitr`: a minute ago"))
+def drill(call: TaskCall, env=None, target=None, backup="latest", provider_pitr=False, keep=False, to_time=None,
+          dry_run=False, confirm=None, json=False):
     """The DR drill: restore, migrations, restart, health, image sample, RTO/RPO; writes the evidence report."""
     source = environment(env, output=call.output)
     target_name = target or source.value("drill.target", None)
@@ -368,13 +394,16 @@ def drill(call: TaskCall, env=None, target=None, backup="latest", provider_pitr=
         raise UsageError(f"the drill would restore {source.name} over itself",
                          hint="choose a staging environment as --target")
     if str(target_name) == NEON_BRANCH:
+        if to_time:
+            raise UsageError(f"--to-time applies to a drill into an environment, not --target {NEON_BRANCH}",
+                             hint="--provider-pitr takes the branch itself as the restore")
         target_env = drill_neon.target_environment(source)
         runbook = build_neon_branch(source, target_env, backup=backup, provider_pitr=provider_pitr, keep=keep)
     elif provider_pitr or keep:
         raise UsageError(f"--provider-pitr and --keep apply to a drill into --target {NEON_BRANCH} only")
     else:
         target_env = environment(str(target_name), output=call.output, confirm=confirm)
-        runbook = build(target_env, source=source.name, backup=backup)
+        runbook = build(target_env, source=source.name, backup=backup, **({"to_time": to_time} if to_time else {}))
 
     def on_failure(ctx: RunContext, error: OpsError) -> None:
         if "drill" in ctx.state:  # the report was written: it is the result, failed or not

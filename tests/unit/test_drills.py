@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from ops.drill_pitr import achieved_rpo
 from ops.drills import (
     FAILED,
     NOT_APPLICABLE,
@@ -124,3 +125,27 @@ def test_the_html_report_holds_the_checks_the_objectives_and_a_chart_of_every_dr
     assert "<title>RPO target: 1d</title>" in html
     size_chart = html[html.index('id="size-chart"'):]
     assert len(re.findall(r"<rect class=\"bar point", size_chart)) == 4 and "target" not in size_chart
+
+
+def test_a_point_in_time_drill_reports_the_rpo_against_targets_rpo_seconds():
+    report = DrillReport(
+        id="20261123T040000Z-abcd", source_env="prod", target_env="staging", operator="ana",
+        started_at="2026-11-23T04:00:00Z", finished_at="2026-11-23T04:02:00Z", backup_id="20261123T010000",
+        rto_seconds=90.0, rpo_seconds=achieved_rpo(datetime(2026, 11, 23, 3, 59, tzinfo=UTC),
+                                                   "2026-11-23T03:58:48.500000Z"),
+        targets={"rto_minutes": None, "rpo_seconds": 300.0},
+        pitr={"to_time": "2026-11-23T03:59:00.000000Z", "newest_commit": "2026-11-23T03:58:48.500000Z",
+              "stopped_before": None},
+        steps=[StepResult("restore", PASSED, 80.0, "ok"), StepResult("rpo", PASSED, 0.0, "12s")]).to_json()
+    assert report["rpo_seconds"] == 11.5 and report["pitr"]["to_time"] == "2026-11-23T03:59:00.000000Z"
+    text = render_markdown(report)
+    assert "| RPO (target time − newest commit recovered) | 12s | 5m | passed |" in text
+    assert "| recovered to | 2026-11-23T03:59:00.000000Z (newest commit recovered: 2026-11-23T03:58:48.500000Z) |" \
+        in text
+    assert "age of the backup used" not in text
+
+
+def test_the_achieved_rpo_is_never_negative_and_unknown_without_a_replayed_commit():
+    moment = datetime(2026, 11, 23, 3, 59, tzinfo=UTC)
+    assert achieved_rpo(moment, "2026-11-23T03:59:00.000000Z") == 0.0
+    assert achieved_rpo(moment, None) is None and achieved_rpo(None, "2026-11-23T03:59:00Z") is None
