@@ -34,6 +34,8 @@ class MultipartUploads:
         def _errors(self, action: str) -> AbstractContextManager[None]: ...
         def _put_arguments(self, metadata: dict[str, str] | None, content_type: str | None) -> dict[str, Any]: ...
         def _stored(self, key: str) -> ObjectInfo: ...
+        @staticmethod
+        def _code(error: Exception) -> str: ...
         def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
                       content_type: str | None = None) -> ObjectInfo: ...
 
@@ -93,8 +95,6 @@ class MultipartUploads:
     def _copy_parts(self, copy_source: dict[str, str], full_key: str, upload_id: str, info: ObjectInfo,
                     part_size: int) -> list[dict[str, Any]] | None:
         """UploadPartCopy of each range of the source; None when the source no longer matches its ETag."""
-        from botocore.exceptions import ClientError
-
         parts = []
         for number, start in enumerate(range(0, max(info.size, 1), part_size), start=1):
             end = max(min(start + part_size, info.size) - 1, 0)
@@ -104,9 +104,8 @@ class MultipartUploads:
                         Bucket=self.config.bucket, Key=full_key, UploadId=upload_id, PartNumber=number,
                         CopySource=copy_source, CopySourceRange=f"bytes={start}-{end}",
                         CopySourceIfMatch=f'"{info.etag}"')
-                except ClientError as error:
-                    code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
-                    if code in ("PreconditionFailed", "412", "NoSuchKey"):
+                except Exception as error:  # botocore's ClientError; the rest goes to _errors
+                    if self._code(error) in ("PreconditionFailed", "412", "NoSuchKey"):
                         return None
                     raise
             parts.append({"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]})
