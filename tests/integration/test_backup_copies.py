@@ -24,10 +24,10 @@ from ops.journal import new_run_id
 from ops.storage import open_storage
 from tests.cli import Opsbook
 from tests.fixtures.backups import backups_section, store_backup, write_inventory
+from tests.fixtures.break_glass import TOOLS, break_glass_commands, operator_environment, run_commands
 from tests.fixtures.postgres import row_counts
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import make_database
-from tests.integration.test_break_glass import TOOLS, break_glass_commands, operator_environment, run_commands
 
 
 def keys(server: Any, bucket: str) -> list[str]:
