@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from ops.backup_manifest import DatabaseInfo, Manifest, StoredObject, ToolInfo, 
 from ops.clock import iso_z
 from ops.journal import new_run_id
 from ops.storage import open_storage
-from tests.cli import Opsbook
+from tests.cli import Opsbook, wait_for
 from tests.fixtures.backups import backups_section, store_backup, write_inventory
 from tests.fixtures.break_glass import TOOLS, break_glass_commands, operator_environment, run_commands
 from tests.fixtures.postgres import row_counts
@@ -219,6 +220,18 @@ def test_the_streamed_copy_keeps_memory_to_its_parts(opsbook, copied, s3_server,
     primary = open_storage(s3_server.config(copied["primary"], prefix="staging/"))
     small = store_large_backup(primary, 1024 * 1024)
     large = store_large_backup(primary, 96 * 1024 * 1024)
+    # Interrupted mid-copy (its multipart upload under way): the copy is left without the backup, and clean.
+    offsite = s3_copy_server.client()
+    running = opsbook.start("backup.copy", "--env", "staging", "--id", large, "--copy", "offsite")
+    wait_for(lambda: offsite.list_multipart_uploads(Bucket=copied["offsite"]).get("Uploads")
+             or running.poll() is not None, timeout=60, what="the copy's multipart upload")
+    assert running.poll() is None, "the copy ended before the test could interrupt it"
+    running.send_signal(signal.SIGINT)
+    interrupted = opsbook.collect(running, timeout=60)
+    assert interrupted.exit_code == 130, interrupted
+    assert backup_keys(s3_copy_server, copied["offsite"], large) == []
+    assert not offsite.list_multipart_uploads(Bucket=copied["offsite"]).get("Uploads")
+
     peaks = {backup_id: peak_rss_mib(opsbook, "backup.copy", "--env", "staging", "--id", backup_id,
                                      "--copy", "offsite") for backup_id in (small, large)}
     # 96 MiB read whole would add at least that much; two 16 MiB parts in flight add about a third of it.
