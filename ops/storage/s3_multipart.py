@@ -81,7 +81,8 @@ class MultipartUploads:
                 **self._put_arguments(info.metadata, info.content_type))["UploadId"]
         try:
             parts = self._copy_parts(copy_source, full_key, upload_id, info, part_size)
-            if parts is None:
+            current = source.head(info.key)  # some servers ignore the per-part condition: ask once more
+            if parts is None or current is None or current.etag != info.etag:
                 self._abort_quietly(full_key, upload_id)
                 return False
             with self._errors(f"completing the copy to {full_key}"):
