@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import dump, fetch, pg, pg_tools, pg_url, restore_db
-from ops.backup_copies import backups_storage, copies_json, copies_text, copy_names, holdings, open_copy
+from ops.backup_copies import UNREACHABLE, backups_storage, copies_json, copies_text, copy_names, holdings, open_copy
 from ops.backup_manifest import BACKUPS_DIR, Verification, append_verification, list_backups, read_verifications
 from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import CheckFailed, UsageError
+from ops.errors import CheckFailed, StepFailed, UsageError
 from ops.inventory import plain
 from ops.output import ProgressLines, human_size
 from ops.storage import open_storage
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ops.storage import Storage
 
 READERS = 8
+UNREAD_STATE = "verify-unread"  # ctx.state: the copies a verification could not read
 
 
 # --- selection --------------------------------------------------------------------------------
@@ -81,15 +82,21 @@ def identities_for(env: Environment, identity: str | None, manifests: list[Manif
 class VerifyStep(Step):
     """Verification of the backup bucket's backups, or (`copy`) of those a copy holds, recorded there."""
 
-    def __init__(self, backup: str, deep: bool, identity: str | None, copy: str | None = None):
+    def __init__(self, backup: str, deep: bool, identity: str | None, copy: str | None = None, last: bool = True):
         self.backup, self.deep, self.identity, self.copy = backup, deep, identity, copy
+        self.last = last  # the last step fails for every copy that could not be read, once the rest are verified
         self.name = "verify" if copy is None else f"verify-copy-{copy}"
         kind = "restore into a scratch database and compare row counts" if deep else "check size and sha256"
         where = "" if copy is None else f" on copy {copy}"
         self.title = f"re-read {'every backup' if backup == 'all' else 'backup ' + backup}{where} and {kind}"
 
     def check(self, ctx: RunContext) -> Change | None:
-        manifests = select(backups_storage(ctx, self.copy), self.backup)
+        try:
+            manifests = select(backups_storage(ctx, self.copy), self.backup)
+        except UNREACHABLE as error:  # a copy out of reach fails its own step, after the others are verified
+            if self.copy is None:
+                raise
+            return Change(f"verify the backups on {self.copy}", [f"not answering now: {error.message}"])
         identities_for(ctx.env, self.identity, manifests, required=self.deep)
         kind = "deep (restore + row counts)" if self.deep else "checksum"
         return Change(f"verify {len(manifests)} backup(s){'' if self.copy is None else ' on ' + self.copy}, {kind}",
@@ -97,7 +104,15 @@ class VerifyStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         storage = backups_storage(ctx, self.copy)
-        manifests = select(storage, self.backup)
+        try:
+            manifests = select(storage, self.backup)
+        except UNREACHABLE as error:
+            if self.copy is None:
+                raise
+            ctx.output.warn(f"copy {self.copy} could not be verified: {error.message}")
+            ctx.state.setdefault(UNREAD_STATE, []).append(f"{self.copy}: {error.message}")
+            self._fail_for_unread(ctx)
+            return {"unreachable": error.message}
         identities = identities_for(ctx.env, self.identity, manifests, required=self.deep)
         results, failures = [], []
         for manifest in manifests:
@@ -119,7 +134,14 @@ class VerifyStep(Step):
             raise CheckFailed(f"{len(failures)} of {len(manifests)} backup(s){where} failed verification: "
                               + "; ".join(failures),
                               hint="do not rely on these backups: take a fresh one and restore from another")
+        self._fail_for_unread(ctx)
         return {"results": results}
+
+    def _fail_for_unread(self, ctx: RunContext) -> None:
+        unread = ctx.state.get(UNREAD_STATE) or []
+        if self.last and unread:
+            raise StepFailed(f"{len(unread)} copy(ies) could not be read to verify: {'; '.join(unread)}",
+                             hint="fix the copy's settings or reach, then verify again (--copy NAME for that one)")
 
     def verify(self, ctx: RunContext) -> None:
         """apply raised on any mismatch; the outcome is recorded in verification.json."""
@@ -166,7 +188,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     if chosen:
         open_copy(env, chosen)  # an unknown name: a usage error before anything runs
     wheres = [chosen] if chosen else [None, *copy_names(env)]
-    steps: list[Step] = [VerifyStep(backup, deep, identity, where) for where in wheres]
+    steps: list[Step] = [VerifyStep(backup, deep, identity, where, last=where == wheres[-1]) for where in wheres]
     return Runbook("backup.verify", f"Verify backups of {env.name}", steps, arguments=arguments,
                    locks=("backup-verify",),
                    confirm_exempt="reads backups; --deep restores into a scratch database it drops again")

@@ -140,6 +140,10 @@ def test_a_failing_copy_exits_1_keeps_the_backup_and_is_filled_in_later(opsbook,
     assert "Traceback" not in failed.output
     [first] = manifest_ids(s3_server, copied["primary"])
     assert manifest_ids(s3_server, copied["nearby"]) == [first]
+    unverifiable = opsbook.run("backup.verify", "--env", "staging")  # the others are verified all the same
+    assert unverifiable.exit_code == 1 and "1 copy(ies) could not be read" in unverifiable.stderr, unverifiable
+    assert f"staging/backups/{first}/verification.json" in keys(s3_server, copied["primary"])
+    assert f"near/backups/{first}/verification.json" in keys(s3_server, copied["nearby"])
     opsbook.environ["OFFSITE_SECRET"] = s3_copy_server.secret_access_key.reveal()
     listed = opsbook.run("backup.list", "--env", "staging", "--json")
     assert [(b["id"], b["copies"], b["copy_missing"]) for b in listed.json()["backups"]] == [
