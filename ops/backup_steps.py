@@ -1,9 +1,10 @@
 """The backup runbook's steps and builder: dump & upload, manifest (written last), metrics, retention.
 
 A backup is: dump & upload (pg_dump → zstd → age → sha256 → multipart upload, row
-counts read in the dump's own snapshot) → manifest, written last → metrics →
-retention. Only a backup with a manifest exists; a failed run leaves none. migrate's
-pre-migration backup and decommission's final backup are these same steps.
+counts read in the dump's own snapshot) → manifest, written last → each of
+backups.copies (ops/backup_copies.py) → metrics → retention. Only a backup with a
+manifest exists; a failed run leaves none. migrate's pre-migration backup and
+decommission's final backup are these same steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import backup_lock, dump, metrics, migrations, pg, pg_tools, pg_url, processes
+from ops.backup_copies import CopiesStep, copy_names
 from ops.backup_manifest import (
     DatabaseInfo,
     Manifest,
@@ -151,10 +153,12 @@ class DumpStep(Step):
             raise StepFailed(f"backups/{self.backup_id}: the stored dump is missing or has the wrong size",
                              hint="run the backup again")
 
-    def undo(self, ctx: RunContext, change: Change) -> None:
+    def undo(self, ctx: RunContext, change: Change) -> str | None:
         storage = ctx.storage("backups")
-        if storage.head(manifest_key(self.backup_id)) is None:  # never remove a dump its manifest points at
-            storage.delete(self._key(ctx))
+        if storage.head(manifest_key(self.backup_id)) is not None:  # never remove a dump its manifest points at
+            return f"backup {self.backup_id} is complete in the backup bucket"
+        storage.delete(self._key(ctx))
+        return None
 
 
 def _stop_reader(connection: Any, reader: threading.Thread, seconds: float = 10) -> None:
@@ -286,6 +290,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     days = backup_lock.lock_days(env)
     if days is not None:
         steps.insert(0, backup_lock.LockStep(days))
+    copies = copy_names(env)
+    if copies:
+        steps.append(CopiesStep(copies, backup_id=backup_id))
     metrics_file = settings(env)["metrics_file"]
     if metrics_file:
         path = Path(os.path.expanduser(metrics_file))

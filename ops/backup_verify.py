@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import dump, fetch, pg, pg_tools, pg_url, restore_db
+from ops.backup_copies import UNREACHABLE, backups_storage, copies_json, copies_text, copy_names, holdings, open_copy
 from ops.backup_manifest import BACKUPS_DIR, Verification, append_verification, list_backups, read_verifications
 from ops.clock import iso_z, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import CheckFailed, UsageError
+from ops.errors import CheckFailed, StepFailed, UsageError
 from ops.inventory import plain
 from ops.output import human_size
 from ops.storage import open_storage
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ops.storage import Storage
 
 READERS = 8
+UNREAD_STATE = "verify-unread"  # ctx.state: the copies a verification could not read
 
 
 # --- selection --------------------------------------------------------------------------------
@@ -78,49 +80,76 @@ def identities_for(env: Environment, identity: str | None, manifests: list[Manif
 
 
 class VerifyStep(Step):
-    name = "verify"
+    """Verification of the backup bucket's backups, or (`copy`) of those a copy holds, recorded there."""
 
-    def __init__(self, backup: str, deep: bool, identity: str | None):
-        self.backup, self.deep, self.identity = backup, deep, identity
+    def __init__(self, backup: str, deep: bool, identity: str | None, copy: str | None = None, last: bool = True):
+        self.backup, self.deep, self.identity, self.copy = backup, deep, identity, copy
+        self.last = last  # the last step fails for every copy that could not be read, once the rest are verified
+        self.name = "verify" if copy is None else f"verify-copy-{copy}"
         kind = "restore into a scratch database and compare row counts" if deep else "check size and sha256"
-        self.title = f"re-read {'every backup' if backup == 'all' else 'backup ' + backup} and {kind}"
+        where = "" if copy is None else f" on copy {copy}"
+        self.title = f"re-read {'every backup' if backup == 'all' else 'backup ' + backup}{where} and {kind}"
 
     def check(self, ctx: RunContext) -> Change | None:
-        manifests = select(ctx.storage("backups"), self.backup)
+        try:
+            manifests = select(backups_storage(ctx, self.copy), self.backup)
+        except UNREACHABLE as error:  # a copy out of reach fails its own step, after the others are verified
+            if self.copy is None:
+                raise
+            return Change(f"verify the backups on {self.copy}", [f"not answering now: {error.message}"])
         identities_for(ctx.env, self.identity, manifests, required=self.deep)
         kind = "deep (restore + row counts)" if self.deep else "checksum"
-        return Change(f"verify {len(manifests)} backup(s), {kind}",
+        return Change(f"verify {len(manifests)} backup(s){'' if self.copy is None else ' on ' + self.copy}, {kind}",
                       [f"{m.id}: {m.object.key}, {m.size} bytes" for m in manifests])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        storage = ctx.storage("backups")
-        manifests = select(storage, self.backup)
+        storage = backups_storage(ctx, self.copy)
+        try:
+            manifests = select(storage, self.backup)
+        except UNREACHABLE as error:
+            if self.copy is None:
+                raise
+            ctx.output.warn(f"copy {self.copy} could not be verified: {error.message}")
+            ctx.state.setdefault(UNREAD_STATE, []).append(f"{self.copy}: {error.message}")
+            self._fail_for_unread(ctx)
+            return {"unreachable": error.message}
         identities = identities_for(ctx.env, self.identity, manifests, required=self.deep)
         results, failures = [], []
         for manifest in manifests:
             try:
-                detail, ok = verify_one(ctx, manifest, self.deep, identities), True
+                detail, ok = verify_one(ctx, manifest, self.deep, identities, storage), True
             except CheckFailed as error:  # a damaged backup; an unreachable bucket is not recorded against it
                 detail, ok = error.message, False
                 failures.append(error.message)
             record = Verification(at=iso_z(utc_now()), kind="deep" if self.deep else "checksum", ok=ok,
                                   run_id=ctx.run_id, operator=ctx.operator, detail=detail)
             append_verification(storage, manifest.id, record)
-            ctx.log(f"{manifest.id}: {'ok' if ok else 'FAILED'} — {detail}")
-            results.append({"id": manifest.id, **record.to_json()})
-        ctx.state["verify"] = {"results": results}
+            where = "" if self.copy is None else f" (copy {self.copy})"
+            ctx.log(f"{manifest.id}{where}: {'ok' if ok else 'FAILED'} — {detail}")
+            results.append({"id": manifest.id, "copy": self.copy, **record.to_json()})
+        verified = ctx.state.setdefault("verify", {"results": []})
+        verified["results"] = [*verified.get("results", []), *results]
         if failures:
-            raise CheckFailed(f"{len(failures)} of {len(manifests)} backup(s) failed verification: "
+            where = "" if self.copy is None else f" on copy {self.copy}"
+            raise CheckFailed(f"{len(failures)} of {len(manifests)} backup(s){where} failed verification: "
                               + "; ".join(failures),
                               hint="do not rely on these backups: take a fresh one and restore from another")
+        self._fail_for_unread(ctx)
         return {"results": results}
+
+    def _fail_for_unread(self, ctx: RunContext) -> None:
+        unread = ctx.state.get(UNREAD_STATE) or []
+        if self.last and unread:
+            raise StepFailed(f"{len(unread)} copy(ies) could not be read to verify: {'; '.join(unread)}",
+                             hint="fix the copy's settings or reach, then verify again (--copy NAME for that one)")
 
     def verify(self, ctx: RunContext) -> None:
         """apply raised on any mismatch; the outcome is recorded in verification.json."""
 
 
-def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None) -> str:
-    storage = ctx.storage("backups")
+def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None,
+               storage: Storage | None = None) -> str:
+    storage = storage or ctx.storage("backups")
     progress = ctx.progress(f"{manifest.id}: read", total_bytes=manifest.size)
     if not deep:
         fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
@@ -152,8 +181,15 @@ def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, 
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
-    step = VerifyStep(str(arguments.get("backup") or "latest"), bool(arguments.get("deep")), arguments.get("identity"))
-    return Runbook("backup.verify", f"Verify backups of {env.name}", [step], arguments=arguments,
+    """The backup bucket and every copy (`copy`: that copy alone)."""
+    backup, deep = str(arguments.get("backup") or "latest"), bool(arguments.get("deep"))
+    identity = arguments.get("identity")
+    chosen = arguments.get("copy")
+    if chosen:
+        open_copy(env, chosen)  # an unknown name: a usage error before anything runs
+    wheres = [chosen] if chosen else [None, *copy_names(env)]
+    steps: list[Step] = [VerifyStep(backup, deep, identity, where, last=where == wheres[-1]) for where in wheres]
+    return Runbook("backup.verify", f"Verify backups of {env.name}", steps, arguments=arguments,
                    locks=("backup-verify",),
                    confirm_exempt="reads backups; --deep restores into a scratch database it drops again")
 
@@ -184,14 +220,17 @@ def show_backups(env: Environment, output: Output) -> None:
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         records = list(pool.map(lambda m: read_verifications(storage, m.id), complete))
     now = utc_now()
+    held = holdings(env, output.warn)
     output.info(f"backups of {env.name} in {storage.describe()}:")
-    output.table(["id", "time", "age", "size", "tags", "keep", "verified"], [
+    output.table(["id", "time", "age", "size", "tags", "keep", "verified", *(["copies"] if held else [])], [
         [m.id, m.started_at, age_of(m.started, now), human_size(m.size), ",".join(m.tags) or "-",
-         "keep" if m.keep else "-", verified_text(r)] for m, r in zip(complete, records, strict=True)])
+         "keep" if m.keep else "-", verified_text(r), *([copies_text(m.id, held)] if held else [])]
+        for m, r in zip(complete, records, strict=True)])
     if not complete:
         output.info("  (no complete backup)")
     _show_incomplete(output, incomplete, uploads, now)
-    listed = [_backup_json(m, r, now) for m, r in zip(complete, records, strict=True)]
+    listed = [{**_backup_json(m, r, now), **(copies_json(m.id, held) if held else {})}
+              for m, r in zip(complete, records, strict=True)]
     output.result({"env": env.name, "backups": listed,
                    "incomplete": [{"id": i.id, "keys": i.keys, "newest_modified": i.newest_modified.isoformat(),
                                    "problem": i.problem} for i in incomplete],

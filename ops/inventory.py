@@ -221,6 +221,34 @@ class Environment:
             values["path"] = str(self._relative_to_inventory(str(values["path"])))
         return StorageConfig(**values)
 
+    def backup_copy_configs(self) -> dict[str, StorageConfig]:
+        """`backups.copies` by name. What a copy leaves out is the backup bucket's: provider, endpoint,
+        region and path always; its keys only when the copy is on the same service (one key pair, one account)."""
+        copies = self.raw("backups.copies", None) or []
+        names = [str(copy.get("name")) for copy in copies]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise InventoryError(f"envs.{self.name}.backups.copies: the name {duplicates[0]!r} is used twice",
+                                 where=self.inventory.location(f"envs.{self.name}.backups.copies"),
+                                 hint="give every copy its own name")
+        primary = self.storage_config("backups") if copies else None
+        return {name: self._copy_config(copy, primary) for name, copy in zip(names, copies, strict=True)}
+
+    def _copy_config(self, copy: dict[str, Any], primary: StorageConfig | None) -> StorageConfig:
+        assert primary is not None
+        given = {k: v for k, v in resolve(copy).items() if k != "name"}
+        credentials = {"access_key_id", "secret_access_key"}
+        values: dict[str, Any] = {k: (v if k in credentials else plain(v)) for k, v in given.items()}
+        for key in ("provider", "endpoint", "region", "path"):
+            if key not in values and getattr(primary, key) is not None:
+                values[key] = getattr(primary, key)
+        same_service = (values.get("provider"), values.get("endpoint")) == (primary.provider, primary.endpoint)
+        if same_service and not credentials & set(values):
+            values.update(access_key_id=primary.access_key_id, secret_access_key=primary.secret_access_key)
+        if values.get("provider") == "local" and "path" in given:
+            values["path"] = str(self._relative_to_inventory(str(values["path"])))
+        return StorageConfig(**values)
+
     def stored_storage_keys(self) -> dict[str, Secret]:
         """After a key rotation the secret store holds the storage key pair; it wins over the inventory's."""
         stored = self.secret_store().read()

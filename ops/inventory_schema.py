@@ -30,6 +30,16 @@ STORAGE = _object({
     "prefix": {"type": "string"},
 }, required=["bucket"])
 
+# backups.copies: a second (third…) copy of every backup in another bucket (ops/backup_copies.py); the
+# connection settings not given are the backup bucket's, its keys only when the copy is on the same service
+BACKUP_COPY = _object({
+    "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"},
+    "provider": {"enum": ["r2", "s3", "local"]},
+    "endpoint": _STRING, "region": _STRING, "bucket": _STRING, "path": _STRING,
+    "access_key_id": _STRING, "secret_access_key": _STRING,
+    "prefix": {"type": "string"},
+}, required=["name", "bucket"])
+
 BACKUPS = _object({
     # the backup bucket: same connection settings as storage, each may be given or inherited
     "provider": {"enum": ["r2", "s3", "local"]},
@@ -48,6 +58,7 @@ BACKUPS = _object({
     # object lock: each stored object of a backup is held this many days (S3 Object Lock, R2 bucket lock rule)
     "lock_days": {"type": "integer", "minimum": 1, "maximum": 36500},
     "lock_mode": {"enum": ["governance", "compliance"]},
+    "copies": {"type": "array", "items": BACKUP_COPY},
 })
 
 # pings to a dead man's switch (ops/pings.py): `url` for the scheduled jobs, `jobs.<task>` per task (false: none)

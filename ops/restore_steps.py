@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import fetch, pg, pg_tools, pg_url, restore_db
+from ops.backup_copies import UNREACHABLE, open_copy, use_a_copy
 from ops.backup_verify import identities_for, select
 from ops.cli import environment as load_environment
 from ops.clock import utc_now
@@ -49,9 +50,10 @@ class Plan:
     """What the steps share: the source, the chosen backup, the target's names."""
 
     def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
-                 keep_old: bool, identity: str | None, jobs: int = 1):
+                 keep_old: bool, identity: str | None, jobs: int = 1, copy: str | None = None):
         self.target, self.source, self.backup, self.database = target, source, backup, database
-        self.keep_old, self.identity, self.jobs = keep_old, identity, jobs
+        self.keep_old, self.identity, self.jobs, self.copy = keep_old, identity, jobs, copy
+        self._copy_storage: Storage | None = None
         self.scratch = side_name(database, "restore", stamp)
         self.old = side_name(database, "old", stamp)
         self._manifest: Manifest | None = None
@@ -62,15 +64,24 @@ class Plan:
         return self.source.name != self.target.name
 
     def storage(self, ctx: RunContext) -> Storage:
+        """The source's backup bucket, or with --copy that copy of it."""
+        if self.copy is not None:
+            if self._copy_storage is None:
+                self._copy_storage = open_copy(self.source, self.copy)
+            return self._copy_storage
         if not self.cross_environment:
             return ctx.storage("backups")
 
         return open_storage(self.source.storage_config("backups"))
 
     def manifest(self, ctx: RunContext) -> Manifest:
-        """The chosen backup, resolved once per run ("latest" must not change between steps)."""
+        """The chosen backup, resolved once per run ("latest" must not change between steps). An unreachable
+        backup bucket's error names the copies to restore from instead."""
         if self._manifest is None:
-            self._manifest = select(self.storage(ctx), self.backup)[0]
+            try:
+                self._manifest = select(self.storage(ctx), self.backup)[0]
+            except UNREACHABLE as error:
+                raise (error if self.copy is not None else use_a_copy(self.source, error)) from None
         return self._manifest
 
     def restored_what(self, ctx: RunContext) -> str:
@@ -302,7 +313,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     database = arguments.get("database") or env.database_name()
     jobs = restore_jobs(arguments.get("jobs"))
     plan = Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
-                bool(arguments.get("keep_old")), arguments.get("identity"), jobs)
+                bool(arguments.get("keep_old")), arguments.get("identity"), jobs, arguments.get("copy") or None)
     title = f"Restore {env.name} ({database}) from a backup of {source.name}"
     loading: list[Step] = [StreamStep(plan)] if jobs == 1 else [FetchStep(plan), LoadStep(plan)]
     return Runbook("restore", title, [*loading, SwapStep(plan)], arguments=arguments, locks=("environment",))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ops.backup_copies import backups_storage, copy_names
 from ops.backup_manifest import (
     VERIFICATION_NAME,
     backup_prefix,
@@ -350,24 +351,30 @@ def apply_survey(storage: Storage, found: Survey, log: Callable[[str], None]) ->
 
 
 def prune_after_backup(ctx: RunContext) -> dict[str, Any]:
-    """Retention inside a successful backup's run. Never fails the backup: a refusal or an error is
-    logged and returned (`refused` / `error`) for the caller's step outputs."""
+    """Retention inside a successful backup's run, on the backup bucket and each of backups.copies. Never
+    fails the backup: a refusal or an error is logged and returned (`refused` / `error`) for the step outputs."""
     if not ctx.env.has("backups"):
         return {"skipped": "no backups section"}
     policy = policy_for(ctx.env)
+    outcome = _prune_one(ctx, policy, None)
+    copies = {name: _prune_one(ctx, policy, name) for name in copy_names(ctx.env)}
+    return {**outcome, **({"copies": copies} if copies else {})}
+
+
+def _prune_one(ctx: RunContext, policy: RetentionPolicy, copy: str | None) -> dict[str, Any]:
+    where = "" if copy is None else f" of copy {copy}"
     try:
-        storage = ctx.storage("backups")
+        storage = backups_storage(ctx, copy)
         found = survey(storage, policy, utc_now())
         if found.refused:
-            ctx.log(f"retention skipped: {found.plan.refused}; `inv backup.prune --env {ctx.env.name} --force` "
-                    "prunes anyway")
+            ctx.log(f"retention{where} skipped: {found.plan.refused}; `inv backup.prune --env {ctx.env.name} "
+                    "--force` prunes anyway")
             return {"refused": found.plan.refused, "deleted": []}
-        ctx.log(f"retention ({policy.describe()}): {len(found.plan.deletions)} to delete, "
+        ctx.log(f"retention{where} ({policy.describe()}): {len(found.plan.deletions)} to delete, "
                 f"{len(found.plan.kept)} kept")
         outcome = apply_survey(storage, found, ctx.log)
     except OpsError as error:
         message = redact(str(error))
-        ctx.output.warn(f"retention did not complete (the backup itself succeeded): {message}")
+        ctx.output.warn(f"retention{where} did not complete (the backup itself succeeded): {message}")
         return {"error": redact(error.message)}
     return {**outcome, "kept": [d.backup.id for d in found.plan.kept]}
-

@@ -21,6 +21,7 @@ RUNBOOKS = {
     "provision": "runbooks.provision",
     "backup": "runbooks.backup",
     "backup.verify": "runbooks.backup:build_verify",
+    "backup.copy": "runbooks.backup:build_copy",
     "backup.prune": "runbooks.prune",
     "backup.assets": "runbooks.assets",
     "restore": "runbooks.restore",

@@ -3,7 +3,8 @@
 Two steps: delete the backups the retention policy no longer keeps (manifest
 first, so a half-deleted backup is never listed as complete), then remove what
 failed backups left behind more than a day ago. Nothing is deleted while backups
-are failing (the newest is older than the schedule allows) unless --force.
+are failing (the newest is older than the schedule allows) unless --force. Each of
+backups.copies is pruned by the same policy, from what it holds, with the same two steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from invoke import task
 
 from ops import retention
+from ops.backup_copies import backups_storage, copy_names
 from ops.backup_manifest import BACKUPS_DIR, backup_prefix
 from ops.cli import OpsTask, TaskCall
 from ops.clock import utc_now
@@ -29,34 +31,39 @@ if TYPE_CHECKING:
 SURVEY_STATE = "retention"  # ctx.state key: the survey the last check before apply saw
 
 
-def take_survey(ctx: RunContext, policy: RetentionPolicy, force: bool) -> Survey:
-    found = retention.survey(ctx.storage("backups"), policy, utc_now(), force=force)
-    ctx.state[SURVEY_STATE] = found
+def survey_key(copy: str | None) -> str:
+    return SURVEY_STATE if copy is None else f"{SURVEY_STATE}:{copy}"
+
+
+def take_survey(ctx: RunContext, policy: RetentionPolicy, force: bool, copy: str | None = None) -> Survey:
+    storage = backups_storage(ctx, copy)
+    found = retention.survey(storage, policy, utc_now(), force=force)
+    ctx.state[survey_key(copy)] = found
     if found.refused:
         for decision in found.plan.decisions:
             ctx.log(decision.line())
-        raise CheckFailed(f"refusing to prune the backups of {ctx.env.name}: {found.plan.refused}",
-                          where=ctx.storage("backups").describe(),
+        where = "" if copy is None else f" on copy {copy}"
+        raise CheckFailed(f"refusing to prune the backups of {ctx.env.name}{where}: {found.plan.refused}",
+                          where=storage.describe(),
                           hint=f"find out why backups fail (`inv backup.list --env {ctx.env.name}`, `inv runs.list`);"
                                f" `inv backup.prune --env {ctx.env.name} --force` prunes anyway")
     return found
 
 
-def leftover_objects(ctx: RunContext, backup_ids: list[str]) -> list[str]:
-    storage = ctx.storage("backups")
+def leftover_objects(ctx: RunContext, backup_ids: list[str], copy: str | None = None) -> list[str]:
+    storage = backups_storage(ctx, copy)
     return [backup_id for backup_id in backup_ids if any(True for _ in storage.list(backup_prefix(backup_id)))]
 
 
 class ExpiredBackupsStep(Step):
-    name = "expired-backups"
-
-    def __init__(self, policy: RetentionPolicy, force: bool):
-        self.policy = policy
-        self.force = force
-        self.title = f"delete the backups retention no longer keeps ({policy.describe()})"
+    def __init__(self, policy: RetentionPolicy, force: bool, copy: str | None = None):
+        self.policy, self.force, self.copy = policy, force, copy
+        self.name = "expired-backups" if copy is None else f"expired-backups-copy-{copy}"
+        where = "" if copy is None else f" on copy {copy}"
+        self.title = f"delete the backups{where} retention no longer keeps ({policy.describe()})"
 
     def check(self, ctx: RunContext) -> Change | None:
-        found = take_survey(ctx, self.policy, self.force)
+        found = take_survey(ctx, self.policy, self.force, self.copy)
         plan = found.plan
         if not plan.deletions:
             return None
@@ -70,30 +77,29 @@ class ExpiredBackupsStep(Step):
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         deleted = []
         for item in change.data["delete"]:
-            delete_backup(ctx.storage("backups"), item["id"])
+            delete_backup(backups_storage(ctx, self.copy), item["id"])
             ctx.log(f"deleted backup {item['id']} ({'; '.join(item['reasons'])})")
             deleted.append(item["id"])
         return {"deleted": deleted}
 
     def verify(self, ctx: RunContext) -> None:
         deleted = (ctx.state.get(self.name) or {}).get("deleted", [])
-        remaining = leftover_objects(ctx, deleted)
+        remaining = leftover_objects(ctx, deleted, self.copy)
         if remaining:
             raise StepFailed(f"objects of deleted backups are still there: {', '.join(remaining)}",
-                             where=ctx.storage("backups").describe(),
+                             where=backups_storage(ctx, self.copy).describe(),
                              hint="run the prune again; it finishes what was left")
 
 
 class IncompleteUploadsStep(Step):
-    name = "incomplete-uploads"
-    title = "remove incomplete backups and dangling multipart uploads older than a day"
-
-    def __init__(self, policy: RetentionPolicy, force: bool):
-        self.policy = policy
-        self.force = force
+    def __init__(self, policy: RetentionPolicy, force: bool, copy: str | None = None):
+        self.policy, self.force, self.copy = policy, force, copy
+        self.name = "incomplete-uploads" if copy is None else f"incomplete-uploads-copy-{copy}"
+        where = "" if copy is None else f" on copy {copy}"
+        self.title = f"remove incomplete backups and dangling multipart uploads{where} older than a day"
 
     def check(self, ctx: RunContext) -> Change | None:
-        found = take_survey(ctx, self.policy, self.force)
+        found = take_survey(ctx, self.policy, self.force, self.copy)
         if not found.leftovers:
             return None
         details = [f"remove incomplete backup {i.id}: no manifest, last written {i.newest_modified:%Y-%m-%d %H:%MZ}"
@@ -108,7 +114,7 @@ class IncompleteUploadsStep(Step):
                                          "uploads": list(found.stale_uploads)})
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        storage = ctx.storage("backups")
+        storage = backups_storage(ctx, self.copy)
         for backup_id in change.data["incomplete"]:
             remove_incomplete(storage, backup_id)
             ctx.log(f"removed incomplete backup {backup_id}")
@@ -120,31 +126,34 @@ class IncompleteUploadsStep(Step):
 
     def verify(self, ctx: RunContext) -> None:
         outputs = ctx.state.get(self.name) or {}
-        remaining = leftover_objects(ctx, outputs.get("incomplete_removed", []))
+        remaining = leftover_objects(ctx, outputs.get("incomplete_removed", []), self.copy)
         aborted = {item["upload_id"] for item in outputs.get("uploads_aborted", [])}
-        still_open = [u.key for u in ctx.storage("backups").list_incomplete_uploads(BACKUPS_DIR)
-                      if u.upload_id in aborted]
+        storage = backups_storage(ctx, self.copy)
+        still_open = [u.key for u in storage.list_incomplete_uploads(BACKUPS_DIR) if u.upload_id in aborted]
         if remaining or still_open:
             raise StepFailed(f"still there after the clean-up: {', '.join([*remaining, *still_open])}",
-                             where=ctx.storage("backups").describe(), hint="run the prune again")
+                             where=storage.describe(), hint="run the prune again")
 
 
 def build(env: Environment, force: bool = False, **arguments: Any) -> Runbook:
     policy = policy_for(env)
-    steps: list[Step] = [ExpiredBackupsStep(policy, force), IncompleteUploadsStep(policy, force)]
+    steps: list[Step] = []
+    for copy in [None, *copy_names(env)]:
+        steps += [ExpiredBackupsStep(policy, force, copy), IncompleteUploadsStep(policy, force, copy)]
     return Runbook("backup.prune", f"Prune the backups of {env.name}", steps,
                    arguments={"force": force, **arguments})
 
 
 def run_prune(env: Environment, output: Output, *, dry_run: bool, confirm: str | None,
-              force: bool) -> tuple[RunResult, Survey | None]:
-    """Like ops.cli.execute, keeping the run's context so the survey can be reported."""
+              force: bool) -> tuple[RunResult, Survey | None, dict[str, Survey]]:
+    """Like ops.cli.execute, keeping the run's context so the surveys (the bucket's, each copy's) can be reported."""
     ctx = RunContext(env, output=output)
     result = Runner(build(env, force=force), ctx, confirm=confirm, prompt=input).run(dry_run=dry_run)
-    return result, ctx.state.get(SURVEY_STATE)
+    copies = {name: ctx.state[survey_key(name)] for name in copy_names(env) if survey_key(name) in ctx.state}
+    return result, ctx.state.get(SURVEY_STATE), copies
 
 
-def report(output: Output, result: RunResult, found: Survey | None) -> None:
+def report(output: Output, result: RunResult, found: Survey | None, copies: dict[str, Survey] | None = None) -> None:
     """What the plan's details did not show: why each backup stays when none goes, and what is held."""
     planned = {step["step"] for step in result.steps if step["change"]}
     if found is not None and ExpiredBackupsStep.name not in planned:
@@ -159,12 +168,16 @@ def report(output: Output, result: RunResult, found: Survey | None) -> None:
             output.warn(f"incomplete uploads kept: {found.leftovers_held} (--force removes them)")
         for damaged in found.damaged:
             output.warn(f"backup {damaged.id} kept: its manifest cannot be read ({damaged.problem}); inspect it")
+    for name, survey in (copies or {}).items():
+        output.info(f"copy {name}: by the same policy {len(survey.plan.deletions)} to delete, "
+                    f"{len(survey.plan.kept)} kept")
     output.info(f"{result.status} (run {result.run_id}; `inv runs.show {result.run_id}` for the journal)")
-    output.result({**result.to_json(), **(found.to_json() if found is not None else {})})
+    output.result({**result.to_json(), **(found.to_json() if found is not None else {}),
+                   **({"copies": {name: survey.to_json() for name, survey in copies.items()}} if copies else {})})
 
 
 @task(klass=OpsTask, help=dict(force="prune even though the newest backup is older than the schedule allows"))
 def prune(call: TaskCall, env=None, dry_run=False, force=False, confirm=None, json=False):
     """Apply the retention policy (keep_last, daily, weekly, monthly, min_keep); remove stale incomplete uploads."""
-    result, found = run_prune(call.environment, call.output, dry_run=dry_run, confirm=confirm, force=force)
-    report(call.output, result, found)
+    result, found, copies = run_prune(call.environment, call.output, dry_run=dry_run, confirm=confirm, force=force)
+    report(call.output, result, found, copies)

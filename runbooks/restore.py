@@ -18,6 +18,7 @@ from invoke import task
 from ops import neon, neon_restore, pitr_restore, restore_steps
 from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
+from ops.errors import UsageError
 from ops.failure_notice import run_notifying
 from ops.maintenance_steps import with_maintenance
 
@@ -49,13 +50,17 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
          "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)",
     maintenance="announce a maintenance window with this title around the restore (completed when it succeeds; "
-                "an incident when it fails)"))
+                "an incident when it fails)",
+    copy="read the backup from this copy of the source's backups (backups.copies) instead of its backup bucket"))
 def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
-            jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, json=False):
+            jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, copy=None, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
+    if copy and to_time:
+        raise UsageError("--copy and --to-time cannot be combined: a copy holds dumps, not the PITR archive",
+                         hint="drop one of them")
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
-                    jobs=jobs, **({"to_time": to_time} if to_time else {}))
+                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **({"copy": copy} if copy else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),

@@ -281,6 +281,11 @@ class Storage(ABC):
         """Copy `info` of `source` without it passing through this process (see S3Storage)."""
         raise UsageError(f"{self.describe()}: no server-side copy here", hint="use copy_object")
 
+    def multipart_copy(self, source: Storage, info: ObjectInfo, dest_key: str, *,
+                       part_size: int = DEFAULT_PART_SIZE) -> bool:
+        """`server_side_copy` for objects of any size, part by part (see S3Storage)."""
+        raise UsageError(f"{self.describe()}: no server-side copy here", hint="use copy_object")
+
     def lifecycle_rules(self) -> list[dict[str, Any]]:
         """The bucket's lifecycle rules, in the S3 API's shape."""
         raise UsageError(f"{self.describe()}: this provider has no lifecycle rules")

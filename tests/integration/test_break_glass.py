@@ -7,37 +7,18 @@ the test fails as soon as the documented procedure and the backup format drift a
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
 import uuid
-from pathlib import Path
-from typing import Any
 
 import psycopg
 import pyrage
 import pytest
 
-from tests.cli import REPOSITORY, Opsbook
+from tests.cli import Opsbook
 from tests.fixtures.backups import backups_section, write_inventory
+from tests.fixtures.break_glass import TOOLS, break_glass_commands, operator_environment, run_commands
 from tests.fixtures.postgres import row_counts
 from tests.fixtures.shop import make_database
-
-SECTION = "## Break-glass restore (no opsbook)"
-MARKER = "<!-- break-glass-commands:"
-TOOLS = ("aws", "jq", "zstd", "age", "sha256sum", "createdb", "pg_restore", "psql")
-
-
-def break_glass_commands(readme: Path = REPOSITORY / "README.md") -> str:
-    """The one ```sh block that follows the marker inside the break-glass section."""
-    text = readme.read_text()
-    assert text.count(SECTION) == 1, f"README.md must have exactly one {SECTION!r} section"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    assert section.count(MARKER) == 1, "the break-glass section must mark exactly one command block"
-    found = re.search(r"```sh\n(.*?)\n```", section.split(MARKER, 1)[1], flags=re.DOTALL)
-    assert found, "no ```sh block after the break-glass marker"
-    return found.group(1) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -45,34 +26,6 @@ def standard_tools() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"break-glass tools missing: {', '.join(missing)} (./opsbook installs them)")
-
-
-def run_commands(script: str, workdir: Path, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The block as an operator's script: bash, stop at the first failing command."""
-    script_file = workdir / "restore.sh"
-    script_file.write_text(script)
-    return subprocess.run(["bash", "-euo", "pipefail", str(script_file)], cwd=workdir, env=environment,
-                          capture_output=True, text=True, timeout=180)
-
-
-def operator_environment(s3_server: Any, postgres_server: Any, bucket: str, prefix: str, target_db: str,
-                         home: Path, identity_file: Path | None) -> dict[str, str]:
-    """Only what the README tells the operator to export, plus PATH; no AWS config of this machine."""
-    environment = {
-        "PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
-        "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key.reveal(),
-        "AWS_DEFAULT_REGION": s3_server.region,
-        "AWS_CONFIG_FILE": str(home / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-creds"),
-        "AWS_EC2_METADATA_DISABLED": "true", "AWS_PAGER": "",
-        "ENDPOINT": s3_server.endpoint, "BUCKET": bucket, "PREFIX": prefix,
-        "PGHOST": postgres_server.host, "PGPORT": str(postgres_server.port),
-        "PGUSER": postgres_server.superuser, "PGPASSWORD": postgres_server.password.reveal(),
-        "TARGET_DB": target_db,
-    }
-    if identity_file is not None:
-        environment["AGE_IDENTITY"] = str(identity_file)
-    return environment
 
 
 def test_the_readme_block_is_found_and_uses_only_standard_tools():

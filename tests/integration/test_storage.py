@@ -216,6 +216,20 @@ def test_copy_object_between_backends(storage: Storage, s3_server, tmp_path: Pat
         local.copy_object(storage, "img/none.png", "x")
 
 
+def test_multipart_copy_copies_server_side_part_by_part_and_refuses_a_changed_source(s3_server) -> None:
+    """UploadPartCopy, the server-side copy of objects past CopyObject's 5 GiB, here with 5 MiB parts."""
+    source = open_storage(s3_server.make_bucket(prefix="prod/"))
+    target = open_storage(s3_server.make_bucket(prefix="copy/"))
+    data = os.urandom(2 * PART + 123)
+    info = source.upload_stream("dump", io.BytesIO(data), part_size=PART)
+    assert target.same_account(source)
+    assert target.multipart_copy(source, info, "dump", part_size=PART) is True
+    assert hashlib.sha256(target.get_bytes("dump")).digest() == hashlib.sha256(data).digest()
+    source.put_bytes("dump", b"changed")  # the ETag the copy is pinned to is gone
+    assert target.multipart_copy(source, info, "again", part_size=PART) is False
+    assert target.head("again") is None and target.list_incomplete_uploads() == []
+
+
 def test_missing_bucket_is_a_clear_error(storage: Storage) -> None:
     name = f"no-such-{uuid.uuid4().hex[:8]}"
     missing = open_storage(replace(storage.config, bucket=name))
