@@ -51,7 +51,7 @@ class Plan:
     def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
                  keep_old: bool, identity: str | None, jobs: int = 1):
         self.target, self.source, self.backup, self.database = target, source, backup, database
-        self.keep_old, self.identity, self.jobs = keep_old, identity, jobs
+        self.keep_old, self.identity, self.jobs, self.stamp = keep_old, identity, jobs, stamp
         self.scratch = side_name(database, "restore", stamp)
         self.old = side_name(database, "old", stamp)
         self._manifest: Manifest | None = None
@@ -295,13 +295,18 @@ class SwapStep(Step):
                                  hint=f"look at the databases on the server: {self.plan.scratch}, {self.plan.old}")
 
 
-def build(env: Environment, **arguments: Any) -> Runbook:
+def plan_for(env: Environment, arguments: dict[str, Any]) -> Plan:
+    """The source, backup and names a restore of `env` works with (also a partial restore's and a diff's)."""
     source_name = arguments.get("source") or env.name
     source = env if source_name == env.name else _environment(source_name)
     database = arguments.get("database") or env.database_name()
-    jobs = restore_jobs(arguments.get("jobs"))
-    plan = Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
-                bool(arguments.get("keep_old")), arguments.get("identity"), jobs)
+    return Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
+                bool(arguments.get("keep_old")), arguments.get("identity"), restore_jobs(arguments.get("jobs")))
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    plan = plan_for(env, arguments)
+    database, source, jobs = plan.database, plan.source, plan.jobs
     title = f"Restore {env.name} ({database}) from a backup of {source.name}"
     loading: list[Step] = [StreamStep(plan)] if jobs == 1 else [FetchStep(plan), LoadStep(plan)]
     return Runbook("restore", title, [*loading, SwapStep(plan)], arguments=arguments, locks=("environment",))

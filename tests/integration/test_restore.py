@@ -215,3 +215,60 @@ def rename_waiting(server: Any, database: str) -> bool:
         return bool(connection.execute(
             "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'ALTER DATABASE%%RENAME%%'"
             " AND query LIKE %s", (f'%"{database}"%',)).fetchall())
+
+
+def table_hash(url: Secret, table: str) -> str:
+    """The table's content as one digest, in key order (independent of opsbook's own hash)."""
+    return rows(url, f'SELECT md5(coalesce(string_agg(t::text, \',\' ORDER BY id), \'\')) FROM "{table}" t')[0][0]
+
+
+def test_one_table_restored_beside_the_live_one_and_its_rows_put_back(opsbook, envs, postgres_server, s3_server,
+                                                                     tmp_path):
+    configure(opsbook, s3_server, envs)
+    source_name, source_url = envs["source"]
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE nokey (note text); INSERT INTO nokey VALUES ('a')")
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    before = table_hash(source_url, "User")
+
+    into = f"{source_name}_users"
+    restored = opsbook.run("restore", "--env", "staging", "--table", "User", "--into", into)
+    assert restored.exit_code == 0 and into in restored.stderr, restored
+    copy = Secret(postgres_server.url(into).reveal())
+    assert row_counts(copy) == {"public.User": 50} and table_hash(copy, "User") == before
+    refused = opsbook.run("restore", "--env", "staging", "--table", "User", "--into", envs["target"][0])
+    assert refused.exit_code == 2 and "not a scratch database" in refused.stderr, refused
+    assert marker(envs["target"][1]) == [("before the restore",)]
+
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute("""DELETE FROM "User" WHERE email IN ('user1@example.com', 'user2@example.com',
+                              'user3@example.com');
+                              UPDATE "User" SET email = 'it''s changed ' || email
+                              WHERE email IN ('user4@example.com', 'user5@example.com')""")
+    changed = table_hash(source_url, "User")
+    out = tmp_path / "user.sql"
+    diffed = opsbook.run("restore.diff", "--env", "staging", "--table", "User", "--out", str(out),
+                         "--restore-changed", "--json")
+    assert diffed.exit_code == 3, diffed.stderr
+    found = diffed.json()["diff"]
+    assert (found["missing"], found["changed"], found["added_since"], found["same"]) == (3, 2, 0, 45)
+    text = out.read_text()
+    assert text.count('INSERT INTO "public"."User"') == 3 and text.count('UPDATE "public"."User" SET') == 2
+    assert "'user4@example.com'::text" in text and text.rstrip().endswith("COMMIT;")
+    assert table_hash(source_url, "User") == changed  # nothing applied without --apply
+
+    assert opsbook.run("restore.diff", "--env", "prod", "--from", "staging", "--table", "User", "--apply",
+                       "--confirm", "staging").exit_code == 2  # a protected environment: its own name or nothing
+    applied = opsbook.run("restore.diff", "--env", "staging", "--table", "User", "--out", str(out),
+                          "--restore-changed", "--apply")
+    assert applied.exit_code == 0 and "applied 5 statement(s)" in applied.stderr, applied
+    same = opsbook.run("restore.diff", "--env", "staging", "--table", "User", "--json")
+    assert same.exit_code == 0, same
+    assert same.json()["diff"]["backup_sha256"] == same.json()["diff"]["live_sha256"]
+    assert table_hash(source_url, "User") == before == table_hash(copy, "User")
+
+    nokey = opsbook.run("restore.diff", "--env", "staging", "--table", "nokey")
+    assert nokey.exit_code == 2 and "has no primary key" in nokey.stderr, nokey
+    assert databases_like(postgres_server, f"{source_name}\\_\\_diff%") == []
+    assert_no_secret(opsbook, *envs["secrets"])
