@@ -5,6 +5,7 @@ Under the environment's backup bucket and prefix:
     backups/<id>/dump.pgc.zst[.age]   the stored dump (pg_dump -Fc -Z0 → zstd → optional age)
     backups/<id>/manifest.json        written LAST: a backup without one is incomplete
     backups/<id>/verification.json    appended by backup.verify; the manifest stays immutable
+    backups/<id>/globals.sql.zst[.age] the cluster's roles (pg_dumpall --globals-only), in `globals`
 
 A manifest is the only proof that a backup exists. Loading one validates it and
 names the backup when it is malformed, so no module ever works on half a manifest.
@@ -102,6 +103,8 @@ class Manifest:
     extensions: list[dict[str, str]] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     keep: bool = False
+    # the cluster's globals beside the dump: {key, size, sha256, dump_size, role_passwords}; None in older backups
+    globals: dict[str, Any] | None = None
     format: int = FORMAT
 
     @property
@@ -197,6 +200,10 @@ def validate(data: dict[str, Any]) -> list[str]:
     encryption = stored.get("encryption")
     if encryption is not None and not (isinstance(encryption, dict) and isinstance(encryption.get("recipients"), list)):
         problems.append("object.encryption: must be null or {algorithm, recipients: [...]}")
+    extra = data.get("globals")
+    if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("key"), str)
+                                  and isinstance(extra.get("size"), int) and isinstance(extra.get("sha256"), str)):
+        problems.append("globals: must be null or {key, size, sha256, dump_size, role_passwords}")
     counts = data.get("row_counts")
     if isinstance(counts, dict) and not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         problems.append("row_counts: every value must be an integer")

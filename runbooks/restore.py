@@ -34,6 +34,10 @@ __all__ = ["build", "collection", "restore"]  # build: RUNBOOKS "restore"
 def build(env: Environment, **arguments: Any) -> Runbook:
     """A dump restore, or with --to-time a point-in-time recovery: on a Neon environment Neon's branch restore
     (ops/neon_restore.py), elsewhere the PITR archive (ops/pitr_restore.py)."""
+    if arguments.get("with_globals") and (arguments.get("to_time") or arguments.get("tables")
+                                          or arguments.get("schema")):
+        raise UsageError("--with-globals goes with a whole restore from a dump (not --to-time, --table or --schema)",
+                         hint="restore the whole backup with --with-globals, or leave it out")
     if arguments.get("tables") or arguments.get("schema"):
         if arguments.get("to_time"):
             raise UsageError("--table/--schema restore from a dump: --to-time cannot be combined with them",
@@ -63,17 +67,20 @@ def build(env: Environment, **arguments: Any) -> Runbook:
                 "an incident when it fails)",
     table="restore only this table (repeatable; as the database spells it) into the --into database",
     schema="restore only this schema's objects (with --table: that schema's tables) into the --into database",
+    with_globals="first create the roles the backup's globals name and the target server lacks (never altering "
+                 "existing ones), and keep the dump's owners and grants",
     into="the scratch database a --table/--schema restore creates (an existing one is refused unless opsbook "
          "made it); the live database is not touched"))
 def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
             jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, table=None, schema=None, into=None,
-            json=False):
+            with_globals=False, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
     partial = {key: value for key, value in (("tables", list(table or [])), ("schema", schema), ("into", into))
                if value}
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
-                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **partial)
+                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **partial,
+                    **({"with_globals": True} if with_globals else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from ops.secrets import Secret
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
-from tests.fixtures.postgres import row_counts
+from tests.fixtures.postgres import row_counts, running_cluster, system_bin_dir
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import databases_like, make_database
 
@@ -272,3 +274,54 @@ def test_one_table_restored_beside_the_live_one_and_its_rows_put_back(opsbook, e
     assert nokey.exit_code == 2 and "has no primary key" in nokey.stderr, nokey
     assert databases_like(postgres_server, f"{source_name}\\_\\_diff%") == []
     assert_no_secret(opsbook, *envs["secrets"])
+
+
+@pytest.fixture(scope="module")
+def empty_server() -> Iterator[Any]:
+    """A second, empty cluster: what a backup restores onto after the first server is lost."""
+    with running_cluster(system_bin_dir()) as server:
+        yield server
+
+
+def test_a_backup_restores_onto_an_empty_server_with_its_owners_and_grants(opsbook, envs, postgres_server,
+                                                                            s3_server, empty_server):
+    suffix = uuid.uuid4().hex[:6]
+    owner, reader, password = f"own_{suffix}", f"read_{suffix}", f"pw-{uuid.uuid4().hex}"
+    source_name, source_url = envs["source"]
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {owner} LOGIN PASSWORD '{password}'; "
+                           f"CREATE ROLE {reader} NOLOGIN CONNECTION LIMIT 5; GRANT {reader} TO {owner}")
+        hashed = connection.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (owner,)).fetchone()[0]
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute(f'ALTER TABLE "Brand" OWNER TO {owner}; GRANT SELECT ON "Image" TO {reader}')
+    with psycopg.connect(empty_server.url().reveal(), autocommit=True) as connection:  # one exists: never altered
+        connection.execute(f"CREATE ROLE {reader} NOLOGIN CONNECTION LIMIT 3")
+    fresh = Secret(empty_server.url(source_name).reveal())  # no such database yet
+    write_inventory(opsbook, s3_server, {
+        "staging": {"backups": backups_section(s3_server.endpoint, envs["buckets"]["staging"], "staging/")},
+        "fresh": {}}, {"staging": source_url, "fresh": fresh})
+
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    backup_id = made.json()["backup"]["backup_id"]
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=envs["buckets"]["staging"], Key=f"staging/backups/{backup_id}/manifest.json")["Body"].read())
+    stored = manifest["globals"]
+    assert stored["key"] == f"backups/{backup_id}/globals.sql.zst" and stored["role_passwords"] is True
+    head = s3_server.client().head_object(Bucket=envs["buckets"]["staging"], Key=f"staging/{stored['key']}")
+    assert head["ContentLength"] == stored["size"]
+
+    restored = opsbook.run("restore", "--env", "fresh", "--from", "staging", "--with-globals")
+    assert restored.exit_code == 0, restored
+    assert f"{reader} skipped: exists" in restored.stderr and owner in restored.stderr
+    with psycopg.connect(fresh.reveal()) as connection:
+        assert connection.execute("""SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'Brand'
+                                  """).fetchone() == (owner,)
+        assert connection.execute("""SELECT has_table_privilege(%s, '"Image"', 'SELECT'),
+                                    has_table_privilege(%s, '"User"', 'SELECT'), pg_has_role(%s, %s, 'MEMBER')""",
+                                  (reader, reader, owner, reader)).fetchone() == (True, False, True)
+        assert connection.execute("SELECT rolconnlimit, rolpassword = %s FROM pg_authid WHERE rolname IN (%s, %s) "
+                                  "ORDER BY rolname = %s", (hashed, reader, owner, owner)).fetchall() == [
+            (3, None), (-1, True)]  # the existing role untouched; the created one with its password
+    assert row_counts(fresh) == row_counts(source_url)
+    assert_no_secret(opsbook, *envs["secrets"], password, hashed)
