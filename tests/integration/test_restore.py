@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from ops.secrets import Secret
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.backups import backups_section, write_inventory
-from tests.fixtures.postgres import row_counts, running_cluster, system_bin_dir
+from tests.fixtures.postgres import row_counts
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import databases_like, make_database
 
@@ -276,15 +275,8 @@ def test_one_table_restored_beside_the_live_one_and_its_rows_put_back(opsbook, e
     assert_no_secret(opsbook, *envs["secrets"])
 
 
-@pytest.fixture(scope="module")
-def empty_server() -> Iterator[Any]:
-    """A second, empty cluster: what a backup restores onto after the first server is lost."""
-    with running_cluster(system_bin_dir()) as server:
-        yield server
-
-
 def test_a_backup_restores_onto_an_empty_server_with_its_owners_and_grants(opsbook, envs, postgres_server,
-                                                                            s3_server, empty_server):
+                                                                            s3_server, second_postgres_server):
     suffix = uuid.uuid4().hex[:6]
     owner, reader, password = f"own_{suffix}", f"read_{suffix}", f"pw-{uuid.uuid4().hex}"
     source_name, source_url = envs["source"]
@@ -294,9 +286,10 @@ def test_a_backup_restores_onto_an_empty_server_with_its_owners_and_grants(opsbo
         hashed = connection.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (owner,)).fetchone()[0]
     with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
         connection.execute(f'ALTER TABLE "Brand" OWNER TO {owner}; GRANT SELECT ON "Image" TO {reader}')
-    with psycopg.connect(empty_server.url().reveal(), autocommit=True) as connection:  # one exists: never altered
+    # one role exists on the empty server already: it must not be altered
+    with psycopg.connect(second_postgres_server.url().reveal(), autocommit=True) as connection:
         connection.execute(f"CREATE ROLE {reader} NOLOGIN CONNECTION LIMIT 3")
-    fresh = Secret(empty_server.url(source_name).reveal())  # no such database yet
+    fresh = Secret(second_postgres_server.url(source_name).reveal())  # no such database yet
     write_inventory(opsbook, s3_server, {
         "staging": {"backups": backups_section(s3_server.endpoint, envs["buckets"]["staging"], "staging/")},
         "fresh": {}}, {"staging": source_url, "fresh": fresh})
