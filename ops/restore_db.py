@@ -10,6 +10,7 @@ database) because a session cannot rename or drop the database it is connected t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -138,6 +139,10 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
         fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched)
     if status != 0:
         raise _restore_failed(database, url, status, stderr.text())
+    if selection and fetched.sink_closed:  # pg_restore -t/-n stops reading once it has its objects
+        fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256,
+                            dataclasses.replace(fetched, decode_error=None))
+        return fetched
     fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched,
                        manifest.object.dump_size)
     return fetched
