@@ -96,6 +96,20 @@ def read_globals(storage: Storage, manifest: Manifest, identities: list[Any] | N
     return text
 
 
+def check_globals(storage: Storage, manifest: Manifest, identities: list[Any] | None) -> str:
+    """backup.verify's line about the globals: size and sha256 against the manifest (CheckFailed when they
+    differ), decoded too when the identity is at hand or nothing is encrypted."""
+    stored = manifest.globals
+    if not stored:
+        return "no globals stored"
+    decode = identities is not None or not manifest.encrypted
+    fetched = fetch.fetch_and_decode(storage, stored["key"], io.BytesIO(), identities=identities,
+                                     encrypted=manifest.encrypted, decode=decode)
+    fetch.check_fetched(manifest.id, stored["key"], stored["size"], stored["sha256"], fetched,
+                        stored["dump_size"] if decode else None)
+    return "globals match"
+
+
 @dataclass
 class RolePlan:
     """What restoring the globals does on one server."""

@@ -317,4 +317,11 @@ def test_a_backup_restores_onto_an_empty_server_with_its_owners_and_grants(opsbo
                                   "ORDER BY rolname = %s", (hashed, reader, owner, owner)).fetchall() == [
             (3, None), (-1, True)]  # the existing role untouched; the created one with its password
     assert row_counts(fresh) == row_counts(source_url)
+
+    client, key = s3_server.client(), f"staging/{stored['key']}"
+    damaged = bytearray(client.get_object(Bucket=envs["buckets"]["staging"], Key=key)["Body"].read())
+    damaged[len(damaged) // 2] ^= 0x01
+    client.put_object(Bucket=envs["buckets"]["staging"], Key=key, Body=bytes(damaged))
+    checked = opsbook.run("backup.verify", "--env", "staging", "--id", backup_id)
+    assert checked.exit_code == 3 and f"{stored['key']}: sha256" in checked.stderr, checked
     assert_no_secret(opsbook, *envs["secrets"], password, hashed)
