@@ -55,7 +55,7 @@ class Difference:
     changed: list[tuple[list[str | None], list[str | None]]] = field(default_factory=list)
     added: list[list[str | None]] = field(default_factory=list)  # keys only in the live table
     same: int = 0
-    backup_hash: str = ""  # sha256 of each side's rows in key order (content_hash): equal when the rows are
+    backup_hash: str = ""  # sha256 of each side's rows in key order (hashed): equal when the rows are
     live_hash: str = ""
 
     @property
@@ -152,18 +152,11 @@ def compare(backup: Iterator[tuple[tuple, tuple]], live: Iterator[tuple[tuple, t
 
 
 def hashed(rows: Iterator[tuple[tuple, tuple]], digest: Any) -> Iterator[tuple[tuple, tuple]]:
-    """`rows`, each one's texts fed to `digest` on the way (content_hash's order and encoding)."""
+    """`rows`, each one's texts fed to `digest` on the way: both sides' digests are equal exactly when their
+    rows are (the table's content hash, in key order)."""
     for key, values in rows:
         digest.update(repr(values).encode())
         yield key, values
-
-
-def content_hash(conn: psycopg.Connection, table: Table, columns: list[Column], where: str | None = None) -> str:
-    """sha256 of the rows' texts in key order: equal on two sides exactly when their rows are."""
-    digest = hashlib.sha256()
-    for _row in hashed(keyed_rows(conn, select_query(conn, table, columns, where), len(table.keys), "hash"), digest):
-        pass
-    return digest.hexdigest()
 
 
 # --- the reviewed file -------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class DiffStep(Step):
             backup = table_diff.read_table(theirs, diff.schema, diff.table)
             if backup is None:
                 raise StepFailed(f"{diff.label} is missing from {diff.scratch} after the restore")
-            columns, notes = table_diff.common_columns(live, backup)
+            notes = table_diff.common_columns(live, backup)[1]
             columns, found = table_diff.diff_tables(theirs, ours, live, backup, diff.where)
             text = table_diff.render(ours, live, columns, found, restore_changed=diff.restore_changed, header=[
                 f"restore.diff: {diff.label} on {ctx.env.name} against backup {backup_id} ({diff.plan.source.name})",
