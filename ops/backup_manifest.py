@@ -5,6 +5,7 @@ Under the environment's backup bucket and prefix:
     backups/<id>/dump.pgc.zst[.age]   the stored dump (pg_dump -Fc -Z0 → zstd → optional age)
     backups/<id>/manifest.json        written LAST: a backup without one is incomplete
     backups/<id>/verification.json    appended by backup.verify; the manifest stays immutable
+    backups/<id>/globals.sql.zst[.age] the cluster's roles (pg_dumpall --globals-only), in `globals`
 
 A manifest is the only proof that a backup exists. Loading one validates it and
 names the backup when it is malformed, so no module ever works on half a manifest.
@@ -106,6 +107,8 @@ class Manifest:
     excluded_table_data: list[str] = field(default_factory=list)
     # the object lock every stored object of this backup was written with: {"mode", "retain_until"}
     lock: dict[str, str] | None = None
+    # the cluster's globals beside the dump: {key, size, sha256, dump_size, role_passwords}; None in older backups
+    globals: dict[str, Any] | None = None
     format: int = FORMAT
 
     @property
@@ -217,6 +220,10 @@ def validate(data: dict[str, Any]) -> list[str]:
     if lock is not None and not (isinstance(lock, dict) and isinstance(lock.get("retain_until"), str)
                                  and _is_time(lock["retain_until"])):
         problems.append("lock: must be null or {mode, retain_until: ISO-8601 time}")
+    extra = data.get("globals")
+    if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("key"), str)
+                                  and isinstance(extra.get("size"), int) and isinstance(extra.get("sha256"), str)):
+        problems.append("globals: must be null or {key, size, sha256, dump_size, role_passwords}")
     counts = data.get("row_counts")
     if isinstance(counts, dict) and not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         problems.append("row_counts: every value must be an integer")

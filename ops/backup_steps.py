@@ -1,9 +1,9 @@
 """The backup runbook's steps and builder: dump & upload, manifest (written last), metrics, retention.
 
 A backup is: dump & upload (pg_dump → zstd → age → sha256 → multipart upload, row
-counts read in the dump's own snapshot) → manifest, written last → each of
-backups.copies (ops/backup_copies.py) → metrics → retention. Only a backup with a
-manifest exists; a failed run leaves none. migrate's pre-migration backup and
+counts read in the dump's own snapshot) → the cluster's globals beside it (ops/cluster_globals.py)
+→ manifest, written last → each of backups.copies (ops/backup_copies.py) → metrics → retention.
+Only a backup with a manifest exists; a failed run leaves none. migrate's pre-migration backup and
 decommission's final backup are these same steps.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import backup_lock, dump, metrics, migrations, pg, pg_tools, pg_url, processes
+from ops import backup_lock, cluster_globals, dump, metrics, migrations, pg, pg_tools, pg_url, processes
 from ops.backup_copies import CopiesStep, copy_names
 from ops.backup_manifest import (
     DatabaseInfo,
@@ -188,6 +188,43 @@ def _read_facts(connection: Any, url: Any, facts: dict[str, Any]) -> None:
                                     hint="nothing was kept; run the backup again")
 
 
+class GlobalsStep(Step):
+    """The roles and memberships the dump's owners and grants name, so it restores onto an empty server."""
+
+    name = "globals"
+
+    def __init__(self, backup_id: str):
+        self.backup_id = backup_id
+        self.title = f"store the cluster's roles (pg_dumpall --globals-only) in backups/{backup_id}/"
+
+    def _key(self, ctx: RunContext) -> str:
+        return cluster_globals.globals_key(self.backup_id, encrypted=bool(settings(ctx.env)["recipients"]))
+
+    def check(self, ctx: RunContext) -> Change | None:
+        return Change(f"dump the roles and their memberships to {self._key(ctx)}")
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        options = settings(ctx.env)
+        stored = cluster_globals.store_globals(ctx.env, ctx.database(), ctx.storage("backups"), self.backup_id,
+                                               level=options["level"],
+                                               recipients=dump.parse_recipients(options["recipients"]))
+        ctx.log(f"stored the globals ({human_size(stored['size'])}"
+                + ("" if stored["role_passwords"] else "; without role passwords: pg_authid is not readable") + ")")
+        return {"stored": stored}
+
+    def verify(self, ctx: RunContext) -> None:
+        stored = (ctx.state.get(self.name) or {}).get("stored") or {}
+        info = ctx.storage("backups").head(self._key(ctx))
+        if info is None or info.size != stored.get("size"):
+            raise StepFailed(f"backups/{self.backup_id}: the stored globals are missing or have the wrong size",
+                             hint="run the backup again")
+
+    def undo(self, ctx: RunContext, change: Change) -> None:
+        storage = ctx.storage("backups")
+        if storage.head(manifest_key(self.backup_id)) is None:
+            storage.delete(self._key(ctx))
+
+
 class ManifestStep(Step):
     name = "manifest"
 
@@ -226,7 +263,7 @@ def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], kee
                             {"algorithm": "zstd", "level": dumped["level"]}, encryption),
         row_counts=dumped["row_counts"], migrations=dumped["migrations"], extensions=dumped["extensions"],
         tags=list(tags), keep=keep, excluded_table_data=list(dumped.get("excluded_table_data") or []),
-        lock=dumped.get("lock"))
+        lock=dumped.get("lock"), globals=(ctx.state.get("globals") or {}).get("stored"))
 
 
 class MetricsStep(Step):
@@ -286,7 +323,8 @@ class PruneStep(Step):
 def build(env: Environment, **arguments: Any) -> Runbook:
     backup_id = arguments.setdefault("backup_id", new_run_id())
     tags = list(arguments.get("tags") or [])
-    steps: list[Step] = [DumpStep(backup_id), ManifestStep(backup_id, tags, bool(arguments.get("keep")))]
+    steps: list[Step] = [DumpStep(backup_id), GlobalsStep(backup_id),
+                         ManifestStep(backup_id, tags, bool(arguments.get("keep")))]
     days = backup_lock.lock_days(env)
     if days is not None:
         steps.insert(0, backup_lock.LockStep(days))

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, fetch, pg, pg_tools, pg_url, restore_db
+from ops import cluster_globals, dump, fetch, pg, pg_tools, pg_url, restore_db
 from ops.backup_copies import UNREACHABLE, backups_storage, copies_json, copies_text, copy_names, holdings, open_copy
 from ops.backup_manifest import BACKUPS_DIR, Verification, append_verification, list_backups, read_verifications
 from ops.clock import iso_z, utc_now
@@ -154,10 +154,12 @@ def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list
     if not deep:
         fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
-        return f"size {fetched.size} and sha256 match the manifest; {decoded}"
+        return (f"size {fetched.size} and sha256 match the manifest; {decoded}; "
+                f"{cluster_globals.check_globals(storage, manifest, identities)}")
     counts = restore_into_scratch(ctx, manifest, storage, identities, progress)
     return (f"sha256 matches; restored into a scratch database: {len(counts)} tables, "
-            f"{sum(counts.values())} rows, as in the manifest")
+            f"{sum(counts.values())} rows, as in the manifest; "
+            f"{cluster_globals.check_globals(storage, manifest, identities)}")
 
 
 def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, identities: list[Any] | None,

@@ -315,3 +315,29 @@ def alter_system(conn: psycopg.Connection, name: str, value: str) -> None:
     from psycopg import sql
 
     conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+
+
+# --- quoting for statements written to a file, and reading big results ----------------------
+
+
+def quote_identifier(conn: psycopg.Connection, *names: str) -> str:
+    """`"schema"."Table"` as this server reads it (sql.Identifier): for SQL written to a reviewed file."""
+    from psycopg import sql
+
+    return sql.Identifier(*names).as_string(conn)
+
+
+def quote_literal(conn: psycopg.Connection, value: object) -> str:
+    """A value as a SQL literal (sql.Literal), quoted for this connection's encoding and settings."""
+    from psycopg import sql
+
+    return sql.Literal(value).as_string(conn)
+
+
+def stream_rows(conn: psycopg.Connection, query: str, name: str, batch: int = 2000) -> Iterator[tuple]:
+    """The rows of `query` through a server-side cursor: memory stays bounded whatever the table's size.
+    `query` is composed of quoted identifiers (and an operator's WHERE clause); it needs a transaction."""
+    with conn.cursor(name=name) as cursor:
+        cursor.itersize = batch
+        cursor.execute(query)  # type: ignore[arg-type]  # composed from quoted parts, not user text
+        yield from cursor

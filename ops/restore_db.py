@@ -10,6 +10,7 @@ database) because a session cannot rename or drop the database it is connected t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -78,21 +79,24 @@ def database_owner(conn: psycopg.Connection, database: str) -> str | None:
     return row[0] if row else None
 
 
-def restore_options(*, cross_environment: bool) -> list[str]:
+def restore_options(*, cross_environment: bool, owners: bool = False) -> list[str]:
     """Objects are owned by the role that restores (the target's own database role).
 
     Ownership from the source would name roles the target may not have. ACLs (GRANTs)
     are kept when restoring an environment's own backup (its roles exist) and
-    dropped across environments, where the grantees usually do not exist.
+    dropped across environments, where the grantees usually do not exist. With the
+    backup's globals restored first (`owners`), its roles exist: owners and grants are kept.
     """
+    if owners:
+        return []
     return ["--no-owner", "--no-acl"] if cross_environment else ["--no-owner"]
 
 
 def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive: str, *, jobs: int = 2,
-                    cross_environment: bool = False) -> None:
+                    cross_environment: bool = False, owners: bool = False) -> None:
     """pg_restore `archive` into `database` (on the server of `url`, as its user)."""
     command = pg_tools.restore_command(tool, dbname=database, archive=archive, jobs=jobs)
-    command = [*command[:-1], *restore_options(cross_environment=cross_environment), command[-1]]
+    command = [*command[:-1], *restore_options(cross_environment=cross_environment, owners=owners), command[-1]]
     environment = pg_url.child_environment(pg_url.with_database(url, database))
     try:
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=environment, check=False)
@@ -104,17 +108,18 @@ def restore_archive(tool: ClientTool, url: Secret | str, database: str, archive:
 
 
 def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage: Storage, manifest: Manifest, *,
-                     identities: list[Any] | None, cross_environment: bool = False,
-                     on_progress: Callable[[int], None] | None = None,
+                     identities: list[Any] | None, cross_environment: bool = False, owners: bool = False,
+                     selection: tuple[str, ...] = (), on_progress: Callable[[int], None] | None = None,
                      opened: contextlib.AbstractContextManager[BinaryIO] | None = None) -> Fetched:
     """Download the backup and pg_restore it into `database` as it arrives, checking size and sha256.
 
     The download, decoding and restore overlap, so a restore costs little more than
     pg_restore itself. Only `database` (a scratch database) is written; the caller drops
-    it when this raises. A damaged object is reported as such (CheckFailed), whatever
-    pg_restore made of it.
+    it when this raises. `selection` (pg_restore -t/-n options) restores only those objects.
+    A damaged object is reported as such (CheckFailed), whatever pg_restore made of it.
     """
-    command = [*pg_tools.restore_command(tool, dbname=database), *restore_options(cross_environment=cross_environment)]
+    command = [*pg_tools.restore_command(tool, dbname=database),
+               *restore_options(cross_environment=cross_environment, owners=owners), *selection]
     environment = pg_url.child_environment(pg_url.with_database(url, database))
     try:
         with processes.child_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -134,6 +139,10 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
         fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched)
     if status != 0:
         raise _restore_failed(database, url, status, stderr.text())
+    if selection and fetched.sink_closed:  # pg_restore -t/-n stops reading once it has its objects
+        fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256,
+                            dataclasses.replace(fetched, decode_error=None))
+        return fetched
     fetch.check_fetched(manifest.id, manifest.object.key, manifest.size, manifest.sha256, fetched,
                        manifest.object.dump_size)
     return fetched

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import fetch, pg, pg_tools, pg_url, restore_db
+from ops import cluster_globals, fetch, pg, pg_tools, pg_url, restore_db
 from ops.backup_copies import UNREACHABLE, open_copy, use_a_copy
 from ops.backup_verify import identities_for, select
 from ops.cli import environment as load_environment
@@ -52,8 +52,9 @@ class Plan:
     def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
                  keep_old: bool, identity: str | None, jobs: int = 1, copy: str | None = None):
         self.target, self.source, self.backup, self.database = target, source, backup, database
-        self.keep_old, self.identity, self.jobs, self.copy = keep_old, identity, jobs, copy
+        self.keep_old, self.identity, self.jobs, self.copy, self.stamp = keep_old, identity, jobs, copy, stamp
         self._copy_storage: Storage | None = None
+        self.owners = False  # keep the dump's owners and grants (its roles were restored first: --with-globals)
         self.scratch = side_name(database, "restore", stamp)
         self.old = side_name(database, "old", stamp)
         self._manifest: Manifest | None = None
@@ -198,7 +199,7 @@ class StreamStep(ScratchLoad):
         def stream() -> dict[str, Any]:
             fetched = restore_db.restore_streamed(
                 plan.tool(ctx), plan.url(ctx), plan.scratch, plan.storage(ctx), manifest,
-                identities=plan.identities(), cross_environment=plan.cross_environment,
+                identities=plan.identities(), cross_environment=plan.cross_environment, owners=plan.owners,
                 on_progress=ctx.progress("downloaded and restored", total_bytes=manifest.size),
                 opened=download)
             ctx.log(f"{manifest.id}: size and sha256 match the manifest ({fetched.sha256})")
@@ -265,13 +266,47 @@ class LoadStep(ScratchLoad):
 
         def load() -> dict[str, Any]:
             restore_db.restore_archive(plan.tool(ctx), plan.url(ctx), plan.scratch, str(archive), jobs=plan.jobs,
-                                       cross_environment=plan.cross_environment)
+                                       cross_environment=plan.cross_environment, owners=plan.owners)
             return {}
 
         try:
             return self.into_scratch(ctx, change, load)
         finally:
             archive.unlink(missing_ok=True)
+
+
+class RolesStep(Step):
+    """--with-globals: the roles the target server lacks, created before the restore (ops/cluster_globals.py)."""
+
+    name = "roles"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.title = (f"create the roles of backup {plan.backup} missing on the target server (existing ones are "
+                      "left as they are), so the restore keeps its owners and grants")
+
+    def check(self, ctx: RunContext) -> Change | None:
+        manifest = self.plan.manifest(ctx)
+        stored = cluster_globals.require_globals(manifest)
+        where = pg_url.parse_url(ctx.env.admin_url()).describe()
+        return Change(f"create the missing roles of {manifest.id} on {where}",
+                      [f"from {stored['key']}" + ("" if stored.get("role_passwords")
+                                                  else " (stored without role passwords)")])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        manifest = self.plan.manifest(ctx)
+        text = cluster_globals.read_globals(self.plan.storage(ctx), manifest, self.plan.identities())
+        with self.plan.maintenance(ctx) as connection:
+            roles = cluster_globals.create_missing_roles(connection, text)
+        ctx.log(f"created {len(roles.create)} role(s): {', '.join(roles.create) or 'none missing'}"
+                + "".join(f"; {role} skipped: {why}" for role, why in roles.skipped.items())
+                + (f"; left out: {', '.join(roles.left_out)}" if roles.left_out else ""))
+        if manifest.globals and not manifest.globals.get("role_passwords") and roles.create:
+            ctx.log("the roles were stored without passwords: set those of the login roles before the app connects")
+        return {"created_roles": roles.create, "skipped_roles": sorted(roles.skipped)}
+
+    def verify(self, ctx: RunContext) -> None:
+        """Created in one transaction, or the step raised."""
 
 
 class SwapStep(Step):
@@ -307,16 +342,26 @@ class SwapStep(Step):
                                  hint=f"look at the databases on the server: {self.plan.scratch}, {self.plan.old}")
 
 
-def build(env: Environment, **arguments: Any) -> Runbook:
+def plan_for(env: Environment, arguments: dict[str, Any]) -> Plan:
+    """The source, backup and names a restore of `env` works with (also a partial restore's and a diff's)."""
     source_name = arguments.get("source") or env.name
     source = env if source_name == env.name else _environment(source_name)
     database = arguments.get("database") or env.database_name()
-    jobs = restore_jobs(arguments.get("jobs"))
-    plan = Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
-                bool(arguments.get("keep_old")), arguments.get("identity"), jobs, arguments.get("copy") or None)
+    return Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
+                bool(arguments.get("keep_old")), arguments.get("identity"), restore_jobs(arguments.get("jobs")),
+                arguments.get("copy") or None)
+
+
+def build(env: Environment, **arguments: Any) -> Runbook:
+    plan = plan_for(env, arguments)
+    database, source, jobs = plan.database, plan.source, plan.jobs
     title = f"Restore {env.name} ({database}) from a backup of {source.name}"
     loading: list[Step] = [StreamStep(plan)] if jobs == 1 else [FetchStep(plan), LoadStep(plan)]
-    return Runbook("restore", title, [*loading, SwapStep(plan)], arguments=arguments, locks=("environment",))
+    roles: list[Step] = []
+    if arguments.get("with_globals"):
+        plan.owners = True
+        roles = [RolesStep(plan)]
+    return Runbook("restore", title, [*roles, *loading, SwapStep(plan)], arguments=arguments, locks=("environment",))
 
 
 def restore_jobs(requested: int | str | None) -> int:

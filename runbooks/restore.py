@@ -7,18 +7,20 @@
 
 With --to-time T (or latest) the data comes from the PITR archive instead of a dump: a scratch cluster
 recovered to T, copied into the new database with pg_dump | pg_restore (ops/pitr_restore.py).
+With --table/--schema only those objects are restored, into a scratch database named by --into
+(ops/table_restore.py); restore.diff compares one table with the live one (ops/table_diff_steps.py).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from invoke import task
+from invoke import Collection, task
 
-from ops import neon, neon_restore, pitr_restore, restore_steps
+from ops import neon, neon_restore, pitr_restore, restore_steps, table_diff_steps, table_restore
 from ops.cli import OpsTask, TaskCall
 from ops.engine import RunContext
-from ops.errors import UsageError
+from ops.errors import CheckFailed, UsageError
 from ops.failure_notice import run_notifying
 from ops.maintenance_steps import with_maintenance
 
@@ -26,12 +28,24 @@ if TYPE_CHECKING:
     from ops.engine import Runbook
     from ops.inventory import Environment
 
-__all__ = ["build", "restore"]  # build: RUNBOOKS "restore"
+__all__ = ["build", "collection", "restore"]  # build: RUNBOOKS "restore"
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     """A dump restore, or with --to-time a point-in-time recovery: on a Neon environment Neon's branch restore
     (ops/neon_restore.py), elsewhere the PITR archive (ops/pitr_restore.py)."""
+    if arguments.get("with_globals") and (arguments.get("to_time") or arguments.get("tables")
+                                          or arguments.get("schema")):
+        raise UsageError("--with-globals goes with a whole restore from a dump (not --to-time, --table or --schema)",
+                         hint="restore the whole backup with --with-globals, or leave it out")
+    if arguments.get("tables") or arguments.get("schema"):
+        if arguments.get("to_time"):
+            raise UsageError("--table/--schema restore from a dump: --to-time cannot be combined with them",
+                             hint="restore the point in time into another environment, then compare there")
+        return table_restore.build(env, **arguments)
+    if arguments.get("into"):
+        raise UsageError("--into names the scratch database of a partial restore: give --table or --schema too",
+                         hint="a whole restore replaces the database itself (see `inv -h restore`)")
     if arguments.get("to_time"):
         if neon.is_neon(env):
             return neon_restore.build(env, **arguments)
@@ -39,7 +53,7 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     return restore_steps.build(env, **arguments)
 
 
-@task(klass=OpsTask, help=dict(
+@task(klass=OpsTask, name="run", default=True, iterable=["table"], help=dict(
     from_="the environment whose backup to restore (default: the target itself)",
     backup="backup id, or latest (default)", database="the database to replace (default: the target's)",
     keep_old="keep the replaced database as <db>__old_<stamp>",
@@ -51,16 +65,26 @@ def build(env: Environment, **arguments: Any) -> Runbook:
          "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)",
     maintenance="announce a maintenance window with this title around the restore (completed when it succeeds; "
                 "an incident when it fails)",
-    copy="read the backup from this copy of the source's backups (backups.copies) instead of its backup bucket"))
+    copy="read the backup from this copy of the source's backups (backups.copies) instead of its backup bucket",
+    table="restore only this table (repeatable; as the database spells it) into the --into database",
+    schema="restore only this schema's objects (with --table: that schema's tables) into the --into database",
+    with_globals="first create the roles the backup's globals name and the target server lacks (never altering "
+                 "existing ones), and keep the dump's owners and grants",
+    into="the scratch database a --table/--schema restore creates (an existing one is refused unless opsbook "
+         "made it); the live database is not touched"))
 def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
-            jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, copy=None, json=False):
+            jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, copy=None, table=None, schema=None,
+            into=None, with_globals=False, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
     if copy and to_time:
         raise UsageError("--copy and --to-time cannot be combined: a copy holds dumps, not the PITR archive",
                          hint="drop one of them")
+    partial = {key: value for key, value in (("tables", list(table or [])), ("schema", schema), ("into", into))
+               if value}
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
-                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **({"copy": copy} if copy else {}))
+                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **({"copy": copy} if copy else {}),
+                    **partial, **({"with_globals": True} if with_globals else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:
         return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
@@ -74,3 +98,40 @@ def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None
         with_maintenance(target, call.output, maintenance, run)
     else:
         run()
+
+
+@task(klass=OpsTask, name="diff", help=dict(
+    table="the table to compare (as the database spells it, e.g. User); it needs a primary key",
+    schema="its schema (default: public)", from_="the environment whose backup to compare with (default: the "
+                                                   "target itself)",
+    backup="backup id, or latest (default)", where="compare only the rows matching this SQL condition (both sides)",
+    out="the SQL file to write (default: in the state dir, named in the output)",
+    restore_changed="also restore the rows changed since the backup (default: only re-insert missing rows)",
+    apply="run the file on the live table (one transaction; a protected environment asks for its name)",
+    identity="age identity file to decrypt with (default: the source's backups.identity_file)"))
+def diff(call: TaskCall, table=None, env=None, from_=None, backup="latest", schema=None, where=None, out=None,
+         restore_changed=False, apply=False, identity=None, dry_run=False, confirm=None, json=False):
+    """Compare a table with a backup's copy by primary key and write SQL that puts the backup's rows back;
+    exit 3 when they differ (after --apply: when differences are left), 0 when not."""
+    target = call.environment
+    runbook = table_diff_steps.build(target, source=from_, backup=backup, table=table, schema=schema, where=where,
+                                     out=out, restore_changed=restore_changed, apply=apply, identity=identity,
+                                     jobs=1)
+    found: dict[str, Any] = {}
+
+    def result(ctx: RunContext) -> dict[str, Any]:
+        found.update(ctx.state.get("diff") or {})
+        return {"diff": {**found, **(ctx.state.get("apply") or {})}}
+
+    run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)
+    left = found.get("left_alone", 0) if apply else found.get("differences", 0)
+    if left:
+        raise CheckFailed(f"{found['table']}: {left} row(s) differ from backup {found['backup_id']}"
+                          + (" after the apply" if apply else "") + f"; see {found['file']}",
+                          hint="review the file, then --apply it" if not apply else
+                          "rows changed or added since the backup are left alone unless --restore-changed")
+
+
+collection = Collection("restore")
+collection.add_task(restore)
+collection.add_task(diff)

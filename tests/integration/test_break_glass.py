@@ -100,3 +100,39 @@ def test_break_glass_stops_on_a_damaged_dump(standard_tools, opsbook: Opsbook, p
     assert ran.returncode != 0 and "FAILED" in ran.stdout + ran.stderr, ran
     with psycopg.connect(postgres_server.url().reveal()) as connection:
         assert connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target_db,)).fetchone() is None
+
+
+def test_break_glass_with_roles_restores_onto_an_empty_server_with_owners_and_grants(
+        standard_tools, opsbook: Opsbook, postgres_server, second_postgres_server, s3_server, tmp_path):
+    _, source_url = make_database(postgres_server)
+    suffix = uuid.uuid4().hex[:6]
+    owner, reader = f"bgown_{suffix}", f"bgread_{suffix}"
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {owner} LOGIN; CREATE ROLE {reader}; GRANT {reader} TO {owner}")
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute(f'ALTER TABLE "Brand" OWNER TO {owner}; GRANT SELECT ON "Image" TO {reader}')
+    bucket = s3_server.make_bucket().bucket
+    identity = pyrage.x25519.Identity.generate()
+    identity_file = tmp_path / "backup-key.txt"
+    identity_file.write_text(f"# public key: {identity.to_public()}\n{identity}\n")
+    write_inventory(opsbook, s3_server, {"prod": {"backups": backups_section(
+        s3_server.endpoint, bucket, "prod/", encrypt_to=[str(identity.to_public())])}}, {"prod": source_url})
+    made = opsbook.run("backup", "--env", "prod", "--no-prune", "--json")
+    assert made.exit_code == 0, made
+
+    target_db = f"breakglass_{uuid.uuid4().hex[:8]}"
+    workdir = tmp_path / "restore"
+    workdir.mkdir()
+    environment = operator_environment(s3_server, second_postgres_server, bucket, "prod/", target_db, tmp_path,
+                                       identity_file)
+    ran = run_commands(break_glass_commands(), workdir, {**environment, "WITH_ROLES": "1"})
+    assert ran.returncode == 0, f"exit {ran.returncode}\n--- stdout\n{ran.stdout}\n--- stderr\n{ran.stderr}"
+    assert "globals.stored: OK" in ran.stdout and "all row counts match" in ran.stdout
+    assert f"CREATE ROLE {owner};" in (workdir / "roles.sql").read_text()
+    assert "CREATE ROLE postgres;" not in (workdir / "roles.sql").read_text()  # it exists there: left alone
+    with psycopg.connect(second_postgres_server.url(target_db).reveal()) as connection:
+        assert connection.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'Brand'"
+                                  ).fetchone() == (owner,)
+        granted = connection.execute("""SELECT has_table_privilege(%s, '"Image"', 'SELECT'),
+                                     pg_has_role(%s, %s, 'MEMBER')""", (reader, owner, reader)).fetchone()
+        assert granted == (True, True)

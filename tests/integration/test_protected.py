@@ -83,10 +83,11 @@ def test_a_confirm_naming_another_environment_is_refused_before_anything_runs(
     assert failed.exit_code == 2, failed
     resumable = opsbook.latest_run_id()
     first_arguments = {"secrets.rotate": ["ADMIN_PASSWORD"], "incident.rollback": ["20260101T0000Z-ab12"],
-                       "migrate.resolve": ["20250101120000_init_brands", "--applied"], "runs.resume": [resumable]}
+                       "migrate.resolve": ["20250101120000_init_brands", "--applied"], "runs.resume": [resumable],
+                       "restore.diff": ["--table", "User", "--apply"]}
     journals = opsbook.journals()
     walked = tasks_taking_confirm()
-    assert {"deploy.restart", "backup.run", "backup.prune", "restore", "drill.run", "decommission",
+    assert {"deploy.restart", "backup.run", "backup.prune", "restore.run", "restore.diff", "drill.run", "decommission",
             "incident.rollback", "runs.resume"} <= set(walked)
     for name, task in walked.items():
         flags = {argument.names[0] for argument in task_arguments(task)}

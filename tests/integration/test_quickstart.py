@@ -127,3 +127,12 @@ def test_an_incident_is_recorded_published_and_resolved_on_the_sandbox(sandbox_w
     produced = sandbox_workspace.everything_produced()
     credentials = (sandbox_workspace.state_dir / "sandbox" / "credentials.json").read_text()
     assert sandbox_password(sandbox_workspace) not in produced.replace(credentials, "")
+
+
+def test_one_table_is_restored_and_compared_on_the_sandbox(sandbox_workspace):
+    assert sandbox_workspace.run("backup", "--env", "local").exit_code == 0
+    restored = sandbox_workspace.run("restore", "--env", "local", "--table", "Brand", "--into", "app_brand_check")
+    assert restored.exit_code == 0 and "app_brand_check" in restored.stderr, restored
+    same = sandbox_workspace.run("restore.diff", "--env", "local", "--table", "Brand", "--json")
+    assert same.exit_code == 0, same
+    assert same.json()["diff"]["missing"] == same.json()["diff"]["changed"] == 0 < same.json()["diff"]["same"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,112 @@ def marker_gone(url: Secret) -> bool:
     """The restored database is the backup's: the target's own `marker` table is gone."""
     with psycopg.connect(url.reveal()) as connection:
         return connection.execute("SELECT to_regclass('marker')").fetchone()[0] is None
+
+
+def table_hash(url: Secret, table: str) -> str:
+    """The table's content as one digest, in key order (independent of opsbook's own hash)."""
+    return rows(url, f'SELECT md5(coalesce(string_agg(t::text, \',\' ORDER BY id), \'\')) FROM "{table}" t')[0][0]
+
+
+def test_one_table_restored_beside_the_live_one_and_its_rows_put_back(opsbook, envs, postgres_server, s3_server,
+                                                                     tmp_path):
+    configure(opsbook, s3_server, envs)
+    source_name, source_url = envs["source"]
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute("CREATE TABLE nokey (note text); INSERT INTO nokey VALUES ('a')")
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    before = table_hash(source_url, "User")
+
+    into = f"{source_name}_users"
+    restored = opsbook.run("restore", "--env", "staging", "--table", "User", "--into", into)
+    assert restored.exit_code == 0 and into in restored.stderr, restored
+    copy = Secret(postgres_server.url(into).reveal())
+    assert row_counts(copy) == {"public.User": 50} and table_hash(copy, "User") == before
+    refused = opsbook.run("restore", "--env", "staging", "--table", "User", "--into", envs["target"][0])
+    assert refused.exit_code == 2 and "not a scratch database" in refused.stderr, refused
+    assert marker(envs["target"][1]) == [("before the restore",)]
+
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute("""DELETE FROM "User" WHERE email IN ('user1@example.com', 'user2@example.com',
+                              'user3@example.com');
+                              UPDATE "User" SET email = 'it''s changed ' || email
+                              WHERE email IN ('user4@example.com', 'user5@example.com')""")
+    changed = table_hash(source_url, "User")
+    out = tmp_path / "user.sql"
+    diffed = opsbook.run("restore.diff", "--env", "staging", "--table", "User", "--out", str(out),
+                         "--restore-changed", "--json")
+    assert diffed.exit_code == 3, diffed.stderr
+    found = diffed.json()["diff"]
+    assert (found["missing"], found["changed"], found["added_since"], found["same"]) == (3, 2, 0, 45)
+    text = out.read_text()
+    assert text.count('INSERT INTO "public"."User"') == 3 and text.count('UPDATE "public"."User" SET') == 2
+    assert "'user4@example.com'::text" in text and text.rstrip().endswith("COMMIT;")
+    assert table_hash(source_url, "User") == changed  # nothing applied without --apply
+
+    assert opsbook.run("restore.diff", "--env", "prod", "--from", "staging", "--table", "User", "--apply",
+                       "--confirm", "staging").exit_code == 2  # a protected environment: its own name or nothing
+    applied = opsbook.run("restore.diff", "--env", "staging", "--table", "User", "--out", str(out),
+                          "--restore-changed", "--apply")
+    assert applied.exit_code == 0 and "applied 5 statement(s)" in applied.stderr, applied
+    same = opsbook.run("restore.diff", "--env", "staging", "--table", "User", "--json")
+    assert same.exit_code == 0, same
+    assert same.json()["diff"]["backup_sha256"] == same.json()["diff"]["live_sha256"]
+    assert table_hash(source_url, "User") == before == table_hash(copy, "User")
+
+    nokey = opsbook.run("restore.diff", "--env", "staging", "--table", "nokey")
+    assert nokey.exit_code == 2 and "has no primary key" in nokey.stderr, nokey
+    assert databases_like(postgres_server, f"{source_name}\\_\\_diff%") == []
+    assert_no_secret(opsbook, *envs["secrets"])
+
+
+def test_a_backup_restores_onto_an_empty_server_with_its_owners_and_grants(opsbook, envs, postgres_server,
+                                                                            s3_server, second_postgres_server):
+    suffix = uuid.uuid4().hex[:6]
+    owner, reader, password = f"own_{suffix}", f"read_{suffix}", f"pw-{uuid.uuid4().hex}"
+    source_name, source_url = envs["source"]
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {owner} LOGIN PASSWORD '{password}'; "
+                           f"CREATE ROLE {reader} NOLOGIN CONNECTION LIMIT 5; GRANT {reader} TO {owner}")
+        hashed = connection.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (owner,)).fetchone()[0]
+    with psycopg.connect(source_url.reveal(), autocommit=True) as connection:
+        connection.execute(f'ALTER TABLE "Brand" OWNER TO {owner}; GRANT SELECT ON "Image" TO {reader}')
+    # one role exists on the empty server already: it must not be altered
+    with psycopg.connect(second_postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {reader} NOLOGIN CONNECTION LIMIT 3")
+    fresh = Secret(second_postgres_server.url(source_name).reveal())  # no such database yet
+    write_inventory(opsbook, s3_server, {
+        "staging": {"backups": backups_section(s3_server.endpoint, envs["buckets"]["staging"], "staging/")},
+        "fresh": {}}, {"staging": source_url, "fresh": fresh})
+
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    backup_id = made.json()["backup"]["backup_id"]
+    manifest = json.loads(s3_server.client().get_object(
+        Bucket=envs["buckets"]["staging"], Key=f"staging/backups/{backup_id}/manifest.json")["Body"].read())
+    stored = manifest["globals"]
+    assert stored["key"] == f"backups/{backup_id}/globals.sql.zst" and stored["role_passwords"] is True
+    head = s3_server.client().head_object(Bucket=envs["buckets"]["staging"], Key=f"staging/{stored['key']}")
+    assert head["ContentLength"] == stored["size"]
+
+    restored = opsbook.run("restore", "--env", "fresh", "--from", "staging", "--with-globals")
+    assert restored.exit_code == 0, restored
+    assert f"{reader} skipped: exists" in restored.stderr and owner in restored.stderr
+    with psycopg.connect(fresh.reveal()) as connection:
+        assert connection.execute("""SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'Brand'
+                                  """).fetchone() == (owner,)
+        assert connection.execute("""SELECT has_table_privilege(%s, '"Image"', 'SELECT'),
+                                    has_table_privilege(%s, '"User"', 'SELECT'), pg_has_role(%s, %s, 'MEMBER')""",
+                                  (reader, reader, owner, reader)).fetchone() == (True, False, True)
+        assert connection.execute("SELECT rolconnlimit, rolpassword = %s FROM pg_authid WHERE rolname IN (%s, %s) "
+                                  "ORDER BY rolname = %s", (hashed, reader, owner, owner)).fetchall() == [
+            (3, None), (-1, True)]  # the existing role untouched; the created one with its password
+    assert row_counts(fresh) == row_counts(source_url)
+
+    client, key = s3_server.client(), f"staging/{stored['key']}"
+    damaged = bytearray(client.get_object(Bucket=envs["buckets"]["staging"], Key=key)["Body"].read())
+    damaged[len(damaged) // 2] ^= 0x01
+    client.put_object(Bucket=envs["buckets"]["staging"], Key=key, Body=bytes(damaged))
+    checked = opsbook.run("backup.verify", "--env", "staging", "--id", backup_id)
+    assert checked.exit_code == 3 and f"{stored['key']}: sha256" in checked.stderr, checked
+    assert_no_secret(opsbook, *envs["secrets"], password, hashed)

@@ -232,8 +232,8 @@ def test_load_refuses_other_provider_and_nowhere(tmp_path: Path):
     ("protected", "arguments", "expected"),
     [
         (False, {}, ["gate", "lint", "deploy"]),
-        (True, {}, ["gate", "lint", "dump", "manifest", "deploy"]),
-        (False, {"backup": True}, ["gate", "lint", "dump", "manifest", "deploy"]),
+        (True, {}, ["gate", "lint", "dump", "globals", "manifest", "deploy"]),
+        (False, {"backup": True}, ["gate", "lint", "dump", "globals", "manifest", "deploy"]),
         (True, {"dbname": "restored"}, ["gate", "lint", "deploy"]),  # the drill's copy: nothing to back up
         (True, {"backup": False}, "UsageError"),
     ],

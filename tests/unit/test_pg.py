@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from ops import pg, pg_tools, pg_url
+from ops.cluster_globals import plan_roles
 from ops.errors import InventoryError
 from ops.secrets import Secret
+from ops.table_diff import compare, split_name
+from ops.table_restore import selection
 
 
 @pytest.mark.parametrize(
@@ -186,3 +189,57 @@ def test_direct_from_pooled_strips_the_neon_pooler_suffix(url: str, expected: st
 ])
 def test_direct_from_pooled_leaves_other_hosts_alone(url: str) -> None:
     assert pg_url.direct_from_pooled(url) is None
+
+
+# --- restore.diff's merge and the globals' role plan (pure) -----------------------------------------
+
+GLOBALS = """--
+\\restrict abc
+SET default_transaction_read_only = off;
+
+CREATE ROLE "Mixed Case";
+ALTER ROLE "Mixed Case" WITH NOSUPERUSER INHERIT NOLOGIN;
+CREATE ROLE app;
+ALTER ROLE app WITH NOSUPERUSER INHERIT LOGIN PASSWORD 'SCRAM-SHA-256$4096:x';
+CREATE ROLE owner_r;
+ALTER ROLE owner_r WITH NOSUPERUSER INHERIT LOGIN CONNECTION LIMIT 5;
+CREATE ROLE postgres;
+ALTER ROLE postgres WITH SUPERUSER INHERIT CREATEROLE LOGIN;
+CREATE ROLE root_too;
+ALTER ROLE root_too WITH SUPERUSER INHERIT LOGIN;
+ALTER ROLE owner_r SET work_mem TO '8MB';
+GRANT "Mixed Case" TO owner_r GRANTED BY postgres;
+GRANT app TO postgres GRANTED BY postgres;
+CREATE TABLESPACE fast OWNER postgres LOCATION '/srv/fast';
+\\unrestrict abc
+"""
+
+
+def test_only_missing_roles_are_created_and_existing_ones_never_altered():
+    plan = plan_roles(GLOBALS, existing={"postgres", "app"}, restoring="deployer")
+    assert plan.create == ["Mixed Case", "owner_r"]
+    assert plan.skipped == {"app": "exists on the target (left as it is)",
+                            "postgres": "exists on the target (left as it is)",
+                            "root_too": "a superuser of the source server"}
+    assert plan.statements == [
+        'CREATE ROLE "Mixed Case";', 'ALTER ROLE "Mixed Case" WITH NOSUPERUSER INHERIT NOLOGIN;',
+        "CREATE ROLE owner_r;", "ALTER ROLE owner_r WITH NOSUPERUSER INHERIT LOGIN CONNECTION LIMIT 5;",
+        "ALTER ROLE owner_r SET work_mem TO '8MB';", 'GRANT "Mixed Case" TO owner_r;']
+    assert plan.left_out == ["tablespaces"]
+    assert plan_roles(GLOBALS, existing=set(), restoring="owner_r").skipped["owner_r"] == "the restoring role"
+
+
+def test_the_merge_finds_missing_changed_and_added_rows_by_key():
+    backup = iter([((1,), ("1", "a")), ((2,), ("2", "b")), ((4,), ("4", "d")), ((5,), ("5", None))])
+    live = iter([((2,), ("2", "B")), ((3,), ("3", "c")), ((4,), ("4", "d"))])
+    found = compare(backup, live, [0])
+    assert [key for key, _row in found.missing] == [["1"], ["5"]]
+    assert found.changed == [(["2"], ["2", "b"])] and found.added == [["3"]] and found.same == 1
+    assert found.summary() == {"missing": 2, "changed": 1, "added_since": 1, "same": 1}
+
+
+def test_partial_restore_options_and_names():
+    assert selection(["User", "Brand"], None) == ("--table", "User", "--table", "Brand")
+    assert selection(["User"], "shop") == ("--schema", "shop", "--table", "User")
+    assert selection([], "shop") == ("--schema", "shop")
+    assert split_name("User", None) == ("public", "User") and split_name("shop.User", None) == ("shop", "User")
