@@ -118,6 +118,7 @@ def copy_backup(primary: Storage, copy: Storage, name: str, backup_id: str,
     how = how_copied(primary, copy, info.size)
     try:
         _copy_dump(primary, copy, info, manifest, how, ProgressLines(log, f"{backup_id} → {name}: copied"))
+        _copy_globals(primary, copy, manifest)
         copy.put_bytes(manifest_key(backup_id), manifest_bytes, content_type="application/json")
     except BaseException:
         _remove_partial(copy, manifest)
@@ -149,11 +150,25 @@ def _copy_dump(primary: Storage, copy: Storage, info: ObjectInfo, manifest: Mani
                          hint="run the copy again")
 
 
+def _copy_globals(primary: Storage, copy: Storage, manifest: Manifest) -> None:
+    """The cluster's roles beside the dump (a few KiB: read whole), checked against the manifest."""
+    stored = manifest.globals
+    if not stored:
+        return
+    data = primary.get_bytes(stored["key"])
+    if (len(data), hashlib.sha256(data).hexdigest()) != (stored["size"], stored["sha256"]):
+        raise StepFailed(f"{primary.describe()}: the globals of backup {manifest.id} do not match its manifest: "
+                         "not copied", hint=f"verify it (`inv backup.verify --id {manifest.id}`)")
+    copy.put_bytes(stored["key"], data, content_type="application/octet-stream")
+
+
 def _remove_partial(copy: Storage, manifest: Manifest) -> None:
-    """After a failed or interrupted copy: no dump without its manifest is left behind."""
+    """After a failed or interrupted copy: no dump (or globals) without its manifest is left behind."""
     with suppress(Exception):
         if copy.head(manifest_key(manifest.id)) is None:
             copy.delete(manifest.object.key)
+            if manifest.globals:
+                copy.delete(manifest.globals["key"])
 
 
 class HashingReader(io.RawIOBase):

@@ -205,9 +205,11 @@ class GlobalsStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         options = settings(ctx.env)
+        started = parse_time(ctx.state["dump"]["started_at"])  # held as long as the dump it belongs to
         stored = cluster_globals.store_globals(ctx.env, ctx.database(), ctx.storage("backups"), self.backup_id,
                                                level=options["level"],
-                                               recipients=dump.parse_recipients(options["recipients"]))
+                                               recipients=dump.parse_recipients(options["recipients"]),
+                                               lock=backup_lock.object_lock(ctx.env, started))
         ctx.log(f"stored the globals ({human_size(stored['size'])}"
                 + ("" if stored["role_passwords"] else "; without role passwords: pg_authid is not readable") + ")")
         return {"stored": stored}

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from ops.backup_manifest import Manifest
     from ops.inventory import Environment
-    from ops.storage import Storage
+    from ops.storage import ObjectLock, Storage
 
 GLOBALS_NAME = "globals.sql.zst"
 _TOKEN = re.compile(r'"(?:[^"]|"")*"|[^\s;]+')
@@ -58,7 +58,7 @@ def globals_command(tool: pg_tools.ClientTool, database: str, *, role_passwords:
 
 
 def store_globals(env: Environment, conn: psycopg.Connection, storage: Storage, backup_id: str, *,
-                  level: int, recipients: list[Any]) -> dict[str, Any]:
+                  level: int, recipients: list[Any], lock: ObjectLock | None = None) -> dict[str, Any]:
     """Dump the globals to storage beside the dump; what the manifest records about them."""
     url = env.database_url(direct=True)
     major = pg.server_version(conn)[0]
@@ -67,7 +67,8 @@ def store_globals(env: Environment, conn: psycopg.Connection, storage: Storage, 
     key = globals_key(backup_id, encrypted=bool(recipients))
     stored = dump.dump_to_storage(globals_command(tool, pg_url.parse_url(url).dbname, role_passwords=readable),
                                   pg_url.child_environment(url), storage, key, level=level, recipients=recipients,
-                                  what=f"pg_dumpall --globals-only of {pg_url.parse_url(url).describe()}")
+                                  what=f"pg_dumpall --globals-only of {pg_url.parse_url(url).describe()}",
+                                  lock=lock)
     return {"key": key, "size": stored.size, "sha256": stored.sha256, "dump_size": stored.dump_size,
             "role_passwords": readable}
 

@@ -127,7 +127,8 @@ def test_a_locked_backup_survives_a_delete_and_a_prune(opsbook, postgres_server,
                           ["Body"].read())
     assert manifest["lock"]["mode"] == "governance"
     until = manifest["lock"]["retain_until"]
-    for name in ("dump.pgc.zst", "manifest.json"):
+    assert manifest["globals"]["key"] == f"backups/{first_id}/globals.sql.zst"
+    for name in ("dump.pgc.zst", "globals.sql.zst", "manifest.json"):
         head = client.head_object(Bucket=bucket, Key=f"staging/backups/{first_id}/{name}")
         assert (head["ObjectLockMode"], head["ObjectLockRetainUntilDate"].strftime("%Y-%m-%dT%H:%M:%SZ")) == (
             "GOVERNANCE", until)

@@ -86,6 +86,8 @@ def test_the_copies_outlive_the_backup_bucket_and_restore(opsbook, copied, postg
                           ["Body"].read()) == manifest
         dumped = client.get_object(Bucket=bucket, Key=f"{prefix}{manifest['object']['key']}")["Body"].read()
         assert hashlib.sha256(dumped).hexdigest() == manifest["object"]["sha256"]
+        roles = client.get_object(Bucket=bucket, Key=f"{prefix}{manifest['globals']['key']}")["Body"].read()
+        assert hashlib.sha256(roles).hexdigest() == manifest["globals"]["sha256"]  # the roles travel with it
     listed = copies_of(opsbook, backup_id)
     assert (listed["copies"], listed["copy_missing"]) == ({"offsite": True, "nearby": True}, [])
 
