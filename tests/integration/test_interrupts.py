@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import yaml
 
+from ops import processes
 from tests.cli import CliResult, Opsbook, wait_for
 from tests.fixtures.processes import children, command_name
 from tests.fixtures.ssh import AppHost, HangOnce, hang_once, process_alive
@@ -187,6 +188,13 @@ class _SignalAfterStart(threading.Thread):
         os.kill(os.getpid(), signal.SIGINT)
 
 
+def _held_or_raised(signum: int, frame: Any) -> None:
+    """The CLI's handler (ops/cli.py `_interrupt`) less its process-wide marks, which would outlive this test
+    in this process (remote commands would refuse to start in the tests after it)."""
+    if not processes.interrupt_held():
+        raise KeyboardInterrupt
+
+
 def _waiting_for_lock(url: str) -> bool:
     with psycopg.connect(url, autocommit=True) as connection:
         return connection.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -198,7 +206,7 @@ def test_ctrl_c_while_the_snapshot_reader_starts_ends_the_dump_step_as_an_interr
     """The dump's row counts run in a thread on the snapshot's connection, inside a savepoint. Ctrl-C as that
     thread starts must stop it before the snapshot's transaction ends, and surface as the interrupt it is,
     not as psycopg's "transaction rollback at the wrong nesting level"."""
-    from ops import backup_steps, cli
+    from ops import backup_steps
     from ops.engine import RunContext
     from ops.inventory import load
     from ops.output import Output
@@ -217,7 +225,7 @@ def test_ctrl_c_while_the_snapshot_reader_starts_ends_the_dump_step_as_an_interr
                     "secret_access_key": "${env:S3_SECRET}"}}}})
     _SignalAfterStart.probe_url = database_url.reveal()
     monkeypatch.setattr(backup_steps, "threading", type("threading", (), {"Thread": _SignalAfterStart}))
-    previous = signal.signal(signal.SIGINT, cli._interrupt)
+    previous = signal.signal(signal.SIGINT, _held_or_raised)
     blocker = psycopg.connect(database_url.reveal())
     blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")  # the reader (and pg_dump) wait for it
     release = threading.Timer(2, blocker.rollback)  # so that a snapshot waiting for its reader is not stuck

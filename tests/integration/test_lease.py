@@ -148,8 +148,8 @@ def test_a_run_whose_lease_was_taken_over_stops_before_its_next_step(machines: d
     assert "this run lost the lease on environment" in result.stderr and "another run took it over" in result.stderr
     assert "Traceback" not in result.output, result
     journal = first.journal(first.latest_run_id())
-    assert times(journal, step="manifest", state="started") == [], journal  # stopped at the step boundary
-    assert {"step": "manifest", "state": "failed"}.items() <= journal[-2].items(), journal[-2:]
+    assert times(journal, step="globals", state="started") == [], journal  # stopped at the step boundary
+    assert {"step": "globals", "state": "failed"}.items() <= journal[-2].items(), journal[-2:]
     assert "lost the lease" in journal[-2]["reason"] and journal[-1]["exit_code"] == 75, journal[-2:]
     assert times(journal, state="undone") == [], journal  # the other run may be applying: nothing is undone
     # the lease is left to the run that took it over

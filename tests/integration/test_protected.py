@@ -84,7 +84,7 @@ def test_a_confirm_naming_another_environment_is_refused_before_anything_runs(
     resumable = opsbook.latest_run_id()
     first_arguments = {"secrets.rotate": ["ADMIN_PASSWORD"], "incident.rollback": ["20260101T0000Z-ab12"],
                        "migrate.resolve": ["20250101120000_init_brands", "--applied"], "runs.resume": [resumable],
-                       "restore.diff": ["--table", "User", "--apply"]}
+                       "restore.diff": ["--table", "User", "--apply"], "backup.copy": ["--id", "20260101T000000Z-ab12"]}
     journals = opsbook.journals()
     walked = tasks_taking_confirm()
     assert {"deploy.restart", "backup.run", "backup.prune", "restore.run", "restore.diff", "drill.run", "decommission",
