@@ -24,7 +24,7 @@ from ops import dump
 from ops.backup_manifest import Manifest, list_backups, manifest_key, read_manifest
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import ConnectionFailed, OpsError, StepFailed, UsageError
-from ops.output import ProgressLines, human_size
+from ops.output import human_size
 from ops.storage import BucketNotFound, open_storage
 from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
 
@@ -104,8 +104,10 @@ def holds(copy: Storage, manifest: Manifest) -> bool:
 
 
 def copy_backup(primary: Storage, copy: Storage, name: str, backup_id: str,
-                log: Callable[[str], None]) -> Copied | None:
-    """Put one backup on one copy: dump, then manifest. None when the copy already holds it."""
+                progress: Callable[..., Callable[[int], None]]) -> Copied | None:
+    """Put one backup on one copy: dump, then manifest. None when the copy already holds it.
+
+    `progress(verb, total_bytes=…)` starts the transfer's reporter (RunContext.progress: a bar or lines)."""
     manifest_bytes = primary.get_bytes(manifest_key(backup_id))
     manifest = Manifest.from_json(manifest_bytes, backup_id=backup_id)
     if holds(copy, manifest):
@@ -117,7 +119,7 @@ def copy_backup(primary: Storage, copy: Storage, name: str, backup_id: str,
     started = time.monotonic()
     how = how_copied(primary, copy, info.size)
     try:
-        _copy_dump(primary, copy, info, manifest, how, ProgressLines(log, f"{backup_id} → {name}: copied"))
+        _copy_dump(primary, copy, info, manifest, how, progress(f"{backup_id} → {name}: copied", total_bytes=info.size))
         _copy_globals(primary, copy, manifest)
         copy.put_bytes(manifest_key(backup_id), manifest_bytes, content_type="application/json")
     except BaseException:
@@ -279,7 +281,7 @@ class CopiesStep(Step):
         copied, failures = [], []
         for name, backup_id in change.data["todo"]:
             try:
-                done = copy_backup(primary, backups_storage(ctx, name), name, backup_id, ctx.log)
+                done = copy_backup(primary, backups_storage(ctx, name), name, backup_id, ctx.progress)
             except OpsError as error:
                 failures.append((name, backup_id, error.message))
                 ctx.output.warn(f"copy {name}: backup {backup_id} was not copied: {error.message}")
