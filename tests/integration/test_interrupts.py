@@ -72,6 +72,18 @@ def assert_interrupted_at(opsbook: Opsbook, run_id: str, step: str) -> None:
     assert {"step": step, "state": "failed", "reason": "interrupted"}.items() <= journal[-2].items(), journal[-2]
 
 
+def assert_stopped_then_resumed(opsbook: Opsbook, result: CliResult, seconds: float, step: str) -> None:
+    """Exit 130 within seconds, journaled "interrupted" at `step`, and `inv runs.resume` finishes the run."""
+    assert result.exit_code == 130, result
+    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
+    assert "Traceback" not in result.output and "runs.resume" in result.stderr, result
+    run_id = opsbook.latest_run_id()
+    assert_interrupted_at(opsbook, run_id, step)
+    resumed = opsbook.run("runs.resume", run_id, "--json")
+    assert resumed.exit_code == 0, resumed
+    assert resumed.json()["status"] == "succeeded", resumed
+
+
 @pytest.fixture
 def web_hosts(opsbook: Opsbook, staging: dict[str, Any], app_host_factory: Callable[..., list[AppHost]]) -> Any:
     """`staging` (conftest) on app hosts of the session's sshd: make(names, **app) -> the hosts."""
@@ -268,15 +280,7 @@ def test_ctrl_c_while_a_vercel_redeploy_builds_stops_the_wait_and_the_run_resume
             lambda _: len(project.deployments) == 2 and project.deployments[-1].state == "BUILDING", signal.SIGINT)
     finally:
         project.hold_builds = False
-    assert result.exit_code == 130, result
-    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
-    assert "Traceback" not in result.output and "runs.resume" in result.stderr, result
-    run_id = opsbook.latest_run_id()
-    assert_interrupted_at(opsbook, run_id, "restart")
-
-    resumed = opsbook.run("runs.resume", run_id, "--json")
-    assert resumed.exit_code == 0, resumed
-    assert resumed.json()["status"] == "succeeded", resumed
+    assert_stopped_then_resumed(opsbook, result, seconds, "restart")
     assert project.production != serving and project.serving().state == "READY"
 
 
@@ -300,16 +304,9 @@ def test_ctrl_c_while_neon_creates_a_branch_stops_the_wait_and_provision_resumes
             signal.SIGINT)
     finally:
         project.hold_operations = False
-    assert result.exit_code == 130, result
-    assert seconds < STOPPED_WITHIN_SECONDS, (seconds, result)
-    assert "Traceback" not in result.output and "runs.resume" in result.stderr, result
-    run_id = opsbook.latest_run_id()
-    assert_interrupted_at(opsbook, run_id, "neon-branch")
-    assert not any(call.endswith("/roles") and call.startswith("POST") for call in neon_api.calls(project))
-
-    resumed = opsbook.run("runs.resume", run_id, "--json")
-    assert resumed.exit_code == 0, resumed
-    assert resumed.json()["status"] == "succeeded", resumed
+    roles_posted = [call for call in neon_api.calls(project) if call.endswith("/roles") and call.startswith("POST")]
+    assert_stopped_then_resumed(opsbook, result, seconds, "neon-branch")
+    assert roles_posted == []  # stopped at the branch: the role step had not begun
     branch = project.branch("staging")
     assert f"held_{project.id[5:]}" in branch.databases
     assert neon_api.calls(project).count("POST /branches") == 1  # the branch made before the interrupt is used
