@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ops import pitr_catalog, pitr_engine
+from ops import pitr_barman, pitr_catalog, pitr_engine
 from ops.errors import CheckFailed
 from ops.secrets import Secret
 from ops.storage import ObjectInfo, StorageConfig
@@ -15,28 +15,28 @@ T0 = datetime(2026, 11, 23, 17, 0, tzinfo=UTC)
 SECRET = "unit-test-secret-value-123"
 
 
-def archive() -> pitr_engine.Archive:
+def archive() -> pitr_barman.Archive:
     config = StorageConfig(provider="s3", bucket="acme-backups", endpoint="http://127.0.0.1:9000", prefix="prod/",
                            access_key_id="AKIDEXAMPLE", secret_access_key=Secret(SECRET))
-    return pitr_engine.archive_for(config, "prod")
+    return pitr_barman.archive_for(config, "prod")
 
 
 def test_commands_name_the_bucket_prefix_and_server_and_never_the_key():
-    commands = [pitr_engine.wal_archive_command(archive()), pitr_engine.wal_restore_command(archive()),
-                pitr_engine.backup_command(archive(), host="db", port=5432, user="admin"),
-                pitr_engine.retention_command(archive(), 7), pitr_engine.restore_command(archive(), "latest", "/d")]
+    commands = [pitr_barman.wal_archive_command(archive()), pitr_barman.wal_restore_command(archive()),
+                pitr_barman.backup_command(archive(), host="db", port=5432, user="admin"),
+                pitr_barman.retention_command(archive(), 7), pitr_barman.restore_command(archive(), "latest", "/d")]
     assert commands[0] == ["barman-cloud-wal-archive", "--endpoint-url", "http://127.0.0.1:9000", "-z",
                            "s3://acme-backups/prod/pitr", "prod"]
     assert "RECOVERY WINDOW OF 7 DAYS" in commands[3]
     assert all(SECRET not in " ".join(command) for command in commands)
-    script = pitr_engine.wrapper_script(commands[0], "/etc/opsbook/prod.env", '"$1"')
+    script = pitr_barman.wrapper_script(commands[0], "/etc/opsbook/prod.env", '"$1"')
     assert SECRET not in script and ". /etc/opsbook/prod.env" in script and script.rstrip().endswith('prod "$1"')
-    assert f"AWS_SECRET_ACCESS_KEY={SECRET}" in pitr_engine.credentials_file(archive())
+    assert f"AWS_SECRET_ACCESS_KEY={SECRET}" in pitr_barman.credentials_file(archive())
 
 
 def test_a_folder_bucket_is_refused():
     with pytest.raises(CheckFailed, match="S3 or R2"):
-        pitr_engine.archive_for(StorageConfig(provider="local", bucket="b", path="/tmp"), "local")
+        pitr_barman.archive_for(StorageConfig(provider="local", bucket="b", path="/tmp"), "local")
 
 
 @pytest.mark.parametrize(("name", "following"), [
@@ -56,7 +56,7 @@ def listing(names: list[str]) -> list[ObjectInfo]:
 
 def test_continuity_names_the_first_missing_segment_and_where_it_resumes():
     names = [f"0000000100000000000000{n:02X}" for n in (1, 2, 3, 5, 6)]
-    segments = pitr_engine.wal_segments(listing(names), "pitr/prod/")
+    segments = pitr_barman.wal_segments(listing(names), "pitr/prod/")
     wal = pitr_engine.continuity(segments, names[0])
     assert (wal.last, wal.missing, wal.resumes) == (names[2], "000000010000000000000004", names[3])
     assert pitr_engine.continuity(segments, names[3]).missing is None
@@ -66,10 +66,10 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
     text = ("backup_id=20261123T170000\nstatus=DONE\nbegin_time=2026-11-23 17:00:00.5+00:00\n"
             "end_time=2026-11-23 17:00:30+00:00\nbegin_wal=000000010000000000000001\n"
             "end_wal=000000010000000000000002\ntimeline=1\nversion=150014\nxlog_segment_size=16777216\n")
-    backup = pitr_engine.parse_backup_info("20261123T170000", text)
+    backup = pitr_barman.parse_backup_info("20261123T170000", text)
     assert backup.complete and backup.major == 15 and backup.end_time == T0 + timedelta(seconds=30)
     names = [f"0000000100000000000000{n:02X}" for n in (1, 2, 3, 5)]
-    item = pitr_catalog.recoverable(backup, pitr_engine.wal_segments(listing(names), "pitr/prod/"))
+    item = pitr_catalog.recoverable(backup, pitr_barman.wal_segments(listing(names), "pitr/prod/"))
     assert item.earliest == backup.end_time and item.latest == T0 + timedelta(minutes=2)
     catalog = pitr_catalog.Catalog([item], {})
     assert pitr_catalog.choose(catalog, T0 + timedelta(minutes=1), "prod") is item
@@ -77,5 +77,5 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
         pitr_catalog.choose(catalog, T0 + timedelta(minutes=3, seconds=30), "prod")
     with pytest.raises(CheckFailed, match="before prod's earliest"):
         pitr_catalog.choose(catalog, T0, "prod")
-    started = pitr_engine.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
+    started = pitr_barman.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
     assert not started.complete and pitr_catalog.recoverable(started, {}).earliest is None
