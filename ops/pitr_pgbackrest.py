@@ -53,6 +53,9 @@ CONFIG_FILE = "pgbackrest.conf"
 COMPRESS_TYPES = ("zst", "lz4", "gz")  # the first this build of pgBackRest supports; gz always is
 OPTION_INVALID_VALUE = 32  # pgBackRest's exit code for a compress-type it was built without
 MESSAGES = ["--log-level-console=off", "--log-level-stderr=warn", "--log-level-file=off"]
+# a base backup is many small files, each synced to the repository as it is written (and each restored file
+# synced too): four at a time, not one, roughly halves the time the sandbox's backup and restore take
+PROCESS_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def config_text(repository: Repository, host: ServerSide, compress_type: str) ->
     return (f"# Written by opsbook (point-in-time recovery through pgBackRest); rewritten by `inv pitr.setup`.\n"
             f"[global]\nrepo1-type=posix\nrepo1-path={repository.path}\n"
             f"repo1-retention-full-type=time\nrepo1-retention-full={host.window_days}\n"
-            f"compress-type={compress_type}\nstart-fast=y\n"
+            f"compress-type={compress_type}\nprocess-max={PROCESS_MAX}\nstart-fast=y\n"
             "log-level-console=off\nlog-level-stderr=warn\nlog-level-file=off\n"
             f"lock-path={host.config_dir / 'lock'}\nspool-path={host.config_dir / 'spool'}\n\n"
             f"[{repository.stanza}]\npg1-path={host.data_dir}\n")
@@ -214,8 +217,8 @@ class PgBackRest(Engine):
     def restore_command(self, backup_id: str, data_dir: Path, target: datetime | None) -> list[str]:
         recovery = (["--type=time", f"--target={time_option(target)}", "--target-action=promote"]
                     if target is not None else ["--type=default"])
-        return ["pgbackrest", *self.repository.reading, f"--pg1-path={data_dir}", f"--set={backup_id}", "restore",
-                *recovery]
+        return ["pgbackrest", *self.repository.reading, f"--pg1-path={data_dir}", f"--set={backup_id}",
+                f"--process-max={PROCESS_MAX}", "restore", *recovery]
 
     def backups(self, objects: list[ObjectInfo], read: Callable[[str], bytes]) -> list[BaseBackup]:
         if not self.prepared(objects):
