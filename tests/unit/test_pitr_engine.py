@@ -192,3 +192,13 @@ def test_pgbackrest_writes_its_repository_into_the_folder_bucket_and_reads_info_
     assert first.complete and first.major == 15 and first.begin_wal == "000000010000000000000003"
     assert first.end_time == T0 + timedelta(seconds=9), "whole seconds, rounded up past the consistent point"
     assert pitr_pgbackrest.parse_info('[{"name": "prod", "status": {"code": 1}}]') == []
+
+
+@pytest.mark.parametrize(("make", "package"), [(barman_engine, "apt-get install barman-cli-cloud"),
+                                               (pgbackrest_engine, "apt-get install pgbackrest")],
+                         ids=["barman-cloud", "pgbackrest"])
+def test_a_missing_engine_is_one_refusal_naming_its_package(make, package, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    with pytest.raises(CheckFailed) as refused:
+        make().check_installed()
+    assert "is not installed here" in refused.value.message and package in refused.value.hint
