@@ -3,8 +3,9 @@ retention by recovery window (`pitr.window_days`). `inv pitr.list`: the base bac
 
 The backup runs as the server's OS user (it reads PGDATA) and connects as the admin role, which needs
 EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal, pg_create_restore_point and pg_monitor
-(a superuser has them): without them the engine fails after uploading. A backup killed half-way
-stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from.
+(a superuser has them): without them the engine fails after uploading. A barman-cloud backup killed
+half-way stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from;
+pgBackRest's info lists only the backups it completed (the next backup resumes or removes the rest).
 """
 
 from __future__ import annotations
