@@ -1,10 +1,11 @@
-"""`inv pitr.base`: a compressed base backup through the engine, then the engine's own retention by
-recovery window (`pitr.window_days`). `inv pitr.list`: the base backups and what each recovers to.
+"""`inv pitr.base`: a compressed base backup through the engine (ops/pitr_engine.py), then the engine's own
+retention by recovery window (`pitr.window_days`). `inv pitr.list`: the base backups and what each recovers to.
 
 The backup runs as the server's OS user (it reads PGDATA) and connects as the admin role, which needs
 EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal, pg_create_restore_point and pg_monitor
-(a superuser has them): without them the engine fails after uploading. A backup killed half-way
-stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from.
+(a superuser has them): without them the engine fails after uploading. A barman-cloud backup killed
+half-way stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from;
+pgBackRest's info lists only the backups it completed (the next backup resumes or removes the rest).
 """
 
 from __future__ import annotations
@@ -28,29 +29,29 @@ class BaseStep(Step):
     def __init__(self, env: Environment):
         self.env = env
         self.host = pitr_host.database_host(env)
-        self.archive = pitr_host.archive_of(env)
-        self.title = f"take a compressed base backup of {env.name} into {self.archive.url} (barman-cloud-backup)"
+        self.engine = pitr_host.engine_of(env)
+        self.title = f"take a compressed base backup of {env.name} into {self.engine.location} ({self.engine.name})"
 
     def check(self, ctx: RunContext) -> Change | None:
-        pitr_engine.check_installed()
+        self.engine.check_installed()
         pitr_host.check_data_dir(self.host)
         target = pg_url.parse_url(self.env.admin_url())
         return Change(f"take a base backup of {target.describe()} ({self.host.data_dir})",
                       [f"as the OS user {self.host.os_user}, connected as {target.user}; "
-                       f"to {self.archive.url}/{self.archive.server}/base/"])
+                       f"to {self.engine.location} ({self.engine.name})"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         before = {item.backup.backup_id for item in self.catalog(ctx).backups}
         target = pg_url.parse_url(self.env.admin_url())
         started = time.monotonic()
-        command = pitr_engine.backup_command(self.archive, host=target.host, port=target.port, user=target.user)
-        pitr_engine.run(command, self.archive, user=self.host.os_user,
+        command = self.engine.backup_command(self.host, target)
+        pitr_engine.run(command, self.engine, user=self.host.os_user,
                         extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
                         what=f"the base backup of {ctx.env.name}")
         new = [item for item in self.catalog(ctx).backups if item.backup.backup_id not in before]
         done = [item for item in new if item.backup.complete]
         if not done:
-            raise StepFailed("barman-cloud-backup ended without a complete base backup in the bucket",
+            raise StepFailed(f"{command[0]} ended without a complete base backup in {self.engine.location}",
                              hint=f"`inv pitr.list --env {ctx.env.name}` shows what is there")
         backup = done[-1].backup
         seconds = round(time.monotonic() - started, 2)
@@ -65,23 +66,26 @@ class BaseStep(Step):
             raise StepFailed(f"base backup {backup_id} is not complete in the bucket")
 
     def catalog(self, ctx: RunContext) -> pitr_catalog.Catalog:
-        return pitr_catalog.read(ctx.storage("backups"), self.archive)
+        return pitr_catalog.read(ctx.storage("backups"), self.engine)
 
 
 class RetentionStep(Step):
     name = "retention"
 
     def __init__(self, env: Environment):
-        self.archive = pitr_host.archive_of(env)
-        self.window = pitr_host.database_host(env).window_days
+        self.engine = pitr_host.engine_of(env)
+        self.host = pitr_host.database_host(env)
+        self.window = self.host.window_days
         self.title = (f"delete base backups and WAL no longer needed for a recovery window of {self.window} days "
-                      "(barman-cloud-backup-delete)")
+                      f"({' '.join(self.engine.retention_command(self.host)[:1])})")
 
     def check(self, ctx: RunContext) -> Change | None:
-        return Change(f"apply the recovery window of {self.window} days", [f"RECOVERY WINDOW OF {self.window} DAYS"])
+        return Change(f"apply the recovery window of {self.window} days",
+                      [" ".join(self.engine.retention_command(self.host)[1:])])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        pitr_engine.run(pitr_engine.retention_command(self.archive, self.window), self.archive,
+        user = self.host.os_user if self.engine.server_owns_archive else None
+        pitr_engine.run(self.engine.retention_command(self.host), self.engine, user=user,
                         what=f"retention of {ctx.env.name}'s base backups")
         return {"window_days": self.window}
 
@@ -100,10 +104,10 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 
 def show(env: Environment, output: Output, storage: Any) -> dict[str, Any]:
     """`inv pitr.list`: each base backup with its earliest and latest recoverable time, newest first."""
-    archive = pitr_host.archive_of(env)
-    catalog = pitr_catalog.read(storage, archive)
+    engine = pitr_host.engine_of(env)
+    catalog = pitr_catalog.read(storage, engine)
     items = [item.to_json() for item in reversed(catalog.backups)]
-    output.info(f"{env.name}: {len(catalog.complete())} complete base backups in {archive.url}, "
+    output.info(f"{env.name}: {len(catalog.complete())} complete base backups in {engine.location}, "
                 f"{len(catalog.segments)} WAL segments")
     for item in items:
         if not item["complete"]:
@@ -112,7 +116,7 @@ def show(env: Environment, output: Output, storage: Any) -> dict[str, Any]:
         gap = f"; gap at {item['gap']['missing']}" if item["gap"] else ""
         output.info(f"  {item['backup_id']}  recoverable {item['earliest']} .. {item['latest'] or '(WAL missing)'}"
                     f"{gap}")
-    result = {"env": env.name, "engine": pitr_engine.ENGINE, "archive": archive.url, "backups": items,
+    result = {"env": env.name, "engine": engine.name, "archive": engine.location, "backups": items,
               "segments": len(catalog.segments)}
     output.result(result)
     return result

@@ -1,5 +1,5 @@
-"""What the bucket holds for point-in-time recovery: base backups with their recoverable range, read
-from one listing of the engine's folder (ops/pitr_engine.py has the layout).
+"""What the archive holds for point-in-time recovery: base backups with their recoverable range, read
+from one listing of the engine's folder (ops/pitr_barman.py and ops/pitr_pgbackrest.py have the layouts).
 
 A base backup is recoverable from its end (the first consistent moment) to the newest WAL segment
 reached without a gap from its first segment. The newest moment is the time that segment reached
@@ -19,7 +19,7 @@ from ops.clock import iso_z_or_none
 from ops.errors import CheckFailed
 
 if TYPE_CHECKING:
-    from ops.pitr_engine import Archive, BaseBackup, Continuity
+    from ops.pitr_engine import BaseBackup, Continuity, Engine
     from ops.storage import Storage
 
 
@@ -64,16 +64,12 @@ class Catalog:
         return name, self.segments[name]
 
 
-def read(storage: Storage, archive: Archive) -> Catalog:
-    """One listing of the server's folder, and each backup.info."""
-    root = archive.relative_root
-    objects = list(storage.list(root))
-    segments = pitr_engine.wal_segments(objects, root)
-    backups = []
-    for backup_id, key in sorted(pitr_engine.backup_info_keys(objects, root).items()):
-        info = pitr_engine.parse_backup_info(backup_id, storage.get_bytes(key).decode(errors="replace"))
-        backups.append(recoverable(info, segments))
-    return Catalog(backups, segments)
+def read(storage: Storage, engine: Engine) -> Catalog:
+    """One listing of the engine's folder, and its base backups (barman-cloud: each backup.info; pgBackRest:
+    its info command)."""
+    objects = list(storage.list(engine.root))
+    segments = engine.wal_segments(objects)
+    return Catalog([recoverable(info, segments) for info in engine.backups(objects, storage.get_bytes)], segments)
 
 
 def recoverable(backup: BaseBackup, segments: dict[str, datetime]) -> Recoverable:

@@ -1,147 +1,153 @@
-"""The point-in-time recovery engine, barman-cloud, behind one module: its command lines (pure
-functions), its runner, and what opsbook reads of its layout in the bucket.
+"""The point-in-time recovery engine's interface, which engine a backup storage gets, and what every engine
+shares: base backups and WAL continuity (pure), and the runner of the engine's commands.
 
-barman-cloud was chosen because it runs for real against the test S3 server (moto over plain
-HTTP, `--endpoint-url`), as against S3 and R2; pgBackRest's S3 repository insists on TLS. Another
-engine would replace this module: the runbooks only use `Archive`, the builders and `run`.
-
-Layout under the environment's backup bucket (`s3://BUCKET/PREFIXpitr`, server name = the env's):
-
-    PREFIXpitr/SERVER/wals/<timeline+log>/<segment>.gz        the WAL archive (barman-cloud-wal-archive -z)
-    PREFIXpitr/SERVER/base/<backup id>/backup.info, data.tar.gz  base backups (backup.info: key=value)
-
-The backup times are read from backup.info itself: `barman-cloud-backup-list --format json`
-prints them with ctime(), without their time zone.
+The engine is chosen by the provider of the environment's backup storage, so the archive lives beside
+the dumps: an S3 or R2 bucket gets barman-cloud (ops/pitr_barman.py: it runs against any S3 endpoint,
+plain-HTTP test servers included, where pgBackRest's S3 repository insists on TLS); a folder bucket (the
+sandbox's, a mounted disk) gets pgBackRest with its POSIX repository (ops/pitr_pgbackrest.py), which
+barman-cloud cannot write to. The runbooks (pitr_setup, pitr_base, pitr_catalog, pitr_scratch,
+pitr_restore, pitr_status) only use `Engine`, the types below and `run`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shlex
+import pwd
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from ops import processes
-from ops.clock import as_utc
 from ops.errors import CheckFailed, StepFailed
-from ops.secrets import Secret, redact
+from ops.secrets import redact
 
 if TYPE_CHECKING:
+    from ops.pg_url import DatabaseTarget
     from ops.storage import ObjectInfo, StorageConfig
 
-ENGINE = "barman-cloud"
-TOOLS = ("barman-cloud-wal-archive", "barman-cloud-wal-restore", "barman-cloud-backup", "barman-cloud-backup-list",
-         "barman-cloud-backup-delete", "barman-cloud-restore")
-INSTALL_HINT = ("install barman-cloud on the database host and on this machine: `apt-get install barman-cli-cloud` "
-                "(Debian/Ubuntu) or `pip install 'barman[cloud]'`")
-DEFAULT_REGION = "us-east-1"
+# backup storage provider -> the engine that archives into it
+ENGINES = {"s3": "barman-cloud", "r2": "barman-cloud", "local": "pgbackrest"}
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 SEGMENT_NAME_LENGTH = 24
 OUTPUT_TAIL = 1500
 
 
+def engine_name(config: StorageConfig) -> str:
+    """The engine for the backup storage `config`; CheckFailed for a provider none of them writes to."""
+    name = ENGINES.get(config.provider)
+    if name is None:
+        raise CheckFailed(f"point-in-time recovery cannot archive into {config.provider} storage ({config.bucket})",
+                          hint="set backups.provider to s3 or r2 (barman-cloud), or local, a folder (pgBackRest)")
+    return name
+
+
 @dataclass(frozen=True)
-class Archive:
-    """Where one environment's WAL archive and base backups live, and the key that writes them."""
+class ServerSide:
+    """What an engine needs of the database host to write its files and commands (ops/pitr_host.py)."""
 
-    bucket: str
-    prefix: str  # the key prefix of the engine's root ("staging/pitr")
-    server: str  # barman's server name: the environment's
-    endpoint: str | None
-    region: str | None
-    access_key_id: Secret | str | None
-    secret_access_key: Secret | None
+    data_dir: Path
+    os_user: str
+    config_dir: Path  # outside PGDATA: no base backup holds what is in it
+    window_days: int
+
+
+class Engine(ABC):
+    """One engine's command lines (pure) and what it stores where. `files` are written by `pitr.setup`."""
+
+    name: ClassVar[str]
+    tools: ClassVar[tuple[str, ...]]
+    install_hint: ClassVar[str]
+    server_owns_archive: ClassVar[bool] = False  # its files are the server's OS user's: run it as that user
+    server: str  # the name the engine files the environment's archive under
 
     @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+    @abstractmethod
+    def location(self) -> str:
+        """Where the archive is, for people: a URL or a folder."""
 
     @property
-    def relative_root(self) -> str:
-        """The server's folder relative to the backup bucket's own prefix (`pitr/SERVER/`)."""
-        return f"pitr/{self.server}/"
+    @abstractmethod
+    def wal_root(self) -> str:
+        """The WAL archive's folder relative to the backup storage's prefix (listed to find segments)."""
 
     def credentials(self) -> dict[str, str]:
-        """The variables barman-cloud's boto3 reads: secret values, for a child's environment only."""
-        values = {"AWS_DEFAULT_REGION": self.region or DEFAULT_REGION}
-        if self.access_key_id and self.secret_access_key:
-            key_id = self.access_key_id
-            values["AWS_ACCESS_KEY_ID"] = key_id.reveal() if isinstance(key_id, Secret) else str(key_id)
-            values["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key.reveal()
-        return values
+        """Secret values the engine's commands need in their environment (none by default)."""
+        return {}
 
+    @abstractmethod
+    def files(self, host: ServerSide) -> dict[Path, tuple[str, int]]:
+        """Each file the server's archive command needs: its content and mode."""
 
-def archive_for(config: StorageConfig, server: str) -> Archive:
-    """The engine's archive inside the backup bucket `config` (an S3 or R2 bucket)."""
-    if config.provider not in ("s3", "r2"):
-        raise CheckFailed(f"point-in-time recovery needs an S3 or R2 backup bucket; {config.bucket} is a "
-                          f"{config.provider} folder", hint="set backups.provider (s3 or r2), endpoint and keys")
-    region = config.region or ("auto" if config.provider == "r2" else None)
-    return Archive(bucket=config.bucket, prefix=f"{config.prefix}pitr", server=server, endpoint=config.endpoint,
-                   region=region, access_key_id=config.access_key_id, secret_access_key=config.secret_access_key)
+    @abstractmethod
+    def archive_command(self, host: ServerSide) -> str:
+        """The server's archive_command (with %p)."""
 
+    @abstractmethod
+    def recovery_command(self, host: ServerSide | None, data_dir: Path) -> str:
+        """restore_command (with %f and %p) for a cluster recovering in `data_dir` on this machine."""
 
-# --- command lines (pure) ---------------------------------------------------------------------------------------
+    def directories(self, host: ServerSide) -> list[Path]:
+        """Folders the server's OS user must own and write (the archive's, the engine's spool)."""
+        return []
 
+    def prepare_command(self, host: ServerSide, target: DatabaseTarget) -> list[str] | None:
+        """What makes the archive ready before the first segment (None: nothing)."""
+        return None
 
-def _endpoint(archive: Archive) -> list[str]:
-    return ["--endpoint-url", archive.endpoint] if archive.endpoint else []
+    def prepared(self, objects: Iterable[ObjectInfo]) -> bool:
+        """Whether the prepare command has run, from a listing of `root`."""
+        return True
 
+    def check_command(self, host: ServerSide, target: DatabaseTarget) -> list[str] | None:
+        """The engine's own check of archiving, run after opsbook's proof (None: none)."""
+        return None
 
-def wal_archive_command(archive: Archive) -> list[str]:
-    """archive_command's engine call; the WAL file's path (%p) follows."""
-    return ["barman-cloud-wal-archive", *_endpoint(archive), "-z", archive.url, archive.server]
+    @abstractmethod
+    def backup_command(self, host: ServerSide, target: DatabaseTarget) -> list[str]:
+        """A compressed base backup of the server `target` (run as the server's OS user)."""
 
+    @abstractmethod
+    def retention_command(self, host: ServerSide) -> list[str]:
+        """The engine's own delete of base backups and WAL the recovery window no longer needs."""
 
-def wal_restore_command(archive: Archive) -> list[str]:
-    """restore_command's engine call; the WAL file's name (%f) and destination (%p) follow."""
-    return ["barman-cloud-wal-restore", *_endpoint(archive), archive.url, archive.server]
+    @abstractmethod
+    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | None) -> list[str]:
+        """The base backup's files into `data_dir` (on this machine)."""
 
+    @abstractmethod
+    def backups(self, objects: list[ObjectInfo], read: Callable[[str], bytes]) -> list[BaseBackup]:
+        """The base backups, from a listing of the engine's folder (`read`: a key's bytes), oldest first."""
 
-def backup_command(archive: Archive, *, host: str, port: int, user: str) -> list[str]:
-    """A compressed base backup over the server's connection (the OS user must read PGDATA)."""
-    return ["barman-cloud-backup", *_endpoint(archive), "-z", "--immediate-checkpoint", "-h", host, "-p", str(port),
-            "-U", user, "-d", "postgres", archive.url, archive.server]
+    @abstractmethod
+    def wal_segments(self, objects: Iterable[ObjectInfo]) -> dict[str, datetime]:
+        """Archived WAL segment name -> when it reached the archive, from a listing of the engine's folder."""
 
+    @property
+    @abstractmethod
+    def root(self) -> str:
+        """The engine's folder relative to the backup storage's prefix: one listing of it is the catalog."""
 
-def retention_command(archive: Archive, window_days: int) -> list[str]:
-    """Base backups and WAL no longer needed for a recovery window of `window_days`, deleted by the engine."""
-    return ["barman-cloud-backup-delete", *_endpoint(archive), "--retention-policy",
-            f"RECOVERY WINDOW OF {window_days} DAYS", archive.url, archive.server]
-
-
-def restore_command(archive: Archive, backup_id: str, directory: str) -> list[str]:
-    return ["barman-cloud-restore", *_endpoint(archive), archive.url, archive.server, backup_id, directory]
-
-
-def wrapper_script(command: list[str], env_file: str, arguments: str) -> str:
-    """archive_command / restore_command as a script: the credentials come from `env_file` (0600), never
-    from the server's settings, where any superuser (and the base backups) would see them."""
-    return ("#!/bin/sh\n# Written by opsbook (point-in-time recovery through barman-cloud); rewritten by "
-            "`inv pitr.setup`.\nset -e\n"
-            f". {shlex.quote(env_file)}\nexport AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION\n"
-            f"exec {shlex.join(command)} {arguments}\n")
-
-
-def credentials_file(archive: Archive) -> str:
-    """The env file the wrapper scripts source: secret values (write it 0600, owned by the server's user)."""
-    return "".join(f"{name}={shlex.quote(value)}\n" for name, value in sorted(archive.credentials().items()))
+    def check_installed(self) -> None:
+        missing = [tool for tool in self.tools if shutil.which(tool) is None]
+        if missing:
+            raise CheckFailed(f"{self.name} is not installed here: {', '.join(missing)} not found",
+                              hint=self.install_hint)
 
 
 # --- the runner ----------------------------------------------------------------------------------------------------
 
 
-def check_installed() -> None:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        raise CheckFailed(f"{ENGINE} is not installed here: {', '.join(missing)} not found", hint=INSTALL_HINT)
+def default_os_user() -> str:
+    """The server's OS user: `postgres` when we are root, else ourselves."""
+    return "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 
 
 def as_user(command: list[str], user: str | None) -> list[str]:
@@ -151,12 +157,12 @@ def as_user(command: list[str], user: str | None) -> list[str]:
     return ["runuser", "-u", user, "--", *command]
 
 
-def run(command: list[str], archive: Archive, *, user: str | None = None, extra: Mapping[str, str] | None = None,
+def run(command: list[str], engine: Engine, *, user: str | None = None, extra: Mapping[str, str] | None = None,
         what: str, timeout: float = 3600) -> str:
-    """Runs an engine command (as `user`) with the archive's credentials; its stdout. StepFailed, its output
+    """Runs an engine command (as `user`) with the engine's credentials; its stdout. StepFailed, its output
     redacted, when it fails."""
     base = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "PG"))}
-    environment = {**base, **archive.credentials(), **(extra or {})}
+    environment = {**base, **engine.credentials(), **(extra or {})}
     try:
         with processes.child_process(as_user(command, user), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=environment, start_new_session=True) as process:
@@ -166,7 +172,7 @@ def run(command: list[str], archive: Archive, *, user: str | None = None, extra:
                 stop_group(process)  # runuser's child too: it would go on writing where we clean up
                 raise
     except processes.CannotStart as error:
-        raise CheckFailed(f"cannot start {command[0]}: {error}", hint=INSTALL_HINT) from None
+        raise CheckFailed(f"cannot start {command[0]}: {error}", hint=engine.install_hint) from None
     except subprocess.TimeoutExpired:
         raise StepFailed(f"{what}: {command[0]} did not finish within {timeout:.0f} s") from None
     if process.returncode != 0:
@@ -187,12 +193,12 @@ def stop_group(process: subprocess.Popen[bytes], seconds: float = 10) -> None:
             time.sleep(0.05)  # bounded by the deadline
 
 
-# --- what is in the bucket (pure) -----------------------------------------------------------------------------------
+# --- base backups and WAL (pure) -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BaseBackup:
-    """One base backup, from its backup.info."""
+    """One base backup, as its engine records it."""
 
     backup_id: str
     status: str  # DONE when complete; STARTED, FAILED… otherwise
@@ -213,47 +219,8 @@ class BaseBackup:
         return self.status == "DONE" and self.end_wal is not None and self.end_time is not None
 
 
-def parse_backup_info(backup_id: str, text: str) -> BaseBackup:
-    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-    def moment(name: str) -> datetime | None:
-        value = fields.get(name, "None")
-        return None if value in ("", "None") else as_utc(datetime.fromisoformat(value))
-
-    def optional(name: str) -> str | None:
-        value = fields.get(name, "None")
-        return None if value in ("", "None") else value
-
-    segment_size = optional("xlog_segment_size")
-    return BaseBackup(backup_id=backup_id, status=fields.get("status", "UNKNOWN"), begin_time=moment("begin_time"),
-                      end_time=moment("end_time"), begin_wal=optional("begin_wal"), end_wal=optional("end_wal"),
-                      timeline=int(optional("timeline") or 1),
-                      segment_size=int(segment_size) if segment_size else DEFAULT_SEGMENT_SIZE,
-                      server_version=int(optional("version") or 0))
-
-
-def backup_info_keys(objects: Iterable[ObjectInfo], root: str) -> dict[str, str]:
-    """backup id -> the key of its backup.info, from a listing of the server's folder `root`."""
-    found = {}
-    for item in objects:
-        parts = item.key.removeprefix(root).split("/")
-        if len(parts) == 3 and parts[0] == "base" and parts[2] == "backup.info":
-            found[parts[1]] = item.key
-    return found
-
-
-def wal_segments(objects: Iterable[ObjectInfo], root: str) -> dict[str, datetime]:
-    """Archived WAL segment name -> when it reached the bucket (history and .partial files left out)."""
-    segments = {}
-    for item in objects:
-        rest = item.key.removeprefix(root)
-        if not rest.startswith("wals/"):
-            continue
-        name = rest.rsplit("/", 1)[-1].split(".", 1)[0]
-        if len(name) == SEGMENT_NAME_LENGTH and all(c in "0123456789ABCDEF" for c in name) and (
-                rest.endswith((name, name + ".gz", name + ".bz2", name + ".snappy"))):
-            segments[name] = item.last_modified
-    return segments
+def is_segment_name(name: str) -> bool:
+    return len(name) == SEGMENT_NAME_LENGTH and all(c in "0123456789ABCDEF" for c in name)
 
 
 def next_segment(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:

@@ -1,6 +1,7 @@
 """The database server as a host opsbook works on for point-in-time recovery: its data directory,
-its OS user, the files the archive command needs, its restart. This machine only for now (the
-inventory's `pitr.data_dir`); a database host reached over SSH would implement the same calls.
+its OS user, where the engine's files go, its restart; and the environment's engine, chosen by its
+backup storage (ops/pitr_engine.py). This machine only for now (the inventory's `pitr.data_dir`, or
+the sandbox's own cluster); a database host reached over SSH would implement the same calls.
 
 Managed databases cannot run an archive command: `managed_provider` names the provider, whose own
 point-in-time recovery is what to use there.
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 import os
 import pwd
-import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ops import pg_url, pitr_engine
+from ops import pg_url, pitr_barman, pitr_engine, pitr_pgbackrest
 from ops.errors import CheckFailed, StepFailed
-from ops.sandbox import find_server_bindir
+from ops.pitr_engine import Engine, ServerSide
+from ops.sandbox import Sandbox, find_server_bindir
 from ops.secrets import redact
 
 if TYPE_CHECKING:
@@ -52,38 +53,15 @@ def managed_provider(env: Environment) -> tuple[str, str] | None:
 
 
 @dataclass(frozen=True)
-class DatabaseHost:
+class DatabaseHost(ServerSide):
     """The server's side of PITR on this machine."""
 
-    data_dir: Path
-    os_user: str
-    config_dir: Path  # the wrapper scripts and the credentials file: outside PGDATA, so no base backup holds them
     restart: str | None
     archive_timeout: int
-    window_days: int
-
-    @property
-    def env_file(self) -> Path:
-        return self.config_dir / "credentials.env"
-
-    @property
-    def archive_script(self) -> Path:
-        return self.config_dir / "archive-wal"
-
-    @property
-    def restore_script(self) -> Path:
-        return self.config_dir / "restore-wal"
-
-    def archive_command(self) -> str:
-        return f"{shlex.quote(str(self.archive_script))} %p"
-
-    def restore_command(self) -> str:
-        return f"{shlex.quote(str(self.restore_script))} %f %p"
+    log_file: Path | None = None  # where pg_ctl restart sends the server's log (the sandbox's own)
 
 
-def default_os_user() -> str:
-    """The server's OS user: `postgres` when we are root, else ourselves."""
-    return "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+default_os_user = pitr_engine.default_os_user
 
 
 def database_host(env: Environment) -> DatabaseHost:
@@ -92,22 +70,29 @@ def database_host(env: Environment) -> DatabaseHost:
     if managed is not None:
         raise CheckFailed(f"{env.name}'s database is managed by {managed[0]}: opsbook cannot configure WAL archiving "
                           "there", hint=f"use {managed[1]}; `inv restore --from {env.name}` still restores dumps")
-    if env.sandbox:
-        raise CheckFailed("the sandbox's backup bucket is a folder; barman-cloud archives to S3-compatible storage",
-                          hint="try PITR on an environment whose backups bucket is S3 or R2 and whose pitr.data_dir "
-                               "names its server's data directory")
-    if not env.has("pitr.data_dir"):
+    log_file = None
+    if env.sandbox and not env.has("pitr.data_dir"):  # the sandbox's own cluster, restarted with its own log
+        sandbox = Sandbox(env.inventory.state_dir / "sandbox")
+        data_dir, log_file = sandbox.data_dir, sandbox.log_file
+    elif env.has("pitr.data_dir"):
+        data_dir = Path(str(env.value("pitr.data_dir")))
+    else:
         raise env.missing("pitr.data_dir")
-    data_dir = Path(str(env.value("pitr.data_dir")))
     config_dir = env.raw("pitr.config_dir", None) or str(data_dir.parent / f"opsbook-pitr-{env.name}")
     return DatabaseHost(data_dir=data_dir, os_user=env.raw("pitr.os_user", None) or default_os_user(),
                         config_dir=Path(config_dir), restart=env.raw("pitr.restart", None),
                         archive_timeout=int(env.raw("pitr.archive_timeout", DEFAULT_ARCHIVE_TIMEOUT)),
-                        window_days=int(env.raw("pitr.window_days", DEFAULT_WINDOW_DAYS)))
+                        window_days=int(env.raw("pitr.window_days", DEFAULT_WINDOW_DAYS)), log_file=log_file)
 
 
-def archive_of(env: Environment) -> pitr_engine.Archive:
-    return pitr_engine.archive_for(env.storage_config("backups"), str(env.raw("pitr.server_name", env.name)))
+ENGINE_CLASSES: dict[str, type[Engine]] = {pitr_barman.ENGINE: pitr_barman.BarmanCloud,
+                                           pitr_pgbackrest.ENGINE: pitr_pgbackrest.PgBackRest}
+
+
+def engine_of(env: Environment) -> Engine:
+    """The engine of the environment's backup storage (an S3/R2 bucket: barman-cloud; a folder: pgBackRest)."""
+    config = env.storage_config("backups")
+    return ENGINE_CLASSES[pitr_engine.engine_name(config)](config, str(env.raw("pitr.server_name", env.name)))
 
 
 def check_data_dir(host: DatabaseHost) -> None:
@@ -136,6 +121,20 @@ def write_private(path: Path, text: str, mode: int, user: str) -> None:
     partial.replace(path)
 
 
+def owned_by(path: Path, user: str) -> bool:
+    """`path` is a folder `user` owns (anyone's when we are not root: we write it ourselves)."""
+    try:
+        return path.is_dir() and (os.geteuid() != 0 or path.stat().st_uid == pwd.getpwnam(user).pw_uid)
+    except (OSError, KeyError):
+        return False
+
+
+def make_folder(path: Path, user: str) -> None:
+    """`path` (its parents too, as they come) as a 0750 folder of `user`, the server's OS user."""
+    path.mkdir(parents=True, exist_ok=True)
+    _own(path, user, 0o750)
+
+
 def _own(path: Path, user: str, mode: int) -> None:
     path.chmod(mode)
     if os.geteuid() == 0:
@@ -149,7 +148,8 @@ def restart_command(host: DatabaseHost, bin_dir: Path) -> list[str]:
         return ["sh", "-c", host.restart]
     # -l: without a log file the server would keep our output pipes open
     return pitr_engine.as_user([str(bin_dir / "pg_ctl"), "restart", "-D", str(host.data_dir), "-m", "fast", "-w",
-                                "-t", str(RESTART_TIMEOUT_SECONDS), "-l", str(host.config_dir / "postgres.log")],
+                                "-t", str(RESTART_TIMEOUT_SECONDS), "-l",
+                                str(host.log_file or host.config_dir / "postgres.log")],
                                host.os_user)
 
 

@@ -46,7 +46,7 @@ class PitrPlan(Plan):
                  keep_old: bool):
         super().__init__(target, source, "pitr", database, utc_now(), keep_old, None, 1)
         self.moment = moment
-        self.archive = pitr_host.archive_of(source)
+        self.engine = pitr_host.engine_of(source)
         self.expected: dict[str, int] = {}
         self._chosen: Recoverable | None = None
 
@@ -57,7 +57,7 @@ class PitrPlan(Plan):
     def chosen(self, ctx: RunContext) -> Recoverable:
         """The base backup to recover from; CheckFailed (range, gap) before anything changes."""
         if self._chosen is None:
-            catalog = pitr_catalog.read(self.storage(ctx), self.archive)
+            catalog = pitr_catalog.read(self.storage(ctx), self.engine)
             self._chosen = pitr_catalog.choose(catalog, self.moment, self.source.name)
         return self._chosen
 
@@ -96,7 +96,7 @@ class RecoverStep(ScratchLoad):
         self.plan.tool(ctx)
         return Change(f"recover {self.plan.source.name} to {self.plan.when} and load it into {self.plan.scratch}",
                       [f"base backup {chosen.backup.backup_id} (recoverable {iso_z_or_none(chosen.earliest)} .. "
-                       f"{iso_z_or_none(chosen.latest)}) from {self.plan.archive.url}",
+                       f"{iso_z_or_none(chosen.latest)}) from {self.plan.engine.location}",
                        f"a scratch PostgreSQL {chosen.backup.major} cluster on this machine, removed afterwards",
                        f"on {ctx.env.name}; the live database {self.plan.database} is not touched"])
 
@@ -109,9 +109,9 @@ class RecoverStep(ScratchLoad):
         pitr_scratch.remove_leftovers(state_dir, ctx.log)
         started = time.monotonic()
         with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster:
-            pitr_scratch.restore_base(cluster, plan.archive, chosen.backup.backup_id)
+            pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.moment)
             ctx.log(f"base backup {chosen.backup.backup_id} restored; replaying WAL to {plan.when}")
-            reached = pitr_scratch.recover(cluster, plan.archive, plan.moment)
+            reached = pitr_scratch.recover(cluster, plan.engine, plan.moment)
             recovered = round(time.monotonic() - started, 2)
             stopped = f", stopped before the commit at {reached['stopped_before']}" if reached["stopped_before"] else ""
             ctx.log(f"recovered in {recovered} s: last transaction {reached['last_transaction'] or '?'}{stopped}")

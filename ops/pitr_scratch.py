@@ -29,6 +29,7 @@ from ops import pg, pitr_engine
 from ops.clock import iso_z_micro
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed
 from ops.patterns import Pattern
+from ops.pitr_engine import Engine
 from ops.sandbox import find_server_bindir
 from ops.secrets import Secret, redact
 
@@ -89,8 +90,9 @@ def start_options(cluster: ScratchCluster, recovery: dict[str, str]) -> str:
     return " ".join(f"-c {shlex.quote(f'{name}={value}')}" for name, value in settings.items())
 
 
-def recovery_settings(restore_command: list[str], target: datetime | None) -> dict[str, str]:
-    settings = {"restore_command": f"{shlex.join(restore_command)} %f %p", "recovery_target_action": "promote",
+def recovery_settings(restore_command: str, target: datetime | None) -> dict[str, str]:
+    """The engine-neutral recovery settings: `restore_command` (with %f and %p) is the engine's."""
+    settings = {"restore_command": restore_command, "recovery_target_action": "promote",
                 "recovery_target_timeline": "current"}
     if target is not None:
         settings["recovery_target_time"] = target.isoformat(sep=" ")
@@ -155,9 +157,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def restore_base(cluster: ScratchCluster, archive: pitr_engine.Archive, backup_id: str) -> None:
+def restore_base(cluster: ScratchCluster, engine: Engine, backup_id: str, target: datetime | None) -> None:
     """The base backup's files into the cluster's data directory, with our own pg_hba.conf beside it."""
-    pitr_engine.run(pitr_engine.restore_command(archive, backup_id, str(cluster.data_dir)), archive,
+    pitr_engine.run(engine.restore_command(backup_id, cluster.data_dir, target), engine,
                     user=cluster.os_user, what=f"restoring base backup {backup_id}")
     _write_as(cluster, cluster.directory / "pg_hba.conf", "local all all trust\n")
     _write_as(cluster, cluster.directory / "pg_ident.conf", "")
@@ -178,19 +180,19 @@ def _write_as(cluster: ScratchCluster, path: Path, text: str) -> None:
         shutil.chown(path, cluster.os_user, cluster.os_user)
 
 
-def recover(cluster: ScratchCluster, archive: pitr_engine.Archive, target: datetime | None) -> dict[str, str | None]:
+def recover(cluster: ScratchCluster, engine: Engine, target: datetime | None) -> dict[str, str | None]:
     """Start the cluster in recovery to `target` (None: the end of the archive) and wait until it is promoted.
 
     PostgreSQL stops with a FATAL error when the archive ends before the target: that is reported, with the
     log's reason, as a failed check. Returns where recovery stopped, from the server's log, and the commit
     time of the newest transaction it replayed (`newest_commit`)."""
-    options = start_options(cluster, recovery_settings(pitr_engine.wal_restore_command(archive), target))
+    options = start_options(cluster, recovery_settings(engine.recovery_command(None, cluster.data_dir), target))
     command = pitr_engine.as_user([str(cluster.bin_dir / "pg_ctl"), "start", "-D", str(cluster.data_dir), "-w",
                                    "-t", str(START_TIMEOUT_SECONDS), "-l", str(cluster.log_file), "-o", options],
                                   cluster.os_user)
     base = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "PG"))}
     started = subprocess.run(command, capture_output=True, text=True, check=False, cwd="/", stdin=subprocess.DEVNULL,
-                             env={**base, **archive.credentials()}, timeout=START_TIMEOUT_SECONDS * 2)
+                             env={**base, **engine.credentials()}, timeout=START_TIMEOUT_SECONDS * 2)
     if started.returncode != 0 and not _running(cluster):
         raise _recovery_failed(cluster, target)
     _wait_promoted(cluster, target)

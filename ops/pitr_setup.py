@@ -1,12 +1,14 @@
 """`inv pitr.setup`: continuous WAL archiving to the backup bucket through the engine (ops/pitr_engine.py).
 
-1. files: the credentials file (0600) and the archive/restore scripts (0700), owned by the server's
+1. files: the engine's files (barman-cloud: a 0600 credentials file and 0700 archive/restore scripts;
+   pgBackRest: a 0600 configuration file) and folders (pgBackRest's repository), owned by the server's
    OS user, outside the data directory;
-2. settings: wal_level (replica, or logical kept), archive_mode, archive_command, archive_timeout
+2. stanza: what the engine needs before the first segment (pgBackRest's stanza-create);
+3. settings: wal_level (replica, or logical kept), archive_mode, archive_command, archive_timeout
    through ALTER SYSTEM, then a reload;
-3. restart, when wal_level or archive_mode changed (they take effect only then);
-4. archive: proved by a WAL switch: the segment appears in the bucket and pg_stat_archiver shows no
-   failure since.
+4. restart, when wal_level or archive_mode changed (they take effect only then);
+5. archive: proved by a WAL switch: the segment appears in the archive and pg_stat_archiver shows no
+   failure since; then the engine's own check, when it has one (pgBackRest's check).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from ops.inventory import Environment
-    from ops.pitr_engine import Archive
+    from ops.pitr_engine import Engine
     from ops.pitr_host import DatabaseHost
 
 RESTART_SETTINGS = ("wal_level", "archive_mode")
@@ -34,12 +36,12 @@ POLL_SECONDS = 0.25
 
 
 class Setup:
-    """What the steps share: the environment's database host and archive."""
+    """What the steps share: the environment's database host and engine."""
 
     def __init__(self, env: Environment):
         self.env = env
         self.host: DatabaseHost = pitr_host.database_host(env)
-        self.archive: Archive = pitr_host.archive_of(env)
+        self.engine: Engine = pitr_host.engine_of(env)
 
     @contextlib.contextmanager
     def connection(self, ctx: RunContext) -> Iterator[psycopg.Connection]:
@@ -53,19 +55,20 @@ class Setup:
         mode = setting(connection, "archive_mode")
         return {"wal_level": level if level == "logical" else "replica",
                 "archive_mode": mode if mode == "always" else "on",
-                "archive_command": self.host.archive_command(),
+                "archive_command": self.engine.archive_command(self.host),
                 "archive_timeout": str(self.host.archive_timeout)}
 
     def files(self) -> dict[Path, tuple[str, int]]:
         """Each file the archive and restore commands need: (content, mode)."""
-        env_file = str(self.host.env_file)
-        return {
-            self.host.env_file: (pitr_engine.credentials_file(self.archive), 0o600),
-            self.host.archive_script: (pitr_engine.wrapper_script(pitr_engine.wal_archive_command(self.archive),
-                                                                  env_file, '"$1"'), 0o700),
-            self.host.restore_script: (pitr_engine.wrapper_script(pitr_engine.wal_restore_command(self.archive),
-                                                                  env_file, '"$1" "$2"'), 0o700),
-        }
+        return self.engine.files(self.host)
+
+    def target(self) -> pg_url.DatabaseTarget:
+        return pg_url.parse_url(self.env.admin_url())
+
+    def run(self, command: list[str], what: str) -> str:
+        """An engine command as the server's OS user, connected as the admin role (libpq's variables)."""
+        return pitr_engine.run(command, self.engine, user=self.host.os_user, what=what,
+                               extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")))
 
 
 def setting(connection: psycopg.Connection, name: str) -> str:
@@ -86,11 +89,11 @@ class FilesStep(Step):
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.title = (f"write the archive and restore scripts and the bucket's credentials (0600) in "
-                      f"{setup.host.config_dir}, owned by {setup.host.os_user}")
+        self.title = (f"write {setup.engine.name}'s files (0600 where they hold a key) in {setup.host.config_dir}, "
+                      f"owned by {setup.host.os_user}")
 
     def check(self, ctx: RunContext) -> Change | None:
-        pitr_engine.check_installed()
+        self.setup.engine.check_installed()
         pitr_host.check_data_dir(self.setup.host)
         with self.setup.connection(ctx) as connection:
             running = Path(setting(connection, "data_directory"))
@@ -98,14 +101,19 @@ class FilesStep(Step):
             raise CheckFailed(f"the server of {ctx.env.name} runs from {running}, not pitr.data_dir "
                               f"{self.setup.host.data_dir}", hint="set pitr.data_dir to the server's data directory, "
                                                                   "on the machine running opsbook")
-        stale = [path for path, (text, _mode) in self.setup.files().items() if pitr_host.read_private(path) != text]
-        if not stale:
+        files = self.setup.files()
+        stale = [path for path, (text, _mode) in files.items() if pitr_host.read_private(path) != text]
+        folders = [path for path in self.setup.engine.directories(self.setup.host)
+                   if not pitr_host.owned_by(path, self.setup.host.os_user)]
+        if not stale and not folders:
             return None
-        return Change(f"write {', '.join(path.name for path in stale)}",
-                      [f"{path} ({'0600, the key of ' + self.setup.archive.bucket if path.suffix else '0700'})"
-                       for path in stale])
+        return Change(f"write {', '.join(path.name for path in [*stale, *folders])}",
+                      [*(f"{path} ({files[path][1]:04o})" for path in stale),
+                       *(f"{path}/ (a folder of {self.setup.host.os_user})" for path in folders)])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        for path in self.setup.engine.directories(self.setup.host):
+            pitr_host.make_folder(path, self.setup.host.os_user)
         for path, (text, mode) in self.setup.files().items():
             pitr_host.write_private(path, text, mode, self.setup.host.os_user)
         return {"config_dir": str(self.setup.host.config_dir)}
@@ -116,7 +124,7 @@ class SettingsStep(Step):
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.title = (f"set wal_level, archive_mode, archive_command (to {setup.archive.url}) and archive_timeout "
+        self.title = (f"set wal_level, archive_mode, archive_command (to {setup.engine.location}) and archive_timeout "
                       f"({setup.host.archive_timeout} s) with ALTER SYSTEM, then reload")
 
     def differences(self, ctx: RunContext) -> dict[str, tuple[str, str]]:
@@ -164,27 +172,50 @@ class RestartStep(Step):
         return {"restarted": True}
 
 
+class PrepareStep(Step):
+    name = "stanza"
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.title = f"prepare {setup.engine.name}'s archive in {setup.engine.location}"
+
+    def check(self, ctx: RunContext) -> Change | None:
+        command = self.setup.engine.prepare_command(self.setup.host, self.setup.target())
+        if command is None or self.setup.engine.prepared(ctx.storage("backups").list(self.setup.engine.root)):
+            return None
+        return Change(f"create the archive of {self.setup.engine.server}", [" ".join(command)])
+
+    def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
+        command = self.setup.engine.prepare_command(self.setup.host, self.setup.target())
+        self.setup.run(command, f"preparing the archive of {ctx.env.name}")
+        return {"archive": self.setup.engine.location}
+
+    def verify(self, ctx: RunContext) -> None:
+        if not self.setup.engine.prepared(ctx.storage("backups").list(self.setup.engine.root)):
+            raise StepFailed(f"{self.setup.engine.name} did not create its archive in {self.setup.engine.location}")
+
+
 class ArchiveStep(Step):
     name = "archive"
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.title = "prove archiving: switch WAL, see the segment in the bucket and no failure in pg_stat_archiver"
+        self.title = "prove archiving: switch WAL, see the segment in the archive and no failure in pg_stat_archiver"
 
     def check(self, ctx: RunContext) -> Change | None:
         if not ctx.pending("settings") and not ctx.pending("restart") and self.proven(ctx):
             return None
-        return Change("switch to a new WAL segment and wait for it in the bucket",
-                      [f"{self.setup.archive.url}/{self.setup.archive.server}/wals/"])
+        return Change("switch to a new WAL segment and wait for it in the archive",
+                      [f"{self.setup.engine.location} ({self.setup.engine.name})"])
 
     def proven(self, ctx: RunContext) -> bool:
         with self.setup.connection(ctx) as connection:
-            if setting(connection, "archive_command") != self.setup.host.archive_command():
+            if setting(connection, "archive_command") != self.setup.engine.archive_command(self.setup.host):
                 return False
             stats = archiver(connection)
         if stats["last_archived_wal"] is None or _failed_since(stats):
             return False
-        return stats["last_archived_wal"] in segments(ctx, self.setup.archive)
+        return stats["last_archived_wal"] in segments(ctx, self.setup.engine)
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         started = time.monotonic()
@@ -192,17 +223,22 @@ class ArchiveStep(Step):
             connection.execute("SELECT pg_logical_emit_message(false, 'opsbook', 'pitr.setup')")  # WAL to switch
             segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
             deadline = started + ARCHIVE_WAIT_SECONDS
-            while segment not in segments(ctx, self.setup.archive):
+            while segment not in segments(ctx, self.setup.engine):
                 stats = archiver(connection)
                 if stats["last_failed_wal"] == segment or time.monotonic() > deadline:
                     raise StepFailed(archive_failure(segment, stats, time.monotonic() > deadline),
                                      hint="read the server's log: the archive command is "
-                                          f"{self.setup.host.archive_script}")
+                                          f"{self.setup.engine.archive_command(self.setup.host)}")
                 time.sleep(POLL_SECONDS)  # polling the bucket, bounded by the deadline
             stats = archiver(connection)
         seconds = round(time.monotonic() - started, 2)
-        ctx.log(f"{segment} reached the bucket {seconds} s after the switch")
-        return {"segment": segment, "seconds": seconds, "failed_count": stats["failed_count"]}
+        ctx.log(f"{segment} reached the archive {seconds} s after the switch")
+        checked = self.setup.engine.check_command(self.setup.host, self.setup.target())
+        if checked is not None:
+            self.setup.run(checked, f"{self.setup.engine.name}'s check of {ctx.env.name}'s archiving")
+            ctx.log(f"{self.setup.engine.name} check: archiving works")
+        return {"segment": segment, "seconds": seconds, "failed_count": stats["failed_count"],
+                "engine": self.setup.engine.name}
 
     def verify(self, ctx: RunContext) -> None:
         with self.setup.connection(ctx) as connection:
@@ -231,13 +267,13 @@ def archive_failure(segment: str, stats: dict[str, Any], timed_out: bool) -> str
     return f"{segment} did not reach the bucket within {ARCHIVE_WAIT_SECONDS:.0f} s"
 
 
-def segments(ctx: RunContext, archive: Archive) -> dict[str, Any]:
-    storage = ctx.storage("backups")
-    return pitr_engine.wal_segments(storage.list(archive.relative_root + "wals/"), archive.relative_root)
+def segments(ctx: RunContext, engine: Engine) -> dict[str, Any]:
+    return engine.wal_segments(ctx.storage("backups").list(engine.wal_root))
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     setup = Setup(env)
-    return Runbook("pitr.setup", f"Point-in-time recovery for {env.name}: WAL archiving to {setup.archive.url}",
-                   [FilesStep(setup), SettingsStep(setup), RestartStep(setup), ArchiveStep(setup)],
+    return Runbook("pitr.setup", f"Point-in-time recovery for {env.name}: WAL archiving to {setup.engine.location} "
+                   f"({setup.engine.name})",
+                   [FilesStep(setup), PrepareStep(setup), SettingsStep(setup), RestartStep(setup), ArchiveStep(setup)],
                    arguments=arguments, locks=("environment",))

@@ -59,10 +59,10 @@ class PitrStatus:
 
 
 def collect(env: Environment, storage: Storage) -> PitrStatus:
-    archive = pitr_host.archive_of(env)
-    status = PitrStatus(env.name, archive.url, float(env.raw("targets.rpo_seconds", DEFAULT_RPO_SECONDS)))
+    engine = pitr_host.engine_of(env)
+    status = PitrStatus(env.name, engine.location, float(env.raw("targets.rpo_seconds", DEFAULT_RPO_SECONDS)))
     now = utc_now()
-    catalog = pitr_catalog.read(storage, archive)
+    catalog = pitr_catalog.read(storage, engine)
     newest = catalog.newest_segment()
     if newest:
         status.last_archived_wal, status.last_archived_at = newest

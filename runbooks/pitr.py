@@ -1,4 +1,5 @@
-"""inv pitr.setup / pitr.base / pitr.list / pitr.status: point-in-time recovery through barman-cloud (ops/pitr_*.py).
+"""inv pitr.setup / pitr.base / pitr.list / pitr.status: point-in-time recovery through the engine of the backup
+storage (barman-cloud for S3/R2, pgBackRest for a folder: ops/pitr_engine.py) and ops/pitr_*.py.
 
 `inv restore --to-time T` (runbooks/restore.py) recovers a scratch cluster from these and moves its
 data into the target as a dump restore does.

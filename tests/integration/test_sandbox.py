@@ -5,20 +5,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from ops.clock import parse_time
 from ops.demo import seed
 from ops.errors import OpsError
-from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox
+from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox, find_server_bindir
+from tests.cli import CliResult, Opsbook, wait_for
+from tests.fixtures.secrets import assert_no_secret
 
 
 @dataclass
@@ -32,7 +38,7 @@ def made() -> Iterator[UpResult]:
     # Not pytest's tmp_path: its parents are 0700, and as root the cluster runs as `postgres`.
     base = Path(tempfile.mkdtemp(prefix="opsbook-sandbox-"))
     base.chmod(0o755)
-    sandbox = Sandbox(base / "sandbox")
+    sandbox = Sandbox(base / "workspace" / ".ops" / "sandbox")  # the one `workspace` (below) drives through the CLI
     lines: list[str] = []
     try:
         sandbox.up(log=lines.append)
@@ -149,3 +155,163 @@ def test_home_the_server_user_cannot_reach_is_refused_clearly():
         assert "chmod o+x" in refused.value.hint
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- point-in-time recovery on the sandbox, through the CLI (pgBackRest, its repository in the backup folder) ---
+
+
+@pytest.fixture(scope="module")
+def workspace(made: UpResult) -> Opsbook:
+    """A CLI workspace whose `local` is the module's sandbox (its state dir holds it)."""
+    opsbook = Opsbook(made.sandbox.home.parent.parent)
+    opsbook.write_inventory({"project": "sandboxtest", "default_env": "local", "envs": {"local": {"sandbox": True}}})
+    return opsbook
+
+
+def ok(result: CliResult) -> CliResult:
+    assert result.exit_code == 0, str(result)
+    return result
+
+
+def switch_and_wait(sandbox: Sandbox) -> str:
+    """The current WAL segment closed and archived: what was committed so far is in the repository."""
+    with psycopg.connect(sandbox.info().database_url.reveal(), autocommit=True) as conn:
+        conn.execute("SELECT pg_logical_emit_message(false, 'test', 'x')")  # something to switch away from
+        segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        wait_for(lambda: conn.execute("SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0],
+                 timeout=30, what=f"{segment} archived")
+    return segment
+
+
+def brands(sandbox: Sandbox, slug: str) -> int:
+    with app_conn(sandbox) as conn:
+        return conn.execute('SELECT count(*) FROM "Brand" WHERE slug = %s', (slug,)).fetchone()[0]
+
+
+def repository(sandbox: Sandbox) -> Path:
+    return sandbox.storage_path / BACKUP_BUCKET / "local" / "pitr"
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_pitr_on_the_sandbox_setup_base_list_status_and_restore_to_a_time(made: UpResult, workspace: Opsbook):
+    sandbox = made.sandbox
+    password = json.loads((sandbox.home / "credentials.json").read_text())["password"]
+    done = ok(workspace.run("pitr.setup", "--env", "local", "--json")).json()
+    segment = done["archive"]["segment"]
+    assert done["archive"]["engine"] == "pgbackrest"
+    assert list((repository(sandbox) / "archive" / "local").glob(f"*/*/{segment}-*")), "archived into the folder"
+    config = sandbox.home / "opsbook-pitr-local" / "pgbackrest.conf"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600 and f"repo1-path={repository(sandbox)}" in config.read_text()
+    if os.geteuid() == 0:
+        assert config.owner() == "postgres" and repository(sandbox).owner() == "postgres", "the server's user's"
+    assert ok(workspace.run("pitr.setup", "--env", "local", "--json")).json()["status"] == "nothing to do"
+
+    backup_id = ok(workspace.run("pitr.base", "--env", "local", "--json")).json()["base"]["backup_id"]
+    with app_conn(sandbox) as conn:
+        conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('pitr-kept', 'kept', now())""")
+        moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # after the insert's commit, before the delete
+        conn.execute("""DELETE FROM "Brand" WHERE slug = 'pitr-kept'""")
+    switch_and_wait(sandbox)  # the deletion archived
+    at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+    listed = ok(workspace.run("pitr.list", "--env", "local", "--json")).json()
+    assert listed["engine"] == "pgbackrest" and [item["backup_id"] for item in listed["backups"]] == [backup_id]
+    newest = listed["backups"][0]
+    assert newest["complete"] and newest["gap"] is None
+    assert parse_time(newest["earliest"]) <= moment.replace(microsecond=0) <= parse_time(newest["latest"]), newest
+    status = ok(workspace.run("pitr.status", "--env", "local", "--json")).json()
+    assert status["verdict"] == "ok" and status["last_base_backup"] == backup_id and status["failed_count"] == 0
+
+    assert brands(sandbox, "pitr-kept") == 0
+    restored = ok(workspace.run("restore", "--env", "local", "--to-time", at, "--json")).json()["restored"]
+    assert brands(sandbox, "pitr-kept") == 1, "the deleted row is back"
+    assert restored["base_backup"] == backup_id and restored["stopped_before"], "stopped before the deletion"
+    assert list((workspace.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
+    # every output and journal (the state dir also holds the sandbox itself, its credentials.json included)
+    journals = [path.read_text() for path in workspace.journals()]
+    assert_no_secret("\n".join([*workspace.transcript, *journals]), password)
+
+
+def readme_block(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert text.count(marker) == 1
+    found = re.search(r"```sh\n(.*?)\n```", text.split(marker, 1)[1], flags=re.DOTALL)
+    assert found, f"no ```sh block after {marker}"
+    return found.group(1) + "\n"
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_the_readme_break_glass_recovery_of_a_folder_repository_runs_with_pgbackrest_alone(made: UpResult,
+                                                                                          workspace: Opsbook):
+    sandbox = made.sandbox
+    with app_conn(sandbox) as conn:
+        if conn.execute("SHOW archive_mode").fetchone()[0] != "on" or not list(repository(sandbox).glob("backup/*/*F")):
+            ok(workspace.run("pitr.setup", "--env", "local"))  # this test alone
+            ok(workspace.run("pitr.base", "--env", "local"))
+        conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('glass', 'break glass', now())""")
+        moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        expected = conn.execute('SELECT count(*) FROM "Brand"').fetchone()[0]
+        conn.execute("""DELETE FROM "Brand" WHERE slug = 'glass'""")
+    switch_and_wait(sandbox)
+    recovery = Path(tempfile.mkdtemp(prefix="opsbook-break-glass-"))
+    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    bin_dir = find_server_bindir()
+    try:
+        script = recovery / "recover.sh"
+        script.write_text(readme_block("<!-- pitr-break-glass-folder:"))
+        if user:
+            shutil.chown(recovery, "postgres", "postgres")
+        environment = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(recovery), "LANG": "C.UTF-8",
+                       "REPO": str(repository(sandbox)), "STANZA": "local", "TARGET_TIME": moment.isoformat(sep=" "),
+                       "RECOVERY_DIR": str(recovery), "PORT": str(free_port()), "PGUSER": "postgres",
+                       "PGPASSWORD": json.loads((sandbox.home / "credentials.json").read_text())["password"],
+                       "DATABASE": "app"}
+        done = subprocess.run([*user, "env", "-i", *(f"{k}={v}" for k, v in environment.items()),
+                               "bash", "-euo", "pipefail", str(script)], capture_output=True, text=True, timeout=300,
+                              cwd=recovery)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "recovery stopping before commit" in done.stdout
+        with app_conn(sandbox) as conn:
+            conn.execute("DROP DATABASE IF EXISTS glass")
+            conn.execute("CREATE DATABASE glass")
+        target = sandbox.info().database_url.reveal().rsplit("/", 1)[0] + "/glass"
+        loaded = subprocess.run([str(bin_dir / "pg_restore"), "--no-owner", "-d", target,
+                                 str(recovery / "recovered.pgc")], capture_output=True, text=True, check=False)
+        assert loaded.returncode == 0, loaded.stderr
+        with psycopg.connect(target) as conn:
+            assert conn.execute('SELECT count(*) FROM "Brand"').fetchone()[0] == expected
+            assert conn.execute("""SELECT count(*) FROM "Brand" WHERE slug = 'glass'""").fetchone()[0] == 1
+    finally:
+        subprocess.run([*user, str(bin_dir / "pg_ctl"), "stop", "-D", str(recovery / "data"), "-m", "immediate"],
+                       capture_output=True, check=False)
+        shutil.rmtree(recovery, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Last in the module: the repository keeps its gap.
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_a_wal_file_removed_from_the_sandbox_repository_is_refused_naming_it(made: UpResult, workspace: Opsbook):
+    sandbox = made.sandbox
+    if not list(repository(sandbox).glob("backup/*/*F")):
+        ok(workspace.run("pitr.setup", "--env", "local"))  # this test alone
+        ok(workspace.run("pitr.base", "--env", "local"))
+    segments = [switch_and_wait(sandbox) for _ in range(3)]
+    with app_conn(sandbox) as conn:
+        moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        databases = conn.execute("SELECT datname FROM pg_database ORDER BY 1").fetchall()
+    lost = list((repository(sandbox) / "archive" / "local").glob(f"*/*/{segments[1]}-*"))
+    assert len(lost) == 1
+    lost[0].unlink()
+    at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    refused = workspace.run("restore", "--env", "local", "--to-time", at)
+    assert refused.exit_code == 3, str(refused)
+    assert f"WAL segment {segments[1]} is missing" in refused.stderr and "nothing was changed" in refused.stderr
+    with app_conn(sandbox) as conn:
+        assert conn.execute("SELECT datname FROM pg_database ORDER BY 1").fetchall() == databases, "not touched"
+    gap = ok(workspace.run("pitr.list", "--env", "local", "--json")).json()["backups"][0]["gap"]
+    assert gap["missing"] == segments[1] and gap["resumes"] == segments[2]

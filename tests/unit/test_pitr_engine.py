@@ -1,13 +1,17 @@
-"""The PITR engine's pure parts: command lines, segment arithmetic, WAL continuity, backup.info."""
+"""The PITR engines' pure parts: command lines, segment arithmetic, WAL continuity, backup.info; the engine
+contract, run against barman-cloud and pgBackRest alike."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from ops import pitr_catalog, pitr_engine
+from ops import pitr_barman, pitr_catalog, pitr_engine, pitr_pgbackrest
 from ops.errors import CheckFailed
+from ops.pg_url import parse_url
 from ops.secrets import Secret
 from ops.storage import ObjectInfo, StorageConfig
 
@@ -15,28 +19,28 @@ T0 = datetime(2026, 11, 23, 17, 0, tzinfo=UTC)
 SECRET = "unit-test-secret-value-123"
 
 
-def archive() -> pitr_engine.Archive:
+def archive() -> pitr_barman.Archive:
     config = StorageConfig(provider="s3", bucket="acme-backups", endpoint="http://127.0.0.1:9000", prefix="prod/",
                            access_key_id="AKIDEXAMPLE", secret_access_key=Secret(SECRET))
-    return pitr_engine.archive_for(config, "prod")
+    return pitr_barman.archive_for(config, "prod")
 
 
 def test_commands_name_the_bucket_prefix_and_server_and_never_the_key():
-    commands = [pitr_engine.wal_archive_command(archive()), pitr_engine.wal_restore_command(archive()),
-                pitr_engine.backup_command(archive(), host="db", port=5432, user="admin"),
-                pitr_engine.retention_command(archive(), 7), pitr_engine.restore_command(archive(), "latest", "/d")]
+    commands = [pitr_barman.wal_archive_command(archive()), pitr_barman.wal_restore_command(archive()),
+                pitr_barman.backup_command(archive(), host="db", port=5432, user="admin"),
+                pitr_barman.retention_command(archive(), 7), pitr_barman.restore_command(archive(), "latest", "/d")]
     assert commands[0] == ["barman-cloud-wal-archive", "--endpoint-url", "http://127.0.0.1:9000", "-z",
                            "s3://acme-backups/prod/pitr", "prod"]
     assert "RECOVERY WINDOW OF 7 DAYS" in commands[3]
     assert all(SECRET not in " ".join(command) for command in commands)
-    script = pitr_engine.wrapper_script(commands[0], "/etc/opsbook/prod.env", '"$1"')
+    script = pitr_barman.wrapper_script(commands[0], "/etc/opsbook/prod.env", '"$1"')
     assert SECRET not in script and ". /etc/opsbook/prod.env" in script and script.rstrip().endswith('prod "$1"')
-    assert f"AWS_SECRET_ACCESS_KEY={SECRET}" in pitr_engine.credentials_file(archive())
+    assert f"AWS_SECRET_ACCESS_KEY={SECRET}" in pitr_barman.credentials_file(archive())
 
 
 def test_a_folder_bucket_is_refused():
     with pytest.raises(CheckFailed, match="S3 or R2"):
-        pitr_engine.archive_for(StorageConfig(provider="local", bucket="b", path="/tmp"), "local")
+        pitr_barman.archive_for(StorageConfig(provider="local", bucket="b", path="/tmp"), "local")
 
 
 @pytest.mark.parametrize(("name", "following"), [
@@ -56,7 +60,7 @@ def listing(names: list[str]) -> list[ObjectInfo]:
 
 def test_continuity_names_the_first_missing_segment_and_where_it_resumes():
     names = [f"0000000100000000000000{n:02X}" for n in (1, 2, 3, 5, 6)]
-    segments = pitr_engine.wal_segments(listing(names), "pitr/prod/")
+    segments = pitr_barman.wal_segments(listing(names), "pitr/prod/")
     wal = pitr_engine.continuity(segments, names[0])
     assert (wal.last, wal.missing, wal.resumes) == (names[2], "000000010000000000000004", names[3])
     assert pitr_engine.continuity(segments, names[3]).missing is None
@@ -66,10 +70,10 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
     text = ("backup_id=20261123T170000\nstatus=DONE\nbegin_time=2026-11-23 17:00:00.5+00:00\n"
             "end_time=2026-11-23 17:00:30+00:00\nbegin_wal=000000010000000000000001\n"
             "end_wal=000000010000000000000002\ntimeline=1\nversion=150014\nxlog_segment_size=16777216\n")
-    backup = pitr_engine.parse_backup_info("20261123T170000", text)
+    backup = pitr_barman.parse_backup_info("20261123T170000", text)
     assert backup.complete and backup.major == 15 and backup.end_time == T0 + timedelta(seconds=30)
     names = [f"0000000100000000000000{n:02X}" for n in (1, 2, 3, 5)]
-    item = pitr_catalog.recoverable(backup, pitr_engine.wal_segments(listing(names), "pitr/prod/"))
+    item = pitr_catalog.recoverable(backup, pitr_barman.wal_segments(listing(names), "pitr/prod/"))
     assert item.earliest == backup.end_time and item.latest == T0 + timedelta(minutes=2)
     catalog = pitr_catalog.Catalog([item], {})
     assert pitr_catalog.choose(catalog, T0 + timedelta(minutes=1), "prod") is item
@@ -77,5 +81,124 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
         pitr_catalog.choose(catalog, T0 + timedelta(minutes=3, seconds=30), "prod")
     with pytest.raises(CheckFailed, match="before prod's earliest"):
         pitr_catalog.choose(catalog, T0, "prod")
-    started = pitr_engine.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
+    started = pitr_barman.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
     assert not started.complete and pitr_catalog.recoverable(started, {}).earliest is None
+
+
+# --- the engine contract: every engine's builders, against the same expectations -----------------------------------
+
+HOST = pitr_engine.ServerSide(data_dir=Path("/var/lib/postgresql/15/main"), os_user="postgres",
+                              config_dir=Path("/var/lib/postgresql/15/opsbook-pitr-prod"), window_days=9)
+TARGET = parse_url("postgresql://admin:db-password-xyz@db.internal:5433/shop")
+ARCHIVE_ID = "15-1"
+
+
+def barman_engine() -> pitr_engine.Engine:
+    return pitr_barman.BarmanCloud(StorageConfig(provider="s3", bucket="acme-backups", endpoint="http://127.0.0.1:9000",
+                                                 prefix="prod/", access_key_id="AKIDEXAMPLE",
+                                                 secret_access_key=Secret(SECRET)), "prod")
+
+
+def pgbackrest_engine() -> pitr_engine.Engine:
+    return pitr_pgbackrest.PgBackRest(StorageConfig(provider="local", bucket="acme-backups", path="/srv/backups",
+                                                    prefix="prod/"), "prod")
+
+
+def segment_key(engine: pitr_engine.Engine, name: str, partial: bool = False) -> str:
+    """Where each engine files an archived segment (its own layout), relative to the storage's prefix."""
+    if engine.name == "barman-cloud":
+        return f"{engine.root}wals/{name[:16]}/{name}.gz" + (".partial" if partial else "")
+    return f"{engine.root}{ARCHIVE_ID}/{name[:16]}/{name}{'.partial' if partial else ''}-{'ab' * 20}.zst"
+
+
+ENGINES = pytest.mark.parametrize("make", [barman_engine, pgbackrest_engine], ids=["barman-cloud", "pgbackrest"])
+
+
+@pytest.mark.parametrize(("provider", "engine"), [("s3", "barman-cloud"), ("r2", "barman-cloud"),
+                                                    ("local", "pgbackrest")])
+def test_the_engine_is_chosen_by_the_backup_storage(provider, engine):
+    assert pitr_engine.engine_name(StorageConfig(provider=provider, bucket="b", path="/srv")) == engine
+
+
+def test_a_storage_no_engine_writes_to_is_refused():
+    with pytest.raises(CheckFailed, match="cannot archive into gcs storage"):
+        pitr_engine.engine_name(StorageConfig(provider="gcs", bucket="b"))
+
+
+@ENGINES
+def test_server_commands_carry_the_wal_file_and_never_a_secret(make):
+    engine = make()
+    archive, recovery = engine.archive_command(HOST), engine.recovery_command(None, Path("/tmp/scratch/data"))
+    assert archive.endswith(" %p") and "%f" in recovery and "%p" in recovery
+    commands = [engine.backup_command(HOST, TARGET), engine.retention_command(HOST),
+                engine.restore_command("B1", Path("/tmp/scratch/data"), T0),
+                engine.restore_command("B1", Path("/d"), None),
+                engine.prepare_command(HOST, TARGET) or [], engine.check_command(HOST, TARGET) or []]
+    for text in [archive, recovery, *(" ".join(command) for command in commands)]:
+        assert SECRET not in text and "db-password-xyz" not in text, text
+    assert "9" in " ".join(engine.retention_command(HOST)), "the recovery window of pitr.window_days"
+    assert "B1" in " ".join(commands[2]) and "/tmp/scratch/data" in " ".join(commands[2])
+
+
+@ENGINES
+def test_files_live_outside_the_data_directory_and_only_0600_ones_hold_a_secret(make):
+    engine = make()
+    files = engine.files(HOST)
+    assert files and all(path.parent == HOST.config_dir for path in files)
+    assert any(mode == 0o600 for _text, mode in files.values())
+    for path, (text, mode) in files.items():
+        assert mode in (0o600, 0o700) and (SECRET not in text or mode == 0o600), path
+    assert all(HOST.data_dir not in path.parents for path in engine.directories(HOST))
+
+
+@ENGINES
+def test_segments_are_read_from_the_engines_layout_and_a_gap_is_named(make):
+    engine = make()
+    names = [f"0000000100000000000000{n:02X}" for n in (1, 2, 3, 5, 6)]
+    listing_ = [ObjectInfo(segment_key(engine, name), 10, None, T0 + timedelta(minutes=index))
+                for index, name in enumerate(names)]
+    others = [f"{engine.root}{ARCHIVE_ID}/00000002.history", segment_key(engine, "000000010000000000000007", True),
+              f"{engine.root}{ARCHIVE_ID}/0000000100000000/000000010000000000000002.00000028.backup"]
+    segments = engine.wal_segments([*listing_, *(ObjectInfo(key, 1, None, T0) for key in others)])
+    assert segments == {name: T0 + timedelta(minutes=index) for index, name in enumerate(names)}
+    wal = pitr_engine.continuity(segments, names[0])
+    assert (wal.last, wal.missing, wal.resumes) == (names[2], "000000010000000000000004", names[3])
+    assert all(key.startswith(engine.root) for key in (segment_key(engine, names[0]),))
+    assert engine.wal_root.startswith(engine.root) or engine.root.startswith(engine.wal_root)
+
+
+def test_pgbackrest_writes_its_repository_into_the_folder_bucket_and_reads_info_json():
+    engine = pgbackrest_engine()
+    assert engine.location == "/srv/backups/acme-backups/prod/pitr"
+    text = pitr_pgbackrest.config_text(engine.repository, HOST, "zst")
+    for line in ("repo1-type=posix", "repo1-path=/srv/backups/acme-backups/prod/pitr", "compress-type=zst",
+                 "repo1-retention-full-type=time", "repo1-retention-full=9", "[prod]",
+                 "pg1-path=/var/lib/postgresql/15/main", f"lock-path={HOST.config_dir / 'lock'}", "log-level-file=off"):
+        assert line in text.splitlines(), line
+    assert engine.archive_command(HOST) == (f"pgbackrest --config={HOST.config_dir / 'pgbackrest.conf'} --stanza=prod "
+                                            "archive-push %p")
+    assert engine.restore_command("B1", Path("/d"), T0)[-3:] == ["--type=time", "--target=2026-11-23 17:00:00+00:00",
+                                                                  "--target-action=promote"]
+    info = [{"name": "prod", "db": [{"id": 1, "version": "15"}], "backup": [
+        {"label": "20261123-170500F", "archive": {"start": "000000010000000000000009",
+                                                  "stop": "00000001000000000000000A"},
+         "database": {"id": 1}, "timestamp": {"start": int(T0.timestamp()) + 300, "stop": int(T0.timestamp()) + 310}},
+        {"label": "20261123-170000F", "archive": {"start": "000000010000000000000003",
+                                                  "stop": "000000010000000000000004"},
+         "database": {"id": 1}, "timestamp": {"start": int(T0.timestamp()), "stop": int(T0.timestamp()) + 8}}]}]
+    backups = pitr_pgbackrest.parse_info(json.dumps(info))
+    assert [backup.backup_id for backup in backups] == ["20261123-170000F", "20261123-170500F"]
+    first = backups[0]
+    assert first.complete and first.major == 15 and first.begin_wal == "000000010000000000000003"
+    assert first.end_time == T0 + timedelta(seconds=9), "whole seconds, rounded up past the consistent point"
+    assert pitr_pgbackrest.parse_info('[{"name": "prod", "status": {"code": 1}}]') == []
+
+
+@pytest.mark.parametrize(("make", "package"), [(barman_engine, "apt-get install barman-cli-cloud"),
+                                               (pgbackrest_engine, "apt-get install pgbackrest")],
+                         ids=["barman-cloud", "pgbackrest"])
+def test_a_missing_engine_is_one_refusal_naming_its_package(make, package, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    with pytest.raises(CheckFailed) as refused:
+        make().check_installed()
+    assert "is not installed here" in refused.value.message and package in refused.value.hint
