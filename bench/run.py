@@ -74,6 +74,7 @@ class Bench:
         self.aws = servers.find_aws(log)
         self.bin_dir = Path(server.bin_dir)
         self.tasks_root = Path(arguments.tasks_root).resolve()
+        servers.compile_tree(self.tasks_root)
         self.environ = self._environment()
         self.available = self._available_tasks()
 

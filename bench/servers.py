@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -44,6 +46,17 @@ CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, customer_id int NOT
                                    amount_cents int NOT NULL, created_at timestamptz NOT NULL);
 CREATE INDEX IF NOT EXISTS orders_customer ON orders (customer_id);
 """
+
+
+def compile_tree(root: Path) -> None:
+    """Byte-compile the measured checkout first, as pip does on install: with PYTHONDONTWRITEBYTECODE set
+    (as here and on CI machines) every `inv` would otherwise compile each opsbook module it imports from
+    source, about 0.5 s of CPU for a restore, which imports 151 of them."""
+    for package in ("ops", "runbooks"):
+        if (root / package).is_dir():
+            compileall.compile_dir(root / package, quiet=1, rx=re.compile(r"/demo/prisma/"))
+    if (root / "tasks.py").exists():
+        compileall.compile_file(root / "tasks.py", quiet=1)
 
 
 def free_port() -> int:
