@@ -56,9 +56,9 @@ class Plan:
 
     def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
                  keep_old: bool, identity: str | None, jobs: int = 1, copy: str | None = None,
-                 chosen: str | None = None):
+                 part_name: str | None = None):
         self.target, self.source, self.backup, self.database = target, source, backup, database
-        self.chosen = chosen  # --database: which database of a backup of several (a usage error if it holds none)
+        self.part_name = part_name  # --database: which database of a backup of several (a usage error if it holds none)
         self.keep_old, self.identity, self.jobs, self.copy, self.stamp = keep_old, identity, jobs, copy, stamp
         self._copy_storage: Storage | None = None
         self.owners = False  # keep the dump's owners and grants (its roles were restored first: --with-globals)
@@ -87,7 +87,7 @@ class Plan:
         backup bucket's error names the copies to restore from instead."""
         if self._manifest is None:
             whole = self.whole(ctx)
-            self._manifest = whole if not whole.databases else whole.part(self.chosen)
+            self._manifest = whole if not whole.databases else whole.part(self.part_name)
         return self._manifest
 
     def whole(self, ctx: RunContext | None) -> Manifest:
@@ -97,9 +97,9 @@ class Plan:
         except UNREACHABLE as error:
             raise (error if self.copy is not None else use_a_copy(self.source, error)) from None
 
-    def for_part(self, part: Manifest) -> Plan:
-        """The plan of one database of a backup of several: restored into the database of its name."""
-        plan = Plan(self.target, self.source, part.id, part.database.name, self.stamp, self.keep_old, self.identity,
+    def for_part(self, part: Manifest, into: str) -> Plan:
+        """The plan of one database of a backup of several, restored into the target's database `into`."""
+        plan = Plan(self.target, self.source, part.id, into, self.stamp, self.keep_old, self.identity,
                     self.jobs, self.copy, part.database.name)
         plan._manifest, plan._copy_storage, plan.owners = part, self._copy_storage, self.owners
         return plan
@@ -113,7 +113,7 @@ class Plan:
         return identities_for(self.source, self.identity, [self._manifest], required=True)
 
     def archive(self, ctx: RunContext) -> Path:
-        name = ctx.run_id if self.chosen is None else f"{ctx.run_id}-{self.database}"
+        name = ctx.run_id if self.part_name is None else f"{ctx.run_id}-{self.database}"
         return ctx.env.inventory.state_dir / "restore" / f"{name}.pgc"
 
     def url(self, ctx: RunContext) -> Any:
@@ -386,8 +386,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     if plan.source.database_names() is not None:  # the backups may hold several databases: read which
         whole = plan.whole(None)
         if whole.databases:
-            parts = [whole.part(plan.chosen)] if plan.chosen else whole.parts()
-            plans = [plan.for_part(part) for part in parts]
+            parts = [whole.part(plan.part_name)] if plan.part_name else whole.parts()
+            into = target_databases(plan, whole)
+            plans = [plan.for_part(part, into[part.database.name]) for part in parts]
     several = plans[0] is not plan
     names = ", ".join(p.database for p in plans)
     title = f"Restore {env.name} ({names}) from a backup of {plan.source.name}"
@@ -398,6 +399,24 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     roles: list[Step] = [RolesStep(plans[0])] if arguments.get("with_globals") else []
     swaps: list[Step] = [SwapStep(each, several) for each in plans]  # only once every database passed its checks
     return Runbook("restore", title, [*roles, *loading, *swaps], arguments=arguments, locks=("environment",))
+
+
+def target_databases(plan: Plan, whole: Manifest) -> dict[str, str]:
+    """Which database of the target each database of a backup of several replaces: its own name in its own
+    environment; in another, the one at the same place in the target's database.names (a list as long), or
+    with --database the target's database. UsageError otherwise: never a guess that might hit the source's."""
+    names = whole.database_names
+    if not plan.cross_environment:
+        return {name: name for name in names}
+    listed = plan.target.database_names()
+    if isinstance(listed, list) and len(listed) == len(names):
+        return dict(zip(names, listed, strict=True))
+    if plan.part_name is not None:
+        return {plan.part_name: plan.target.database_name()}
+    raise UsageError(f"backup {whole.id} of {plan.source.name} holds {len(names)} databases ({', '.join(names)}): "
+                     f"{plan.target.name}'s database.names must list as many, in the same order, to restore into",
+                     hint=f"list them in {plan.target.name}'s database.names, or restore one with --database NAME "
+                          f"(into {plan.target.name}'s database)")
 
 
 def restore_jobs(requested: int | str | None) -> int:

@@ -421,8 +421,8 @@ def test_a_backup_of_two_databases_restores_both_or_neither_and_one_on_request(o
     write_inventory(opsbook, s3_server, {"staging": {
         "database": {"url": "${env:DB_URL_STAGING}", "names": [app, other]},
         "backups": backups_section(s3_server.endpoint, bucket, "staging/",
-                                   copies=[{"name": "nearby", "bucket": nearby, "prefix": "near/"}])}},
-        {"staging": app_url})
+                                   copies=[{"name": "nearby", "bucket": nearby, "prefix": "near/"}])},
+        "prod": {"protected": True}}, {"staging": app_url, "prod": envs["target"][1]})
     client = s3_server.client()
 
     def stored(where: str, prefix: str) -> list[str]:
@@ -444,11 +444,11 @@ def test_a_backup_of_two_databases_restores_both_or_neither_and_one_on_request(o
     assert [d["row_counts"] for d in manifest["databases"]] == [row_counts(app_url), row_counts(other_url)]
     assert stored(bucket, "staging/backups/") == sorted([f"staging/{key}" for key in keys] + [
         f"staging/{folder}globals.sql.zst", f"staging/{folder}manifest.json"])
-    assert stored(nearby, f"near/{folder}databases/") == [f"near/{key}" for key in keys]  # the copy has both
+    assert stored(nearby, f"near/{folder}databases/") == sorted(f"near/{key}" for key in keys)  # both copied
     listed = opsbook.run("backup.list", "--env", "staging", "--json")
     assert [d["name"] for d in listed.json()["backups"][0]["databases"]] == [app, other], listed
-    deep = opsbook.run("backup.verify", "--env", "staging", "--deep")  # the bucket's dumps, then the copy's
-    assert deep.exit_code == 0 and deep.stderr.count("restored into a scratch database") == 4, deep
+    deep = opsbook.run("backup.verify", "--env", "staging", "--deep", "--copy", "nearby")  # each dump there
+    assert deep.exit_code == 0 and deep.stderr.count("restored into a scratch database") == 2, deep
 
     def break_both() -> None:
         for url in (app_url, other_url):
@@ -477,6 +477,9 @@ def test_a_backup_of_two_databases_restores_both_or_neither_and_one_on_request(o
     assert intact(app_url) and intact(other_url)
 
     break_both()
+    across = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    assert across.exit_code == 2 and "prod's database.names must list as many" in across.stderr, across
+    assert marker(envs["target"][1]) == [("before the restore",)]
     unknown = opsbook.run("restore", "--env", "staging", "--database", "nope")
     assert unknown.exit_code == 2 and f"it holds {app}, {other}" in unknown.stderr, unknown
     one = opsbook.run("restore", "--env", "staging", "--database", other)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ops import backup_databases, restore_db
+from ops import backup_databases, restore_db, retention
 from ops import backup_manifest as bm
 from ops.backup_steps import render_metrics
 from ops.errors import CheckFailed, UsageError
@@ -156,3 +156,19 @@ def test_a_manifest_of_several_databases_and_an_old_one_of_one():
 def test_every_database_leaves_out_opsbook_s_side_databases():
     names = ["analytics", "app__restore_20261123020000", "postgres", "app", "app__verify_20261123020000", "zeta"]
     assert backup_databases.ordered(names, "app") == ["app", "analytics", "postgres", "zeta"]
+
+
+def test_retention_removes_every_dump_of_a_backup_of_several_databases(tmp_path: Path):
+    storage = open_storage(StorageConfig(provider="local", bucket="b", path=str(tmp_path), prefix="prod/"))
+    storage.create_bucket()
+    backup_id = "20261123T020000Z-7f3a"
+    keys = [bm.dump_key(backup_id, False, name) for name in ("app", "analytics")]
+    for key in keys:
+        storage.put_bytes(key, b"dump")
+    parts = [bm.DatabaseDump(name, f"u@db/{name}", "s", bm.StoredObject(key, 4, "a" * 64, 4))
+             for name, key in zip(("app", "analytics"), keys, strict=True)]
+    bm.write_manifest(storage, manifest(backup_id, object=parts[0].object, databases=parts))
+    [listed], [] = bm.list_backups(storage)
+    assert listed.database_names == ["app", "analytics"] and listed.size == 8
+    assert retention.delete_backup(storage, backup_id) == 3
+    assert [info.key for info in storage.list(bm.backup_prefix(backup_id))] == []
