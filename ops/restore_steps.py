@@ -12,10 +12,10 @@ dropped too (--no-acl): the source's grantees rarely exist on the target.
 An interruption before the swap leaves the target untouched; the scratch database is
 dropped on the way out, or by the next restore if the process was killed.
 
-A backup of several databases (`database.names`) restores each into the database of its name on the
-target's server: every one is loaded into its own scratch database and checked first, and the swaps
-come only after all of them passed (a failure drops every scratch database; no live one is touched).
-`--database NAME` restores one of them.
+A backup of several databases (`database.names`) restores each into the database of its name (into
+another environment: see target_databases): every one is loaded into its own scratch database and
+checked first, and the swaps come only after all of them passed (a failure drops every scratch
+database; no live one is touched). `--database NAME` restores one of them.
 
 Two ways to fill the scratch database (`--jobs`):
 - streamed (jobs 1, the default on machines with up to 2 CPUs): the download is decoded
