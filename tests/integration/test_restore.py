@@ -455,11 +455,16 @@ def test_a_backup_of_two_databases_restores_both_or_neither_and_one_on_request(o
             with psycopg.connect(url.reveal(), autocommit=True) as connection:
                 connection.execute('DELETE FROM "Image"; DROP TABLE "User" CASCADE')
 
+    counts_before = row_counts(app_url)
     samples = {url: [rows(url, query) for query in SAMPLES.values()] for url in (app_url, other_url)}
 
     def intact(url: Secret) -> bool:
         counts = manifest["databases"][0 if url is app_url else 1]["row_counts"]
         return row_counts(url) == counts and [rows(url, query) for query in SAMPLES.values()] == samples[url]
+
+    planned = opsbook.run("restore", "--env", "staging", "--dry-run")  # one load and one swap per database
+    assert planned.exit_code == 0 and all(f"would make {name}__restore_" in planned.stderr for name in (app, other))
+    assert databases_like(postgres_server, f"{app}\\_\\_%") == [] and row_counts(app_url) == counts_before
 
     break_both()
     good = client.get_object(Bucket=bucket, Key=f"staging/{keys[1]}")["Body"].read()
