@@ -105,27 +105,34 @@ def holds(copy: Storage, manifest: Manifest) -> bool:
 
 def copy_backup(primary: Storage, copy: Storage, name: str, backup_id: str,
                 progress: Callable[..., Callable[[int], None]]) -> Copied | None:
-    """Put one backup on one copy: dump, then manifest. None when the copy already holds it.
+    """Put one backup on one copy: its dumps (one per database), then manifest. None when the copy holds it.
 
     `progress(verb, total_bytes=…)` starts the transfer's reporter (RunContext.progress: a bar or lines)."""
     manifest_bytes = primary.get_bytes(manifest_key(backup_id))
     manifest = Manifest.from_json(manifest_bytes, backup_id=backup_id)
     if holds(copy, manifest):
         return None
-    info = primary.head(manifest.object.key)
-    if info is None or info.size != manifest.size:
-        raise StepFailed(f"{primary.describe()}: the dump of backup {backup_id} is missing or has the wrong size",
-                         hint=f"verify it (`inv backup.verify --id {backup_id}`); it cannot be copied as it is")
+    infos = []
+    for part in manifest.parts():
+        info = primary.head(part.object.key)
+        if info is None or info.size != part.size:
+            raise StepFailed(f"{primary.describe()}: the dump {part.object.key} of backup {backup_id} is missing or "
+                             "has the wrong size",
+                             hint=f"verify it (`inv backup.verify --id {backup_id}`); it cannot be copied as it is")
+        infos.append((part, info))
     started = time.monotonic()
-    how = how_copied(primary, copy, info.size)
+    how = how_copied(primary, copy, infos[0][1].size)
     try:
-        _copy_dump(primary, copy, info, manifest, how, progress(f"{backup_id} → {name}: copied", total_bytes=info.size))
+        for part, info in infos:
+            what = "" if part is manifest else f" {part.database.name}"
+            _copy_dump(primary, copy, info, part, how_copied(primary, copy, info.size),
+                       progress(f"{backup_id}{what} → {name}: copied", total_bytes=info.size))
         _copy_globals(primary, copy, manifest)
         copy.put_bytes(manifest_key(backup_id), manifest_bytes, content_type="application/json")
     except BaseException:
         _remove_partial(copy, manifest)
         raise
-    return Copied(backup_id, name, how, info.size, round(time.monotonic() - started, 3))
+    return Copied(backup_id, name, how, manifest.size, round(time.monotonic() - started, 3))
 
 
 def _copy_dump(primary: Storage, copy: Storage, info: ObjectInfo, manifest: Manifest, how: str,
@@ -168,7 +175,8 @@ def _remove_partial(copy: Storage, manifest: Manifest) -> None:
     """After a failed or interrupted copy: no dump (or globals) without its manifest is left behind."""
     with suppress(Exception):
         if copy.head(manifest_key(manifest.id)) is None:
-            copy.delete(manifest.object.key)
+            for part in manifest.parts():
+                copy.delete(part.object.key)
             if manifest.globals:
                 copy.delete(manifest.globals["key"])
 

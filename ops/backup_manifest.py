@@ -7,20 +7,29 @@ Under the environment's backup bucket and prefix:
     backups/<id>/verification.json    appended by backup.verify; the manifest stays immutable
     backups/<id>/globals.sql.zst[.age] the cluster's roles (pg_dumpall --globals-only), in `globals`
 
+With several databases (`database.names`), each database's dump has a folder of its own and the one
+manifest lists them all in `databases` (its top-level dump fields describe the first of them):
+
+    backups/<id>/databases/<name>/dump.pgc.zst[.age]   <name> percent-encoded (quote(name, safe=""))
+
+A manifest without `databases` is one database, stored as above: backups taken before keep loading.
+
 A manifest is the only proof that a backup exists. Loading one validates it and
 names the backup when it is malformed, so no module ever works on half a manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from ops.clock import parse_time
-from ops.errors import CheckFailed
+from ops.errors import CheckFailed, UsageError
 
 if TYPE_CHECKING:
     from ops.storage import ObjectLock, Storage
@@ -30,6 +39,7 @@ BACKUPS_DIR = "backups/"
 MANIFEST_NAME = "manifest.json"
 VERIFICATION_NAME = "verification.json"
 DUMP_NAME = "dump.pgc.zst"
+DATABASES_DIR = "databases/"
 ENCRYPTED_SUFFIX = ".age"
 MANIFEST_READERS = 8  # manifests are small: fetch several at once when listing many backups
 
@@ -46,8 +56,10 @@ def verification_key(backup_id: str) -> str:
     return backup_prefix(backup_id) + VERIFICATION_NAME
 
 
-def dump_key(backup_id: str, encrypted: bool) -> str:
-    return backup_prefix(backup_id) + DUMP_NAME + (ENCRYPTED_SUFFIX if encrypted else "")
+def dump_key(backup_id: str, encrypted: bool, database: str | None = None) -> str:
+    """The dump's key: one database's at the backup's top; with `database` (several), in its own folder."""
+    folder = "" if database is None else f"{DATABASES_DIR}{quote(database, safe='')}/"
+    return backup_prefix(backup_id) + folder + DUMP_NAME + (ENCRYPTED_SUFFIX if encrypted else "")
 
 
 # --- the manifest ------------------------------------------------------------------------------
@@ -84,6 +96,20 @@ class StoredObject:
 
 
 @dataclass
+class DatabaseDump:
+    """One database of a backup of several: its dump and what was read in that dump's own snapshot."""
+
+    name: str
+    target: str
+    snapshot: str
+    object: StoredObject
+    row_counts: dict[str, int] = field(default_factory=dict)
+    migrations: list[str] = field(default_factory=list)
+    extensions: list[dict[str, str]] = field(default_factory=list)
+    excluded_table_data: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Manifest:
     """Everything known about one backup, stored beside its dump."""
 
@@ -109,6 +135,8 @@ class Manifest:
     lock: dict[str, str] | None = None
     # the cluster's globals beside the dump: {key, size, sha256, dump_size, role_passwords}; None in older backups
     globals: dict[str, Any] | None = None
+    # several databases (database.names): each one's dump, the first one's also in the fields above; None: one
+    databases: list[DatabaseDump] | None = None
     format: int = FORMAT
 
     @property
@@ -129,7 +157,38 @@ class Manifest:
 
     @property
     def size(self) -> int:
-        return self.object.size
+        """Bytes stored by every dump of the backup."""
+        return sum(part.object.size for part in self.databases) if self.databases else self.object.size
+
+    @property
+    def database_names(self) -> list[str]:
+        return [part.name for part in self.databases] if self.databases else [self.database.name]
+
+    def parts(self) -> list[Manifest]:
+        """One manifest per database, each as a backup of that database alone: what verify, restore and the
+        copies work on, dump by dump. A backup of one database is its own only part."""
+        if not self.databases:
+            return [self]
+        return [dataclasses.replace(
+            self, database=dataclasses.replace(self.database, name=part.name, target=part.target),
+            snapshot=part.snapshot, object=part.object, row_counts=dict(part.row_counts),
+            migrations=list(part.migrations), extensions=list(part.extensions),
+            excluded_table_data=list(part.excluded_table_data), databases=None) for part in self.databases]
+
+    def part(self, database: str | None) -> Manifest:
+        """The part of one database; None picks the only one. UsageError naming those the backup holds."""
+        parts = self.parts()
+        if database is None and len(parts) == 1:
+            return parts[0]
+        held = ", ".join(self.database_names)
+        if database is None:
+            raise UsageError(f"backup {self.id} holds several databases ({held})",
+                             hint="pick one with --database NAME")
+        for part in parts:
+            if part.database.name == database:
+                return part
+        raise UsageError(f"backup {self.id} holds no database {database!r}: it holds {held}",
+                         hint="pass one of those to --database, or leave it out to restore them all")
 
     @property
     def expected_row_counts(self) -> dict[str, int]:
@@ -147,6 +206,8 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["databases"] is None:
+            del data["databases"]  # a backup of one database is written as it always was
         return {"format": data.pop("format"), **data}
 
     def dumps(self) -> bytes:
@@ -173,6 +234,10 @@ class Manifest:
         values["database"] = DatabaseInfo(**_known(DatabaseInfo, data["database"]))
         values["pg_dump"] = ToolInfo(**_known(ToolInfo, data["pg_dump"]))
         values["object"] = StoredObject(**_known(StoredObject, data["object"]))
+        if data.get("databases") is not None:
+            values["databases"] = [DatabaseDump(**{**_known(DatabaseDump, part),
+                                                   "object": StoredObject(**_known(StoredObject, part["object"]))})
+                                   for part in data["databases"]]
         return cls(**_known(cls, values))
 
 
@@ -224,12 +289,36 @@ def validate(data: dict[str, Any]) -> list[str]:
     if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("key"), str)
                                   and isinstance(extra.get("size"), int) and isinstance(extra.get("sha256"), str)):
         problems.append("globals: must be null or {key, size, sha256, dump_size, role_passwords}")
+    problems += _check_databases(data.get("databases"))
     counts = data.get("row_counts")
     if isinstance(counts, dict) and not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
         problems.append("row_counts: every value must be an integer")
     for key in ("started_at", "finished_at"):
         if isinstance(data.get(key), str) and not _is_time(data[key]):
             problems.append(f"{key}: not an ISO-8601 time")
+    return problems
+
+
+_DATABASE_PART: dict[str, type | tuple[type, ...]] = {
+    "name": str, "target": str, "snapshot": str, "object": dict, "row_counts": dict}
+
+
+def _check_databases(parts: Any) -> list[str]:
+    """`databases`: null (one database) or a non-empty list of dumps with distinct names."""
+    if parts is None:
+        return []
+    if not isinstance(parts, list) or not parts or not all(isinstance(part, dict) for part in parts):
+        return ["databases: must be null or a non-empty list of {name, target, snapshot, object, row_counts}"]
+    problems = []
+    for index, part in enumerate(parts):
+        problems += _check_fields(part, _DATABASE_PART, f"databases.{index}.")
+        if isinstance(part.get("object"), dict):
+            problems += _check_fields(part["object"], _NESTED["object"], f"databases.{index}.object.")
+            if isinstance(part["object"].get("sha256"), str) and not _is_sha256(part["object"]["sha256"]):
+                problems.append(f"databases.{index}.object.sha256: not 64 lowercase hex digits")
+    names = [part.get("name") for part in parts]
+    if len(set(map(str, names))) != len(names):
+        problems.append("databases: a database is listed twice")
     return problems
 
 

@@ -5,6 +5,10 @@ counts read in the dump's own snapshot) → the cluster's globals beside it (ops
 → manifest, written last → each of backups.copies (ops/backup_copies.py) → metrics → retention.
 Only a backup with a manifest exists; a failed run leaves none. migrate's pre-migration backup and
 decommission's final backup are these same steps.
+
+With `database.names` (ops/backup_databases.py) there is one dump step per database, run one after
+another, each streamed (and bounded in memory) as one database's is, each in its own snapshot; the one
+manifest, still written last, lists them all. The globals are the cluster's, stored once.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from ops import backup_lock, cluster_globals, dump, metrics, migrations, pg, pg_tools, pg_url, processes
 from ops.backup_copies import CopiesStep, copy_names
+from ops.backup_databases import backup_databases
 from ops.backup_manifest import (
+    DatabaseDump,
     DatabaseInfo,
     Manifest,
     StoredObject,
@@ -30,7 +36,7 @@ from ops.backup_manifest import (
 )
 from ops.clock import iso_z, parse_time, utc_now
 from ops.engine import Change, Runbook, RunContext, Step
-from ops.errors import StepFailed
+from ops.errors import CheckFailed, StepFailed
 from ops.inventory import plain
 from ops.journal import new_run_id
 from ops.metrics import gauges, write_textfile
@@ -55,7 +61,8 @@ def settings(env: Environment) -> dict[str, Any]:
 
 
 def excluded_tables(env: Environment) -> list[str]:
-    """backups.exclude_table_data as "schema.table": a bare name is a table of the app's (Prisma) schema."""
+    """backups.exclude_table_data as "schema.table": a bare name is a table of the app's (Prisma) schema
+    (the same in each database of a backup of several: they share the URL's ?schema=)."""
     schema = migrations.prisma_schema(env.database_url(direct=True))
     return sorted(name if "." in name else f"{schema}.{name}" for name in settings(env)["exclude_table_data"])
 
@@ -63,13 +70,22 @@ def excluded_tables(env: Environment) -> list[str]:
 # --- steps ------------------------------------------------------------------------------------
 
 
-class DumpStep(Step):
-    name = "dump"
+DUMP = "dump"  # the step of a backup of one database; with several, "dump-<name>" each
 
-    def __init__(self, backup_id: str):
-        self.backup_id = backup_id
-        self.title = f"dump the database and stream it to backups/{backup_id}/"
-        self.key = dump_key(backup_id, encrypted=False)
+
+class DumpStep(Step):
+    """pg_dump of one database, streamed to storage; `database` (a backup of several): that one, in its folder."""
+
+    def __init__(self, backup_id: str, database: str | None = None):
+        self.backup_id, self.database = backup_id, database
+        self.name = DUMP if database is None else f"{DUMP}-{database}"
+        what = "the database" if database is None else f"database {database}"
+        self.title = f"dump {what} and stream it to {dump_key(backup_id, False, database).rsplit('/', 1)[0]}/"
+        self.key = dump_key(backup_id, encrypted=False, database=database)
+
+    def _url(self, ctx: RunContext) -> Any:
+        url = ctx.env.database_url(direct=True)
+        return url if self.database is None else pg_url.with_database(url, self.database)
 
     def check(self, ctx: RunContext) -> Change | None:
         options = settings(ctx.env)
@@ -82,24 +98,30 @@ class DumpStep(Step):
         if not storage.bucket_exists():
             raise BucketNotFound(f"the backup bucket does not exist: {storage.describe()}",
                                  hint=f"create it (`inv provision --env {ctx.env.name}`) or fix backups.bucket")
-        size = connection.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        name = self.database or connection.info.dbname
+        row = connection.execute("SELECT pg_database_size(datname) FROM pg_database WHERE datname = %s",
+                                 (name,)).fetchone()
+        if row is None:
+            raise CheckFailed(f"database.names: there is no database {name} on "
+                              f"{pg_url.parse_url(ctx.env.database_url(direct=True)).describe()}",
+                              hint="create it, or take it out of database.names")
+        size = row[0]
         key = self._key(ctx)
-        target = pg_url.parse_url(ctx.env.database_url(direct=True)).describe()
+        target = pg_url.parse_url(self._url(ctx)).describe()
         encryption = f"age to {len(recipients)} recipient(s)" if recipients else "not encrypted"
         excluded = excluded_tables(ctx.env)
         details = [f"from {target} (PostgreSQL {version}) with pg_dump {tool.version} ({tool.path})",
                    f"to {storage.describe()}", f"zstd level {options['level']}, {encryption}"]
         if excluded:
             details.append(f"without the rows of {', '.join(excluded)} (backups.exclude_table_data)")
-        return Change(f"dump {connection.info.dbname} (about {human_size(size)} on disk) to {key}", details,
-                      {"size": size})
+        return Change(f"dump {name} (about {human_size(size)} on disk) to {key}", details, {"size": size})
 
     def _key(self, ctx: RunContext) -> str:
-        return dump_key(self.backup_id, encrypted=bool(settings(ctx.env)["recipients"]))
+        return dump_key(self.backup_id, encrypted=bool(settings(ctx.env)["recipients"]), database=self.database)
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         options = settings(ctx.env)
-        url = ctx.env.database_url(direct=True)
+        url = self._url(ctx)
         major, _minor = pg.server_version(ctx.database())
         tool = pg_tools.find_client_tool("pg_dump", major)
         key = self._key(ctx)
@@ -108,7 +130,8 @@ class DumpStep(Step):
         snapshot_connection = pg.connect(url, application_name=ctx.label[:63], autocommit=True)
         with snapshot_connection, pg.exported_snapshot(snapshot_connection) as snapshot:
             started = utc_now()
-            lock = backup_lock.object_lock(ctx.env, started)
+            # every object of a backup is held until the same moment: the one its manifest records
+            lock = backup_lock.object_lock(ctx.env, _first_started(ctx) or started)
             facts: dict[str, Any] = {}
             reader = threading.Thread(target=_read_facts, args=(snapshot_connection, url, facts), daemon=True)
             try:
@@ -131,16 +154,15 @@ class DumpStep(Step):
             storage.delete(key)
             raise facts["error"]
         finished = utc_now()
-        for name in excluded:
-            if name not in facts["row_counts"]:  # a typo or a dropped table: its rows would be kept if it came back
-                ctx.output.warn(f"backups.exclude_table_data: there is no table {name} in the database")
+        if self.database is None:  # with several databases, the manifest step warns of a name none of them has
+            _warn_unknown_exclusions(ctx, excluded, [facts["row_counts"]])
         ctx.log(f"stored {human_size(stored.size)} (dump {human_size(stored.dump_size)}) "
                 f"in {stored.seconds:.1f}s; sha256 {stored.sha256}")
         version = ctx.database().execute("SHOW server_version").fetchone()[0].split()[0]
         return {"backup_id": self.backup_id, "key": key, "size": stored.size, "sha256": stored.sha256,
                 "dump_size": stored.dump_size, "snapshot": snapshot, "started_at": iso_z(started),
                 "finished_at": iso_z(finished), "seconds": round((finished - started).total_seconds(), 3),
-                "database": ctx.database().info.dbname, "target": pg_url.parse_url(url).describe(),
+                "database": self.database or ctx.database().info.dbname, "target": pg_url.parse_url(url).describe(),
                 "server_version": version, "server_major": major, "pg_dump_version": tool.version,
                 "pg_dump_major": tool.major, "level": options["level"], "recipients": options["recipients"],
                 "excluded_table_data": excluded, "lock": backup_lock.manifest_record(ctx.env, started, finished),
@@ -159,6 +181,23 @@ class DumpStep(Step):
             return f"backup {self.backup_id} is complete in the backup bucket"
         storage.delete(self._key(ctx))
         return None
+
+
+def _warn_unknown_exclusions(ctx: RunContext, excluded: list[str], counts: list[dict[str, int]]) -> None:
+    for name in excluded:
+        if not any(name in found for found in counts):  # a typo or a dropped table: its rows would be kept
+            ctx.output.warn(f"backups.exclude_table_data: there is no table {name} in the database")
+
+
+def dumps(ctx: RunContext) -> list[dict[str, Any]]:
+    """The outputs of this run's dump steps, in order (one per database)."""
+    return [outputs for name, outputs in ctx.state.items()
+            if (name == DUMP or name.startswith(f"{DUMP}-")) and isinstance(outputs, dict) and "key" in outputs]
+
+
+def _first_started(ctx: RunContext) -> Any:
+    done = dumps(ctx)
+    return parse_time(done[0]["started_at"]) if done else None
 
 
 def _stop_reader(connection: Any, reader: threading.Thread, seconds: float = 10) -> None:
@@ -205,7 +244,7 @@ class GlobalsStep(Step):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         options = settings(ctx.env)
-        started = parse_time(ctx.state["dump"]["started_at"])  # held as long as the dump it belongs to
+        started = _first_started(ctx)  # held as long as the dumps it belongs to
         stored = cluster_globals.store_globals(ctx.env, ctx.database(), ctx.storage("backups"), self.backup_id,
                                                level=options["level"],
                                                recipients=dump.parse_recipients(options["recipients"]),
@@ -230,31 +269,39 @@ class GlobalsStep(Step):
 class ManifestStep(Step):
     name = "manifest"
 
-    def __init__(self, backup_id: str, tags: list[str], keep: bool):
-        self.backup_id, self.tags, self.keep = backup_id, tags, keep
+    def __init__(self, backup_id: str, tags: list[str], keep: bool, databases: list[str] | None = None):
+        self.backup_id, self.tags, self.keep, self.databases = backup_id, tags, keep, databases
         self.title = f"write backups/{backup_id}/manifest.json (last: only then does the backup exist)"
 
     def check(self, ctx: RunContext) -> Change | None:
-        if not ctx.pending("dump") and ctx.storage("backups").head(manifest_key(self.backup_id)) is not None:
+        steps = [DUMP] if self.databases is None else [f"{DUMP}-{name}" for name in self.databases]
+        if (not any(ctx.pending(step) for step in steps)
+                and ctx.storage("backups").head(manifest_key(self.backup_id)) is not None):
             return None
-        return Change(f"write {manifest_key(self.backup_id)}", [f"tags: {', '.join(self.tags) or 'none'}",
-                                                               f"keep: {'yes' if self.keep else 'no'}"])
+        details = [f"tags: {', '.join(self.tags) or 'none'}", f"keep: {'yes' if self.keep else 'no'}"]
+        if self.databases is not None:
+            details.append(f"databases: {', '.join(self.databases)}")
+        return Change(f"write {manifest_key(self.backup_id)}", details)
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        dumped = ctx.state["dump"]
-        manifest = build_manifest(ctx, dumped, self.tags, self.keep)
+        done = dumps(ctx)
+        if self.databases is not None:
+            _warn_unknown_exclusions(ctx, done[0]["excluded_table_data"], [d["row_counts"] for d in done])
+        manifest = build_manifest(ctx, done[0], self.tags, self.keep, done if self.databases is not None else None)
         # the dump's retention: the backup's objects are held until the same moment
-        write_manifest(ctx.storage("backups"), manifest,
-                       lock=backup_lock.object_lock(ctx.env, parse_time(dumped["started_at"])))
+        write_manifest(ctx.storage("backups"), manifest, lock=backup_lock.object_lock(ctx.env, _first_started(ctx)))
         return {"backup_id": manifest.id}
 
     def verify(self, ctx: RunContext) -> None:
         manifest = read_manifest(ctx.storage("backups"), self.backup_id)
-        if manifest.sha256 != (ctx.state.get("dump") or {}).get("sha256", manifest.sha256):
+        stored = [(part.object.key, part.sha256) for part in manifest.parts()]
+        if stored != [(done["key"], done["sha256"]) for done in dumps(ctx)]:
             raise StepFailed(f"backups/{self.backup_id}/manifest.json does not describe the stored dump")
 
 
-def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], keep: bool) -> Manifest:
+def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], keep: bool,
+                   several: list[dict[str, Any]] | None = None) -> Manifest:
+    """The manifest of the dump `dumped`; with `several` (one dump per database), listing them all."""
     encryption = {"algorithm": "age", "recipients": dumped["recipients"]} if dumped["recipients"] else None
     return Manifest(
         id=dumped["backup_id"], project=ctx.env.inventory.project, env=ctx.env.name, run_id=ctx.run_id,
@@ -265,7 +312,16 @@ def build_manifest(ctx: RunContext, dumped: dict[str, Any], tags: list[str], kee
                             {"algorithm": "zstd", "level": dumped["level"]}, encryption),
         row_counts=dumped["row_counts"], migrations=dumped["migrations"], extensions=dumped["extensions"],
         tags=list(tags), keep=keep, excluded_table_data=list(dumped.get("excluded_table_data") or []),
-        lock=dumped.get("lock"), globals=(ctx.state.get("globals") or {}).get("stored"))
+        lock=dumped.get("lock"), globals=(ctx.state.get("globals") or {}).get("stored"),
+        databases=None if several is None else [_database_dump(done, encryption) for done in several])
+
+
+def _database_dump(dumped: dict[str, Any], encryption: dict[str, Any] | None) -> DatabaseDump:
+    return DatabaseDump(dumped["database"], dumped["target"], dumped["snapshot"],
+                        StoredObject(dumped["key"], dumped["size"], dumped["sha256"], dumped["dump_size"],
+                                     {"algorithm": "zstd", "level": dumped["level"]}, encryption),
+                        dumped["row_counts"], dumped["migrations"], dumped["extensions"],
+                        list(dumped.get("excluded_table_data") or []))
 
 
 class MetricsStep(Step):
@@ -279,9 +335,11 @@ class MetricsStep(Step):
         return Change(f"update {self.path.name} (last success, duration, size)")
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        dumped = ctx.state["dump"]
-        values = {"opsbook_backup_last_success_timestamp_seconds": parse_time(dumped["finished_at"]).timestamp(),
-                  "opsbook_backup_duration_seconds": dumped["seconds"], "opsbook_backup_size_bytes": dumped["size"]}
+        done = dumps(ctx)
+        finished = parse_time(done[-1]["finished_at"])
+        values = {"opsbook_backup_last_success_timestamp_seconds": finished.timestamp(),
+                  "opsbook_backup_duration_seconds": round((finished - _first_started(ctx)).total_seconds(), 3),
+                  "opsbook_backup_size_bytes": sum(d["size"] for d in done)}
         write_metrics(self.path, ctx.env.name, values)
         return {"file": str(self.path)}
 
@@ -325,8 +383,10 @@ class PruneStep(Step):
 def build(env: Environment, **arguments: Any) -> Runbook:
     backup_id = arguments.setdefault("backup_id", new_run_id())
     tags = list(arguments.get("tags") or [])
-    steps: list[Step] = [DumpStep(backup_id), GlobalsStep(backup_id),
-                         ManifestStep(backup_id, tags, bool(arguments.get("keep")))]
+    databases = backup_databases(env)
+    dumping = [DumpStep(backup_id)] if databases is None else [DumpStep(backup_id, name) for name in databases]
+    steps: list[Step] = [*dumping, GlobalsStep(backup_id),
+                         ManifestStep(backup_id, tags, bool(arguments.get("keep")), databases)]
     days = backup_lock.lock_days(env)
     if days is not None:
         steps.insert(0, backup_lock.LockStep(days))

@@ -4,6 +4,7 @@ Verification re-reads the stored object (size, sha256; decrypted and decompresse
 when the age identity is at hand); --deep also restores it into a scratch database
 `<db>__verify_<stamp>`, compares row counts with the manifest and drops it. Each
 outcome is appended to the backup's verification.json (the manifest stays immutable).
+A backup of several databases is verified dump by dump (each into its own scratch database with --deep).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class VerifyStep(Step):
         identities_for(ctx.env, self.identity, manifests, required=self.deep)
         kind = "deep (restore + row counts)" if self.deep else "checksum"
         return Change(f"verify {len(manifests)} backup(s){'' if self.copy is None else ' on ' + self.copy}, {kind}",
-                      [f"{m.id}: {m.object.key}, {m.size} bytes" for m in manifests])
+                      [f"{m.id}: {part.object.key}, {part.size} bytes" for m in manifests for part in m.parts()])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         storage = backups_storage(ctx, self.copy)
@@ -149,17 +150,25 @@ class VerifyStep(Step):
 
 def verify_one(ctx: RunContext, manifest: Manifest, deep: bool, identities: list[Any] | None,
                storage: Storage | None = None) -> str:
+    """Every dump of the backup (one per database), then its globals; CheckFailed at the first damaged one."""
     storage = storage or ctx.storage("backups")
-    progress = ctx.progress(f"{manifest.id}: read", total_bytes=manifest.size)
+    parts = manifest.parts()
+    checked = [_verify_part(ctx, part, deep, identities, storage, len(parts) > 1) for part in parts]
+    return f"{'; '.join(checked)}; {cluster_globals.check_globals(storage, manifest, identities)}"
+
+
+def _verify_part(ctx: RunContext, part: Manifest, deep: bool, identities: list[Any] | None, storage: Storage,
+                 named: bool) -> str:
+    which = f" {part.database.name}" if named else ""
+    progress = ctx.progress(f"{part.id}{which}: read", total_bytes=part.size)
+    which = f"{part.database.name}: " if named else ""
     if not deep:
-        fetched = fetch.fetch_verified(storage, manifest, identities=identities, on_progress=progress)
+        fetched = fetch.fetch_verified(storage, part, identities=identities, on_progress=progress)
         decoded = "decrypted and decompressed" if fetched.decoded_size is not None else "not decrypted (no identity)"
-        return (f"size {fetched.size} and sha256 match the manifest; {decoded}; "
-                f"{cluster_globals.check_globals(storage, manifest, identities)}")
-    counts = restore_into_scratch(ctx, manifest, storage, identities, progress)
-    return (f"sha256 matches; restored into a scratch database: {len(counts)} tables, "
-            f"{sum(counts.values())} rows, as in the manifest; "
-            f"{cluster_globals.check_globals(storage, manifest, identities)}")
+        return f"{which}size {fetched.size} and sha256 match the manifest; {decoded}"
+    counts = restore_into_scratch(ctx, part, storage, identities, progress)
+    return (f"{which}sha256 matches; restored into a scratch database: {len(counts)} tables, "
+            f"{sum(counts.values())} rows, as in the manifest")
 
 
 def restore_into_scratch(ctx: RunContext, manifest: Manifest, storage: Storage, identities: list[Any] | None,
@@ -224,9 +233,11 @@ def show_backups(env: Environment, output: Output) -> None:
     now = utc_now()
     held = holdings(env, output.warn)
     output.info(f"backups of {env.name} in {storage.describe()}:")
-    output.table(["id", "time", "age", "size", "tags", "keep", "verified", *(["copies"] if held else [])], [
-        [m.id, m.started_at, age_of(m.started, now), human_size(m.size), ",".join(m.tags) or "-",
-         "keep" if m.keep else "-", verified_text(r), *([copies_text(m.id, held)] if held else [])]
+    output.table(["id", "time", "age", "size", "databases", "tags", "keep", "verified",
+                  *(["copies"] if held else [])], [
+        [m.id, m.started_at, age_of(m.started, now), human_size(m.size), ",".join(m.database_names),
+         ",".join(m.tags) or "-", "keep" if m.keep else "-", verified_text(r),
+         *([copies_text(m.id, held)] if held else [])]
         for m, r in zip(complete, records, strict=True)])
     if not complete:
         output.info("  (no complete backup)")
@@ -254,5 +265,8 @@ def _show_incomplete(output: Output, incomplete: list[IncompleteBackup], uploads
 def _backup_json(manifest: Manifest, records: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
     return {"id": manifest.id, "started_at": manifest.started_at, "finished_at": manifest.finished_at,
             "age_seconds": int((now - manifest.started).total_seconds()), "size": manifest.size,
-            "sha256": manifest.sha256, "tags": manifest.tags, "keep": manifest.keep, "encrypted": manifest.encrypted,
+            "sha256": manifest.sha256, "databases": [
+                {"name": part.database.name, "key": part.object.key, "size": part.size, "sha256": part.sha256}
+                for part in manifest.parts()],
+            "tags": manifest.tags, "keep": manifest.keep, "encrypted": manifest.encrypted,
             "verified": records[-1] if records else None, "verifications": len(records)}

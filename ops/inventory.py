@@ -182,6 +182,11 @@ class Environment:
         """The app's database: `database.name`, else the one its direct URL names."""
         return self.raw("database.name", None) or parse_url(self.database_url(direct=True)).dbname
 
+    def database_names(self) -> list[str] | str | None:
+        """`database.names`: the databases each backup holds (a list, or "all"); None: the app's database alone."""
+        names = self.raw("database.names", None)
+        return names if names == "all" or names is None else [str(name) for name in names]
+
     def admin_url(self) -> Secret:
         """A role that may create roles and databases: `database.admin_url`, else the direct URL as written."""
         if self.has("database.admin_url"):

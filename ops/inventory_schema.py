@@ -75,6 +75,9 @@ DATABASE = _object({"url": _STRING, "direct_url": _STRING, "admin_url": _STRING,
                     "branch": _STRING, "api_base": _STRING, "pooled": {"type": "boolean"},
                     # triage: the last lines of log_command, run over SSH on log_host (else on this machine)
                     "log_command": _STRING,
+                    # several databases per backup (ops/backup_databases.py): these, or every one the admin role reads
+                    "names": {"oneOf": [{"type": "array", "items": {"type": "string", "minLength": 1},
+                                         "minItems": 1, "uniqueItems": True}, {"const": "all"}]},
                     "log_host": _object({"name": _STRING, "address": _STRING, "user": _STRING, "port": _PORT,
                                          "key_file": _STRING}, required=["address"])})
 # A Neon environment may leave the URL to `inv provision`, which stores the new branch's (ops/neon_provision.py).

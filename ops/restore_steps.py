@@ -12,6 +12,11 @@ dropped too (--no-acl): the source's grantees rarely exist on the target.
 An interruption before the swap leaves the target untouched; the scratch database is
 dropped on the way out, or by the next restore if the process was killed.
 
+A backup of several databases (`database.names`) restores each into the database of its name (into
+another environment: see target_databases): every one is loaded into its own scratch database and
+checked first, and the swaps come only after all of them passed (a failure drops every scratch
+database; no live one is touched). `--database NAME` restores one of them.
+
 Two ways to fill the scratch database (`--jobs`):
 - streamed (jobs 1, the default on machines with up to 2 CPUs): the download is decoded
   straight into pg_restore, so downloading and restoring overlap; the checksum is
@@ -50,8 +55,10 @@ class Plan:
     """What the steps share: the source, the chosen backup, the target's names."""
 
     def __init__(self, target: Environment, source: Environment, backup: str, database: str, stamp: datetime,
-                 keep_old: bool, identity: str | None, jobs: int = 1, copy: str | None = None):
+                 keep_old: bool, identity: str | None, jobs: int = 1, copy: str | None = None,
+                 part_name: str | None = None):
         self.target, self.source, self.backup, self.database = target, source, backup, database
+        self.part_name = part_name  # --database: which database of a backup of several (a usage error if it holds none)
         self.keep_old, self.identity, self.jobs, self.copy, self.stamp = keep_old, identity, jobs, copy, stamp
         self._copy_storage: Storage | None = None
         self.owners = False  # keep the dump's owners and grants (its roles were restored first: --with-globals)
@@ -64,13 +71,13 @@ class Plan:
     def cross_environment(self) -> bool:
         return self.source.name != self.target.name
 
-    def storage(self, ctx: RunContext) -> Storage:
-        """The source's backup bucket, or with --copy that copy of it."""
+    def storage(self, ctx: RunContext | None) -> Storage:
+        """The source's backup bucket, or with --copy that copy of it (ctx None: while the runbook is built)."""
         if self.copy is not None:
             if self._copy_storage is None:
                 self._copy_storage = open_copy(self.source, self.copy)
             return self._copy_storage
-        if not self.cross_environment:
+        if not self.cross_environment and ctx is not None:
             return ctx.storage("backups")
 
         return open_storage(self.source.storage_config("backups"))
@@ -79,11 +86,23 @@ class Plan:
         """The chosen backup, resolved once per run ("latest" must not change between steps). An unreachable
         backup bucket's error names the copies to restore from instead."""
         if self._manifest is None:
-            try:
-                self._manifest = select(self.storage(ctx), self.backup)[0]
-            except UNREACHABLE as error:
-                raise (error if self.copy is not None else use_a_copy(self.source, error)) from None
+            whole = self.whole(ctx)
+            self._manifest = whole if not whole.databases else whole.part(self.part_name)
         return self._manifest
+
+    def whole(self, ctx: RunContext | None) -> Manifest:
+        """The chosen backup's manifest with every database it holds."""
+        try:
+            return select(self.storage(ctx), self.backup)[0]
+        except UNREACHABLE as error:
+            raise (error if self.copy is not None else use_a_copy(self.source, error)) from None
+
+    def for_part(self, part: Manifest, into: str) -> Plan:
+        """The plan of one database of a backup of several, restored into the target's database `into`."""
+        plan = Plan(self.target, self.source, part.id, into, self.stamp, self.keep_old, self.identity,
+                    self.jobs, self.copy, part.database.name)
+        plan._manifest, plan._copy_storage, plan.owners = part, self._copy_storage, self.owners
+        return plan
 
     def restored_what(self, ctx: RunContext) -> str:
         """What the target holds after the swap, for its log line."""
@@ -94,7 +113,8 @@ class Plan:
         return identities_for(self.source, self.identity, [self._manifest], required=True)
 
     def archive(self, ctx: RunContext) -> Path:
-        return ctx.env.inventory.state_dir / "restore" / f"{ctx.run_id}.pgc"
+        name = ctx.run_id if self.part_name is None else f"{ctx.run_id}-{self.database}"
+        return ctx.env.inventory.state_dir / "restore" / f"{name}.pgc"
 
     def url(self, ctx: RunContext) -> Any:
         return pg_url.with_database(ctx.env.database_url(direct=True), self.database)
@@ -149,13 +169,17 @@ class Plan:
                 f"(PostgreSQL {manifest.database.server_version}); restored with pg_restore {tool.version}"]
 
 
+def named(step: str, plan: Plan, several: bool) -> str:
+    """A step's name; with several databases, one step of each kind per database."""
+    return f"{step}-{plan.database}" if several else step
+
+
 class ScratchLoad(Step):
     """Loading into the run's scratch database, dropped again on any failure: the target keeps no trace."""
 
-    name = "load"
-
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, several: bool = False):
         self.plan = plan
+        self.name = named("load", plan, several)
 
     def into_scratch(self, ctx: RunContext, change: Change, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Create the scratch database, `load()` into it and check its row counts."""
@@ -180,9 +204,10 @@ class ScratchLoad(Step):
 class StreamStep(ScratchLoad):
     """Download, verify and restore in one pass (see the module's docstring)."""
 
-    def __init__(self, plan: Plan):
-        super().__init__(plan)
-        self.title = (f"download backup {plan.backup} of {plan.source.name}, restore it into a new database "
+    def __init__(self, plan: Plan, several: bool = False):
+        super().__init__(plan, several)
+        what = f"the {plan.database} dump of backup {plan.backup}" if several else f"backup {plan.backup}"
+        self.title = (f"download {what} of {plan.source.name}, restore it into a new database "
                       f"{plan.scratch} as it arrives, check its sha256 and row counts")
 
     def check(self, ctx: RunContext) -> Change | None:
@@ -213,11 +238,12 @@ class StreamStep(ScratchLoad):
 
 
 class FetchStep(Step):
-    name = "fetch"
-
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, several: bool = False):
         self.plan = plan
-        self.title = f"download backup {plan.backup} of {plan.source.name} and check its sha256 before anything else"
+        self.name = named("fetch", plan, several)
+        what = f"the {plan.database} dump of backup" if several else "backup"
+        self.title = (f"download {what} {plan.backup} of {plan.source.name} and check its sha256 before "
+                      "anything else")
 
     def check(self, ctx: RunContext) -> Change | None:
         manifest = self.plan.manifest(ctx)
@@ -252,8 +278,9 @@ def _remove_stale_archives(directory: Path, keep: Path) -> None:
 
 
 class LoadStep(ScratchLoad):
-    def __init__(self, plan: Plan):
-        super().__init__(plan)
+    def __init__(self, plan: Plan, several: bool = False):
+        super().__init__(plan, several)
+        self.fetched = named("fetch", plan, several)
         self.title = f"restore into a new database {plan.scratch} and compare row counts with the manifest"
 
     def check(self, ctx: RunContext) -> Change | None:
@@ -262,7 +289,7 @@ class LoadStep(ScratchLoad):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         plan = self.plan
-        archive = Path((ctx.state.get("fetch") or {}).get("archive") or plan.archive(ctx))
+        archive = Path((ctx.state.get(self.fetched) or {}).get("archive") or plan.archive(ctx))
 
         def load() -> dict[str, Any]:
             restore_db.restore_archive(plan.tool(ctx), plan.url(ctx), plan.scratch, str(archive), jobs=plan.jobs,
@@ -310,10 +337,9 @@ class RolesStep(Step):
 
 
 class SwapStep(Step):
-    name = "swap"
-
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, several: bool = False):
         self.plan = plan
+        self.name = named("swap", plan, several)
         ending = f"kept as {plan.old}" if plan.keep_old else "dropped"
         self.title = f"swap {plan.database} for the restored copy (its sessions are ended; the old one is {ending})"
 
@@ -349,19 +375,48 @@ def plan_for(env: Environment, arguments: dict[str, Any]) -> Plan:
     database = arguments.get("database") or env.database_name()
     return Plan(env, source, str(arguments.get("backup") or "latest"), database, utc_now(),
                 bool(arguments.get("keep_old")), arguments.get("identity"), restore_jobs(arguments.get("jobs")),
-                arguments.get("copy") or None)
+                arguments.get("copy") or None, arguments.get("database") or None)
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     plan = plan_for(env, arguments)
-    database, source, jobs = plan.database, plan.source, plan.jobs
-    title = f"Restore {env.name} ({database}) from a backup of {source.name}"
-    loading: list[Step] = [StreamStep(plan)] if jobs == 1 else [FetchStep(plan), LoadStep(plan)]
-    roles: list[Step] = []
     if arguments.get("with_globals"):
         plan.owners = True
-        roles = [RolesStep(plan)]
-    return Runbook("restore", title, [*roles, *loading, SwapStep(plan)], arguments=arguments, locks=("environment",))
+    plans = [plan]
+    if plan.source.database_names() is not None:  # the backups may hold several databases: read which
+        whole = plan.whole(None)
+        if whole.databases:
+            parts = [whole.part(plan.part_name)] if plan.part_name else whole.parts()
+            into = target_databases(plan, whole)
+            plans = [plan.for_part(part, into[part.database.name]) for part in parts]
+    several = plans[0] is not plan
+    names = ", ".join(p.database for p in plans)
+    title = f"Restore {env.name} ({names}) from a backup of {plan.source.name}"
+    loading: list[Step] = []
+    for each in plans:
+        loading += ([StreamStep(each, several)] if plan.jobs == 1
+                    else [FetchStep(each, several), LoadStep(each, several)])
+    roles: list[Step] = [RolesStep(plans[0])] if arguments.get("with_globals") else []
+    swaps: list[Step] = [SwapStep(each, several) for each in plans]  # only once every database passed its checks
+    return Runbook("restore", title, [*roles, *loading, *swaps], arguments=arguments, locks=("environment",))
+
+
+def target_databases(plan: Plan, whole: Manifest) -> dict[str, str]:
+    """Which database of the target each database of a backup of several replaces: its own name in its own
+    environment; in another, the one at the same place in the target's database.names (a list as long), or
+    with --database the target's database. UsageError otherwise: never a guess that might hit the source's."""
+    names = whole.database_names
+    if not plan.cross_environment:
+        return {name: name for name in names}
+    listed = plan.target.database_names()
+    if isinstance(listed, list) and len(listed) == len(names):
+        return dict(zip(names, listed, strict=True))
+    if plan.part_name is not None:
+        return {plan.part_name: plan.target.database_name()}
+    raise UsageError(f"backup {whole.id} of {plan.source.name} holds {len(names)} databases ({', '.join(names)}): "
+                     f"{plan.target.name}'s database.names must list as many, in the same order, to restore into",
+                     hint=f"list them in {plan.target.name}'s database.names, or restore one with --database NAME "
+                          f"(into {plan.target.name}'s database)")
 
 
 def restore_jobs(requested: int | str | None) -> int:

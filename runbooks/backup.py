@@ -12,7 +12,7 @@ from typing import Any
 from invoke import Collection, task
 
 from ops.backup_copies import build as build_copy
-from ops.backup_steps import build
+from ops.backup_steps import build, dumps
 from ops.backup_verify import build as build_verify
 from ops.backup_verify import show_backups
 from ops.cli import OpsTask, TaskCall
@@ -31,9 +31,13 @@ def backup(call: TaskCall, env=None, tag=None, keep=False, no_prune=False, dry_r
     runbook = build(call.environment, tags=list(tag or []), keep=keep, no_prune=no_prune)
 
     def result(ctx: RunContext) -> dict[str, Any]:
-        dumped = ctx.state.get("dump") or {}
-        return {"backup": {k: dumped.get(k) for k in ("backup_id", "key", "size", "sha256", "dump_size", "seconds")},
-                "copies": (ctx.state.get("copies") or {}).get("copied", []), "prune": ctx.state.get("prune")}
+        done = dumps(ctx)
+        fields = ("backup_id", "key", "size", "sha256", "dump_size", "seconds")
+        made = {k: (done[0] if done else {}).get(k) for k in fields}
+        if any(step.name.startswith("dump-") for step in runbook.steps):
+            made["databases"] = [{"name": d["database"], **{k: d.get(k) for k in fields[1:]}} for d in done]
+        return {"backup": made, "copies": (ctx.state.get("copies") or {}).get("copied", []),
+                "prune": ctx.state.get("prune")}
 
     run_notifying(runbook, call.environment, call.output, dry_run=dry_run, confirm=confirm, result=result)
 

@@ -55,7 +55,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
 
 @task(klass=OpsTask, name="run", default=True, iterable=["table"], help=dict(
     from_="the environment whose backup to restore (default: the target itself)",
-    backup="backup id, or latest (default)", database="the database to replace (default: the target's)",
+    backup="backup id, or latest (default)",
+    database="the database to replace (default: the target's); of a backup of several databases (database.names): "
+             "the one to restore, into the database of its name (default: all of them)",
     keep_old="keep the replaced database as <db>__old_<stamp>",
     identity="age identity file to decrypt with (default: the source's backups.identity_file)",
     to_time="point-in-time recovery: the source as it was at this ISO-8601 time (UTC unless it says), or latest; "
@@ -87,9 +89,16 @@ def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None
                     **partial, **({"with_globals": True} if with_globals else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:
-        return {"restored": {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
-                             **(ctx.state.get("swap") or {}), **(ctx.state.get("verify") or {}),
-                             **(ctx.state.get("restore") or {})}}
+        restored = {**(ctx.state.get("fetch") or {}), **(ctx.state.get("load") or {}),
+                    **(ctx.state.get("swap") or {}), **(ctx.state.get("verify") or {}),
+                    **(ctx.state.get("restore") or {})}
+        several = {step.name.partition("-")[2] for step in runbook.steps if step.name.startswith("swap-")}
+        if several:  # a backup of several databases: one entry each
+            parts = {name: {**(ctx.state.get(f"fetch-{name}") or {}), **(ctx.state.get(f"load-{name}") or {}),
+                            **(ctx.state.get(f"swap-{name}") or {})} for name in sorted(several)}
+            ids = [part["backup_id"] for part in parts.values() if part.get("backup_id")]
+            restored = {**restored, "backup_id": ids[0] if ids else None, "databases": parts}
+        return {"restored": restored}
 
     def run() -> Any:
         return run_notifying(runbook, target, call.output, dry_run=dry_run, confirm=confirm, result=result)
@@ -108,15 +117,17 @@ def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None
     out="the SQL file to write (default: in the state dir, named in the output)",
     restore_changed="also restore the rows changed since the backup (default: only re-insert missing rows)",
     apply="run the file on the live table (one transaction; a protected environment asks for its name)",
-    identity="age identity file to decrypt with (default: the source's backups.identity_file)"))
+    identity="age identity file to decrypt with (default: the source's backups.identity_file)",
+    database="the live database of the table (default: the target's); with a backup of several databases, the "
+             "one to compare (required there)"))
 def diff(call: TaskCall, table=None, env=None, from_=None, backup="latest", schema=None, where=None, out=None,
-         restore_changed=False, apply=False, identity=None, dry_run=False, confirm=None, json=False):
+         restore_changed=False, apply=False, identity=None, database=None, dry_run=False, confirm=None, json=False):
     """Compare a table with a backup's copy by primary key and write SQL that puts the backup's rows back;
     exit 3 when they differ (after --apply: when differences are left), 0 when not."""
     target = call.environment
     runbook = table_diff_steps.build(target, source=from_, backup=backup, table=table, schema=schema, where=where,
                                      out=out, restore_changed=restore_changed, apply=apply, identity=identity,
-                                     jobs=1)
+                                     jobs=1, database=database)
     found: dict[str, Any] = {}
 
     def result(ctx: RunContext) -> dict[str, Any]:

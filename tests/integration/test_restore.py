@@ -412,3 +412,87 @@ def test_a_backup_restores_onto_an_empty_server_with_its_owners_and_grants(opsbo
     checked = opsbook.run("backup.verify", "--env", "staging", "--id", backup_id)
     assert checked.exit_code == 3 and f"{stored['key']}: sha256" in checked.stderr, checked
     assert_no_secret(opsbook, *envs["secrets"], password, hashed)
+
+
+def test_a_backup_of_two_databases_restores_both_or_neither_and_one_on_request(opsbook, envs, postgres_server,
+                                                                                s3_server):
+    (app, app_url), (other, other_url) = envs["source"], make_database(postgres_server)
+    bucket, nearby = envs["buckets"]["staging"], s3_server.make_bucket().bucket
+    write_inventory(opsbook, s3_server, {"staging": {
+        "database": {"url": "${env:DB_URL_STAGING}", "names": [app, other]},
+        "backups": backups_section(s3_server.endpoint, bucket, "staging/",
+                                   copies=[{"name": "nearby", "bucket": nearby, "prefix": "near/"}])},
+        "prod": {"protected": True}}, {"staging": app_url, "prod": envs["target"][1]})
+    client = s3_server.client()
+
+    def stored(where: str, prefix: str) -> list[str]:
+        return sorted(item["Key"] for item in client.list_objects_v2(Bucket=where).get("Contents", [])
+                      if item["Key"].startswith(prefix))
+
+    planned = opsbook.run("backup", "--env", "staging", "--dry-run")
+    assert planned.exit_code == 0 and stored(bucket, "") == [], planned
+    assert f"would dump {app} (" in planned.stderr and f"would dump {other} (" in planned.stderr
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    backup_id = made.json()["backup"]["backup_id"]
+    folder = f"backups/{backup_id}/"
+    assert [d["name"] for d in made.json()["backup"]["databases"]] == [app, other]
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"staging/{folder}manifest.json")["Body"].read())
+    keys = [f"{folder}databases/{name}/dump.pgc.zst" for name in (app, other)]
+    assert [(d["name"], d["object"]["key"]) for d in manifest["databases"]] == [(app, keys[0]), (other, keys[1])]
+    assert manifest["object"]["key"] == keys[0] and manifest["database"]["name"] == app
+    assert [d["row_counts"] for d in manifest["databases"]] == [row_counts(app_url), row_counts(other_url)]
+    assert stored(bucket, "staging/backups/") == sorted([f"staging/{key}" for key in keys] + [
+        f"staging/{folder}globals.sql.zst", f"staging/{folder}manifest.json"])
+    assert stored(nearby, f"near/{folder}databases/") == sorted(f"near/{key}" for key in keys)  # both copied
+    listed = opsbook.run("backup.list", "--env", "staging", "--json")
+    assert [d["name"] for d in listed.json()["backups"][0]["databases"]] == [app, other], listed
+    deep = opsbook.run("backup.verify", "--env", "staging", "--deep", "--copy", "nearby")  # each dump there
+    assert deep.exit_code == 0 and deep.stderr.count("restored into a scratch database") == 2, deep
+
+    def break_both() -> None:
+        for url in (app_url, other_url):
+            with psycopg.connect(url.reveal(), autocommit=True) as connection:
+                connection.execute('DELETE FROM "Image"; DROP TABLE "User" CASCADE')
+
+    counts_before = row_counts(app_url)
+    samples = {url: [rows(url, query) for query in SAMPLES.values()] for url in (app_url, other_url)}
+
+    def intact(url: Secret) -> bool:
+        counts = manifest["databases"][0 if url is app_url else 1]["row_counts"]
+        return row_counts(url) == counts and [rows(url, query) for query in SAMPLES.values()] == samples[url]
+
+    planned = opsbook.run("restore", "--env", "staging", "--dry-run")  # one load and one swap per database
+    assert planned.exit_code == 0 and all(f"would make {name}__restore_" in planned.stderr for name in (app, other))
+    assert databases_like(postgres_server, f"{app}\\_\\_%") == [] and row_counts(app_url) == counts_before
+
+    break_both()
+    good = client.get_object(Bucket=bucket, Key=f"staging/{keys[1]}")["Body"].read()
+    client.put_object(Bucket=bucket, Key=f"staging/{keys[1]}", Body=good[:-10] + b"0123456789")
+    refused = opsbook.run("restore", "--env", "staging")  # the second is damaged: neither is swapped
+    assert refused.exit_code == 3 and f"backup {backup_id} is damaged" in refused.stderr, refused
+    assert "public.User" not in row_counts(app_url) and "public.User" not in row_counts(other_url)
+    assert databases_like(postgres_server, f"{app}\\_\\_%") == databases_like(postgres_server, f"{other}\\_\\_%") == []
+
+    client.put_object(Bucket=bucket, Key=f"staging/{keys[1]}", Body=good)
+    restored = opsbook.run("restore", "--env", "staging", "--json")
+    assert restored.exit_code == 0, restored
+    assert sorted(restored.json()["restored"]["databases"]) == sorted([app, other])
+    assert restored.json()["restored"]["backup_id"] == backup_id
+    assert intact(app_url) and intact(other_url)
+
+    break_both()
+    across = opsbook.run("restore", "--env", "prod", "--from", "staging", "--confirm", "prod")
+    assert across.exit_code == 2 and "prod's database.names must list as many" in across.stderr, across
+    assert marker(envs["target"][1]) == [("before the restore",)]
+    unknown = opsbook.run("restore", "--env", "staging", "--database", "nope")
+    assert unknown.exit_code == 2 and f"it holds {app}, {other}" in unknown.stderr, unknown
+    one = opsbook.run("restore", "--env", "staging", "--database", other)
+    assert one.exit_code == 0, one
+    assert intact(other_url) and "public.User" not in row_counts(app_url)
+
+    ambiguous = opsbook.run("restore.diff", "--env", "staging", "--table", "Brand")
+    assert ambiguous.exit_code == 2 and "holds several databases" in ambiguous.stderr, ambiguous
+    picked = opsbook.run("restore.diff", "--env", "staging", "--table", "Brand", "--database", other, "--json")
+    assert picked.exit_code == 0 and picked.json()["diff"]["same"] == 20, picked
+    assert_no_secret(opsbook, *envs["secrets"])

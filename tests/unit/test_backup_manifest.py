@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from ops import backup_databases, restore_db, retention
 from ops import backup_manifest as bm
-from ops import restore_db
 from ops.backup_steps import render_metrics
-from ops.errors import CheckFailed
+from ops.errors import CheckFailed, UsageError
 from ops.storage import StorageConfig, open_storage
 from tests.fixtures.manifests import manifest
 
@@ -112,3 +112,63 @@ def test_metrics_replace_this_environment_and_keep_the_others():
     assert 'opsbook_backup_duration_seconds{env="prod"} 1.5' in third
     assert 'opsbook_backup_size_bytes{env="staging"} 20' in third
     assert "# TYPE opsbook_backup_size_bytes gauge" in third and third.count("# HELP opsbook_backup_size_bytes") == 1
+
+
+def test_a_manifest_of_several_databases_and_an_old_one_of_one():
+    backup_id = "20261123T020000Z-7f3a"
+    assert bm.dump_key(backup_id, True, "app") == f"backups/{backup_id}/databases/app/dump.pgc.zst.age"
+    assert bm.dump_key(backup_id, False, "a/b c") == f"backups/{backup_id}/databases/a%2Fb%20c/dump.pgc.zst"
+    first = bm.StoredObject(bm.dump_key(backup_id, False, "app"), 100, "a" * 64, 400)
+    parts = [bm.DatabaseDump("app", "u@db:5432/app", "s-1", first, {"public.Brand": 20}, ["m1"], [],
+                             ["public.Session"]),
+             bm.DatabaseDump("analytics", "u@db:5432/analytics", "s-2",
+                             bm.StoredObject(bm.dump_key(backup_id, False, "analytics"), 50, "b" * 64, 90),
+                             {"public.Event": 7})]
+    several = manifest(backup_id, object=first, databases=parts, excluded_table_data=["public.Session"])
+    loaded = bm.Manifest.from_json(several.dumps(), backup_id=backup_id)
+    assert loaded == several and loaded.size == 150 and loaded.database_names == ["app", "analytics"]
+    app, analytics = loaded.parts()
+    assert (app.database.name, app.object.key, app.size, app.excluded_table_data) == (
+        "app", first.key, 100, ["public.Session"])
+    assert (analytics.database.name, analytics.database.target, analytics.snapshot, analytics.size) == (
+        "analytics", "u@db:5432/analytics", "s-2", 50)
+    assert analytics.expected_row_counts == {"public.Event": 7} and analytics.sha256 == "b" * 64
+    assert loaded.part("analytics") == analytics
+    with pytest.raises(UsageError, match="holds no database 'nope': it holds app, analytics"):
+        loaded.part("nope")
+    with pytest.raises(UsageError, match=r"holds several databases \(app, analytics\)"):
+        loaded.part(None)
+
+    old = manifest(backup_id).to_json()  # written before there were several: no `databases` at all
+    assert "databases" not in old
+    one = bm.Manifest.from_json(old, backup_id=backup_id)
+    assert one.parts() == [one] and one.part(None) is one and one.database_names == ["app"] and one.size == 123
+
+    broken = several.to_json()
+    broken["databases"][1]["object"].pop("sha256")
+    broken["databases"].append(broken["databases"][0])
+    with pytest.raises(CheckFailed) as failure:
+        bm.Manifest.from_json(broken, backup_id=backup_id)
+    assert "databases.1.object.sha256: missing" in str(failure.value)
+    assert "a database is listed twice" in str(failure.value)
+
+
+def test_every_database_leaves_out_opsbook_s_side_databases():
+    names = ["analytics", "app__restore_20261123020000", "postgres", "app", "app__verify_20261123020000", "zeta"]
+    assert backup_databases.ordered(names, "app") == ["app", "analytics", "postgres", "zeta"]
+
+
+def test_retention_removes_every_dump_of_a_backup_of_several_databases(tmp_path: Path):
+    storage = open_storage(StorageConfig(provider="local", bucket="b", path=str(tmp_path), prefix="prod/"))
+    storage.create_bucket()
+    backup_id = "20261123T020000Z-7f3a"
+    keys = [bm.dump_key(backup_id, False, name) for name in ("app", "analytics")]
+    for key in keys:
+        storage.put_bytes(key, b"dump")
+    parts = [bm.DatabaseDump(name, f"u@db/{name}", "s", bm.StoredObject(key, 4, "a" * 64, 4))
+             for name, key in zip(("app", "analytics"), keys, strict=True)]
+    bm.write_manifest(storage, manifest(backup_id, object=parts[0].object, databases=parts))
+    [listed], [] = bm.list_backups(storage)
+    assert listed.database_names == ["app", "analytics"] and listed.size == 8
+    assert retention.delete_backup(storage, backup_id) == 3
+    assert [info.key for info in storage.list(bm.backup_prefix(backup_id))] == []

@@ -214,3 +214,15 @@ envs:
     assert prod.database_url(direct=True).reveal() == direct
     assert prod.database_url(direct=False).reveal() == pooled
     assert inv.environment("given").admin_url().reveal() == "postgresql://admin:pw@db.internal/shop"
+
+
+def test_database_names_are_a_list_or_all(tmp_path):
+    text = BASE.replace('    database: {url: "postgresql://u@h/d"}\n',
+                        '    database: {url: "postgresql://u@h/d", names: [app, analytics]}\n')
+    assert inventory.load(write(tmp_path, text)).environment("other").database_names() == ["app", "analytics"]
+    assert inventory.load(write(tmp_path, text.replace("[app, analytics]", "all"))).environment(
+        "other").database_names() == "all"
+    assert inventory.load(write(tmp_path, BASE)).environment("other").database_names() is None
+    for wrong in ("[]", "some", "[app, app]"):
+        assert any(problem.startswith("envs.other.database.names")
+                   for problem in problems_of(tmp_path, text.replace("[app, analytics]", wrong))), wrong
