@@ -10,13 +10,23 @@ from typing import Any
 import pytest
 
 from tests.cli import Opsbook
-from tests.fixtures.browser import load_axe
+from tests.fixtures.browser import CHROMIUM, Browser, load_axe
 
 
 @pytest.fixture(scope="session")
 def axe_source() -> str:
     """axe-core's script, for the tests that open pages in Chromium (tests/fixtures/browser.py)."""
     return load_axe()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """One headless Chromium for the session's pages (each opens in a fresh browser context)."""
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (./opsbook pytest installs it)")
+    started = Browser(tmp_path_factory.mktemp("chromium-profile"))
+    yield started
+    started.close()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from ops.demo.seed import MIGRATIONS_DIR, image_objects, insert_demo_data
 from tests.cli import Opsbook
-from tests.fixtures.browser import CHROMIUM, Fetches, chromium, screenshots, serious_violations
+from tests.fixtures.browser import CHROMIUM, Fetches, screenshots, serious_violations
 from tests.fixtures.ssh import make_app_host
 
 IMAGES = 12
@@ -225,7 +225,7 @@ def chart_points(dom: str, chart_id: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (./opsbook pytest installs it)")
-def test_the_html_report_charts_every_drill_in_a_browser(drill_setup, tmp_path, axe_source):
+def test_the_html_report_charts_every_drill_in_a_browser(drill_setup, tmp_path, axe_source, browser):
     """The drills above left their reports (this one runs more only when run alone): the newest one's page,
     fetched back from the bucket, charts every drill of prod; opened in Chromium it loads nothing, axe-core finds
     no serious violation, and screenshots at phone and desktop widths are kept with the test's output."""
@@ -243,7 +243,7 @@ def test_the_html_report_charts_every_drill_in_a_browser(drill_setup, tmp_path, 
     page = tmp_path / "report.html"
     page.write_bytes(html)
 
-    dom = chromium(tmp_path, "--dump-dom", page.as_uri())
+    dom = browser.dom(page.as_uri())
     oldest_first = list(reversed(drills))
     for chart_id, field in (("rto-chart", "rto_seconds"), ("rpo-chart", "rpo_seconds"),
                             ("size-chart", "restored_bytes")):
@@ -256,5 +256,5 @@ def test_the_html_report_charts_every_drill_in_a_browser(drill_setup, tmp_path, 
     statuses_shown = dict(re.findall(r'data-check="([a-z ]+)" data-status="([a-z ]+)"', dom))
     assert statuses_shown == {step["name"]: step["status"] for step in newest["steps"]}
     assert Fetches(dom).found == []
-    assert serious_violations(tmp_path, html, axe_source) == []
-    screenshots(tmp_path, page.as_uri(), "drill-report")
+    assert serious_violations(browser, tmp_path, html, axe_source) == []
+    screenshots(browser, tmp_path, page.as_uri(), "drill-report")

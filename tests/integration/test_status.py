@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.storage import open_storage
 from tests.cli import Opsbook
 from tests.fixtures.backups import store_backup
-from tests.fixtures.browser import CHROMIUM, Fetches, chromium, screenshots, serious_violations
+from tests.fixtures.browser import CHROMIUM, Fetches, screenshots, serious_violations
 from tests.fixtures.shop import DEMO_MIGRATIONS
 
 OBJECT_SIZES = (10, 200, 3000)
@@ -128,7 +128,8 @@ def chart_marks(dom: str, chart_id: str) -> list[str]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (./opsbook pytest installs it)")
-def test_status_html_draws_the_backups_the_plan_and_the_key_in_a_browser(opsbook, monitored, tmp_path, axe_source):
+def test_status_html_draws_the_backups_the_plan_and_the_key_in_a_browser(opsbook, monitored, tmp_path, axe_source,
+                                                                          browser):
     """Thirty-one backups over 90 days (29 written as backup writes them, every other one verified, and a real
     run): the dashboard charts each, says why retention keeps each, and the key's age against its rotation."""
     now = datetime.now(UTC)
@@ -142,7 +143,7 @@ def test_status_html_draws_the_backups_the_plan_and_the_key_in_a_browser(opsbook
     assert result.json()["last_backup"]["count"] == 31 and f"wrote {page}" in result.stderr  # --json as before
     assert page.read_text().startswith("<!doctype html>")
 
-    dom = chromium(tmp_path, "--dump-dom", page.as_uri())
+    dom = browser.dom(page.as_uri())
     sizes = chart_marks(dom, "backup-size-chart")
     assert len(sizes) == len(chart_marks(dom, "backup-duration-chart")) == 31
     assert sizes.count("unverified") == 14 + (sizes[-1] == "unverified")  # oldest first: the real run last
@@ -154,8 +155,8 @@ def test_status_html_draws_the_backups_the_plan_and_the_key_in_a_browser(opsbook
     assert re.search(r'<line class="target"[^>]*><title>rotate by: 90 days</title>', dom)
     assert "No drill on record" in dom and 'data-part="migrations"' in dom
     assert Fetches(dom).found == []
-    assert serious_violations(tmp_path, page.read_bytes(), axe_source) == []
-    screenshots(tmp_path, page.as_uri(), "status")
+    assert serious_violations(browser, tmp_path, page.read_bytes(), axe_source) == []
+    screenshots(browser, tmp_path, page.as_uri(), "status")
     assert all(secret not in opsbook.everything_produced() + page.read_text() for secret in monitored["secrets"])
 
     missing = opsbook.run("status", "--env", "web", "--html", str(opsbook.root / "no" / "{env}.html"))

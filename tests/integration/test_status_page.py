@@ -21,7 +21,7 @@ import pytest
 
 from ops.render import templates_dir
 from tests.cli import Opsbook
-from tests.fixtures.browser import axe_violations, chromium, requires_chromium
+from tests.fixtures.browser import axe_violations, requires_chromium
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.shop import DEMO_MIGRATIONS
 
@@ -98,7 +98,7 @@ def ok(result: Any) -> Any:
     return result
 
 
-def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp_path, axe_source):
+def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp_path, axe_source, browser):
     stages = [("incident.open", "--title", "Uploads failing", "--impact", "major", "--components",
                "uploads,api=degraded_performance", "--message", f"Uploads fail with key {shop['secret']}",
                "--no-triage", "--json"),
@@ -117,7 +117,7 @@ def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp
         kind, html = fetched(shop["base"] + "index.html")
         assert kind.startswith("text/html")
         (tmp_path / f"stage{number}.html").write_bytes(html)
-        page = Page(chromium(tmp_path, "--dump-dom", shop["base"] + "index.html"))
+        page = Page(browser.dom(shop["base"] + "index.html"))
         assert page.overall == overall
         assert page.components == {**components, "website": "operational"}
         assert page.fetches == []
@@ -126,13 +126,13 @@ def test_open_update_resolve_publish_the_page_a_browser_shows(opsbook, shop, tmp
         assert incident["messages"][0] == "Uploads fail with key ***"
         assert incident_id not in html.decode()
         for dark in (False, True) if number > 1 else ():  # an open incident, then a past one
-            serious = [v for v in axe_violations(tmp_path, html, axe_source, dark=dark)
+            serious = [v for v in axe_violations(browser, tmp_path, html, axe_source, dark=dark)
                        if v["impact"] in {"serious", "critical"}]
             assert serious == [], serious
 
     for width, height in ((390, 844), (1280, 900)):
         shot = tmp_path / f"status-{width}.png"
-        chromium(tmp_path, f"--screenshot={shot}", f"--window-size={width},{height}", shop["base"] + "index.html")
+        browser.screenshot(shop["base"] + "index.html", shot, (width, height))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
     kind, feed = fetched(shop["base"] + "feed.atom")
@@ -192,7 +192,7 @@ def test_a_folder_gets_the_page_and_a_section_without_storage_is_refused(opsbook
     assert refused.exit_code == 2 and "publishing to the app bucket needs `storage`" in refused.stderr, str(refused)
 
 
-def test_a_maintenance_window_shows_on_the_page_and_in_the_notices(opsbook, tmp_path, axe_source):
+def test_a_maintenance_window_shows_on_the_page_and_in_the_notices(opsbook, tmp_path, axe_source, browser):
     opsbook.write_inventory({"project": "shop", "default_env": "prod", "envs": {"prod": {
         "notify": [{"kind": "file", "path": "public.md", "audience": "public"},
                    {"kind": "file", "path": "internal.md", "audience": "internal"}],
@@ -212,11 +212,11 @@ def test_a_maintenance_window_shows_on_the_page_and_in_the_notices(opsbook, tmp_
     assert index["status"]["indicator"] == "operational"
 
     ok(opsbook.run("maintenance.start", window_id))
-    dom = Page(chromium(tmp_path, "--dump-dom", page.as_uri()))
+    dom = Page(browser.dom(page.as_uri()))
     assert dom.overall == "under_maintenance"
     assert dom.components == {"api": "under_maintenance", "uploads": "operational"}
     assert [i["state"] for i in dom.incidents] == ["in_progress"]
-    assert [v for v in axe_violations(tmp_path, page.read_bytes(), axe_source, dark=True)
+    assert [v for v in axe_violations(browser, tmp_path, page.read_bytes(), axe_source, dark=True)
             if v["impact"] in {"serious", "critical"}] == []
 
     ok(opsbook.run("maintenance.complete", window_id, "--message", "Upgraded to PostgreSQL 17"))

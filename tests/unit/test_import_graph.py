@@ -15,6 +15,7 @@ heavy libraries only in their connector modules, inside the functions that use t
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,16 @@ def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, 
                 parts.pop()
             modules[".".join(parts)] = path
     return modules
+
+
+def parse(path: Path) -> ast.Module:
+    """The module's syntax tree, parsed once per text: each test here reads the whole code base."""
+    return _parse(path.read_text(), str(path))
+
+
+@functools.cache
+def _parse(text: str, filename: str) -> ast.Module:
+    return ast.parse(text, filename=filename)
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -88,7 +99,7 @@ def _known(name: str, modules: dict[str, Path]) -> str | None:
 def imports_of(module: str, modules: dict[str, Path]) -> set[str]:
     path = modules[module]
     targets: set[str] = set()
-    for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
+    for node in _import_nodes(parse(path)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
@@ -101,6 +112,12 @@ def imports_of(module: str, modules: dict[str, Path]) -> set[str]:
 def import_graph(root: Path = REPOSITORY, packages: tuple[str, ...] = PACKAGES) -> Graph:
     modules = module_files(root, packages)
     return {module: imports_of(module, modules) for module in modules}
+
+
+@functools.cache
+def code_base_graph() -> Graph:
+    """import_graph() of the repository, built once for the tests that read it (none changes it)."""
+    return import_graph()
 
 
 def cycles(graph: Graph) -> list[list[str]]:
@@ -158,25 +175,25 @@ def _is_runbook(module: str) -> bool:
 
 
 def test_no_import_cycles() -> None:
-    found = cycles(_without(import_graph(), ALLOWED_CYCLE_EDGES))
+    found = cycles(_without(code_base_graph(), ALLOWED_CYCLE_EDGES))
     assert not found, f"import cycles (break each one; a shared piece moves down into its own module): {found}"
 
 
 def test_library_modules_never_import_runbooks() -> None:
-    upward = {(s, t) for s, t in _edges(import_graph()) if s.startswith("ops") and t.startswith("runbooks")}
+    upward = {(s, t) for s, t in _edges(code_base_graph()) if s.startswith("ops") and t.startswith("runbooks")}
     assert upward <= ALLOWED_UPWARD_EDGES, (
         f"ops imports runbooks (pass what is needed in from the runbook instead): "
         f"{sorted(upward - ALLOWED_UPWARD_EDGES)}")
 
 
 def test_runbooks_do_not_use_each_other_as_libraries() -> None:
-    shared = {(s, t) for s, t in _edges(import_graph()) if _is_runbook(s) and _is_runbook(t)}
+    shared = {(s, t) for s, t in _edges(code_base_graph()) if _is_runbook(s) and _is_runbook(t)}
     assert shared <= ALLOWED_RUNBOOK_EDGES, (
         f"a runbook imports another (move what they share into ops): {sorted(shared - ALLOWED_RUNBOOK_EDGES)}")
 
 
 def test_every_allowed_edge_still_exists() -> None:
-    gone = (ALLOWED_RUNBOOK_EDGES | ALLOWED_UPWARD_EDGES | ALLOWED_CYCLE_EDGES) - _edges(import_graph())
+    gone = (ALLOWED_RUNBOOK_EDGES | ALLOWED_UPWARD_EDGES | ALLOWED_CYCLE_EDGES) - _edges(code_base_graph())
     assert not gone, f"edges no longer in the code: remove them from this test's allow-lists: {sorted(gone)}"
 
 
@@ -240,9 +257,11 @@ def runtime_imports(tree: ast.AST) -> Iterator[tuple[int, str]]:
         yield from ((node.lineno, library) for library in imported_libraries(node))
 
 
+@functools.cache
 def _sources(root: Path = REPOSITORY) -> dict[str, ast.AST]:
+    """Every module's syntax tree, read once (the tests only read them)."""
     files = {**module_files(root), "tasks": root / "tasks.py"}
-    return {module: ast.parse(path.read_text(), filename=str(path)) for module, path in files.items()}
+    return {module: parse(path) for module, path in files.items()}
 
 
 def _ours(library: str) -> bool:

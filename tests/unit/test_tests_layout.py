@@ -4,6 +4,7 @@ so no test module imports another, and each shared helper is defined once."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -17,12 +18,18 @@ def is_test_module(name: str) -> bool:
     return name.rpartition(".")[2].startswith("test_")
 
 
+@functools.cache
+def syntax_tree(path: Path) -> ast.Module:
+    """The test source's syntax tree, parsed once for both tests below (neither changes a file)."""
+    return ast.parse(path.read_text(), str(path))
+
+
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """Every module `path` imports, anywhere in it (functions and child-process code included), as dotted names
     with their line."""
     package = ".".join(path.relative_to(TESTS.parent).with_suffix("").parts[:-1])
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(syntax_tree(path)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -47,6 +54,6 @@ def test_no_test_module_imports_another():
 def test_assert_no_secret_is_defined_once_in_the_fixtures():
     definitions = [f"{path.relative_to(TESTS.parent)}:{node.lineno} {node.name}"
                    for path in sorted(TESTS.rglob("*.py"))
-                   for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                   for node in ast.walk(syntax_tree(path))
                    if isinstance(node, ast.FunctionDef) and node.name.startswith("assert_no_secret")]
     assert len(definitions) == 1 and definitions[0].startswith("tests/fixtures/"), definitions
