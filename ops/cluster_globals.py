@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from ops import dump, fetch, neon, pg, pg_tools, pg_url
 from ops.backup_manifest import backup_prefix
 from ops.errors import StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:

@@ -24,13 +24,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ops import processes
 from ops.clock import as_utc
 from ops.errors import CheckFailed, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:

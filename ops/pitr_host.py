@@ -12,12 +12,12 @@ import os
 import pwd
 import shlex
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ops import pg_url, pitr_engine
 from ops.errors import CheckFailed, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.sandbox import find_server_bindir
 from ops.secrets import redact
 

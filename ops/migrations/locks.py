@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.script import Script, Table, strings, type_name, walk
 from ops.output import human_size
 from ops.sql_parse import Statement
