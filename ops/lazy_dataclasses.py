@@ -47,7 +47,7 @@ def dataclass(cls: C | None = None, /, **options: Any) -> C | Callable[[C], C]:
 
 
 def built_on_demand() -> list[type]:
-    """Every class declared with this module's @dataclass so far, built or not."""
+    """Every class this module's @dataclass has deferred so far, built or not (one with bases is built at once)."""
     return list(_deferred)
 
 
@@ -64,7 +64,7 @@ def _defer(cls: type, options: dict[str, Any]) -> None:
             if built:
                 return  # by another thread, or through a subclass's fields
             if not documented:
-                cls.__doc__ = "(the text dataclass gives it, set below)"
+                cls.__doc__ = "pending"  # dataclass would describe it with the signature of `new`: set below
             dataclasses.dataclass(cls, **options)
             init = inspect.signature(cls.__init__)
             signature = init.replace(parameters=list(init.parameters.values())[1:])
