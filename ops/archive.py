@@ -23,13 +23,13 @@ import json
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import yaml_text
 from ops.errors import StepFailed
 from ops.inventory import mask_tree
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import redact
 
 if TYPE_CHECKING:

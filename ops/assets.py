@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z, utc_now
 from ops.errors import CheckFailed, OpsError, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.output import Progress, human_size  # called with (objects done, to do, size=bytes done)
 from ops.secrets import redact
 from ops.storage import ObjectNotFound

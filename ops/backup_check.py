@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from ops.backup_manifest import (
 )
 from ops.clock import iso_z, parse_time_or_none
 from ops.errors import OpsError
+from ops.lazy_dataclasses import dataclass
 from ops.metrics import MetricFamily
 from ops.retention import policy_for
 

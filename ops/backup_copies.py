@@ -17,13 +17,13 @@ import io
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops import dump
 from ops.backup_manifest import Manifest, list_backups, manifest_key, read_manifest
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import ConnectionFailed, OpsError, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.output import human_size
 from ops.storage import BucketNotFound, open_storage
 from ops.storage.s3 import MAX_COPY_OBJECT_SIZE

@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ops.clock import parse_time
 from ops.errors import CheckFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 
 if TYPE_CHECKING:
     from ops.storage import ObjectLock, Storage

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ops.engine import RunContext
 from ops.errors import CheckFailed, OpsError
 from ops.journal import host_name
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import redact
 
 if TYPE_CHECKING:

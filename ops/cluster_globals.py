@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from ops import dump, fetch, neon, pg, pg_tools, pg_url
 from ops.backup_manifest import backup_prefix
 from ops.errors import StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
+from ops.patterns import Pattern
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
@@ -31,9 +33,9 @@ if TYPE_CHECKING:
     from ops.storage import ObjectLock, Storage
 
 GLOBALS_NAME = "globals.sql.zst"
-_TOKEN = re.compile(r'"(?:[^"]|"")*"|[^\s;]+')
-_PASSWORD = re.compile(r"PASSWORD '((?:[^']|'')*)'")
-_GRANTED_BY = re.compile(r"\s+GRANTED BY\s+(?:\"(?:[^\"]|\"\")*\"|\S+?)(?=\s*;|\s+WITH\b|\s*$)")
+_TOKEN = Pattern(r'"(?:[^"]|"")*"|[^\s;]+')
+_PASSWORD = Pattern(r"PASSWORD '((?:[^']|'')*)'")
+_GRANTED_BY = Pattern(r"\s+GRANTED BY\s+(?:\"(?:[^\"]|\"\")*\"|\S+?)(?=\s*;|\s+WITH\b|\s*$)")
 
 
 def globals_key(backup_id: str, encrypted: bool) -> str:

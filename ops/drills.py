@@ -25,13 +25,14 @@ bucket cannot be read (and the copy kept when an upload failed).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z, parse_time
 from ops.errors import OpsError
+from ops.lazy_dataclasses import dataclass
 from ops.output import human_size
 from ops.render import render_markup, template_environment
 from ops.storage import open_storage

@@ -25,12 +25,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops import processes
 from ops.errors import InventoryError, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:

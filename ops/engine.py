@@ -12,13 +12,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ops import hosts, lease, pg, pg_url
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, ConfirmationRequired, ConnectionFailed, Interrupted, OpsError, StepFailed
 from ops.journal import Journal, RunRecord, git_revision, host_name, new_run_id, operator_name
+from ops.lazy_dataclasses import dataclass
 from ops.locks import file_lock
 from ops.output import Output, Progress
 from ops.secrets import redact

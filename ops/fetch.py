@@ -13,12 +13,12 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ops.dump import CHUNK, ChunkQueue, Digest, Progress, ReaderGone, decode_into
 from ops.errors import CheckFailed, OpsError, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import redact
 
 if TYPE_CHECKING:

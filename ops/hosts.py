@@ -24,12 +24,12 @@ import shlex
 import socket
 import urllib.error
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 from ops import known_hosts, remote_commands, web
 from ops.errors import ConnectionFailed, Interrupted, OpsError, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.remote_commands import ENVIRONMENT_LOAD_FAILED, RemoteCommand, build_command, build_environment_script
 from ops.secrets import Secret, redact
 

@@ -20,7 +20,7 @@ import os
 import secrets as random_tokens
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ops.clock import compact_z, iso_z, iso_z_micro, parse_time, utc_now
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.journal import host_name, operator_name
+from ops.lazy_dataclasses import dataclass
 from ops.locks import file_lock
 from ops.patterns import Pattern
 from ops.secrets import masked, redact

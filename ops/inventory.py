@@ -16,7 +16,7 @@ import difflib
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from ops.hosts import HostConfig
 from ops.inventory_checks import duplicate_host_names, literal_url_problems
 from ops.inventory_schema import SECRET_KEYS, schema_errors
 from ops.known_hosts import FILE_NAME as KNOWN_HOSTS_FILE
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 from ops.pg_url import direct_from_pooled, parse_url, with_credentials
 from ops.references import (

@@ -14,13 +14,13 @@ import secrets as random_tokens
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ops.clock import compact_z, iso_z_micro, utc_now
 from ops.errors import UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import masked
 
 STEP_STATES = ("planned", "unchanged", "started", "applied", "verified", "failed", "undone", "undo_failed",

@@ -16,13 +16,13 @@ import sys
 import urllib.error
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ops import aws, web
 from ops.clock import parse_time_or_none
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, mask_identifier, redact, reveal
 
 if TYPE_CHECKING:

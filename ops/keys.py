@@ -19,7 +19,6 @@ import json
 import os
 import secrets as random_tokens
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from ops.key_providers import (
     NewKey,
     StaticProvider,
 )
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, mask_identifier, redact, reveal
 from ops.storage import open_storage
 from ops.storage.s3 import S3Storage

@@ -14,11 +14,11 @@ import hashlib
 import hmac
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops.errors import ConnectionFailed
+from ops.lazy_dataclasses import dataclass
 from ops.output import Output
 
 if TYPE_CHECKING:

@@ -22,13 +22,13 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ops.archive import decommission_marker
 from ops.clock import iso_z, iso_z_micro, parse_time_or_none, utc_now
 from ops.errors import CheckFailed, InventoryError, LockHeld, OpsError
+from ops.lazy_dataclasses import dataclass
 from ops.locks import describe_holder
 from ops.secrets import redact
 from ops.storage import BucketNotFound, PreconditionFailed, Storage, StoredObject, open_storage

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z, parse_time, utc_now
 from ops.errors import CheckFailed, OpsError, UsageError
 from ops.incidents import new_incident_id, parse_duration
+from ops.lazy_dataclasses import dataclass
 from ops.notify import Notice
 from ops.render import human_time, render_json, render_template
 from ops.secrets import masked, redact

@@ -13,10 +13,11 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from ops.errors import UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 
 TYPES = ("gauge", "counter")

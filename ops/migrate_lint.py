@@ -12,10 +12,10 @@ and validated NOT NULL checks, read without locking anything.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ops.inventory import plain
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.lint import lint_migrations
 from ops.migrations.locks import (
     DEFAULT_LOCK_BYTES,

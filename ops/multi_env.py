@@ -11,12 +11,13 @@ note. Every other task refuses a list (ops/cli.py): what changes things runs on 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from ops import inventory
 from ops.archive import decommission_marker
 from ops.errors import UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.output import Output, captured_results
 
 ALL = "all"

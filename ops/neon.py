@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -19,6 +18,7 @@ from urllib.parse import quote, urlencode
 from ops import web
 from ops.clock import as_utc, iso_z
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError, OpsError, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:

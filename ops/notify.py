@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlparse
@@ -28,6 +28,7 @@ from ops import mail, web
 from ops.errors import OpsError
 from ops.hosts import is_loopback
 from ops.inventory import resolve
+from ops.lazy_dataclasses import dataclass
 from ops.output import Output
 from ops.secrets import Secret, redact, reveal
 

@@ -7,10 +7,10 @@ import glob
 import os
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 from ops.errors import CheckFailed
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 
 CLIENT_TOOL_GLOBS = (

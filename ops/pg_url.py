@@ -10,10 +10,10 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from ops.errors import InventoryError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, reveal
 
 DEFAULT_PORT = 5432

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import time
 import urllib.error
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -25,6 +25,7 @@ from ops import __version__, ids, inventory, web
 from ops.errors import InventoryError, OpsError
 from ops.inventory_checks import url_problem
 from ops.journal import host_name, new_run_id, operator_name
+from ops.lazy_dataclasses import dataclass
 from ops.output import Output
 from ops.secrets import Secret, redact
 

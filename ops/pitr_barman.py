@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ops.clock import as_utc
 from ops.errors import CheckFailed
+from ops.lazy_dataclasses import dataclass
 from ops.pitr_engine import DEFAULT_SEGMENT_SIZE, SEGMENT_NAME_LENGTH, BaseBackup, Engine, ServerSide
 from ops.secrets import Secret
 

@@ -10,13 +10,13 @@ can be recovered from that backup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ops import pitr_engine
 from ops.clock import iso_z_or_none
 from ops.errors import CheckFailed
+from ops.lazy_dataclasses import dataclass
 
 if TYPE_CHECKING:
     from ops.pitr_engine import BaseBackup, Continuity, Engine

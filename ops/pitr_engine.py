@@ -20,13 +20,13 @@ import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ops import processes
 from ops.errors import CheckFailed, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import redact
 
 if TYPE_CHECKING:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ops import pg_url, pitr_barman, pitr_engine, pitr_pgbackrest
 from ops.errors import CheckFailed, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.pitr_engine import Engine, ServerSide
 from ops.sandbox import Sandbox, find_server_bindir
 from ops.secrets import redact

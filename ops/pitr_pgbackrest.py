@@ -23,12 +23,12 @@ import json
 import shlex
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops.errors import CheckFailed, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.pitr_engine import (
     DEFAULT_SEGMENT_SIZE,
     SEGMENT_NAME_LENGTH,

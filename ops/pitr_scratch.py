@@ -20,7 +20,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -28,6 +27,7 @@ from urllib.parse import quote
 from ops import pg, pitr_engine
 from ops.clock import iso_z_micro
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 from ops.pitr_engine import Engine
 from ops.sandbox import find_server_bindir

@@ -10,13 +10,14 @@ no-base-backup. All but ok exit 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ops import pg, pg_url, pitr_catalog, pitr_host
 from ops.clock import iso_z_or_none, utc_now
 from ops.errors import ConnectionFailed
+from ops.lazy_dataclasses import dataclass
 from ops.metrics import MetricFamily
 from ops.secrets import redact
 

@@ -11,13 +11,13 @@ the environment's `keys` section (keys.account_id, keys.api_token, keys.api_base
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ops.backup_manifest import BACKUPS_DIR
 from ops.engine import Change
 from ops.errors import CheckFailed, ConnectionFailed
 from ops.key_providers import CLOUDFLARE_API, CloudflareProvider
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, reveal
 
 if TYPE_CHECKING:

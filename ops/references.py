@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from ops.errors import InventoryError
 from ops.inventory_checks import url_problem, url_schemes
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 from ops.secret_managers import (
     DEFAULT_COMMAND_TIMEOUT_SECONDS,

@@ -19,10 +19,10 @@ import shlex
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ops.errors import UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 from ops.secrets import Secret, reveal
 

@@ -13,7 +13,7 @@ the older ones do not expire faster because of the gap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from ops.backup_manifest import (
 )
 from ops.clock import iso_z, parse_time, utc_now
 from ops.errors import OpsError
+from ops.lazy_dataclasses import dataclass
 from ops.output import human_size
 from ops.patterns import Pattern
 from ops.secrets import redact

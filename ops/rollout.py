@@ -20,12 +20,12 @@ import shlex
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ops.clock import iso_z_micro, utc_now
 from ops.errors import CheckFailed, InventoryError, OpsError
 from ops.hosts import connect, fetch_from_here, is_on_host
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import redact
 
 if TYPE_CHECKING:

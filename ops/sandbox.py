@@ -32,7 +32,6 @@ import socket
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -40,6 +39,7 @@ from urllib.parse import quote
 from ops.demo import seed
 from ops.errors import OpsError, StepFailed
 from ops.inventory import SANDBOX_DRILL_SUFFIX, Environment
+from ops.lazy_dataclasses import dataclass
 from ops.migrations import apply_pending, migration_status
 from ops.output import Output
 from ops.pg import connect, create_database, database_exists, table_row_counts

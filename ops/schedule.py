@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from dataclasses import dataclass
 from typing import Any
 
 from ops.errors import UsageError
 from ops.inventory_schema import SCHEDULE_JOBS, WEEKDAYS
+from ops.lazy_dataclasses import dataclass
 
 FORMATS = ("systemd", "kubernetes", "cron")
 

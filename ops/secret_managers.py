@@ -15,11 +15,11 @@ import shlex
 import signal
 import subprocess
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from ops import aws
+from ops.lazy_dataclasses import dataclass
 from ops.processes import CannotStart, child_process
 from ops.secrets import Secret
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ops import keys
 from ops.clock import iso_z_or_none, parse_time_or_none
 from ops.errors import OpsError
+from ops.lazy_dataclasses import dataclass
 from ops.references import REFERENCE_PATTERN, Reference, aws_settings
 from ops.secret_managers import aws_last_changed, parse_aws_reference
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from ops.errors import InventoryError
+from ops.lazy_dataclasses import dataclass
 from ops.secret_managers import AwsSettings
 from ops.secret_store import SecretStore, Store
 from ops.secret_store_aws import AwsSecretStore

@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import json
 from bisect import bisect_left
-from dataclasses import dataclass
 from typing import Any
+
+from ops.lazy_dataclasses import dataclass
 
 COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 STRING_TOKENS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST"})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 from ops.clock import iso_z, parse_time
 from ops.errors import InventoryError
 from ops.incidents import COMPONENT_STATUSES
+from ops.lazy_dataclasses import dataclass
 from ops.render import STATE_LABELS, STATUS_LABELS, human_time, render_markup
 from ops.secrets import redact
 

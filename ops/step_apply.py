@@ -11,10 +11,10 @@ not resumed one by one: `inv runs.resume` applies their parent again, and each c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ops.errors import OpsError
+from ops.lazy_dataclasses import dataclass
 from ops.lease import LeaseLost
 from ops.secrets import redact
 

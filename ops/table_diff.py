@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from ops import pg
 from ops.errors import CheckFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 
 if TYPE_CHECKING:
     import psycopg

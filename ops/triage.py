@@ -19,7 +19,7 @@ import re
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -31,6 +31,7 @@ from ops.errors import OpsError
 from ops.hosts import connect, fetch_from_here, is_on_host
 from ops.inventory import plain
 from ops.journal import read_run
+from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 from ops.secrets import Secret, redact
 from ops.status_facts import (

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import urllib.error
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from ops import web
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError, OpsError, StepFailed
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret, redact, reveal
 
 if TYPE_CHECKING:

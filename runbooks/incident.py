@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, task
@@ -38,6 +37,7 @@ from ops.incidents import (
     refuse_if_resolved,
 )
 from ops.journal import list_runs, operator_name
+from ops.lazy_dataclasses import dataclass
 from ops.platform_steps import rollback_steps
 from ops.restore_steps import build as restore_runbook
 from ops.storage import open_storage

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from ops import status_facts as facts
 from ops.cli import OpsTask, TaskCall
 from ops.drills import list_drills
 from ops.errors import CheckFailed, InventoryError, OpsError, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.metrics import MetricFamily, write_textfile
 from ops.output import human_size
 from ops.status_facts import describe_error, migration_state, open_incidents

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.script import Script, strings
 
 if TYPE_CHECKING:

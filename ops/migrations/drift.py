@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ops import pg, pg_url
 from ops.clock import utc_now
 from ops.errors import CheckFailed
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.apply import apply_pending
 from ops.migrations.lock_wait import LockPolicy
 from ops.migrations.state import MIGRATIONS_TABLE, MigrationSource, load_migration_source, prisma_schema

@@ -15,9 +15,9 @@ them. What locks a busy table is the other linter's (ops/migrations/locks.py).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.script import Script, Table, mask, strings, type_name
 from ops.sql_parse import Statement
 

@@ -9,9 +9,9 @@ cancel a long index build halfway.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.script import walk
 from ops.secrets import redact
 from ops.sql_parse import statements

@@ -22,13 +22,14 @@ validated check makes cheap.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
+from ops.lazy_dataclasses import dataclass
 from ops.migrations.script import Script, Table, strings, type_name, walk
 from ops.output import human_size
+from ops.patterns import Pattern
 from ops.sql_parse import Statement
 
 if TYPE_CHECKING:
@@ -337,7 +338,7 @@ def _by_size(hazard: Hazard, facts: LiveFacts, thresholds: Thresholds) -> LockFi
     return LockFinding(hazard, REFUSE if size.large(thresholds) else WARN, str(size))
 
 
-CURRENT_TYPE = re.compile(r"^(character varying|varchar|text|numeric|bit varying)(?:\((\d+)(?:,(\d+))?\))?$")
+CURRENT_TYPE = Pattern(r"^(character varying|varchar|text|numeric|bit varying)(?:\((\d+)(?:,(\d+))?\))?$")
 TYPE_NAMES = {"character varying": "varchar", "bit varying": "varbit", "decimal": "numeric"}
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from ops import sql_parse
+from ops.lazy_dataclasses import dataclass
 from ops.sql_parse import Statement, Token
 
 COMMA, DOT, OPEN, CLOSE = "ASCII_44", "ASCII_46", "ASCII_40", "ASCII_41"

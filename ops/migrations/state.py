@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from ops import pg, pg_url
 from ops.errors import CheckFailed, ConnectionFailed, InventoryError
 from ops.hosts import connect
 from ops.inventory import plain, resolve
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import redact, reveal
 
 if TYPE_CHECKING:

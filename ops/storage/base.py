@@ -11,12 +11,13 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.lazy_dataclasses import dataclass
 from ops.secrets import Secret
 
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
