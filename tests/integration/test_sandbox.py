@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
@@ -183,6 +184,11 @@ def switch_and_wait(sandbox: Sandbox) -> str:
     return segment
 
 
+def next_second() -> None:
+    """Wait into the next whole second of the clock."""
+    time.sleep(1.02 - time.time() % 1)
+
+
 def brands(sandbox: Sandbox, slug: str) -> int:
     with app_conn(sandbox) as conn:
         return conn.execute('SELECT count(*) FROM "Brand" WHERE slug = %s', (slug,)).fetchone()[0]
@@ -207,10 +213,14 @@ def test_pitr_on_the_sandbox_setup_base_list_status_and_restore_to_a_time(made: 
     assert ok(workspace.run("pitr.setup", "--env", "local", "--json")).json()["status"] == "nothing to do"
 
     backup_id = ok(workspace.run("pitr.base", "--env", "local", "--json")).json()["base"]["backup_id"]
+    # pgBackRest's times are whole seconds: the backup's end counts from the next second (its earliest), and the
+    # repository's file times end the recoverable range; T lies after the first and before the second
+    next_second()
     with app_conn(sandbox) as conn:
         conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('pitr-kept', 'kept', now())""")
         moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # after the insert's commit, before the delete
         conn.execute("""DELETE FROM "Brand" WHERE slug = 'pitr-kept'""")
+    next_second()
     switch_and_wait(sandbox)  # the deletion archived
     at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
