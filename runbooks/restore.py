@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from ops.engine import Runbook
     from ops.inventory import Environment
 
-__all__ = ["build", "collection", "restore"]  # build: RUNBOOKS "restore"
+__all__ = ["build", "build_diff", "collection", "restore"]  # RUNBOOKS "restore", "restore.diff"
+
+build_diff = table_diff_steps.build  # what `inv runs.resume` rebuilds an interrupted restore.diff with
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
