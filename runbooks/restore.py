@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["build", "build_diff", "collection", "restore"]  # RUNBOOKS "restore", "restore.diff"
 
-build_diff = table_diff_steps.build  # what `inv runs.resume` rebuilds an interrupted restore.diff with
+
+def build_diff(env: Environment, **arguments: Any) -> Runbook:
+    """restore.diff for `inv runs.resume` (the run's own arguments) and `inv runbook.show` (TABLE: a placeholder)."""
+    return table_diff_steps.build(env, **{"table": "TABLE", **arguments})
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:
