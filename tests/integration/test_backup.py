@@ -190,15 +190,15 @@ def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3
     assert first_id in {d["id"] for d in pruned.json()["decisions"] if d["decision"] == "held"}
 
     # R2 refuses to rewrite an object the rule holds: a verification's record must never need to
-    for kind in ("checksum", "deep"):
-        checked = opsbook.run("backup.verify", "--env", "staging", "--id", first_id, *(["--deep"] * (kind == "deep")))
+    for _ in range(2):  # the second is the one that would rewrite the record
+        checked = opsbook.run("backup.verify", "--env", "staging", "--id", first_id)
         assert checked.exit_code == 0, checked
     client = s3_server.client()
     written = [version["Key"] for version in client.list_object_versions(Bucket=bucket, Prefix=rule["prefix"])
                ["Versions"]]
     assert sorted(key for key in set(written) if written.count(key) > 1) == [], "objects under the rule rewritten"
     records = json.loads(client.get_object(Bucket=bucket, Key=f"staging/verifications/{first_id}.json")["Body"].read())
-    assert [(record["kind"], record["ok"]) for record in records] == [("checksum", True), ("deep", True)]
+    assert [(record["kind"], record["ok"]) for record in records] == [("checksum", True)] * 2
     watched = opsbook.run("backup.check", "--env", "staging", "--json")
     assert watched.json()["last_verification"]["id"] == first_id, watched
 

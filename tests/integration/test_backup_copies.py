@@ -291,13 +291,16 @@ def test_copies_of_a_locked_backup_are_locked_until_the_same_date(opsbook, postg
         with pytest.raises(client.exceptions.ClientError, match="AccessDenied"):
             client.delete_object(Bucket=bucket, Key=dump, VersionId=version)
 
-    second = opsbook.run("backup", "--env", "staging", "--json")  # its retention (keep 1) leaves the first held
-    assert second.exit_code == 0, second
+    newer = {name: store_backup(open_storage(server.config(bucket, prefix=prefix)), datetime.now(UTC))
+             for name, (server, bucket), prefix in zip(buckets, buckets.values(), ("staging/", "near/", "far/"),
+                                                        strict=True)}  # retention (keep 1) would delete the first
     pruned = opsbook.run("backup.prune", "--env", "staging", "--json")
     assert pruned.exit_code == 0, pruned
+    assert {d["id"]: d["decision"] for d in pruned.json()["decisions"]} == {backup_id: "held",
+                                                                            newer["primary"]: "keep"}
     for name in ("offsite", "nearby"):
         decided = {d["id"]: d["decision"] for d in pruned.json()["copies"][name]["decisions"]}
-        assert decided == {backup_id: "held", second.json()["backup"]["backup_id"]: "keep"}, (name, decided)
+        assert decided == {backup_id: "held", newer[name]: "keep"}, (name, decided)
     for name, prefix in (("primary", "staging/"), ("nearby", "near/"), ("offsite", "far/")):
         server, bucket = buckets[name]
         assert f"{prefix}backups/{backup_id}/manifest.json" in keys(server, bucket), name
