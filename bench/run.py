@@ -6,6 +6,7 @@
 
 Scenarios (each round runs every command once, the order alternating between rounds):
     backup    inv backup            vs  pg_dump -Fc | aws s3 cp - s3://…   and   pg_dump -Fc -Z0 > /dev/null
+              (and inv backup with backups.copies on a second S3 server: streamed, its peak RSS beside)
     restore   inv restore           vs  pg_restore -j 2 from a local file
     assets    inv backup.assets     vs  aws s3 sync   (a full copy, then a run with nothing new)
     startup   inv --list            vs  python -c "import invoke"
@@ -33,6 +34,7 @@ from bench.measure import Sample, Series, ratio, run_measured
 
 APP_BUCKET, BACKUP_BUCKET, USERS_BUCKET = "bench-app", "bench-backups", "bench-users"
 BACKUP_PREFIX = "bench/"
+COPY_BUCKET, COPY_PREFIX = "bench-copies", "copied/"  # backups.copies of env `copies`, on the second S3 server
 TARGETS = {  # the targets, as maximum ratios
     ("backup", "pg_dump -Fc | aws s3 cp -"): 0.30,
     ("backup", "pg_dump -Fc -Z0 > /dev/null (floor)"): 2.0,
@@ -65,12 +67,13 @@ def log(text: str) -> None:
 
 
 class Bench:
-    def __init__(self, arguments: argparse.Namespace, work: Path, server: Any, endpoint: str):
+    def __init__(self, arguments: argparse.Namespace, work: Path, server: Any, endpoint: str, copy_endpoint: str):
         self.arguments = arguments
         self.work = work
         self.server = server
-        self.endpoint = endpoint
+        self.endpoint, self.copy_endpoint = endpoint, copy_endpoint
         self.s3 = servers.s3_client(endpoint)
+        self.copy_s3 = servers.s3_client(copy_endpoint)
         self.aws = servers.find_aws(log)
         self.bin_dir = Path(server.bin_dir)
         self.tasks_root = Path(arguments.tasks_root).resolve()
@@ -94,9 +97,15 @@ class Bench:
                    "access_key_id": "${env:BENCH_S3_KEY}", "secret_access_key": "${env:BENCH_S3_SECRET}"}
         backups = {"bucket": BACKUP_BUCKET, "prefix": BACKUP_PREFIX,
                    "compression_level": self.arguments.compression_level}
+        # another server (endpoint) than the backup bucket's: the copy is streamed through opsbook, not server-side
+        copies = {**backups, "prefix": COPY_PREFIX, "copies": [
+            {"name": "offsite", "provider": "s3", "endpoint": self.copy_endpoint, "region": "us-east-1",
+             "bucket": COPY_BUCKET, "prefix": COPY_PREFIX, "access_key_id": "${env:BENCH_S3_KEY}",
+             "secret_access_key": "${env:BENCH_S3_SECRET}"}]}
         inventory = {"project": "bench", "default_env": "bench", "envs": {
             "bench": {"database": {"url": "${env:BENCH_DATABASE_URL}"}, "storage": storage, "backups": backups},
             "restore": {"database": {"url": "${env:BENCH_RESTORE_URL}"}, "storage": storage, "backups": backups},
+            "copies": {"database": {"url": "${env:BENCH_DATABASE_URL}"}, "storage": storage, "backups": copies},
         }}
         (self.work / "inventory.yaml").write_text(yaml.safe_dump(inventory, sort_keys=False))
 
@@ -155,7 +164,7 @@ class Bench:
             log("      " + sample.error.strip().replace("\n", "\n      ")[-1500:])
 
 
-def backup_scenario(bench: Bench, size_label: str) -> Scenario:
+def backup_scenario(bench: Bench, size_label: str) -> tuple[Scenario, ...]:
     log(f"backup ({size_label})")
     ours = Series("inv backup")
     users = Series("pg_dump -Fc | aws s3 cp -")
@@ -174,18 +183,25 @@ def backup_scenario(bench: Bench, size_label: str) -> Scenario:
         (upload, [bench.aws, "--endpoint-url", bench.endpoint, "--only-show-errors", "s3", "cp", str(compressed),
                   f"s3://{USERS_BUCKET}/upload-only.zst"], None),
     ]
+    extra = ["--no-prune"] if "backup" in bench.available and "--no-prune" in bench.task_help("backup") else []
     if "backup" in bench.available:
-        extra = ["--no-prune"] if "--no-prune" in bench.task_help("backup") else []
         commands.insert(0, (ours, bench.inv("backup", "--env", "bench", *extra),
                             lambda: servers.empty_prefix(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/")))
     else:
         scenario.notes.append("`inv backup` is not in this tree yet: its row is empty")
+    copied = Scenario(f"backup + streamed copy, {size_label}", Series("inv backup, backups.copies on another server"),
+                      [users], ["backup + streamed copy: the same backup, then its copy read back and streamed "
+                                "to a second S3 server; no target, its peak RSS must stay as the backup's"])
+    if "backup" in bench.available and "backup.copy" in bench.available:
+        commands.insert(1, (copied.opsbook, bench.inv("backup", "--env", "copies", *extra), lambda: (
+            servers.empty_prefix(bench.s3, BACKUP_BUCKET, COPY_PREFIX + "backups/"),
+            servers.empty_prefix(bench.copy_s3, COPY_BUCKET, COPY_PREFIX + "backups/"))))
     bench.rounds(commands)
     compressed.unlink()
     users.stored_bytes = servers.prefix_size(bench.s3, USERS_BUCKET, "dump.pgc")
     if ours.samples:
         ours.stored_bytes = servers.prefix_size(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/") or None
-    return scenario
+    return scenario, *([copied] if copied.opsbook.samples else [])
 
 
 def restore_scenario(bench: Bench, size_label: str) -> Scenario:
@@ -319,19 +335,21 @@ def main(argv: list[str] | None = None) -> int:
     only = set(arguments.only.split(","))
     scenarios: list[Scenario] = []
     with tempfile.TemporaryDirectory(prefix="opsbook-bench-") as scratch, servers.postgres() as server, \
-            servers.moto_server(Path(scratch) / "moto.log") as endpoint:
+            servers.moto_server(Path(scratch) / "moto.log") as endpoint, \
+            servers.moto_server(Path(scratch) / "moto-copy.log") as copy_endpoint:
         work = Path(scratch)
-        bench = Bench(arguments, work, server, endpoint)
+        bench = Bench(arguments, work, server, endpoint, copy_endpoint)
         bench.write_inventory()
         for bucket in (APP_BUCKET, BACKUP_BUCKET, USERS_BUCKET):
             bench.s3.create_bucket(Bucket=bucket)
+        bench.copy_s3.create_bucket(Bucket=COPY_BUCKET)
         bench.psql('CREATE DATABASE "bench"')
         for size in sizes if only & {"backup", "restore"} else []:
             log(f"filling the database to {size} MB")
             actual = servers.fill_database(server.url("bench").reveal(), size, log)
             label = f"{actual / 1024 / 1024:.0f} MB database"
             if "backup" in only:
-                scenarios.append(backup_scenario(bench, label))
+                scenarios += backup_scenario(bench, label)
             if "restore" in only:
                 scenarios.append(restore_scenario(bench, label))
         if "assets" in only:

@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from ops import pg_url
 from ops.backup_manifest import (
-    BACKUPS_DIR,
-    VERIFICATION_NAME,
     Manifest,
     last_verification,
     list_backups,
     read_verifications,
-    verification_key,
+    verified_ids,
 )
 from ops.clock import iso_z, parse_time_or_none
 from ops.errors import OpsError
@@ -81,8 +79,8 @@ class Verdict:
 def read_facts(storage: Storage) -> Facts:
     """One listing of backups/, the manifests, and the verification records that exist (no request for the rest)."""
     complete, _incomplete = list_backups(storage, strict=False)
-    recorded = {info.key for info in storage.list(BACKUPS_DIR) if info.key.endswith(VERIFICATION_NAME)}
-    verified = [manifest for manifest in complete if verification_key(manifest.id) in recorded]
+    recorded = verified_ids(storage)
+    verified = [manifest for manifest in complete if manifest.id in recorded]
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         passed = list(pool.map(lambda m: last_verification(read_verifications(storage, m.id)), verified))
     candidates = [{"id": m.id, "at": record.get("at"), "kind": record.get("kind")}

@@ -25,7 +25,7 @@ from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import ConnectionFailed, OpsError, StepFailed, UsageError
 from ops.lazy_dataclasses import dataclass
 from ops.output import human_size
-from ops.storage import BucketNotFound, open_storage
+from ops.storage import BucketNotFound, ObjectLock, open_storage
 from ops.storage.s3 import MAX_COPY_OBJECT_SIZE
 
 if TYPE_CHECKING:
@@ -121,35 +121,46 @@ def copy_backup(primary: Storage, copy: Storage, name: str, backup_id: str,
                              hint=f"verify it (`inv backup.verify --id {backup_id}`); it cannot be copied as it is")
         infos.append((part, info))
     started = time.monotonic()
-    how = how_copied(primary, copy, infos[0][1].size)
+    how, lock = how_copied(primary, copy, infos[0][1].size), copy_lock(copy, manifest)
     try:
         for part, info in infos:
             what = "" if part is manifest else f" {part.database.name}"
             _copy_dump(primary, copy, info, part, how_copied(primary, copy, info.size),
-                       progress(f"{backup_id}{what} → {name}: copied", total_bytes=info.size))
-        _copy_globals(primary, copy, manifest)
-        copy.put_bytes(manifest_key(backup_id), manifest_bytes, content_type="application/json")
+                       progress(f"{backup_id}{what} → {name}: copied", total_bytes=info.size), lock)
+        _copy_globals(primary, copy, manifest, lock)
+        copy.put_bytes(manifest_key(backup_id), manifest_bytes, content_type="application/json", lock=lock)
     except BaseException:
         _remove_partial(copy, manifest)
         raise
     return Copied(backup_id, name, how, manifest.size, round(time.monotonic() - started, 3))
 
 
+def copy_lock(copy: Storage, manifest: Manifest) -> ObjectLock | None:
+    """A locked backup's retention on an S3 copy: the primary's date (and mode), so a leaked key of either
+    bucket erases neither. None for an unlocked backup, and on R2, whose bucket lock rules are the
+    bucket owner's to set."""
+    until = manifest.locked_until
+    if until is None or copy.config.provider != "s3":
+        return None
+    mode = str(manifest.lock.get("mode")) if manifest.lock else ""
+    return ObjectLock(mode.upper() if mode in ("governance", "compliance") else "GOVERNANCE", until)
+
+
 def _copy_dump(primary: Storage, copy: Storage, info: ObjectInfo, manifest: Manifest, how: str,
-               progress: Callable[[int], None]) -> None:
+               progress: Callable[[int], None], lock: ObjectLock | None) -> None:
     key = manifest.object.key
     if how == "streamed":
         with primary.open_read(key) as reader:
             hashing = HashingReader(reader)
             copy.upload_stream(key, hashing, part_size=dump.part_size_for(info.size), on_progress=progress,
-                               metadata=info.metadata, content_type=info.content_type)
+                               metadata=info.metadata, content_type=info.content_type, lock=lock)
         if (hashing.size, hashing.sha256) != (manifest.size, manifest.sha256):
             raise StepFailed(f"{primary.describe()}: backup {manifest.id} read back as {hashing.size} bytes with "
                              f"sha256 {hashing.sha256[:12]}…, not as its manifest says: not copied",
                              hint=f"verify it (`inv backup.verify --id {manifest.id}`)")
     else:
-        pinned = (copy.server_side_copy(primary, info, key) if how == "server-side"
-                  else copy.multipart_copy(primary, info, key, part_size=dump.part_size_for(info.size)))
+        pinned = (copy.server_side_copy(primary, info, key, lock=lock) if how == "server-side"
+                  else copy.multipart_copy(primary, info, key, part_size=dump.part_size_for(info.size), lock=lock))
         if not pinned:
             raise StepFailed(f"{primary.describe()}: the dump of backup {manifest.id} changed while it was "
                              "copied", hint="run the copy again")
@@ -159,7 +170,7 @@ def _copy_dump(primary: Storage, copy: Storage, info: ObjectInfo, manifest: Mani
                          hint="run the copy again")
 
 
-def _copy_globals(primary: Storage, copy: Storage, manifest: Manifest) -> None:
+def _copy_globals(primary: Storage, copy: Storage, manifest: Manifest, lock: ObjectLock | None) -> None:
     """The cluster's roles beside the dump (a few KiB: read whole), checked against the manifest."""
     stored = manifest.globals
     if not stored:
@@ -168,7 +179,7 @@ def _copy_globals(primary: Storage, copy: Storage, manifest: Manifest) -> None:
     if (len(data), hashlib.sha256(data).hexdigest()) != (stored["size"], stored["sha256"]):
         raise StepFailed(f"{primary.describe()}: the globals of backup {manifest.id} do not match its manifest: "
                          "not copied", hint=f"verify it (`inv backup.verify --id {manifest.id}`)")
-    copy.put_bytes(stored["key"], data, content_type="application/octet-stream")
+    copy.put_bytes(stored["key"], data, content_type="application/octet-stream", lock=lock)
 
 
 def _remove_partial(copy: Storage, manifest: Manifest) -> None:

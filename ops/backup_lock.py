@@ -43,6 +43,11 @@ def lock_mode(env: Environment) -> str:
     return str(env.raw("backups.lock_mode", None) or DEFAULT_MODE)
 
 
+def held_by_a_bucket_rule(env: Environment) -> bool:
+    """Whether an R2 bucket lock rule holds every object under backups/: none of them can be rewritten."""
+    return lock_days(env) is not None and env.storage_config("backups").provider == "r2"
+
+
 def object_lock(env: Environment, now: datetime) -> ObjectLock | None:
     """The retention each object of a backup started at `now` is written with (S3 only; None elsewhere)."""
     days = lock_days(env)

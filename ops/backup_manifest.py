@@ -5,6 +5,8 @@ Under the environment's backup bucket and prefix:
     backups/<id>/dump.pgc.zst[.age]   the stored dump (pg_dump -Fc -Z0 → zstd → optional age)
     backups/<id>/manifest.json        written LAST: a backup without one is incomplete
     backups/<id>/verification.json    appended by backup.verify; the manifest stays immutable
+    verifications/<id>.json           the same, where a bucket lock rule holds all of backups/ (R2 with
+                                      lock_days): outside it, so a new record never overwrites a locked object
     backups/<id>/globals.sql.zst[.age] the cluster's roles (pg_dumpall --globals-only), in `globals`
 
 With several databases (`database.names`), each database's dump has a folder of its own and the one
@@ -39,6 +41,7 @@ FORMAT = 1
 BACKUPS_DIR = "backups/"
 MANIFEST_NAME = "manifest.json"
 VERIFICATION_NAME = "verification.json"
+VERIFICATIONS_DIR = "verifications/"
 DUMP_NAME = "dump.pgc.zst"
 DATABASES_DIR = "databases/"
 ENCRYPTED_SUFFIX = ".age"
@@ -55,6 +58,20 @@ def manifest_key(backup_id: str) -> str:
 
 def verification_key(backup_id: str) -> str:
     return backup_prefix(backup_id) + VERIFICATION_NAME
+
+
+def unlocked_verification_key(backup_id: str) -> str:
+    """Outside backups/: where a bucket lock rule on backups/ cannot stop a record from being rewritten."""
+    return f"{VERIFICATIONS_DIR}{backup_id}.json"
+
+
+def verified_ids(storage: Storage) -> set[str]:
+    """The backups with a verification record in either place (two listings, no request per backup)."""
+    inside = {info.key[len(BACKUPS_DIR):-len("/" + VERIFICATION_NAME)] for info in storage.list(BACKUPS_DIR)
+              if info.key.endswith("/" + VERIFICATION_NAME)}
+    outside = {info.key[len(VERIFICATIONS_DIR):-len(".json")] for info in storage.list(VERIFICATIONS_DIR)
+               if info.key.endswith(".json")}
+    return inside | outside
 
 
 def dump_key(backup_id: str, encrypted: bool, database: str | None = None) -> str:
@@ -430,21 +447,31 @@ class Verification:
 
 
 def read_verifications(storage: Storage, backup_id: str) -> list[dict[str, Any]]:
-    """The verification records of a backup, oldest first; [] when never verified."""
-    if storage.head(verification_key(backup_id)) is None:
-        return []
+    """The verification records of a backup, oldest first; [] when never verified. The record outside
+    backups/, once written, holds the earlier ones too."""
+    for key in (unlocked_verification_key(backup_id), verification_key(backup_id)):
+        if storage.head(key) is not None:
+            return _records(storage, key)
+    return []
+
+
+def _records(storage: Storage, key: str) -> list[dict[str, Any]]:
     try:
-        records = json.loads(storage.get_bytes(verification_key(backup_id)))
+        records = json.loads(storage.get_bytes(key))
     except (ValueError, UnicodeDecodeError):
         return []  # a damaged record of past checks is not worth failing over: the next check rewrites it
     return [record for record in records if isinstance(record, dict)] if isinstance(records, list) else []
 
 
-def append_verification(storage: Storage, backup_id: str, record: Verification | dict[str, Any]) -> None:
+def append_verification(storage: Storage, backup_id: str, record: Verification | dict[str, Any], *,
+                        outside_lock: bool = False) -> None:
+    """Add `record` to the backup's verifications; `outside_lock` (a bucket lock rule holds backups/) writes
+    them outside backups/, since the record inside could not be rewritten."""
     entry = record.to_json() if isinstance(record, Verification) else dict(record)
     records = [*read_verifications(storage, backup_id), entry]
-    storage.put_bytes(verification_key(backup_id), json.dumps(records, indent=2).encode(),
-                      content_type="application/json")
+    outside = unlocked_verification_key(backup_id)
+    key = outside if outside_lock or storage.head(outside) is not None else verification_key(backup_id)
+    storage.put_bytes(key, json.dumps(records, indent=2).encode(), content_type="application/json")
 
 
 def last_verification(records: list[dict[str, Any]], *, ok: bool | None = True) -> dict[str, Any] | None:

@@ -3,7 +3,8 @@
 Verification re-reads the stored object (size, sha256; decrypted and decompressed
 when the age identity is at hand); --deep also restores it into a scratch database
 `<db>__verify_<stamp>`, compares row counts with the manifest and drops it. Each
-outcome is appended to the backup's verification.json (the manifest stays immutable).
+outcome is appended to the backup's verification.json (the manifest stays immutable), or where an R2
+bucket lock rule holds backups/ (which it could not be rewritten under) to verifications/<id>.json.
 A backup of several databases is verified dump by dump (each into its own scratch database with --deep).
 """
 
@@ -14,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import cluster_globals, dump, fetch, pg, pg_tools, pg_url, restore_db
+from ops import backup_lock, cluster_globals, dump, fetch, pg, pg_tools, pg_url, restore_db
 from ops.backup_copies import UNREACHABLE, backups_storage, copies_json, copies_text, copy_names, holdings, open_copy
 from ops.backup_manifest import BACKUPS_DIR, Verification, append_verification, list_backups, read_verifications
 from ops.clock import iso_z, utc_now
@@ -124,7 +125,8 @@ class VerifyStep(Step):
                 failures.append(error.message)
             record = Verification(at=iso_z(utc_now()), kind="deep" if self.deep else "checksum", ok=ok,
                                   run_id=ctx.run_id, operator=ctx.operator, detail=detail)
-            append_verification(storage, manifest.id, record)
+            append_verification(storage, manifest.id, record,
+                                outside_lock=self.copy is None and backup_lock.held_by_a_bucket_rule(ctx.env))
             where = "" if self.copy is None else f" (copy {self.copy})"
             ctx.log(f"{manifest.id}{where}: {'ok' if ok else 'FAILED'} — {detail}")
             results.append({"id": manifest.id, "copy": self.copy, **record.to_json()})

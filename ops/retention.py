@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ops.backup_copies import backups_storage, copy_names
 from ops.backup_manifest import (
-    VERIFICATION_NAME,
     backup_prefix,
     list_backups,
     manifest_key,
     read_verifications,
-    verification_key,
+    unlocked_verification_key,
+    verified_ids,
 )
 from ops.clock import iso_z, parse_time, utc_now
 from ops.errors import OpsError
@@ -293,8 +293,8 @@ def read_manifests(storage: Storage) -> tuple[list[tuple[Manifest, BackupInfo]],
     their durations)."""
     complete, incomplete = list_backups(storage, strict=False)
     # One more listing tells which backups were ever verified: no request per backup for the others.
-    verified_keys = {info.key for info in storage.list(BACKUPS_PREFIX) if info.key.endswith(VERIFICATION_NAME)}
-    return [(m, backup_info(m, read_verifications(storage, m.id) if verification_key(m.id) in verified_keys else []))
+    verified = verified_ids(storage)
+    return [(m, backup_info(m, read_verifications(storage, m.id) if m.id in verified else []))
             for m in complete], incomplete
 
 
@@ -321,6 +321,7 @@ def delete_backup(storage: Storage, backup_id: str) -> int:
     storage.delete(manifest_key(backup_id))
     keys = [info.key for info in storage.list(backup_prefix(backup_id))]
     storage.delete_many(keys)
+    storage.delete(unlocked_verification_key(backup_id))  # kept outside backups/ where a lock rule holds it
     return len(keys) + 1
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ops import pg, pg_url, restore_db
+from ops import pg, pg_url, processes, restore_db
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed, UsageError
 from ops.output import ProgressLines, human_size
@@ -63,9 +63,14 @@ def claim_scratch(conn: psycopg.Connection, name: str, live: str, owner: str, ab
                          "refusing to restore into it", hint="name a new database for --into; opsbook creates it")
     if replaced:
         pg.drop_database(conn, name)
-    pg.create_database(conn, name, owner=owner)
-    conn.execute(f"COMMENT ON DATABASE {pg.quote_identifier(conn, name)} IS "
-                 f"{pg.quote_literal(conn, f'{SCRATCH_MARK}: {about}')}")
+    with processes.interrupts_held():  # made, it is ours to drop: an interrupt lands in the block below
+        pg.create_database(conn, name, owner=owner)
+    try:
+        conn.execute(f"COMMENT ON DATABASE {pg.quote_identifier(conn, name)} IS "
+                     f"{pg.quote_literal(conn, f'{SCRATCH_MARK}: {about}')}")
+    except BaseException:  # unmarked, a later run would refuse to replace it
+        pg.drop_database(conn, name)
+        raise
     return replaced
 
 

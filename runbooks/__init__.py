@@ -25,6 +25,7 @@ RUNBOOKS = {
     "backup.prune": "runbooks.prune",
     "backup.assets": "runbooks.assets",
     "restore": "runbooks.restore",
+    "restore.diff": "runbooks.restore:build_diff",
     "drill": "runbooks.drill",
     "decommission": "runbooks.decommission",
     "migrate": "runbooks.migrate",

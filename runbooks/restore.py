@@ -28,7 +28,12 @@ if TYPE_CHECKING:
     from ops.engine import Runbook
     from ops.inventory import Environment
 
-__all__ = ["build", "collection", "restore"]  # build: RUNBOOKS "restore"
+__all__ = ["build", "build_diff", "collection", "restore"]  # RUNBOOKS "restore", "restore.diff"
+
+
+def build_diff(env: Environment, **arguments: Any) -> Runbook:
+    """restore.diff for `inv runs.resume` (the run's own arguments) and `inv runbook.show` (TABLE: a placeholder)."""
+    return table_diff_steps.build(env, **{"table": "TABLE", **arguments})
 
 
 def build(env: Environment, **arguments: Any) -> Runbook:

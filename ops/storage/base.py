@@ -278,12 +278,12 @@ class Storage(ABC):
         return False
 
     def server_side_copy(self, source: Storage, info: ObjectInfo, dest_key: str, *,
-                         metadata: dict[str, str] | None = None) -> bool:
+                         metadata: dict[str, str] | None = None, lock: ObjectLock | None = None) -> bool:
         """Copy `info` of `source` without it passing through this process (see S3Storage)."""
         raise UsageError(f"{self.describe()}: no server-side copy here", hint="use copy_object")
 
     def multipart_copy(self, source: Storage, info: ObjectInfo, dest_key: str, *,
-                       part_size: int = DEFAULT_PART_SIZE) -> bool:
+                       part_size: int = DEFAULT_PART_SIZE, lock: ObjectLock | None = None) -> bool:
         """`server_side_copy` for objects of any size, part by part (see S3Storage)."""
         raise UsageError(f"{self.describe()}: no server-side copy here", hint="use copy_object")
 

@@ -284,12 +284,14 @@ class S3Storage(MultipartUploads, ConditionalWrites, ObjectLocks, Storage):
                           metadata=info.metadata, content_type=info.content_type)
 
     def server_side_copy(self, source: Storage, info: ObjectInfo, dest_key: str, *,
-                         metadata: dict[str, str] | None = None) -> bool:
+                         metadata: dict[str, str] | None = None, lock: ObjectLock | None = None) -> bool:
         """CopyObject of `info` from `source` (same account, up to MAX_COPY_OBJECT_SIZE): pinned to
-        its ETag and keeping its metadata, or with `metadata` replacing it. False when the
-        source changed or went since `info` was read."""
+        its ETag and keeping its metadata, or with `metadata` replacing it; `lock`: the copy's
+        retention (S3 copies none from the source). False when the source changed or went since
+        `info` was read."""
         from botocore.exceptions import ClientError
 
+        self.lock_arguments(lock)  # refused where there is no per-object retention
         arguments: dict[str, Any] = {}
         if metadata is None:
             arguments["CopySourceIfMatch"] = f'"{info.etag}"'
@@ -301,12 +303,14 @@ class S3Storage(MultipartUploads, ConditionalWrites, ObjectLocks, Storage):
         full_key = self.full_key(dest_key)
         with self._errors(f"copying {copy_source['Key']} to {full_key}"):
             try:
-                self.client.copy_object(Bucket=self.config.bucket, Key=full_key, CopySource=copy_source,
-                                        **arguments)
+                copied = self.client.copy_object(Bucket=self.config.bucket, Key=full_key, CopySource=copy_source,
+                                                 **arguments)
             except ClientError as error:
                 if metadata is None and self._code(error) in ("PreconditionFailed", "412", "NoSuchKey"):
                     return False
                 raise
+        if lock is not None:  # set on the version just made (a CopyObject with lock headers wants a Content-MD5)
+            self.retain(full_key, copied.get("VersionId"), lock)
         return True
 
     def lifecycle_rules(self) -> list[dict[str, Any]]:

@@ -48,6 +48,13 @@ class ObjectLocks:
                              hint="on R2 backups.lock_days sets a bucket lock rule instead")
         return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": lock.retain_until}
 
+    def retain(self, full_key: str, version_id: str | None, lock: ObjectLock) -> None:
+        """PutObjectRetention: `lock` on one version of an object already stored."""
+        version = {"VersionId": version_id} if version_id else {}
+        with self._errors(f"locking {full_key} until {lock.retain_until:%Y-%m-%dT%H:%M:%SZ}"):
+            self.client.put_object_retention(Bucket=self.config.bucket, Key=full_key, **version,
+                                             Retention={"Mode": lock.mode, "RetainUntilDate": lock.retain_until})
+
     def object_lock_enabled(self) -> bool:
         with self._errors("reading the object lock configuration"):
             try:

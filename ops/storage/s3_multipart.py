@@ -68,7 +68,7 @@ class MultipartUploads:
         return self._stored(key)
 
     def multipart_copy(self, source: Any, info: ObjectInfo, dest_key: str, *,
-                       part_size: int = DEFAULT_PART_SIZE) -> bool:
+                       part_size: int = DEFAULT_PART_SIZE, lock: ObjectLock | None = None) -> bool:
         """A server-side copy of any size (UploadPartCopy, for objects past CopyObject's 5 GiB): no byte
         passes through this process. Each part is pinned to `info`'s ETag: False, with nothing left behind,
         when the source changed or went meanwhile."""
@@ -80,7 +80,7 @@ class MultipartUploads:
         with self._errors(f"starting the copy of {copy_source['Key']} to {full_key}"):
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.config.bucket, Key=full_key,
-                **self._put_arguments(info.metadata, info.content_type))["UploadId"]
+                **self._put_arguments(info.metadata, info.content_type, lock))["UploadId"]
         try:
             parts = self._copy_parts(copy_source, full_key, upload_id, info, part_size)
             current = source.head(info.key)  # some servers ignore the per-part condition: ask once more

@@ -161,6 +161,8 @@ def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3
         "keys": {"provider": "cloudflare", "account_id": account.account_id,
                  "api_token": "${env:CLOUDFLARE_API_TOKEN}", "api_base": cloudflare_api.base_url}}},
         {"staging": url})
+    s3_server.client().put_bucket_versioning(  # every write of a key kept: a rewrite shows as a second version
+        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     opsbook.environ["CLOUDFLARE_API_TOKEN"] = "not-a-token"
     refused = opsbook.run("backup", "--env", "staging")
     assert refused.exit_code == 3 and "Workers R2 Storage: Edit" in refused.stderr, refused  # a failed check
@@ -186,6 +188,19 @@ def test_on_r2_a_bucket_lock_rule_holds_the_backups(opsbook, postgres_server, s3
     assert pruned.exit_code == 0, pruned
     assert f"held until {manifest['lock']['retain_until']} by the object lock" in pruned.stderr
     assert first_id in {d["id"] for d in pruned.json()["decisions"] if d["decision"] == "held"}
+
+    # R2 refuses to rewrite an object the rule holds: a verification's record must never need to
+    for _ in range(2):  # the second is the one that would rewrite the record
+        checked = opsbook.run("backup.verify", "--env", "staging", "--id", first_id)
+        assert checked.exit_code == 0, checked
+    client = s3_server.client()
+    written = [version["Key"] for version in client.list_object_versions(Bucket=bucket, Prefix=rule["prefix"])
+               ["Versions"]]
+    assert sorted(key for key in set(written) if written.count(key) > 1) == [], "objects under the rule rewritten"
+    records = json.loads(client.get_object(Bucket=bucket, Key=f"staging/verifications/{first_id}.json")["Body"].read())
+    assert [(record["kind"], record["ok"]) for record in records] == [("checksum", True)] * 2
+    watched = opsbook.run("backup.check", "--env", "staging", "--json")
+    assert watched.json()["last_verification"]["id"] == first_id, watched
 
 
 def test_on_a_terminal_the_upload_shows_a_progress_bar_and_with_json_none(opsbook, staging):

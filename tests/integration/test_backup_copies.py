@@ -247,3 +247,60 @@ def test_the_streamed_copy_keeps_memory_to_its_parts(opsbook, copied, s3_server,
     # 96 MiB read whole would add at least that much; two 16 MiB parts in flight add about a third of it.
     assert peaks[large] - peaks[small] < 48, peaks
     assert f"far/backups/{large}/manifest.json" in keys(s3_copy_server, copied["offsite"])
+
+
+def test_copies_of_a_locked_backup_are_locked_until_the_same_date(opsbook, postgres_server, s3_server, s3_copy_server):
+    """backups.lock_days with copies: the dump, globals and manifest on each copy (server-side on the same
+    server, streamed to the other) carry the primary's retention; a delete of a copy's version is refused
+    and retention holds the backup on every copy."""
+    _name, url = make_database(postgres_server)
+    buckets = {"primary": (s3_server, s3_server.unique_bucket_name("locked")),
+               "nearby": (s3_server, s3_server.unique_bucket_name("locked")),
+               "offsite": (s3_copy_server, s3_copy_server.unique_bucket_name("locked"))}
+    for server, bucket in buckets.values():
+        server.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    copies = [{"name": "offsite", "provider": "s3", "endpoint": s3_copy_server.endpoint, "region": "us-east-1",
+               "bucket": buckets["offsite"][1], "prefix": "far/", "access_key_id": "${env:OFFSITE_KEY_ID}",
+               "secret_access_key": "${env:OFFSITE_SECRET}"},
+              {"name": "nearby", "bucket": buckets["nearby"][1], "prefix": "near/"}]
+    single = {"keep_last": 1, "daily": 0, "weekly": 0, "monthly": 0, "min_keep": 1}
+    write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(
+        s3_server.endpoint, buckets["primary"][1], "staging/", copies=copies, lock_days=2, retention=single)}},
+        {"staging": url})
+    opsbook.environ.update(OFFSITE_KEY_ID=s3_copy_server.access_key_id,
+                           OFFSITE_SECRET=s3_copy_server.secret_access_key.reveal())
+    made = opsbook.run("backup", "--env", "staging", "--json")
+    assert made.exit_code == 0, made
+    backup_id = made.json()["backup"]["backup_id"]
+    assert sorted((c["copy"], c["how"]) for c in made.json()["copies"]) == [
+        ("nearby", "server-side"), ("offsite", "streamed")]
+    server, bucket = buckets["primary"]
+    manifest = json.loads(server.client().get_object(
+        Bucket=bucket, Key=f"staging/backups/{backup_id}/manifest.json")["Body"].read())
+    until = manifest["lock"]["retain_until"]
+    for name, prefix in (("primary", "staging/"), ("nearby", "near/"), ("offsite", "far/")):
+        server, bucket = buckets[name]
+        client = server.client()
+        for stored in ("dump.pgc.zst", "globals.sql.zst", "manifest.json"):
+            head = client.head_object(Bucket=bucket, Key=f"{prefix}backups/{backup_id}/{stored}")
+            assert (head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate") and
+                    head["ObjectLockRetainUntilDate"].strftime("%Y-%m-%dT%H:%M:%SZ")) == ("GOVERNANCE", until), (
+                name, stored)
+        dump = f"{prefix}backups/{backup_id}/dump.pgc.zst"
+        version = client.head_object(Bucket=bucket, Key=dump)["VersionId"]
+        with pytest.raises(client.exceptions.ClientError, match="AccessDenied"):
+            client.delete_object(Bucket=bucket, Key=dump, VersionId=version)
+
+    newer = {name: store_backup(open_storage(server.config(bucket, prefix=prefix)), datetime.now(UTC))
+             for name, (server, bucket), prefix in zip(buckets, buckets.values(), ("staging/", "near/", "far/"),
+                                                        strict=True)}  # retention (keep 1) would delete the first
+    pruned = opsbook.run("backup.prune", "--env", "staging", "--json")
+    assert pruned.exit_code == 0, pruned
+    assert {d["id"]: d["decision"] for d in pruned.json()["decisions"]} == {backup_id: "held",
+                                                                            newer["primary"]: "keep"}
+    for name in ("offsite", "nearby"):
+        decided = {d["id"]: d["decision"] for d in pruned.json()["copies"][name]["decisions"]}
+        assert decided == {backup_id: "held", newer[name]: "keep"}, (name, decided)
+    for name, prefix in (("primary", "staging/"), ("nearby", "near/"), ("offsite", "far/")):
+        server, bucket = buckets[name]
+        assert f"{prefix}backups/{backup_id}/manifest.json" in keys(server, bucket), name

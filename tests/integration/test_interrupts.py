@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ import pytest
 import yaml
 
 from ops import processes
+from ops.secrets import Secret
 from tests.cli import CliResult, Opsbook, wait_for
+from tests.fixtures.backups import backups_section, write_inventory
 from tests.fixtures.processes import children, command_name
+from tests.fixtures.shop import databases_like, make_database
 from tests.fixtures.ssh import AppHost, HangOnce, hang_once, process_alive
 
 STOPPED_WITHIN_SECONDS = 6  # "a few seconds": a hang lasts until the 300 s sleep of the remote command ends
@@ -41,9 +45,10 @@ def set_hosts(opsbook: Opsbook, hosts: list[dict[str, Any]], **settings: Any) ->
 
 
 def interrupt_when(opsbook: Opsbook, args: tuple[str, ...], ready: Callable[[subprocess.Popen], Any], signum: int,
-                   hang: HangOnce | None = None) -> tuple[CliResult, float, list[int]]:
-    """Start `inv ARGS`, send `signum` once `ready(process)`; (result, seconds from the signal to the exit, the hanging
-    command's processes still running when the CLI had exited)."""
+                   hang: HangOnce | None = None, then: Callable[[], Any] | None = None
+                   ) -> tuple[CliResult, float, list[int]]:
+    """Start `inv ARGS`, send `signum` once `ready(process)` (and call `then()` right after); (result, seconds from
+    the signal to the exit, the hanging command's processes still running when the CLI had exited)."""
     process = opsbook.start(*args)
     try:
         wait_for(lambda: ready(process) or process.poll() is not None, timeout=90, interval=0.05,
@@ -51,6 +56,8 @@ def interrupt_when(opsbook: Opsbook, args: tuple[str, ...], ready: Callable[[sub
         assert process.poll() is None, opsbook.collect(process)
         process.send_signal(signum)
         signalled = time.monotonic()
+        if then is not None:
+            then()
         try:
             result = opsbook.collect(process, timeout=STOPPED_WITHIN_SECONDS * 5)
         except Exception:
@@ -310,3 +317,129 @@ def test_ctrl_c_while_neon_creates_a_branch_stops_the_wait_and_provision_resumes
     branch = project.branch("staging")
     assert f"held_{project.id[5:]}" in branch.databases
     assert neon_api.calls(project).count("POST /branches") == 1  # the branch made before the interrupt is used
+
+
+# --- restores of part of a backup, their diff, the roles --------------------------------------------------------
+
+
+def waiting_on_a_lock(url: Secret, query: str, database: str | None = None) -> bool:
+    """Whether a session (of `database`) waits for a lock in a statement matching the LIKE pattern `query`."""
+    with psycopg.connect(url.reveal(), autocommit=True) as connection:
+        return connection.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND query LIKE %s AND (%s::text IS NULL OR datname = %s)",
+                                  (query, database, database)).fetchone()[0] > 0
+
+
+def backed_up(opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> tuple[str, Secret]:
+    """A shop database on the session's server (staging) and one backup of it."""
+    name, url = make_database(postgres_server)
+    write_inventory(opsbook, s3_server, {"staging": {"backups": backups_section(
+        s3_server.endpoint, s3_server.make_bucket().bucket, "staging/")}}, {"staging": url})
+    made = opsbook.run("backup", "--env", "staging")
+    assert made.exit_code == 0, made
+    return name, url
+
+
+def test_an_interrupted_table_restore_leaves_no_half_made_scratch_database_and_runs_again(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any) -> None:
+    """Stopped between creating the scratch database and marking it as opsbook's (a database opsbook would
+    then refuse to replace), and again in pg_restore: the database is dropped each time, and the restore
+    resumes, or simply runs again."""
+    name, _url = backed_up(opsbook, postgres_server, s3_server)
+    into = f"{name}_users"
+    restore = ("restore", "--env", "staging", "--table", "User", "--into", into)
+    admin = psycopg.connect(postgres_server.url().reveal())
+    admin.execute("LOCK TABLE pg_catalog.pg_shdescription IN SHARE MODE")  # the scratch's mark (a COMMENT) waits
+    try:
+        result, seconds, _ = interrupt_when(opsbook, restore, lambda _: waiting_on_a_lock(
+            postgres_server.url(), "COMMENT ON DATABASE%"), signal.SIGINT, then=admin.rollback)
+    finally:
+        admin.close()
+    assert databases_like(postgres_server, into) == [], "the unmarked scratch database was left behind"
+    assert_stopped_then_resumed(opsbook, result, seconds, "load")
+    assert databases_like(postgres_server, into) == [into]
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE "{into}"')  # done with it (its drop would wait for the lock below)
+
+    admin = psycopg.connect(postgres_server.url().reveal())
+    admin.execute("LOCK TABLE pg_catalog.pg_shdescription IN SHARE MODE")
+    table = None
+
+    def restoring() -> bool:  # the new scratch exists, unmarked yet: a table of its name makes pg_restore wait
+        nonlocal table
+        if table is None and waiting_on_a_lock(postgres_server.url(), "COMMENT ON DATABASE%"):
+            table = psycopg.connect(postgres_server.url(into).reveal())
+            table.execute('CREATE TABLE public."User" (id int)')
+            admin.rollback()
+        return table is not None and waiting_on_a_lock(postgres_server.url(), "CREATE TABLE%", into)
+
+    try:
+        result, seconds, _ = interrupt_when(opsbook, restore, lambda _: restoring(), signal.SIGTERM)
+    finally:
+        admin.close()
+        if table is not None:
+            table.close()  # ended by the drop of its database
+    assert result.exit_code == 130 and seconds < STOPPED_WITHIN_SECONDS, result
+    assert databases_like(postgres_server, into) == [], "the interrupted pg_restore's scratch database was kept"
+    again = opsbook.run(*restore)
+    assert again.exit_code == 0 and "User (50 rows)" in again.stderr, again
+
+
+def test_an_interrupted_restore_diff_apply_changes_nothing_and_resumes_to_the_backups_rows(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any, tmp_path: Path) -> None:
+    _name, url = backed_up(opsbook, postgres_server, s3_server)
+    with psycopg.connect(url.reveal(), autocommit=True) as connection:
+        before = connection.execute('SELECT md5(string_agg(t::text, \',\' ORDER BY id)) FROM "User" t').fetchone()
+        connection.execute("""DELETE FROM "User" WHERE email IN ('user1@example.com', 'user2@example.com');
+                              UPDATE "User" SET email = 'changed ' || email WHERE email = 'user3@example.com'""")
+    holder = psycopg.connect(url.reveal())  # the changed row's lock holds the file's UPDATE, after its INSERTs
+    holder.execute("""SELECT 1 FROM "User" WHERE email = 'changed user3@example.com' FOR UPDATE""")
+    try:
+        result, seconds, _ = interrupt_when(
+            opsbook, ("restore.diff", "--env", "staging", "--table", "User", "--restore-changed", "--apply",
+                      "--out", str(tmp_path / "user.sql")),
+            lambda _: waiting_on_a_lock(postgres_server.url(), "%COMMIT;%"), signal.SIGINT)
+        with psycopg.connect(url.reveal()) as connection:
+            assert connection.execute('SELECT count(*) FROM "User"').fetchone() == (48,), "half applied"
+    finally:
+        holder.close()
+    assert_stopped_then_resumed(opsbook, result, seconds, "apply")
+    with psycopg.connect(url.reveal()) as connection:
+        assert connection.execute('SELECT md5(string_agg(t::text, \',\' ORDER BY id)) FROM "User" t'
+                                  ).fetchone() == before
+
+
+def test_an_interrupted_roles_step_creates_none_of_them_and_the_restore_resumes(
+        opsbook: Opsbook, postgres_server: Any, s3_server: Any, second_postgres_server: Any) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    owner, reader = f"own_{suffix}", f"read_{suffix}"
+    name, url = make_database(postgres_server)
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {reader} NOLOGIN; CREATE ROLE {owner} LOGIN")
+    with psycopg.connect(url.reveal(), autocommit=True) as connection:
+        connection.execute(f'ALTER TABLE "Brand" OWNER TO {owner}; GRANT SELECT ON "Image" TO {reader}')
+    fresh = Secret(second_postgres_server.url(name).reveal())
+    write_inventory(opsbook, s3_server, {
+        "staging": {"backups": backups_section(s3_server.endpoint, s3_server.make_bucket().bucket, "staging/")},
+        "fresh": {}}, {"staging": url, "fresh": fresh})
+    assert opsbook.run("backup", "--env", "staging").exit_code == 0
+    holder = psycopg.connect(second_postgres_server.url().reveal())  # a role of that name, not committed yet:
+    holder.execute(f"CREATE ROLE {owner}")  # the restore's CREATE ROLE waits for this transaction
+    try:
+        result, seconds, _ = interrupt_when(
+            opsbook, ("restore", "--env", "fresh", "--from", "staging", "--with-globals"),
+            lambda _: waiting_on_a_lock(second_postgres_server.url(), "CREATE ROLE%"), signal.SIGINT,
+            then=holder.rollback)
+    finally:
+        holder.close()
+    with psycopg.connect(second_postgres_server.url().reveal()) as connection:
+        assert connection.execute("SELECT rolname FROM pg_roles WHERE rolname IN (%s, %s)",
+                                  (owner, reader)).fetchall() == [], "some roles were created, not all"
+        assert connection.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                                  (f"{name}%",)).fetchall() == []
+    assert_stopped_then_resumed(opsbook, result, seconds, "roles")
+    with psycopg.connect(fresh.reveal()) as connection:
+        assert connection.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'Brand'"
+                                  ).fetchone() == (owner,)
+        assert connection.execute("""SELECT has_table_privilege(%s, '"Image"', 'SELECT')""", (reader,)
+                                  ).fetchone() == (True,)
