@@ -203,6 +203,7 @@ class BaseBackup:
     timeline: int
     segment_size: int
     server_version: int = 0  # PostgreSQL's version number: 150014
+    end_lsn: str | None = None  # where the backup became consistent (`0/5000100`): the earliest LSN target
 
     @property
     def major(self) -> int:
@@ -229,7 +230,7 @@ def parse_backup_info(backup_id: str, text: str) -> BaseBackup:
                       end_time=moment("end_time"), begin_wal=optional("begin_wal"), end_wal=optional("end_wal"),
                       timeline=int(optional("timeline") or 1),
                       segment_size=int(segment_size) if segment_size else DEFAULT_SEGMENT_SIZE,
-                      server_version=int(optional("version") or 0))
+                      server_version=int(optional("version") or 0), end_lsn=optional("end_xlog"))
 
 
 def backup_info_keys(objects: Iterable[ObjectInfo], root: str) -> dict[str, str]:

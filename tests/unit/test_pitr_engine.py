@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ops import pitr_catalog, pitr_engine
+from ops import pitr_catalog, pitr_engine, pitr_lsn
 from ops.errors import CheckFailed
 from ops.secrets import Secret
 from ops.storage import ObjectInfo, StorageConfig
@@ -79,3 +79,36 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
         pitr_catalog.choose(catalog, T0, "prod")
     started = pitr_engine.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
     assert not started.complete and pitr_catalog.recoverable(started, {}).earliest is None
+
+
+def test_lsn_text_and_the_span_of_a_segment():
+    assert str(pitr_lsn.Lsn.parse("16/b374d848")) == "16/B374D848" and str(pitr_lsn.Lsn(0)) == "0/0"
+    assert pitr_lsn.Lsn.parse("0/3000060") < pitr_lsn.Lsn.parse("1/0")
+    for text in ("0/", "3000060", "0/3000060/1", "x/1", "123456789/0"):
+        with pytest.raises(ValueError):
+            pitr_lsn.Lsn.parse(text)
+    assert str(pitr_lsn.segment_start("000000010000000100000003", 16 * 1024 * 1024)) == "1/3000000"
+    assert str(pitr_lsn.segment_end("0000000100000000000000FF", 16 * 1024 * 1024)) == "1/0"
+
+
+def test_an_lsn_is_chosen_inside_a_backups_span_and_refused_outside_naming_the_range():
+    text = ("status=DONE\nbegin_time=2026-11-23 17:00:00+00:00\nend_time=2026-11-23 17:00:30+00:00\n"
+            "begin_wal=000000010000000000000002\nend_wal=000000010000000000000002\nend_xlog=0/2000138\n"
+            "version=150014\n")
+    backup = pitr_engine.parse_backup_info("b1", text)
+    names = [f"0000000100000000000000{n:02X}" for n in (2, 3, 5)]
+    item = pitr_catalog.recoverable(backup, pitr_engine.wal_segments(listing(names), "pitr/prod/"))
+    assert (str(item.earliest_lsn), str(item.latest_lsn)) == ("0/2000138", "0/4000000")
+    assert item.to_json()["earliest_lsn"] == "0/2000138" and item.to_json()["latest_lsn"] == "0/4000000"
+    catalog = pitr_catalog.Catalog([item], {})
+    Lsn = pitr_lsn.Lsn
+    assert pitr_catalog.choose_lsn(catalog, Lsn.parse("0/2000138"), "prod") is item
+    assert pitr_catalog.choose_lsn(catalog, Lsn.parse("0/3FFFFFF"), "prod") is item
+    with pytest.raises(CheckFailed, match=r"LSN 0/2000137 is before prod's earliest .* 0/2000138 to 0/4000000"):
+        pitr_catalog.choose_lsn(catalog, Lsn.parse("0/2000137"), "prod")
+    with pytest.raises(CheckFailed, match="WAL segment 000000010000000000000004 is missing"):
+        pitr_catalog.choose_lsn(catalog, Lsn.parse("0/4000000"), "prod")
+    whole = pitr_catalog.recoverable(backup, pitr_engine.wal_segments(listing(names[:2]), "pitr/prod/"))
+    with pytest.raises(CheckFailed, match=r"LSN 0/4000000 is beyond prod's archived WAL; recoverable: 0/2000138 to "
+                                          r"0/4000000 \(exclusive\)"):
+        pitr_catalog.choose_lsn(pitr_catalog.Catalog([whole], {}), Lsn.parse("0/4000000"), "prod")
