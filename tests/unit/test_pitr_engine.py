@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ops import pitr_catalog, pitr_engine, pitr_lsn
-from ops.errors import CheckFailed
+from ops import inventory, pitr_catalog, pitr_engine, pitr_lsn, pitr_scratch
+from ops.errors import CheckFailed, UsageError
 from ops.secrets import Secret
 from ops.storage import ObjectInfo, StorageConfig
+from runbooks import restore as restore_runbook
 
 T0 = datetime(2026, 11, 23, 17, 0, tzinfo=UTC)
 SECRET = "unit-test-secret-value-123"
@@ -112,3 +113,27 @@ def test_an_lsn_is_chosen_inside_a_backups_span_and_refused_outside_naming_the_r
     with pytest.raises(CheckFailed, match=r"LSN 0/4000000 is beyond prod's archived WAL; recoverable: 0/2000138 to "
                                           r"0/4000000 \(exclusive\)"):
         pitr_catalog.choose_lsn(pitr_catalog.Catalog([whole], {}), Lsn.parse("0/4000000"), "prod")
+
+
+@pytest.fixture
+def environments(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPS_HOME", str(tmp_path / "state"))
+    (tmp_path / "inventory.yaml").write_text(
+        "project: t\nenvs:\n  prod:\n    database: {url: 'postgresql://app@db.internal/shop'}\n"
+        "    backups: {provider: s3, bucket: b, endpoint: 'http://127.0.0.1:9000'}\n"
+        "  neon:\n    database: {provider: neon, url: 'postgresql://app@ep-cool-42.eu-central-1.aws.neon.tech/shop'}\n")
+    return inventory.load(tmp_path / "inventory.yaml").environment
+
+
+def test_to_lsn_builds_a_recovery_to_that_position_and_refuses_what_goes_with_it(environments):
+    plan = restore_runbook.build(environments("prod"), to_lsn="0/3000060").steps[0].plan
+    assert plan.when == "LSN 0/3000060" and plan.moment is None
+    settings = pitr_scratch.recovery_settings(["barman-cloud-wal-restore"], plan.recovery_target)
+    assert settings["recovery_target_lsn"] == "0/3000060" and "recovery_target_time" not in settings
+    refused = [dict(to_lsn="0/3000060", to_time="latest"), dict(to_lsn="0/3000060", backup="20261123T020000Z"),
+               dict(to_lsn="3000060"), dict(to_lsn="0/3000060", tables=["Brand"])]
+    for arguments in refused:
+        with pytest.raises(UsageError):
+            restore_runbook.build(environments("prod"), **arguments)
+    with pytest.raises(UsageError, match="Neon"):
+        restore_runbook.build(environments("neon"), to_lsn="0/3000060")
