@@ -47,7 +47,7 @@ RSS_TARGET_MB = 150
 # from a file by the aws CLI: what no backup to this server can go below.
 UPLOAD_ONLY = "aws s3 cp of the compressed dump from a file (upload alone)"
 ARCHIVE_TIMEOUT = 60  # pitr.archive_timeout's default: the bound of the archive lag without a WAL switch
-BURST_ROWS = 20_000  # ~20 MB of rows, a few WAL segments
+BURST_ROWS = 20_000  # ~15 MB of rows: one WAL segment or two
 
 
 @dataclass
