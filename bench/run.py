@@ -9,6 +9,7 @@ Scenarios (each round runs every command once, the order alternating between rou
               (and inv backup with backups.copies on a second S3 server: streamed, its peak RSS beside)
     restore   inv restore           vs  pg_restore -j 2 from a local file
     assets    inv backup.assets     vs  aws s3 sync   (a full copy, then a run with nothing new)
+    pitr      inv restore --to-time vs  pg_restore -j 2 from a local file; the archive lag after a burst of writes
     startup   inv --list            vs  python -c "import invoke"
 See bench/README.md for how to read the table.
 """
@@ -39,6 +40,7 @@ TARGETS = {  # the issue's targets, as maximum ratios
     ("backup", "pg_dump -Fc | aws s3 cp -"): 0.30,
     ("backup", "pg_dump -Fc -Z0 > /dev/null (floor)"): 2.0,
     ("restore", "pg_restore -j 2 (local file)"): 1.25,
+    ("pitr restore", "pg_restore -j 2 (local file)"): 2.0,
     ("asset copy, full", "aws s3 sync"): 1 / 1.5,  # at least 1.5 × faster
     ("start-up (CPU time)", 'python -c "import invoke"'): 2.0,
 }
@@ -46,6 +48,8 @@ RSS_TARGET_MB = 150
 # No target: the S3 server's share. The dump already compressed (zstd, our level) sent
 # from a file by the aws CLI: what no backup to this server can go below.
 UPLOAD_ONLY = "aws s3 cp of the compressed dump from a file (upload alone)"
+ARCHIVE_TIMEOUT = 60  # pitr.archive_timeout's default: the bound of the archive lag without a WAL switch
+BURST_ROWS = 20_000  # ~15 MB of rows: one WAL segment or two
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Scenario:
     baselines: list[Series]
     notes: list[str] = field(default_factory=list)
     cpu: bool = False  # compare CPU time (user + system), not wall time: start-up on a shared machine
+    measured: bool = False  # samples are measured durations (the archive lag), not commands: no RSS
 
     def target(self, baseline: str) -> float | None:
         """The issue's target: by the scenario's first words ("backup") or first two ("asset copy, full")."""
@@ -92,7 +97,7 @@ class Bench:
                 "AWS_DEFAULT_REGION": "us-east-1", "PGPASSWORD": self.server.password.reveal(),
                 "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}"}
 
-    def write_inventory(self) -> None:
+    def write_inventory(self, pitr: bool = False) -> None:
         storage = {"provider": "s3", "endpoint": self.endpoint, "region": "us-east-1", "bucket": APP_BUCKET,
                    "access_key_id": "${env:BENCH_S3_KEY}", "secret_access_key": "${env:BENCH_S3_SECRET}"}
         backups = {"bucket": BACKUP_BUCKET, "prefix": BACKUP_PREFIX,
@@ -103,7 +108,8 @@ class Bench:
              "bucket": COPY_BUCKET, "prefix": COPY_PREFIX, "access_key_id": "${env:BENCH_S3_KEY}",
              "secret_access_key": "${env:BENCH_S3_SECRET}"}]}
         inventory = {"project": "bench", "default_env": "bench", "envs": {
-            "bench": {"database": {"url": "${env:BENCH_DATABASE_URL}"}, "storage": storage, "backups": backups},
+            "bench": {"database": {"url": "${env:BENCH_DATABASE_URL}"}, "storage": storage, "backups": backups,
+                      **({"pitr": {"data_dir": str(self.server.data_dir)}} if pitr else {})},
             "restore": {"database": {"url": "${env:BENCH_RESTORE_URL}"}, "storage": storage, "backups": backups},
             "copies": {"database": {"url": "${env:BENCH_DATABASE_URL}"}, "storage": storage, "backups": copies},
         }}
@@ -141,6 +147,18 @@ class Bench:
 
         with psycopg.connect(self.server.url().reveal(), autocommit=True) as connection:
             connection.execute(statement)
+
+    def fresh(self, name: str) -> None:
+        self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.psql(f'CREATE DATABASE "{name}"')
+
+    def run_step(self, *args: str) -> None:
+        """An opsbook command the scenario needs done before it measures (setup, a first backup)."""
+        import subprocess
+
+        done = subprocess.run(self.inv(*args), capture_output=True, text=True, env=self.environ, cwd=self.work)
+        if done.returncode:
+            raise RuntimeError(f"inv {' '.join(args)} failed (exit {done.returncode}): {done.stderr[-1500:]}")
 
     # -- running ----------------------------------------------------------
     def rounds(self, commands: list[tuple[Series, Any, Any]]) -> None:
@@ -215,19 +233,15 @@ def restore_scenario(bench: Bench, size_label: str) -> Scenario:
     subprocess.run([str(bench.bin_dir / "pg_dump"), "-Fc", "-f", str(dump_file), "-d", bench.pg_url("bench")],
                    check=True, env=bench.environ)
 
-    def fresh(name: str) -> None:
-        bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        bench.psql(f'CREATE DATABASE "{name}"')
-
     commands: list[tuple[Series, Any, Any]] = [
         (local, [str(bench.bin_dir / "pg_restore"), "-j", "2", "-d", bench.pg_url("bench_local"), str(dump_file)],
-         lambda: fresh("bench_local"))]
+         lambda: bench.fresh("bench_local"))]
     if "restore" in bench.available and "backup" in bench.available:
         if not servers.prefix_size(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/"):
             subprocess.run(bench.inv("backup", "--env", "bench"), check=True, env=bench.environ, cwd=bench.work,
                            capture_output=True)
         commands.insert(0, (ours, bench.inv("restore", "--env", "restore", "--from", "bench", "--backup", "latest"),
-                            lambda: fresh("bench_restore")))
+                            lambda: bench.fresh("bench_restore")))
     else:
         scenario.notes.append("`inv restore` is not in this tree yet: its row is empty")
     bench.rounds(commands)
@@ -235,6 +249,50 @@ def restore_scenario(bench: Bench, size_label: str) -> Scenario:
     for name in ("bench_local", "bench_restore"):
         bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return scenario
+
+
+def pitr_scenarios(bench: Bench, size_label: str) -> list[Scenario]:
+    """Archiving on the bench's cluster (`inv pitr.setup`, moto as the bucket), a base backup, the archive lag
+    after a burst of writes (archive_timeout at its default, then with pg_switch_wal()), then `inv restore
+    --to-time T` of that database against `pg_restore -j 2` from a local dump of it. Run last: the cluster
+    archives from then on."""
+    log(f"pitr ({size_label})")
+    local = Series("pg_restore -j 2 (local file)")
+    restore = Scenario(f"pitr restore, {size_label}", Series("inv restore --to-time T"), [local])
+    lags = [Scenario(f"pitr archive lag, {label}", Series("commit → archived (pg_stat_archiver)"),
+                     [Series(f"archive_timeout ({ARCHIVE_TIMEOUT} s, the bound)")], measured=True)
+            for label in (f"archive_timeout {ARCHIVE_TIMEOUT} s (default)", "after pg_switch_wal()")]
+    dump_file = bench.work / "bench.pgc"
+    local_command = [str(bench.bin_dir / "pg_restore"), "-j", "2", "-d", bench.pg_url("bench_local"), str(dump_file)]
+    if not {"pitr.setup", "pitr.base"} <= bench.available or "--to-time" not in bench.task_help("restore"):
+        restore.notes.append("`inv pitr.setup`/`restore --to-time` are not in this tree yet: the PITR rows are empty")
+        return [restore]
+    bench.write_inventory(pitr=True)
+    log("  inv pitr.setup (restarts the cluster with archiving on), inv pitr.base")
+    bench.run_step("pitr.setup", "--env", "bench")
+    bench.run_step("pitr.base", "--env", "bench", "--no-prune")
+    url = bench.server.url("bench").reveal()
+    for index in range(bench.arguments.rounds):
+        for scenario, switch in zip(lags, (False, True), strict=True):
+            lag = servers.archive_lag(url, BURST_ROWS, switch=switch)
+            scenario.opsbook.samples.append(Sample(lag, 0.0, 0))
+            scenario.baselines[0].samples.append(Sample(float(ARCHIVE_TIMEOUT), 0.0, 0))
+            log(f"    archive lag, {'pg_switch_wal()' if switch else 'archive_timeout'}, round {index + 1}: "
+                f"{lag:.2f}s")
+    moment = servers.recovery_target(url)
+    log(f"  restoring to {moment}")
+    import subprocess
+
+    subprocess.run([str(bench.bin_dir / "pg_dump"), "-Fc", "-f", str(dump_file), "-d", bench.pg_url("bench")],
+                   check=True, env=bench.environ)
+    bench.rounds([
+        (restore.opsbook, bench.inv("restore", "--env", "restore", "--from", "bench", "--to-time", moment),
+         lambda: bench.fresh("bench_restore")),
+        (local, local_command, lambda: bench.fresh("bench_local"))])
+    dump_file.unlink()
+    for name in ("bench_local", "bench_restore"):
+        bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return [restore, *lags]
 
 
 def assets_scenarios(bench: Bench) -> list[Scenario]:
@@ -287,8 +345,9 @@ def rows(scenarios: list[Scenario]) -> list[dict[str, Any]]:
                 "baseline_seconds": None if baseline.failed else seconds(baseline, scenario.cpu),
                 "ratio": value, "target": target,
                 "meets_target": None if value is None or target is None else value <= target,
-                "opsbook_rss_mb": scenario.opsbook.peak_rss_mb if scenario.opsbook.samples else None,
-                "baseline_rss_mb": baseline.peak_rss_mb if baseline.samples else None,
+                "opsbook_rss_mb": scenario.opsbook.peak_rss_mb if scenario.opsbook.samples and not scenario.measured
+                else None,
+                "baseline_rss_mb": baseline.peak_rss_mb if baseline.samples and not scenario.measured else None,
                 "stored_ratio": stored, "notes": scenario.notes})
     return table
 
@@ -323,7 +382,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--assets", type=int, default=1000, help="objects in the app bucket (default 1000)")
     parser.add_argument("--asset-kb", type=int, default=100, help="their mean size in KB (default 100)")
     parser.add_argument("--compression-level", type=int, default=1, help="backups.compression_level")
-    parser.add_argument("--only", default="backup,restore,assets,startup", help="scenarios to run")
+    parser.add_argument("--only", default="backup,restore,assets,startup,pitr", help="scenarios to run")
     parser.add_argument("--tasks-root", default=str(servers.REPOSITORY), help="where tasks.py is")
     parser.add_argument("--json", action="store_true", help="print every sample as JSON on stdout")
     return parser.parse_args(argv)
@@ -344,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.s3.create_bucket(Bucket=bucket)
         bench.copy_s3.create_bucket(Bucket=COPY_BUCKET)
         bench.psql('CREATE DATABASE "bench"')
-        for size in sizes if only & {"backup", "restore"} else []:
+        label = ""
+        for size in sizes if only & {"backup", "restore", "pitr"} else []:
             log(f"filling the database to {size} MB")
             actual = servers.fill_database(server.url("bench").reveal(), size, log)
             label = f"{actual / 1024 / 1024:.0f} MB database"
@@ -356,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             scenarios += assets_scenarios(bench)
         if "startup" in only:
             scenarios.append(startup_scenario(bench))
+        if "pitr" in only:  # last: the cluster archives from then on; at the largest size
+            scenarios += pitr_scenarios(bench, label)
     table = rows(scenarios)
     print(markdown(table), file=sys.stderr if arguments.json else sys.stdout)
     if arguments.json:

@@ -190,3 +190,48 @@ def find_aws(log: Any) -> str:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "awscli"], check=True)
     return str(aws)
+
+
+def archive_lag(url: str, rows: int, *, switch: bool, timeout: float = 300) -> float:
+    """A burst of `rows` ~1 KB rows committed, then the seconds (server clock) until pg_stat_archiver shows the
+    segment holding that commit archived: by archive_timeout, or at once after pg_switch_wal() with `switch`."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SET synchronous_commit = on")  # the commit is written when it returns: its segment
+        connection.execute(SCHEMA)
+        connection.execute(TEXT_BATCH, {"rows": rows})
+        committed, segment = connection.execute(
+            "SELECT clock_timestamp(), pg_walfile_name(pg_current_wal_lsn())").fetchone()
+        if switch:
+            connection.execute("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, archived_at = connection.execute(
+                "SELECT last_archived_wal >= %s, last_archived_time FROM pg_stat_archiver", (segment,)).fetchone()
+            if done:
+                return (archived_at - committed).total_seconds()
+            time.sleep(0.1)  # the archiver's progress, bounded by the deadline
+    raise RuntimeError(f"WAL segment {segment} was not archived within {timeout:.0f} s")
+
+
+def recovery_target(url: str) -> str:
+    """A moment between two commits, both archived: what `restore --to-time` recovers to. PostgreSQL stops at T
+    only on a commit after it, and the archive's times are whole seconds (S3's Last-Modified), so the segment
+    after T goes out in a later second."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SET synchronous_commit = on")
+        connection.execute("CREATE TABLE IF NOT EXISTS bench_marker (at timestamptz DEFAULT clock_timestamp())")
+        connection.execute("INSERT INTO bench_marker DEFAULT VALUES")
+        moment = connection.execute("SELECT clock_timestamp()").fetchone()[0]
+        connection.execute("INSERT INTO bench_marker DEFAULT VALUES")
+        time.sleep(1.05 - moment.microsecond / 1_000_000)  # into the next whole second
+        segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        deadline = time.monotonic() + 120
+        while not connection.execute("SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"WAL segment {segment} was not archived within 120 s")
+            time.sleep(0.1)  # bounded by the deadline
+    return moment.isoformat()

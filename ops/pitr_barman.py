@@ -29,6 +29,7 @@ from ops.secrets import Secret
 
 if TYPE_CHECKING:
     from ops.pg_url import DatabaseTarget
+    from ops.pitr_lsn import Lsn
     from ops.storage import ObjectInfo, StorageConfig
 
 ENGINE = "barman-cloud"
@@ -147,7 +148,7 @@ def parse_backup_info(backup_id: str, text: str) -> BaseBackup:
                       end_time=moment("end_time"), begin_wal=optional("begin_wal"), end_wal=optional("end_wal"),
                       timeline=int(optional("timeline") or 1),
                       segment_size=int(segment_size) if segment_size else DEFAULT_SEGMENT_SIZE,
-                      server_version=int(optional("version") or 0))
+                      server_version=int(optional("version") or 0), end_lsn=optional("end_xlog"))
 
 
 def backup_info_keys(objects: Iterable[ObjectInfo], root: str) -> dict[str, str]:
@@ -227,7 +228,7 @@ class BarmanCloud(Engine):
     def retention_command(self, host: ServerSide) -> list[str]:
         return retention_command(self.archive, host.window_days)
 
-    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | None) -> list[str]:
+    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | Lsn | None) -> list[str]:
         return restore_command(self.archive, backup_id, str(data_dir))
 
     def backups(self, objects: list[ObjectInfo], read: Callable[[str], bytes]) -> list[BaseBackup]:

@@ -6,6 +6,9 @@ reached without a gap from its first segment. The newest moment is the time that
 the bucket (an upper bound: it holds WAL written before it was archived; archive_timeout bounds
 how much before). A gap names the first missing segment and the times between which nothing later
 can be recovered from that backup.
+
+In LSNs (`restore --to-lsn`) the same span runs from the backup's end LSN to the end of that newest
+segment, exactly: an archived segment holds all WAL before its end.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ops import pitr_engine
+from ops import pitr_engine, pitr_lsn
 from ops.clock import iso_z_or_none
 from ops.errors import CheckFailed
 from ops.lazy_dataclasses import dataclass
 
 if TYPE_CHECKING:
     from ops.pitr_engine import BaseBackup, Continuity, Engine
+    from ops.pitr_lsn import Lsn
     from ops.storage import Storage
 
 
@@ -38,10 +42,30 @@ class Recoverable:
                 "begin_time": iso_z_or_none(self.backup.begin_time), "end_time": iso_z_or_none(self.backup.end_time),
                 "begin_wal": self.backup.begin_wal, "end_wal": self.backup.end_wal,
                 "earliest": iso_z_or_none(self.earliest), "latest": iso_z_or_none(self.latest),
+                "earliest_lsn": _text(self.earliest_lsn), "latest_lsn": _text(self.latest_lsn),
                 "last_wal": self.wal.last if self.wal else None, "gap": gap_json(self.wal) if gap else None}
+
+    @property
+    def earliest_lsn(self) -> Lsn | None:
+        return pitr_lsn.parse_or_none(self.backup.end_lsn) if self.earliest is not None else None
+
+    @property
+    def latest_lsn(self) -> Lsn | None:
+        """The end of the newest segment reached without a gap (exclusive)."""
+        if self.latest is None or self.wal is None or self.wal.last is None:
+            return None
+        return pitr_lsn.segment_end(self.wal.last, self.backup.segment_size)
+
+    def covers_lsn(self, lsn: Lsn) -> bool:
+        return (self.earliest_lsn is not None and self.latest_lsn is not None
+                and self.earliest_lsn <= lsn < self.latest_lsn)
 
     def covers(self, moment: datetime) -> bool:
         return self.earliest is not None and self.latest is not None and self.earliest <= moment <= self.latest
+
+
+def _text(lsn: Lsn | None) -> str | None:
+    return str(lsn) if lsn is not None else None
 
 
 def gap_json(wal: Continuity) -> dict[str, Any]:
@@ -105,9 +129,9 @@ def choose(catalog: Catalog, moment: datetime | None, source: str) -> Recoverabl
     raise _gap_error(started[-1], moment, source)
 
 
-def _gap_error(item: Recoverable, moment: datetime | None, source: str) -> CheckFailed:
+def _gap_error(item: Recoverable, moment: datetime | None, source: str, target: str | None = None) -> CheckFailed:
     wal = item.wal
-    target = iso_z_or_none(moment) if moment else "the latest point"
+    target = target or (iso_z_or_none(moment) if moment else "the latest point")
     if wal is not None and wal.missing and wal.resumes:
         return CheckFailed(f"WAL segment {wal.missing} is missing from {source}'s archive: from "
                            f"{iso_z_or_none(wal.last_archived_at)} to {iso_z_or_none(wal.resumes_at)} (segment "
@@ -120,3 +144,35 @@ def _gap_error(item: Recoverable, moment: datetime | None, source: str) -> Check
                        f"from {iso_z_or_none(item.earliest)} to {latest}",
                        hint="nothing was changed; the newest WAL reaches the bucket within archive_timeout: choose "
                             "an earlier time or wait a minute")
+
+
+def choose_lsn(catalog: Catalog, lsn: Lsn, source: str) -> Recoverable:
+    """The newest complete base backup whose end is at or before `lsn` and whose WAL reaches past it; CheckFailed
+    naming the recoverable range in LSNs, or the WAL gap, otherwise."""
+    complete = [item for item in catalog.complete() if item.earliest_lsn is not None]
+    if not complete:
+        raise CheckFailed(f"{source} has no complete base backup in its PITR archive",
+                          hint=f"take one: `inv pitr.base --env {source}`")
+    started = [item for item in complete if item.earliest_lsn is not None and item.earliest_lsn <= lsn]
+    for item in reversed(started):
+        if item.covers_lsn(lsn):
+            return item
+    span = lsn_range(complete)
+    if not started:
+        raise CheckFailed(f"LSN {lsn} is before {source}'s earliest recoverable point (the end of its earliest base "
+                          f"backup); recoverable: {span}",
+                          hint=f"nothing was changed; `inv pitr.list --env {source} --json` shows each base backup's "
+                               "earliest_lsn and latest_lsn")
+    newest = started[-1]
+    if newest.wal is not None and newest.wal.missing and newest.wal.resumes:
+        raise _gap_error(newest, None, source, target=f"LSN {lsn}")
+    raise CheckFailed(f"LSN {lsn} is beyond {source}'s archived WAL; recoverable: {span}",
+                      hint="nothing was changed; WAL reaches the bucket when its segment is archived (archive_timeout, "
+                           "or SELECT pg_switch_wal() on the source): choose an earlier LSN or wait")
+
+
+def lsn_range(items: list[Recoverable]) -> str:
+    """`0/2000100 to 0/5000000` over the base backups' spans (the end excluded)."""
+    earliest = min(item.earliest_lsn for item in items if item.earliest_lsn is not None)
+    ends = [item.latest_lsn for item in items if item.latest_lsn is not None]
+    return f"{earliest} to {max(ends)} (exclusive)" if ends else f"from {earliest}, once its WAL is archived"

@@ -31,6 +31,7 @@ from ops.secrets import redact
 
 if TYPE_CHECKING:
     from ops.pg_url import DatabaseTarget
+    from ops.pitr_lsn import Lsn
     from ops.storage import ObjectInfo, StorageConfig
 
 # backup storage provider -> the engine that archives into it
@@ -119,7 +120,7 @@ class Engine(ABC):
         """The engine's own delete of base backups and WAL the recovery window no longer needs."""
 
     @abstractmethod
-    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | None) -> list[str]:
+    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | Lsn | None) -> list[str]:
         """The base backup's files into `data_dir` (on this machine)."""
 
     @abstractmethod
@@ -209,6 +210,7 @@ class BaseBackup:
     timeline: int
     segment_size: int
     server_version: int = 0  # PostgreSQL's version number: 150014
+    end_lsn: str | None = None  # where the backup became consistent (`0/5000100`): the earliest LSN target
 
     @property
     def major(self) -> int:

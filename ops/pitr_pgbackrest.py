@@ -40,6 +40,7 @@ from ops.pitr_engine import (
     is_segment_name,
     run,
 )
+from ops.pitr_lsn import Lsn
 
 if TYPE_CHECKING:
     from ops.pg_url import DatabaseTarget
@@ -138,7 +139,7 @@ def parse_info(text: str) -> list[BaseBackup]:
                 backup_id=item["label"], status="DONE", begin_time=_epoch(stamp.get("start")),
                 end_time=_epoch(stamp.get("stop"), timedelta(seconds=1)), begin_wal=start, end_wal=archive.get("stop"),
                 timeline=int(start[:8], 16) if start else 1, segment_size=DEFAULT_SEGMENT_SIZE,
-                server_version=int(version.split(".")[0]) * 10000))
+                server_version=int(version.split(".")[0]) * 10000, end_lsn=(item.get("lsn") or {}).get("stop")))
     return sorted(found, key=lambda backup: (backup.begin_time or datetime.min.replace(tzinfo=UTC), backup.backup_id))
 
 
@@ -214,9 +215,13 @@ class PgBackRest(Engine):
         return [*configured(self.repository, host), "--repo1-retention-full-type=time",
                 f"--repo1-retention-full={host.window_days}", "expire"]
 
-    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | None) -> list[str]:
-        recovery = (["--type=time", f"--target={time_option(target)}", "--target-action=promote"]
-                    if target is not None else ["--type=default"])
+    def restore_command(self, backup_id: str, data_dir: Path, target: datetime | Lsn | None) -> list[str]:
+        if isinstance(target, Lsn):
+            recovery = ["--type=lsn", f"--target={target}", "--target-action=promote"]
+        elif target is not None:
+            recovery = ["--type=time", f"--target={time_option(target)}", "--target-action=promote"]
+        else:
+            recovery = ["--type=default"]
         return ["pgbackrest", *self.repository.reading, f"--pg1-path={data_dir}", f"--set={backup_id}",
                 f"--process-max={PROCESS_MAX}", "restore", *recovery]
 

@@ -1,10 +1,12 @@
-"""`inv restore --to-time T` (or `--to-time latest`): the source as it was at T, into any target.
+"""`inv restore --to-time T` (or `--to-time latest`, or `--to-lsn LSN`): the source as it was at T, into any
+target.
 
 1. recover: choose the base backup before T and check, from the bucket listing, that its WAL reaches T
    without a gap (a gap is named: which segment, which span is lost) — before anything changes; then
    recover a scratch cluster on this machine (ops/pitr_scratch.py) to T, and move its data into a new
    database on the target with `pg_dump | pg_restore`, comparing row counts with the recovered cluster's;
-   the scratch cluster is removed on every way out;
+   the scratch cluster is removed on every way out. An LSN is checked against the backups' LSN spans
+   the same way, and the recovered cluster must have replayed up to it;
 2. swap: the same name swap as a dump restore (ops/restore_steps.py), so the target can be any
    PostgreSQL, managed or not.
 """
@@ -21,6 +23,7 @@ from ops.cli import environment as load_environment
 from ops.clock import iso_z, iso_z_or_none, parse_time, utc_now
 from ops.engine import Change, Runbook, RunContext
 from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.pitr_lsn import Lsn
 from ops.restore_steps import Plan, ScratchLoad, SwapStep
 
 if TYPE_CHECKING:
@@ -39,26 +42,43 @@ def target_time(text: str) -> datetime | None:
                          hint="give an ISO-8601 time such as 2026-11-23T17:00:00Z, or latest") from None
 
 
+def target_lsn(text: str) -> Lsn:
+    """--to-lsn: a WAL position as pg_current_wal_lsn() prints it."""
+    try:
+        return Lsn.parse(text)
+    except ValueError:
+        raise UsageError(f"--to-lsn {text!r} is not an LSN",
+                         hint="give a WAL position such as 0/3000060 (pg_current_wal_lsn() on the source)") from None
+
+
 class PitrPlan(Plan):
     """A dump restore's plan whose data comes from a recovered scratch cluster instead of a dump."""
 
     def __init__(self, target: Environment, source: Environment, database: str, moment: datetime | None,
-                 keep_old: bool):
+                 keep_old: bool, lsn: Lsn | None = None):
         super().__init__(target, source, "pitr", database, utc_now(), keep_old, None, 1)
         self.moment = moment
+        self.lsn = lsn  # --to-lsn: the moment is then None
         self.engine = pitr_host.engine_of(source)
         self.expected: dict[str, int] = {}
         self._chosen: Recoverable | None = None
 
     @property
     def when(self) -> str:
+        if self.lsn is not None:
+            return f"LSN {self.lsn}"
         return iso_z_or_none(self.moment) or "the latest recoverable point"
+
+    @property
+    def recovery_target(self) -> datetime | Lsn | None:
+        return self.lsn if self.lsn is not None else self.moment
 
     def chosen(self, ctx: RunContext) -> Recoverable:
         """The base backup to recover from; CheckFailed (range, gap) before anything changes."""
         if self._chosen is None:
             catalog = pitr_catalog.read(self.storage(ctx), self.engine)
-            self._chosen = pitr_catalog.choose(catalog, self.moment, self.source.name)
+            self._chosen = (pitr_catalog.choose_lsn(catalog, self.lsn, self.source.name) if self.lsn is not None
+                            else pitr_catalog.choose(catalog, self.moment, self.source.name))
         return self._chosen
 
     def restored_what(self, ctx: RunContext) -> str:
@@ -94,9 +114,10 @@ class RecoverStep(ScratchLoad):
         chosen = self.plan.chosen(ctx)
         pitr_scratch.server_bin_dir(chosen.backup.major)
         self.plan.tool(ctx)
+        span = (f"LSN {chosen.earliest_lsn} .. {chosen.latest_lsn}" if self.plan.lsn is not None
+                else f"{iso_z_or_none(chosen.earliest)} .. {iso_z_or_none(chosen.latest)}")
         return Change(f"recover {self.plan.source.name} to {self.plan.when} and load it into {self.plan.scratch}",
-                      [f"base backup {chosen.backup.backup_id} (recoverable {iso_z_or_none(chosen.earliest)} .. "
-                       f"{iso_z_or_none(chosen.latest)}) from {self.plan.engine.location}",
+                      [f"base backup {chosen.backup.backup_id} (recoverable {span}) from {self.plan.engine.location}",
                        f"a scratch PostgreSQL {chosen.backup.major} cluster on this machine, removed afterwards",
                        f"on {ctx.env.name}; the live database {self.plan.database} is not touched"])
 
@@ -109,15 +130,17 @@ class RecoverStep(ScratchLoad):
         pitr_scratch.remove_leftovers(state_dir, ctx.log)
         started = time.monotonic()
         with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster:
-            pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.moment)
+            pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.recovery_target)
             ctx.log(f"base backup {chosen.backup.backup_id} restored; replaying WAL to {plan.when}")
-            reached = pitr_scratch.recover(cluster, plan.engine, plan.moment)
+            reached = pitr_scratch.recover(cluster, plan.engine, plan.recovery_target)
             recovered = round(time.monotonic() - started, 2)
             stopped = f", stopped before the commit at {reached['stopped_before']}" if reached["stopped_before"] else ""
-            ctx.log(f"recovered in {recovered} s: last transaction {reached['last_transaction'] or '?'}{stopped}")
+            ctx.log(f"recovered in {recovered} s: last transaction {reached['last_transaction'] or '?'}{stopped}, "
+                    f"replayed to LSN {reached['replay_lsn'] or '?'}")
             source_url = cluster.url(pg_url.parse_url(plan.source.admin_url()).user, plan.source.database_name())
             loaded = self.into_scratch(ctx, change, lambda: self._copy(ctx, source_url, chosen.backup.major))
-        return {**loaded, "to_time": iso_z_or_none(plan.moment), "base_backup": chosen.backup.backup_id,
+        to_lsn = {"to_lsn": str(plan.lsn)} if plan.lsn is not None else {}
+        return {**loaded, "to_time": iso_z_or_none(plan.moment), **to_lsn, "base_backup": chosen.backup.backup_id,
                 **reached, "recover_seconds": recovered, "seconds": round(time.monotonic() - started, 2)}
 
     def _copy(self, ctx: RunContext, source_url: Any, major: int) -> dict[str, Any]:
@@ -155,14 +178,17 @@ def copy_database(dump_tool: Any, source_url: Any, restore_tool: Any, target_url
 def build(env: Environment, **arguments: Any) -> Runbook:
     source_name = arguments.get("source") or env.name
     source = env if source_name == env.name else load_environment(source_name, allow_decommissioned=True)
+    given = [flag for flag, key in (("--to-time", "to_time"), ("--to-lsn", "to_lsn")) if arguments.get(key)]
     if str(arguments.get("backup") or "latest") != "latest":
-        raise UsageError("--backup names a dump; --to-time recovers from the PITR archive",
-                         hint="give one of them")
-    moment = target_time(str(arguments["to_time"]))
+        raise UsageError(f"--backup names a dump; {given[0]} recovers from the PITR archive", hint="give one of them")
+    if len(given) > 1:
+        raise UsageError("--to-time and --to-lsn are two ways to name the recovery target", hint="give one of them")
+    lsn = target_lsn(str(arguments["to_lsn"])) if arguments.get("to_lsn") else None
+    moment = target_time(str(arguments["to_time"])) if lsn is None else None
     if moment is not None and moment > utc_now():
         raise UsageError(f"--to-time {iso_z(moment)} is in the future", hint="give a past time, or latest")
     database = arguments.get("database") or env.database_name()
-    plan = PitrPlan(env, source, database, moment, bool(arguments.get("keep_old")))
+    plan = PitrPlan(env, source, database, moment, bool(arguments.get("keep_old")), lsn)
     title = f"Restore {env.name} ({database}) to {plan.when} of {source.name} (point-in-time recovery)"
     return Runbook("restore", title, [RecoverStep(plan), SwapStep(plan)], arguments=arguments,
                    locks=("environment",))

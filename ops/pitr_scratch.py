@@ -1,6 +1,7 @@
 """A scratch PostgreSQL cluster on this machine, recovered from a base backup and the WAL archive to a
-moment: what `inv restore --to-time` reads its data from. It is removed on every way out (failure and
-interrupt included); one left by a killed run is removed by the next (markers in the state dir).
+moment or an LSN: what `inv restore --to-time`/`--to-lsn` reads its data from. It is removed on every way
+out (failure and interrupt included); one left by a killed run is removed by the next (markers in the
+state dir).
 
 It listens only on a Unix socket in its own 0700 directory (trust inside, no TCP), never archives
 (the restored settings would point at the source's archive), and takes its configuration from the
@@ -24,12 +25,13 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from ops import pg, pitr_engine
+from ops import pg, pitr_engine, pitr_lsn
 from ops.clock import iso_z_micro
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed
 from ops.lazy_dataclasses import dataclass
 from ops.patterns import Pattern
 from ops.pitr_engine import Engine
+from ops.pitr_lsn import Lsn
 from ops.sandbox import find_server_bindir
 from ops.secrets import Secret, redact
 
@@ -90,13 +92,22 @@ def start_options(cluster: ScratchCluster, recovery: dict[str, str]) -> str:
     return " ".join(f"-c {shlex.quote(f'{name}={value}')}" for name, value in settings.items())
 
 
-def recovery_settings(restore_command: str, target: datetime | None) -> dict[str, str]:
-    """The engine-neutral recovery settings: `restore_command` (with %f and %p) is the engine's."""
+def recovery_settings(restore_command: str, target: datetime | Lsn | None) -> dict[str, str]:
+    """The engine-neutral recovery settings: `restore_command` (with %f and %p) is the engine's. Recovery to a
+    time, or to an LSN (inclusive, PostgreSQL's default: the record at it is replayed)."""
     settings = {"restore_command": restore_command, "recovery_target_action": "promote",
                 "recovery_target_timeline": "current"}
-    if target is not None:
+    if isinstance(target, Lsn):
+        settings["recovery_target_lsn"] = str(target)
+    elif target is not None:
         settings["recovery_target_time"] = target.isoformat(sep=" ")
     return settings
+
+
+def describe(target: datetime | Lsn | None) -> str:
+    if isinstance(target, Lsn):
+        return f"LSN {target}"
+    return target.isoformat() if target else "the latest point"
 
 
 def _marker_dir(state_dir: Path) -> Path:
@@ -157,7 +168,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def restore_base(cluster: ScratchCluster, engine: Engine, backup_id: str, target: datetime | None) -> None:
+def restore_base(cluster: ScratchCluster, engine: Engine, backup_id: str, target: datetime | Lsn | None) -> None:
     """The base backup's files into the cluster's data directory, with our own pg_hba.conf beside it."""
     pitr_engine.run(engine.restore_command(backup_id, cluster.data_dir, target), engine,
                     user=cluster.os_user, what=f"restoring base backup {backup_id}")
@@ -180,12 +191,13 @@ def _write_as(cluster: ScratchCluster, path: Path, text: str) -> None:
         shutil.chown(path, cluster.os_user, cluster.os_user)
 
 
-def recover(cluster: ScratchCluster, engine: Engine, target: datetime | None) -> dict[str, str | None]:
+def recover(cluster: ScratchCluster, engine: Engine, target: datetime | Lsn | None) -> dict[str, str | None]:
     """Start the cluster in recovery to `target` (None: the end of the archive) and wait until it is promoted.
 
     PostgreSQL stops with a FATAL error when the archive ends before the target: that is reported, with the
-    log's reason, as a failed check. Returns where recovery stopped, from the server's log, and the commit
-    time of the newest transaction it replayed (`newest_commit`)."""
+    log's reason, as a failed check; so is an LSN target the replay did not reach. Returns where recovery
+    stopped, from the server's log, the commit time of the newest transaction it replayed (`newest_commit`)
+    and the last WAL position replayed (`replay_lsn`)."""
     options = start_options(cluster, recovery_settings(engine.recovery_command(None, cluster.data_dir), target))
     command = pitr_engine.as_user([str(cluster.bin_dir / "pg_ctl"), "start", "-D", str(cluster.data_dir), "-w",
                                    "-t", str(START_TIMEOUT_SECONDS), "-l", str(cluster.log_file), "-o", options],
@@ -196,7 +208,21 @@ def recover(cluster: ScratchCluster, engine: Engine, target: datetime | None) ->
     if started.returncode != 0 and not _running(cluster):
         raise _recovery_failed(cluster, target)
     _wait_promoted(cluster, target)
-    return {**reached(cluster.log_file.read_text(errors="replace")), "newest_commit": newest_commit(cluster)}
+    replayed = replay_lsn(cluster)
+    if isinstance(target, Lsn) and (replayed is None or replayed < target):
+        raise CheckFailed(f"recovery of the scratch cluster ended at LSN {replayed or '(none replayed)'}, before the "
+                          f"target LSN {target}", hint="nothing was changed on the target; `inv pitr.list --json` "
+                                                       "shows the recoverable LSNs")
+    return {**reached(cluster.log_file.read_text(errors="replace")), "newest_commit": newest_commit(cluster),
+            "replay_lsn": str(replayed) if replayed else None}
+
+
+def replay_lsn(cluster: ScratchCluster) -> Lsn | None:
+    """The end of the last WAL record recovery replayed (kept by pg_last_wal_replay_lsn() after the promotion)."""
+    with pg.connect(cluster.url("postgres", "postgres"), application_name="opsbook pitr", autocommit=True,
+                    connect_timeout=5) as connection:
+        replayed = connection.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()[0]
+    return pitr_lsn.parse_or_none(replayed)
 
 
 def newest_commit(cluster: ScratchCluster) -> str | None:
@@ -209,7 +235,7 @@ def newest_commit(cluster: ScratchCluster) -> str | None:
     return iso_z_micro(replayed) if replayed is not None else None
 
 
-def _wait_promoted(cluster: ScratchCluster, target: datetime | None) -> None:
+def _wait_promoted(cluster: ScratchCluster, target: datetime | Lsn | None) -> None:
     deadline = time.monotonic() + RECOVERY_TIMEOUT_SECONDS
     url = cluster.url("postgres", "postgres")
     while time.monotonic() < deadline:
@@ -234,13 +260,12 @@ def reached(log: str) -> dict[str, str | None]:
     return {"stopped_before": stopped, "last_transaction": last}
 
 
-def _recovery_failed(cluster: ScratchCluster, target: datetime | None) -> CheckFailed:
+def _recovery_failed(cluster: ScratchCluster, target: datetime | Lsn | None) -> CheckFailed:
     tail = [line for line in cluster.log_file.read_text(errors="replace").splitlines()
             if "FATAL" in line or "PANIC" in line] if cluster.log_file.exists() else []
     reason = redact(tail[-1].split("FATAL:", 1)[-1].strip()) if tail else "see the scratch cluster's log"
-    return CheckFailed(f"recovering the scratch cluster to {target.isoformat() if target else 'the latest point'} "
-                       f"failed: {reason}", hint="nothing was changed on the target; `inv pitr.list` shows what is "
-                                                 "recoverable")
+    return CheckFailed(f"recovering the scratch cluster to {describe(target)} failed: {reason}",
+                       hint="nothing was changed on the target; `inv pitr.list` shows what is recoverable")
 
 
 def _running(cluster: ScratchCluster) -> bool:

@@ -5,8 +5,8 @@
 2. only then swap names: `<db>` → `<db>__old_<stamp>`, the restored copy → `<db>`,
    dropping the old one unless --keep-old.
 
-With --to-time T (or latest) the data comes from the PITR archive instead of a dump: a scratch cluster
-recovered to T, copied into the new database with pg_dump | pg_restore (ops/pitr_restore.py).
+With --to-time T (or latest), or --to-lsn LSN, the data comes from the PITR archive instead of a dump: a
+scratch cluster recovered to T, copied into the new database with pg_dump | pg_restore (ops/pitr_restore.py).
 With --table/--schema only those objects are restored, into a scratch database named by --into
 (ops/table_restore.py); restore.diff compares one table with the live one (ops/table_diff_steps.py).
 """
@@ -38,21 +38,25 @@ def build_diff(env: Environment, **arguments: Any) -> Runbook:
 
 def build(env: Environment, **arguments: Any) -> Runbook:
     """A dump restore, or with --to-time a point-in-time recovery: on a Neon environment Neon's branch restore
-    (ops/neon_restore.py), elsewhere the PITR archive (ops/pitr_restore.py)."""
-    if arguments.get("with_globals") and (arguments.get("to_time") or arguments.get("tables")
-                                          or arguments.get("schema")):
-        raise UsageError("--with-globals goes with a whole restore from a dump (not --to-time, --table or --schema)",
+    (ops/neon_restore.py), elsewhere the PITR archive (ops/pitr_restore.py), which --to-lsn also reads."""
+    point_in_time = arguments.get("to_time") or arguments.get("to_lsn")
+    if arguments.get("with_globals") and (point_in_time or arguments.get("tables") or arguments.get("schema")):
+        raise UsageError("--with-globals goes with a whole restore from a dump (not --to-time/--to-lsn, --table or "
+                         "--schema)",
                          hint="restore the whole backup with --with-globals, or leave it out")
     if arguments.get("tables") or arguments.get("schema"):
-        if arguments.get("to_time"):
-            raise UsageError("--table/--schema restore from a dump: --to-time cannot be combined with them",
+        if point_in_time:
+            raise UsageError("--table/--schema restore from a dump: --to-time/--to-lsn cannot be combined with them",
                              hint="restore the point in time into another environment, then compare there")
         return table_restore.build(env, **arguments)
     if arguments.get("into"):
         raise UsageError("--into names the scratch database of a partial restore: give --table or --schema too",
                          hint="a whole restore replaces the database itself (see `inv -h restore`)")
-    if arguments.get("to_time"):
+    if point_in_time:
         if neon.is_neon(env):
+            if arguments.get("to_lsn"):
+                raise UsageError("--to-lsn reads opsbook's PITR archive; a Neon environment restores through "
+                                 "Neon's branch restore", hint="give --to-time instead")
             return neon_restore.build(env, **arguments)
         return pitr_restore.build(env, **arguments)
     return restore_steps.build(env, **arguments)
@@ -68,6 +72,9 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     to_time="point-in-time recovery: the source as it was at this ISO-8601 time (UTC unless it says), or latest; "
             "from the PITR archive (`inv pitr.list`) through a scratch cluster on this machine, or on Neon through "
             "the branch restore, the current state kept as a branch",
+    to_lsn="point-in-time recovery to a WAL position (as pg_current_wal_lsn() prints it, e.g. 0/3000060), from the "
+           "PITR archive like --to-time (which it replaces); checked against `inv pitr.list --json`'s "
+           "earliest_lsn/latest_lsn first",
     jobs="pg_restore jobs: 1 streams the download into pg_restore; N > 1 downloads, verifies, then "
          "restores in parallel (default: 1 with up to 2 CPUs, else CPUs/2, at most 4)",
     maintenance="announce a maintenance window with this title around the restore (completed when it succeeds; "
@@ -80,17 +87,18 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     into="the scratch database a --table/--schema restore creates (an existing one is refused unless opsbook "
          "made it); the live database is not touched"))
 def restore(call: TaskCall, env=None, from_=None, backup="latest", database=None, keep_old=False, identity=None,
-            jobs=0, to_time=None, dry_run=False, confirm=None, maintenance=None, copy=None, table=None, schema=None,
-            into=None, with_globals=False, json=False):
+            jobs=0, to_time=None, to_lsn=None, dry_run=False, confirm=None, maintenance=None, copy=None, table=None,
+            schema=None, into=None, with_globals=False, json=False):
     """Restore a verified backup into a new database, compare row counts, then swap it in."""
     target = call.environment
-    if copy and to_time:
-        raise UsageError("--copy and --to-time cannot be combined: a copy holds dumps, not the PITR archive",
+    if copy and (to_time or to_lsn):
+        raise UsageError("--copy and --to-time/--to-lsn cannot be combined: a copy holds dumps, not the PITR archive",
                          hint="drop one of them")
     partial = {key: value for key, value in (("tables", list(table or [])), ("schema", schema), ("into", into))
                if value}
     runbook = build(target, source=from_, backup=backup, database=database, keep_old=keep_old, identity=identity,
-                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **({"copy": copy} if copy else {}),
+                    jobs=jobs, **({"to_time": to_time} if to_time else {}), **({"to_lsn": to_lsn} if to_lsn else {}),
+                    **({"copy": copy} if copy else {}),
                     **partial, **({"with_globals": True} if with_globals else {}))
 
     def result(ctx: RunContext) -> dict[str, Any]:

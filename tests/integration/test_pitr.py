@@ -5,7 +5,8 @@ One archiving cluster and one bucket for the module. The first test turns archiv
 base backup through the CLI; every later test asks for `archived`, which checks that state on the server and
 in the bucket and makes it through the CLI only when it is missing (a test run alone), so each test also
 passes by itself. The order below only saves time: the killed-backup test comes early because the base
-backup it completes is the one the restores after it start from (fewer WAL segments to replay); the WAL gap
+backup it completes is the one the restores after it start from (fewer WAL segments to replay, so the two
+restores to a time and to an LSN come right after it); the WAL gap
 test is last because the gap stays in the archive. A test that changes a setting puts it back.
 WAL switches (pg_switch_wal) and polling stand in for waiting on archive_timeout."""
 
@@ -236,6 +237,40 @@ def test_restore_to_a_time_brings_back_what_was_deleted_after_it(opsbook, pitr, 
     report = restored.json()["restored"]
     assert report["to_time"] and report["base_backup"] and report["rows"] == 60
     assert report["stopped_before"], "recovery stopped before the deletion's commit, after T"
+    assert list((opsbook.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
+    assert_no_secret(opsbook, *pitr["secrets"])
+
+
+def test_restore_to_an_lsn_brings_back_the_row_deleted_after_it_and_an_lsn_outside_is_refused(
+        opsbook, pitr, archived, postgres_server):
+    source = pitr["source"]
+    with psycopg.connect(source.url("shop").reveal(), autocommit=True) as connection:
+        # the suite's clusters run with synchronous_commit off, where pg_current_wal_lsn() (what is written)
+        # can lag behind a commit that has returned; on, as in production, the commit is written first
+        connection.execute("SET synchronous_commit = on")
+        connection.execute("""INSERT INTO "Brand" (name) VALUES ('at L')""")
+        lsn = connection.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        connection.execute("""DELETE FROM "Brand" WHERE name = 'at L'""")
+    switch_and_wait(source)
+    target = postgres_server.url(opsbook.environ["DST_URL"].rsplit("/", 1)[1])
+    before = databases(postgres_server)
+
+    both = opsbook.run("restore", "--env", "dst", "--from", "src", "--to-lsn", lsn, "--to-time", "latest")
+    assert both.exit_code == 2 and "--to-time and --to-lsn" in both.stderr, str(both)  # --backup too: unit tests
+    for outside, where in (("0/1", "before src's earliest"), ("FFFF/0", "beyond src's archived WAL")):
+        refused = opsbook.run("restore", "--env", "dst", "--from", "src", "--to-lsn", outside)
+        assert refused.exit_code == 3 and f"LSN {outside} is {where}" in refused.stderr, str(refused)
+        assert re.search(r"recoverable: [0-9A-F]+/[0-9A-F]+ to [0-9A-F]+/[0-9A-F]+", refused.stderr), str(refused)
+        assert "Traceback" not in refused.output
+    planned = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-lsn", lsn, "--dry-run"))
+    assert f"to LSN {lsn}" in planned.stderr and "base backup" in planned.stderr
+    assert databases(postgres_server) == before, "neither the refusals nor the dry run changed anything"
+
+    report = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-lsn", lsn, "--json")).json()["restored"]
+    with psycopg.connect(target.reveal()) as connection:
+        assert connection.execute("""SELECT count(*) FROM "Brand" WHERE name = 'at L'""").fetchone()[0] == 1
+        replayed = connection.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (report["replay_lsn"], lsn)).fetchone()[0]
+    assert report["to_lsn"] == lsn and report["to_time"] is None and replayed, report
     assert list((opsbook.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
     assert_no_secret(opsbook, *pitr["secrets"])
 

@@ -228,6 +228,7 @@ def test_pitr_on_the_sandbox_setup_base_list_status_and_restore_to_a_time(made: 
     assert listed["engine"] == "pgbackrest" and [item["backup_id"] for item in listed["backups"]] == [backup_id]
     newest = listed["backups"][0]
     assert newest["complete"] and newest["gap"] is None
+    assert newest["earliest_lsn"] and newest["latest_lsn"], "the LSN range, read from pgBackRest's backup stop"
     assert parse_time(newest["earliest"]) <= moment.replace(microsecond=0) <= parse_time(newest["latest"]), newest
     status = ok(workspace.run("pitr.status", "--env", "local", "--json")).json()
     assert status["verdict"] == "ok" and status["last_base_backup"] == backup_id and status["failed_count"] == 0

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from ops import pitr_barman, pitr_catalog, pitr_engine, pitr_pgbackrest
-from ops.errors import CheckFailed
+from ops import inventory, pitr_barman, pitr_catalog, pitr_engine, pitr_lsn, pitr_pgbackrest, pitr_scratch
+from ops.errors import CheckFailed, UsageError
 from ops.pg_url import parse_url
 from ops.secrets import Secret
 from ops.storage import ObjectInfo, StorageConfig
+from runbooks import restore as restore_runbook
 
 T0 = datetime(2026, 11, 23, 17, 0, tzinfo=UTC)
 SECRET = "unit-test-secret-value-123"
@@ -202,3 +203,61 @@ def test_a_missing_engine_is_one_refusal_naming_its_package(make, package, monke
     with pytest.raises(CheckFailed) as refused:
         make().check_installed()
     assert "is not installed here" in refused.value.message and package in refused.value.hint
+
+
+
+def test_lsn_text_and_the_span_of_a_segment():
+    assert str(pitr_lsn.Lsn.parse("16/b374d848")) == "16/B374D848" and str(pitr_lsn.Lsn(0)) == "0/0"
+    assert pitr_lsn.Lsn.parse("0/3000060") < pitr_lsn.Lsn.parse("1/0")
+    for text in ("0/", "3000060", "0/3000060/1", "x/1", "123456789/0"):
+        with pytest.raises(ValueError):
+            pitr_lsn.Lsn.parse(text)
+    assert str(pitr_lsn.segment_start("000000010000000100000003", 16 * 1024 * 1024)) == "1/3000000"
+    assert str(pitr_lsn.segment_end("0000000100000000000000FF", 16 * 1024 * 1024)) == "1/0"
+
+
+def test_an_lsn_is_chosen_inside_a_backups_span_and_refused_outside_naming_the_range():
+    text = ("status=DONE\nbegin_time=2026-11-23 17:00:00+00:00\nend_time=2026-11-23 17:00:30+00:00\n"
+            "begin_wal=000000010000000000000002\nend_wal=000000010000000000000002\nend_xlog=0/2000138\n"
+            "version=150014\n")
+    backup = pitr_barman.parse_backup_info("b1", text)
+    names = [f"0000000100000000000000{n:02X}" for n in (2, 3, 5)]
+    item = pitr_catalog.recoverable(backup, pitr_barman.wal_segments(listing(names), "pitr/prod/"))
+    assert (str(item.earliest_lsn), str(item.latest_lsn)) == ("0/2000138", "0/4000000")
+    assert item.to_json()["earliest_lsn"] == "0/2000138" and item.to_json()["latest_lsn"] == "0/4000000"
+    catalog = pitr_catalog.Catalog([item], {})
+    Lsn = pitr_lsn.Lsn
+    assert pitr_catalog.choose_lsn(catalog, Lsn.parse("0/2000138"), "prod") is item
+    assert pitr_catalog.choose_lsn(catalog, Lsn.parse("0/3FFFFFF"), "prod") is item
+    with pytest.raises(CheckFailed, match=r"LSN 0/2000137 is before prod's earliest .* 0/2000138 to 0/4000000"):
+        pitr_catalog.choose_lsn(catalog, Lsn.parse("0/2000137"), "prod")
+    with pytest.raises(CheckFailed, match="WAL segment 000000010000000000000004 is missing"):
+        pitr_catalog.choose_lsn(catalog, Lsn.parse("0/4000000"), "prod")
+    whole = pitr_catalog.recoverable(backup, pitr_barman.wal_segments(listing(names[:2]), "pitr/prod/"))
+    with pytest.raises(CheckFailed, match=r"LSN 0/4000000 is beyond prod's archived WAL; recoverable: 0/2000138 to "
+                                          r"0/4000000 \(exclusive\)"):
+        pitr_catalog.choose_lsn(pitr_catalog.Catalog([whole], {}), Lsn.parse("0/4000000"), "prod")
+
+
+@pytest.fixture
+def environments(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPS_HOME", str(tmp_path / "state"))
+    (tmp_path / "inventory.yaml").write_text(
+        "project: t\nenvs:\n  prod:\n    database: {url: 'postgresql://app@db.internal/shop'}\n"
+        "    backups: {provider: s3, bucket: b, endpoint: 'http://127.0.0.1:9000'}\n"
+        "  neon:\n    database: {provider: neon, url: 'postgresql://app@ep-cool-42.eu-central-1.aws.neon.tech/shop'}\n")
+    return inventory.load(tmp_path / "inventory.yaml").environment
+
+
+def test_to_lsn_builds_a_recovery_to_that_position_and_refuses_what_goes_with_it(environments):
+    plan = restore_runbook.build(environments("prod"), to_lsn="0/3000060").steps[0].plan
+    assert plan.when == "LSN 0/3000060" and plan.moment is None
+    settings = pitr_scratch.recovery_settings("barman-cloud-wal-restore %f %p", plan.recovery_target)
+    assert settings["recovery_target_lsn"] == "0/3000060" and "recovery_target_time" not in settings
+    refused = [dict(to_lsn="0/3000060", to_time="latest"), dict(to_lsn="0/3000060", backup="20261123T020000Z"),
+               dict(to_lsn="3000060"), dict(to_lsn="0/3000060", tables=["Brand"])]
+    for arguments in refused:
+        with pytest.raises(UsageError):
+            restore_runbook.build(environments("prod"), **arguments)
+    with pytest.raises(UsageError, match="Neon"):
+        restore_runbook.build(environments("neon"), to_lsn="0/3000060")
