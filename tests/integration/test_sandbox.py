@@ -199,7 +199,7 @@ def repository(sandbox: Sandbox) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
-def test_pitr_on_the_sandbox_setup_base_list_status_and_restore_to_a_time(made: UpResult, workspace: Opsbook):
+def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn(made: UpResult, workspace: Opsbook):
     sandbox = made.sandbox
     password = json.loads((sandbox.home / "credentials.json").read_text())["password"]
     done = ok(workspace.run("pitr.setup", "--env", "local", "--json")).json()
@@ -219,6 +219,7 @@ def test_pitr_on_the_sandbox_setup_base_list_status_and_restore_to_a_time(made: 
     with app_conn(sandbox) as conn:
         conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('pitr-kept', 'kept', now())""")
         moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # after the insert's commit, before the delete
+        position = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # the insert is before it
         conn.execute("""DELETE FROM "Brand" WHERE slug = 'pitr-kept'""")
     next_second()
     switch_and_wait(sandbox)  # the deletion archived
@@ -238,6 +239,10 @@ def test_pitr_on_the_sandbox_setup_base_list_status_and_restore_to_a_time(made: 
     assert brands(sandbox, "pitr-kept") == 1, "the deleted row is back"
     assert restored["base_backup"] == backup_id and restored["stopped_before"], "stopped before the deletion"
     assert list((workspace.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
+    with app_conn(sandbox) as conn:  # deleted again: a WAL position before the first deletion brings it back too
+        conn.execute("""DELETE FROM "Brand" WHERE slug = 'pitr-kept'""")
+    by_lsn = ok(workspace.run("restore", "--env", "local", "--to-lsn", position, "--json")).json()["restored"]
+    assert brands(sandbox, "pitr-kept") == 1 and by_lsn["base_backup"] == backup_id, by_lsn
     # every output and journal (the state dir also holds the sandbox itself, its credentials.json included)
     journals = [path.read_text() for path in workspace.journals()]
     assert_no_secret("\n".join([*workspace.transcript, *journals]), password)
