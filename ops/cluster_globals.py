@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops import dump, fetch, neon, pg, pg_tools, pg_url, processes
 from ops.backup_manifest import backup_prefix
-from ops.errors import OpsError, StepFailed, UsageError
+from ops.errors import StepFailed, UsageError
 from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
@@ -61,32 +61,27 @@ def globals_command(tool: pg_tools.ClientTool, database: str, *, role_passwords:
 
 
 class GlobalsAhead:
-    """pg_dumpall --globals-only run beside the dump (in a thread: the dump starts without waiting for it), its
+    """pg_dumpall --globals-only run beside the dump (read by a thread: the dump starts without waiting), its
     script held in memory, so that storing the globals after the dump waits for no tool: a shorter tail after
     the dump's last byte. Read at the dump's start, the roles are those of the dump's snapshot or close to it."""
 
-    def __init__(self, major: int, database: str, role_passwords: bool, environment: dict[str, str]):
+    def __init__(self, command: list[str], role_passwords: bool, environment: dict[str, str]):
         self.role_passwords = role_passwords
         self.process: subprocess.Popen[bytes] | None = None
         self._output: bytes | None = None
         self._stopped = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, args=(major, database, environment),
-                                        name="opsbook-globals", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(command, environment), name="opsbook-globals",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, major: int, database: str, environment: dict[str, str]) -> None:
-        try:
-            tool = pg_tools.find_client_tool("pg_dumpall", major)
-        except OpsError:
-            return  # the step meets the same problem and reports it
+    def _run(self, command: list[str], environment: dict[str, str]) -> None:
         with self._lock:  # stop() either sees the process or keeps it from starting
             if self._stopped:
                 return
             try:
-                self.process = subprocess.Popen(
-                    globals_command(tool, database, role_passwords=self.role_passwords), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=environment)
+                self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL, env=environment)
             except OSError:
                 return
         chunks, size = [], 0
@@ -117,10 +112,12 @@ def start_globals(env: Environment, conn: psycopg.Connection) -> GlobalsAhead | 
     (the step then meets the same problem and reports it)."""
     url = env.database_url(direct=True)
     try:
-        major, readable = pg.server_version(conn)[0], passwords_readable(env, conn)
+        tool = pg_tools.find_client_tool("pg_dumpall", pg.server_version(conn)[0])
+        readable = passwords_readable(env, conn)
     except Exception:  # psycopg's or ours: the step meets it again and reports it
         return None
-    return GlobalsAhead(major, pg_url.parse_url(url).dbname, readable, pg_url.child_environment(url))
+    command = globals_command(tool, pg_url.parse_url(url).dbname, role_passwords=readable)
+    return GlobalsAhead(command, readable, pg_url.child_environment(url))
 
 
 def store_globals(env: Environment, conn: psycopg.Connection, storage: Storage, backup_id: str, *,
