@@ -39,7 +39,7 @@ class NullStorage:
         return "null sink"
 
     def upload_stream(self, key: str, source: Any, *, part_size: int, on_progress: Any = None,
-                      content_type: str | None = None, metadata: Any = None) -> Any:
+                      content_type: str | None = None, metadata: Any = None, lock: Any = None) -> Any:
         from ops.storage import ObjectInfo, read_full
 
         total = 0

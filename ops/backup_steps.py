@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ops.backup_manifest import Manifest
     from ops.inventory import Environment
 
+GLOBALS_AHEAD = "backup.globals_ahead"  # the run's cluster_globals.GlobalsAhead, started by the dump
 DEFAULT_LEVEL = 1  # on the benchmark data as small as level 3 for ~45% less CPU; raise it to trade CPU for size
 
 
@@ -127,6 +128,7 @@ class DumpStep(Step):
         key = self._key(ctx)
         storage = ctx.storage("backups")
         excluded = excluded_tables(ctx.env)
+        ctx.once(GLOBALS_AHEAD, lambda: cluster_globals.start_globals(ctx.env, ctx.database()), close=_stop_ahead)
         snapshot_connection = pg.connect(url, application_name=ctx.label[:63], autocommit=True)
         with snapshot_connection, pg.exported_snapshot(snapshot_connection) as snapshot:
             started = utc_now()
@@ -200,6 +202,11 @@ def _first_started(ctx: RunContext) -> Any:
     return parse_time(done[0]["started_at"]) if done else None
 
 
+def _stop_ahead(ahead: cluster_globals.GlobalsAhead | None) -> None:
+    if ahead is not None:
+        ahead.stop()
+
+
 def _stop_reader(connection: Any, reader: threading.Thread, seconds: float = 10) -> None:
     """The reader's count(*) may be waiting for a lock, and ending the snapshot would wait for it: cancel
     until the reader is done, since a cancel that lands between two of its statements stops nothing."""
@@ -248,7 +255,8 @@ class GlobalsStep(Step):
         stored = cluster_globals.store_globals(ctx.env, ctx.database(), ctx.storage("backups"), self.backup_id,
                                                level=options["level"],
                                                recipients=dump.parse_recipients(options["recipients"]),
-                                               lock=backup_lock.object_lock(ctx.env, started))
+                                               lock=backup_lock.object_lock(ctx.env, started),
+                                               ahead=ctx.once(GLOBALS_AHEAD, lambda: None))
         ctx.log(f"stored the globals ({human_size(stored['size'])}"
                 + ("" if stored["role_passwords"] else "; without role passwords: pg_authid is not readable") + ")")
         return {"stored": stored}

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import threading
 from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, fetch, neon, pg, pg_tools, pg_url
+from ops import dump, fetch, neon, pg, pg_tools, pg_url, processes
 from ops.backup_manifest import backup_prefix
 from ops.errors import StepFailed, UsageError
 from ops.lazy_dataclasses import dataclass
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from ops.storage import ObjectLock, Storage
 
 GLOBALS_NAME = "globals.sql.zst"
+AHEAD_LIMIT = 16 * 1024 * 1024  # a script larger than this (that many roles) is streamed after the dump instead
 _TOKEN = Pattern(r'"(?:[^"]|"")*"|[^\s;]+')
 _PASSWORD = Pattern(r"PASSWORD '((?:[^']|'')*)'")
 _GRANTED_BY = Pattern(r"\s+GRANTED BY\s+(?:\"(?:[^\"]|\"\")*\"|\S+?)(?=\s*;|\s+WITH\b|\s*$)")
@@ -59,14 +62,81 @@ def globals_command(tool: pg_tools.ClientTool, database: str, *, role_passwords:
     return command if role_passwords else [*command, "--no-role-passwords"]
 
 
+class GlobalsAhead:
+    """pg_dumpall --globals-only run beside the dump (read by a thread: the dump starts without waiting), its
+    script held in memory, so that storing the globals after the dump waits for no tool: a shorter tail after
+    the dump's last byte. Read at the dump's start, the roles are those of the dump's snapshot or close to it."""
+
+    def __init__(self, command: list[str], role_passwords: bool, environment: dict[str, str]):
+        self.role_passwords = role_passwords
+        self.process: subprocess.Popen[bytes] | None = None
+        self._output: bytes | None = None
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(command, environment), name="opsbook-globals",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, command: list[str], environment: dict[str, str]) -> None:
+        with self._lock:  # stop() either sees the process or keeps it from starting
+            if self._stopped:
+                return
+            try:
+                self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL, env=environment)
+            except OSError:
+                return
+        chunks, size = [], 0
+        for chunk in iter(lambda: self.process.stdout.read(dump.CHUNK), b""):
+            size += len(chunk)
+            if size > AHEAD_LIMIT:
+                processes.stop(self.process)
+                return
+            chunks.append(chunk)
+        if self.process.wait() == 0:
+            self._output = b"".join(chunks)
+
+    def script(self) -> bytes | None:
+        """The globals script; None when the tool failed or wrote too much (the step then runs it again)."""
+        self._thread.join()
+        return self._output
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+        if self.process is not None:
+            processes.stop(self.process)
+        self._thread.join(timeout=10)
+
+
+def start_globals(env: Environment, conn: psycopg.Connection) -> GlobalsAhead | None:
+    """Start reading the globals for store_globals to store later; None when the server cannot say what
+    (the step then meets the same problem and reports it)."""
+    url = env.database_url(direct=True)
+    try:
+        tool = pg_tools.find_client_tool("pg_dumpall", pg.server_version(conn)[0])
+        readable = passwords_readable(env, conn)
+    except Exception:  # psycopg's or ours: the step meets it again and reports it
+        return None
+    command = globals_command(tool, pg_url.parse_url(url).dbname, role_passwords=readable)
+    return GlobalsAhead(command, readable, pg_url.child_environment(url))
+
+
 def store_globals(env: Environment, conn: psycopg.Connection, storage: Storage, backup_id: str, *,
-                  level: int, recipients: list[Any], lock: ObjectLock | None = None) -> dict[str, Any]:
-    """Dump the globals to storage beside the dump; what the manifest records about them."""
+                  level: int, recipients: list[Any], lock: ObjectLock | None = None,
+                  ahead: GlobalsAhead | None = None) -> dict[str, Any]:
+    """Dump the globals to storage beside the dump (the script `ahead` read, when it has it); what the
+    manifest records about them."""
+    key = globals_key(backup_id, encrypted=bool(recipients))
+    script = ahead.script() if ahead is not None else None
+    if script is not None:
+        stored = dump.bytes_to_storage(script, storage, key, level=level, recipients=recipients, lock=lock)
+        return {"key": key, "size": stored.size, "sha256": stored.sha256, "dump_size": stored.dump_size,
+                "role_passwords": ahead.role_passwords}
     url = env.database_url(direct=True)
     major = pg.server_version(conn)[0]
     tool = pg_tools.find_client_tool("pg_dumpall", major)
     readable = passwords_readable(env, conn)
-    key = globals_key(backup_id, encrypted=bool(recipients))
     stored = dump.dump_to_storage(globals_command(tool, pg_url.parse_url(url).dbname, role_passwords=readable),
                                   pg_url.child_environment(url), storage, key, level=level, recipients=recipients,
                                   what=f"pg_dumpall --globals-only of {pg_url.parse_url(url).describe()}",

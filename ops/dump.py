@@ -294,6 +294,27 @@ def dump_to_storage(command: list[str], environment: dict[str, str], storage: St
                   seconds=round(time.monotonic() - began, 3))
 
 
+def bytes_to_storage(data: bytes, storage: Storage, key: str, *, level: int = 3, recipients: list[Any] | None = None,
+                     lock: ObjectLock | None = None) -> Stored:
+    """A tool's output already in memory (the globals: kilobytes), encoded as dump_to_storage encodes a stream
+    (zstd with its checksum, then age) and stored in one PUT."""
+    import zstandard
+
+    began = time.monotonic()
+    parameters = zstandard.ZstdCompressionParameters.from_level(level, write_checksum=True)
+    encoded = zstandard.ZstdCompressor(compression_params=parameters).compress(data)
+    if recipients:
+        import pyrage
+
+        encoded = pyrage.encrypt(encoded, recipients)
+    info = storage.put_bytes(key, encoded, content_type="application/octet-stream", lock=lock)
+    if info.size != len(encoded):
+        raise StepFailed(f"{storage.describe()}: {key} holds {info.size} bytes but {len(encoded)} were sent",
+                         hint="the storage lost part of the upload; run the backup again")
+    return Stored(size=len(encoded), sha256=hashlib.sha256(encoded).hexdigest(), dump_size=len(data),
+                  seconds=round(time.monotonic() - began, 3))
+
+
 def _store_output(process: subprocess.Popen[bytes], storage: Storage, key: str, *, level: int,
                   recipients: list[Any] | None, part_size: int, on_progress: Progress | None,
                   what: str, lock: ObjectLock | None = None) -> tuple[Any, DigestingReader, CountingReader]:

@@ -22,6 +22,10 @@ CLIENT_TOOL_GLOBS = (
     "/usr/pgsql-*/bin",  # PGDG RPMs
     "/Applications/Postgres.app/Contents/Versions/*/bin",
 )
+DEBIAN_VERSION_DIRS = CLIENT_TOOL_GLOBS[0]
+# Debian's /usr/bin/pg_dump & co.: a Perl script that runs one of /usr/lib/postgresql/*/bin's tools;
+# probing it costs a Perl start-up (0.1-0.4 s) per tool and finds nothing those dirs lack.
+DEBIAN_WRAPPER = "pg_wrapper"
 _TOOL_VERSION = Pattern(r"\(PostgreSQL\)\s+(?P<major>\d+)(?P<rest>(?:\.\d+)*[A-Za-z0-9]*)")
 
 
@@ -79,10 +83,14 @@ def find_client_tool(name: str, server_major: int, search_dirs: list[str] | None
 def _installed_tools(name: str, dirs: list[str]) -> list[ClientTool]:
     tools: list[ClientTool] = []
     seen: set[str] = set()
+    wrapped = set(glob.glob(DEBIAN_VERSION_DIRS))
+    versioned = bool(wrapped) and wrapped <= set(dirs)  # every dir the wrapper could pick is searched
     for directory in dirs:
         path = os.path.join(directory, name)
         real = os.path.realpath(path)
         if real in seen or not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            continue
+        if versioned and os.path.basename(real) == DEBIAN_WRAPPER:
             continue
         seen.add(real)
         probed = _probe_version(path, os.stat(path).st_mtime)

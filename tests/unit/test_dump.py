@@ -142,6 +142,26 @@ def test_encryption_round_trip_and_wrong_key(storage, tmp_path: Path):
         dump.load_identities(tmp_path / "public-only.txt")
 
 
+def test_bytes_in_memory_are_stored_as_a_streamed_dump_is(storage, tmp_path: Path):
+    """The globals, read ahead of the dump into memory: the same zstd (with its checksum) and age encoding,
+    read back by the same decoder and checked against the same sha256 and sizes."""
+    script = b"CREATE ROLE app;\nALTER ROLE app WITH LOGIN;\n" * 500
+    identity = pyrage.x25519.Identity.generate()
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(f"{identity}\n")
+    for key, recipients, identities in (("backups/g/globals.sql.zst", None, None),
+                                        ("backups/g/globals.sql.zst.age", [identity.to_public()],
+                                         dump.load_identities(key_file))):
+        stored = dump.bytes_to_storage(script, storage, key, level=1, recipients=recipients)
+        raw = storage.get_bytes(key)
+        assert (stored.size, stored.sha256, stored.dump_size) == (len(raw), hashlib.sha256(raw).hexdigest(),
+                                                                  len(script))
+        sink = io.BytesIO()
+        fetched = fetch.fetch_and_decode(storage, key, sink, identities=identities, encrypted=bool(recipients))
+        fetch.check_fetched("g", key, stored.size, stored.sha256, fetched, stored.dump_size)
+        assert sink.getvalue() == script
+
+
 def test_a_flipped_byte_is_named_as_damage(storage):
     stored = dump.dump_to_storage(writer_command(2 * MiB), dict(os.environ), storage, "backups/d/dump.pgc.zst")
     raw = bytearray(storage.get_bytes("backups/d/dump.pgc.zst"))
