@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,7 @@ from ops.migrations import apply_pending
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.postgres import row_counts, running_cluster, system_bin_dir
 from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.ssh import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("barman-cloud-backup") is None,
                                 reason="barman-cloud (barman-cli-cloud) is not installed")
@@ -327,12 +327,6 @@ def test_the_readme_break_glass_recovery_runs_with_the_engine_alone(opsbook, pit
         subprocess.run([*user, f"{source.bin_dir}/pg_ctl", "stop", "-D", str(recovery / "data"), "-m", "immediate"],
                        capture_output=True, check=False)
         shutil.rmtree(recovery, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

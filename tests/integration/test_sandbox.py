@@ -26,6 +26,7 @@ from ops.errors import OpsError
 from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox, find_server_bindir
 from tests.cli import CliResult, Opsbook, wait_for
 from tests.fixtures.secrets import assert_no_secret
+from tests.fixtures.ssh import free_port
 
 
 @dataclass
@@ -301,12 +302,6 @@ def test_the_readme_break_glass_recovery_of_a_folder_repository_runs_with_pgback
         subprocess.run([*user, str(bin_dir / "pg_ctl"), "stop", "-D", str(recovery / "data"), "-m", "immediate"],
                        capture_output=True, check=False)
         shutil.rmtree(recovery, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # Last in the module: the repository keeps its gap.
