@@ -9,8 +9,7 @@ backup with the given tree's `inv backup`, writes a local `pg_dump -Fc` file for
 baseline (`pg_restore -j 2`) and the environment to --state, and waits until interrupted.
 `rounds` runs, per round, `inv restore --env restore --from bench --backup latest` of each
 --tree and the baseline, alternating the order, each into a freshly created database, and
-prints the medians (wall and CPU) with min and max. `--json-events DIR` keeps each restore's
---json output there (its events carry the phases' timestamps).
+prints the medians (wall and CPU) with min and max.
 """
 
 from __future__ import annotations
@@ -40,10 +39,11 @@ def serve(arguments: argparse.Namespace) -> int:
     import psycopg
 
     with tempfile.TemporaryDirectory(prefix="opsbook-restore-") as scratch, servers.postgres() as server, \
-            servers.moto_server(Path(scratch) / "moto.log") as endpoint:
+            servers.moto_server(Path(scratch) / "moto.log") as endpoint, \
+            servers.moto_server(Path(scratch) / "moto-copy.log") as copy_endpoint:  # the inventory's copies env
         work = Path(scratch)
         options = argparse.Namespace(compression_level=1, tasks_root=arguments.tree, rounds=1)
-        bench = Bench(options, work, server, endpoint)
+        bench = Bench(options, work, server, endpoint, copy_endpoint)
         bench.write_inventory()
         bench.s3.create_bucket(Bucket=BACKUP_BUCKET)
         with psycopg.connect(server.url().reveal(), autocommit=True) as connection:
@@ -67,10 +67,11 @@ def serve(arguments: argparse.Namespace) -> int:
 
 def fresh(admin: str, name: str) -> None:
     import psycopg
+    from psycopg import sql
 
     with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
+        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def rounds(arguments: argparse.Namespace) -> int:
