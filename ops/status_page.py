@@ -251,15 +251,17 @@ def feed_entries(model: dict[str, Any]) -> list[dict[str, Any]]:
     entries = []
     for view in (*model["open_incidents"], *model["past_incidents"]):
         for number, update in enumerate(view["updates"], start=1):
-            entries.append({"id": f"{view['id']}-{number}", "anchor": view["id"], "at": update["at"],
+            entries.append({"id": f"{view['id']}-{number}", "number": number, "anchor": view["id"], "at": update["at"],
                             "title": f"{update['state_label']}: {view['title']}", "message": update["message"],
                             "components": update["components"]})
     for window in model["recent_maintenance"]:
         for number, update in enumerate(window["updates"], start=1):
-            entries.append({"id": f"{window['id']}-{number}", "anchor": "maintenance", "at": update["at"],
+            entries.append({"id": f"{window['id']}-{number}", "number": number, "anchor": "maintenance",
+                            "at": update["at"],
                             "title": f"Maintenance {update['state'].replace('_', ' ')}: {window['title']}",
                             "message": update["message"], "components": []})
-    return sorted(entries, key=lambda entry: entry["at"], reverse=True)
+    # Times are to the second: updates made within one keep their order by number.
+    return sorted(entries, key=lambda entry: (entry["at"], entry["number"]), reverse=True)
 
 
 def render_files(config: StatusPageConfig, incidents: list[Incident], now: datetime,

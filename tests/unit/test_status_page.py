@@ -183,3 +183,14 @@ def test_a_running_window_puts_its_components_under_maintenance_unless_an_incide
     assert page_model(config, [], NOW, [window])["maintenance"] == []
     with pytest.raises(CheckFailed):
         maintenance.transition(window, "cancelled", message=None, operator="ann", now=NOW)
+
+
+def test_updates_made_within_one_second_stay_newest_first_in_the_feed(env) -> None:
+    window = maintenance.new_window(env, title="Database upgrade", start="2026-11-23T11:00Z", duration="2h",
+                                    components="api", message=None, operator="ann", now=NOW)
+    maintenance.transition(window, "in_progress", message=None, operator="ann", now=NOW)
+    maintenance.transition(window, "completed", message="Done", operator="ann", now=NOW)
+    feed = ElementTree.fromstring(render_files(status_page_config(env), [], NOW, [window])["feed.atom"])
+    assert [e.findtext(f"{ATOM}title") for e in feed.findall(f"{ATOM}entry")] == [
+        "Maintenance completed: Database upgrade", "Maintenance in progress: Database upgrade",
+        "Maintenance scheduled: Database upgrade"]
