@@ -6,11 +6,16 @@ EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal, pg_create_restore_poin
 (a superuser has them): without them the engine fails after uploading. A barman-cloud backup killed
 half-way stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from;
 pgBackRest's info lists only the backups it completed (the next backup resumes or removes the rest).
+The engine's temporary files (barman-cloud-backup's tar parts) go to a folder of opsbook's beside the engine's
+configuration, emptied before each base backup: what a killed one left there goes with it.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import pg_url, pitr_catalog, pitr_engine, pitr_host
@@ -21,6 +26,21 @@ from ops.errors import StepFailed
 if TYPE_CHECKING:
     from ops.inventory import Environment
     from ops.output import Output
+
+
+TEMPORARY_FOLDER = "tmp"
+
+
+def temporary_folder(host: pitr_host.DatabaseHost, log: Callable[[str], None]) -> Path:
+    """The engine's TMPDIR, emptied: only base backups use it, and the environment's lock lets one run at a time."""
+    folder = host.config_dir / TEMPORARY_FOLDER
+    left = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    if left:
+        log(f"removing what an interrupted base backup left in {folder}: {', '.join(left[:5])}")
+        shutil.rmtree(folder, ignore_errors=True)
+    pitr_host.make_folder(folder, host.os_user)
+    folder.chmod(0o700)  # the engine's temporary files hold the database's data
+    return folder
 
 
 class BaseStep(Step):
@@ -45,8 +65,9 @@ class BaseStep(Step):
         target = pg_url.parse_url(self.env.admin_url())
         started = time.monotonic()
         command = self.engine.backup_command(self.host, target)
-        pitr_engine.run(command, self.engine, user=self.host.os_user,
-                        extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
+        extra = {**pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
+                 "TMPDIR": str(temporary_folder(self.host, ctx.log))}
+        pitr_engine.run(command, self.engine, user=self.host.os_user, extra=extra,
                         what=f"the base backup of {ctx.env.name}")
         new = [item for item in self.catalog(ctx).backups if item.backup.backup_id not in before]
         done = [item for item in new if item.backup.complete]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -25,6 +26,7 @@ from ops.demo import seed
 from ops.errors import OpsError
 from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox, find_server_bindir
 from tests.cli import CliResult, Opsbook, wait_for
+from tests.fixtures.processes import descendants
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.ssh import free_port
 
@@ -247,6 +249,42 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
     # every output and journal (the state dir also holds the sandbox itself, its credentials.json included)
     journals = [path.read_text() for path in workspace.journals()]
     assert_no_secret("\n".join([*workspace.transcript, *journals]), password)
+
+
+def backup_connected(sandbox: Sandbox) -> bool:
+    """pgBackRest's backup session is on the server: pg_backup_start has run, files are being copied."""
+    with app_conn(sandbox) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgBackRest%backup%'"
+                            ).fetchone()[0] > 0
+
+
+def complete_labels(workspace: Opsbook) -> set[str]:
+    listed = ok(workspace.run("pitr.list", "--env", "local", "--json")).json()["backups"]
+    return {item["backup_id"] for item in listed if item["complete"]}
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_a_sandbox_base_backup_killed_half_way_is_not_listed_complete_and_the_next_succeeds(made: UpResult,
+                                                                                            workspace: Opsbook):
+    sandbox = made.sandbox
+    if not list(repository(sandbox).glob("backup/*/*F")):
+        ok(workspace.run("pitr.setup", "--env", "local"))  # this test alone
+    before = complete_labels(workspace)
+    running = workspace.start("pitr.base", "--env", "local")
+    engine = wait_for(lambda: [pid for pid, command in descendants(running.pid) if command.startswith("pgbackrest ")
+                               and " backup" in command and "--process=" not in command],
+                      timeout=30, interval=0.05, what="pgbackrest backup running")
+    wait_for(lambda: backup_connected(sandbox), timeout=60, interval=0.05, what="pgbackrest backup connected")
+    os.kill(engine[0], signal.SIGKILL)
+    killed = workspace.collect(running)
+    assert killed.exit_code == 1 and "pgbackrest failed" in killed.stderr, str(killed)
+    assert complete_labels(workspace) == before, "the killed backup is not listed"
+
+    ok(workspace.run("pitr.base", "--env", "local"))
+    after = complete_labels(workspace)
+    assert len(after - before) == 1, (before, after)
+    labels = {path.name for path in (repository(sandbox) / "backup" / "local").glob("*F")}
+    assert labels <= after | before, "nothing of the killed backup is left in the repository"
 
 
 def readme_block(marker: str) -> str:
