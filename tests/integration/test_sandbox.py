@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -249,6 +250,36 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
     # every output and journal (the state dir also holds the sandbox itself, its credentials.json included)
     journals = [path.read_text() for path in workspace.journals()]
     assert_no_secret("\n".join([*workspace.transcript, *journals]), password)
+
+
+def readme_lines(marker: str) -> list[list[str]]:
+    """The indented `./opsbook inv` lines after `marker` in the README, split as a shell would."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert text.count(marker) == 1
+    commands = []
+    for line in text.split(marker, 1)[1].split("-->", 1)[1].lstrip("\n").splitlines():
+        if not line.startswith("    "):
+            break
+        words = shlex.split(line, comments=True)
+        assert words[:2] == ["./opsbook", "inv"], line
+        commands.append(words[2:])
+    return commands
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_the_readme_pitr_lines_for_the_sandbox_run_as_written(made: UpResult, workspace: Opsbook):
+    lines = readme_lines("<!-- pitr-sandbox:")
+    assert [words[0] for words in lines] == ["pitr.setup", "pitr.base", "pitr.list", "pitr.status", "restore"]
+    assert lines[-1] == ["restore", "--env", "local", "--to-time", "latest"]
+    results = [ok(workspace.run(*words)) for words in lines[:2]]
+    with app_conn(made.sandbox) as conn:  # after the base backup: only the archived WAL brings it back
+        conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('readme-latest', 'latest', now())""")
+    switch_and_wait(made.sandbox)
+    results += [ok(workspace.run(*words)) for words in lines[2:]]
+    listed = json.loads(results[2].stdout)
+    assert listed["backups"] and all(item["earliest"] and item["latest"] for item in listed["backups"]), listed
+    assert "app now holds local as of the latest recoverable point" in results[-1].stderr, str(results[-1])
+    assert brands(made.sandbox, "readme-latest") == 1, "replayed from the archive"
 
 
 def backup_connected(sandbox: Sandbox) -> bool:
