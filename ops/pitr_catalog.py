@@ -129,6 +129,18 @@ def choose(catalog: Catalog, moment: datetime | None, source: str) -> Recoverabl
     raise _gap_error(started[-1], moment, source)
 
 
+def reaching_the_end(catalog: Catalog, moment: datetime) -> Recoverable | None:
+    """The newest complete base backup that ended by `moment` and whose WAL runs without a gap to the newest
+    archived segment: `moment`, past that segment, becomes recoverable from it once a later commit is archived
+    (ops/pitr_seal.py)."""
+    for item in reversed(catalog.complete()):
+        wal = item.wal
+        if item.earliest is not None and item.earliest <= moment and item.latest is not None \
+                and wal is not None and wal.missing is None:
+            return item
+    return None
+
+
 def _gap_error(item: Recoverable, moment: datetime | None, source: str, target: str | None = None) -> CheckFailed:
     wal = item.wal
     target = target or (iso_z_or_none(moment) if moment else "the latest point")

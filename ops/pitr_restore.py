@@ -18,11 +18,11 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, pg, pg_tools, pg_url, pitr_catalog, pitr_host, pitr_scratch, processes, restore_db
+from ops import dump, pg, pg_tools, pg_url, pitr_catalog, pitr_host, pitr_scratch, pitr_seal, processes, restore_db
 from ops.cli import environment as load_environment
 from ops.clock import iso_z, iso_z_or_none, parse_time, utc_now
 from ops.engine import Change, Runbook, RunContext
-from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.errors import CheckFailed, ConnectionFailed, StepFailed, UsageError
 from ops.pitr_lsn import Lsn
 from ops.restore_steps import Plan, ScratchLoad, SwapStep
 
@@ -62,6 +62,8 @@ class PitrPlan(Plan):
         self.engine = pitr_host.engine_of(source)
         self.expected: dict[str, int] = {}
         self._chosen: Recoverable | None = None
+        self._sealed = False  # a commit after the moment is archived (ops/pitr_seal.py)
+        self._source_answers: bool | None = None
 
     @property
     def when(self) -> str:
@@ -78,8 +80,38 @@ class PitrPlan(Plan):
         if self._chosen is None:
             catalog = pitr_catalog.read(self.storage(ctx), self.engine)
             self._chosen = (pitr_catalog.choose_lsn(catalog, self.lsn, self.source.name) if self.lsn is not None
-                            else pitr_catalog.choose(catalog, self.moment, self.source.name))
+                            else self._choose_time(catalog))
         return self._chosen
+
+    def _choose_time(self, catalog: pitr_catalog.Catalog) -> Recoverable:
+        """The base backup for the moment; before the seal, a moment past the archive's end is plannable from a
+        backup whose WAL reaches that end when the source answers (the seal archives a commit after it)."""
+        try:
+            return pitr_catalog.choose(catalog, self.moment, self.source.name)
+        except CheckFailed:
+            ahead = pitr_catalog.reaching_the_end(catalog, self.moment) if self.moment is not None else None
+            if self._sealed or ahead is None or not self.source_answers():
+                raise
+            return ahead
+
+    def source_answers(self) -> bool:
+        if self._source_answers is None:
+            self._source_answers = pitr_seal.reachable(self.source.admin_url())
+        return self._source_answers
+
+    def seal(self, ctx: RunContext) -> None:
+        """Before recovering to a time: an empty commit after it on the source, archived, so that PostgreSQL can
+        stop there even when nothing was committed since; skipped when the source does not answer."""
+        if self.moment is None:
+            return
+        try:
+            sealed = pitr_seal.seal(self.source.admin_url(), self.moment)
+        except ConnectionFailed:
+            ctx.log(f"{self.source.name} does not answer: recovering to {self.when} from what its archive holds")
+            return
+        ctx.log(f"an empty transaction committed on {self.source.name} at {iso_z(sealed.committed_at)}, WAL segment "
+                f"{sealed.segment} archived: recovery can stop at {self.when}")
+        self._sealed, self._chosen = True, None  # the catalog is read again: it must cover the moment now
 
     def restored_what(self, ctx: RunContext) -> str:
         return f"{self.source.name} as of {self.when}"
@@ -123,6 +155,7 @@ class RecoverStep(ScratchLoad):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         plan = self.plan
+        plan.seal(ctx)
         chosen = plan.chosen(ctx)
         bin_dir = pitr_scratch.server_bin_dir(chosen.backup.major)
         os_user = pitr_host.default_os_user()

@@ -282,6 +282,28 @@ def test_the_readme_pitr_lines_for_the_sandbox_run_as_written(made: UpResult, wo
     assert brands(made.sandbox, "readme-latest") == 1, "replayed from the archive"
 
 
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_restore_to_a_time_on_an_idle_database_closes_the_source_wal_first(made: UpResult, workspace: Opsbook):
+    """Nothing committed after T: PostgreSQL reaches a recovery_target_time only at a later commit, so opsbook
+    commits an empty transaction on the source and waits for its archiving before recovering."""
+    sandbox = made.sandbox
+    if not list(repository(sandbox).glob("backup/*/*F")):
+        ok(workspace.run("pitr.setup", "--env", "local"))  # this test alone
+        ok(workspace.run("pitr.base", "--env", "local"))
+    next_second()  # after the backup's end, in whole seconds
+    with app_conn(sandbox) as conn:
+        conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('idle-kept', 'idle', now())""")
+        inside = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    switch_and_wait(sandbox)  # archived, with no commit after `inside`
+    with app_conn(sandbox) as conn:
+        beyond = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # after the newest archived segment
+    for moment in (inside, beyond):
+        at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        restored = ok(workspace.run("restore", "--env", "local", "--to-time", at, "--json")).json()["restored"]
+        assert restored["stopped_before"] and parse_time(restored["stopped_before"]) > moment, restored
+        assert brands(sandbox, "idle-kept") == 1
+
+
 def backup_connected(sandbox: Sandbox) -> bool:
     """pgBackRest's backup session is on the server: pg_backup_start has run, files are being copied."""
     with app_conn(sandbox) as conn:
