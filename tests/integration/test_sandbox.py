@@ -202,6 +202,12 @@ def repository(sandbox: Sandbox) -> Path:
     return sandbox.storage_path / BACKUP_BUCKET / "local" / "pitr"
 
 
+def passphrase(workspace: Opsbook) -> str:
+    """The repository's cipher passphrase, from the environment's secret store (the file backend)."""
+    lines = (workspace.state_dir / "secrets" / "local.env").read_text().splitlines()
+    return next(line.split("=", 1)[1] for line in lines if line.startswith("PITR_CIPHER_PASS="))
+
+
 @pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
 def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn(made: UpResult, workspace: Opsbook):
     sandbox = made.sandbox
@@ -212,11 +218,17 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
     assert list((repository(sandbox) / "archive" / "local").glob(f"*/*/{segment}-*")), "archived into the folder"
     config = sandbox.home / "opsbook-pitr-local" / "pgbackrest.conf"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600 and f"repo1-path={repository(sandbox)}" in config.read_text()
+    cipher = passphrase(workspace)
+    assert len(cipher) == 64 and f"repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass={cipher}\n" in config.read_text()
     if os.geteuid() == 0:
         assert config.owner() == "postgres" and repository(sandbox).owner() == "postgres", "the server's user's"
     assert ok(workspace.run("pitr.setup", "--env", "local", "--json")).json()["status"] == "nothing to do"
 
     backup_id = ok(workspace.run("pitr.base", "--env", "local", "--json")).json()["base"]["backup_id"]
+    manifest = repository(sandbox) / "backup" / "local" / backup_id / "backup.manifest"
+    assert manifest.read_bytes().startswith(b"Salted__"), "encrypted in the repository (aes-256-cbc)"
+    assert all(path.read_bytes().startswith(b"Salted__")
+               for path in (repository(sandbox) / "archive" / "local").glob(f"*/*/{segment}-*")), "the WAL too"
     # pgBackRest's times are whole seconds: the backup's end counts from the next second (its earliest), and the
     # repository's file times end the recoverable range; T lies after the first and before the second
     next_second()
@@ -249,7 +261,7 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
     assert brands(sandbox, "pitr-kept") == 1 and by_lsn["base_backup"] == backup_id, by_lsn
     # every output and journal (the state dir also holds the sandbox itself, its credentials.json included)
     journals = [path.read_text() for path in workspace.journals()]
-    assert_no_secret("\n".join([*workspace.transcript, *journals]), password)
+    assert_no_secret("\n".join([*workspace.transcript, *journals]), password, cipher)
 
 
 def readme_lines(marker: str) -> list[list[str]]:
@@ -328,6 +340,8 @@ def test_a_sandbox_base_backup_killed_half_way_is_not_listed_complete_and_the_ne
                                and " backup" in command and "--process=" not in command],
                       timeout=30, interval=0.05, what="pgbackrest backup running")
     wait_for(lambda: backup_connected(sandbox), timeout=60, interval=0.05, what="pgbackrest backup connected")
+    cipher = passphrase(workspace)  # the repository is encrypted: its passphrase is on no command line
+    assert all(cipher not in command for _pid, command in descendants(running.pid))
     os.kill(engine[0], signal.SIGKILL)
     killed = workspace.collect(running)
     assert killed.exit_code == 1 and "pgbackrest failed" in killed.stderr, str(killed)
@@ -373,7 +387,8 @@ def test_the_readme_break_glass_recovery_of_a_folder_repository_runs_with_pgback
                        "REPO": str(repository(sandbox)), "STANZA": "local", "TARGET_TIME": moment.isoformat(sep=" "),
                        "RECOVERY_DIR": str(recovery), "PORT": str(free_port()), "PGUSER": "postgres",
                        "PGPASSWORD": json.loads((sandbox.home / "credentials.json").read_text())["password"],
-                       "DATABASE": "app"}
+                       "DATABASE": "app", "PGBACKREST_REPO1_CIPHER_TYPE": "aes-256-cbc",
+                       "PGBACKREST_REPO1_CIPHER_PASS": passphrase(workspace)}
         done = subprocess.run([*user, "env", "-i", *(f"{k}={v}" for k, v in environment.items()),
                                "bash", "-euo", "pipefail", str(script)], capture_output=True, text=True, timeout=300,
                               cwd=recovery)
