@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ops import pg_url, pitr_catalog, pitr_engine, pitr_host
+from ops import pg_url, pitr_catalog, pitr_host
 from ops.clock import iso_z_or_none
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed
@@ -30,13 +30,14 @@ class BaseStep(Step):
         self.env = env
         self.host = pitr_host.database_host(env)
         self.engine = pitr_host.engine_of(env)
+        self.machine = pitr_host.machine_of(self.host)
         self.title = f"take a compressed base backup of {env.name} into {self.engine.location} ({self.engine.name})"
 
     def check(self, ctx: RunContext) -> Change | None:
-        self.engine.check_installed()
-        pitr_host.check_data_dir(self.host)
+        self.machine.check_installed(self.engine)
+        pitr_host.check_data_dir(self.host, self.machine)
         target = pg_url.parse_url(self.env.admin_url())
-        return Change(f"take a base backup of {target.describe()} ({self.host.data_dir})",
+        return Change(f"take a base backup of {target.describe()} ({self.host.data_dir} on {self.host.where})",
                       [f"as the OS user {self.host.os_user}, connected as {target.user}; "
                        f"to {self.engine.location} ({self.engine.name})"])
 
@@ -45,9 +46,9 @@ class BaseStep(Step):
         target = pg_url.parse_url(self.env.admin_url())
         started = time.monotonic()
         command = self.engine.backup_command(self.host, target)
-        pitr_engine.run(command, self.engine, user=self.host.os_user,
-                        extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
-                        what=f"the base backup of {ctx.env.name}")
+        pitr_host.run_engine(self.host, self.machine, command, self.engine,
+                             extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
+                             what=f"the base backup of {ctx.env.name}")
         new = [item for item in self.catalog(ctx).backups if item.backup.backup_id not in before]
         done = [item for item in new if item.backup.complete]
         if not done:
@@ -84,9 +85,9 @@ class RetentionStep(Step):
                       [" ".join(self.engine.retention_command(self.host)[1:])])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        user = self.host.os_user if self.engine.server_owns_archive else None
-        pitr_engine.run(self.engine.retention_command(self.host), self.engine, user=user,
-                        what=f"retention of {ctx.env.name}'s base backups")
+        pitr_host.run_engine(self.host, pitr_host.machine_of(self.host), self.engine.retention_command(self.host),
+                             self.engine, as_server=self.engine.server_owns_archive,
+                             what=f"retention of {ctx.env.name}'s base backups")
         return {"window_days": self.window}
 
     def verify(self, ctx: RunContext) -> None:
