@@ -34,8 +34,9 @@ class BaseStep(Step):
         self.title = f"take a compressed base backup of {env.name} into {self.engine.location} ({self.engine.name})"
 
     def check(self, ctx: RunContext) -> Change | None:
-        self.machine.check_installed(self.engine)
-        pitr_host.check_data_dir(self.host, self.machine)
+        with self.machine.session():
+            self.machine.check_installed(self.engine)
+            pitr_host.check_data_dir(self.host, self.machine)
         target = pg_url.parse_url(self.env.admin_url())
         return Change(f"take a base backup of {target.describe()} ({self.host.data_dir} on {self.host.where})",
                       [f"as the OS user {self.host.os_user}, connected as {target.user}; "

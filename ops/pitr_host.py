@@ -10,10 +10,11 @@ point-in-time recovery is what to use there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -163,6 +164,10 @@ class LocalMachine:
     """The server's side on this machine: files written by Python, commands run as children."""
 
     where = "this machine"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        yield  # nothing to open: SshMachine's keeps one connection for the block
 
     def data_directory(self, data_dir: Path) -> int | None:
         try:

@@ -96,6 +96,10 @@ class FilesStep(Step):
                       f"on {setup.host.where}, owned by {setup.host.os_user}")
 
     def check(self, ctx: RunContext) -> Change | None:
+        with self.setup.machine.session():
+            return self._check(ctx)
+
+    def _check(self, ctx: RunContext) -> Change | None:
         setup, machine = self.setup, self.setup.machine
         machine.check_installed(setup.engine)
         pitr_host.check_data_dir(setup.host, machine)
@@ -116,10 +120,11 @@ class FilesStep(Step):
                        *(f"{path}/ (a folder of {self.setup.host.os_user})" for path in folders)])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        for path in self.setup.engine.directories(self.setup.host):
-            self.setup.machine.make_folder(path, self.setup.host.os_user)
-        for path, (text, mode) in self.setup.files().items():
-            self.setup.machine.write_private(path, text, mode, self.setup.host.os_user)
+        with self.setup.machine.session():
+            for path in self.setup.engine.directories(self.setup.host):
+                self.setup.machine.make_folder(path, self.setup.host.os_user)
+            for path, (text, mode) in self.setup.files().items():
+                self.setup.machine.write_private(path, text, mode, self.setup.host.os_user)
         return {"config_dir": str(self.setup.host.config_dir)}
 
 

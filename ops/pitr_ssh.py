@@ -10,15 +10,16 @@ engine's, pg_ctl) run through `runuser` and the files it writes are given to tha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ops import hosts
 from ops.errors import CheckFailed, StepFailed
-from ops.hosts import CommandResult, HostConfig
+from ops.hosts import CommandResult, HostConfig, HostConnection
 
 if TYPE_CHECKING:
     from ops.pitr_engine import Engine
@@ -107,14 +108,27 @@ def digest(text: str) -> str:
 
 
 class SshMachine:
-    """The database host over SSH: one connection per call (a restart or a long backup may outlast an idle one)."""
+    """The database host over SSH: a connection per call, or one for the calls inside `session()` (a step's
+    several quick checks); none is left open between steps, which a restart or a long backup may outlast."""
 
     def __init__(self, config: HostConfig):
         self.config = config
         self.where = f"host {config.name} ({config.target})"
+        self._connection: HostConnection | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with hosts.connect(self.config) as connection:
+            self._connection = connection
+            try:
+                yield
+            finally:
+                self._connection = None
 
     def _run(self, command: str, *, environment: Mapping[str, str] | None = None,
              timeout: float = QUICK_SECONDS) -> CommandResult:
+        if self._connection is not None:
+            return self._connection.run(command, environment=environment, timeout=timeout)
         with hosts.connect(self.config) as connection:
             return connection.run(command, environment=environment, timeout=timeout)
 
