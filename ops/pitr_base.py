@@ -1,10 +1,11 @@
 """`inv pitr.base`: a compressed base backup through the engine (ops/pitr_engine.py), then the engine's own
 retention by recovery window (`pitr.window_days`). `inv pitr.list`: the base backups and what each recovers to.
 
-The backup runs as the server's OS user (it reads PGDATA) and connects as the admin role, which needs
-EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal, pg_create_restore_point and pg_monitor
-(a superuser has them): without them the engine fails after uploading. A barman-cloud backup killed
-half-way stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from;
+The backup runs on the server's machine (`pitr.host` over SSH, else here) as the server's OS user (it reads
+PGDATA) and connects as the admin role, which needs EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal,
+pg_create_restore_point and pg_monitor (a superuser has them): without them the engine fails after uploading.
+A barman-cloud backup killed half-way stays in the bucket without `status=DONE`: it is listed as incomplete
+and never restored from;
 pgBackRest's info lists only the backups it completed (the next backup resumes or removes the rest).
 """
 

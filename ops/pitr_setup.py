@@ -1,5 +1,8 @@
 """`inv pitr.setup`: continuous WAL archiving to the backup bucket through the engine (ops/pitr_engine.py).
 
+Where the server's machine is another host (`pitr.host`), the files, the PG_VERSION check, the restart and the
+engine's commands go there over SSH (ops/pitr_ssh.py); the SQL always goes over the database URL.
+
 1. files: the engine's files (barman-cloud: a 0600 credentials file and 0700 archive/restore scripts;
    pgBackRest: a 0600 configuration file) and folders (pgBackRest's repository), owned by the server's
    OS user, outside the data directory;
@@ -107,8 +110,10 @@ class FilesStep(Step):
             running = Path(setting(connection, "data_directory"))
         if machine.resolve(running) != machine.resolve(setup.host.data_dir):
             raise CheckFailed(f"the server of {ctx.env.name} runs from {running}, not pitr.data_dir "
-                              f"{setup.host.data_dir}", hint="set pitr.data_dir to the server's data directory, "
-                                                             f"on {setup.host.where} (pitr.host names another)")
+                              f"{setup.host.data_dir}",
+                              hint="set pitr.data_dir to the server's data directory" + (
+                                  f" on {setup.host.where}, or pitr.host to the host it runs on" if setup.host.ssh
+                                  else ", or pitr.host to the database host it runs on"))
         files = setup.files()
         stale = [path for path, (text, _mode) in files.items() if not machine.matches(path, text)]
         folders = [path for path in setup.engine.directories(setup.host)
