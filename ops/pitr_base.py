@@ -5,8 +5,8 @@ The backup runs on the server's machine (`pitr.host` over SSH, else here) as the
 PGDATA) and connects as the admin role, which needs EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal,
 pg_create_restore_point and pg_monitor (a superuser has them): without them the engine fails after uploading.
 A barman-cloud backup killed half-way stays in the bucket without `status=DONE`: it is listed as incomplete
-and never restored from;
-pgBackRest's info lists only the backups it completed (the next backup resumes or removes the rest).
+and never restored from; pgBackRest's info lists only the backups it completed (the next backup resumes or
+removes the rest).
 """
 
 from __future__ import annotations
