@@ -132,8 +132,11 @@ TARGETS = _object({"rpo_hours": {"type": "number", "exclusiveMinimum": 0},
                    "rto_minutes": {"type": "number", "exclusiveMinimum": 0},
                    "rpo_seconds": {"type": "number", "exclusiveMinimum": 0}})  # PITR: the archive lag allowed
 
-# point-in-time recovery (ops/pitr_*.py): the database server's data directory on this machine (SSH hosts: later)
+# point-in-time recovery (ops/pitr_*.py): the database server's data directory, on this machine or on `host`,
+# the database host over SSH: the name of one of the environment's hosts, or its address written as a host is
 PITR = _object({
+    "host": {"oneOf": [_STRING, _object({"name": _STRING, "address": _STRING, "user": _STRING, "port": _PORT,
+                                         "key_file": _STRING}, required=["address"])]},
     "data_dir": _STRING, "os_user": _STRING, "bin_dir": _STRING, "config_dir": _STRING,
     "restart": _STRING,  # how to restart the server (default: pg_ctl restart -D data_dir, as os_user)
     "archive_timeout": {"type": "integer", "minimum": 1}, "window_days": {"type": "integer", "minimum": 1},

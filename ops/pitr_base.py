@@ -1,24 +1,23 @@
 """`inv pitr.base`: a compressed base backup through the engine (ops/pitr_engine.py), then the engine's own
 retention by recovery window (`pitr.window_days`). `inv pitr.list`: the base backups and what each recovers to.
 
-The backup runs as the server's OS user (it reads PGDATA) and connects as the admin role, which needs
-EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal, pg_create_restore_point and pg_monitor
-(a superuser has them): without them the engine fails after uploading. A barman-cloud backup killed
-half-way stays in the bucket without `status=DONE`: it is listed as incomplete and never restored from;
-pgBackRest's info lists only the backups it completed (the next backup resumes or removes the rest).
-The engine's temporary files (barman-cloud-backup's tar parts) go to a folder of opsbook's beside the engine's
-configuration, emptied before each base backup: what a killed one left there goes with it.
+The backup runs on the server's machine (`pitr.host` over SSH, else here) as the server's OS user (it reads
+PGDATA) and connects as the admin role, which needs EXECUTE on pg_backup_start/pg_backup_stop, pg_switch_wal,
+pg_create_restore_point and pg_monitor (a superuser has them): without them the engine fails after uploading.
+A barman-cloud backup killed half-way stays in the bucket without `status=DONE`: it is listed as incomplete
+and never restored from; pgBackRest's info lists only the backups it completed (the next backup resumes or
+removes the rest). The engine's temporary files (barman-cloud-backup's tar parts) go to a folder of opsbook's
+beside the engine's configuration, emptied before each base backup: what a killed one left there goes with it.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import pg_url, pitr_catalog, pitr_engine, pitr_host
+from ops import pg_url, pitr_catalog, pitr_host
 from ops.clock import iso_z_or_none
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import StepFailed
@@ -31,15 +30,14 @@ if TYPE_CHECKING:
 TEMPORARY_FOLDER = "tmp"
 
 
-def temporary_folder(host: pitr_host.DatabaseHost, log: Callable[[str], None]) -> Path:
-    """The engine's TMPDIR, emptied: only base backups use it, and the environment's lock lets one run at a time."""
+def temporary_folder(host: pitr_host.DatabaseHost, machine: pitr_host.LocalMachine | pitr_host.SshMachine,
+                     log: Callable[[str], None]) -> Path:
+    """The engine's TMPDIR on the server's machine, emptied (0700: its files hold the database's data): only base
+    backups use it, and the environment's lock lets one run at a time."""
     folder = host.config_dir / TEMPORARY_FOLDER
-    left = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    left = machine.empty_folder(folder, host.os_user)
     if left:
-        log(f"removing what an interrupted base backup left in {folder}: {', '.join(left[:5])}")
-        shutil.rmtree(folder, ignore_errors=True)
-    pitr_host.make_folder(folder, host.os_user)
-    folder.chmod(0o700)  # the engine's temporary files hold the database's data
+        log(f"removed what an interrupted base backup left in {folder}: {', '.join(left[:5])}")
     return folder
 
 
@@ -50,13 +48,15 @@ class BaseStep(Step):
         self.env = env
         self.host = pitr_host.database_host(env)
         self.engine = pitr_host.engine_of(env)
+        self.machine = pitr_host.machine_of(self.host)
         self.title = f"take a compressed base backup of {env.name} into {self.engine.location} ({self.engine.name})"
 
     def check(self, ctx: RunContext) -> Change | None:
-        self.engine.check_installed()
-        pitr_host.check_data_dir(self.host)
+        with self.machine.session():
+            self.machine.check_installed(self.engine)
+            pitr_host.check_data_dir(self.host, self.machine)
         target = pg_url.parse_url(self.env.admin_url())
-        return Change(f"take a base backup of {target.describe()} ({self.host.data_dir})",
+        return Change(f"take a base backup of {target.describe()} ({self.host.data_dir} on {self.host.where})",
                       [f"as the OS user {self.host.os_user}, connected as {target.user}; "
                        f"to {self.engine.location} ({self.engine.name})"])
 
@@ -66,9 +66,9 @@ class BaseStep(Step):
         started = time.monotonic()
         command = self.engine.backup_command(self.host, target)
         extra = {**pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
-                 "TMPDIR": str(temporary_folder(self.host, ctx.log))}
-        pitr_engine.run(command, self.engine, user=self.host.os_user, extra=extra,
-                        what=f"the base backup of {ctx.env.name}")
+                 "TMPDIR": str(temporary_folder(self.host, self.machine, ctx.log))}
+        pitr_host.run_engine(self.host, self.machine, command, self.engine, extra=extra,
+                             what=f"the base backup of {ctx.env.name}")
         new = [item for item in self.catalog(ctx).backups if item.backup.backup_id not in before]
         done = [item for item in new if item.backup.complete]
         if not done:
@@ -105,9 +105,9 @@ class RetentionStep(Step):
                       [" ".join(self.engine.retention_command(self.host)[1:])])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        user = self.host.os_user if self.engine.server_owns_archive else None
-        pitr_engine.run(self.engine.retention_command(self.host), self.engine, user=user,
-                        what=f"retention of {ctx.env.name}'s base backups")
+        pitr_host.run_engine(self.host, pitr_host.machine_of(self.host), self.engine.retention_command(self.host),
+                             self.engine, as_server=self.engine.server_owns_archive,
+                             what=f"retention of {ctx.env.name}'s base backups")
         return {"window_days": self.window}
 
     def verify(self, ctx: RunContext) -> None:

@@ -1,5 +1,8 @@
 """`inv pitr.setup`: continuous WAL archiving to the backup bucket through the engine (ops/pitr_engine.py).
 
+Where the server's machine is another host (`pitr.host`), the files, the PG_VERSION check, the restart and the
+engine's commands go there over SSH (ops/pitr_ssh.py); the SQL always goes over the database URL.
+
 1. files: the engine's files (barman-cloud: a 0600 credentials file and 0700 archive/restore scripts;
    pgBackRest: a 0600 configuration file) and folders (pgBackRest's repository), owned by the server's
    OS user, outside the data directory;
@@ -19,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import pg, pg_url, pitr_cipher, pitr_engine, pitr_host
+from ops import pg, pg_url, pitr_cipher, pitr_host
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed
 
@@ -42,6 +45,7 @@ class Setup:
         self.env = env
         self.host: DatabaseHost = pitr_host.database_host(env)
         self.engine: Engine = pitr_host.engine_of(env)
+        self.machine = pitr_host.machine_of(self.host)
 
     @contextlib.contextmanager
     def connection(self, ctx: RunContext) -> Iterator[psycopg.Connection]:
@@ -66,9 +70,11 @@ class Setup:
         return pg_url.parse_url(self.env.admin_url())
 
     def run(self, command: list[str], what: str) -> str:
-        """An engine command as the server's OS user, connected as the admin role (libpq's variables)."""
-        return pitr_engine.run(command, self.engine, user=self.host.os_user, what=what,
-                               extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")))
+        """An engine command on the server's machine as its OS user, connected as the admin role (libpq's
+        variables)."""
+        return pitr_host.run_engine(self.host, self.machine, command, self.engine, what=what,
+                                    extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(),
+                                                                                        "postgres")))
 
 
 def setting(connection: psycopg.Connection, name: str) -> str:
@@ -89,22 +95,29 @@ class FilesStep(Step):
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.title = (f"write {setup.engine.name}'s files (0600 where they hold a key) in {setup.host.config_dir}, "
-                      f"owned by {setup.host.os_user}")
+        self.title = (f"write {setup.engine.name}'s files (0600 where they hold a key) in {setup.host.config_dir} "
+                      f"on {setup.host.where}, owned by {setup.host.os_user}")
 
     def check(self, ctx: RunContext) -> Change | None:
-        self.setup.engine.check_installed()
-        pitr_host.check_data_dir(self.setup.host)
-        with self.setup.connection(ctx) as connection:
+        with self.setup.machine.session():
+            return self._check(ctx)
+
+    def _check(self, ctx: RunContext) -> Change | None:
+        setup, machine = self.setup, self.setup.machine
+        machine.check_installed(setup.engine)
+        pitr_host.check_data_dir(setup.host, machine)
+        with setup.connection(ctx) as connection:
             running = Path(setting(connection, "data_directory"))
-        if running.resolve() != self.setup.host.data_dir.resolve():
+        if machine.resolve(running) != machine.resolve(setup.host.data_dir):
             raise CheckFailed(f"the server of {ctx.env.name} runs from {running}, not pitr.data_dir "
-                              f"{self.setup.host.data_dir}", hint="set pitr.data_dir to the server's data directory, "
-                                                                  "on the machine running opsbook")
-        files = self.setup.files()
-        stale = [path for path, (text, _mode) in files.items() if pitr_host.read_private(path) != text]
-        folders = [path for path in self.setup.engine.directories(self.setup.host)
-                   if not pitr_host.owned_by(path, self.setup.host.os_user)]
+                              f"{setup.host.data_dir}",
+                              hint="set pitr.data_dir to the server's data directory" + (
+                                  f" on {setup.host.where}, or pitr.host to the host it runs on" if setup.host.ssh
+                                  else ", or pitr.host to the database host it runs on"))
+        files = setup.files()
+        stale = [path for path, (text, _mode) in files.items() if not machine.matches(path, text)]
+        folders = [path for path in setup.engine.directories(setup.host)
+                   if not machine.owned_by(path, setup.host.os_user)]
         if not stale and not folders:
             return None
         return Change(f"write {', '.join(path.name for path in [*stale, *folders])}",
@@ -112,10 +125,11 @@ class FilesStep(Step):
                        *(f"{path}/ (a folder of {self.setup.host.os_user})" for path in folders)])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        for path in self.setup.engine.directories(self.setup.host):
-            pitr_host.make_folder(path, self.setup.host.os_user)
-        for path, (text, mode) in self.setup.files().items():
-            pitr_host.write_private(path, text, mode, self.setup.host.os_user)
+        with self.setup.machine.session():
+            for path in self.setup.engine.directories(self.setup.host):
+                self.setup.machine.make_folder(path, self.setup.host.os_user)
+            for path, (text, mode) in self.setup.files().items():
+                self.setup.machine.write_private(path, text, mode, self.setup.host.os_user)
         return {"config_dir": str(self.setup.host.config_dir)}
 
 
@@ -155,6 +169,7 @@ class RestartStep(Step):
     def __init__(self, setup: Setup):
         self.setup = setup
         how = setup.host.restart or f"pg_ctl restart -D {setup.host.data_dir}"
+        how += f" on {setup.host.where}" if setup.host.ssh else ""
         self.title = f"restart PostgreSQL when wal_level or archive_mode changed ({how})"
 
     def check(self, ctx: RunContext) -> Change | None:
@@ -168,7 +183,7 @@ class RestartStep(Step):
                       ["its sessions are ended; the app reconnects"])
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
-        pitr_host.restart(self.setup.host, pitr_host.server_bin_dir(self.setup.env, self.setup.host))
+        pitr_host.restart(self.setup.host, self.setup.machine)
         return {"restarted": True}
 
 
