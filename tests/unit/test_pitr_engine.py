@@ -82,6 +82,12 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
         pitr_catalog.choose(catalog, T0 + timedelta(minutes=3, seconds=30), "prod")
     with pytest.raises(CheckFailed, match="before prod's earliest"):
         pitr_catalog.choose(catalog, T0, "prod")
+    # past the archive's end: plannable only from a backup whose WAL has no gap (a commit after it is archived first)
+    gapless = pitr_catalog.recoverable(backup, pitr_barman.wal_segments(listing(names[:3]), "pitr/prod/"))
+    later = T0 + timedelta(minutes=10)
+    assert pitr_catalog.reaching_the_end(pitr_catalog.Catalog([gapless], {}), later) is gapless
+    assert pitr_catalog.reaching_the_end(catalog, later) is None, "the gap stays refused"
+    assert pitr_catalog.reaching_the_end(catalog, T0) is None, "before the backup's end"
     started = pitr_barman.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
     assert not started.complete and pitr_catalog.recoverable(started, {}).earliest is None
 
@@ -101,8 +107,10 @@ def barman_engine() -> pitr_engine.Engine:
 
 
 def pgbackrest_engine() -> pitr_engine.Engine:
-    return pitr_pgbackrest.PgBackRest(StorageConfig(provider="local", bucket="acme-backups", path="/srv/backups",
-                                                    prefix="prod/"), "prod")
+    engine = pitr_pgbackrest.PgBackRest(StorageConfig(provider="local", bucket="acme-backups", path="/srv/backups",
+                                                      prefix="prod/"), "prod")
+    engine.passphrase = Secret(SECRET)  # the repository's cipher passphrase (pitr.setup's, from the secret store)
+    return engine
 
 
 def segment_key(engine: pitr_engine.Engine, name: str, partial: bool = False) -> str:
@@ -176,6 +184,11 @@ def test_pgbackrest_writes_its_repository_into_the_folder_bucket_and_reads_info_
                  "repo1-retention-full-type=time", "repo1-retention-full=9", "[prod]",
                  "pg1-path=/var/lib/postgresql/15/main", f"lock-path={HOST.config_dir / 'lock'}", "log-level-file=off"):
         assert line in text.splitlines(), line
+    ciphered = pitr_pgbackrest.config_text(engine.repository, HOST, "zst", engine.passphrase).splitlines()
+    assert {"repo1-cipher-type=aes-256-cbc", f"repo1-cipher-pass={SECRET}"} <= set(ciphered)
+    assert not any("cipher" in line for line in text.splitlines()), "none without a passphrase"
+    assert engine.credentials() == {"PGBACKREST_REPO1_CIPHER_TYPE": "aes-256-cbc",
+                                    "PGBACKREST_REPO1_CIPHER_PASS": SECRET}, "this machine's commands: in their env"
     assert engine.archive_command(HOST) == (f"pgbackrest --config={HOST.config_dir / 'pgbackrest.conf'} --stanza=prod "
                                             "archive-push %p")
     assert engine.restore_command("B1", Path("/d"), T0)[-3:] == ["--type=time", "--target=2026-11-23 17:00:00+00:00",
