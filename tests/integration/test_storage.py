@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -125,6 +126,45 @@ def test_upload_stream_multipart_roundtrip(storage: Storage) -> None:
     assert storage.list_incomplete_uploads() == []
     small = storage.upload_stream("small", ChunkedSource(1000, chunk=100), part_size=PART)
     assert small.size == 1000 and "-" not in (small.etag or "")
+
+
+class WaitsForTheFirstPart:
+    """A producer slower than the upload: after one part and a bit it waits (up to 10 s) until the server
+    holds the first part, as a dump waits on its encoder; the uploader should not need the second part to
+    send the first."""
+
+    def __init__(self, storage: Storage, part: int):
+        self.storage, self.source = storage, ChunkedSource(3 * part)
+        self.part, self.given = part, 0
+        self.first_stored: bool | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self.given > self.part and self.first_stored is None:
+            self.first_stored = self._wait_for_a_stored_part(deadline=time.monotonic() + 10)
+        data = self.source.read(size)
+        self.given += len(data)
+        return data
+
+    def _wait_for_a_stored_part(self, deadline: float) -> bool:
+        client, bucket = self.storage.client, self.storage.config.bucket
+        while time.monotonic() < deadline:
+            for upload in self.storage.list_incomplete_uploads():
+                listed = client.list_parts(Bucket=bucket, Key=self.storage.full_key(upload.key),
+                                           UploadId=upload.upload_id)
+                if listed.get("Parts"):
+                    return True
+            time.sleep(0.05)  # polling the server until the deadline
+        return False
+
+
+def test_the_first_part_is_sent_before_the_second_is_filled(s3_server) -> None:
+    storage = open_storage(s3_server.make_bucket(prefix="prod/"))
+    source = WaitsForTheFirstPart(storage, PART)
+    info = storage.upload_stream("backups/6/dump", source, part_size=PART)
+    assert source.first_stored is True
+    expected = ChunkedSource(3 * PART)
+    data = b"".join(iter(lambda: expected.read(MIB), b""))
+    assert info.size == len(data) and info.etag == multipart_etag(data, PART)
 
 
 @pytest.mark.parametrize("failure", [OSError("pg_dump died"), KeyboardInterrupt()], ids=["error", "interrupt"])
