@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # Two parts travel at once: one waits on the server while the other is sent, and
 # memory holds at most two parts (one more would buy nothing on 2 cores).
 PARTS_IN_FLIGHT = 2
+# The read past a full first part: small, so a source that returns whole parts (an object streamed from
+# another server) adds no third part to memory.
+PEEK_BYTES = 64 * 1024
 
 
 class MultipartUploads:
@@ -50,7 +53,7 @@ class MultipartUploads:
         first = _read_part(source, part_size)
         # One read past a full first part tells a stream that fits in one part from a longer one, so the
         # first part is on its way while the second fills (the upload is the slow side of a backup).
-        more = source.read(part_size) if len(first) == part_size else b""
+        more = source.read(PEEK_BYTES) if len(first) == part_size else b""
         if not more:  # fits in one part: a plain PUT, no multipart bookkeeping
             info = self.put_bytes(key, bytes(first), metadata=metadata, content_type=content_type, lock=lock)
             if on_progress:
