@@ -25,6 +25,7 @@ from ops.engine import RunContext, Runner, check_confirm_name
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.output import Output, results_printed
 from ops.patterns import Pattern
+from ops.quick_exit import ending_at_once
 from ops.sandbox import Sandbox
 from ops.secrets import redact
 
@@ -69,6 +70,7 @@ _POSITIONAL = Pattern(r"^'[^']*' did not receive required positional arguments: 
 def install_usage_errors() -> None:
     """For invoke's own Program (`inv`): its parse steps exit 2 with one line."""
     install_parser_checks()
+    Program.execute = ending_at_once(Program.execute)  # the run ends without Python's teardown (ops/quick_exit.py)
     if getattr(Program.parse_tasks, "opsbook", False):
         return  # tasks.py is executed again by each in-process Program.run
     Program.parse_tasks = _exit_2_on_parse_error(_listing_parses_no_task(Program.parse_tasks))
