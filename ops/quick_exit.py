@@ -46,8 +46,12 @@ def ending_at_once(execute: Callable[[Any], None]) -> Callable[[Any], None]:
 
 def exit_now(code: int) -> None:
     """Python's exit sequence without the teardown of modules and objects."""
-    threading._shutdown()  # type: ignore[attr-defined]  # what Python's exit does first
-    atexit._run_exitfuncs()
+    # Both are what Python's own exit calls first; a Python without them gets the ordinary exit.
+    shutdown, run_exit_functions = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exit_functions is None:
+        sys.exit(code)
+    shutdown()
+    run_exit_functions()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a reader gone (`| head`): nothing left to tell it
             stream.flush()
