@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import difflib
 import functools
+import gc
 import inspect
 import os
 import signal
@@ -81,6 +83,10 @@ def install_parser_checks() -> None:
     """invoke's parser builds its state machine inside Parser.parse_argv: its checks are extended in place."""
     if getattr(ParseMachine.see_value, "opsbook", False):
         return
+    # Once per process (`inv` and `opsbook` alike): at exit the heap, botocore's service models and every imported
+    # module, is put out of the collector's reach; the interpreter's last collections would traverse it all, 0.3 to
+    # 0.7 s of every command's wall time. Objects outside reference cycles are still freed and finalized.
+    atexit.register(gc.freeze)
     ParseMachine.see_value = _refusing_bad_values(ParseMachine.see_value)
     ParseMachine.complete_flag = _refusing_empty_lists(ParseMachine.complete_flag)
     ParseMachine.see_positional_arg = _refusing_flags_as_positionals(ParseMachine.see_positional_arg)
