@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, pg, pg_tools, pg_url, pitr_catalog, pitr_host, pitr_scratch, processes, restore_db
+from ops import dump, pg, pg_tools, pg_url, pitr_catalog, pitr_host, pitr_prefetch, pitr_scratch, processes, restore_db
 from ops.cli import environment as load_environment
 from ops.clock import iso_z, iso_z_or_none, parse_time, utc_now
 from ops.engine import Change, Runbook, RunContext
@@ -64,6 +64,7 @@ class PitrPlan(Plan):
         self.engine = pitr_host.engine_of(source)
         self.expected: dict[str, int] = {}
         self._chosen: Recoverable | None = None
+        self.segments: dict[str, datetime] = {}  # the archive's WAL segments, read with the chosen backup
 
     @property
     def when(self) -> str:
@@ -79,6 +80,7 @@ class PitrPlan(Plan):
         """The base backup to recover from; CheckFailed (range, gap) before anything changes."""
         if self._chosen is None:
             catalog = pitr_catalog.read(self.storage(ctx), self.engine)
+            self.segments = catalog.segments
             self._chosen = (pitr_catalog.choose_lsn(catalog, self.lsn, self.source.name) if self.lsn is not None
                             else pitr_catalog.choose(catalog, self.moment, self.source.name))
         return self._chosen
@@ -132,13 +134,17 @@ class RecoverStep(ScratchLoad):
         pitr_scratch.remove_leftovers(state_dir, ctx.log)
         started = time.monotonic()
         phases = Phases()
-        with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster:
+        ahead = pitr_catalog.segments_to_replay(plan.segments, chosen, plan.moment, plan.lsn, pitr_prefetch.LIMIT)
+        with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster, \
+             pitr_prefetch.fetching_ahead(cluster.directory, plan.engine, os_user, ahead) as prefetch:
             with phases.timed("base_restore"):
                 pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.recovery_target)
             ctx.log(f"base backup {chosen.backup.backup_id} restored in {phases['base_restore']} s; "
-                    f"replaying WAL to {plan.when}")
+                    f"replaying WAL to {plan.when}"
+                    f"{f' ({len(prefetch.fetched)} of {len(ahead)} segments fetched ahead)' if prefetch else ''}")
             with phases.timed("replay"):
-                reached = pitr_scratch.recover(cluster, plan.engine, plan.recovery_target)
+                reached = pitr_scratch.recover(cluster, plan.engine, plan.recovery_target,
+                                               prefetch.spool if prefetch else None)
             recovered = round(time.monotonic() - started, 2)
             stopped = f", stopped before the commit at {reached['stopped_before']}" if reached["stopped_before"] else ""
             ctx.log(f"recovered in {recovered} s (WAL replay {phases['replay']} s): last transaction "

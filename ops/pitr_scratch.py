@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from ops import pg, pitr_engine, pitr_lsn
+from ops import pg, pitr_engine, pitr_lsn, pitr_prefetch
 from ops.clock import iso_z_micro
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed
 from ops.lazy_dataclasses import dataclass
@@ -200,14 +200,19 @@ def _write_as(cluster: ScratchCluster, path: Path, text: str) -> None:
         shutil.chown(path, cluster.os_user, cluster.os_user)
 
 
-def recover(cluster: ScratchCluster, engine: Engine, target: datetime | Lsn | None) -> dict[str, str | None]:
+def recover(cluster: ScratchCluster, engine: Engine, target: datetime | Lsn | None,
+            spool: Path | None = None) -> dict[str, str | None]:
     """Start the cluster in recovery to `target` (None: the end of the archive) and wait until it is promoted.
 
     PostgreSQL stops with a FATAL error when the archive ends before the target: that is reported, with the
     log's reason, as a failed check; so is an LSN target the replay did not reach. Returns where recovery
     stopped, from the server's log, the commit time of the newest transaction it replayed (`newest_commit`)
-    and the last WAL position replayed (`replay_lsn`)."""
-    options = start_options(cluster, recovery_settings(engine.recovery_command(None, cluster.data_dir), target))
+    and the last WAL position replayed (`replay_lsn`). With `spool`, segments fetched ahead there are taken
+    from it (ops/pitr_prefetch.py)."""
+    command = engine.recovery_command(None, cluster.data_dir)
+    if spool is not None:
+        command = pitr_prefetch.restore_command(spool, command)
+    options = start_options(cluster, recovery_settings(command, target))
     command = pitr_engine.as_user([str(cluster.bin_dir / "pg_ctl"), "start", "-D", str(cluster.data_dir), "-w",
                                    "-t", str(START_TIMEOUT_SECONDS), "-l", str(cluster.log_file), "-o", options],
                                   cluster.os_user)
