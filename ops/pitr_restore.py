@@ -157,6 +157,7 @@ class RecoverStep(ScratchLoad):
         to_lsn = {"to_lsn": str(plan.lsn)} if plan.lsn is not None else {}
         return {**loaded, "to_time": iso_z_or_none(plan.moment), **to_lsn, "base_backup": chosen.backup.backup_id,
                 **reached, "recover_seconds": recovered, "phase_seconds": dict(phases),
+                "wal_fetched_ahead": len(prefetch.fetched) if prefetch else 0,
                 "seconds": round(time.monotonic() - started, 2)}
 
     def _copy(self, ctx: RunContext, source_url: Any, major: int, phases: Phases) -> dict[str, Any]:
