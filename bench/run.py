@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -304,7 +305,30 @@ def pitr_scenarios(bench: Bench, size_label: str) -> list[Scenario]:
     dump_file.unlink()
     for name in ("bench_local", "bench_restore"):
         bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if split := phase_medians(restore_phases(bench.work / ".ops")):
+        restore.notes.append(f"restore --to-time, {size_label}, median seconds per phase (its journal's "
+                             f"phase_seconds): {', '.join(f'{name} {seconds:.1f}' for name, seconds in split.items())}")
     return [restore, *lags]
+
+
+def restore_phases(state_dir: Path) -> list[dict[str, float]]:
+    """The `phase_seconds` of each point-in-time restore, from the run journals (JSON lines) in `state_dir`."""
+    found = []
+    for path in sorted(state_dir.rglob("runs/*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            phases = (entry.get("outputs") or {}).get("phase_seconds") if entry.get("event") == "step" else None
+            if entry.get("state") == "applied" and isinstance(phases, dict):
+                found.append(phases)
+    return found
+
+
+def phase_medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    names = list(dict.fromkeys(name for sample in samples for name in sample))
+    return {name: statistics.median(sample[name] for sample in samples if name in sample) for name in names}
 
 
 def assets_scenarios(bench: Bench) -> list[Scenario]:

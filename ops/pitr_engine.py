@@ -98,6 +98,11 @@ class Engine(ABC):
     def recovery_command(self, host: ServerSide | None, data_dir: Path) -> str:
         """restore_command (with %f and %p) for a cluster recovering in `data_dir` on this machine."""
 
+    def wal_fetch_command(self, segment: str, destination: str) -> list[str] | None:
+        """The engine's own command that fetches one archived WAL segment to `destination`, run ahead of a
+        recovery that would otherwise fetch the segments one by one (None: not offered)."""
+        return None
+
     def directories(self, host: ServerSide) -> list[Path]:
         """Folders the server's OS user must own and write (the archive's, the engine's spool)."""
         return []

@@ -256,6 +256,8 @@ def test_restore_to_an_lsn_brings_back_the_row_deleted_after_it_and_an_lsn_outsi
         assert connection.execute("""SELECT count(*) FROM "Brand" WHERE name = 'at L'""").fetchone()[0] == 1
         replayed = connection.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (report["replay_lsn"], lsn)).fetchone()[0]
     assert report["to_lsn"] == lsn and report["to_time"] is None and replayed, report
+    assert report["wal_fetched_ahead"] >= 1, "the WAL was fetched ahead of the recovery"
+    assert {"base_restore", "replay", "counts", "copy"} <= set(report["phase_seconds"]), report
     assert list((opsbook.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
     assert_no_secret(opsbook, *pitr["secrets"])
 

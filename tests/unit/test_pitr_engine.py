@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from ops import inventory, pitr_barman, pitr_catalog, pitr_engine, pitr_lsn, pitr_pgbackrest, pitr_scratch
+from ops import (
+    inventory,
+    pitr_barman,
+    pitr_catalog,
+    pitr_engine,
+    pitr_lsn,
+    pitr_pgbackrest,
+    pitr_prefetch,
+    pitr_scratch,
+)
 from ops.errors import CheckFailed, UsageError
 from ops.pg_url import parse_url
 from ops.secrets import Secret
@@ -274,3 +283,28 @@ def test_to_lsn_builds_a_recovery_to_that_position_and_refuses_what_goes_with_it
             restore_runbook.build(environments("prod"), **arguments)
     with pytest.raises(UsageError, match="Neon"):
         restore_runbook.build(environments("neon"), to_lsn="0/3000060")
+
+
+def test_the_segments_fetched_ahead_end_with_the_target_and_are_bounded():
+    text = ("status=DONE\nbegin_time=2026-11-23 17:00:00+00:00\nend_time=2026-11-23 17:00:30+00:00\n"
+            "begin_wal=000000010000000000000002\nend_wal=000000010000000000000002\nend_xlog=0/2000138\n")
+    backup = pitr_barman.parse_backup_info("b1", text)
+    names = [f"0000000100000000000000{n:02X}" for n in (2, 3, 4, 5, 6, 8)]
+    segments = pitr_barman.wal_segments(listing(names), "pitr/prod/")  # archived a minute apart from T0
+    item = pitr_catalog.recoverable(backup, segments)
+    ahead = pitr_catalog.segments_to_replay
+    assert ahead(segments, item, None, None, 32) == names[:5]  # the latest point: up to the gap
+    assert ahead(segments, item, None, None, 2) == names[:2]
+    assert ahead(segments, item, T0 + timedelta(minutes=1, seconds=30), None, 32) == names[:4]  # 2 after T and one
+    assert ahead(segments, item, None, pitr_lsn.Lsn.parse("0/3000000"), 32) == names[:2]
+    assert ahead(segments, pitr_catalog.recoverable(backup, {}), None, None, 32) == []
+
+
+def test_recovery_takes_a_segment_fetched_ahead_and_asks_the_engine_for_any_other(tmp_path):
+    spool = tmp_path / "wal spool"
+    command = pitr_prefetch.restore_command(spool, "barman-cloud-wal-restore s3://b/pitr prod %f %p")
+    assert command == (f"if [ -f '{spool}'/%f ]; then mv '{spool}'/%f %p; "
+                       "else barman-cloud-wal-restore s3://b/pitr prod %f %p; fi")
+    assert barman_engine().wal_fetch_command("000000010000000000000002", "x.part")[-2:] == [
+        "000000010000000000000002", "x.part"]
+    assert pgbackrest_engine().wal_fetch_command("000000010000000000000002", "x.part") is None
