@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from urllib.parse import quote
 
 import psycopg
 
 from ops.demo import seed
 from tests.cli import REPOSITORY, Opsbook
+from tests.fixtures.readme import inv_lines
 
 
 def test_health_on_the_sandbox_starts_it_and_passes(sandbox_workspace):
@@ -50,14 +50,7 @@ def then_try_commands() -> list[list[str]]:
     assert text.count(QUICKSTART) == 1
     section = text.split(QUICKSTART, 1)[1].split("\n## ", 1)[0]
     assert section.count(THEN_TRY) == 1, "the quickstart must mark its then-try lines"
-    commands: list[list[str]] = []
-    for line in section.split(THEN_TRY, 1)[1].split("-->", 1)[1].splitlines()[1:]:
-        if not line.startswith("    "):
-            break
-        words = shlex.split(line, comments=True)
-        assert words[:2] == ["./opsbook", "inv"], line
-        commands.append(words[2:])
-    return commands
+    return inv_lines(section, THEN_TRY)
 
 
 def sandbox_password(workspace: Opsbook) -> str:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -28,6 +27,7 @@ from ops.errors import OpsError
 from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox, find_server_bindir
 from tests.cli import CliResult, Opsbook, wait_for
 from tests.fixtures.processes import descendants
+from tests.fixtures.readme import README, inv_lines
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.ssh import free_port
 
@@ -266,16 +266,7 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
 
 def readme_lines(marker: str) -> list[list[str]]:
     """The indented `./opsbook inv` lines after `marker` in the README, split as a shell would."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert text.count(marker) == 1
-    commands = []
-    for line in text.split(marker, 1)[1].split("-->", 1)[1].lstrip("\n").splitlines():
-        if not line.startswith("    "):
-            break
-        words = shlex.split(line, comments=True)
-        assert words[:2] == ["./opsbook", "inv"], line
-        commands.append(words[2:])
-    return commands
+    return inv_lines(README.read_text(), marker)
 
 
 @pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
