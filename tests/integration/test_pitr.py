@@ -455,8 +455,11 @@ def test_status_reports_lag_failures_base_age_and_window(opsbook, pitr, archived
             connection.execute("SELECT pg_reload_conf()")
     checks = opsbook.run("preflight", "--env", "src", "--json").json()["checks"]
     assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["fail"]
-    ok(opsbook.run("pitr.setup", "--env", "src"))  # archive_command back: the waiting segment goes out
-    switch_and_wait(source)
+    # archive_command back: the waiting segment goes out, then setup's own (in the bucket when setup returns,
+    # in pg_stat_archiver a moment later, where status reads it: no further WAL switch needed)
+    segment = ok(opsbook.run("pitr.setup", "--env", "src", "--json")).json()["archive"]["segment"]
+    with psycopg.connect(source.url().reveal(), autocommit=True) as connection:
+        archived_in_order(connection, segment)
     assert ok(opsbook.run("pitr.status", "--env", "src", "--json")).json()["verdict"] == "ok"
     checks = opsbook.run("preflight", "--env", "src", "--json").json()["checks"]
     assert [check["status"] for check in checks if check["name"] == "point-in-time recovery"] == ["pass"]
