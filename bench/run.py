@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class Bench:
         servers.compile_tree(self.tasks_root)
         self.environ = self._environment()
         self.available = self._available_tasks()
+        self.backed_up: str | None = None  # the size label of the newest backup in the bucket (the one restored)
 
     # -- setup ------------------------------------------------------------
     def _environment(self) -> dict[str, str]:
@@ -224,6 +226,7 @@ def backup_scenario(bench: Bench, size_label: str) -> tuple[Scenario, ...]:
             servers.empty_prefix(bench.s3, BACKUP_BUCKET, COPY_PREFIX + "backups/"),
             servers.empty_prefix(bench.copy_s3, COPY_BUCKET, COPY_PREFIX + "backups/"))))
     bench.rounds(commands)
+    bench.backed_up = size_label if ours.samples else bench.backed_up
     compressed.unlink()
     users.stored_bytes = servers.prefix_size(bench.s3, USERS_BUCKET, "dump.pgc")
     if ours.samples:
@@ -246,9 +249,10 @@ def restore_scenario(bench: Bench, size_label: str) -> Scenario:
         (local, [str(bench.bin_dir / "pg_restore"), "-j", "2", "-d", bench.pg_url("bench_local"), str(dump_file)],
          lambda: bench.fresh("bench_local"))]
     if "restore" in bench.available and "backup" in bench.available:
-        if not servers.prefix_size(bench.s3, BACKUP_BUCKET, BACKUP_PREFIX + "backups/"):
+        if bench.backed_up != size_label:  # a backup of this size: the latest may be of the previous --sizes value
             subprocess.run(bench.inv("backup", "--env", "bench"), check=True, env=bench.environ, cwd=bench.work,
                            capture_output=True)
+            bench.backed_up = size_label
         commands.insert(0, (ours, bench.inv("restore", "--env", "restore", "--from", "bench", "--backup", "latest"),
                             lambda: bench.fresh("bench_restore")))
     else:
@@ -301,7 +305,30 @@ def pitr_scenarios(bench: Bench, size_label: str) -> list[Scenario]:
     dump_file.unlink()
     for name in ("bench_local", "bench_restore"):
         bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if split := phase_medians(restore_phases(bench.work / ".ops")):
+        restore.notes.append(f"restore --to-time, {size_label}, median seconds per phase (its journal's "
+                             f"phase_seconds): {', '.join(f'{name} {seconds:.1f}' for name, seconds in split.items())}")
     return [restore, *lags]
+
+
+def restore_phases(state_dir: Path) -> list[dict[str, float]]:
+    """The `phase_seconds` of each point-in-time restore, from the run journals (JSON lines) in `state_dir`."""
+    found = []
+    for path in sorted(state_dir.rglob("runs/*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            phases = (entry.get("outputs") or {}).get("phase_seconds") if entry.get("event") == "step" else None
+            if entry.get("state") == "applied" and isinstance(phases, dict):
+                found.append(phases)
+    return found
+
+
+def phase_medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    names = list(dict.fromkeys(name for sample in samples for name in sample))
+    return {name: statistics.median(sample[name] for sample in samples if name in sample) for name in names}
 
 
 def assets_scenarios(bench: Bench) -> list[Scenario]:

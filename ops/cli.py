@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import difflib
 import functools
+import gc
 import inspect
 import os
 import signal
@@ -25,6 +27,7 @@ from ops.engine import RunContext, Runner, check_confirm_name
 from ops.errors import Interrupted, OpsError, UsageError
 from ops.output import Output, results_printed
 from ops.patterns import Pattern
+from ops.quick_exit import ending_at_once
 from ops.sandbox import Sandbox
 from ops.secrets import redact
 
@@ -69,6 +72,7 @@ _POSITIONAL = Pattern(r"^'[^']*' did not receive required positional arguments: 
 def install_usage_errors() -> None:
     """For invoke's own Program (`inv`): its parse steps exit 2 with one line."""
     install_parser_checks()
+    Program.execute = ending_at_once(Program.execute)  # the run ends without Python's teardown (ops/quick_exit.py)
     if getattr(Program.parse_tasks, "opsbook", False):
         return  # tasks.py is executed again by each in-process Program.run
     Program.parse_tasks = _exit_2_on_parse_error(_listing_parses_no_task(Program.parse_tasks))
@@ -79,6 +83,10 @@ def install_parser_checks() -> None:
     """invoke's parser builds its state machine inside Parser.parse_argv: its checks are extended in place."""
     if getattr(ParseMachine.see_value, "opsbook", False):
         return
+    # Once per process (`inv` and `opsbook` alike): at exit the heap, botocore's service models and every imported
+    # module, is put out of the collector's reach; the interpreter's last collections would traverse it all, 0.3 to
+    # 0.7 s of every command's wall time. Objects outside reference cycles are still freed and finalized.
+    atexit.register(gc.freeze)
     ParseMachine.see_value = _refusing_bad_values(ParseMachine.see_value)
     ParseMachine.complete_flag = _refusing_empty_lists(ParseMachine.complete_flag)
     ParseMachine.see_positional_arg = _refusing_flags_as_positionals(ParseMachine.see_positional_arg)

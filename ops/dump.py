@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 CHUNK = 1024 * 1024
 QUEUE_BYTES = 8 * 1024 * 1024  # how far encoding may run ahead of the upload
-PIPE_BYTES = 1024 * 1024  # pg_dump's stdout pipe: fewer wake-ups than the default 64 KiB
+PIPE_BYTES = 1024 * 1024  # pg_dump's stdout, pg_restore's stdin: fewer wake-ups than the default 64 KiB
 F_SETPIPE_SZ = 1031  # Linux fcntl; elsewhere the default pipe size stays
 STDERR_TAIL = 16 * 1024
 ZSTD_THREADS = os.cpu_count() or 1  # one zstd worker per logical CPU
@@ -315,12 +315,17 @@ def bytes_to_storage(data: bytes, storage: Storage, key: str, *, level: int = 3,
                   seconds=round(time.monotonic() - began, 3))
 
 
+def enlarge_pipe(pipe: Any) -> None:
+    """A pipe of PIPE_BYTES (Linux; elsewhere the default stays): fewer wake-ups of the two ends."""
+    with contextlib.suppress(OSError, ValueError):
+        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+
+
 def _store_output(process: subprocess.Popen[bytes], storage: Storage, key: str, *, level: int,
                   recipients: list[Any] | None, part_size: int, on_progress: Progress | None,
                   what: str, lock: ObjectLock | None = None) -> tuple[Any, DigestingReader, CountingReader]:
     """Compress (and encrypt) `process`'s output in a thread while the main thread uploads it."""
-    with contextlib.suppress(OSError, ValueError):
-        fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+    enlarge_pipe(process.stdout)
     stderr = StderrTail(process.stderr)
     queue = ChunkQueue()
     raw = CountingReader(process.stdout)

@@ -222,6 +222,10 @@ class BarmanCloud(Engine):
         # the credentials come from the environment the scratch cluster is started with
         return f"{shlex.join(wal_restore_command(self.archive))} %f %p"
 
+    def wal_fetch_command(self, segment: str, destination: str) -> list[str] | None:
+        # barman-cloud-wal-restore has no prefetch of its own: each call is a new Python process
+        return [*wal_restore_command(self.archive), segment, destination]
+
     def backup_command(self, host: ServerSide, target: DatabaseTarget) -> list[str]:
         return backup_command(self.archive, host=target.host, port=target.port, user=target.user)
 

@@ -6,12 +6,15 @@ PGDATA) and connects as the admin role, which needs EXECUTE on pg_backup_start/p
 pg_create_restore_point and pg_monitor (a superuser has them): without them the engine fails after uploading.
 A barman-cloud backup killed half-way stays in the bucket without `status=DONE`: it is listed as incomplete
 and never restored from; pgBackRest's info lists only the backups it completed (the next backup resumes or
-removes the rest).
+removes the rest). The engine's temporary files (barman-cloud-backup's tar parts) go to a folder of opsbook's
+beside the engine's configuration, emptied before each base backup: what a killed one left there goes with it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ops import pg_url, pitr_catalog, pitr_host
@@ -22,6 +25,20 @@ from ops.errors import StepFailed
 if TYPE_CHECKING:
     from ops.inventory import Environment
     from ops.output import Output
+
+
+TEMPORARY_FOLDER = "tmp"
+
+
+def temporary_folder(host: pitr_host.DatabaseHost, machine: pitr_host.LocalMachine | pitr_host.SshMachine,
+                     log: Callable[[str], None]) -> Path:
+    """The engine's TMPDIR on the server's machine, emptied (0700: its files hold the database's data): only base
+    backups use it, and the environment's lock lets one run at a time."""
+    folder = host.config_dir / TEMPORARY_FOLDER
+    left = machine.empty_folder(folder, host.os_user)
+    if left:
+        log(f"removed what an interrupted base backup left in {folder}: {', '.join(left[:5])}")
+    return folder
 
 
 class BaseStep(Step):
@@ -48,8 +65,9 @@ class BaseStep(Step):
         target = pg_url.parse_url(self.env.admin_url())
         started = time.monotonic()
         command = self.engine.backup_command(self.host, target)
-        pitr_host.run_engine(self.host, self.machine, command, self.engine,
-                             extra=pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
+        extra = {**pg_url.libpq_environment(pg_url.with_database(self.env.admin_url(), "postgres")),
+                 "TMPDIR": str(temporary_folder(self.host, self.machine, ctx.log))}
+        pitr_host.run_engine(self.host, self.machine, command, self.engine, extra=extra,
                              what=f"the base backup of {ctx.env.name}")
         new = [item for item in self.catalog(ctx).backups if item.backup.backup_id not in before]
         done = [item for item in new if item.backup.complete]

@@ -129,6 +129,18 @@ def choose(catalog: Catalog, moment: datetime | None, source: str) -> Recoverabl
     raise _gap_error(started[-1], moment, source)
 
 
+def reaching_the_end(catalog: Catalog, moment: datetime) -> Recoverable | None:
+    """The newest complete base backup that ended by `moment` and whose WAL runs without a gap to the newest
+    archived segment: `moment`, past that segment, becomes recoverable from it once a later commit is archived
+    (ops/pitr_seal.py)."""
+    for item in reversed(catalog.complete()):
+        wal = item.wal
+        if item.earliest is not None and item.earliest <= moment and item.latest is not None \
+                and wal is not None and wal.missing is None:
+            return item
+    return None
+
+
 def _gap_error(item: Recoverable, moment: datetime | None, source: str, target: str | None = None) -> CheckFailed:
     wal = item.wal
     target = target or (iso_z_or_none(moment) if moment else "the latest point")
@@ -176,3 +188,24 @@ def lsn_range(items: list[Recoverable]) -> str:
     earliest = min(item.earliest_lsn for item in items if item.earliest_lsn is not None)
     ends = [item.latest_lsn for item in items if item.latest_lsn is not None]
     return f"{earliest} to {max(ends)} (exclusive)" if ends else f"from {earliest}, once its WAL is archived"
+
+
+def segments_to_replay(segments: dict[str, datetime], item: Recoverable, moment: datetime | None, lsn: Lsn | None,
+                       limit: int) -> list[str]:
+    """The archived WAL segments recovering `item` to `moment` or `lsn` (both None: the latest point) reads, in
+    order, at most `limit`: from the backup's first segment through the first one archived at or after
+    `moment` (it holds the WAL written until then) and one more, or through the one holding `lsn`. A guess
+    for fetching ahead, never a check: recovery asks for every segment itself."""
+    if item.backup.begin_wal is None or item.wal is None or item.wal.last is None:
+        return []
+    chosen, current, extra = [], item.backup.begin_wal, 1
+    while len(chosen) < limit and current in segments and current <= item.wal.last:
+        chosen.append(current)
+        reached = (lsn is not None and pitr_lsn.segment_end(current, item.backup.segment_size) > lsn) or (
+            lsn is None and moment is not None and segments[current] >= moment)
+        if reached:
+            if extra == 0 or lsn is not None:
+                break
+            extra -= 1
+        current = pitr_engine.next_segment(current, item.backup.segment_size)
+    return chosen

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ops import processes
 from ops.errors import CheckFailed, StepFailed
 from ops.lazy_dataclasses import dataclass
-from ops.secrets import redact
+from ops.secrets import Secret, redact
 
 if TYPE_CHECKING:
     from ops.pg_url import DatabaseTarget
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 # backup storage provider -> the engine that archives into it
 ENGINES = {"s3": "barman-cloud", "r2": "barman-cloud", "local": "pgbackrest"}
+PASSPHRASE_KEY = "PITR_CIPHER_PASS"  # the secret store's entry: the passphrase of an engine that encrypts
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 SEGMENT_NAME_LENGTH = 24
 OUTPUT_TAIL = 1500
@@ -67,7 +68,9 @@ class Engine(ABC):
     tools: ClassVar[tuple[str, ...]]
     install_hint: ClassVar[str]
     server_owns_archive: ClassVar[bool] = False  # its files are the server's OS user's: run it as that user
+    encrypts: ClassVar[bool] = False  # it encrypts what it stores with a passphrase of opsbook's (PASSPHRASE_KEY)
     server: str  # the name the engine files the environment's archive under
+    passphrase: Secret | None = None  # from the environment's secret store; None: the archive is not encrypted
 
     @property
     @abstractmethod
@@ -94,6 +97,11 @@ class Engine(ABC):
     @abstractmethod
     def recovery_command(self, host: ServerSide | None, data_dir: Path) -> str:
         """restore_command (with %f and %p) for a cluster recovering in `data_dir` on this machine."""
+
+    def wal_fetch_command(self, segment: str, destination: str) -> list[str] | None:
+        """The engine's own command that fetches one archived WAL segment to `destination`, run ahead of a
+        recovery that would otherwise fetch the segments one by one (None: not offered)."""
+        return None
 
     def directories(self, host: ServerSide) -> list[Path]:
         """Folders the server's OS user must own and write (the archive's, the engine's spool)."""

@@ -9,11 +9,15 @@ bucket holds barman-cloud's `PREFIXpitr/`; the stanza is the environment's name 
     PREFIXpitr/backup/STANZA/<label>/backup.manifest, pg_data/…          base backups (backup --type=full)
 
 The server's side (archive-push, stanza-create, check, backup, expire) reads a configuration file
-opsbook writes outside PGDATA (0600, the server's OS user's). What this machine reads (info, restore,
-archive-get for a scratch cluster) takes the repository on its command line (--no-config), as the
-break-glass commands in the README do. Messages go to stderr only (--log-level-stderr), never to a log
-file. The base backups come from `info --output=json`; the WAL continuity from the repository's listing,
-since info's min/max says nothing of a segment missing between them.
+opsbook writes outside PGDATA (0600, the server's OS user's). A repository `pitr.setup` creates is
+encrypted (aes-256-cbc, every file: WAL, backups, manifests) with a passphrase generated once into the
+environment's secret store (ops/pitr_cipher.py): in the configuration file for the server's side, in
+the environment (PGBACKREST_REPO1_CIPHER_*) of every command opsbook runs, never on a command line.
+What this machine reads (info, restore, archive-get for a scratch cluster) takes the repository on its
+command line (--no-config), as the break-glass commands in the README do. Messages go to stderr only
+(--log-level-stderr), never to a log file. The base backups come from `info --output=json`; the WAL
+continuity from the repository's listing, since info's min/max says nothing of a segment missing between
+them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ops.pitr_engine import (
     run,
 )
 from ops.pitr_lsn import Lsn
+from ops.secrets import Secret
 
 if TYPE_CHECKING:
     from ops.pg_url import DatabaseTarget
@@ -51,6 +56,7 @@ TOOLS = ("pgbackrest",)
 INSTALL_HINT = ("install pgBackRest on the database host and on this machine: `apt-get install pgbackrest` "
                 "(Debian/Ubuntu; brew install pgbackrest on macOS)")
 CONFIG_FILE = "pgbackrest.conf"
+CIPHER_TYPE = "aes-256-cbc"
 COMPRESS_TYPES = ("zst", "lz4", "gz")  # the first this build of pgBackRest supports; gz always is
 OPTION_INVALID_VALUE = 32  # pgBackRest's exit code for a compress-type it was built without
 MESSAGES = ["--log-level-console=off", "--log-level-stderr=warn", "--log-level-file=off"]
@@ -81,11 +87,13 @@ def config_path(host: ServerSide) -> Path:
     return host.config_dir / CONFIG_FILE
 
 
-def config_text(repository: Repository, host: ServerSide, compress_type: str) -> str:
-    """The server's configuration: the repository, compression, retention by recovery window (also applied
-    by the expire each backup ends with), lock and spool folders of the server's user, no log file."""
+def config_text(repository: Repository, host: ServerSide, compress_type: str, passphrase: Secret | None = None) -> str:
+    """The server's configuration: the repository (and its cipher), compression, retention by recovery window
+    (also applied by the expire each backup ends with), lock and spool folders of the server's user, no log
+    file."""
+    cipher = f"repo1-cipher-type={CIPHER_TYPE}\nrepo1-cipher-pass={passphrase.reveal()}\n" if passphrase else ""
     return (f"# Written by opsbook (point-in-time recovery through pgBackRest); rewritten by `inv pitr.setup`.\n"
-            f"[global]\nrepo1-type=posix\nrepo1-path={repository.path}\n"
+            f"[global]\nrepo1-type=posix\nrepo1-path={repository.path}\n{cipher}"
             f"repo1-retention-full-type=time\nrepo1-retention-full={host.window_days}\n"
             f"compress-type={compress_type}\nprocess-max={PROCESS_MAX}\nstart-fast=y\n"
             "log-level-console=off\nlog-level-stderr=warn\nlog-level-file=off\n"
@@ -168,6 +176,7 @@ class PgBackRest(Engine):
     tools = TOOLS
     install_hint = INSTALL_HINT
     server_owns_archive = True
+    encrypts = True
 
     def __init__(self, config: StorageConfig, server: str):
         self.repository = repository_for(config, server)
@@ -186,11 +195,16 @@ class PgBackRest(Engine):
     def wal_root(self) -> str:
         return self.root
 
+    def credentials(self) -> dict[str, str]:
+        if self.passphrase is None:
+            return {}
+        return {"PGBACKREST_REPO1_CIPHER_TYPE": CIPHER_TYPE, "PGBACKREST_REPO1_CIPHER_PASS": self.passphrase.reveal()}
+
     def directories(self, host: ServerSide) -> list[Path]:
         return [self.repository.path, host.config_dir / "lock", host.config_dir / "spool"]
 
     def files(self, host: ServerSide) -> dict[Path, tuple[str, int]]:
-        return {config_path(host): (config_text(self.repository, host, compress_type()), 0o600)}
+        return {config_path(host): (config_text(self.repository, host, compress_type(), self.passphrase), 0o600)}
 
     def archive_command(self, host: ServerSide) -> str:
         return f"{shlex.join([*configured(self.repository, host), 'archive-push'])} %p"

@@ -13,16 +13,30 @@ target.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ops import dump, pg, pg_tools, pg_url, pitr_catalog, pitr_host, pitr_scratch, processes, restore_db
+from ops import (
+    dump,
+    pg,
+    pg_tools,
+    pg_url,
+    pitr_catalog,
+    pitr_host,
+    pitr_prefetch,
+    pitr_scratch,
+    pitr_seal,
+    processes,
+    restore_db,
+)
 from ops.cli import environment as load_environment
 from ops.clock import iso_z, iso_z_or_none, parse_time, utc_now
 from ops.engine import Change, Runbook, RunContext
-from ops.errors import CheckFailed, StepFailed, UsageError
+from ops.errors import CheckFailed, ConnectionFailed, StepFailed, UsageError
 from ops.pitr_lsn import Lsn
 from ops.restore_steps import Plan, ScratchLoad, SwapStep
 
@@ -62,6 +76,9 @@ class PitrPlan(Plan):
         self.engine = pitr_host.engine_of(source)
         self.expected: dict[str, int] = {}
         self._chosen: Recoverable | None = None
+        self._sealed = False  # a commit after the moment is archived (ops/pitr_seal.py)
+        self._source_answers: bool | None = None
+        self.segments: dict[str, datetime] = {}  # the archive's WAL segments, read with the chosen backup
 
     @property
     def when(self) -> str:
@@ -77,9 +94,40 @@ class PitrPlan(Plan):
         """The base backup to recover from; CheckFailed (range, gap) before anything changes."""
         if self._chosen is None:
             catalog = pitr_catalog.read(self.storage(ctx), self.engine)
+            self.segments = catalog.segments
             self._chosen = (pitr_catalog.choose_lsn(catalog, self.lsn, self.source.name) if self.lsn is not None
-                            else pitr_catalog.choose(catalog, self.moment, self.source.name))
+                            else self._choose_time(catalog))
         return self._chosen
+
+    def _choose_time(self, catalog: pitr_catalog.Catalog) -> Recoverable:
+        """The base backup for the moment; before the seal, a moment past the archive's end is plannable from a
+        backup whose WAL reaches that end when the source answers (the seal archives a commit after it)."""
+        try:
+            return pitr_catalog.choose(catalog, self.moment, self.source.name)
+        except CheckFailed:
+            ahead = pitr_catalog.reaching_the_end(catalog, self.moment) if self.moment is not None else None
+            if self._sealed or ahead is None or not self.source_answers():
+                raise
+            return ahead
+
+    def source_answers(self) -> bool:
+        if self._source_answers is None:
+            self._source_answers = pitr_seal.reachable(self.source.admin_url())
+        return self._source_answers
+
+    def seal(self, ctx: RunContext) -> None:
+        """Before recovering to a time: an empty commit after it on the source, archived, so that PostgreSQL can
+        stop there even when nothing was committed since; skipped when the source does not answer."""
+        if self.moment is None:
+            return
+        try:
+            sealed = pitr_seal.seal(self.source.admin_url(), self.moment)
+        except ConnectionFailed:
+            ctx.log(f"{self.source.name} does not answer: recovering to {self.when} from what its archive holds")
+            return
+        ctx.log(f"an empty transaction committed on {self.source.name} at {iso_z(sealed.committed_at)}, WAL segment "
+                f"{sealed.segment} archived: recovery can stop at {self.when}")
+        self._sealed, self._chosen = True, None  # the catalog is read again: it must cover the moment now
 
     def restored_what(self, ctx: RunContext) -> str:
         return f"{self.source.name} as of {self.when}"
@@ -123,32 +171,59 @@ class RecoverStep(ScratchLoad):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         plan = self.plan
+        plan.seal(ctx)
         chosen = plan.chosen(ctx)
         bin_dir = pitr_scratch.server_bin_dir(chosen.backup.major)
         os_user = pitr_host.default_os_user()
         state_dir = ctx.env.inventory.state_dir
         pitr_scratch.remove_leftovers(state_dir, ctx.log)
         started = time.monotonic()
-        with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster:
-            pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.recovery_target)
-            ctx.log(f"base backup {chosen.backup.backup_id} restored; replaying WAL to {plan.when}")
-            reached = pitr_scratch.recover(cluster, plan.engine, plan.recovery_target)
+        phases = Phases()
+        ahead = pitr_catalog.segments_to_replay(plan.segments, chosen, plan.moment, plan.lsn, pitr_prefetch.LIMIT)
+        with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster, \
+             pitr_prefetch.fetching_ahead(cluster.directory, plan.engine, os_user, ahead) as prefetch:
+            with phases.timed("base_restore"):
+                pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.recovery_target)
+            ctx.log(f"base backup {chosen.backup.backup_id} restored in {phases['base_restore']} s; "
+                    f"replaying WAL to {plan.when}"
+                    f"{f' ({len(prefetch.fetched)} of {len(ahead)} segments fetched ahead)' if prefetch else ''}")
+            with phases.timed("replay"):
+                reached = pitr_scratch.recover(cluster, plan.engine, plan.recovery_target,
+                                               prefetch.spool if prefetch else None)
             recovered = round(time.monotonic() - started, 2)
             stopped = f", stopped before the commit at {reached['stopped_before']}" if reached["stopped_before"] else ""
-            ctx.log(f"recovered in {recovered} s: last transaction {reached['last_transaction'] or '?'}{stopped}, "
-                    f"replayed to LSN {reached['replay_lsn'] or '?'}")
+            ctx.log(f"recovered in {recovered} s (WAL replay {phases['replay']} s): last transaction "
+                    f"{reached['last_transaction'] or '?'}{stopped}, replayed to LSN {reached['replay_lsn'] or '?'}")
             source_url = cluster.url(pg_url.parse_url(plan.source.admin_url()).user, plan.source.database_name())
-            loaded = self.into_scratch(ctx, change, lambda: self._copy(ctx, source_url, chosen.backup.major))
+            loaded = self.into_scratch(ctx, change, lambda: self._copy(ctx, source_url, chosen.backup.major, phases))
+            with phases.timed("scratch_stop"):
+                pitr_scratch.stop(cluster)
+        ctx.log(f"phases (s): {', '.join(f'{name} {seconds}' for name, seconds in phases.items())}")
         to_lsn = {"to_lsn": str(plan.lsn)} if plan.lsn is not None else {}
         return {**loaded, "to_time": iso_z_or_none(plan.moment), **to_lsn, "base_backup": chosen.backup.backup_id,
-                **reached, "recover_seconds": recovered, "seconds": round(time.monotonic() - started, 2)}
+                **reached, "recover_seconds": recovered, "phase_seconds": dict(phases),
+                "wal_fetched_ahead": len(prefetch.fetched) if prefetch else 0,
+                "seconds": round(time.monotonic() - started, 2)}
 
-    def _copy(self, ctx: RunContext, source_url: Any, major: int) -> dict[str, Any]:
-        with pg.connect(source_url, application_name=ctx.label[:63]) as connection:
+    def _copy(self, ctx: RunContext, source_url: Any, major: int, phases: Phases) -> dict[str, Any]:
+        with phases.timed("counts"), pg.connect(source_url, application_name=ctx.label[:63]) as connection:
             self.plan.expected = pg.table_row_counts(connection)
-        copy_database(pg_tools.find_client_tool("pg_dump", major), source_url, self.plan.tool(ctx), self.plan.url(ctx),
-             self.plan.scratch, cross_environment=self.plan.cross_environment)
+        with phases.timed("copy"):
+            copy_database(pg_tools.find_client_tool("pg_dump", major), source_url, self.plan.tool(ctx),
+                          self.plan.url(ctx), self.plan.scratch, cross_environment=self.plan.cross_environment)
         return {}
+
+
+class Phases(dict[str, float]):
+    """Seconds spent in each named phase of a step, for its log line and its journal entry."""
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self[name] = round(self.get(name, 0.0) + time.monotonic() - started, 2)
 
 
 def copy_database(dump_tool: Any, source_url: Any, restore_tool: Any, target_url: Any, database: str, *,

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from ops import pg, pitr_engine, pitr_lsn
+from ops import pg, pitr_engine, pitr_lsn, pitr_prefetch
 from ops.clock import iso_z_micro
 from ops.errors import CheckFailed, ConnectionFailed, OpsError, StepFailed
 from ops.lazy_dataclasses import dataclass
@@ -80,15 +80,24 @@ def _major_of(bin_dir: Path) -> int:
     return int(name) if name.isdigit() else 0
 
 
+# The scratch cluster is thrown away after one read: nothing it writes needs to survive a crash (a crash
+# fails the run, whose next attempt starts from the bucket again), so replay skips flushing to disk,
+# restartpoints are spaced out, and nothing runs beside the replay and the dump (autovacuum).
+THROWAWAY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                      "max_wal_size": "4GB", "checkpoint_timeout": "1h", "autovacuum": "off",
+                      "shared_buffers": "256MB", "maintenance_io_concurrency": "32"}
+
+
 def start_options(cluster: ScratchCluster, recovery: dict[str, str]) -> str:
-    """pg_ctl's -o: every setting that keeps the scratch cluster to itself, then the recovery target."""
+    """pg_ctl's -o: every setting that keeps the scratch cluster to itself and makes it quick to throw away,
+    then the recovery target."""
     settings = {"listen_addresses": "", "unix_socket_directories": str(cluster.directory), "port": str(cluster.port),
                 "data_directory": str(cluster.data_dir), "config_file": str(cluster.data_dir / "postgresql.conf"),
                 "hba_file": str(cluster.directory / "pg_hba.conf"),
                 "ident_file": str(cluster.directory / "pg_ident.conf"),
                 "ssl": "off", "archive_mode": "off", "hot_standby": "on", "logging_collector": "off",
                 "log_destination": "stderr", "external_pid_file": "", "shared_preload_libraries": "",
-                **recovery}
+                **THROWAWAY_SETTINGS, **recovery}
     return " ".join(f"-c {shlex.quote(f'{name}={value}')}" for name, value in settings.items())
 
 
@@ -123,7 +132,7 @@ def remove_leftovers(state_dir: Path, log: Callable[[str], None]) -> None:
                 continue
             cluster = ScratchCluster(Path(left["directory"]), Path(left["bin_dir"]), left["os_user"])
             log(f"removing the scratch cluster {cluster.directory}, left by run {marker.stem}")
-            _stop(cluster)
+            stop(cluster)
             shutil.rmtree(cluster.directory, ignore_errors=True)
         marker.unlink(missing_ok=True)
 
@@ -151,7 +160,7 @@ def scratch_cluster(state_dir: Path, run_id: str, bin_dir: Path, os_user: str) -
         _give(directory, os_user)
         yield cluster
     finally:
-        _stop(cluster)
+        stop(cluster)
         shutil.rmtree(directory, ignore_errors=True)
         marker.unlink(missing_ok=True)
 
@@ -191,14 +200,19 @@ def _write_as(cluster: ScratchCluster, path: Path, text: str) -> None:
         shutil.chown(path, cluster.os_user, cluster.os_user)
 
 
-def recover(cluster: ScratchCluster, engine: Engine, target: datetime | Lsn | None) -> dict[str, str | None]:
+def recover(cluster: ScratchCluster, engine: Engine, target: datetime | Lsn | None,
+            spool: Path | None = None) -> dict[str, str | None]:
     """Start the cluster in recovery to `target` (None: the end of the archive) and wait until it is promoted.
 
     PostgreSQL stops with a FATAL error when the archive ends before the target: that is reported, with the
     log's reason, as a failed check; so is an LSN target the replay did not reach. Returns where recovery
     stopped, from the server's log, the commit time of the newest transaction it replayed (`newest_commit`)
-    and the last WAL position replayed (`replay_lsn`)."""
-    options = start_options(cluster, recovery_settings(engine.recovery_command(None, cluster.data_dir), target))
+    and the last WAL position replayed (`replay_lsn`). With `spool`, segments fetched ahead there are taken
+    from it (ops/pitr_prefetch.py)."""
+    command = engine.recovery_command(None, cluster.data_dir)
+    if spool is not None:
+        command = pitr_prefetch.restore_command(spool, command)
+    options = start_options(cluster, recovery_settings(command, target))
     command = pitr_engine.as_user([str(cluster.bin_dir / "pg_ctl"), "start", "-D", str(cluster.data_dir), "-w",
                                    "-t", str(START_TIMEOUT_SECONDS), "-l", str(cluster.log_file), "-o", options],
                                   cluster.os_user)
@@ -275,7 +289,8 @@ def _running(cluster: ScratchCluster) -> bool:
     return status.returncode == 0
 
 
-def _stop(cluster: ScratchCluster) -> None:
+def stop(cluster: ScratchCluster) -> None:
+    """Stopped at once (nothing it holds is needed again); a stopped cluster is left as it is."""
     if not (cluster.data_dir / "postmaster.pid").exists():
         return
     subprocess.run(pitr_engine.as_user([str(cluster.bin_dir / "pg_ctl"), "stop", "-D", str(cluster.data_dir), "-m",

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops import pg, pg_url, pitr_host
+from ops import pg, pg_url, pitr_cipher, pitr_host
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed
 
@@ -290,5 +290,6 @@ def build(env: Environment, **arguments: Any) -> Runbook:
     setup = Setup(env)
     return Runbook("pitr.setup", f"Point-in-time recovery for {env.name}: WAL archiving to {setup.engine.location} "
                    f"({setup.engine.name})",
-                   [FilesStep(setup), PrepareStep(setup), SettingsStep(setup), RestartStep(setup), ArchiveStep(setup)],
+                   [pitr_cipher.PassphraseStep(setup), FilesStep(setup), PrepareStep(setup), SettingsStep(setup),
+                    RestartStep(setup), ArchiveStep(setup)],
                    arguments=arguments, locks=("environment",))

@@ -74,6 +74,13 @@ def folder_command(path: Path, login_user: str, os_user: str) -> str:
     return f"mkdir -p {quoted} && chmod 0750 {quoted}{_give(quoted, login_user, os_user)}"
 
 
+def empty_folder_command(path: Path, login_user: str, os_user: str) -> str:
+    """Prints what `path` held, then leaves it an empty 0700 folder of the server's user."""
+    quoted = shlex.quote(str(path))
+    return (f"ls -A {quoted} 2>/dev/null; rm -rf -- {quoted} && mkdir -p {quoted} && chmod 0700 {quoted}"
+            f"{_give(quoted, login_user, os_user)}")
+
+
 def write_command(path: Path, mode: int, login_user: str, os_user: str) -> str:
     """Writes ${CONTENT_VARIABLE} (sent on stdin) under a temporary name, 0600 from the start, then renames it;
     its folder 0700 and the server's."""
@@ -149,6 +156,9 @@ class SshMachine:
 
     def make_folder(self, path: Path, user: str) -> None:
         self._run(folder_command(path, self.config.user, user))
+
+    def empty_folder(self, path: Path, user: str) -> list[str]:
+        return self._run(empty_folder_command(path, self.config.user, user)).stdout.split()
 
     def write_private(self, path: Path, text: str, mode: int, user: str) -> None:
         self._run(write_command(path, mode, self.config.user, user), environment={CONTENT_VARIABLE: text})

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from ops.backup_manifest import Manifest
+    from ops.engine import RunContext
     from ops.fetch import Fetched
     from ops.pg_tools import ClientTool
     from ops.storage import Storage
@@ -54,18 +55,43 @@ def side_pattern(database: str, kind: str) -> str:
 @contextmanager
 def maintenance_connection(url: Secret | str, label: str) -> Iterator[psycopg.Connection]:
     """An autocommit session on the server's maintenance database (not on the one we rename)."""
+    with open_maintenance(url, label) as connection:
+        yield connection
+
+
+def open_maintenance(url: Secret | str, label: str) -> psycopg.Connection:
+    """A new autocommit session on the first maintenance database that accepts one; the caller closes it."""
     last: ConnectionFailed | None = None
     for name in MAINTENANCE_DATABASES:
         try:
-            connection = pg.connect(pg_url.with_database(url, name), application_name=label[:63], autocommit=True)
+            return pg.connect(pg_url.with_database(url, name), application_name=label[:63], autocommit=True)
         except ConnectionFailed as error:
             last = error
-            continue
-        with connection:
-            yield connection
-        return
     assert last is not None
     raise last
+
+
+@contextmanager
+def shared_maintenance(ctx: RunContext, url: Secret | str) -> Iterator[psycopg.Connection]:
+    """The run's one maintenance session, for every step (each new session costs a backend and an
+    authentication). A block that fails closes it: a query cut short may leave it busy, so whatever comes
+    next (the undo that drops the scratch database) starts a session of its own."""
+    key = f"maintenance:{pg_url.parse_url(url).describe()}"
+
+    def session() -> psycopg.Connection:
+        return ctx.once(key, lambda: open_maintenance(url, ctx.label), close=lambda opened: opened.close())
+
+    connection = session()
+    if connection.closed:  # the server ended it (a restart, an idle timeout)
+        ctx.forget(key)
+        connection = session()
+    try:
+        yield connection
+    except BaseException:
+        ctx.forget(key)
+        with contextlib.suppress(Exception):
+            connection.close()
+        raise
 
 
 def leftovers(conn: psycopg.Connection, database: str, kind: str) -> list[str]:
@@ -124,6 +150,7 @@ def restore_streamed(tool: ClientTool, url: Secret | str, database: str, storage
     try:
         with processes.child_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=environment, bufsize=0) as process:
+            dump.enlarge_pipe(process.stdin)
             stderr = dump.StderrTail(process.stderr)
             fetched = fetch.fetch_and_decode(storage, manifest.object.key, process.stdin, identities=identities,
                                             encrypted=manifest.encrypted, on_progress=on_progress,

@@ -120,7 +120,7 @@ class Plan:
         return pg_url.with_database(ctx.env.database_url(direct=True), self.database)
 
     def maintenance(self, ctx: RunContext) -> Any:
-        return restore_db.maintenance_connection(ctx.env.admin_url(), ctx.label)
+        return restore_db.shared_maintenance(ctx, ctx.env.admin_url())
 
     def tool(self, ctx: RunContext) -> Any:
         """pg_restore able to read this dump for this server; CheckFailed naming the versions otherwise."""

@@ -12,6 +12,7 @@ from invoke import Argument, Program
 
 from ops import __version__
 from ops.cli import install_parser_checks, parsing_exits_2
+from ops.quick_exit import ending_at_once
 from runbooks.collection import ns
 
 
@@ -32,6 +33,9 @@ class OpsbookProgram(Program):
 
     def parse_cleanup(self) -> None:
         parsing_exits_2(self, super().parse_cleanup)
+
+    def execute(self) -> None:
+        ending_at_once(Program.execute)(self)
 
 
 def main() -> None:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # Two parts travel at once: one waits on the server while the other is sent, and
 # memory holds at most two parts (one more would buy nothing on 2 cores).
 PARTS_IN_FLIGHT = 2
+# The read past a full first part: small, so a source that returns whole parts (an object streamed from
+# another server) adds no third part to memory.
+PEEK_BYTES = 64 * 1024
 
 
 class MultipartUploads:
@@ -48,8 +51,10 @@ class MultipartUploads:
         check_part_size(part_size)
         full_key = self.full_key(key)
         first = _read_part(source, part_size)
-        second = _read_part(source, part_size) if len(first) == part_size else bytearray()
-        if not second:  # fits in one part: a plain PUT, no multipart bookkeeping
+        # One read past a full first part tells a stream that fits in one part from a longer one, so the
+        # first part is on its way while the second fills (the upload is the slow side of a backup).
+        more = source.read(PEEK_BYTES) if len(first) == part_size else b""
+        if not more:  # fits in one part: a plain PUT, no multipart bookkeeping
             info = self.put_bytes(key, bytes(first), metadata=metadata, content_type=content_type, lock=lock)
             if on_progress:
                 on_progress(len(first))
@@ -58,10 +63,11 @@ class MultipartUploads:
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.config.bucket, Key=full_key,
                 **self._put_arguments(metadata, content_type, lock))["UploadId"]
-        pending = [first, second]
-        del first, second  # only `pending` may hold parts, so each is freed once sent
+        pending = [first]
+        del first  # only `pending` may hold parts, so each is freed once sent
         try:
-            self._upload_parts(full_key, upload_id, pending, source, part_size, on_progress, checksum=lock is not None)
+            self._upload_parts(full_key, upload_id, pending, _Prepended(more, source), part_size, on_progress,
+                               checksum=lock is not None)
         except BaseException:
             self._abort_quietly(full_key, upload_id)
             raise
@@ -189,6 +195,20 @@ def _read_part(source: BinaryIO, size: int) -> bytearray:
             filled += len(chunk)
     del part[filled:]  # the last part: shrink in place
     return part
+
+
+class _Prepended:
+    """A reader that returns `head` (bytes already read from `source`) before the rest of `source`."""
+
+    def __init__(self, head: bytes, source: BinaryIO):
+        self._head, self._source = head, source
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._source.read(size)
+        taken = self._head if size < 0 else self._head[:size]
+        self._head = self._head[len(taken):]
+        return taken
 
 
 class _StoredPrefix:

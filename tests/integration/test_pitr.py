@@ -12,7 +12,6 @@ WAL switches (pg_switch_wal) and polling stand in for waiting on archive_timeout
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from ops.demo.seed import MIGRATIONS_DIR
 from ops.migrations import apply_pending
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.postgres import row_counts, running_cluster, system_bin_dir
+from tests.fixtures.processes import descendants
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.ssh import free_port
 
@@ -161,24 +161,6 @@ def snapshot(url: Any) -> dict[str, Any]:
     return {"columns": columns, "Brand": brands}
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below `pid`."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            with contextlib.suppress(OSError):
-                found.append((child, (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ")
-                              .decode()))
-            todo.append(child)
-    return found
-
-
 def engine_connected(server: Any) -> bool:
     """barman-cloud-backup's session is on the server: the backup is under way (it ends only after
     pg_backup_stop has waited for the last segment's archiving)."""
@@ -200,6 +182,8 @@ def test_a_base_backup_killed_half_way_is_not_listed_complete_and_the_next_succe
     assert killed.exit_code == 1 and "barman-cloud-backup failed" in killed.stderr, str(killed)
     listed = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"]
     assert {item["backup_id"] for item in listed if item["complete"]} == before
+    temporary = pitr["source"].data_dir.parent / "opsbook-pitr-src" / "tmp"
+    assert list(temporary.glob("barman-cloud-backup-*")), "the killed backup's temporary folder, in opsbook's"
 
     backup_id = ok(opsbook.run("pitr.base", "--env", "src", "--json")).json()["base"]["backup_id"]
     listed = ok(opsbook.run("pitr.list", "--env", "src", "--json")).json()["backups"]
@@ -207,6 +191,7 @@ def test_a_base_backup_killed_half_way_is_not_listed_complete_and_the_next_succe
     newest = listed[0]
     assert newest["backup_id"] == backup_id and newest["complete"] and newest["gap"] is None
     assert newest["earliest"] <= newest["latest"], newest
+    assert list(temporary.iterdir()) == [], "removed by the next base backup"
     assert_no_secret(opsbook, *pitr["secrets"])
 
 
@@ -270,6 +255,8 @@ def test_restore_to_an_lsn_brings_back_the_row_deleted_after_it_and_an_lsn_outsi
         assert connection.execute("""SELECT count(*) FROM "Brand" WHERE name = 'at L'""").fetchone()[0] == 1
         replayed = connection.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (report["replay_lsn"], lsn)).fetchone()[0]
     assert report["to_lsn"] == lsn and report["to_time"] is None and replayed, report
+    assert report["wal_fetched_ahead"] >= 1, "the WAL was fetched ahead of the recovery"
+    assert {"base_restore", "replay", "counts", "copy"} <= set(report["phase_seconds"]), report
     assert list((opsbook.state_dir / "pitr" / "scratch").glob("*")) == [], "the scratch cluster is gone"
     assert_no_secret(opsbook, *pitr["secrets"])
 

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -25,6 +27,7 @@ from ops.demo import seed
 from ops.errors import OpsError
 from ops.sandbox import APP_BUCKET, BACKUP_BUCKET, Sandbox, find_server_bindir
 from tests.cli import CliResult, Opsbook, wait_for
+from tests.fixtures.processes import descendants
 from tests.fixtures.secrets import assert_no_secret
 from tests.fixtures.ssh import free_port
 
@@ -199,6 +202,12 @@ def repository(sandbox: Sandbox) -> Path:
     return sandbox.storage_path / BACKUP_BUCKET / "local" / "pitr"
 
 
+def passphrase(workspace: Opsbook) -> str:
+    """The repository's cipher passphrase, from the environment's secret store (the file backend)."""
+    lines = (workspace.state_dir / "secrets" / "local.env").read_text().splitlines()
+    return next(line.split("=", 1)[1] for line in lines if line.startswith("PITR_CIPHER_PASS="))
+
+
 @pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
 def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn(made: UpResult, workspace: Opsbook):
     sandbox = made.sandbox
@@ -209,11 +218,17 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
     assert list((repository(sandbox) / "archive" / "local").glob(f"*/*/{segment}-*")), "archived into the folder"
     config = sandbox.home / "opsbook-pitr-local" / "pgbackrest.conf"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600 and f"repo1-path={repository(sandbox)}" in config.read_text()
+    cipher = passphrase(workspace)
+    assert len(cipher) == 64 and f"repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass={cipher}\n" in config.read_text()
     if os.geteuid() == 0:
         assert config.owner() == "postgres" and repository(sandbox).owner() == "postgres", "the server's user's"
     assert ok(workspace.run("pitr.setup", "--env", "local", "--json")).json()["status"] == "nothing to do"
 
     backup_id = ok(workspace.run("pitr.base", "--env", "local", "--json")).json()["base"]["backup_id"]
+    manifest = repository(sandbox) / "backup" / "local" / backup_id / "backup.manifest"
+    assert manifest.read_bytes().startswith(b"Salted__"), "encrypted in the repository (aes-256-cbc)"
+    assert all(path.read_bytes().startswith(b"Salted__")
+               for path in (repository(sandbox) / "archive" / "local").glob(f"*/*/{segment}-*")), "the WAL too"
     # pgBackRest's times are whole seconds: the backup's end counts from the next second (its earliest), and the
     # repository's file times end the recoverable range; T lies after the first and before the second
     next_second()
@@ -246,7 +261,97 @@ def test_pitr_on_the_sandbox_setup_base_list_status_restore_to_a_time_and_an_lsn
     assert brands(sandbox, "pitr-kept") == 1 and by_lsn["base_backup"] == backup_id, by_lsn
     # every output and journal (the state dir also holds the sandbox itself, its credentials.json included)
     journals = [path.read_text() for path in workspace.journals()]
-    assert_no_secret("\n".join([*workspace.transcript, *journals]), password)
+    assert_no_secret("\n".join([*workspace.transcript, *journals]), password, cipher)
+
+
+def readme_lines(marker: str) -> list[list[str]]:
+    """The indented `./opsbook inv` lines after `marker` in the README, split as a shell would."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert text.count(marker) == 1
+    commands = []
+    for line in text.split(marker, 1)[1].split("-->", 1)[1].lstrip("\n").splitlines():
+        if not line.startswith("    "):
+            break
+        words = shlex.split(line, comments=True)
+        assert words[:2] == ["./opsbook", "inv"], line
+        commands.append(words[2:])
+    return commands
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_the_readme_pitr_lines_for_the_sandbox_run_as_written(made: UpResult, workspace: Opsbook):
+    lines = readme_lines("<!-- pitr-sandbox:")
+    assert [words[0] for words in lines] == ["pitr.setup", "pitr.base", "pitr.list", "pitr.status", "restore"]
+    assert lines[-1] == ["restore", "--env", "local", "--to-time", "latest"]
+    results = [ok(workspace.run(*words)) for words in lines[:2]]
+    with app_conn(made.sandbox) as conn:  # after the base backup: only the archived WAL brings it back
+        conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('readme-latest', 'latest', now())""")
+    switch_and_wait(made.sandbox)
+    results += [ok(workspace.run(*words)) for words in lines[2:]]
+    listed = json.loads(results[2].stdout)
+    assert listed["backups"] and all(item["earliest"] and item["latest"] for item in listed["backups"]), listed
+    assert "app now holds local as of the latest recoverable point" in results[-1].stderr, str(results[-1])
+    assert brands(made.sandbox, "readme-latest") == 1, "replayed from the archive"
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_restore_to_a_time_on_an_idle_database_closes_the_source_wal_first(made: UpResult, workspace: Opsbook):
+    """Nothing committed after T: PostgreSQL reaches a recovery_target_time only at a later commit, so opsbook
+    commits an empty transaction on the source and waits for its archiving before recovering."""
+    sandbox = made.sandbox
+    if not list(repository(sandbox).glob("backup/*/*F")):
+        ok(workspace.run("pitr.setup", "--env", "local"))  # this test alone
+        ok(workspace.run("pitr.base", "--env", "local"))
+    next_second()  # after the backup's end, in whole seconds
+    with app_conn(sandbox) as conn:
+        conn.execute("""INSERT INTO "Brand" (slug, name, "updatedAt") VALUES ('idle-kept', 'idle', now())""")
+        inside = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    switch_and_wait(sandbox)  # archived, with no commit after `inside`
+    with app_conn(sandbox) as conn:
+        beyond = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # after the newest archived segment
+    for moment in (inside, beyond):
+        at = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        restored = ok(workspace.run("restore", "--env", "local", "--to-time", at, "--json")).json()["restored"]
+        assert restored["stopped_before"] and parse_time(restored["stopped_before"]) > moment, restored
+        assert brands(sandbox, "idle-kept") == 1
+
+
+def backup_connected(sandbox: Sandbox) -> bool:
+    """pgBackRest's backup session is on the server: pg_backup_start has run, files are being copied."""
+    with app_conn(sandbox) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgBackRest%backup%'"
+                            ).fetchone()[0] > 0
+
+
+def complete_labels(workspace: Opsbook) -> set[str]:
+    listed = ok(workspace.run("pitr.list", "--env", "local", "--json")).json()["backups"]
+    return {item["backup_id"] for item in listed if item["complete"]}
+
+
+@pytest.mark.skipif(shutil.which("pgbackrest") is None, reason="pgBackRest (pgbackrest) is not installed")
+def test_a_sandbox_base_backup_killed_half_way_is_not_listed_complete_and_the_next_succeeds(made: UpResult,
+                                                                                            workspace: Opsbook):
+    sandbox = made.sandbox
+    if not list(repository(sandbox).glob("backup/*/*F")):
+        ok(workspace.run("pitr.setup", "--env", "local"))  # this test alone
+    before = complete_labels(workspace)
+    running = workspace.start("pitr.base", "--env", "local")
+    engine = wait_for(lambda: [pid for pid, command in descendants(running.pid) if command.startswith("pgbackrest ")
+                               and " backup" in command and "--process=" not in command],
+                      timeout=30, interval=0.05, what="pgbackrest backup running")
+    wait_for(lambda: backup_connected(sandbox), timeout=60, interval=0.05, what="pgbackrest backup connected")
+    cipher = passphrase(workspace)  # the repository is encrypted: its passphrase is on no command line
+    assert all(cipher not in command for _pid, command in descendants(running.pid))
+    os.kill(engine[0], signal.SIGKILL)
+    killed = workspace.collect(running)
+    assert killed.exit_code == 1 and "pgbackrest failed" in killed.stderr, str(killed)
+    assert complete_labels(workspace) == before, "the killed backup is not listed"
+
+    ok(workspace.run("pitr.base", "--env", "local"))
+    after = complete_labels(workspace)
+    assert len(after - before) == 1, (before, after)
+    labels = {path.name for path in (repository(sandbox) / "backup" / "local").glob("*F")}
+    assert labels <= after | before, "nothing of the killed backup is left in the repository"
 
 
 def readme_block(marker: str) -> str:
@@ -282,7 +387,8 @@ def test_the_readme_break_glass_recovery_of_a_folder_repository_runs_with_pgback
                        "REPO": str(repository(sandbox)), "STANZA": "local", "TARGET_TIME": moment.isoformat(sep=" "),
                        "RECOVERY_DIR": str(recovery), "PORT": str(free_port()), "PGUSER": "postgres",
                        "PGPASSWORD": json.loads((sandbox.home / "credentials.json").read_text())["password"],
-                       "DATABASE": "app"}
+                       "DATABASE": "app", "PGBACKREST_REPO1_CIPHER_TYPE": "aes-256-cbc",
+                       "PGBACKREST_REPO1_CIPHER_PASS": passphrase(workspace)}
         done = subprocess.run([*user, "env", "-i", *(f"{k}={v}" for k, v in environment.items()),
                                "bash", "-euo", "pipefail", str(script)], capture_output=True, text=True, timeout=300,
                               cwd=recovery)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -127,6 +128,44 @@ def test_upload_stream_multipart_roundtrip(storage: Storage) -> None:
     assert small.size == 1000 and "-" not in (small.etag or "")
 
 
+class WaitsForTheFirstPart:
+    """A producer slower than the upload: after one part and a bit it waits (up to 10 s) until the server
+    holds the first part, as a dump waits on its encoder; the uploader should not need the second part to
+    send the first."""
+
+    def __init__(self, storage: Storage, part: int):
+        self.storage, self.source = storage, ChunkedSource(3 * part)
+        self.part, self.given, self.data = part, 0, b""
+        self.first_stored: bool | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self.given > self.part and self.first_stored is None:
+            self.first_stored = self._wait_for_a_stored_part(deadline=time.monotonic() + 10)
+        data = self.source.read(size)
+        self.given += len(data)
+        self.data += data
+        return data
+
+    def _wait_for_a_stored_part(self, deadline: float) -> bool:
+        client, bucket = self.storage.client, self.storage.config.bucket
+        while time.monotonic() < deadline:
+            for upload in self.storage.list_incomplete_uploads():
+                listed = client.list_parts(Bucket=bucket, Key=self.storage.full_key(upload.key),
+                                           UploadId=upload.upload_id)
+                if listed.get("Parts"):
+                    return True
+            time.sleep(0.05)  # polling the server until the deadline
+        return False
+
+
+def test_the_first_part_is_sent_before_the_second_is_filled(s3_server) -> None:
+    storage = open_storage(s3_server.make_bucket(prefix="prod/"))
+    source = WaitsForTheFirstPart(storage, PART)
+    info = storage.upload_stream("backups/6/dump", source, part_size=PART)
+    assert source.first_stored is True
+    assert info.size == len(source.data) == 3 * PART and info.etag == multipart_etag(source.data, PART)
+
+
 @pytest.mark.parametrize("failure", [OSError("pg_dump died"), KeyboardInterrupt()], ids=["error", "interrupt"])
 def test_failed_upload_leaves_nothing(storage: Storage, failure: BaseException) -> None:
     storage.put_bytes("backups/4/dump", b"previous version")
@@ -154,16 +193,17 @@ size, part = int(os.environ["UPLOAD_SIZE"]), int(os.environ["PART_SIZE"])
 def progress(total):
     print(total, flush=True)
 tracemalloc.start()
-info = storage.upload_stream("big", ChunkedSource(size), part_size=part, on_progress=progress)
+chunk = int(os.environ.get("UPLOAD_CHUNK") or 1024 * 1024)
+info = storage.upload_stream("big", ChunkedSource(size, chunk=chunk), part_size=part, on_progress=progress)
 peak = tracemalloc.get_traced_memory()[1]
 print(json.dumps({"peak": peak, "size": info.size}), flush=True)
 """
 
 
-def run_child_upload(storage: Storage, size: int) -> subprocess.Popen[str]:
+def run_child_upload(storage: Storage, size: int, chunk: int | None = None) -> subprocess.Popen[str]:
     settings = {item.name: reveal(getattr(storage.config, item.name)) for item in fields(storage.config)}
     env = {**os.environ, "REPO_ROOT": str(REPO_ROOT), "STORAGE_CONFIG": json.dumps(settings),
-           "UPLOAD_SIZE": str(size), "PART_SIZE": str(PART)}
+           "UPLOAD_SIZE": str(size), "PART_SIZE": str(PART), "UPLOAD_CHUNK": str(chunk or "")}
     return subprocess.Popen([sys.executable, "-c", CHILD_UPLOAD], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -177,6 +217,16 @@ def test_upload_memory_stays_bounded(storage: Storage) -> None:
     result = json.loads(stdout.splitlines()[-1])
     assert result["size"] == size == storage.head("big").size
     assert result["peak"] < 5 * PART, f"peak {result['peak'] / MIB:.1f} MiB for a {size // MIB} MiB upload"
+
+
+def test_a_source_that_returns_whole_parts_adds_no_part_to_memory(s3_server) -> None:
+    """An object streamed from another server reads a whole part at a time: two parts travel, one fills."""
+    storage = open_storage(s3_server.make_bucket(prefix="prod/"))
+    child = run_child_upload(storage, 40 * MIB, chunk=PART)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    peak = json.loads(stdout.splitlines()[-1])["peak"]
+    assert peak < 3.5 * PART, f"peak {peak / MIB:.1f} MiB with parts of {PART // MIB} MiB"
 
 
 def test_killed_upload_is_never_visible_and_can_be_aborted(storage: Storage) -> None:

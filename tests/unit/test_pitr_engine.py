@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from ops import inventory, pitr_barman, pitr_catalog, pitr_engine, pitr_lsn, pitr_pgbackrest, pitr_scratch
+from ops import (
+    inventory,
+    pitr_barman,
+    pitr_catalog,
+    pitr_engine,
+    pitr_lsn,
+    pitr_pgbackrest,
+    pitr_prefetch,
+    pitr_scratch,
+)
 from ops.errors import CheckFailed, UsageError
 from ops.pg_url import parse_url
 from ops.secrets import Secret
@@ -82,6 +91,12 @@ def test_backup_info_and_the_range_a_backup_recovers_to():
         pitr_catalog.choose(catalog, T0 + timedelta(minutes=3, seconds=30), "prod")
     with pytest.raises(CheckFailed, match="before prod's earliest"):
         pitr_catalog.choose(catalog, T0, "prod")
+    # past the archive's end: plannable only from a backup whose WAL has no gap (a commit after it is archived first)
+    gapless = pitr_catalog.recoverable(backup, pitr_barman.wal_segments(listing(names[:3]), "pitr/prod/"))
+    later = T0 + timedelta(minutes=10)
+    assert pitr_catalog.reaching_the_end(pitr_catalog.Catalog([gapless], {}), later) is gapless
+    assert pitr_catalog.reaching_the_end(catalog, later) is None, "the gap stays refused"
+    assert pitr_catalog.reaching_the_end(catalog, T0) is None, "before the backup's end"
     started = pitr_barman.parse_backup_info("x", "status=STARTED\nbegin_wal=000000010000000000000001\n")
     assert not started.complete and pitr_catalog.recoverable(started, {}).earliest is None
 
@@ -101,8 +116,10 @@ def barman_engine() -> pitr_engine.Engine:
 
 
 def pgbackrest_engine() -> pitr_engine.Engine:
-    return pitr_pgbackrest.PgBackRest(StorageConfig(provider="local", bucket="acme-backups", path="/srv/backups",
-                                                    prefix="prod/"), "prod")
+    engine = pitr_pgbackrest.PgBackRest(StorageConfig(provider="local", bucket="acme-backups", path="/srv/backups",
+                                                      prefix="prod/"), "prod")
+    engine.passphrase = Secret(SECRET)  # the repository's cipher passphrase (pitr.setup's, from the secret store)
+    return engine
 
 
 def segment_key(engine: pitr_engine.Engine, name: str, partial: bool = False) -> str:
@@ -176,6 +193,11 @@ def test_pgbackrest_writes_its_repository_into_the_folder_bucket_and_reads_info_
                  "repo1-retention-full-type=time", "repo1-retention-full=9", "[prod]",
                  "pg1-path=/var/lib/postgresql/15/main", f"lock-path={HOST.config_dir / 'lock'}", "log-level-file=off"):
         assert line in text.splitlines(), line
+    ciphered = pitr_pgbackrest.config_text(engine.repository, HOST, "zst", engine.passphrase).splitlines()
+    assert {"repo1-cipher-type=aes-256-cbc", f"repo1-cipher-pass={SECRET}"} <= set(ciphered)
+    assert not any("cipher" in line for line in text.splitlines()), "none without a passphrase"
+    assert engine.credentials() == {"PGBACKREST_REPO1_CIPHER_TYPE": "aes-256-cbc",
+                                    "PGBACKREST_REPO1_CIPHER_PASS": SECRET}, "this machine's commands: in their env"
     assert engine.archive_command(HOST) == (f"pgbackrest --config={HOST.config_dir / 'pgbackrest.conf'} --stanza=prod "
                                             "archive-push %p")
     assert engine.restore_command("B1", Path("/d"), T0)[-3:] == ["--type=time", "--target=2026-11-23 17:00:00+00:00",
@@ -261,3 +283,28 @@ def test_to_lsn_builds_a_recovery_to_that_position_and_refuses_what_goes_with_it
             restore_runbook.build(environments("prod"), **arguments)
     with pytest.raises(UsageError, match="Neon"):
         restore_runbook.build(environments("neon"), to_lsn="0/3000060")
+
+
+def test_the_segments_fetched_ahead_end_with_the_target_and_are_bounded():
+    text = ("status=DONE\nbegin_time=2026-11-23 17:00:00+00:00\nend_time=2026-11-23 17:00:30+00:00\n"
+            "begin_wal=000000010000000000000002\nend_wal=000000010000000000000002\nend_xlog=0/2000138\n")
+    backup = pitr_barman.parse_backup_info("b1", text)
+    names = [f"0000000100000000000000{n:02X}" for n in (2, 3, 4, 5, 6, 8)]
+    segments = pitr_barman.wal_segments(listing(names), "pitr/prod/")  # archived a minute apart from T0
+    item = pitr_catalog.recoverable(backup, segments)
+    ahead = pitr_catalog.segments_to_replay
+    assert ahead(segments, item, None, None, 32) == names[:5]  # the latest point: up to the gap
+    assert ahead(segments, item, None, None, 2) == names[:2]
+    assert ahead(segments, item, T0 + timedelta(minutes=1, seconds=30), None, 32) == names[:4]  # 2 after T and one
+    assert ahead(segments, item, None, pitr_lsn.Lsn.parse("0/3000000"), 32) == names[:2]
+    assert ahead(segments, pitr_catalog.recoverable(backup, {}), None, None, 32) == []
+
+
+def test_recovery_takes_a_segment_fetched_ahead_and_asks_the_engine_for_any_other(tmp_path):
+    spool = tmp_path / "wal spool"
+    command = pitr_prefetch.restore_command(spool, "barman-cloud-wal-restore s3://b/pitr prod %f %p")
+    assert command == (f"if [ -f '{spool}'/%f ]; then mv '{spool}'/%f %p; "
+                       "else barman-cloud-wal-restore s3://b/pitr prod %f %p; fi")
+    assert barman_engine().wal_fetch_command("000000010000000000000002", "x.part")[-2:] == [
+        "000000010000000000000002", "x.part"]
+    assert pgbackrest_engine().wal_fetch_command("000000010000000000000002", "x.part") is None

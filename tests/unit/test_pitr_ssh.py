@@ -43,6 +43,19 @@ def test_the_data_directory_command_prints_the_version_and_the_real_path(tmp_pat
                           check=True).stdout == ""
 
 
+def test_the_temporary_folder_command_prints_what_was_left_and_leaves_it_empty_and_private(tmp_path):
+    folder = tmp_path / "opsbook-pitr-prod" / "tmp"
+    (folder / "barman-cloud-backup-x1").mkdir(parents=True)
+    (folder / "barman-cloud-backup-x1" / "part.tar").write_text("data")
+    command = pitr_ssh.empty_folder_command(folder, "deploy", "deploy")
+    assert "chown" not in command and "chown postgres: " in pitr_ssh.empty_folder_command(folder, "root", "postgres")
+    printed = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.split()
+    assert printed == ["barman-cloud-backup-x1"] and list(folder.iterdir()) == []
+    assert folder.stat().st_mode & 0o777 == 0o700
+    again = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout
+    assert again == "" and folder.is_dir()
+
+
 def test_commands_run_as_the_server_user_through_runuser_only_when_logged_in_as_root():
     assert pitr_ssh.as_user(["barman-cloud-backup", "s3://b/p"], "root", "postgres") == \
         "runuser -u postgres -- barman-cloud-backup s3://b/p"
