@@ -33,6 +33,7 @@ LONGEST_FIRST = (
     "integration/test_vercel.py",
     "integration/test_drill.py",
     "integration/test_keys.py",
+    "integration/test_pitr_ssh.py",
     "integration/test_interrupts.py",
     "integration/test_restore.py",
     "integration/test_backup.py",
