@@ -125,6 +125,9 @@ class PitrPlan(Plan):
         except ConnectionFailed:
             ctx.log(f"{self.source.name} does not answer: recovering to {self.when} from what its archive holds")
             return
+        except StepFailed as error:  # a failing or lagging archiver must not block a time the archive already holds
+            ctx.log(f"{error.message}: recovering to {self.when} from what {self.source.name}'s archive holds")
+            return
         ctx.log(f"an empty transaction committed on {self.source.name} at {iso_z(sealed.committed_at)}, WAL segment "
                 f"{sealed.segment} archived: recovery can stop at {self.when}")
         self._sealed, self._chosen = True, None  # the catalog is read again: it must cover the moment now

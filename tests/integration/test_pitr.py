@@ -214,7 +214,17 @@ def test_restore_to_a_time_brings_back_what_was_deleted_after_it(opsbook, pitr, 
     assert "base backup" in planned.stderr
     assert not any(name.startswith("dst_") for name in databases(postgres_server)), "a dry run changed nothing"
 
-    restored = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", at, "--json"))
+    # The source's archiver failing from now on: the seal's segment is never archived, and T, which the archive
+    # already holds with a commit after it (the deletion), is recovered without it
+    with psycopg.connect(source.url().reveal(), autocommit=True) as connection:
+        connection.execute("ALTER SYSTEM SET archive_command = 'false'")
+        connection.execute("SELECT pg_reload_conf()")
+        try:
+            restored = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", at, "--json"))
+        finally:
+            connection.execute("ALTER SYSTEM RESET archive_command")
+            connection.execute("SELECT pg_reload_conf()")
+    assert "failed on the source: recovering to" in restored.stderr, restored.stderr
     target = postgres_server.url(opsbook.environ["DST_URL"].rsplit("/", 1)[1])
     assert snapshot(target) == expected
     assert row_counts(target)["public.Brand"] == 60 != row_counts(source.url("shop"))["public.Brand"]
