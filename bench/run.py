@@ -298,10 +298,14 @@ def pitr_scenarios(bench: Bench, size_label: str) -> list[Scenario]:
 
     subprocess.run([str(bench.bin_dir / "pg_dump"), "-Fc", "-f", str(dump_file), "-d", bench.pg_url("bench")],
                    check=True, env=bench.environ)
+    def before(database: str) -> None:  # untimed: a fresh target, and the archive caught up with earlier rounds
+        bench.fresh(database)
+        servers.archive_caught_up(url)
+
     bench.rounds([
         (restore.opsbook, bench.inv("restore", "--env", "restore", "--from", "bench", "--to-time", moment),
-         lambda: bench.fresh("bench_restore")),
-        (local, local_command, lambda: bench.fresh("bench_local"))])
+         lambda: before("bench_restore")),
+        (local, local_command, lambda: before("bench_local"))])
     dump_file.unlink()
     for name in ("bench_local", "bench_restore"):
         bench.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -215,6 +215,22 @@ def archive_lag(url: str, rows: int, *, switch: bool, timeout: float = 300) -> f
     raise RuntimeError(f"WAL segment {segment} was not archived within {timeout:.0f} s")
 
 
+def archive_caught_up(url: str, timeout: float = 600) -> None:
+    """Until the archiver has sent every finished WAL segment. The restores write into the archived cluster
+    itself (the bench has one server), so their own WAL would queue ahead of the next restore's segment, which a
+    source with its target elsewhere never sees."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        deadline = time.monotonic() + timeout
+        while not connection.execute("SELECT coalesce(last_archived_wal >= %s, false) FROM pg_stat_archiver",
+                                     (segment,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"WAL segment {segment} was not archived within {timeout:.0f} s")
+            time.sleep(0.2)  # the archiver's progress, bounded by the deadline
+
+
 def recovery_target(url: str) -> str:
     """A moment between two commits, both archived: what `restore --to-time` recovers to. PostgreSQL stops at T
     only on a commit after it, and the archive's times are whole seconds (S3's Last-Modified), so the segment
