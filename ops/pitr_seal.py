@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ops import pg
 from ops.errors import CheckFailed, ConnectionFailed, StepFailed
@@ -64,17 +64,29 @@ def seal(url: Secret, after: datetime, wait_seconds: float = ARCHIVE_WAIT_SECOND
 def wait_archived(connection: psycopg.Connection, segment: str, wait_seconds: float) -> None:
     """Until pg_stat_archiver reports `segment` (or a later one) archived; StepFailed when it fails or times out."""
     deadline = time.monotonic() + wait_seconds
-    query = ("SELECT coalesce(last_archived_wal >= %(segment)s, false), "
-             "coalesce(last_failed_wal >= %(segment)s AND last_failed_time > coalesce(last_archived_time, "
-             "'-infinity'), false) FROM pg_stat_archiver")
     while True:
-        archived, failed = connection.execute(query, {"segment": segment}).fetchone()
-        if archived:
+        stats = archiver(connection)
+        if (stats["last_archived_wal"] or "") >= segment:
             return
-        if failed:
+        if (stats["last_failed_wal"] or "") >= segment and failed_since(stats):
             raise StepFailed(f"archiving WAL segment {segment} failed on the source",
                              hint="`inv pitr.status` shows the archiver's failures; nothing was changed")
         if time.monotonic() > deadline:
             raise StepFailed(f"WAL segment {segment} was not archived within {wait_seconds:.0f} s",
                              hint="`inv pitr.status` shows the archive lag; nothing was changed")
         time.sleep(POLL_SECONDS)  # the archiver runs the engine's command; bounded by the deadline
+
+
+def archiver(connection: psycopg.Connection) -> dict[str, Any]:
+    """The server's pg_stat_archiver row, by column name."""
+    row = connection.execute("SELECT archived_count, last_archived_wal, last_archived_time, failed_count, "
+                             "last_failed_wal, last_failed_time FROM pg_stat_archiver").fetchone()
+    names = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
+             "last_failed_time")
+    return dict(zip(names, row, strict=True))
+
+
+def failed_since(stats: dict[str, Any]) -> bool:
+    """The archiver's last attempt failed: a failure after its last success."""
+    failed, archived = stats["last_failed_time"], stats["last_archived_time"]
+    return failed is not None and (archived is None or failed > archived)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ops import pg, pg_url, pitr_cipher, pitr_host
 from ops.engine import Change, Runbook, RunContext, Step
 from ops.errors import CheckFailed, StepFailed
+from ops.pitr_seal import archiver, failed_since
 
 if TYPE_CHECKING:
     import psycopg
@@ -228,7 +229,7 @@ class ArchiveStep(Step):
             if setting(connection, "archive_command") != self.setup.engine.archive_command(self.setup.host):
                 return False
             stats = archiver(connection)
-        if stats["last_archived_wal"] is None or _failed_since(stats):
+        if stats["last_archived_wal"] is None or failed_since(stats):
             return False
         return stats["last_archived_wal"] in segments(ctx, self.setup.engine)
 
@@ -258,22 +259,9 @@ class ArchiveStep(Step):
     def verify(self, ctx: RunContext) -> None:
         with self.setup.connection(ctx) as connection:
             stats = archiver(connection)
-        if _failed_since(stats):
+        if failed_since(stats):
             raise StepFailed(f"pg_stat_archiver shows a failed attempt ({stats['last_failed_wal']}) after the last "
                              "archived segment", hint="read the server's log")
-
-
-def archiver(connection: psycopg.Connection) -> dict[str, Any]:
-    row = connection.execute("SELECT archived_count, last_archived_wal, last_archived_time, failed_count, "
-                             "last_failed_wal, last_failed_time FROM pg_stat_archiver").fetchone()
-    names = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-             "last_failed_time")
-    return dict(zip(names, row, strict=True))
-
-
-def _failed_since(stats: dict[str, Any]) -> bool:
-    failed, archived = stats["last_failed_time"], stats["last_archived_time"]
-    return failed is not None and (archived is None or failed > archived)
 
 
 def archive_failure(segment: str, stats: dict[str, Any], timed_out: bool) -> str:
