@@ -15,7 +15,9 @@ prints them with ctime(), without their time zone.
 
 from __future__ import annotations
 
+import functools
 import shlex
+import shutil
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +41,8 @@ INSTALL_HINT = ("install barman-cloud on the database host and on this machine: 
                 "(Debian/Ubuntu) or `pip install 'barman[cloud]'`")
 DEFAULT_REGION = "us-east-1"
 ENV_FILE, ARCHIVE_SCRIPT, RESTORE_SCRIPT = "credentials.env", "archive-wal", "restore-wal"
+# Run with barman's interpreter, passed on its command line: the server's OS user need not read opsbook's files.
+BATCH_FETCH_SOURCE = (Path(__file__).parent / "pitr_barman_fetch.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,24 @@ def retention_command(archive: Archive, window_days: int) -> list[str]:
 
 def restore_command(archive: Archive, backup_id: str, directory: str) -> list[str]:
     return ["barman-cloud-restore", *_endpoint(archive), archive.url, archive.server, backup_id, directory]
+
+
+@functools.cache
+def engine_python() -> str | None:
+    """The interpreter barman-cloud's scripts run with (their #! line), which imports barman; None when the
+    scripts are not plain Python scripts."""
+    script = shutil.which("barman-cloud-wal-restore")
+    if script is None:
+        return None
+    try:
+        with open(script, "rb") as opened:
+            first = opened.readline(256).decode(errors="replace")
+    except OSError:
+        return None
+    words = first.removeprefix("#!").split() if first.startswith("#!") else []
+    if len(words) == 2 and words[0].endswith("/env"):  # #!/usr/bin/env python3
+        words = [shutil.which(words[1]) or ""]
+    return words[0] if len(words) == 1 and "python" in Path(words[0]).name else None
 
 
 def wrapper_script(command: list[str], env_file: str, arguments: str) -> str:
@@ -225,6 +247,12 @@ class BarmanCloud(Engine):
     def wal_fetch_command(self, segment: str, destination: str) -> list[str] | None:
         # barman-cloud-wal-restore has no prefetch of its own: each call is a new Python process
         return [*wal_restore_command(self.archive), segment, destination]
+
+    def wal_batch_fetch_command(self, segments: list[str]) -> list[str] | None:
+        python = engine_python()
+        if python is None:
+            return None
+        return [python, "-c", BATCH_FETCH_SOURCE, *wal_restore_command(self.archive)[1:], "--", *segments]
 
     def backup_command(self, host: ServerSide, target: DatabaseTarget) -> list[str]:
         return backup_command(self.archive, host=target.host, port=target.port, user=target.user)

@@ -77,6 +77,7 @@ def gap_json(wal: Continuity) -> dict[str, Any]:
 class Catalog:
     backups: list[Recoverable]  # oldest first
     segments: dict[str, datetime]
+    history: frozenset[str] = frozenset()  # the timeline history files archived
 
     def complete(self) -> list[Recoverable]:
         return [item for item in self.backups if item.backup.complete]
@@ -93,7 +94,8 @@ def read(storage: Storage, engine: Engine) -> Catalog:
     its info command)."""
     objects = list(storage.list(engine.root))
     segments = engine.wal_segments(objects)
-    return Catalog([recoverable(info, segments) for info in engine.backups(objects, storage.get_bytes)], segments)
+    return Catalog([recoverable(info, segments) for info in engine.backups(objects, storage.get_bytes)], segments,
+                   frozenset(engine.history_files(objects)))
 
 
 def recoverable(backup: BaseBackup, segments: dict[str, datetime]) -> Recoverable:

@@ -39,6 +39,7 @@ ENGINES = {"s3": "barman-cloud", "r2": "barman-cloud", "local": "pgbackrest"}
 PASSPHRASE_KEY = "PITR_CIPHER_PASS"  # the secret store's entry: the passphrase of an engine that encrypts
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 SEGMENT_NAME_LENGTH = 24
+HISTORY_NAME_LENGTH = len("00000002.history")
 OUTPUT_TAIL = 1500
 
 
@@ -103,6 +104,12 @@ class Engine(ABC):
         recovery that would otherwise fetch the segments one by one (None: not offered)."""
         return None
 
+    def wal_batch_fetch_command(self, segments: list[str]) -> list[str] | None:
+        """One engine process that fetches `segments`, in order, into its working folder: each to NAME.part,
+        renamed to NAME once complete, its name then printed on a line (None: not offered; the segments are
+        then fetched one process each with wal_fetch_command)."""
+        return None
+
     def directories(self, host: ServerSide) -> list[Path]:
         """Folders the server's OS user must own and write (the archive's, the engine's spool)."""
         return []
@@ -138,6 +145,17 @@ class Engine(ABC):
     @abstractmethod
     def wal_segments(self, objects: Iterable[ObjectInfo]) -> dict[str, datetime]:
         """Archived WAL segment name -> when it reached the archive, from a listing of the engine's folder."""
+
+    def history_files(self, objects: Iterable[ObjectInfo]) -> set[str]:
+        """The timeline history files (00000002.history) in a listing of the engine's folder, whatever suffix
+        the engine gives them."""
+        found = set()
+        for item in objects:
+            if item.key.startswith(self.wal_root):
+                name = item.key.rsplit("/", 1)[-1][:HISTORY_NAME_LENGTH]
+                if name.endswith(".history") and is_segment_name(name[:8] + "0" * 16):
+                    found.add(name)
+        return found
 
     @property
     @abstractmethod

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +81,7 @@ class PitrPlan(Plan):
         self._sealed = False  # a commit after the moment is archived (ops/pitr_seal.py)
         self._source_answers: bool | None = None
         self.segments: dict[str, datetime] = {}  # the archive's WAL segments, read with the chosen backup
+        self.history: frozenset[str] = frozenset()  # and its timeline history files
 
     @property
     def when(self) -> str:
@@ -94,7 +97,7 @@ class PitrPlan(Plan):
         """The base backup to recover from; CheckFailed (range, gap) before anything changes."""
         if self._chosen is None:
             catalog = pitr_catalog.read(self.storage(ctx), self.engine)
-            self.segments = catalog.segments
+            self.segments, self.history = catalog.segments, catalog.history
             self._chosen = (pitr_catalog.choose_lsn(catalog, self.lsn, self.source.name) if self.lsn is not None
                             else self._choose_time(catalog))
         return self._chosen
@@ -115,22 +118,47 @@ class PitrPlan(Plan):
             self._source_answers = pitr_seal.reachable(self.source.admin_url())
         return self._source_answers
 
-    def seal(self, ctx: RunContext) -> None:
+    @contextlib.contextmanager
+    def sealing(self, ctx: RunContext) -> Iterator[Callable[[], Recoverable]]:
+        """The seal (ops/pitr_seal.py) run beside the block, whose work (the base backup's restore) does not need
+        it; the block is given the call that waits for it before recovery reads the WAL, and returns the base
+        backup to recover from, read again after the seal (the one being restored, or CheckFailed)."""
+        if self.moment is None:
+            yield lambda: self.chosen(ctx)
+            return
+        cancelled = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pitr-seal") as pool:
+            sealing = pool.submit(pitr_seal.seal, self.source.admin_url(), self.moment, cancelled=cancelled)
+            try:
+                yield lambda: self._after_seal(ctx, sealing)
+            finally:
+                cancelled.set()  # a block left early (a failure, Ctrl-C) does not wait out the archiver
+
+    def _after_seal(self, ctx: RunContext, sealing: Future[pitr_seal.Seal]) -> Recoverable:
         """Before recovering to a time: an empty commit after it on the source, archived, so that PostgreSQL can
         stop there even when nothing was committed since; skipped when the source does not answer."""
-        if self.moment is None:
-            return
+        restoring = self.chosen(ctx)
         try:
-            sealed = pitr_seal.seal(self.source.admin_url(), self.moment)
+            sealed = sealing.result()
         except ConnectionFailed:
             ctx.log(f"{self.source.name} does not answer: recovering to {self.when} from what its archive holds")
-            return
+            return restoring
         except StepFailed as error:  # a failing or lagging archiver must not block a time the archive already holds
             ctx.log(f"{error.message}: recovering to {self.when} from what {self.source.name}'s archive holds")
-            return
+            return restoring
         ctx.log(f"an empty transaction committed on {self.source.name} at {iso_z(sealed.committed_at)}, WAL segment "
                 f"{sealed.segment} archived: recovery can stop at {self.when}")
         self._sealed, self._chosen = True, None  # the catalog is read again: it must cover the moment now
+        chosen = self.chosen(ctx)
+        if chosen.backup.backup_id != restoring.backup.backup_id:
+            raise CheckFailed(f"{self.source.name}'s archive changed during the restore: recovering to {self.when} "
+                              f"now needs base backup {chosen.backup.backup_id}, not {restoring.backup.backup_id}",
+                              hint="nothing was changed on the target; run the restore again")
+        return chosen
+
+    def segments_ahead(self, chosen: Recoverable) -> list[str]:
+        """The archived segments recovering from `chosen` reads, as far as the catalog read last shows them."""
+        return pitr_catalog.segments_to_replay(self.segments, chosen, self.moment, self.lsn, pitr_prefetch.LIMIT)
 
     def restored_what(self, ctx: RunContext) -> str:
         return f"{self.source.name} as of {self.when}"
@@ -174,7 +202,6 @@ class RecoverStep(ScratchLoad):
 
     def apply(self, ctx: RunContext, change: Change) -> dict[str, Any]:
         plan = self.plan
-        plan.seal(ctx)
         chosen = plan.chosen(ctx)
         bin_dir = pitr_scratch.server_bin_dir(chosen.backup.major)
         os_user = pitr_host.default_os_user()
@@ -182,11 +209,16 @@ class RecoverStep(ScratchLoad):
         pitr_scratch.remove_leftovers(state_dir, ctx.log)
         started = time.monotonic()
         phases = Phases()
-        ahead = pitr_catalog.segments_to_replay(plan.segments, chosen, plan.moment, plan.lsn, pitr_prefetch.LIMIT)
+        ahead = plan.segments_ahead(chosen)
         with pitr_scratch.scratch_cluster(state_dir, ctx.run_id, bin_dir, os_user) as cluster, \
-             pitr_prefetch.fetching_ahead(cluster.directory, plan.engine, os_user, ahead) as prefetch:
+             pitr_prefetch.fetching_ahead(cluster.directory, plan.engine, os_user, ahead, plan.history) as prefetch, \
+             plan.sealing(ctx) as sealed:
             with phases.timed("base_restore"):
                 pitr_scratch.restore_base(cluster, plan.engine, chosen.backup.backup_id, plan.recovery_target)
+            with phases.timed("seal"):
+                chosen = sealed()
+            if prefetch and (later := [name for name in plan.segments_ahead(chosen) if name not in ahead]):
+                prefetch.add(later)
             ctx.log(f"base backup {chosen.backup.backup_id} restored in {phases['base_restore']} s; "
                     f"replaying WAL to {plan.when}"
                     f"{f' ({len(prefetch.fetched)} of {len(ahead)} segments fetched ahead)' if prefetch else ''}")

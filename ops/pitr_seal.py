@@ -11,6 +11,7 @@ must cover T, and recovery must stop at a commit after T.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -44,9 +45,11 @@ def reachable(url: Secret) -> bool:
     return True
 
 
-def seal(url: Secret, after: datetime, wait_seconds: float = ARCHIVE_WAIT_SECONDS) -> Seal:
+def seal(url: Secret, after: datetime, wait_seconds: float = ARCHIVE_WAIT_SECONDS,
+         cancelled: threading.Event | None = None) -> Seal:
     """An empty commit after `after` on the source, its WAL segment closed and archived. ConnectionFailed when
-    the source does not answer; CheckFailed when its clock is behind `after` or the role may not switch WAL."""
+    the source does not answer; CheckFailed when its clock is behind `after` or the role may not switch WAL;
+    StepFailed when archiving fails, times out or `cancelled` is set."""
     with pg.connect(url, application_name=APPLICATION, autocommit=True, connect_timeout=10) as connection:
         try:
             committed_at = connection.execute("SELECT clock_timestamp() FROM pg_current_xact_id()").fetchone()[0]
@@ -57,12 +60,15 @@ def seal(url: Secret, after: datetime, wait_seconds: float = ARCHIVE_WAIT_SECOND
         if committed_at <= after:
             raise CheckFailed(f"the source's clock ({committed_at.isoformat()}) is behind the target time "
                               f"{after.isoformat()}", hint="check the clocks of this machine and the database server")
-        wait_archived(connection, segment, wait_seconds)
+        wait_archived(connection, segment, wait_seconds, cancelled)
     return Seal(committed_at, segment)
 
 
-def wait_archived(connection: psycopg.Connection, segment: str, wait_seconds: float) -> None:
-    """Until pg_stat_archiver reports `segment` (or a later one) archived; StepFailed when it fails or times out."""
+def wait_archived(connection: psycopg.Connection, segment: str, wait_seconds: float,
+                  cancelled: threading.Event | None = None) -> None:
+    """Until pg_stat_archiver reports `segment` (or a later one) archived; StepFailed when it fails, times out or
+    `cancelled` is set."""
+    cancelled = cancelled or threading.Event()
     deadline = time.monotonic() + wait_seconds
     while True:
         stats = archiver(connection)
@@ -74,7 +80,8 @@ def wait_archived(connection: psycopg.Connection, segment: str, wait_seconds: fl
         if time.monotonic() > deadline:
             raise StepFailed(f"WAL segment {segment} was not archived within {wait_seconds:.0f} s",
                              hint="`inv pitr.status` shows the archive lag; nothing was changed")
-        time.sleep(POLL_SECONDS)  # the archiver runs the engine's command; bounded by the deadline
+        if cancelled.wait(POLL_SECONDS):  # the archiver runs the engine's command; bounded by the deadline
+            raise StepFailed(f"the wait for WAL segment {segment} to be archived was cancelled")
 
 
 def archiver(connection: psycopg.Connection) -> dict[str, Any]:

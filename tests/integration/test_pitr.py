@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,8 +31,10 @@ import psycopg
 import pytest
 import yaml
 
+from ops import pitr_seal
 from ops.clock import iso_z_micro, parse_time
 from ops.demo.seed import MIGRATIONS_DIR
+from ops.errors import StepFailed
 from ops.migrations import apply_pending
 from tests.cli import Opsbook, wait_for
 from tests.fixtures.postgres import row_counts, running_cluster, system_bin_dir
@@ -409,19 +412,32 @@ def test_the_newest_commit_is_recoverable_within_archive_timeout_without_a_wal_s
             connection.execute("SELECT pg_reload_conf()")
 
 
+@pytest.mark.parametrize("to_time", ["latest", "a time, the seal waiting on a failing archiver"])
 def test_an_interrupted_restore_removes_its_scratch_cluster_and_leaves_the_target(opsbook, pitr, archived,
-                                                                                   postgres_server):
+                                                                                   postgres_server, to_time):
     before = databases(postgres_server)
-    running = opsbook.start("restore", "--env", "dst", "--from", "src", "--to-time", "latest")
-    markers = opsbook.state_dir / "pitr" / "scratch"
-    marker = wait_for(lambda: next(iter(markers.glob("*.json")), None) if markers.is_dir() else None,
-                      timeout=60, interval=0.05, what="the scratch cluster")
-    directory = Path(json.loads(marker.read_text())["directory"])
-    wait_for(lambda: (directory / "data" / "PG_VERSION").exists(), timeout=60, interval=0.05,
-             what="the base backup restored")
-    running.send_signal(signal.SIGINT)
-    interrupted = opsbook.collect(running)
+    source = pitr["source"]
+    with psycopg.connect(source.url().reveal(), autocommit=True) as connection:
+        if to_time != "latest":  # a hanging archiver: the seal, beside the base backup's restore, waits on it
+            connection.execute("ALTER SYSTEM SET archive_command = 'sleep 20; false'")
+            connection.execute("SELECT pg_reload_conf()")
+            to_time = iso_z_micro(connection.execute("SELECT clock_timestamp()").fetchone()[0])
+        try:
+            running = opsbook.start("restore", "--env", "dst", "--from", "src", "--to-time", to_time)
+            markers = opsbook.state_dir / "pitr" / "scratch"
+            marker = wait_for(lambda: next(iter(markers.glob("*.json")), None) if markers.is_dir() else None,
+                              timeout=60, interval=0.05, what="the scratch cluster")
+            directory = Path(json.loads(marker.read_text())["directory"])
+            wait_for(lambda: (directory / "data" / "PG_VERSION").exists(), timeout=60, interval=0.05,
+                     what="the base backup restored")
+            running.send_signal(signal.SIGINT)
+            interrupted_at = time.monotonic()
+            interrupted = opsbook.collect(running)
+        finally:
+            connection.execute("ALTER SYSTEM RESET archive_command")
+            connection.execute("SELECT pg_reload_conf()")
     assert interrupted.exit_code == 130, str(interrupted)
+    assert time.monotonic() - interrupted_at < 10, "it did not wait out the seal"
     assert not directory.exists() and not list(markers.glob("*.json")), "the scratch cluster is gone"
     assert not [pid for pid, command in descendants(1) if str(directory) in command], "nothing of it runs"
     assert databases(postgres_server) == before, "the target was not touched"
@@ -544,3 +560,13 @@ def test_a_wal_gap_is_refused_before_the_target_is_touched_naming_the_segment(op
     assert gap["missing"] == segments[1] and gap["resumes"] == segments[2]
 
     assert_no_secret(opsbook, *pitr["secrets"])
+
+
+def test_a_cancelled_seal_stops_waiting_for_the_archiver(postgres_server):
+    cancelled = threading.Event()
+    cancelled.set()
+    started = time.monotonic()
+    with psycopg.connect(postgres_server.url().reveal(), autocommit=True) as connection, \
+            pytest.raises(StepFailed, match="was cancelled"):
+        pitr_seal.wait_archived(connection, "F" * 24, 60, cancelled)
+    assert time.monotonic() - started < 5

@@ -4,6 +4,7 @@ contract, run against barman-cloud and pgBackRest alike."""
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -300,11 +301,62 @@ def test_the_segments_fetched_ahead_end_with_the_target_and_are_bounded():
     assert ahead(segments, pitr_catalog.recoverable(backup, {}), None, None, 32) == []
 
 
-def test_recovery_takes_a_segment_fetched_ahead_and_asks_the_engine_for_any_other(tmp_path):
-    spool = tmp_path / "wal spool"
-    command = pitr_prefetch.restore_command(spool, "barman-cloud-wal-restore s3://b/pitr prod %f %p")
-    assert command == (f"if [ -f '{spool}'/%f ]; then mv '{spool}'/%f %p; "
-                       "else barman-cloud-wal-restore s3://b/pitr prod %f %p; fi")
+def restore_file(command: str, name: str, destination: Path) -> int:
+    """restore_command as PostgreSQL runs it: %f and %p filled in, through sh."""
+    return subprocess.run(["sh", "-c", command.replace("%f", name).replace("%p", str(destination))],
+                          check=False).returncode
+
+
+def test_recovery_takes_what_was_fetched_ahead_and_asks_the_engine_for_any_other(tmp_path):
+    spool, pg_wal = tmp_path / "wal spool", tmp_path / "pg_wal"
+    spool.mkdir()
+    pg_wal.mkdir()
+    (spool / "000000010000000000000002").write_text("fetched ahead")
+    (spool / pitr_prefetch.ARCHIVED_HISTORY).write_text("00000002.history\n")
+    asked = tmp_path / "asked"
+    command = pitr_prefetch.restore_command(spool, f"echo %f >> {asked}; echo from the engine > %p")
+
+    assert restore_file(command, "000000010000000000000002", pg_wal / "RECOVERYXLOG") == 0
+    assert (pg_wal / "RECOVERYXLOG").read_text() == "fetched ahead"
+    assert (spool / "000000010000000000000002").exists(), "kept: recovery asks again for its last segment"
+    assert not asked.exists()
+    assert restore_file(command, "000000010000000000000003", pg_wal / "RECOVERYXLOG") == 0
+    assert (pg_wal / "RECOVERYXLOG").read_text() == "from the engine\n"
+    # a history file the archive's listing does not hold is absent at once; one it holds is the engine's
+    assert restore_file(command, "00000003.history", pg_wal / "RECOVERYHISTORY") == 1
+    assert restore_file(command, "00000002.history", pg_wal / "RECOVERYHISTORY") == 0
+    assert asked.read_text().split() == ["000000010000000000000003", "00000002.history"]
+
     assert barman_engine().wal_fetch_command("000000010000000000000002", "x.part")[-2:] == [
         "000000010000000000000002", "x.part"]
     assert pgbackrest_engine().wal_fetch_command("000000010000000000000002", "x.part") is None
+
+
+def test_barman_fetches_many_segments_in_one_process_of_its_own_python(tmp_path, monkeypatch):
+    engine = barman_engine()
+    script = tmp_path / "barman-cloud-wal-restore"
+    found = {script.name: str(script), "python3": "/usr/local/bin/python3"}
+    monkeypatch.setattr(pitr_barman.shutil, "which", found.get)
+    for first_line, python in [("#!/usr/bin/python3", "/usr/bin/python3"), ("#!/venv/bin/python", "/venv/bin/python"),
+                               ("#!/usr/bin/env python3", "/usr/local/bin/python3"), ("\x7fELF", None)]:
+        script.write_text(f"{first_line}\nimport sys\n")
+        pitr_barman.engine_python.cache_clear()
+        assert pitr_barman.engine_python() == python, first_line
+    pitr_barman.engine_python.cache_clear()
+    script.write_text("#!/usr/bin/python3\n")
+    command = engine.wal_batch_fetch_command(["000000010000000000000002", "000000010000000000000003"])
+    pitr_barman.engine_python.cache_clear()
+    assert command[:2] == ["/usr/bin/python3", "-c"] and "cloud_walrestore" in command[2]
+    assert command[3:] == [*pitr_barman.wal_restore_command(engine.archive)[1:], "--",
+                           "000000010000000000000002", "000000010000000000000003"]
+    assert SECRET not in " ".join(command)
+    assert pgbackrest_engine().wal_batch_fetch_command(["000000010000000000000002"]) is None
+
+
+@ENGINES
+def test_history_files_are_read_from_the_engines_layout(make):
+    engine = make()
+    history = (f"{engine.wal_root}00000002.history.gz" if engine.name == "barman-cloud"
+               else f"{engine.wal_root}{ARCHIVE_ID}/00000002.history")
+    keys = [history, segment_key(engine, "000000010000000000000002"), "elsewhere/00000003.history"]
+    assert engine.history_files([ObjectInfo(key, 1, None, T0) for key in keys]) == {"00000002.history"}
