@@ -34,10 +34,11 @@ ARCHIVED_HISTORY = "archived-history"  # the history files the archive's listing
 def restore_command(spool: Path, engine_command: str) -> str:
     """restore_command (with %f and %p): a history file the archive does not hold is absent; a file fetched
     ahead comes from the spool (copied: recovery asks again for the last segment when it ends); anything else
-    from the engine's own command."""
+    from the engine's own command. A fetched file that cannot be copied exits 126, which PostgreSQL takes as
+    a failure of the command, not as the end of the archive: the recovery fails instead of ending early."""
     folder = shlex.quote(str(spool))
     return (f"case %f in *.history) grep -qxF %f {folder}/{ARCHIVED_HISTORY} || exit 1;; esac; "
-            f"if [ -f {folder}/%f ]; then cp {folder}/%f %p; else {engine_command}; fi")
+            f"if [ -f {folder}/%f ]; then cp {folder}/%f %p || exit 126; else {engine_command}; fi")
 
 
 class Prefetch:

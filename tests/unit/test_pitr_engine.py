@@ -326,6 +326,8 @@ def test_recovery_takes_what_was_fetched_ahead_and_asks_the_engine_for_any_other
     assert restore_file(command, "00000003.history", pg_wal / "RECOVERYHISTORY") == 1
     assert restore_file(command, "00000002.history", pg_wal / "RECOVERYHISTORY") == 0
     assert asked.read_text().split() == ["000000010000000000000003", "00000002.history"]
+    # a segment fetched ahead that cannot be copied is a failure (126), never "the archive ends here" (1)
+    assert restore_file(command, "000000010000000000000002", tmp_path / "gone" / "RECOVERYXLOG") == 126
 
     assert barman_engine().wal_fetch_command("000000010000000000000002", "x.part")[-2:] == [
         "000000010000000000000002", "x.part"]
