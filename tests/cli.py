@@ -113,7 +113,14 @@ class Opsbook:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def latest_run_id(self) -> str:
-        return self.journals()[-1].stem
+        """The run started last: ids sort by their start second only (two runs of one second tie), so by the
+        first entry's time, to the microsecond."""
+        def started(path: Path) -> str:
+            with path.open(encoding="utf-8") as journal:
+                first = journal.readline()
+            return json.loads(first)["time"] if first.strip() else ""
+
+        return max(self.journals(), key=lambda path: (started(path), path.stem)).stem
 
     def everything_produced(self) -> str:
         """Every output and every file written under the state dir, except the secret store itself."""
