@@ -221,14 +221,11 @@ def archive_caught_up(url: str, timeout: float = 600) -> None:
     source with its target elsewhere never sees."""
     import psycopg
 
+    from ops import pitr_seal
+
     with psycopg.connect(url, autocommit=True) as connection:
         segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        deadline = time.monotonic() + timeout
-        while not connection.execute("SELECT coalesce(last_archived_wal >= %s, false) FROM pg_stat_archiver",
-                                     (segment,)).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"WAL segment {segment} was not archived within {timeout:.0f} s")
-            time.sleep(0.2)  # the archiver's progress, bounded by the deadline
+        pitr_seal.wait_archived(connection, segment, timeout)  # StepFailed when the archiver fails
 
 
 def recovery_target(url: str) -> str:
@@ -236,6 +233,8 @@ def recovery_target(url: str) -> str:
     only on a commit after it, and the archive's times are whole seconds (S3's Last-Modified), so the segment
     after T goes out in a later second."""
     import psycopg
+
+    from ops import pitr_seal
 
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("SET synchronous_commit = on")
@@ -245,9 +244,5 @@ def recovery_target(url: str) -> str:
         connection.execute("INSERT INTO bench_marker DEFAULT VALUES")
         time.sleep(1.05 - moment.microsecond / 1_000_000)  # into the next whole second
         segment = connection.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        deadline = time.monotonic() + 120
-        while not connection.execute("SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"WAL segment {segment} was not archived within 120 s")
-            time.sleep(0.1)  # bounded by the deadline
+        pitr_seal.wait_archived(connection, segment, 120)
     return moment.isoformat()

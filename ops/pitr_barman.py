@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ops.clock import as_utc
 from ops.errors import CheckFailed
 from ops.lazy_dataclasses import dataclass
-from ops.pitr_engine import DEFAULT_SEGMENT_SIZE, SEGMENT_NAME_LENGTH, BaseBackup, Engine, ServerSide
+from ops.pitr_engine import DEFAULT_SEGMENT_SIZE, BaseBackup, Engine, ServerSide, is_segment_name
 from ops.secrets import Secret
 
 if TYPE_CHECKING:
@@ -41,8 +41,6 @@ INSTALL_HINT = ("install barman-cloud on the database host and on this machine: 
                 "(Debian/Ubuntu) or `pip install 'barman[cloud]'`")
 DEFAULT_REGION = "us-east-1"
 ENV_FILE, ARCHIVE_SCRIPT, RESTORE_SCRIPT = "credentials.env", "archive-wal", "restore-wal"
-# Run with barman's interpreter, passed on its command line: the server's OS user need not read opsbook's files.
-BATCH_FETCH_SOURCE = (Path(__file__).parent / "pitr_barman_fetch.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -137,6 +135,13 @@ def engine_python() -> str | None:
     return words[0] if len(words) == 1 and "python" in Path(words[0]).name else None
 
 
+@functools.cache
+def batch_fetch_source() -> str:
+    """ops/pitr_barman_fetch.py, run with barman's interpreter from its command line: the OS user it runs as
+    need not read opsbook's files."""
+    return (Path(__file__).parent / "pitr_barman_fetch.py").read_text(encoding="utf-8")
+
+
 def wrapper_script(command: list[str], env_file: str, arguments: str) -> str:
     """archive_command / restore_command as a script: the credentials come from `env_file` (0600), never
     from the server's settings, where any superuser (and the base backups) would see them."""
@@ -191,7 +196,7 @@ def wal_segments(objects: Iterable[ObjectInfo], root: str) -> dict[str, datetime
         if not rest.startswith("wals/"):
             continue
         name = rest.rsplit("/", 1)[-1].split(".", 1)[0]
-        if len(name) == SEGMENT_NAME_LENGTH and all(c in "0123456789ABCDEF" for c in name) and (
+        if is_segment_name(name) and (
                 rest.endswith((name, name + ".gz", name + ".bz2", name + ".snappy"))):
             segments[name] = item.last_modified
     return segments
@@ -252,7 +257,7 @@ class BarmanCloud(Engine):
         python = engine_python()
         if python is None:
             return None
-        return [python, "-c", BATCH_FETCH_SOURCE, *wal_restore_command(self.archive)[1:], "--", *segments]
+        return [python, "-c", batch_fetch_source(), *wal_restore_command(self.archive)[1:], "--", *segments]
 
     def backup_command(self, host: ServerSide, target: DatabaseTarget) -> list[str]:
         return backup_command(self.archive, host=target.host, port=target.port, user=target.user)

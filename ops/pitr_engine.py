@@ -39,7 +39,7 @@ ENGINES = {"s3": "barman-cloud", "r2": "barman-cloud", "local": "pgbackrest"}
 PASSPHRASE_KEY = "PITR_CIPHER_PASS"  # the secret store's entry: the passphrase of an engine that encrypts
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 SEGMENT_NAME_LENGTH = 24
-HISTORY_NAME_LENGTH = len("00000002.history")
+HISTORY_SUFFIX = ".history"  # a timeline history file: its timeline (8 hex digits), then this
 OUTPUT_TAIL = 1500
 
 
@@ -149,13 +149,9 @@ class Engine(ABC):
     def history_files(self, objects: Iterable[ObjectInfo]) -> set[str]:
         """The timeline history files (00000002.history) in a listing of the engine's folder, whatever suffix
         the engine gives them."""
-        found = set()
-        for item in objects:
-            if item.key.startswith(self.wal_root):
-                name = item.key.rsplit("/", 1)[-1][:HISTORY_NAME_LENGTH]
-                if name.endswith(".history") and is_segment_name(name[:8] + "0" * 16):
-                    found.add(name)
-        return found
+        names = (item.key.rsplit("/", 1)[-1][:8 + len(HISTORY_SUFFIX)] for item in objects
+                 if item.key.startswith(self.wal_root))
+        return {name for name in names if is_history_name(name)}
 
     @property
     @abstractmethod
@@ -247,8 +243,17 @@ class BaseBackup:
         return self.status == "DONE" and self.end_wal is not None and self.end_time is not None
 
 
+def _hex(text: str) -> bool:
+    return all(c in "0123456789ABCDEF" for c in text)
+
+
 def is_segment_name(name: str) -> bool:
-    return len(name) == SEGMENT_NAME_LENGTH and all(c in "0123456789ABCDEF" for c in name)
+    return len(name) == SEGMENT_NAME_LENGTH and _hex(name)
+
+
+def is_history_name(name: str) -> bool:
+    """00000002.history: the history file of timeline 2."""
+    return len(name) == 8 + len(HISTORY_SUFFIX) and name.endswith(HISTORY_SUFFIX) and _hex(name[:8])
 
 
 def next_segment(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:

@@ -238,6 +238,26 @@ def test_restore_to_a_time_brings_back_what_was_deleted_after_it(opsbook, pitr, 
     assert_no_secret(opsbook, *pitr["secrets"])
 
 
+def test_a_time_past_the_archives_end_is_sealed_beside_the_base_restore_and_recovered(opsbook, pitr, archived,
+                                                                                     postgres_server):
+    """Nothing archived after T: the seal, run while the base backup is restored, archives the segment that
+    holds a commit after it, whose WAL is fetched ahead once the seal is done."""
+    source = pitr["source"]
+    with psycopg.connect(source.url("shop").reveal(), autocommit=True) as connection:
+        connection.execute("""INSERT INTO "Brand" (name) VALUES ('past the archive')""")
+        moment = connection.execute("SELECT clock_timestamp()").fetchone()[0]
+        expected = snapshot(source.url("shop"))
+        connection.execute("""DELETE FROM "Brand" WHERE name = 'past the archive'""")  # in an unarchived segment
+    time.sleep(1.05 - moment.microsecond / 1_000_000)  # the seal's segment is archived in a later second than T
+    restored = ok(opsbook.run("restore", "--env", "dst", "--from", "src", "--to-time", iso_z_micro(moment), "--json"))
+    assert "an empty transaction committed on src" in restored.stderr, restored.stderr
+    target = postgres_server.url(opsbook.environ["DST_URL"].rsplit("/", 1)[1])
+    assert snapshot(target) == expected
+    report = restored.json()["restored"]
+    assert report["stopped_before"] and report["wal_fetched_ahead"] >= 1, report
+    assert_no_secret(opsbook, *pitr["secrets"])
+
+
 def test_restore_to_an_lsn_brings_back_the_row_deleted_after_it_and_an_lsn_outside_is_refused(
         opsbook, pitr, archived, postgres_server):
     source = pitr["source"]
