@@ -12,6 +12,7 @@ WAL switches (pg_switch_wal) and polling stand in for waiting on archive_timeout
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -432,6 +433,14 @@ def test_the_newest_commit_is_recoverable_within_archive_timeout_without_a_wal_s
             connection.execute("SELECT pg_reload_conf()")
 
 
+def written_marker(markers: Path) -> dict[str, Any] | None:
+    """The scratch cluster's marker once written (the file exists a moment before its content)."""
+    for path in markers.glob("*.json") if markers.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+    return None
+
+
 @pytest.mark.parametrize("to_time", ["latest", "a time, the seal waiting on a failing archiver"])
 def test_an_interrupted_restore_removes_its_scratch_cluster_and_leaves_the_target(opsbook, pitr, archived,
                                                                                    postgres_server, to_time):
@@ -445,9 +454,8 @@ def test_an_interrupted_restore_removes_its_scratch_cluster_and_leaves_the_targe
         try:
             running = opsbook.start("restore", "--env", "dst", "--from", "src", "--to-time", to_time)
             markers = opsbook.state_dir / "pitr" / "scratch"
-            marker = wait_for(lambda: next(iter(markers.glob("*.json")), None) if markers.is_dir() else None,
-                              timeout=60, interval=0.05, what="the scratch cluster")
-            directory = Path(json.loads(marker.read_text())["directory"])
+            marker = wait_for(lambda: written_marker(markers), timeout=60, interval=0.05, what="the scratch cluster")
+            directory = Path(marker["directory"])
             wait_for(lambda: (directory / "data" / "PG_VERSION").exists(), timeout=60, interval=0.05,
                      what="the base backup restored")
             running.send_signal(signal.SIGINT)
